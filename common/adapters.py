@@ -1,0 +1,118 @@
+"""Model-family adapters: everything that differs between LLaVA, LLaVA-OneVision and Qwen2-VL.
+
+The rest of alignti talks to a VLM only through `ModelAdapter`: which modules are the decoder's
+attention layers, which token id stands for an image token, what the processor needs to turn an
+image into model inputs, and how position ids are built (1-D for LLaVA, 3-D M-RoPE for Qwen2-VL).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ModelAdapter:
+    family = "base"
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.decoder_layers()]
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.text_config.vocab_size)
+
+    # --- inputs ----------------------------------------------------------------------------
+    @staticmethod
+    def image_inputs(processor_out: dict) -> dict[str, torch.Tensor]:
+        """The processor outputs the vision tower needs (everything but the text ids)."""
+        return {k: v for k, v in processor_out.items()
+                if k not in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")}
+
+    @staticmethod
+    def collate_image_inputs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        items = [it for it in items if it]
+        if not items:
+            return {}
+        return {k: torch.cat([it[k] for it in items], dim=0) for k in items[0]}
+
+    def position_ids(self, input_ids: torch.Tensor, valid: torch.Tensor, image_inputs: dict) -> torch.Tensor:
+        """[B, S] (or [3, B, S]) position ids of the real tokens; padding gets 0."""
+        pos = valid.long().cumsum(-1) - 1
+        return pos.clamp_min(0) * valid
+
+    def forward(self, input_ids, image_inputs: dict, mask4d, position_ids, cache=None, use_cache=False):
+        """The base model (no LM head): hidden states only, the caller applies the head where needed."""
+        return self.model.model(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids,
+                                cache=cache, use_cache=use_cache, **image_inputs)
+
+
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    model_types = ("llava",)
+
+
+class LlavaOnevisionAdapter(ModelAdapter):
+    family = "llava_onevision"
+    model_types = ("llava_onevision", "llava_next")
+
+    @staticmethod
+    def collate_image_inputs(items):
+        items = [it for it in items if it]
+        if not items:
+            return {}
+        out = {}
+        for k in items[0]:
+            tensors = [it[k] for it in items]
+            if k == "pixel_values":  # [1, n_patches, 3, H, W]; pad the patch axis to the longest
+                n = max(t.shape[1] for t in tensors)
+                tensors = [torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], 1) for t in tensors]
+            out[k] = torch.cat(tensors, dim=0)
+        return out
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    def position_ids(self, input_ids, valid, image_inputs):
+        mm = (input_ids == self.image_token_id).int()
+        pos, _ = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=mm, image_grid_thw=image_inputs.get("image_grid_thw"),
+            attention_mask=valid.long())
+        return pos * valid.unsqueeze(0)
+
+
+ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    model_type = model.config.model_type
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model)
+    supported = ", ".join(t for c in ADAPTERS for t in c.model_types)
+    raise NotImplementedError(f"no alignti adapter for model_type '{model_type}' (supported: {supported})")

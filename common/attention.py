@@ -1,0 +1,181 @@
+"""Attention-side machinery shared by the teacher dump and the student trainer.
+
+* ``alignti`` attention implementation (registered with transformers' ``AttentionInterface``):
+  sdpa for every layer, plus, for the capture layers only, the softmax of the instruction-query x
+  all-key block, from which the instruction-to-image attention alpha (METHOD.md section 2) is
+  taken. Nothing else is materialised: no eager attention, no attention maps of other layers.
+* Additive 4-D masks built here for every forward: padding, causal, and the tree mask that lets
+  TPA branch tokens sit at the position of y_t, see only y_<t and themselves, and be seen by
+  nobody (METHOD.md section 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+IMPL_NAME = "alignti"
+
+
+@dataclass
+class CaptureSpec:
+    """Which instruction queries and image keys to take the attention of, per group.
+
+    A group is one (sample, assistant turn): ``group_batch[g]`` is its row in the batch,
+    ``q_idx/q_valid`` [G, Q] the instruction token positions, ``k_idx/k_valid`` [G, V] the image token
+    positions. ``results[layer]`` receives alpha [G, V] (rows sum to 1 over valid image tokens).
+    """
+    layers: dict[int, int]  # id(attention module) -> layer index
+    group_batch: torch.Tensor
+    q_idx: torch.Tensor
+    q_valid: torch.Tensor
+    k_idx: torch.Tensor
+    k_valid: torch.Tensor
+    results: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+_ACTIVE: contextvars.ContextVar[CaptureSpec | None] = contextvars.ContextVar("alignti_capture", default=None)
+
+
+def instruction_to_image_attention(module, query, key, attention_mask, scaling, spec: CaptureSpec) -> torch.Tensor:
+    """alpha [G, V]: softmax attention of the instruction queries over all keys, image columns kept,
+    averaged over heads and queries, renormalised over the image tokens. Differentiable."""
+    n_rep = query.shape[1] // key.shape[1]
+    g = spec.group_batch
+    hq, d = query.shape[1], query.shape[-1]
+    q = query[g].gather(2, spec.q_idx[:, None, :, None].expand(-1, hq, -1, d)).float()   # [G,H,Q,D]
+    k = repeat_kv(key, n_rep)[g].float()                                                 # [G,H,K,D]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else d ** -0.5)
+    if attention_mask is not None:
+        m = attention_mask[g]                                                            # [G,1,S,K]
+        m = m.gather(2, spec.q_idx[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[-1]))
+        scores = scores + m.float()
+    probs = torch.softmax(scores, dim=-1)
+    img = probs.gather(-1, spec.k_idx[:, None, None, :].expand(-1, hq, probs.shape[2], -1))  # [G,H,Q,V]
+    per_q = img.mean(1)                                                                  # [G,Q,V]
+    w = spec.q_valid.to(per_q.dtype)
+    alpha = (per_q * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+    alpha = alpha * spec.k_valid.to(alpha.dtype)
+    return alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def alignti_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    spec = _ACTIVE.get()
+    if spec is not None and id(module) in spec.layers:
+        spec.results[spec.layers[id(module)]] = instruction_to_image_attention(
+            module, query, key, attention_mask, scaling, spec)
+    return out
+
+
+AttentionInterface.register(IMPL_NAME, alignti_attention)
+
+
+@contextlib.contextmanager
+def use_alignti_attention(adapter, spec: CaptureSpec | None = None):
+    """Route the decoder's attention through ``alignti_attention`` (and capture if ``spec``)."""
+    cfg = adapter.text_config
+    old = cfg._attn_implementation
+    cfg._attn_implementation = IMPL_NAME
+    token = _ACTIVE.set(spec)
+    try:
+        yield spec
+    finally:
+        _ACTIVE.reset(token)
+        cfg._attn_implementation = old
+
+
+def capture_spec(adapter, layers, batch, device) -> CaptureSpec | None:
+    """Groups for every (sample, turn) of a padded batch with image tokens."""
+    mods = adapter.attention_modules()
+    rows, qs, ks = [], [], []
+    for b, (instr, n_img, img_start) in enumerate(zip(batch["instr_spans"], batch["n_image_tokens"],
+                                                      batch["image_tok_start"])):
+        if n_img == 0:
+            continue
+        for (s, e) in instr:
+            rows.append(b)
+            qs.append(torch.arange(s, e))
+            ks.append(torch.arange(img_start, img_start + n_img))
+    if not rows:
+        return None
+    q_idx, q_valid = _pad([q for q in qs])
+    k_idx, k_valid = _pad([k for k in ks])
+    return CaptureSpec({id(mods[layer]): layer for layer in layers}, torch.tensor(rows, device=device),
+                       q_idx.to(device), q_valid.to(device), k_idx.to(device), k_valid.to(device))
+
+
+def _pad(seqs: list[torch.Tensor]):
+    n = max(len(s) for s in seqs)
+    idx = torch.zeros(len(seqs), n, dtype=torch.long)
+    valid = torch.zeros(len(seqs), n, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = s
+        valid[i, :len(s)] = True
+    return idx, valid
+
+
+# --- masks ----------------------------------------------------------------------------------
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def causal_allowed(valid: torch.Tensor) -> torch.Tensor:
+    """[B,S,S] bool: causal over real tokens; a padding row sees only itself (no empty softmax)."""
+    s = valid.shape[1]
+    ar = torch.arange(s, device=valid.device)
+    allowed = (ar[None, :, None] >= ar[None, None, :]) & valid[:, None, :] & valid[:, :, None]
+    return allowed | torch.eye(s, dtype=torch.bool, device=valid.device)[None]
+
+
+@dataclass
+class Branches:
+    """Layout of TPA branch tokens appended after the (padded) main sequence.
+
+    Slot j of row b is branch ``j % n_branch`` of the ``j // n_branch``-th response token of sample b.
+    """
+    ids: torch.Tensor        # [B, NB] candidate token ids
+    at: torch.Tensor         # [B, NB] position (index in the main sequence) of the y_t it replaces
+    valid: torch.Tensor      # [B, NB]
+    n_branch: int
+
+
+def make_branches(cand_ids: list[torch.Tensor], resp_pos: list[torch.Tensor], n_branch: int, device) -> Branches:
+    """cand_ids[b]: [n_b, n_branch] candidates per response token; resp_pos[b]: [n_b] their positions."""
+    nb = max(1, max(len(p) for p in resp_pos)) * n_branch
+    bsz = len(resp_pos)
+    ids = torch.zeros(bsz, nb, dtype=torch.long)
+    at = torch.zeros(bsz, nb, dtype=torch.long)
+    valid = torch.zeros(bsz, nb, dtype=torch.bool)
+    for b, (c, p) in enumerate(zip(cand_ids, resp_pos)):
+        n = len(p) * n_branch
+        ids[b, :n] = c.reshape(-1).long()
+        at[b, :n] = p.long().repeat_interleave(n_branch)
+        valid[b, :n] = True
+    return Branches(ids.to(device), at.to(device), valid.to(device), n_branch)
+
+
+def tree_allowed(valid: torch.Tensor, br: Branches) -> torch.Tensor:
+    """[B, S+NB, S+NB] bool: the main causal mask, plus branch rows that see the real prefix before
+    the token they replace and themselves. No main token sees a branch token."""
+    bsz, s = valid.shape
+    nb = br.ids.shape[1]
+    allowed = torch.zeros(bsz, s + nb, s + nb, dtype=torch.bool, device=valid.device)
+    allowed[:, :s, :s] = causal_allowed(valid)
+    ar = torch.arange(s, device=valid.device)
+    allowed[:, s:, :s] = (ar[None, None, :] < br.at[:, :, None]) & valid[:, None, :] & br.valid[:, :, None]
+    allowed[:, s:, s:] = torch.eye(nb, dtype=torch.bool, device=valid.device)[None]
+    return allowed
+
+
+def branch_position_ids(position_ids: torch.Tensor, br: Branches) -> torch.Tensor:
+    """Position ids of the branch tokens: those of the token each one replaces (1-D or M-RoPE)."""
+    if position_ids.dim() == 3:  # [3, B, S]
+        return position_ids.gather(2, br.at[None].expand(position_ids.shape[0], -1, -1))
+    return position_ids.gather(1, br.at)

@@ -1,0 +1,106 @@
+"""Padded batches and the one forward pass every stage uses.
+
+``collate`` turns per-sample dicts (from the encoder or the cache reader) into padded tensors;
+``forward`` runs the model with alignti's masks and attention, optionally with TPA branch tokens
+and saliency capture, and returns the final hidden states at the positions that matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import (Branches, additive, branch_position_ids, capture_spec, causal_allowed, make_branches,
+                        tree_allowed, use_alignti_attention)
+
+
+def collate(samples: list[dict], pad_id: int, adapter_cls) -> dict:
+    """samples: dicts with input_ids, response_mask, image_inputs, spans (numpy or lists)."""
+    s = max(len(x["input_ids"]) for x in samples)
+    ids = torch.full((len(samples), s), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(samples), s, dtype=torch.bool)
+    resp_pos = []
+    for b, x in enumerate(samples):
+        n = len(x["input_ids"])
+        ids[b, :n] = torch.as_tensor(x["input_ids"], dtype=torch.long)
+        valid[b, :n] = True
+        resp_pos.append(torch.nonzero(torch.as_tensor(x["response_mask"]).bool()).flatten())
+    resp_b = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(resp_pos)])
+    resp_p = torch.cat(resp_pos)
+    return {
+        "input_ids": ids, "valid": valid, "resp_pos": resp_pos, "resp_b": resp_b, "resp_p": resp_p,
+        "targets": ids[resp_b, resp_p],
+        "image_inputs": adapter_cls.collate_image_inputs([x.get("image_inputs") or {} for x in samples]),
+        "instr_spans": [x["instr_spans"] for x in samples],
+        "n_image_tokens": [int(x["n_image_tokens"]) for x in samples],
+        "image_tok_start": [int(x["image_tok_start"]) for x in samples],
+    }
+
+
+def to_device(batch: dict, device) -> dict:
+    out = dict(batch)
+    for k in ("input_ids", "valid", "resp_b", "resp_p", "targets"):
+        out[k] = batch[k].to(device, non_blocking=True)
+    out["resp_pos"] = [p.to(device) for p in batch["resp_pos"]]
+    out["image_inputs"] = {k: v.to(device, non_blocking=True) for k, v in batch["image_inputs"].items()}
+    return out
+
+
+@dataclass
+class ForwardOut:
+    resp_hidden: torch.Tensor                 # [N, H] hidden state that predicts each response token
+    branch_hidden: torch.Tensor | None        # [N, B, H] hidden state at each branch token
+    saliency: dict[int, torch.Tensor]         # layer -> [G, V] instruction-to-image attention
+    sal_groups: object | None                 # the CaptureSpec (group layout) or None
+    cache: object | None                      # KV cache of the main pass (teacher's branch pass)
+    position_ids: torch.Tensor | None = None
+
+
+def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Tensor] | None = None,
+            use_cache: bool = False) -> ForwardOut:
+    """One forward of the main sequence (plus branch tokens when ``branch_cands`` is given:
+    per sample [n_resp, B] candidate ids, appended under the tree mask)."""
+    model = adapter.model
+    dtype = next(model.parameters()).dtype
+    ids, valid = batch["input_ids"], batch["valid"]
+    pos = adapter.position_ids(ids, valid, batch["image_inputs"])
+    s = ids.shape[1]
+    br: Branches | None = None
+    if branch_cands is not None:
+        br = make_branches(branch_cands, batch["resp_pos"], branch_cands[0].shape[-1], ids.device)
+        allowed = tree_allowed(valid, br)
+        ids = torch.cat([ids, br.ids], 1)
+        pos = torch.cat([pos, branch_position_ids(pos, br)], -1)
+    else:
+        allowed = causal_allowed(valid)
+    spec = capture_spec(adapter, capture_layers, batch, ids.device) if capture_layers else None
+    with use_alignti_attention(adapter, spec):
+        out = adapter.forward(ids, batch["image_inputs"], additive(allowed, dtype), pos, use_cache=use_cache)
+    h = out.last_hidden_state
+    resp_hidden = h[batch["resp_b"], batch["resp_p"] - 1]
+    branch_hidden = None
+    if br is not None:
+        branch_hidden = h[:, s:][br.valid].view(-1, br.n_branch, h.shape[-1])
+    return ForwardOut(resp_hidden, branch_hidden, spec.results if spec else {}, spec,
+                      getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos)
+
+
+def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor]) -> torch.Tensor:
+    """Teacher side: the branch tokens alone, against the KV cache of the main pass (same outputs as
+    the one-forward tree layout, without recomputing the main sequence). Returns [N, B, H]."""
+    model = adapter.model
+    dtype = next(model.parameters()).dtype
+    valid = batch["valid"]
+    s = valid.shape[1]
+    br = make_branches(cands, batch["resp_pos"], cands[0].shape[-1], valid.device)
+    allowed = tree_allowed(valid, br)[:, s:]
+    pos = branch_position_ids(main.position_ids, br)
+    with use_alignti_attention(adapter, None):
+        out = adapter.forward(br.ids, {}, additive(allowed, dtype), pos, cache=main.cache, use_cache=True)
+    h = out.last_hidden_state
+    return h[br.valid].view(-1, br.n_branch, h.shape[-1])
+
+
+def lm_logits(adapter, hidden: torch.Tensor) -> torch.Tensor:
+    return adapter.model.lm_head(hidden)

@@ -1,0 +1,326 @@
+"""Cache writer and reader (the format is specified in common/schema.py and docs/cache-format.md).
+
+The writer buffers one work unit (a few hundred samples) in memory and writes it as one *part*:
+each array in one go, so every shard is written whole, then the part's parquet table, then the
+commit marker with the sha256 of every object. Everything is written under temporary names and
+renamed into place; a part without a commit marker is not part of the cache and is redone on
+resume. ``manifest.json`` is written last for the whole cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .errors import CacheError
+from .schema import (ARRAYS, CHUNK_TOKENS, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, SAMPLE_SCHEMA, SCHEMA_VERSION,
+                     SHARD_CHUNKS, array_shape_tail, arrays_for)
+
+COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
+
+
+def part_name(i: int) -> str:
+    return f"{i:05d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_array(group, name: str, data: np.ndarray) -> None:
+    rows = max(1, data.shape[0])
+    chunk = min(CHUNK_TOKENS, rows)
+    shard = chunk * min(SHARD_CHUNKS, -(-rows // chunk))
+    group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(chunk, *data.shape[1:]),
+                       shards=(shard, *data.shape[1:]), compressors=COMPRESSORS, fill_value=0)
+    group[name][...] = data
+
+
+class PartWriter:
+    """Collects the samples of one work unit, then commits them as a part."""
+
+    def __init__(self, root: str | Path, index: int, params: dict):
+        self.root = Path(root)
+        self.index = index
+        self.params = params
+        self.names = arrays_for(params)
+        self.buffers: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        self.offsets = {"tok": 0, "resp": 0, "sal": 0}
+        self.rows: list[dict] = []
+
+    def add_skipped(self, index: int, sample_id: str, error: str, image: str = "") -> None:
+        self.rows.append(dict(sample_id=sample_id, index=index, status="skipped", error=error, image=image,
+                              image_sha256="", tok_start=self.offsets["tok"], tok_len=0,
+                              resp_start=self.offsets["resp"], resp_len=0, image_tok_start=0, n_image_tokens=0,
+                              instr_spans=[], resp_spans=[], sal_start=self.offsets["sal"], n_turns=0))
+
+    def add(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """meta: the sample's row fields (ids, spans); arrays: its slice of every array."""
+        n_tok = len(arrays["input_ids"])
+        n_resp = len(arrays["topk_ids"])
+        if int(arrays["response_mask"].sum()) != n_resp:
+            raise CacheError(f"sample {meta['sample_id']}: {n_resp} teacher rows for "
+                             f"{int(arrays['response_mask'].sum())} response tokens")
+        for name in self.names:
+            want = ARRAYS[name][1]
+            a = np.ascontiguousarray(arrays[name], dtype=want)
+            tail = array_shape_tail(name, self.params)
+            if a.shape[1:] != tail:
+                raise CacheError(f"sample {meta['sample_id']}: array {name} has shape {a.shape}, expected (*, *{tail})")
+            self.buffers[name].append(a)
+        n_sal = len(arrays["saliency"]) if "saliency" in self.names else 0
+        self.rows.append(dict(meta, status="ok", error="", tok_start=self.offsets["tok"], tok_len=n_tok,
+                              resp_start=self.offsets["resp"], resp_len=n_resp, sal_start=self.offsets["sal"]))
+        self.offsets["tok"] += n_tok
+        self.offsets["resp"] += n_resp
+        self.offsets["sal"] += n_sal
+
+    def commit(self) -> dict:
+        parts = self.root / PARTS_DIR
+        parts.mkdir(parents=True, exist_ok=True)
+        name = part_name(self.index)
+        tmp = parts / f".{name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        group = zarr.open_group(str(tmp / f"{name}.zarr"), mode="w", zarr_format=3)
+        group.attrs.update({"schema_version": SCHEMA_VERSION, "part": self.index})
+        for n in self.names:
+            tail = array_shape_tail(n, self.params)
+            data = np.concatenate(self.buffers[n]) if self.buffers[n] else np.zeros((0, *tail), ARRAYS[n][1])
+            write_array(group, n, data)
+        table = pa.Table.from_pylist(self.rows, schema=SAMPLE_SCHEMA)
+        pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        # move into place, then the marker (the marker is what makes the part exist)
+        for entry in (f"{name}.zarr", f"{name}.parquet"):
+            dest = parts / entry
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            elif dest.exists():
+                dest.unlink()
+            os.replace(tmp / entry, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        ok = [r for r in self.rows if r["status"] == "ok"]
+        marker = {"part": self.index, "schema_version": SCHEMA_VERSION, "samples": len(self.rows), "ok": len(ok),
+                  "tokens": self.offsets["tok"], "response_tokens": self.offsets["resp"],
+                  "files": {f"{PARTS_DIR}/{k}": v for k, v in files.items()}}
+        _atomic_write_json(parts / f"{name}.commit.json", marker)
+        return marker
+
+
+def committed_parts(root: Path) -> dict[int, dict]:
+    out = {}
+    for p in sorted((root / PARTS_DIR).glob("*.commit.json")) if (root / PARTS_DIR).exists() else []:
+        marker = json.loads(p.read_text())
+        out[int(marker["part"])] = marker
+    return out
+
+
+def write_plan(root: Path, plan: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(root / PLAN_FILE, plan)
+
+
+def read_plan(root: Path) -> dict | None:
+    p = root / PLAN_FILE
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def write_manifest(root: Path, plan: dict, markers: dict[int, dict], extra: dict | None = None) -> dict:
+    files = {PLAN_FILE: sha256_file(root / PLAN_FILE)}
+    parts = []
+    for i in sorted(markers):
+        m = markers[i]
+        files.update(m["files"])
+        marker_path = f"{PARTS_DIR}/{part_name(i)}.commit.json"
+        files[marker_path] = sha256_file(root / marker_path)
+        parts.append({"name": part_name(i), "samples": m["samples"], "ok": m["ok"], "tokens": m["tokens"],
+                      "response_tokens": m["response_tokens"]})
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": plan["fingerprint"],
+        "units": plan["units"],
+        "counts": {"samples": sum(p["samples"] for p in parts), "ok": sum(p["ok"] for p in parts),
+                   "skipped": sum(p["samples"] - p["ok"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
+                   "response_tokens": sum(p["response_tokens"] for p in parts)},
+        "parts": parts,
+        "files": files,
+        **(extra or {}),
+    }
+    _atomic_write_json(root / MANIFEST_FILE, manifest)
+    return manifest
+
+
+# --- reader ----------------------------------------------------------------------------------
+class CacheReader:
+    """Reads a finished cache from a local path or any fsspec URL (s3://, file://, memory://).
+
+    ``reader[i]`` is the i-th usable ("ok") sample in dataset order as a dict of numpy arrays.
+    Arrays are read a part at a time (a part is a few hundred samples) and kept in a small LRU.
+    """
+
+    def __init__(self, url: str | Path, storage_options: dict | None = None, max_parts_in_memory: int = 4):
+        self.url = str(url).rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        try:
+            with self.fs.open(f"{self.root}/{MANIFEST_FILE}", "r") as f:
+                self.manifest = json.load(f)
+        except FileNotFoundError:
+            if self.fs.exists(f"{self.root}/{PLAN_FILE}"):
+                raise CacheError(f"{self.url} is an unfinished dump (no {MANIFEST_FILE}): re-run the same "
+                                 f"dump-teacher command to finish it") from None
+            raise CacheError(f"{self.url} is not an alignti cache (no {MANIFEST_FILE})") from None
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{self.url}/{MANIFEST_FILE} is damaged ({e}); run validate-cache") from None
+        version = self.manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CacheError(f"{self.url} has cache schema version {version}; this alignti reads version "
+                             f"{SCHEMA_VERSION}. Re-dump the teacher with this version.")
+        self.fingerprint = self.manifest["fingerprint"]
+        self.params = self.fingerprint["params"]
+        self.part_names = [p["name"] for p in self.manifest["parts"]]
+        tables = []
+        for j, name in enumerate(self.part_names):
+            with self.fs.open(f"{self.root}/{PARTS_DIR}/{name}.parquet", "rb") as f:
+                t = pq.read_table(f)
+            tables.append(t.append_column("part", pa.array([j] * t.num_rows, pa.int32())))
+        self.table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
+        rows = self.table.to_pylist()
+        self.samples = [r for r in rows if r["status"] == "ok"]
+        self.skipped = [r for r in rows if r["status"] != "ok"]
+        self._parts: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._max_parts = max_parts_in_memory
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self):  # DataLoader workers reopen the filesystem and arrays themselves
+        state = dict(self.__dict__)
+        state["_parts"] = OrderedDict()
+        state.pop("fs")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
+
+    def open_part(self, j: int):
+        path = f"{self.url}/{PARTS_DIR}/{self.part_names[j]}.zarr"
+        if "://" in self.url:
+            return zarr.open_group(path, mode="r", storage_options=self.storage_options or None)
+        return zarr.open_group(path, mode="r")
+
+    def part_arrays(self, j: int) -> dict[str, np.ndarray]:
+        if j in self._parts:
+            self._parts.move_to_end(j)
+            return self._parts[j]
+        group = self.open_part(j)
+        arrays = {}
+        for name in arrays_for(self.params):
+            try:
+                arrays[name] = group[name][...]
+            except Exception as e:  # noqa: BLE001 - any decode/checksum failure is a damaged chunk
+                raise CacheError(f"part {self.part_names[j]}: array {name} cannot be read ({type(e).__name__}: "
+                                 f"{e}); run 'alignti validate-cache {self.url}'") from None
+        self._parts[j] = arrays
+        while len(self._parts) > self._max_parts:
+            self._parts.popitem(last=False)
+        return arrays
+
+    def part_of(self, i: int) -> int:
+        return int(self.samples[i]["part"])
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.samples[i]
+        a = self.part_arrays(int(row["part"]))
+        ts, tl = row["tok_start"], row["tok_len"]
+        rs, rl = row["resp_start"], row["resp_len"]
+        out = {
+            "sample_id": row["sample_id"], "index": row["index"], "image": row["image"],
+            "image_sha256": row["image_sha256"], "image_tok_start": row["image_tok_start"],
+            "n_image_tokens": row["n_image_tokens"],
+            "instr_spans": list(zip(row["instr_spans"][0::2], row["instr_spans"][1::2])),
+            "resp_spans": list(zip(row["resp_spans"][0::2], row["resp_spans"][1::2])),
+            "input_ids": a["input_ids"][ts:ts + tl], "response_mask": a["response_mask"][ts:ts + tl],
+        }
+        for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
+                     "tpa_logprobs", "tpa_tail"):
+            if name in a:
+                out[name] = a[name][rs:rs + rl]
+        if "saliency" in a:
+            n = row["n_turns"] * row["n_image_tokens"]
+            out["saliency"] = a["saliency"][row["sal_start"]:row["sal_start"] + n].reshape(
+                row["n_turns"], row["n_image_tokens"])
+        return out
+
+
+def validate_cache(url: str | Path, storage_options: dict | None = None) -> list[str]:
+    """Re-check every object's sha256, every chunk's crc32c (by decoding it), counts and offsets.
+    Returns a list of problems (empty when the cache is sound)."""
+    problems: list[str] = []
+    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    try:
+        with fs.open(f"{root}/{MANIFEST_FILE}", "r") as f:
+            manifest = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        return [f"{MANIFEST_FILE}: missing or damaged ({type(e).__name__})"]
+    for rel, want in sorted(manifest["files"].items()):
+        path = f"{root}/{rel}"
+        if not fs.exists(path):
+            problems.append(f"{rel}: missing")
+            continue
+        h = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != want:
+            problems.append(f"{rel}: sha256 mismatch (damaged or modified)")
+    try:
+        reader = CacheReader(url, storage_options)
+    except CacheError as e:
+        return problems + [str(e)]
+    for j, part in enumerate(manifest["parts"]):
+        rows = [r for r in reader.table.to_pylist() if r["part"] == j]
+        try:
+            arrays = reader.part_arrays(j)
+        except CacheError as e:
+            ids = [r["sample_id"] for r in rows if r["status"] == "ok"]
+            problems.append(f"{e} (samples {', '.join(ids[:10])}{'...' if len(ids) > 10 else ''})")
+            continue
+        n_tok = sum(r["tok_len"] for r in rows)
+        n_resp = sum(r["resp_len"] for r in rows)
+        if len(arrays["input_ids"]) != n_tok or n_tok != part["tokens"]:
+            problems.append(f"part {part['name']}: {len(arrays['input_ids'])} tokens stored, table says {n_tok}")
+        if len(arrays["topk_ids"]) != n_resp or n_resp != part["response_tokens"]:
+            problems.append(f"part {part['name']}: {len(arrays['topk_ids'])} response rows, table says {n_resp}")
+        for r in rows:
+            if r["status"] != "ok":
+                continue
+            m = arrays["response_mask"][r["tok_start"]:r["tok_start"] + r["tok_len"]]
+            if int(m.sum()) != r["resp_len"]:
+                problems.append(f"part {part['name']}: sample {r['sample_id']} offsets do not match its mask")
+    return problems

@@ -1,0 +1,266 @@
+"""LLaVA-format data in, token ids with exact spans out.
+
+Input records: ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
+{"from": "gpt", "value": "..."}, ...]}`` in a JSON list or JSONL file, multi-turn allowed.
+
+Encoding uses the model family's own chat template and processor: every message content is
+replaced by a sentinel, the conversation is rendered once, and the rendered text is cut at the
+sentinels. Each piece (template markup, instruction text, response text) is tokenized on its own
+and the ids concatenated, which gives exact token spans for the instruction of every user turn
+and the response of every assistant turn. The piece holding the image placeholder goes through
+the processor with the image, which expands the placeholder into the family's image tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapters import ModelAdapter
+from .errors import DataError
+
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_SENTINEL = "\u2063ALIGNTI{}\u2063"
+
+
+@dataclass
+class Record:
+    index: int
+    sample_id: str
+    image: str | None
+    turns: list[tuple[str, str]]  # (role, text), image tag removed
+
+
+@dataclass
+class Encoded:
+    index: int
+    sample_id: str
+    image: str
+    image_sha256: str
+    input_ids: np.ndarray             # int32 [S]
+    response_mask: np.ndarray         # uint8 [S]
+    image_inputs: dict = field(default_factory=dict)
+    image_tok_start: int = 0
+    n_image_tokens: int = 0
+    instr_spans: list[tuple[int, int]] = field(default_factory=list)
+    resp_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def n_resp(self) -> int:
+        return int(self.response_mask.sum())
+
+
+@dataclass
+class Skipped:
+    index: int
+    sample_id: str
+    error: str
+
+
+def load_records(path: str | Path) -> list[Record | Skipped]:
+    """Parse a LLaVA JSON list or JSONL file. Problems come back as `Skipped` entries (the caller
+    raises or records them, depending on --skip-bad); a file that is not JSON at all raises."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(str(path), "data file not found", "check the --data path")
+    text = path.read_text(encoding="utf-8")
+    raw: list[tuple[int, object]] = []
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}",
+                            "fix the file (a JSON list of samples, or JSONL with one sample per line)") from None
+        raw = list(enumerate(items))
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((len(raw), json.loads(line)))
+            except json.JSONDecodeError as e:
+                raw.append((len(raw), DataError(f"line:{lineno}", f"malformed JSON on line {lineno} of {path.name}: "
+                                                 f"{e.msg} at column {e.colno}")))
+    out: list[Record | Skipped] = []
+    seen: set[str] = set()
+    for index, item in raw:
+        if isinstance(item, DataError):
+            out.append(Skipped(index, item.sample, str(item)))
+            continue
+        try:
+            rec = parse_record(index, item)
+            if rec.sample_id in seen:
+                raise DataError(rec.sample_id, "duplicate sample id", "give every sample a unique 'id'")
+            seen.add(rec.sample_id)
+            out.append(rec)
+        except DataError as e:
+            out.append(Skipped(index, e.sample, str(e)))
+    return out
+
+
+def parse_record(index: int, item: object) -> Record:
+    if not isinstance(item, dict):
+        raise DataError(f"#{index}", f"expected a JSON object, got {type(item).__name__}")
+    sid = str(item.get("id", f"#{index}"))
+    convs = item.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise DataError(sid, "no 'conversations' list")
+    turns: list[tuple[str, str]] = []
+    for j, msg in enumerate(convs):
+        if not isinstance(msg, dict) or "from" not in msg or "value" not in msg:
+            raise DataError(sid, f"conversation turn {j} needs 'from' and 'value'")
+        role = ROLE_MAP.get(str(msg["from"]).lower())
+        if role is None:
+            raise DataError(sid, f"turn {j} has unknown role '{msg['from']}' (use human/gpt)")
+        value = msg["value"]
+        if not isinstance(value, str):
+            raise DataError(sid, f"turn {j} value is not a string")
+        if role == "assistant" and not value.strip():
+            raise DataError(sid, f"assistant turn {j} has an empty answer")
+        turns.append((role, value.replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "")))
+    roles = [r for r, _ in turns if r != "system"]
+    if "assistant" not in roles:
+        raise DataError(sid, "no assistant turn: nothing to distil")
+    for a, b in zip(roles, roles[1:]):
+        if a == b:
+            raise DataError(sid, f"two '{a}' turns in a row; turns must alternate human/gpt")
+    if roles[0] != "user":
+        raise DataError(sid, "the conversation must start with a human turn")
+    image = item.get("image")
+    if image is not None and not isinstance(image, str):
+        raise DataError(sid, "'image' must be a single path string")
+    return Record(index, sid, image or None, turns)
+
+
+def load_image(rec: Record, images_dir: str | Path | None):
+    """Open the sample's image; returns (PIL image, sha256 of the file)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(images_dir or ".") / rec.image
+    if not path.is_file():
+        raise DataError(rec.sample_id, f"image '{rec.image}' not found under {images_dir}",
+                        "check --images and the sample's 'image' field, or pass --skip-bad")
+    data = path.read_bytes()
+    try:
+        from io import BytesIO
+        img = Image.open(BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(rec.sample_id, f"image '{rec.image}' cannot be decoded ({e})",
+                        "replace the file or pass --skip-bad") from None
+    return img, hashlib.sha256(data).hexdigest()
+
+
+def _messages(turns, with_image: bool, contents: list[str]):
+    msgs, first_user = [], True
+    for (role, _), content in zip(turns, contents):
+        parts = []
+        if role == "user" and first_user and with_image:
+            parts.append({"type": "image"})
+        if role == "user":
+            first_user = False
+        parts.append({"type": "text", "text": content})
+        msgs.append({"role": role, "content": parts})
+    return msgs
+
+
+def _render(processor, msgs, add_generation_prompt=False) -> str:
+    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _prefix_special_ids(tokenizer) -> list[int]:
+    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_sp) - len(without)
+    return list(with_sp[:n]) if n > 0 and with_sp[n:] == without else []
+
+
+def encode(processor, rec: Record, image, image_sha: str = "", max_length: int | None = None,
+           generation_prompt: bool = False) -> Encoded:
+    """Tokenize a record. With ``generation_prompt`` the last assistant turn is dropped and the
+    template's generation prompt appended (for evaluation)."""
+    tok = processor.tokenizer
+    turns = list(rec.turns)
+    if generation_prompt:
+        while turns and turns[-1][0] == "assistant":
+            turns.pop()
+    sentinels = [_SENTINEL.format(i) for i in range(len(turns))]
+    full = _render(processor, _messages(turns, image is not None, sentinels), add_generation_prompt=generation_prompt)
+    pieces: list[tuple[str, str, int]] = []  # (kind, text, turn)
+    rest = full
+    for i, (s, (role, text)) in enumerate(zip(sentinels, turns)):
+        if s not in rest:
+            raise DataError(rec.sample_id, "the chat template dropped or altered a message",
+                            "use a chat template that inserts message text verbatim")
+        before, rest = rest.split(s, 1)
+        if role == "assistant":  # the end-of-turn markup belongs to the response (the model must learn to stop)
+            end = _render(processor, _messages(turns[:i + 1], image is not None, sentinels[:i + 1])).split(s, 1)[1]
+            pieces.append(("markup", before, i))
+            pieces.append(("response", text, i))
+            if end and rest.startswith(end):
+                pieces.append(("response", end, i))
+                rest = rest[len(end):]
+        else:
+            pieces.append(("markup", before, i))
+            pieces.append(("instruction" if role == "user" else "markup", text, i))
+    pieces.append(("markup", rest, len(turns)))
+
+    ids: list[int] = []
+    bos = _prefix_special_ids(tok)
+    if bos and not full.startswith(tok.decode(bos)):
+        ids.extend(bos)
+    kinds: list[str] = ["markup"] * len(ids)
+    turn_of: list[int] = [-1] * len(ids)
+    image_inputs: dict = {}
+    placeholder = getattr(processor, "image_token", "<image>")
+    for kind, text, t in pieces:
+        if not text:
+            continue
+        if image is not None and not image_inputs and kind == "markup" and placeholder in text:
+            out = processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
+            piece_ids = out["input_ids"][0].tolist()
+            image_inputs = ModelAdapter.image_inputs(out)
+        else:
+            piece_ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece_ids)
+        kinds.extend([kind] * len(piece_ids))
+        turn_of.extend([t] * len(piece_ids))
+
+    input_ids = np.asarray(ids, dtype=np.int32)
+    image_token_id = tok.convert_tokens_to_ids(placeholder)
+    img_pos = np.nonzero(input_ids == image_token_id)[0]
+    if image is not None:
+        if len(img_pos) == 0:
+            raise DataError(rec.sample_id, "no image tokens after processing",
+                            "check that the chat template renders {'type': 'image'}")
+        if img_pos[-1] - img_pos[0] + 1 != len(img_pos):
+            raise DataError(rec.sample_id, "image tokens are not contiguous", "one image per sample is supported")
+    kinds_a = np.asarray(kinds)
+    turn_a = np.asarray(turn_of)
+    resp_mask = (kinds_a == "response").astype(np.uint8)
+    instr_spans, resp_spans = [], []
+    last_user = None
+    for i, (role, _) in enumerate(turns):
+        pos = np.nonzero(turn_a == i)[0]
+        if role == "user":
+            sel = pos[kinds_a[pos] == "instruction"]
+            last_user = (int(sel[0]), int(sel[-1]) + 1) if len(sel) else None
+        elif role == "assistant":
+            sel = pos[kinds_a[pos] == "response"]
+            if len(sel) == 0:
+                raise DataError(rec.sample_id, f"assistant turn {i} tokenized to nothing")
+            if last_user is None:
+                raise DataError(rec.sample_id, f"assistant turn {i} has no instruction before it")
+            instr_spans.append(last_user)
+            resp_spans.append((int(sel[0]), int(sel[-1]) + 1))
+    if max_length is not None and len(input_ids) > max_length:
+        raise DataError(rec.sample_id, f"{len(input_ids)} tokens, longer than the limit of {max_length}",
+                        "shorten the conversation, raise --max-length if the model allows it, or pass --skip-bad")
+    return Encoded(rec.index, rec.sample_id, rec.image or "", image_sha, input_ids, resp_mask, image_inputs,
+                   int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans)
+

@@ -1,0 +1,93 @@
+"""Fingerprints: what makes a cache valid for a student.
+
+A cache is only meaningful for a student that tokenizes exactly like the teacher did (same vocab,
+special tokens and chat template) and turns images into the same number of image tokens (same
+processor settings). The teacher config hash and the dump parameters say what produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from . import __version__
+from .errors import FingerprintMismatch
+from .schema import SCHEMA_VERSION
+
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation", "_attn_implementation_internal",
+                         "dtype", "torch_dtype", "architectures", "_commit_hash"}
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _strip(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(d, list):
+        return [_strip(v) for v in d]
+    return d
+
+
+def config_hash(config) -> str:
+    return _sha(_strip(config.to_dict()))
+
+
+def tokenizer_info(tokenizer, chat_template: str | None) -> dict:
+    vocab = tokenizer.get_vocab()
+    specials = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    return {
+        "hash": _sha({"vocab": sorted(vocab.items()), "specials": specials, "chat_template": chat_template or ""}),
+        "vocab_size": len(vocab),
+        "special_tokens": specials,
+    }
+
+
+def processor_info(processor) -> dict:
+    ip = getattr(processor, "image_processor", None)
+    settings = _strip(ip.to_dict()) if ip is not None else {}
+    settings.pop("image_processor_type", None)  # PIL and torchvision backends produce the same pixels
+    for attr in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "image_token",
+                 "num_image_tokens"):
+        if hasattr(processor, attr):
+            settings[f"processor.{attr}"] = getattr(processor, attr)
+    return {"hash": _sha(settings), "settings": settings}
+
+
+def chat_template_of(processor) -> str | None:
+    tmpl = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    return tmpl if isinstance(tmpl, str) else json.dumps(tmpl, sort_keys=True) if tmpl else None
+
+
+def make_fingerprint(model_config, processor, params: dict) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "code_version": __version__,
+        "teacher_config_hash": config_hash(model_config),
+        "tokenizer": tokenizer_info(processor.tokenizer, chat_template_of(processor)),
+        "processor": processor_info(processor),
+        "params": params,
+    }
+
+
+def check_student(fingerprint: dict, processor, student_name: str) -> None:
+    """Refuse a student whose tokenizer or processor differs from the one the cache was made with."""
+    tok = tokenizer_info(processor.tokenizer, chat_template_of(processor))
+    want = fingerprint["tokenizer"]
+    if tok["hash"] != want["hash"]:
+        raise FingerprintMismatch(
+            f"the cache was made with another tokenizer than the student's ({student_name}): cache tokenizer "
+            f"{want['hash'][:12]} with {want['vocab_size']} tokens, student tokenizer {tok['hash'][:12]} with "
+            f"{tok['vocab_size']} tokens (vocab, special tokens or chat template differ). Token ids would not line "
+            f"up. Re-run dump-teacher with a teacher that shares the student's tokenizer, or pick a student that "
+            f"shares the teacher's.")
+    proc = processor_info(processor)
+    if proc["hash"] != fingerprint["processor"]["hash"]:
+        ours, theirs = proc["settings"], fingerprint["processor"]["settings"]
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise FingerprintMismatch(
+            f"the student's processor ({student_name}) differs from the one the cache was made with in "
+            f"{', '.join(diff)}: images would become different image tokens. Use the teacher's processor "
+            f"settings for the student, or re-dump.")

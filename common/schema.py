@@ -1,0 +1,80 @@
+"""The cache contract: names, dtypes and shapes of everything a dump writes.
+
+`docs/cache-format.md` is the prose version of this file; bump SCHEMA_VERSION on any change
+that an older reader could misread.
+
+Layout of a cache directory::
+
+    CACHE/
+      plan.json                  written first: fingerprint, parameters, work units
+      parts/00000.zarr/          zarr v3 group, one per work unit (arrays below)
+      parts/00000.parquet        per-sample table of that unit
+      parts/00000.commit.json    written last for the unit: sha256 of every object
+      manifest.json              written last for the cache: counts, parts, fingerprint
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 2  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS
+
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+PARTS_DIR = "parts"
+
+# Per-token arrays: (name, dtype, trailing shape keys). Leading axis is the CSR axis named in AXES.
+# "tok": every input token of every sample, concatenated; "resp": every response token; "sal":
+# every saliency value (n_turns * n_image_tokens per sample).
+ARRAYS: dict[str, tuple[str, np.dtype, tuple[str, ...]]] = {
+    "input_ids": ("tok", np.dtype("int32"), ()),
+    "response_mask": ("tok", np.dtype("uint8"), ()),
+    "topk_ids": ("resp", np.dtype("int32"), ("k",)),
+    "topk_logprobs": ("resp", np.dtype("float16"), ("k",)),
+    "tail_logmass": ("resp", np.dtype("float32"), ()),
+    "target_logprob": ("resp", np.dtype("float32"), ()),
+    "tpa_cand_ids": ("resp", np.dtype("int32"), ("B",)),
+    "tpa_ids": ("resp", np.dtype("int32"), ("B", "k2")),
+    "tpa_logprobs": ("resp", np.dtype("float16"), ("B", "k2")),
+    "tpa_tail": ("resp", np.dtype("float32"), ("B",)),
+    "saliency": ("sal", np.dtype("float16"), ()),
+}
+
+TPA_ARRAYS = ("tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail")
+
+CHUNK_TOKENS = 4096        # rows per chunk along the CSR axis
+SHARD_CHUNKS = 16          # chunks per shard; shards are written whole
+
+SAMPLE_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("index", pa.int64()),            # position in the dataset (global order)
+    ("status", pa.string()),          # "ok" | "skipped"
+    ("error", pa.string()),           # why it was skipped
+    ("image", pa.string()),           # image path relative to --images (or "")
+    ("image_sha256", pa.string()),
+    ("tok_start", pa.int64()),        # offset into input_ids / response_mask of this part
+    ("tok_len", pa.int32()),
+    ("resp_start", pa.int64()),       # offset into the per-response-token arrays of this part
+    ("resp_len", pa.int32()),
+    ("image_tok_start", pa.int32()),  # position of the first image token in the sample
+    ("n_image_tokens", pa.int32()),
+    ("instr_spans", pa.list_(pa.int32())),  # [start, end) pairs, one per assistant turn
+    ("resp_spans", pa.list_(pa.int32())),   # [start, end) pairs, one per assistant turn
+    ("sal_start", pa.int64()),        # offset into saliency of this part
+    ("n_turns", pa.int32()),
+])
+
+
+def array_shape_tail(name: str, params: dict) -> tuple[int, ...]:
+    return tuple(int(params[key]) for key in ARRAYS[name][2])
+
+
+def arrays_for(params: dict) -> list[str]:
+    """Arrays present in a cache made with these parameters."""
+    names = [n for n in ARRAYS if n not in TPA_ARRAYS and n != "saliency"]
+    if params.get("tpa_branches", 0) > 0:
+        names += list(TPA_ARRAYS)
+    if params.get("saliency_layer") is not None:
+        names.append("saliency")
+    return names

@@ -1,0 +1,1 @@
+"""Built-in demo: a procedural shapes VQA task and tiny LLaVA teacher/student checkpoints."""

@@ -1,0 +1,63 @@
+"""Supervised training of the demo teacher on the shapes task (make-demo --train-teacher).
+
+The teacher must carry real knowledge for the cache to be worth distilling: it is trained with
+plain cross-entropy on the train split until its validation exact-match accuracy is high.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from common.adapters import adapter_for
+from common.batch import collate, forward, lm_logits
+from common.conversation import Record, encode, load_image, load_records
+from common.generate import exact_match, greedy_answers
+from common.losses import sft_loss
+
+log = logging.getLogger("alignti.demo")
+
+
+def encode_all(processor, path, images, generation_prompt=False):
+    recs = [r for r in load_records(path) if isinstance(r, Record)]
+    out = []
+    for r in recs:
+        img, sha = load_image(r, images)
+        out.append((r, encode(processor, r, img, sha, generation_prompt=generation_prompt)))
+    return out
+
+
+def accuracy(model, processor, path, images, limit: int | None = None) -> float:
+    items = encode_all(processor, path, images, generation_prompt=True)
+    items = [(r, e) for r, e in items if len(r.turns) == 2][:limit]
+    preds = greedy_answers(model, processor, [e for _, e in items])
+    return sum(exact_match(p, r.turns[-1][1]) for p, (r, _) in zip(preds, items)) / max(1, len(items))
+
+
+def train_sft(model, processor, train_path, val_path, images, steps: int = 600, batch_size: int = 16, lr: float = 3e-3,
+              seed: int = 0) -> float:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    adapter = adapter_for(model)
+    data = [e.__dict__ for _, e in encode_all(processor, train_path, images)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / steps))
+    pad = processor.tokenizer.pad_token_id
+    model.train()
+    for step in range(steps):
+        batch = collate(rng.sample(data, batch_size), pad, type(adapter))
+        out = forward(adapter, batch)
+        loss = sft_loss(lm_logits(adapter, out.resp_hidden), batch["targets"])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("teacher sft step %d loss %.4f", step, loss.item())
+    model.eval()
+    acc = accuracy(model, processor, val_path, images)
+    log.info("teacher validation exact match: %.1f%%", 100 * acc)
+    return acc

@@ -1,0 +1,1 @@
+"""Stage 1: run the teacher once and write the cache."""

@@ -1,0 +1,221 @@
+"""`alignti dump-teacher`: teacher-forced forward over every sample, written as a cache.
+
+Work is split into fixed work units (recorded in plan.json before anything else is written); each
+unit becomes one committed part. Re-running the same command after an interruption skips the
+committed units and finishes the rest; a different teacher, tokenizer, k or data is refused. The
+teacher's forward, top-k and saliency run on the device; moving results to the host and writing
+the zarr/parquet part happen on a writer thread, off the forward loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from common.adapters import adapter_for
+from common.batch import collate, to_device
+from common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
+from common.conversation import Record, Skipped, encode, load_image, load_records
+from common.errors import CacheError, DataError
+from common.fingerprint import make_fingerprint
+from common.models import load_vlm, resolve_device
+from common.progress import progress_bar
+from common.schema import MANIFEST_FILE, PARTS_DIR
+
+from .compute import split_per_sample, teacher_batch
+
+log = logging.getLogger("alignti.dump")
+
+
+@dataclass
+class DumpConfig:
+    teacher: str
+    data: str
+    images: str
+    out: str
+    top_k: int = 32
+    batch_size: int = 8
+    device: str = "auto"
+    limit: int | None = None
+    skip_bad: bool = False
+    tpa_branches: int = 4
+    tpa_top_k: int = 8
+    saliency_layer: str = "auto"   # "auto" (IRS), a layer index, or "none"
+    irs_samples: int = 256
+    unit_size: int = 256
+    max_length: int | None = None
+    dtype: str = "auto"
+    progress: bool = True
+
+
+def _preflight(records: list, images: str, skip_bad: bool) -> list:
+    """Check what can be checked before any teacher time is spent (parse errors, missing images)."""
+    bad = []
+    for r in records:
+        if isinstance(r, Skipped):
+            bad.append(r)
+        elif r.image is not None and not (Path(images or ".") / r.image).is_file():
+            bad.append(Skipped(r.index, r.sample_id, str(DataError(
+                r.sample_id, f"image '{r.image}' not found under {images}",
+                "check --images and the sample's 'image' field, or pass --skip-bad"))))
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DataError(bad[0].sample_id, f"{len(bad)} bad sample(s) found before dumping, nothing was written: "
+                        + "; ".join(b.error for b in bad[:3]) + more,
+                        "fix them, or pass --skip-bad to record them as skipped in samples.parquet")
+    bad_idx = {b.index for b in bad}
+    return [Skipped(r.index, r.sample_id, next(b.error for b in bad if b.index == r.index)) if r.index in bad_idx
+            else r for r in records]
+
+
+def _check_plan(out: Path, plan: dict) -> None:
+    old = read_plan(out)
+    if old is None:
+        if out.exists() and any(out.iterdir()):
+            raise CacheError(f"{out} exists and is not an alignti cache; choose an empty or new --out")
+        return
+    diffs = []
+    for key in ("teacher_config_hash", "tokenizer", "processor", "params"):
+        if old["fingerprint"].get(key) != plan["fingerprint"].get(key):
+            diffs.append(key)
+    if old["units"] != plan["units"] or old["unit_ids"] != plan["unit_ids"]:
+        diffs.append("data (samples or work units)")
+    if diffs:
+        raise CacheError(f"{out} holds a dump made with different {', '.join(diffs)}; refusing to mix them. "
+                         f"Use a new --out, or delete {out} to start over.")
+
+
+def dump_teacher(cfg: DumpConfig) -> dict:
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
+        raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
+    records = load_records(cfg.data)
+    if cfg.limit is not None:
+        records = records[:cfg.limit]
+    if not records:
+        raise DataError(cfg.data, "no samples in the data file", "check --data")
+    records = _preflight(records, cfg.images, cfg.skip_bad)
+
+    model, processor = load_vlm(cfg.teacher, device, cfg.dtype)
+    model.eval()
+    adapter = adapter_for(model)
+    max_length = cfg.max_length or getattr(adapter.text_config, "max_position_embeddings", None)
+
+    old_plan = read_plan(out)
+    irs = None
+    if cfg.saliency_layer == "none":
+        layer = None
+    elif cfg.saliency_layer == "auto":
+        if old_plan and old_plan.get("irs"):
+            irs = old_plan["irs"]
+        else:
+            from .select_layer import select_layer
+            irs = select_layer(model, processor, [r for r in records if isinstance(r, Record)], cfg.images,
+                               n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress)
+        layer = irs["layer"]
+    else:
+        layer = int(cfg.saliency_layer)
+        if not 0 <= layer < adapter.num_layers:
+            raise ValueError(f"--saliency-layer {layer} is outside the teacher's {adapter.num_layers} layers")
+
+    params = {"top_k": cfg.top_k, "tpa_branches": cfg.tpa_branches, "tpa_top_k": cfg.tpa_top_k,
+              "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "k": cfg.top_k, "B": cfg.tpa_branches, "k2": cfg.tpa_top_k}
+    fingerprint = make_fingerprint(model.config, processor, params)
+    units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
+    plan = {"fingerprint": fingerprint, "units": units, "irs": irs, "data": str(cfg.data),
+            "images": str(Path(cfg.images).resolve()) if cfg.images else "",
+            "unit_ids": [[r.sample_id for r in records[s:e]] for s, e in units]}
+    _check_plan(out, plan)
+    if (out / MANIFEST_FILE).exists():
+        log.info("%s is already complete; nothing to do", out)
+        import json
+        return json.loads((out / MANIFEST_FILE).read_text())
+    write_plan(out, plan)
+    for stale in (out / PARTS_DIR).glob(".*.tmp*") if (out / PARTS_DIR).exists() else []:
+        shutil.rmtree(stale, ignore_errors=True)  # a part interrupted mid-write
+
+    done = committed_parts(out)
+    todo = [u for u in range(len(units)) if u not in done]
+    if done:
+        log.info("resuming: %d of %d work units already committed", len(done), len(units))
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    n_todo = sum(units[u][1] - units[u][0] for u in todo)
+
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignti-writer")
+    pending: list[Future] = []
+    lock = threading.Lock()
+    try:
+        with progress_bar("dump-teacher", total=n_todo, unit="samples", enabled=cfg.progress) as bar:
+            for u in todo:
+                s, e = units[u]
+                part = PartWriter(out, u, params)
+                encoded, skipped = [], []
+                for r in records[s:e]:
+                    if isinstance(r, Skipped):
+                        skipped.append((r.index, r.sample_id, r.error, ""))
+                        continue
+                    try:
+                        img, sha = load_image(r, cfg.images) if r.image else (None, "")
+                        encoded.append(encode(processor, r, img, sha, max_length=max_length))
+                    except DataError as err:
+                        if not cfg.skip_bad:
+                            raise DataError(err.sample, err.problem, err.fix + "; units already committed are "
+                                            "kept: re-run the same command after fixing to resume") from None
+                        skipped.append((r.index, r.sample_id, str(err), r.image or ""))
+                jobs = []
+                for i in range(0, len(encoded), cfg.batch_size):
+                    chunk = encoded[i:i + cfg.batch_size]
+                    batch = collate([c.__dict__ for c in chunk], pad_id, type(adapter))
+                    res = teacher_batch(adapter, to_device(batch, device), params)
+                    jobs.append((chunk, batch, res))
+                    bar.advance(len(chunk))
+                bar.advance((e - s) - len(encoded))
+                pending.append(writer.submit(_write_unit, part, jobs, skipped, lock))
+                while len(pending) > 2:  # backpressure: at most two units wait for the writer
+                    pending.pop(0).result()
+                for f in [f for f in pending if f.done()]:
+                    f.result()  # surface writer errors early
+        for f in pending:
+            f.result()
+    finally:
+        writer.shutdown(wait=True)
+    manifest = write_manifest(out, plan, committed_parts(out),
+                              extra={"irs": irs, "saliency_layer": layer, "images": plan["images"],
+                                     "data": plan["data"], "dump_config": {k: v for k, v in asdict(cfg).items()
+                                                                           if k != "progress"}})
+    c = manifest["counts"]
+    log.info("cache written to %s: %d samples (%d skipped), %d response tokens", out, c["samples"], c["skipped"],
+             c["response_tokens"])
+    return manifest
+
+
+def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock) -> None:
+    """Writer thread: results to host, samples (and skips) into the part in dataset order, commit."""
+    rows = {}
+    for chunk, batch, res in jobs:
+        for enc, arrays in zip(chunk, split_per_sample(res, batch)):
+            rows[enc.index] = (enc, arrays)
+    skips = {s[0]: s for s in skipped}
+    for idx in sorted(set(rows) | set(skips)):
+        if idx in skips:
+            part.add_skipped(*skips[idx])
+            continue
+        enc, arrays = rows[idx]
+        arrays["input_ids"] = enc.input_ids
+        arrays["response_mask"] = enc.response_mask
+        meta = dict(sample_id=enc.sample_id, index=enc.index, image=enc.image, image_sha256=enc.image_sha256,
+                    image_tok_start=enc.image_tok_start, n_image_tokens=enc.n_image_tokens,
+                    instr_spans=[v for sp in enc.instr_spans for v in sp],
+                    resp_spans=[v for sp in enc.resp_spans for v in sp], n_turns=len(enc.resp_spans))
+        part.add(meta, arrays)
+    with lock:
+        part.commit()

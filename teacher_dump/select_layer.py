@@ -1,0 +1,130 @@
+"""`alignti select-layer`: the Instruction-Relevance Score of every decoder layer (METHOD.md section 2).
+
+IRS(l) = 1 - E[cos(alpha_l(x1), alpha_l(x2))] over pairs of samples that share an image but ask
+different instructions; alpha_l is the instruction-to-image attention of layer l (captured for all
+layers in one sdpa forward per batch). l* = argmax IRS. Falls back to random pairs (and says so)
+when no image is asked about twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections import defaultdict
+
+import torch
+
+from common.adapters import adapter_for
+from common.batch import collate, forward, to_device
+from common.conversation import Record, encode, load_image
+from common.progress import progress_bar
+
+log = logging.getLogger("alignti.irs")
+
+
+@torch.no_grad()
+def attention_maps(model, processor, records: list[Record], images: str, layers, batch_size: int = 8,
+                   progress: bool = True) -> tuple[list, dict[int, list[torch.Tensor]]]:
+    """alpha of the first assistant turn for every record and every layer in ``layers``."""
+    adapter = adapter_for(model)
+    device = next(model.parameters()).device
+    pad = processor.tokenizer.pad_token_id or 0
+    encoded = []
+    for r in records:
+        img, sha = load_image(r, images)
+        encoded.append(encode(processor, r, img, sha))
+    maps: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    with progress_bar("select-layer", total=len(encoded), unit="samples", enabled=progress) as bar:
+        for i in range(0, len(encoded), batch_size):
+            chunk = [dict(e.__dict__, instr_spans=e.instr_spans[:1]) for e in encoded[i:i + batch_size]]
+            batch = to_device(collate(chunk, pad, type(adapter)), device)
+            out = forward(adapter, batch, capture_layers=list(layers))
+            for layer in layers:
+                for g, row in enumerate(out.saliency[layer].float().cpu()):
+                    maps[layer].append(row[:chunk[g]["n_image_tokens"]])
+            bar.advance(len(chunk))
+    return encoded, maps
+
+
+def make_pairs(records: list[Record], max_pairs_per_image: int = 6, seed: int = 0) -> tuple[list[tuple[int, int]], bool]:
+    """Pairs (i, j) sharing an image with different instructions; (pairs, used_fallback)."""
+    by_image = defaultdict(list)
+    for i, r in enumerate(records):
+        by_image[r.image].append(i)
+    rng = random.Random(seed)
+    pairs = []
+    for idx in by_image.values():
+        cand = [(a, b) for a, b in itertools.combinations(idx, 2) if records[a].turns[0][1] != records[b].turns[0][1]]
+        rng.shuffle(cand)
+        pairs += cand[:max_pairs_per_image]
+    if pairs:
+        return pairs, False
+    idx = list(range(len(records)))
+    return [(a, b) for a, b in (rng.sample(idx, 2) for _ in range(4 * len(idx)))], True
+
+
+def calibration_subset(records: list[Record], n: int, seed: int = 0) -> list[Record]:
+    """Prefer images asked about more than once, so that pairs share an image."""
+    by_image = defaultdict(list)
+    for r in records:
+        if r.image:
+            by_image[r.image].append(r)
+    groups = [g for g in by_image.values() if len(g) > 1] or [[r] for g in by_image.values() for r in g]
+    random.Random(seed).shuffle(groups)
+    out = []
+    for g in groups:
+        if len(out) >= n:
+            break
+        out += g[:max(2, n - len(out))]
+    return out[:n]
+
+
+def select_layer(model, processor, records: list[Record], images: str, n_samples: int = 256, batch_size: int = 8,
+                 progress: bool = True) -> dict:
+    adapter = adapter_for(model)
+    layers = list(range(adapter.num_layers))
+    calib = calibration_subset([r for r in records if r.image], n_samples)
+    if len(calib) < 2:
+        raise ValueError("select-layer needs at least two samples with images")
+    encoded, maps = attention_maps(model, processor, calib, images, layers, batch_size, progress)
+    pairs, fallback = make_pairs(calib)
+    pairs = [(a, b) for a, b in pairs if len(maps[0][a]) == len(maps[0][b])]
+    if fallback:
+        log.warning("no image is asked about with two different instructions: IRS uses random pairs")
+    curve = []
+    for layer in layers:
+        a = torch.stack([maps[layer][i] for i, _ in pairs])
+        b = torch.stack([maps[layer][j] for _, j in pairs])
+        curve.append(float(1 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()))
+    best = max(layers, key=lambda layer: curve[layer])
+    return {"layer": best, "curve": curve, "pairs": len(pairs), "samples": len(calib), "random_pairs": fallback}
+
+
+def render_curve(irs: dict, width: int = 40) -> str:
+    top = max(irs["curve"]) or 1.0
+    lines = ["layer  IRS       ", "-----  --------"]
+    for layer, v in enumerate(irs["curve"]):
+        mark = "  <- l*" if layer == irs["layer"] else ""
+        lines.append(f"{layer:5d}  {v:8.5f}  {'#' * max(0, round(width * v / top))}{mark}")
+    lines.append(f"l* = {irs['layer']} ({irs['pairs']} pairs over {irs['samples']} samples"
+                 f"{', random pairs' if irs['random_pairs'] else ', pairs share the image'})")
+    return "\n".join(lines)
+
+
+def save_plot(irs: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(len(irs["curve"])), irs["curve"], marker="o")
+    ax.axvline(irs["layer"], ls="--", c="gray")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("IRS")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
