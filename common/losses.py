@@ -97,13 +97,19 @@ def iva_loss(teacher_sal: torch.Tensor, student_sal: torch.Tensor, valid: torch.
     return kl(lt, ls).mean()
 
 
-def tpa_loss(branch_logits, tpa_ids, tpa_logprobs, tpa_tail, topk_logprobs, temperature=1.0):
-    """METHOD.md section 4. branch_logits [N, B, V] (the student's output at each branch token),
-    tpa_* the teacher's cached next-step top-k2 per branch, topk_logprobs [N, k] the teacher's
-    first-step log-probs (its top-B entries are the candidates). Mean over response tokens of
-    sum_b p~_T(c_b) * KL(fold(q_T,b) || fold(q_S,b))."""
-    n_branch = tpa_ids.shape[1]
-    weights = torch.softmax(topk_logprobs[:, :n_branch].float(), dim=-1)  # renormalised over the B candidates
+def candidate_weights(cand_ids, topk_ids, topk_logprobs) -> torch.Tensor:
+    """p~_T(c_b): the teacher's first-step probabilities of the B candidates (looked up in its top-k),
+    renormalised over the candidates. [N, B]"""
+    match = topk_ids[:, None, :].long() == cand_ids[:, :, None].long()              # [N, B, k]
+    lp = torch.where(match, topk_logprobs[:, None, :].float(), torch.full_like(match, NEG_INF, dtype=torch.float))
+    return torch.softmax(lp.max(-1).values, dim=-1)
+
+
+def tpa_loss(branch_logits, cand_ids, tpa_ids, tpa_logprobs, tpa_tail, topk_ids, topk_logprobs, temperature=1.0):
+    """METHOD.md section 4. branch_logits [N, B, V]: the student's output at each branch token (the
+    teacher's candidate c_b put in place of y_t); tpa_* the teacher's cached next-step top-k2 per
+    branch. Mean over response tokens of sum_b p~_T(c_b) * KL(fold(q_T,b) || fold(q_S,b)), x tau^2."""
+    weights = candidate_weights(cand_ids, topk_ids, topk_logprobs)
     lt = fold_teacher(tpa_logprobs, tpa_tail, temperature)
     ls = fold_student(branch_logits, tpa_ids, temperature)
     return (weights * kl(lt, ls)).sum(-1).mean() * temperature ** 2
@@ -158,8 +164,8 @@ def total_loss(spec: LossSpec, w: LossWeights, out: dict) -> dict[str, torch.Ten
         terms["iva"] = iva_loss(out["teacher_sal"], out["student_sal"], out["sal_valid"], w.iva_ratio)
         total = total + w.iva * terms["iva"]
     if spec.tpa:
-        terms["tpa"] = tpa_loss(out["branch_logits"], out["tpa_ids"], out["tpa_logprobs"], out["tpa_tail"],
-                                out["topk_logprobs"], w.temperature)
+        terms["tpa"] = tpa_loss(out["branch_logits"], out["tpa_cand_ids"], out["tpa_ids"], out["tpa_logprobs"],
+                                out["tpa_tail"], out["topk_ids"], out["topk_logprobs"], w.temperature)
         total = total + w.tpa * terms["tpa"]
     terms["loss"] = total
     return terms

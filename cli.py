@@ -1,0 +1,162 @@
+"""alignti command line: a thin typer layer over teacher_dump/, student_train/ and common/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.errors import AlignTIError
+from common.progress import setup_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline knowledge distillation for vision-language models (Align-TI).")
+log = logging.getLogger("alignti")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")):
+    setup_logging(verbose)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except AlignTIError as e:
+        log.error("%s", e)
+        raise typer.Exit(2) from None
+    except (ValueError, NotImplementedError) as e:
+        log.error("%s", e)
+        raise typer.Exit(2) from None
+
+
+@app.command("make-demo")
+def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."),
+              train_teacher: bool = typer.Option(True, help="Train the tiny teacher on the shapes task."),
+              teacher_steps: int = typer.Option(1200, help="Teacher training steps."),
+              n_train: int = typer.Option(300, help="Training images (3 questions each)."),
+              n_val: int = typer.Option(40), n_test: int = typer.Option(60),
+              seed: int = typer.Option(0)):
+    """Write a self-contained demo kit: tiny LLaVA teacher/student, tokenizer, shapes VQA data."""
+    from demo.kit import make_demo as run
+    info = _run(run, out, n_train=n_train, n_val=n_val, n_test=n_test, train_teacher=train_teacher,
+                teacher_steps=teacher_steps, seed=seed)
+    typer.echo(json.dumps(info, indent=2))
+
+
+@app.command("dump-teacher")
+def dump_teacher(teacher: str = typer.Option(..., help="Teacher checkpoint (local path or hub id)."),
+                 data: Path = typer.Option(..., help="LLaVA JSON/JSONL data file."),
+                 images: Path = typer.Option(..., help="Directory the data's image paths are relative to."),
+                 out: Path = typer.Option(..., help="Cache directory to write."),
+                 top_k: int = typer.Option(32, help="Top-k log-probs kept per response token."),
+                 batch_size: int = typer.Option(8), device: str = typer.Option("auto"),
+                 limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
+                 skip_bad: bool = typer.Option(False, help="Record bad samples as skipped instead of stopping."),
+                 tpa_branches: int = typer.Option(4, help="TPA branch candidates per token (0: no TPA stats)."),
+                 tpa_top_k: int = typer.Option(8, help="Top-k kept per branch distribution."),
+                 saliency_layer: str = typer.Option("auto", help="auto (IRS), a layer index, or none."),
+                 irs_samples: int = typer.Option(256, help="Calibration samples for --saliency-layer auto."),
+                 unit_size: int = typer.Option(256, help="Samples per work unit (one committed part each)."),
+                 max_length: Optional[int] = typer.Option(None, help="Refuse samples longer than this."),
+                 dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")):
+    """Run the teacher once over the data and write the cache (resumable)."""
+    from teacher_dump.dump import DumpConfig, dump_teacher as run
+    cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
+                     batch_size=batch_size, device=device, limit=limit, skip_bad=skip_bad, tpa_branches=tpa_branches,
+                     tpa_top_k=tpa_top_k, saliency_layer=saliency_layer, irs_samples=irs_samples, unit_size=unit_size,
+                     max_length=max_length, dtype=dtype)
+    manifest = _run(run, cfg)
+    typer.echo(json.dumps(manifest["counts"]))
+
+
+@app.command("select-layer")
+def select_layer(teacher: str = typer.Option(...), data: Path = typer.Option(...), images: Path = typer.Option(...),
+                 samples: int = typer.Option(256), batch_size: int = typer.Option(8), device: str = typer.Option("auto"),
+                 out: Optional[Path] = typer.Option(None, help="Write the IRS curve as JSON (and a PNG beside it).")):
+    """Instruction-Relevance Score of every teacher layer; names l*."""
+    from common.conversation import Record, load_records
+    from common.models import load_vlm, resolve_device
+    from teacher_dump.select_layer import render_curve, save_plot, select_layer as run
+
+    model, processor = load_vlm(teacher, resolve_device(device))
+    records = [r for r in load_records(data) if isinstance(r, Record)]
+    irs = _run(run, model, processor, records, str(images), n_samples=samples, batch_size=batch_size)
+    typer.echo(render_curve(irs))
+    if out:
+        out.write_text(json.dumps(irs, indent=2))
+        if save_plot(irs, str(out.with_suffix(".png"))):
+            typer.echo(f"plot: {out.with_suffix('.png')}")
+
+
+@app.command("train-student")
+def train_student(student: str = typer.Option(..., help="Student checkpoint (local path or hub id)."),
+                  cache: str = typer.Option(..., help="Cache path or fsspec URL."),
+                  out: Path = typer.Option(..., help="Run directory."),
+                  loss: str = typer.Option("kd", help="sft | kd | rkl | jsd | kd+iva | kd+tpa | alignti"),
+                  kd_weight: float = typer.Option(1.0), iva_weight: float = typer.Option(1.0),
+                  tpa_weight: float = typer.Option(1.0), iva_ratio: float = typer.Option(0.25),
+                  temperature: float = typer.Option(1.0),
+                  student_layer: Optional[int] = typer.Option(None, help="Default: teacher's l* by relative depth."),
+                  max_steps: Optional[int] = typer.Option(None), epochs: int = typer.Option(1),
+                  lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), grad_accum: int = typer.Option(1),
+                  warmup_steps: int = typer.Option(10), weight_decay: float = typer.Option(0.0),
+                  save_every: int = typer.Option(100), resume: bool = typer.Option(False), seed: int = typer.Option(0),
+                  device: str = typer.Option("auto"),
+                  images: Optional[str] = typer.Option(None, help="Images dir, if moved since the dump."),
+                  workers: int = typer.Option(0, help="DataLoader worker processes.")):
+    """Train a student from the cache alone."""
+    from student_train.trainer import TrainConfig, train_student as run
+    cfg = TrainConfig(student=student, cache=cache, out=str(out), loss=loss, kd_weight=kd_weight,
+                      iva_weight=iva_weight, tpa_weight=tpa_weight, iva_ratio=iva_ratio, temperature=temperature,
+                      student_layer=student_layer, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                      grad_accum=grad_accum, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                      save_every=save_every, resume=resume, seed=seed, device=device, images=images, workers=workers)
+    typer.echo(json.dumps(_run(run, cfg), default=str))
+
+
+@app.command("inspect-cache")
+def inspect_cache(cache: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
+    """Samples, tokens, k, bytes/token on disk, compression vs full-vocab fp16, fingerprint."""
+    from common.inspect import cache_summary, render_summary
+    info = _run(cache_summary, cache)
+    typer.echo(json.dumps(info, indent=2) if as_json else render_summary(info))
+
+
+@app.command("validate-cache")
+def validate_cache(cache: str = typer.Argument(...)):
+    """Re-check every object's sha256, every chunk's crc32c, counts and offsets."""
+    from common.cache import validate_cache as run
+    problems = _run(run, cache)
+    for p in problems:
+        typer.echo(f"DAMAGED: {p}")
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("ok")
+
+
+@app.command("evaluate")
+def evaluate(model: str = typer.Option(...), data: Path = typer.Option(...), images: Path = typer.Option(...),
+             teacher_answers: Optional[Path] = typer.Option(None, help="JSON {sample_id: answer} to compare with."),
+             cache: Optional[str] = typer.Option(None, help="Report mean per-token KL to this teacher cache."),
+             limit: Optional[int] = typer.Option(None), device: str = typer.Option("auto"),
+             answers_out: Optional[Path] = typer.Option(None, help="Write this model's answers as JSON."),
+             as_json: bool = typer.Option(False, "--json")):
+    """Greedy answers: exact-match accuracy, agreement with a teacher, KL to a cache."""
+    from student_train.evaluate import evaluate as run
+    res = _run(run, model, str(data), str(images), teacher_answers=teacher_answers, cache=cache, limit=limit,
+               device=device, answers_out=answers_out)
+    typer.echo(json.dumps(res, indent=2) if as_json else
+               "\n".join(f"{k}: {v}" for k, v in res.items() if k != "per_type"))
+
+
+def main():  # console script entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,66 @@
+"""`alignti inspect-cache`: what a cache holds and what it costs on disk."""
+
+from __future__ import annotations
+
+from .cache import CacheReader
+from .schema import ARRAYS, PARTS_DIR
+
+TOPK_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob")
+
+
+def array_bytes(reader: CacheReader) -> dict[str, int]:
+    sizes = {name: 0 for name in ARRAYS}
+    other = 0
+    for rel in reader.manifest["files"]:
+        size = reader.fs.size(f"{reader.root}/{rel}")
+        parts = rel.split("/")
+        if len(parts) >= 3 and parts[0] == PARTS_DIR and parts[1].endswith(".zarr") and parts[2] in sizes:
+            sizes[parts[2]] += size
+        else:
+            other += size
+    sizes["_metadata"] = other
+    return sizes
+
+
+def cache_summary(url: str) -> dict:
+    reader = CacheReader(url)
+    m = reader.manifest
+    fp = reader.fingerprint
+    sizes = array_bytes(reader)
+    n_resp = max(1, m["counts"]["response_tokens"])
+    vocab = fp["tokenizer"]["vocab_size"]
+    total = sum(sizes.values())
+    topk_bytes = sum(sizes[a] for a in TOPK_ARRAYS)
+    full_fp16 = 2 * vocab
+    return {
+        "url": reader.url, "schema_version": m["schema_version"], "counts": m["counts"],
+        "top_k": reader.params["top_k"], "tpa_branches": reader.params["tpa_branches"],
+        "tpa_top_k": reader.params["tpa_top_k"], "saliency_layer": reader.params["saliency_layer"],
+        "irs_curve": (m.get("irs") or {}).get("curve"), "vocab_size": vocab,
+        "bytes_on_disk": total, "bytes_by_array": {k: v for k, v in sizes.items() if v},
+        "bytes_per_token": total / n_resp, "topk_bytes_per_token": topk_bytes / n_resp,
+        "full_vocab_fp16_bytes_per_token": full_fp16,
+        "compression_vs_full_fp16": full_fp16 / (total / n_resp),
+        "topk_compression_vs_full_fp16": full_fp16 / max(1e-9, topk_bytes / n_resp),
+        "fingerprint": {"teacher_config_hash": fp["teacher_config_hash"], "tokenizer_hash": fp["tokenizer"]["hash"],
+                        "processor_hash": fp["processor"]["hash"], "code_version": fp["code_version"]},
+    }
+
+
+def render_summary(info: dict) -> str:
+    c = info["counts"]
+    lines = [
+        f"cache            {info['url']} (schema v{info['schema_version']})",
+        f"samples          {c['samples']} ({c['ok']} ok, {c['skipped']} skipped)",
+        f"tokens           {c['tokens']} input, {c['response_tokens']} response",
+        f"k                {info['top_k']} (TPA: {info['tpa_branches']} branches x top-{info['tpa_top_k']}; "
+        f"saliency layer {info['saliency_layer']})",
+        f"on disk          {info['bytes_on_disk']:,} bytes",
+        f"bytes/token      {info['bytes_per_token']:.1f} all fields, {info['topk_bytes_per_token']:.1f} top-k fields",
+        f"vs full fp16     {info['full_vocab_fp16_bytes_per_token']} B/token (vocab {info['vocab_size']}): "
+        f"{info['compression_vs_full_fp16']:.1f}x smaller (top-k fields alone {info['topk_compression_vs_full_fp16']:.1f}x)",
+        f"fingerprint      teacher {info['fingerprint']['teacher_config_hash'][:12]}  tokenizer "
+        f"{info['fingerprint']['tokenizer_hash'][:12]}  processor {info['fingerprint']['processor_hash'][:12]}",
+    ]
+    lines.append("per array        " + ", ".join(f"{k} {v:,}" for k, v in info["bytes_by_array"].items()))
+    return "\n".join(lines)

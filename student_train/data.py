@@ -1,0 +1,108 @@
+"""Student-side data: cache samples + the student's own image inputs, batched with the teacher's tensors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.batch import collate
+from common.cache import CacheReader
+from common.errors import DataError
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Sample i of the cache, with pixel inputs made by the student's processor."""
+
+    def __init__(self, reader: CacheReader, processor, images_dir: str | None = None, check_images: bool = True):
+        self.reader = reader
+        self.processor = processor
+        self.images_dir = images_dir or reader.manifest.get("images", "")
+        self.check_images = check_images
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> dict:
+        x = self.reader[i]
+        x["image_inputs"] = {}
+        if x["image"]:
+            from PIL import Image
+            path = Path(self.images_dir) / x["image"]
+            if not path.is_file():
+                raise DataError(x["sample_id"], f"image '{x['image']}' not found under {self.images_dir}",
+                                "pass --images pointing at the images the cache was dumped from")
+            data = path.read_bytes()
+            if self.check_images and hashlib.sha256(data).hexdigest() != x["image_sha256"]:
+                raise DataError(x["sample_id"], f"image '{x['image']}' differs from the one the teacher saw "
+                                "(sha256 mismatch)", "use the original images, or re-dump the teacher")
+            from io import BytesIO
+            img = Image.open(BytesIO(data)).convert("RGB")
+            x["image_inputs"] = dict(self.processor.image_processor(images=[img], return_tensors="pt"))
+        return x
+
+
+def epoch_order(reader: CacheReader, epoch: int, seed: int) -> list[int]:
+    """Deterministic block shuffle: parts in random order, samples shuffled within each part (reads
+    stay part-local, so an epoch reads every part once)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    by_part: dict[int, list[int]] = {}
+    for i in range(len(reader)):
+        by_part.setdefault(reader.part_of(i), []).append(i)
+    keys = sorted(by_part)
+    order = []
+    for j in torch.randperm(len(keys), generator=g).tolist():
+        idx = by_part[keys[j]]
+        order += [idx[k] for k in torch.randperm(len(idx), generator=g).tolist()]
+    return order
+
+
+def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class StudentCollator:
+    def __init__(self, pad_id: int, adapter_cls):
+        self.pad_id, self.adapter_cls = pad_id, adapter_cls
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate(samples, self.pad_id, self.adapter_cls)
+        batch["sample_ids"] = [x["sample_id"] for x in samples]
+        for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
+                     "tpa_logprobs", "tpa_tail"):
+            if name in samples[0]:
+                batch[name] = torch.from_numpy(np.concatenate([x[name] for x in samples]))
+        if "tpa_cand_ids" in samples[0]:
+            batch["tpa_cand_list"] = [torch.from_numpy(x["tpa_cand_ids"]) for x in samples]
+        if "saliency" in samples[0]:
+            rows = [torch.from_numpy(x["saliency"].astype(np.float32)) for x in samples if x["n_image_tokens"] > 0]
+            rows = [r for r in rows if r.numel()]
+            if rows:
+                v = max(r.shape[1] for r in rows)
+                g = sum(r.shape[0] for r in rows)
+                sal = torch.zeros(g, v)
+                valid = torch.zeros(g, v, dtype=torch.bool)
+                at = 0
+                for r in rows:
+                    sal[at:at + r.shape[0], :r.shape[1]] = r
+                    valid[at:at + r.shape[0], :r.shape[1]] = True
+                    at += r.shape[0]
+                batch["teacher_sal"], batch["sal_valid"] = sal, valid
+        return batch
+
+
+TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
+                "tpa_logprobs", "tpa_tail", "teacher_sal", "sal_valid")
+
+
+def batch_to_device(batch: dict, device) -> dict:
+    from common.batch import to_device
+    out = to_device(batch, device)
+    for k in TEACHER_KEYS:
+        if k in batch:
+            out[k] = batch[k].to(device, non_blocking=True)
+    if "tpa_cand_list" in batch:
+        out["tpa_cand_list"] = [c.to(device) for c in batch["tpa_cand_list"]]
+    return out

@@ -1,0 +1,79 @@
+"""`alignti evaluate`: greedy answers, exact match, agreement with a teacher, KL to a cache."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from common.adapters import adapter_for
+from common.batch import forward, lm_logits
+from common.cache import CacheReader
+from common.conversation import Record, encode, load_image, load_records
+from common.generate import exact_match, greedy_answers
+from common.losses import fold_student, fold_teacher, kl
+from common.models import load_vlm, resolve_device
+
+from .data import CacheDataset, StudentCollator, batch_to_device
+
+
+def _meta(data: str) -> dict[str, dict]:
+    text = Path(data).read_text()
+    items = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    return {str(it.get("id")): it.get("meta") or {} for it in items if isinstance(it, dict)}
+
+
+@torch.no_grad()
+def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_size: int = 16) -> float | None:
+    """Mean per-token KL(teacher || model) on the cache's top-k+rest, teacher-forced."""
+    reader = CacheReader(cache)
+    adapter = adapter_for(model)
+    ds = CacheDataset(reader, processor)
+    idx = [i for i, s in enumerate(reader.samples) if ids is None or s["sample_id"] in ids]
+    coll = StudentCollator(processor.tokenizer.pad_token_id or 0, type(adapter))
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for i in range(0, len(idx), batch_size):
+        batch = batch_to_device(coll([ds[j] for j in idx[i:i + batch_size]]), device)
+        out = forward(adapter, batch)
+        lt = fold_teacher(batch["topk_logprobs"], batch["tail_logmass"])
+        ls = fold_student(lm_logits(adapter, out.resp_hidden), batch["topk_ids"])
+        d = kl(lt, ls)
+        total += float(d.sum())
+        n += len(d)
+    return total / n if n else None  # None: no sample of the data is in the cache
+
+
+def evaluate(model_path: str, data: str, images: str, teacher_answers: str | Path | None = None,
+             cache: str | None = None, limit: int | None = None, device: str = "auto",
+             answers_out: str | Path | None = None, model=None, processor=None) -> dict:
+    if model is None:
+        model, processor = load_vlm(model_path, resolve_device(device))
+    model.eval()
+    recs = [r for r in load_records(data) if isinstance(r, Record)][:limit]
+    meta = _meta(data)
+    prompts = []
+    for r in recs:
+        img, sha = load_image(r, images) if r.image else (None, "")
+        prompts.append(encode(processor, r, img, sha, generation_prompt=True))
+    preds = greedy_answers(model, processor, prompts)
+    refs = [r.turns[-1][1] for r in recs]
+    correct = [exact_match(p, t) for p, t in zip(preds, refs)]
+    per_type = defaultdict(list)
+    for r, c in zip(recs, correct):
+        per_type[(meta.get(r.sample_id) or {}).get("turn2", {}).get("type") if len(r.turns) > 2
+                 else (meta.get(r.sample_id) or {}).get("type", "all")].append(c)
+    res = {"model": str(model_path), "samples": len(recs), "accuracy": sum(correct) / max(1, len(correct)),
+           "per_type": {k: sum(v) / len(v) for k, v in sorted(per_type.items(), key=lambda kv: str(kv[0]))}}
+    answers = {r.sample_id: p for r, p in zip(recs, preds)}
+    if teacher_answers:
+        ta = json.loads(Path(teacher_answers).read_text())
+        common = [sid for sid in answers if sid in ta]
+        res["teacher_agreement"] = sum(exact_match(answers[s], ta[s]) for s in common) / max(1, len(common))
+    if cache:
+        res["kl_to_teacher"] = cache_kl(model, processor, cache, {r.sample_id for r in recs})
+    if answers_out:
+        Path(answers_out).write_text(json.dumps(answers, indent=1))
+    return res

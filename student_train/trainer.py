@@ -1,0 +1,258 @@
+"""`alignti train-student`: train a student from a teacher cache. The teacher is never loaded.
+
+AdamW with linear warm-up and cosine decay, gradient accumulation, bf16 autocast on GPU,
+checkpoints every N steps (model, optimizer, scheduler, every RNG, data position) written
+atomically; ``--resume`` continues bit-for-bit. Output: RUN/final/ (save_pretrained + processor)
+and RUN/metrics.jsonl (one line per optimizer step, every loss term separately).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.adapters import adapter_for
+from common.batch import forward, lm_logits
+from common.cache import CacheReader
+from common.errors import AlignTIError, CacheError
+from common.fingerprint import check_student
+from common.losses import LossWeights, get_loss, total_loss
+from common.models import load_vlm, resolve_device
+from common.progress import progress_bar
+
+from .data import CacheDataset, StudentCollator, batch_to_device, batches_of, epoch_order
+
+log = logging.getLogger("alignti.train")
+
+# settings that must not change between a run and its resume
+_RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "iva_ratio", "temperature", "student_layer",
+             "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed")
+
+
+@dataclass
+class TrainConfig:
+    student: str
+    cache: str
+    out: str
+    loss: str = "kd"
+    kd_weight: float = 1.0
+    iva_weight: float = 1.0
+    tpa_weight: float = 1.0
+    iva_ratio: float = 0.25
+    temperature: float = 1.0
+    student_layer: int | None = None
+    max_steps: int | None = None
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 100
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    images: str | None = None
+    workers: int = 0
+    progress: bool = True
+
+
+def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_layers: int, student_layers: int) -> int:
+    if cfg_layer is not None:
+        if not 0 <= cfg_layer < student_layers:
+            raise ValueError(f"--student-layer {cfg_layer} is outside the student's {student_layers} layers")
+        return cfg_layer
+    return min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
+
+
+def check_manifest_files(reader: CacheReader) -> None:
+    """Cheap structural check before training: every object the manifest lists is there."""
+    missing = [rel for rel in reader.manifest["files"] if not reader.fs.exists(f"{reader.root}/{rel}")]
+    if missing:
+        raise CacheError(f"the cache at {reader.url} does not match its manifest: {len(missing)} object(s) missing "
+                         f"({', '.join(missing[:3])}). Run 'alignti validate-cache' and re-dump the damaged parts.")
+
+
+def student_step_outputs(adapter, batch: dict, spec, layer: int) -> dict:
+    cands = batch.get("tpa_cand_list") if spec.tpa else None
+    out = forward(adapter, batch, capture_layers=[layer] if spec.iva else (), branch_cands=cands)
+    res = {k: batch[k] for k in ("targets", "topk_ids", "topk_logprobs", "tail_logmass", "tpa_cand_ids", "tpa_ids",
+                                 "tpa_logprobs", "tpa_tail", "teacher_sal", "sal_valid") if k in batch}
+    res["logits"] = lm_logits(adapter, out.resp_hidden)
+    if spec.tpa:
+        res["branch_logits"] = lm_logits(adapter, out.branch_hidden)
+    if spec.iva:
+        res["student_sal"] = out.saliency.get(layer)
+    return res
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_student(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """Train; ``stop_after`` (tests) simulates a crash after that many optimizer steps."""
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    spec = get_loss(cfg.loss)
+    reader = CacheReader(cfg.cache)
+    check_manifest_files(reader)
+    if len(reader) == 0:
+        raise CacheError(f"the cache at {cfg.cache} has no usable samples")
+    params = reader.params
+    if spec.tpa and not params.get("tpa_branches"):
+        raise CacheError(f"loss '{cfg.loss}' needs transition statistics, but the cache was dumped with "
+                         f"--tpa-branches 0; re-dump with --tpa-branches 4")
+    if spec.iva and params.get("saliency_layer") is None:
+        raise CacheError(f"loss '{cfg.loss}' needs teacher saliency, but the cache was dumped with "
+                         f"--saliency-layer none; re-dump with --saliency-layer auto")
+
+    model, processor = load_vlm(cfg.student, device)
+    check_student(reader.fingerprint, processor, cfg.student)
+    adapter = adapter_for(model)
+    layer = student_layer_for(cfg.student_layer, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
+                              adapter.num_layers)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    dataset = CacheDataset(reader, processor, cfg.images)
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    collator = StudentCollator(pad_id, type(adapter))
+    micro_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+    def lr_lambda(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    run_info = {k: v for k, v in asdict(cfg).items() if k in _RUN_KEYS}
+    run_info["cache_fingerprint"] = reader.fingerprint["teacher_config_hash"] + reader.fingerprint["tokenizer"]["hash"]
+    step, epoch, position = 0, 0, 0
+    ckpt = out / "checkpoint" / "state.pt"
+    metrics_path = out / "metrics.jsonl"
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["run"] != run_info:
+            diff = [k for k in run_info if state["run"].get(k) != run_info[k]]
+            raise AlignTIError(f"--resume: the checkpoint in {out} was made with different settings ({', '.join(diff)})")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        _truncate_metrics(metrics_path, step)
+        log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, position)
+    elif out.exists() and (ckpt.exists() or metrics_path.exists()) and not cfg.resume:
+        raise AlignTIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({**asdict(cfg), "student_layer_used": layer,
+                                              "total_steps": total_steps}, indent=2))
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.train()
+    log.info("training %s with loss '%s' for %d steps (%d samples, batch %d x accum %d), student layer %d",
+             cfg.student, cfg.loss, total_steps, len(dataset), cfg.batch_size, cfg.grad_accum, layer)
+    last: dict = {}
+    with progress_bar("train-student", total=total_steps, unit="steps", enabled=cfg.progress) as bar, \
+            open(metrics_path, "a") as metrics:
+        bar.advance(step)
+        while step < total_steps:
+            order = batches_of(epoch_order(reader, epoch, cfg.seed), cfg.batch_size)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=order[position:], collate_fn=collator,
+                                                 num_workers=cfg.workers,
+                                                 multiprocessing_context="spawn" if cfg.workers else None)
+            accum: dict[str, float] = {}
+            n_micro, t0, n_tok = 0, time.perf_counter(), 0
+            for batch in loader:
+                batch = batch_to_device(batch, device)
+                with autocast:
+                    res = student_step_outputs(adapter, batch, spec, layer)
+                terms = total_loss(spec, weights, res)
+                (terms["loss"] / cfg.grad_accum).backward()
+                for k, v in terms.items():
+                    accum[k] = accum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                n_micro += 1
+                n_tok += len(batch["targets"])
+                position += 1
+                end_of_epoch = position >= len(order)
+                if n_micro < cfg.grad_accum and not end_of_epoch:
+                    continue
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                last = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in accum.items()},
+                        "grad_norm": round(float(grad_norm), 6), "lr": sched.get_last_lr()[0],
+                        "tokens": n_tok, "sec": round(time.perf_counter() - t0, 4)}
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+                bar.advance(1)
+                bar.update(**{k: v for k, v in accum.items()})
+                accum, n_micro, t0, n_tok = {}, 0, time.perf_counter(), 0
+                if end_of_epoch:
+                    epoch, position = epoch + 1, 0
+                if step % cfg.save_every == 0 or step == total_steps:
+                    _save_checkpoint(ckpt, model, opt, sched, run_info, step, epoch, position)
+                if step >= total_steps or (stop_after is not None and step >= stop_after):
+                    break
+            else:
+                if position >= len(order):
+                    epoch, position = epoch + 1, 0
+                continue
+            break
+    if stop_after is not None and step < total_steps:
+        return {"stopped_at": step}
+    final = out / "final"
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    log.info("student saved to %s", final)
+    return {"steps": step, "final": str(final), "last": last, "student_layer": layer}
+
+
+def _save_checkpoint(path: Path, model, opt, sched, run_info, step, epoch, position) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": _rng_state(), "run": run_info, "step": step, "epoch": epoch, "position": position}, tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint so a resumed run neither repeats nor loses a step."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
