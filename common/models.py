@@ -12,12 +12,53 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     return model.to(device), processor
+
+
+def image_only_processor_class(base):
+    """A family's processor without its video processor. Qwen2-VL's processor insists on a video
+    processor, which needs torchvision; image-text distillation never uses it."""
+
+    class ImageOnly(base):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                             **kwargs)
+
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    ImageOnly.__name__ = base.__name__  # saves under the family's own processor class name
+    return ImageOnly
+
+
+def load_processor(path: str):
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (AttributeError, ImportError, ValueError, OSError) as e:
+        cls = PROCESSOR_MAPPING.get(type(AutoConfig.from_pretrained(path)), None)
+        if cls is None or "video" not in str(e).lower() and "VIDEO" not in str(e):
+            raise
+        tok = AutoTokenizer.from_pretrained(path)
+        proc = image_only_processor_class(cls)(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tok,
+                                                chat_template=getattr(tok, "chat_template", None))
+        if proc.chat_template is None:
+            import json
+            from pathlib import Path
+            tmpl = Path(path) / "chat_template.jinja"
+            if tmpl.exists():
+                proc.chat_template = tmpl.read_text()
+            elif (Path(path) / "chat_template.json").exists():
+                proc.chat_template = json.loads((Path(path) / "chat_template.json").read_text())["chat_template"]
+        return proc

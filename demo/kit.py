@@ -21,6 +21,16 @@ from . import shapes
 log = logging.getLogger("alignti.demo")
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|user|>", "<|assistant|>", "<|end|>"]
+QWEN_SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+FAMILIES = ("llava", "qwen2_vl")
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
@@ -33,22 +43,36 @@ TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_
 STUDENT = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-def build_tokenizer(extra_texts: list[str] | None = None, vocab_size: int = 320):
+def build_tokenizer(family: str = "llava", vocab_size: int = 320):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    specials = QWEN_SPECIAL_TOKENS if family == "qwen2_vl" else SPECIAL_TOKENS
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(shapes.corpus() * 20 + (extra_texts or []), trainer)
+    tok.train_from_iterator(shapes.corpus() * 20, trainer)
+    if family == "qwen2_vl":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                       unk_token="<unk>", extra_special_tokens={"image_token": "<|image_pad|>"})
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, family: str = "llava"):
     from transformers import LlavaProcessor
+
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLProcessor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from common.models import image_only_processor_class
+        n = shapes.IMAGE_SIZE ** 2
+        ip = Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=PATCH, merge_size=2, temporal_patch_size=2)
+        return image_only_processor_class(Qwen2VLProcessor)(image_processor=ip, tokenizer=tokenizer,
+                                                             chat_template=QWEN_CHAT_TEMPLATE)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     size = shapes.IMAGE_SIZE
@@ -56,6 +80,35 @@ def build_processor(tokenizer):
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=PATCH,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE, image_token="<image>")
+
+
+def build_qwen2vl(tokenizer, text: dict, seed: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cid = tokenizer.convert_tokens_to_ids
+    head_half = text["hidden_size"] // text["num_attention_heads"] // 2
+    section = [head_half - 2 * (head_half // 3), head_half // 3, head_half // 3]
+    eos = cid("<|im_end|>")
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, eos_token_id=eos, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+                         **text),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=4, patch_size=PATCH,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=cid("<|image_pad|>"), video_token_id=cid("<|video_pad|>"),
+        vision_start_token_id=cid("<|vision_start|>"), vision_end_token_id=cid("<|vision_end|>"))
+    model = Qwen2VLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_model(family: str, tokenizer, text: dict, seed: int):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
+    return (build_qwen2vl if family == "qwen2_vl" else build_llava)(tokenizer, text, seed)
 
 
 def build_llava(tokenizer, text: dict, seed: int):
@@ -76,14 +129,14 @@ def build_llava(tokenizer, text: dict, seed: int):
 
 
 def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int = 60, train_teacher: bool = True,
-              teacher_steps: int = 600, seed: int = 0, questions_per_image: int = 3) -> dict:
+              teacher_steps: int = 600, seed: int = 0, questions_per_image: int = 3, family: str = "llava") -> dict:
     out = Path(out)
     data_dir = out / "data"
     paths = shapes.write_dataset(data_dir, n_train, n_val, n_test, questions_per_image)
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    teacher = build_llava(tokenizer, TEACHER, seed)
-    student = build_llava(tokenizer, STUDENT, seed + 1)
+    tokenizer = build_tokenizer(family)
+    processor = build_processor(tokenizer, family)
+    teacher = build_model(family, tokenizer, TEACHER, seed)
+    student = build_model(family, tokenizer, STUDENT, seed + 1)
     result = {"data": {k: str(v) for k, v in paths.items()}, "images": str(data_dir / "images"),
               "teacher_params": sum(p.numel() for p in teacher.parameters()),
               "student_params": sum(p.numel() for p in student.parameters())}

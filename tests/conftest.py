@@ -1,0 +1,31 @@
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory):
+    """A small demo kit (untrained teacher: the tests check mechanics, not accuracy)."""
+    from demo.kit import make_demo
+    out = tmp_path_factory.mktemp("kit")
+    make_demo(out, n_train=40, n_val=8, n_test=8, train_teacher=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache(kit, tmp_path_factory):
+    from teacher_dump.dump import DumpConfig, dump_teacher
+    out = tmp_path_factory.mktemp("cache") / "c"
+    dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
+                            images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25,
+                            irs_samples=32, progress=False))
+    return out

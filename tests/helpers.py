@@ -1,0 +1,25 @@
+"""Small in-memory models and encoded samples for the tests."""
+
+import torch
+
+from common.adapters import adapter_for
+from common.batch import collate
+from common.conversation import Record, encode, load_image, parse_record
+from demo import kit, shapes
+
+
+def tiny(family: str, tmp_path, n_images: int = 3, multi_turn_every: int = 2, seed: int = 0, dims=None):
+    tok = kit.build_tokenizer(family)
+    proc = kit.build_processor(tok, family)
+    model = kit.build_model(family, tok, dims or kit.TEACHER, seed).float().eval()
+    recs = shapes.generate_split(tmp_path, "train", n_images, questions_per_image=2, multi_turn_every=multi_turn_every)
+    encoded = []
+    for i, item in enumerate(recs):
+        r = parse_record(i, item)
+        img, sha = load_image(r, tmp_path / "images")
+        encoded.append(encode(proc, r, img, sha))
+    return model, proc, adapter_for(model), encoded
+
+
+def batch_of(adapter, proc, encoded):
+    return collate([e.__dict__ for e in encoded], proc.tokenizer.pad_token_id or 0, type(adapter))
