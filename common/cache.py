@@ -205,8 +205,12 @@ class CacheReader:
         self.part_names = [p["name"] for p in self.manifest["parts"]]
         tables = []
         for j, name in enumerate(self.part_names):
-            with self.fs.open(f"{self.root}/{PARTS_DIR}/{name}.parquet", "rb") as f:
-                t = pq.read_table(f)
+            try:
+                with self.fs.open(f"{self.root}/{PARTS_DIR}/{name}.parquet", "rb") as f:
+                    t = pq.read_table(f)
+            except (OSError, pa.ArrowException) as e:
+                raise CacheError(f"part {name}: samples table {PARTS_DIR}/{name}.parquet cannot be read ({e}); "
+                                 f"run 'alignti validate-cache {self.url}' and re-dump the part") from None
             tables.append(t.append_column("part", pa.array([j] * t.num_rows, pa.int32())))
         self.table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
         rows = self.table.to_pylist()

@@ -62,14 +62,15 @@ def chat_template_of(processor) -> str | None:
 
 
 def make_fingerprint(model_config, processor, params: dict) -> dict:
-    return {
+    """JSON-normalised (tuples become lists), so a fingerprint read back from plan.json compares equal."""
+    return json.loads(json.dumps({
         "schema_version": SCHEMA_VERSION,
         "code_version": __version__,
         "teacher_config_hash": config_hash(model_config),
         "tokenizer": tokenizer_info(processor.tokenizer, chat_template_of(processor)),
         "processor": processor_info(processor),
         "params": params,
-    }
+    }, sort_keys=True, default=str))
 
 
 def check_student(fingerprint: dict, processor, student_name: str) -> None:

@@ -14,10 +14,10 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 @pytest.fixture(scope="session")
 def kit(tmp_path_factory):
-    """A small demo kit (untrained teacher: the tests check mechanics, not accuracy)."""
+    """A small demo kit; the teacher gets a short SFT run so its distributions carry signal."""
     from demo.kit import make_demo
     out = tmp_path_factory.mktemp("kit")
-    make_demo(out, n_train=40, n_val=8, n_test=8, train_teacher=False)
+    make_demo(out, n_train=40, n_val=8, n_test=8, train_teacher=True, teacher_steps=80)
     return out
 
 

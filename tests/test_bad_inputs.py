@@ -1,0 +1,107 @@
+"""Bad inputs get a clear error naming the sample and the fix, and never lose finished work."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from common.cache import CacheReader, committed_parts
+from common.errors import DataError
+from teacher_dump.dump import DumpConfig, dump_teacher
+
+
+@pytest.fixture()
+def data(kit, tmp_path):
+    recs = json.loads((kit / "data/train.json").read_text())[:12]
+    return recs, tmp_path
+
+
+def cfg(kit, path, out, **kw):
+    return DumpConfig(teacher=str(kit / "teacher"), data=str(path), images=str(kit / "data/images"), out=str(out),
+                      saliency_layer="1", tpa_branches=2, top_k=8, progress=False, **kw)
+
+
+def write(path, recs, jsonl=False):
+    path.write_text("\n".join(json.dumps(r) for r in recs) if jsonl else json.dumps(recs))
+    return path
+
+
+@pytest.mark.parametrize("breakage, match", [
+    (lambda r: r.update(image="missing.png"), "image 'missing.png' not found"),
+    (lambda r: r.update(conversations=r["conversations"][:1]), "no assistant turn"),
+    (lambda r: r["conversations"][1].update(value="  "), "empty answer"),
+    (lambda r: r.update(conversations="nope"), "no 'conversations' list"),
+    (lambda r: r["conversations"].append({"from": "gpt", "value": "x"}), "two 'assistant' turns in a row"),
+    (lambda r: r["conversations"][0].update({"from": "robot"}), "unknown role 'robot'"),
+])
+def test_bad_sample_is_named_and_nothing_is_written(kit, data, breakage, match):
+    recs, tmp = data
+    breakage(recs[4])
+    with pytest.raises(DataError, match=match) as e:
+        dump_teacher(cfg(kit, write(tmp / "d.json", recs), tmp / "out"))
+    assert recs[4]["id"] in str(e.value) and "--skip-bad" in str(e.value)
+    assert not (tmp / "out").exists()
+
+
+def test_skip_bad_records_the_skip(kit, data):
+    recs, tmp = data
+    recs[2]["image"] = "missing.png"
+    recs[7]["conversations"] = recs[7]["conversations"][:1]
+    m = dump_teacher(cfg(kit, write(tmp / "d.json", recs), tmp / "out", skip_bad=True))
+    assert m["counts"] == {**m["counts"], "samples": 12, "ok": 10, "skipped": 2}
+    rows = pq.read_table(tmp / "out/parts/00000.parquet").to_pylist()
+    skipped = {r["sample_id"]: r["error"] for r in rows if r["status"] == "skipped"}
+    assert set(skipped) == {recs[2]["id"], recs[7]["id"]}
+    assert "not found" in skipped[recs[2]["id"]] and "no assistant turn" in skipped[recs[7]["id"]]
+    assert [r["index"] for r in rows] == list(range(12))
+    assert len(CacheReader(tmp / "out")) == 10
+
+
+def test_malformed_jsonl_line(kit, data):
+    recs, tmp = data
+    path = write(tmp / "d.jsonl", recs, jsonl=True)
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3][:-5]
+    path.write_text("\n".join(lines))
+    with pytest.raises(DataError, match="line 4"):
+        dump_teacher(cfg(kit, path, tmp / "out"))
+    m = dump_teacher(cfg(kit, path, tmp / "out", skip_bad=True))
+    assert m["counts"]["skipped"] == 1
+
+
+def test_malformed_json_file(kit, data):
+    recs, tmp = data
+    path = tmp / "d.json"
+    path.write_text(json.dumps(recs)[:-3])
+    with pytest.raises(DataError, match="malformed JSON"):
+        dump_teacher(cfg(kit, path, tmp / "out"))
+
+
+def test_over_long_sample_mid_run_keeps_finished_units_and_resumes(kit, data):
+    recs, tmp = data
+    recs[9]["conversations"][0]["value"] += " and" * 200
+    path = write(tmp / "d.json", recs)
+    with pytest.raises(DataError, match=f"sample {recs[9]['id']}: .* longer than the limit of 120") as e:
+        dump_teacher(cfg(kit, path, tmp / "out", unit_size=4, max_length=120))
+    assert "re-run the same command" in str(e.value)
+    done = committed_parts(tmp / "out")
+    assert sorted(done) == [0, 1]  # the first two units were finished and are kept
+    before = (tmp / "out/parts/00000.commit.json").read_text()
+    recs[9]["conversations"][0]["value"] = "What shape is in the top?"
+    write(tmp / "d.json", recs)
+    m = dump_teacher(cfg(kit, path, tmp / "out", unit_size=4, max_length=120))
+    assert m["counts"]["ok"] == 12
+    assert (tmp / "out/parts/00000.commit.json").read_text() == before  # not redone
+
+
+def test_changed_image_is_refused_at_training(kit, cache, tmp_path):
+    from student_train.trainer import TrainConfig, train_student
+    images = tmp_path / "images"
+    shutil.copytree(kit / "data/images", images)
+    first = CacheReader(cache).samples[0]["image"]
+    (images / first).write_bytes((images / "train_00001.png").read_bytes() if first != "train_00001.png"
+                                 else (images / "train_00002.png").read_bytes())
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        train_student(TrainConfig(student=str(kit / "student"), cache=str(cache), out=str(tmp_path / "run"),
+                                  images=str(images), max_steps=200, batch_size=60, progress=False))

@@ -1,0 +1,176 @@
+"""Cache round trips bit for bit, is readable without alignti, validates, resumes and refuses mixing."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common.cache import CacheReader, PartWriter, committed_parts, validate_cache, write_manifest, write_plan
+from common.errors import CacheError
+from common.schema import SCHEMA_VERSION
+from teacher_dump.dump import DumpConfig, dump_teacher
+
+PARAMS = {"top_k": 4, "tpa_branches": 2, "tpa_top_k": 3, "saliency_layer": 1, "k": 4, "B": 2, "k2": 3}
+
+
+def random_sample(rng, i, n_tok, n_resp, n_v=6, n_turns=1):
+    mask = np.zeros(n_tok, np.uint8)
+    mask[-n_resp:] = 1
+    arrays = {
+        "input_ids": rng.integers(0, 300, n_tok).astype(np.int32), "response_mask": mask,
+        "topk_ids": rng.integers(0, 300, (n_resp, 4)).astype(np.int32),
+        "topk_logprobs": -rng.random((n_resp, 4)).astype(np.float16),
+        "tail_logmass": -rng.random(n_resp).astype(np.float32) * 5,
+        "target_logprob": -rng.random(n_resp).astype(np.float32),
+        "tpa_cand_ids": rng.integers(0, 300, (n_resp, 2)).astype(np.int32),
+        "tpa_ids": rng.integers(0, 300, (n_resp, 2, 3)).astype(np.int32),
+        "tpa_logprobs": -rng.random((n_resp, 2, 3)).astype(np.float16),
+        "tpa_tail": -rng.random((n_resp, 2)).astype(np.float32),
+        "saliency": rng.random(n_v * n_turns).astype(np.float16),
+    }
+    meta = dict(sample_id=f"s{i}", index=i, image=f"im{i}.png", image_sha256="ab" * 32, image_tok_start=1,
+                n_image_tokens=n_v, instr_spans=[2, 4] * n_turns, resp_spans=[n_tok - n_resp, n_tok] * n_turns,
+                n_turns=n_turns)
+    return meta, arrays
+
+
+def test_round_trip_bit_for_bit_and_plain_readers(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "c"
+    plan = {"fingerprint": {"params": PARAMS, "schema_version": SCHEMA_VERSION}, "units": [[0, 3], [3, 5]]}
+    write_plan(root, plan)
+    written = []
+    for u, (s, e) in enumerate(plan["units"]):
+        pw = PartWriter(root, u, PARAMS)
+        for i in range(s, e):
+            if i == 3:
+                pw.add_skipped(i, f"s{i}", "sample s3: broken")
+                continue
+            meta, arrays = random_sample(rng, i, 20 + i, 3 + i, n_turns=1 + i % 2)
+            pw.add(meta, arrays)
+            written.append(arrays)
+        pw.commit()
+    write_manifest(root, plan, committed_parts(root))
+    reader = CacheReader(root)
+    assert len(reader) == 4 and [r["sample_id"] for r in reader.skipped] == ["s3"]
+    for got, want in zip((reader[i] for i in range(len(reader))), written):
+        for name, arr in want.items():
+            g = got[name].reshape(-1) if name == "saliency" else got[name]
+            assert g.dtype == arr.dtype and np.array_equal(g, arr), name
+    # plain zarr + pyarrow, in a process that never imports alignti
+    code = f"""
+import sys, zarr, pyarrow.parquet as pq, numpy as np
+assert not any(m.split('.')[0] in ('common', 'teacher_dump', 'student_train') for m in sys.modules)
+g = zarr.open_group('{root}/parts/00000.zarr', mode='r')
+t = pq.read_table('{root}/parts/00000.parquet').to_pylist()
+r = t[1]
+ids = g['topk_ids'][r['resp_start']:r['resp_start'] + r['resp_len']]
+np.save('{tmp_path}/plain.npy', ids)
+print(len(t), g['topk_logprobs'].dtype, g['input_ids'].shape)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert np.array_equal(np.load(tmp_path / "plain.npy"), written[1]["topk_ids"])
+
+
+def test_dump_matches_teacher_forward(kit, cache):
+    from common.adapters import adapter_for
+    from common.batch import collate, forward, lm_logits
+    from common.conversation import encode, load_image, load_records
+    from common.models import load_vlm
+
+    model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
+    adapter = adapter_for(model)
+    reader = CacheReader(cache)
+    rec = load_records(kit / "data/train.json")[5]
+    img, sha = load_image(rec, kit / "data/images")
+    enc = encode(proc, rec, img, sha)
+    x = next(reader[i] for i in range(len(reader)) if reader[i]["sample_id"] == rec.sample_id)
+    assert np.array_equal(x["input_ids"], enc.input_ids) and x["image_sha256"] == sha
+    with torch.no_grad():
+        out = forward(adapter, collate([enc.__dict__], proc.tokenizer.pad_token_id, type(adapter)))
+        lp = torch.log_softmax(lm_logits(adapter, out.resp_hidden).float(), -1)
+    vals, ids = lp.topk(reader.params["top_k"], -1)
+    assert np.array_equal(x["topk_ids"], ids.numpy())
+    np.testing.assert_allclose(x["topk_logprobs"].astype(np.float32), vals.numpy(), atol=2e-3)
+    tgt = torch.as_tensor(enc.input_ids[enc.response_mask.astype(bool)]).long()
+    np.testing.assert_allclose(x["target_logprob"], lp.gather(-1, tgt[:, None])[:, 0].numpy(), atol=1e-5)
+    total = np.logaddexp(np.logaddexp.reduce(x["topk_logprobs"].astype(np.float64), -1), x["tail_logmass"])
+    np.testing.assert_allclose(total, 0.0, atol=2e-3)  # top-k + rest is a distribution
+    assert x["saliency"].shape == (len(x["instr_spans"]), x["n_image_tokens"])
+    np.testing.assert_allclose(x["saliency"].astype(np.float32).sum(-1), 1.0, atol=1e-2)
+    assert reader.manifest["irs"]["layer"] == reader.params["saliency_layer"]
+
+
+def _copy(cache, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(cache, dst)
+    return dst
+
+
+def test_validate_reports_each_kind_of_damage(cache, tmp_path):
+    assert validate_cache(cache) == []
+    c = _copy(cache, tmp_path)
+    shard = sorted(p for p in (c / "parts/00001.zarr/topk_logprobs/c").rglob("*") if p.is_file())[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    parquet = c / "parts/00002.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:-20])
+    (c / "parts/00000.commit.json").unlink()
+    problems = "\n".join(validate_cache(c))
+    assert "parts/00001.zarr/topk_logprobs" in problems and "sha256" in problems
+    assert "parts/00002.parquet" in problems
+    assert "parts/00000.commit.json: missing" in problems
+    # the reader itself refuses the damaged chunk, naming the part
+    c2 = _copy(cache, tmp_path / "b")
+    shard2 = c2 / shard.relative_to(c)
+    shard2.write_bytes(bytes(data))
+    r = CacheReader(c2)
+    with pytest.raises(CacheError, match="part 00001"):
+        for i in range(len(r)):
+            r[i]
+
+
+def test_interrupted_dump_resumes_identically(kit, cache, tmp_path, monkeypatch):
+    import teacher_dump.dump as dump_mod
+    cfg = DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"), images=str(kit / "data/images"),
+                     out=str(tmp_path / "r"), limit=60, unit_size=25, irs_samples=32, progress=False)
+    real = dump_mod._write_unit
+    calls = []
+
+    def crash_on_second(part, *a):
+        calls.append(part.index)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(part, *a)
+
+    monkeypatch.setattr(dump_mod, "_write_unit", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        dump_teacher(cfg)
+    assert not (tmp_path / "r/manifest.json").exists()
+    done = committed_parts(tmp_path / "r")
+    assert 0 in done and 1 not in done  # the crashed unit is not committed; others may be
+    with pytest.raises(CacheError, match="unfinished"):
+        CacheReader(tmp_path / "r")
+    monkeypatch.setattr(dump_mod, "_write_unit", real)
+    dump_teacher(cfg)
+    a, b = CacheReader(cache), CacheReader(tmp_path / "r")
+    assert [s["sample_id"] for s in a.samples] == [s["sample_id"] for s in b.samples]
+    for j in range(len(a.part_names)):
+        for name, arr in a.part_arrays(j).items():
+            assert np.array_equal(arr, b.part_arrays(j)[name]), name
+
+
+def test_dump_refuses_other_parameters(kit, cache, tmp_path):
+    c = _copy(cache, tmp_path)
+    cfg = DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"), images=str(kit / "data/images"),
+                     out=str(c), limit=60, unit_size=25, top_k=16, irs_samples=32, progress=False)
+    with pytest.raises(CacheError, match="params"):
+        dump_teacher(cfg)
+    before = json.loads((c / "manifest.json").read_text())
+    assert before == json.loads((cache / "manifest.json").read_text())

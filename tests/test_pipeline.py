@@ -1,0 +1,106 @@
+"""End to end on the demo kit: dump -> train -> reload; fingerprint refusal; bit-for-bit resume."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from common.errors import FingerprintMismatch
+from student_train.trainer import TrainConfig, train_student
+
+
+def metrics(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_kd_end_to_end_and_reload(kit, cache, tmp_path):
+    run = tmp_path / "run"
+    res = train_student(TrainConfig(student=str(kit / "student"), cache=str(cache), out=str(run), loss="kd",
+                                    max_steps=30, batch_size=8, lr=3e-3, progress=False))
+    m = metrics(run)
+    assert [x["step"] for x in m] == list(range(1, 31))
+    assert mean([x["kd"] for x in m[-5:]]) < 0.7 * mean([x["kd"] for x in m[:5]])
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(res["final"])
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert (run / "final/processor_config.json").exists() or (run / "final/preprocessor_config.json").exists()
+
+
+def test_alignti_every_term_falls(kit, cache, tmp_path):
+    run = tmp_path / "run"
+    train_student(TrainConfig(student=str(kit / "student"), cache=str(cache), out=str(run), loss="alignti",
+                              max_steps=50, batch_size=8, lr=3e-3, iva_weight=5.0, progress=False))
+    m = metrics(run)
+    for term in ("sft", "kd", "iva", "tpa"):
+        first, last = mean([x[term] for x in m[:8]]), mean([x[term] for x in m[-8:]])
+        assert last < first, (term, first, last)
+
+
+def test_iva_step_moves_student_attention_toward_teacher(kit, cache):
+    from common.adapters import adapter_for
+    from common.batch import forward
+    from common.cache import CacheReader
+    from common.losses import iva_loss
+    from common.models import load_vlm
+    from student_train.data import CacheDataset, StudentCollator
+
+    model, proc = load_vlm(str(kit / "student"), torch.device("cpu"))
+    adapter = adapter_for(model)
+    reader = CacheReader(cache)
+    batch = StudentCollator(proc.tokenizer.pad_token_id, type(adapter))([CacheDataset(reader, proc)[i] for i in range(8)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def loss():
+        out = forward(adapter, batch, capture_layers=[1])
+        return iva_loss(batch["teacher_sal"], out.saliency[1], batch["sal_valid"], 0.25)
+
+    before = loss()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss()
+    assert after < before
+
+
+def test_student_with_other_tokenizer_is_refused(kit, cache, tmp_path):
+    from demo.kit import STUDENT, build_model, build_processor, build_tokenizer
+    tok = build_tokenizer(vocab_size=300)
+    other = tmp_path / "other"
+    build_model("llava", tok, STUDENT, 0).save_pretrained(other)
+    build_processor(tok).save_pretrained(other)
+    with pytest.raises(FingerprintMismatch, match="another tokenizer"):
+        train_student(TrainConfig(student=str(other), cache=str(cache), out=str(tmp_path / "run"), max_steps=2,
+                                  progress=False))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_is_bit_for_bit(kit, cache, tmp_path):
+    common = dict(student=str(kit / "student"), cache=str(cache), loss="alignti", max_steps=8, batch_size=8,
+                  save_every=3, grad_accum=2, progress=False)
+    train_student(TrainConfig(out=str(tmp_path / "a"), **common))
+    stopped = train_student(TrainConfig(out=str(tmp_path / "b"), **common), stop_after=5)  # crash after step 5
+    assert stopped == {"stopped_at": 5}
+    train_student(TrainConfig(out=str(tmp_path / "b"), resume=True, **common))  # resumes from the step-3 checkpoint
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "a/final/model.safetensors")
+    b = load_file(tmp_path / "b/final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda ms: [{k: v for k, v in x.items() if k != "sec"} for x in ms]  # noqa: E731
+    assert strip(metrics(tmp_path / "a")) == strip(metrics(tmp_path / "b"))
+
+
+def test_cli_inspect_validate_and_thin_layer(cache):
+    from cli import app
+    r = CliRunner().invoke(app, ["inspect-cache", str(cache), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["counts"]["ok"] == 60 and info["top_k"] == 32
+    assert info["compression_vs_full_fp16"] > 1 and info["topk_bytes_per_token"] > 0
+    assert CliRunner().invoke(app, ["validate-cache", str(cache)]).exit_code == 0
+    r = CliRunner().invoke(app, ["train-student", "--student", "x", "--cache", "/nonexistent", "--out", "/tmp/x"])
+    assert r.exit_code == 2
