@@ -41,7 +41,7 @@ def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."
               n_train: int = typer.Option(300, help="Training images (3 questions each)."),
               n_val: int = typer.Option(40), n_test: int = typer.Option(60),
               seed: int = typer.Option(0),
-              family: str = typer.Option("llava", help="Model family of the tiny checkpoints: llava or qwen2_vl.")):
+              family: str = typer.Option("llava", help="Model family of the tiny checkpoints: llava, qwen2_vl or llava_onevision.")):
     """Write a self-contained demo kit: tiny LLaVA teacher/student, tokenizer, shapes VQA data."""
     from demo.kit import make_demo as run
     info = _run(run, out, n_train=n_train, n_val=n_val, n_test=n_test, train_teacher=train_teacher,

@@ -30,7 +30,8 @@ QWEN_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "llava_onevision")
+GRID_PINPOINTS = [[48, 48], [48, 96], [96, 48], [96, 96]]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
@@ -57,13 +58,28 @@ def build_tokenizer(family: str = "llava", vocab_size: int = 320):
     if family == "qwen2_vl":
         return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
                                        unk_token="<unk>", extra_special_tokens={"image_token": "<|image_pad|>"})
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    if family == "llava_onevision":
+        fast.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    return fast
 
 
 def build_processor(tokenizer, family: str = "llava"):
     from transformers import LlavaProcessor
 
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionProcessor
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil)
+
+        from common.models import image_only_processor_class
+        size = shapes.IMAGE_SIZE
+        ip = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_grid_pinpoints=GRID_PINPOINTS,
+                                             do_pad=True)
+        return image_only_processor_class(LlavaOnevisionProcessor)(
+            image_processor=ip, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, image_token="<image>",
+            video_token="<video>", num_image_tokens=(size // PATCH) ** 2, vision_feature_select_strategy="full")
     if family == "qwen2_vl":
         from transformers import Qwen2VLProcessor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -105,10 +121,31 @@ def build_qwen2vl(tokenizer, text: dict, seed: int):
     return model
 
 
+def build_onevision(tokenizer, text: dict, seed: int):
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    torch.manual_seed(seed)
+    vc = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=shapes.IMAGE_SIZE, patch_size=PATCH)
+    eos = tokenizer.convert_tokens_to_ids("<|end|>")
+    tc = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=False,
+                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **text)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                               video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                               vision_feature_select_strategy="full", vision_feature_layer=-1,
+                               image_grid_pinpoints=GRID_PINPOINTS)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def build_model(family: str, tokenizer, text: dict, seed: int):
-    if family not in FAMILIES:
+    builders = {"llava": build_llava, "qwen2_vl": build_qwen2vl, "llava_onevision": build_onevision}
+    if family not in builders:
         raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
-    return (build_qwen2vl if family == "qwen2_vl" else build_llava)(tokenizer, text, seed)
+    return builders[family](tokenizer, text, seed)
 
 
 def build_llava(tokenizer, text: dict, seed: int):
