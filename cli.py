@@ -155,6 +155,29 @@ def evaluate(model: str = typer.Option(...), data: Path = typer.Option(...), ima
                "\n".join(f"{k}: {v}" for k, v in res.items() if k != "per_type"))
 
 
+@app.command("quickstart")
+def quickstart(workdir: Path = typer.Option(Path("quickstart"), help="Work directory (re-running reuses finished steps)."),
+               seeds: int = typer.Option(3), fast: bool = typer.Option(False, help="The ~3-minute preset."),
+               device: str = typer.Option("auto")):
+    """make-demo -> dump-teacher -> train sft/kd/kd+iva/kd+tpa/alignti -> evaluate -> results table."""
+    from demo.quickstart import QuickstartConfig, quickstart as run, render_table
+    res = _run(run, QuickstartConfig(workdir=str(workdir), seeds=seeds, fast=fast, device=device))
+    typer.echo(render_table(res))
+    typer.echo(f"\nwritten: {workdir / 'results.md'}, {workdir / 'results.json'}, {workdir / 'curves.png'} "
+               f"({res['total_seconds']:.0f} s)")
+
+
+@app.command("show-saliency")
+def show_saliency(cache: str = typer.Argument(...), sample: str = typer.Option(..., help="Sample id."),
+                  out: Path = typer.Option(..., help="PNG to write."),
+                  student: Optional[str] = typer.Option(None, help="A student checkpoint: its saliency beside."),
+                  turn: int = typer.Option(0, help="Assistant turn (multi-turn samples)."),
+                  images: Optional[str] = typer.Option(None)):
+    """The image with the teacher's cached saliency as a heatmap (and a student's beside it)."""
+    from student_train.show_saliency import show_saliency as run
+    typer.echo(json.dumps(_run(run, cache, sample, out, student=student, turn=turn, images=images)))
+
+
 def main():  # console script entry point
     app()
 

@@ -38,7 +38,8 @@ CHAT_TEMPLATE = (
     "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-PATCH = 8
+PATCH = 16  # one image token per grid cell (LLaVA, OneVision); Qwen2-VL merges 2x2 patches of 8 px
+QWEN_PATCH = 8
 
 TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 STUDENT = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -86,7 +87,8 @@ def build_processor(tokenizer, family: str = "llava"):
 
         from common.models import image_only_processor_class
         n = shapes.IMAGE_SIZE ** 2
-        ip = Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=PATCH, merge_size=2, temporal_patch_size=2)
+        ip = Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=QWEN_PATCH, merge_size=2,
+                                      temporal_patch_size=2)
         return image_only_processor_class(Qwen2VLProcessor)(image_processor=ip, tokenizer=tokenizer,
                                                              chat_template=QWEN_CHAT_TEMPLATE)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -111,7 +113,7 @@ def build_qwen2vl(tokenizer, text: dict, seed: int):
                          bos_token_id=None, eos_token_id=eos, tie_word_embeddings=False,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
                          **text),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=4, patch_size=PATCH,
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=4, patch_size=QWEN_PATCH,
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=cid("<|image_pad|>"), video_token_id=cid("<|video_pad|>"),
         vision_start_token_id=cid("<|vision_start|>"), vision_end_token_id=cid("<|vision_end|>"))

@@ -102,6 +102,27 @@ def question(scene: list[Item], rng: random.Random) -> tuple[str, str, dict, lis
     return "exists", f"Is there a {colour} {shape}?", {"colour": colour, "shape": shape}, region
 
 
+def caption(scene: list[Item]) -> str:
+    """Every occupied cell in reading order: dense supervision for teacher pretraining."""
+    return ", ".join(f"{POSITIONS[it.cell]} {it.colour} {it.shape}" for it in sorted(scene, key=lambda i: i.cell))
+
+
+def stream(seed: int, caption_rate: float = 0.0):
+    """An endless stream of (record, image) pairs from fresh scenes, for teacher training."""
+    rng = random.Random(seed)
+    i = 0
+    while True:
+        scene = make_scene(rng)
+        img = render(scene)
+        if rng.random() < caption_rate:
+            conv = [{"from": "human", "value": "<image>\nList the shapes."}, {"from": "gpt", "value": caption(scene)}]
+        else:
+            qtype, text, arg, _ = question(scene, rng)
+            conv = [{"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": answer_for(scene, qtype, arg)}]
+        yield {"id": f"stream-{seed}-{i}", "image": None, "conversations": conv}, img
+        i += 1
+
+
 def generate_split(out_dir: str | Path, split: str, n_images: int, questions_per_image: int = 3,
                    multi_turn_every: int = 10, seed: int | None = None) -> list[dict]:
     """Write images under out_dir/images/ and return LLaVA records for one split."""
@@ -143,4 +164,5 @@ def corpus() -> list[str]:
     texts = ["What colour is the shape in the", "What shape is in the", "Describe the shape in the",
              "How many circles are there?", "How many squares are there?", "How many triangles are there?",
              "Is there a", "Where is the", "?", "."]
-    return texts + words + [f"a {c} {s}" for c in COLOURS for s in SHAPES] + [f"the {p}?" for p in POSITIONS]
+    return (texts + words + [f"a {c} {s}" for c in COLOURS for s in SHAPES] + [f"the {p}?" for p in POSITIONS]
+            + ["List the shapes.", ", "])

@@ -36,18 +36,38 @@ def accuracy(model, processor, path, images, limit: int | None = None) -> float:
     return sum(exact_match(p, r.turns[-1][1]) for p, (r, _) in zip(preds, items)) / max(1, len(items))
 
 
+def _stream_batches(processor, seed: int, batch_size: int, caption_rate: float):
+    from common.conversation import parse_record
+
+    from .shapes import stream
+    gen = stream(seed, caption_rate)
+    while True:
+        batch = []
+        for item, img in (next(gen) for _ in range(batch_size)):
+            rec = parse_record(0, item)
+            rec.image = "stream"
+            batch.append(encode(processor, rec, img).__dict__)
+        yield batch
+
+
 def train_sft(model, processor, train_path, val_path, images, steps: int = 600, batch_size: int = 16, lr: float = 3e-3,
-              seed: int = 0) -> float:
+              seed: int = 0, fresh: bool = True, caption_rate: float = 0.0) -> float:
+    """``fresh``: every step draws new scenes (the task's generator is unbounded), so the teacher
+    learns to see instead of memorising the train split; ``train_path`` is used otherwise."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     adapter = adapter_for(model)
-    data = [e.__dict__ for _, e in encode_all(processor, train_path, images)]
+    if fresh:
+        batches = _stream_batches(processor, 10_000 + seed, batch_size, caption_rate)
+    else:
+        data = [e.__dict__ for _, e in encode_all(processor, train_path, images)]
+        batches = (rng.sample(data, batch_size) for _ in iter(int, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / steps))
     pad = processor.tokenizer.pad_token_id
     model.train()
     for step in range(steps):
-        batch = collate(rng.sample(data, batch_size), pad, type(adapter))
+        batch = collate(next(batches), pad, type(adapter))
         out = forward(adapter, batch)
         loss = sft_loss(lm_logits(adapter, out.resp_hidden), batch["targets"])
         opt.zero_grad()

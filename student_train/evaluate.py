@@ -46,6 +46,26 @@ def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_si
     return total / n if n else None  # None: no sample of the data is in the cache
 
 
+class AccuracyProbe:
+    """Exact-match accuracy on a fixed set of prompts, encoded once (for evaluation during training)."""
+
+    def __init__(self, processor, data: str, images: str, limit: int | None = None):
+        recs = [r for r in load_records(data) if isinstance(r, Record)][:limit]
+        self.refs = [r.turns[-1][1] for r in recs]
+        self.ids = [r.sample_id for r in recs]
+        self.prompts = []
+        for r in recs:
+            img, sha = load_image(r, images) if r.image else (None, "")
+            self.prompts.append(encode(processor, r, img, sha, generation_prompt=True))
+
+    def answers(self, model, processor) -> list[str]:
+        return greedy_answers(model, processor, self.prompts)
+
+    def __call__(self, model, processor) -> float:
+        preds = self.answers(model, processor)
+        return sum(exact_match(p, t) for p, t in zip(preds, self.refs)) / max(1, len(self.refs))
+
+
 def evaluate(model_path: str, data: str, images: str, teacher_answers: str | Path | None = None,
              cache: str | None = None, limit: int | None = None, device: str = "auto",
              answers_out: str | Path | None = None, model=None, processor=None) -> dict:

@@ -64,6 +64,7 @@ class TrainConfig:
     device: str = "auto"
     images: str | None = None
     workers: int = 0
+    eval_every: int = 0  # with an evaluator (python API): run it every N steps, logged as val_accuracy
     progress: bool = True
 
 
@@ -111,8 +112,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train_student(cfg: TrainConfig, stop_after: int | None = None) -> dict:
-    """Train; ``stop_after`` (tests) simulates a crash after that many optimizer steps."""
+def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=None) -> dict:
+    """Train; ``stop_after`` (tests) simulates a crash after that many optimizer steps;
+    ``evaluator(model, processor) -> float`` is called every ``cfg.eval_every`` steps."""
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     spec = get_loss(cfg.loss)
@@ -217,6 +219,10 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None) -> dict:
                 last = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in accum.items()},
                         "grad_norm": round(float(grad_norm), 6), "lr": sched.get_last_lr()[0],
                         "tokens": n_tok, "sec": round(time.perf_counter() - t0, 4)}
+                if evaluator is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
+                    model.eval()
+                    last["val_accuracy"] = float(evaluator(model, processor))
+                    model.train()
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
                 bar.advance(1)

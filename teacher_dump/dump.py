@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,8 +104,10 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         raise DataError(cfg.data, "no samples in the data file", "check --data")
     records = _preflight(records, cfg.images, cfg.skip_bad)
 
+    t_load = time.perf_counter()
     model, processor = load_vlm(cfg.teacher, device, cfg.dtype)
     model.eval()
+    t_loaded = time.perf_counter()
     adapter = adapter_for(model)
     max_length = cfg.max_length or getattr(adapter.text_config, "max_position_embeddings", None)
 
@@ -148,6 +151,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     if done:
         log.info("resuming: %d of %d work units already committed", len(done), len(units))
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    t_loop = time.perf_counter()
     n_todo = sum(units[u][1] - units[u][0] for u in todo)
 
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignti-writer")
@@ -192,6 +196,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                               extra={"irs": irs, "saliency_layer": layer, "images": plan["images"],
                                      "data": plan["data"], "dump_config": {k: v for k, v in asdict(cfg).items()
                                                                            if k != "progress"}})
+    manifest["timing"] = {"load_s": t_loaded - t_load, "irs_s": t_loop - t_loaded if irs else 0.0,
+                          "loop_s": time.perf_counter() - t_loop}  # returned, not written
     c = manifest["counts"]
     log.info("cache written to %s: %d samples (%d skipped), %d response tokens", out, c["samples"], c["skipped"],
              c["response_tokens"])

@@ -1,0 +1,59 @@
+"""Shared helpers for the benchmarks: timing in one process, a demo kit, a table printer."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device, repeat: int = 5, warmup: int = 1) -> float:
+    """Median seconds of fn() over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def demo_kit(path: str | Path, train_teacher: bool = True, teacher_steps: int = 300, n_train: int = 100) -> Path:
+    """A demo kit (built once, reused across benchmark runs)."""
+    path = Path(path)
+    if not (path / "teacher" / "config.json").exists():
+        from demo.kit import make_demo
+        make_demo(path, n_train=n_train, n_val=20, n_test=20, train_teacher=train_teacher, teacher_steps=teacher_steps)
+    return path
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cols = list(zip(*([header] + [[str(c) for c in r] for r in rows])))
+    widths = [max(len(c) for c in col) for col in cols]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    out += [fmt.format(*[str(c) for c in r]) for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,110 @@
+"""dump-teacher wall time vs the same teacher's plain forward over the same batches.
+
+Plain forward = the HF model's own forward (sdpa, full logits) over pre-encoded batches: no top-k,
+no saliency, no writing. dump-teacher is timed from its first batch to its last committed part
+(model load and IRS excluded, encoding of the data included). Goal: <= 1.10x.
+Run: python bench/dump_overhead.py [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from _util import demo_kit, device_name, sync, table
+
+import torch  # noqa: E402
+
+from common.adapters import ModelAdapter  # noqa: E402
+from common.conversation import Record, encode, load_image, load_records  # noqa: E402
+from teacher_dump.dump import DumpConfig, dump_teacher  # noqa: E402
+
+
+def big_teacher(kit: Path, out: Path, hidden: int, layers: int) -> Path:
+    """The demo teacher's family and processor with a larger language model (realistic forward cost)."""
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoProcessor
+    from demo.kit import build_model
+    proc = AutoProcessor.from_pretrained(kit / "teacher")
+    model = build_model("llava", proc.tokenizer, dict(hidden_size=hidden, intermediate_size=4 * hidden,
+                                                       num_hidden_layers=layers, num_attention_heads=8,
+                                                       num_key_value_heads=8), 0)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-bench"))
+    ap.add_argument("--samples", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    work = Path(a.workdir)
+    kit = demo_kit(work / "kit", train_teacher=False)
+    teacher = big_teacher(kit, work / f"teacher-{a.hidden}x{a.layers}", a.hidden, a.layers)
+    data, images = kit / "data" / "train.json", kit / "data" / "images"
+
+    from common.models import load_vlm
+    model, proc = load_vlm(str(teacher), device)
+    recs = [r for r in load_records(data) if isinstance(r, Record)][:a.samples]
+    t0 = time.perf_counter()
+    enc = [encode(proc, r, *load_image(r, images)) for r in recs]
+    t_encode = time.perf_counter() - t0
+    pad = proc.tokenizer.pad_token_id
+    batches = []
+    for i in range(0, len(enc), a.batch_size):
+        chunk = enc[i:i + a.batch_size]
+        s = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), s), pad, dtype=torch.long)
+        att = torch.zeros(len(chunk), s, dtype=torch.long)
+        for b, e in enumerate(chunk):
+            ids[b, :len(e.input_ids)] = torch.as_tensor(e.input_ids)
+            att[b, :len(e.input_ids)] = 1
+        img = ModelAdapter.collate_image_inputs([e.image_inputs for e in chunk])
+        batches.append((ids.to(device), att.to(device), {k: v.to(device) for k, v in img.items()}))
+
+    @torch.no_grad()
+    def plain():
+        for ids, att, img in batches:
+            model(input_ids=ids, attention_mask=att, **img)
+
+    plain()  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    plain()
+    sync(device)
+    t_plain = time.perf_counter() - t0
+    del model
+
+    rows, ratios = [], {}
+    configs = [("top-k only (k=32)", dict(tpa_branches=0, saliency_layer="none")),
+               ("top-k + saliency", dict(tpa_branches=0, saliency_layer=str(a.layers // 2))),
+               ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=str(a.layers // 2)))]
+    for name, kw in configs:
+        out = work / "bench-cache"
+        shutil.rmtree(out, ignore_errors=True)
+        m = dump_teacher(DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out),
+                                    limit=a.samples, batch_size=a.batch_size, device=a.device, progress=False, **kw))
+        t = m["timing"]["loop_s"]
+        ratios[name] = t / t_plain
+        rows.append([name, f"{t:.2f}", f"{t / t_plain:.3f}", f"{t / (t_plain + t_encode):.3f}"])
+    print(f"device: {device_name(device)}; teacher LM {a.layers} x {a.hidden}; {a.samples} samples, "
+          f"batch {a.batch_size}")
+    print(table([["plain forward (HF, full logits)", f"{t_plain:.2f}", "1.000", "-"],
+                 ["encode data (tokenize + image processor)", f"{t_encode:.2f}", "-", "-"]] + rows,
+                ["run", "seconds", "x plain forward", "x (encode + plain forward)"]))
+    print(f"RATIO dump/plain forward: top-k {ratios[configs[0][0]]:.3f}, +saliency {ratios[configs[1][0]]:.3f}, "
+          f"+TPA {ratios[configs[2][0]]:.3f} (goal <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""`alignti quickstart`: the whole story on the shapes task, in minutes on a laptop CPU.
+
+make-demo (trains the teacher) -> dump-teacher (IRS layer, saliency, TPA) -> train-student with
+sft, kd, kd+iva, kd+tpa and alignti for the same step budget and seeds -> evaluate each on the
+test split -> results.md / results.json / curves.png in the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.models import load_vlm, resolve_device
+from student_train.evaluate import AccuracyProbe, cache_kl
+from student_train.trainer import TrainConfig, train_student
+from teacher_dump.dump import DumpConfig, dump_teacher
+
+from . import kit
+
+log = logging.getLogger("alignti.quickstart")
+
+METHODS = ("sft", "kd", "kd+iva", "kd+tpa", "alignti")
+PRESETS = {
+    "default": dict(n_train=300, n_val=40, n_test=80, teacher_steps=1200, student_steps=400, batch_size=16,
+                    lr=3e-3, eval_every=100, val_limit=60),
+    "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=400, student_steps=80, batch_size=16,
+                 lr=3e-3, eval_every=40, val_limit=30),
+}
+
+
+@dataclass
+class QuickstartConfig:
+    workdir: str = "quickstart"
+    seeds: int = 3
+    fast: bool = False
+    methods: tuple[str, ...] = METHODS
+    overrides: dict = field(default_factory=dict)
+    device: str = "auto"
+    progress: bool = True
+
+
+def _student_for_seed(kit_dir: Path, seed: int) -> Path:
+    """A freshly initialised student per seed (same config, different init)."""
+    path = kit_dir / f"student-seed{seed}"
+    if not (path / "config.json").exists():
+        from transformers import AutoProcessor
+        proc = AutoProcessor.from_pretrained(kit_dir / "student")
+        model = kit.build_model("llava", proc.tokenizer, kit.STUDENT, 1000 + seed)
+        model.save_pretrained(path)
+        proc.save_pretrained(path)
+    return path
+
+
+def quickstart(cfg: QuickstartConfig) -> dict:
+    p = dict(PRESETS["fast" if cfg.fast else "default"], **cfg.overrides)
+    work = Path(cfg.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    kit_dir = work / "kit"
+    if not (kit_dir / "teacher" / "config.json").exists():
+        info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
+                             teacher_steps=p["teacher_steps"])
+        (work / "kit.json").write_text(json.dumps(info, indent=2))
+    info = json.loads((work / "kit.json").read_text())
+    data, images = kit_dir / "data", str(kit_dir / "data" / "images")
+    dump_teacher(DumpConfig(teacher=str(kit_dir / "teacher"), data=str(data / "train.json"), images=images,
+                            out=str(work / "cache"), device=cfg.device, progress=cfg.progress))
+    t_dump = time.perf_counter()
+
+    device = resolve_device(cfg.device)
+    teacher, proc = load_vlm(str(kit_dir / "teacher"), device)
+    test = AccuracyProbe(proc, str(data / "test.json"), images)
+    val = AccuracyProbe(proc, str(data / "val.json"), images, limit=p["val_limit"])
+    teacher_answers = test.answers(teacher, proc)
+    from common.generate import exact_match
+    teacher_acc = sum(exact_match(a, r) for a, r in zip(teacher_answers, test.refs)) / len(test.refs)
+    del teacher
+
+    runs = []
+    for method in cfg.methods:
+        for seed in range(cfg.seeds):
+            out = work / "runs" / f"{method.replace('+', '_')}-seed{seed}"
+            if (out / "result.json").exists():
+                runs.append(json.loads((out / "result.json").read_text()))
+                continue
+            if out.exists():
+                import shutil
+                shutil.rmtree(out)
+            t0 = time.perf_counter()
+            res = train_student(TrainConfig(student=str(_student_for_seed(kit_dir, seed)), cache=str(work / "cache"),
+                                            out=str(out), loss=method, max_steps=p["student_steps"],
+                                            batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=cfg.device,
+                                            eval_every=p["eval_every"], save_every=p["student_steps"],
+                                            progress=cfg.progress), evaluator=val)
+            model, sproc = load_vlm(res["final"], device)
+            answers = test.answers(model, sproc)
+            acc = sum(exact_match(a, r) for a, r in zip(answers, test.refs)) / len(test.refs)
+            agree = sum(exact_match(a, t) for a, t in zip(answers, teacher_answers)) / len(test.refs)
+            kl = cache_kl(model, sproc, str(work / "cache"), None)
+            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            run = {"method": method, "seed": seed, "test_accuracy": acc, "teacher_agreement": agree,
+                   "train_kl_to_teacher": kl, "seconds": round(time.perf_counter() - t0, 1), "curve": metrics}
+            (out / "result.json").write_text(json.dumps(run))
+            runs.append(run)
+            log.info("%s seed %d: test accuracy %.3f (teacher agreement %.3f)", method, seed, acc, agree)
+
+    table = summarise(runs, cfg.methods)
+    results = {"preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
+               "teacher_test_accuracy": teacher_acc, "teacher_val_accuracy": info.get("teacher_val_accuracy"),
+               "teacher_params": info["teacher_params"], "student_params": info["student_params"],
+               "methods": table, "dump_seconds": round(t_dump - t_start, 1),
+               "total_seconds": round(time.perf_counter() - t_start, 1),
+               "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    md = render_table(results)
+    (work / "results.md").write_text(md + "\n")
+    plot_curves(runs, cfg.methods, work / "curves.png")
+    return results
+
+
+def summarise(runs: list[dict], methods) -> dict:
+    out = {}
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        accs = [r["test_accuracy"] for r in rs]
+        agr = [r["teacher_agreement"] for r in rs]
+        kls = [r["train_kl_to_teacher"] for r in rs if r["train_kl_to_teacher"] is not None]
+        out[m] = {"accuracy_mean": statistics.mean(accs), "accuracy_std": statistics.pstdev(accs),
+                  "agreement_mean": statistics.mean(agr), "kl_mean": statistics.mean(kls) if kls else None,
+                  "n": len(rs)}
+    return out
+
+
+def render_table(results: dict) -> str:
+    lines = [f"Shapes VQA, test split ({results['preset']} preset, {results['seeds']} seeds, "
+             f"{results['settings']['student_steps']} student steps; teacher {results['teacher_params'] / 1e6:.2f}M "
+             f"params, student {results['student_params'] / 1e6:.2f}M)", "",
+             "| method | test accuracy | agreement with teacher | KL to teacher (train) |", "|---|---|---|---|",
+             f"| teacher | {100 * results['teacher_test_accuracy']:.1f} | - | - |"]
+    for m, r in results["methods"].items():
+        kl = f"{r['kl_mean']:.3f}" if r["kl_mean"] is not None else "-"
+        lines.append(f"| {m} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} | "
+                     f"{100 * r['agreement_mean']:.1f} | {kl} |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict], methods, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m in methods:
+        curves = [r["curve"] for r in runs if r["method"] == m]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        steps = [curves[0][i]["step"] for i in range(n)]
+        sft = [statistics.mean(c[i]["sft"] for c in curves) for i in range(n)]
+        a1.plot(steps, sft, label=m)
+        pts = sorted({x["step"] for c in curves for x in c if "val_accuracy" in x})
+        acc = [statistics.mean(x["val_accuracy"] for c in curves for x in c if x["step"] == s and "val_accuracy" in x)
+               for s in pts]
+        a2.plot(pts, acc, marker="o", label=m)
+    a1.set_xlabel("step")
+    a1.set_ylabel("SFT loss (train)")
+    a1.set_yscale("log")
+    a2.set_xlabel("step")
+    a2.set_ylabel("validation exact match")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
