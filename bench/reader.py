@@ -31,19 +31,19 @@ def main():
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(Path(a.workdir) / "kit" / "student")
-    coll = StudentCollator(proc.tokenizer.pad_token_id, type(adapter_for(student)))
+    coll = StudentCollator(proc, type(adapter_for(student)))
     rows, rates = [], {}
     for workers in (0, 2, 4):
         fresh = CacheReader(reader.url)
         ds = CacheDataset(fresh, proc)
-        order = batches_of(epoch_order(fresh, 0, 0) * 4, a.batch_size)
+        order = batches_of(epoch_order(fresh, 0, 0) * 8, a.batch_size)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=order, collate_fn=coll, num_workers=workers,
-                                             multiprocessing_context="spawn" if workers else None)
+                                             multiprocessing_context="spawn" if workers else None,
+                                             persistent_workers=bool(workers), prefetch_factor=4 if workers else None)
+        for _ in loader:  # warm pass: worker start-up, part reads
+            pass
         t, n = time.perf_counter(), 0
-        for i, b in enumerate(loader):
-            if i == 0 and workers:  # exclude worker start-up
-                t, n = time.perf_counter(), 0
-                continue
+        for b in loader:
             n += len(b["sample_ids"])
         rates[workers] = n / (time.perf_counter() - t)
     step = train_step.make_step("cache-alignti", None, student, batch, reader)

@@ -30,7 +30,7 @@ QWEN_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-FAMILIES = ("llava", "qwen2_vl", "llava_onevision")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
 GRID_PINPOINTS = [[48, 48], [48, 96], [96, 48], [96, 96]]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}"
@@ -52,11 +52,12 @@ def build_tokenizer(family: str = "llava", vocab_size: int = 320):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = QWEN_SPECIAL_TOKENS if family == "qwen2_vl" else SPECIAL_TOKENS
+    qwen = family in ("qwen2_vl", "qwen2_5_vl")
+    specials = QWEN_SPECIAL_TOKENS if qwen else SPECIAL_TOKENS
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(shapes.corpus() * 20, trainer)
-    if family == "qwen2_vl":
+    if qwen:
         return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
                                        unk_token="<unk>", extra_special_tokens={"image_token": "<|image_pad|>"})
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -81,16 +82,16 @@ def build_processor(tokenizer, family: str = "llava"):
         return image_only_processor_class(LlavaOnevisionProcessor)(
             image_processor=ip, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, image_token="<image>",
             video_token="<video>", num_image_tokens=(size // PATCH) ** 2, vision_feature_select_strategy="full")
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLProcessor
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         from common.models import image_only_processor_class
         n = shapes.IMAGE_SIZE ** 2
         ip = Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=QWEN_PATCH, merge_size=2,
                                       temporal_patch_size=2)
-        return image_only_processor_class(Qwen2VLProcessor)(image_processor=ip, tokenizer=tokenizer,
-                                                             chat_template=QWEN_CHAT_TEMPLATE)
+        cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
+        return image_only_processor_class(cls)(image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     size = shapes.IMAGE_SIZE
@@ -100,24 +101,29 @@ def build_processor(tokenizer, family: str = "llava"):
                           chat_template=CHAT_TEMPLATE, image_token="<image>")
 
 
-def build_qwen2vl(tokenizer, text: dict, seed: int):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def build_qwen2vl(tokenizer, text: dict, seed: int, v25: bool = False):
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
 
     torch.manual_seed(seed)
     cid = tokenizer.convert_tokens_to_ids
     head_half = text["hidden_size"] // text["num_attention_heads"] // 2
     section = [head_half - 2 * (head_half // 3), head_half // 3, head_half // 3]
     eos = cid("<|im_end|>")
-    cfg = Qwen2VLConfig(
+    vision = (dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=text["hidden_size"], num_heads=4,
+                   patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                   fullatt_block_indexes=[1]) if v25 else
+              dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=4, patch_size=QWEN_PATCH,
+                   spatial_merge_size=2, temporal_patch_size=2))
+    cfg = (Qwen2_5_VLConfig if v25 else Qwen2VLConfig)(
         text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None, eos_token_id=eos, tie_word_embeddings=False,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
                          **text),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=4, patch_size=QWEN_PATCH,
-                           spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=vision,
         image_token_id=cid("<|image_pad|>"), video_token_id=cid("<|video_pad|>"),
         vision_start_token_id=cid("<|vision_start|>"), vision_end_token_id=cid("<|vision_end|>"))
-    model = Qwen2VLForConditionalGeneration(cfg)
+    model = (Qwen2_5_VLForConditionalGeneration if v25 else Qwen2VLForConditionalGeneration)(cfg)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -144,7 +150,8 @@ def build_onevision(tokenizer, text: dict, seed: int):
 
 
 def build_model(family: str, tokenizer, text: dict, seed: int):
-    builders = {"llava": build_llava, "qwen2_vl": build_qwen2vl, "llava_onevision": build_onevision}
+    builders = {"llava": build_llava, "qwen2_vl": build_qwen2vl, "llava_onevision": build_onevision,
+                "qwen2_5_vl": lambda tok, text, seed: build_qwen2vl(tok, text, seed, v25=True)}
     if family not in builders:
         raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
     return builders[family](tokenizer, text, seed)

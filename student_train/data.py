@@ -14,13 +14,15 @@ from common.errors import DataError
 
 
 class CacheDataset(torch.utils.data.Dataset):
-    """Sample i of the cache, with pixel inputs made by the student's processor."""
+    """Sample i of the cache with its decoded image (checked against the sha256 the teacher saw).
+    Pixel inputs are made per batch by ``StudentCollator`` (one image-processor call per batch)."""
 
     def __init__(self, reader: CacheReader, processor, images_dir: str | None = None, check_images: bool = True):
         self.reader = reader
         self.processor = processor
         self.images_dir = images_dir or reader.manifest.get("images", "")
         self.check_images = check_images
+        self._verified: dict[tuple, str] = {}  # (path, size, mtime) -> sha256, per process
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -28,19 +30,25 @@ class CacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         x = self.reader[i]
         x["image_inputs"] = {}
+        x["pil_image"] = None
         if x["image"]:
+            from io import BytesIO
+
             from PIL import Image
             path = Path(self.images_dir) / x["image"]
             if not path.is_file():
                 raise DataError(x["sample_id"], f"image '{x['image']}' not found under {self.images_dir}",
                                 "pass --images pointing at the images the cache was dumped from")
             data = path.read_bytes()
-            if self.check_images and hashlib.sha256(data).hexdigest() != x["image_sha256"]:
-                raise DataError(x["sample_id"], f"image '{x['image']}' differs from the one the teacher saw "
-                                "(sha256 mismatch)", "use the original images, or re-dump the teacher")
-            from io import BytesIO
-            img = Image.open(BytesIO(data)).convert("RGB")
-            x["image_inputs"] = dict(self.processor.image_processor(images=[img], return_tensors="pt"))
+            if self.check_images:
+                st = path.stat()
+                key = (str(path), st.st_size, st.st_mtime_ns)
+                sha = self._verified.get(key) or hashlib.sha256(data).hexdigest()
+                self._verified[key] = sha
+                if sha != x["image_sha256"]:
+                    raise DataError(x["sample_id"], f"image '{x['image']}' differs from the one the teacher saw "
+                                    "(sha256 mismatch)", "use the original images, or re-dump the teacher")
+            x["pil_image"] = Image.open(BytesIO(data)).convert("RGB")
         return x
 
 
@@ -64,11 +72,19 @@ def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
 
 
 class StudentCollator:
-    def __init__(self, pad_id: int, adapter_cls):
-        self.pad_id, self.adapter_cls = pad_id, adapter_cls
+    """Pads a batch, runs the student's image processor once over its images, and stacks the
+    teacher's tensors in response-token order."""
+
+    def __init__(self, processor, adapter_cls):
+        tok = processor.tokenizer
+        self.processor, self.adapter_cls = processor, adapter_cls
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples, self.pad_id, self.adapter_cls)
+        images = [x["pil_image"] for x in samples if x.get("pil_image") is not None]
+        if images:  # one processor call for the batch, in sample order (same tensors as per-sample calls)
+            batch["image_inputs"] = dict(self.processor.image_processor(images=images, return_tensors="pt"))
         batch["sample_ids"] = [x["sample_id"] for x in samples]
         for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
                      "tpa_logprobs", "tpa_tail"):

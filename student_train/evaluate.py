@@ -32,7 +32,7 @@ def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_si
     adapter = adapter_for(model)
     ds = CacheDataset(reader, processor)
     idx = [i for i, s in enumerate(reader.samples) if ids is None or s["sample_id"] in ids]
-    coll = StudentCollator(processor.tokenizer.pad_token_id or 0, type(adapter))
+    coll = StudentCollator(processor, type(adapter))
     device = next(model.parameters()).device
     total, n = 0.0, 0
     for i in range(0, len(idx), batch_size):

@@ -44,7 +44,7 @@ def student_saliency(student: str, reader: CacheReader, index: int, layer: int |
     params = reader.params
     if layer is None:
         layer = min(adapter.num_layers - 1, round(params["saliency_layer"] / params["teacher_layers"] * adapter.num_layers))
-    batch = StudentCollator(proc.tokenizer.pad_token_id or 0, type(adapter))([CacheDataset(reader, proc)[index]])
+    batch = StudentCollator(proc, type(adapter))([CacheDataset(reader, proc)[index]])
     dev = next(model.parameters()).device
     from .data import batch_to_device
     with torch.no_grad():

@@ -140,8 +140,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     dataset = CacheDataset(reader, processor, cfg.images)
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    collator = StudentCollator(pad_id, type(adapter))
+    collator = StudentCollator(processor, type(adapter))
     micro_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch

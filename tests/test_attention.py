@@ -7,7 +7,7 @@ from common.attention import additive, causal_allowed
 from common.batch import branch_pass, forward, lm_logits
 from tests.helpers import batch_of, tiny
 
-FAMILIES = ["llava", "qwen2_vl", "llava_onevision"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

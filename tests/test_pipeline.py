@@ -52,7 +52,7 @@ def test_iva_step_moves_student_attention_toward_teacher(kit, cache):
     model, proc = load_vlm(str(kit / "student"), torch.device("cpu"))
     adapter = adapter_for(model)
     reader = CacheReader(cache)
-    batch = StudentCollator(proc.tokenizer.pad_token_id, type(adapter))([CacheDataset(reader, proc)[i] for i in range(8)])
+    batch = StudentCollator(proc, type(adapter))([CacheDataset(reader, proc)[i] for i in range(8)])
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
 
     def loss():
@@ -104,3 +104,24 @@ def test_cli_inspect_validate_and_thin_layer(cache):
     assert CliRunner().invoke(app, ["validate-cache", str(cache)]).exit_code == 0
     r = CliRunner().invoke(app, ["train-student", "--student", "x", "--cache", "/nonexistent", "--out", "/tmp/x"])
     assert r.exit_code == 2
+
+
+def test_qwen2_vl_end_to_end_every_term_falls(tmp_path):
+    """dump-teacher --saliency-layer auto then train-student --loss alignti on the Qwen2-VL demo kit."""
+    from demo.kit import make_demo
+    from teacher_dump.dump import DumpConfig, dump_teacher
+    kit = tmp_path / "kit"
+    make_demo(kit, n_train=30, n_val=4, n_test=4, teacher_steps=80, family="qwen2_vl")
+    m = dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
+                                images=str(kit / "data/images"), out=str(tmp_path / "cache"), irs_samples=32,
+                                progress=False))
+    assert m["irs"]["layer"] == m["saliency_layer"] and len(m["irs"]["curve"]) == 4
+    run = tmp_path / "run"
+    train_student(TrainConfig(student=str(kit / "student"), cache=str(tmp_path / "cache"), out=str(run),
+                              loss="alignti", max_steps=40, batch_size=8, lr=3e-3, iva_weight=5.0, progress=False))
+    ms = metrics(run)
+    for term in ("sft", "kd", "iva", "tpa"):
+        first, last = mean([x[term] for x in ms[:8]]), mean([x[term] for x in ms[-8:]])
+        assert last < first, (term, first, last)
+    from transformers import AutoModelForImageTextToText
+    assert type(AutoModelForImageTextToText.from_pretrained(run / "final")).__name__ == "Qwen2VLForConditionalGeneration"
