@@ -25,19 +25,22 @@ def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
 
 def image_only_processor_class(base):
     """A family's processor without its video processor. Qwen2-VL's processor insists on a video
-    processor, which needs torchvision; image-text distillation never uses it."""
+    processor, which needs torchvision; image-text distillation never uses it.
 
-    class ImageOnly(base):
+    The class keeps the family's name (so save_pretrained records the family's processor class) and is
+    registered in this module under a unique qualified name, so DataLoader workers can pickle it."""
+    qualname = f"ImageOnly_{base.__name__}"
+    cls = globals().get(qualname)
+    if cls is None:
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
-                             **kwargs)
+            base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                          **kwargs)
 
-        @classmethod
-        def get_attributes(cls):
-            return ["image_processor", "tokenizer"]
-
-    ImageOnly.__name__ = base.__name__  # saves under the family's own processor class name
-    return ImageOnly
+        cls = type(base.__name__, (base,), {"__init__": __init__,
+                                            "get_attributes": classmethod(lambda c: ["image_processor", "tokenizer"]),
+                                            "__module__": __name__, "__qualname__": qualname})
+        globals()[qualname] = cls
+    return cls
 
 
 def load_processor(path: str):
@@ -62,3 +65,11 @@ def load_processor(path: str):
             elif (Path(path) / "chat_template.json").exists():
                 proc.chat_template = json.loads((Path(path) / "chat_template.json").read_text())["chat_template"]
         return proc
+
+
+def __getattr__(name: str):
+    """Recreate image-only processor classes on demand (a spawned worker unpickling one)."""
+    if name.startswith("ImageOnly_"):
+        import transformers
+        return image_only_processor_class(getattr(transformers, name[len("ImageOnly_"):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

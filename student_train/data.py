@@ -67,6 +67,11 @@ def epoch_order(reader: CacheReader, epoch: int, seed: int) -> list[int]:
     return order
 
 
+def worker_init(_worker_id: int) -> None:
+    """DataLoader workers decode images and slice arrays: one intra-op thread each, no oversubscription."""
+    torch.set_num_threads(1)
+
+
 def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 

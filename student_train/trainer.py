@@ -29,7 +29,7 @@ from common.losses import LossWeights, get_loss, total_loss
 from common.models import load_vlm, resolve_device
 from common.progress import progress_bar
 
-from .data import CacheDataset, StudentCollator, batch_to_device, batches_of, epoch_order
+from .data import CacheDataset, StudentCollator, batch_to_device, batches_of, epoch_order, worker_init
 
 log = logging.getLogger("alignti.train")
 
@@ -193,7 +193,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             order = batches_of(epoch_order(reader, epoch, cfg.seed), cfg.batch_size)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=order[position:], collate_fn=collator,
                                                  num_workers=cfg.workers,
-                                                 multiprocessing_context="spawn" if cfg.workers else None)
+                                                 multiprocessing_context="spawn" if cfg.workers else None,
+                                                 worker_init_fn=worker_init if cfg.workers else None)
             accum: dict[str, float] = {}
             n_micro, t0, n_tok = 0, time.perf_counter(), 0
             for batch in loader:

@@ -125,3 +125,12 @@ def test_qwen2_vl_end_to_end_every_term_falls(tmp_path):
         assert last < first, (term, first, last)
     from transformers import AutoModelForImageTextToText
     assert type(AutoModelForImageTextToText.from_pretrained(run / "final")).__name__ == "Qwen2VLForConditionalGeneration"
+
+
+def test_dataloader_workers_give_the_same_batches(kit, cache, tmp_path):
+    common = dict(student=str(kit / "student"), cache=str(cache), loss="alignti", max_steps=3, batch_size=8,
+                  progress=False)
+    train_student(TrainConfig(out=str(tmp_path / "w0"), **common))
+    train_student(TrainConfig(out=str(tmp_path / "w2"), workers=2, **common))
+    strip = lambda ms: [{k: v for k, v in x.items() if k != "sec"} for x in ms]  # noqa: E731
+    assert strip(metrics(tmp_path / "w0")) == strip(metrics(tmp_path / "w2"))
