@@ -307,8 +307,9 @@ def validate_cache(url: str | Path, storage_options: dict | None = None) -> list
         reader = CacheReader(url, storage_options)
     except CacheError as e:
         return problems + [str(e)]
+    all_rows = reader.table.to_pylist()
     for j, part in enumerate(manifest["parts"]):
-        rows = [r for r in reader.table.to_pylist() if r["part"] == j]
+        rows = [r for r in all_rows if r["part"] == j]
         try:
             arrays = reader.part_arrays(j)
         except CacheError as e:

@@ -30,14 +30,14 @@ PARTS_DIR = "parts"
 ARRAYS: dict[str, tuple[str, np.dtype, tuple[str, ...]]] = {
     "input_ids": ("tok", np.dtype("int32"), ()),
     "response_mask": ("tok", np.dtype("uint8"), ()),
-    "topk_ids": ("resp", np.dtype("int32"), ("k",)),
-    "topk_logprobs": ("resp", np.dtype("float16"), ("k",)),
+    "topk_ids": ("resp", np.dtype("int32"), ("top_k",)),
+    "topk_logprobs": ("resp", np.dtype("float16"), ("top_k",)),
     "tail_logmass": ("resp", np.dtype("float32"), ()),
     "target_logprob": ("resp", np.dtype("float32"), ()),
-    "tpa_cand_ids": ("resp", np.dtype("int32"), ("B",)),
-    "tpa_ids": ("resp", np.dtype("int32"), ("B", "k2")),
-    "tpa_logprobs": ("resp", np.dtype("float16"), ("B", "k2")),
-    "tpa_tail": ("resp", np.dtype("float32"), ("B",)),
+    "tpa_cand_ids": ("resp", np.dtype("int32"), ("tpa_branches",)),
+    "tpa_ids": ("resp", np.dtype("int32"), ("tpa_branches", "tpa_top_k")),
+    "tpa_logprobs": ("resp", np.dtype("float16"), ("tpa_branches", "tpa_top_k")),
+    "tpa_tail": ("resp", np.dtype("float32"), ("tpa_branches",)),
     "saliency": ("sal", np.dtype("float16"), ()),
 }
 

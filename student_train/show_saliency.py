@@ -67,7 +67,6 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
     if student:
         s, layer = student_saliency(student, reader, i, student_layer)
         panels.append((f"student (layer {layer})", overlay(img, grid_of(s[turn]))))
-    from transformers import AutoTokenizer  # noqa: F401  (decode through the cache's own ids below)
     s0, e0 = x["instr_spans"][turn]
     title = reader_title(reader, x["input_ids"][s0:e0])
     w, h = 240, 240

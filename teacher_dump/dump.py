@@ -70,9 +70,8 @@ def _preflight(records: list, images: str, skip_bad: bool) -> list:
         raise DataError(bad[0].sample_id, f"{len(bad)} bad sample(s) found before dumping, nothing was written: "
                         + "; ".join(b.error for b in bad[:3]) + more,
                         "fix them, or pass --skip-bad to record them as skipped in samples.parquet")
-    bad_idx = {b.index for b in bad}
-    return [Skipped(r.index, r.sample_id, next(b.error for b in bad if b.index == r.index)) if r.index in bad_idx
-            else r for r in records]
+    bad_by_index = {b.index: b for b in bad}
+    return [bad_by_index.get(r.index, r) for r in records]
 
 
 def _check_plan(out: Path, plan: dict) -> None:
@@ -130,8 +129,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     params = {"top_k": cfg.top_k, "tpa_branches": cfg.tpa_branches, "tpa_top_k": cfg.tpa_top_k,
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-              "k": cfg.top_k, "B": cfg.tpa_branches, "k2": cfg.tpa_top_k}
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     fingerprint = make_fingerprint(model.config, processor, params)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
     plan = {"fingerprint": fingerprint, "units": units, "irs": irs, "data": str(cfg.data),

@@ -14,7 +14,7 @@ from common.errors import CacheError
 from common.schema import SCHEMA_VERSION
 from teacher_dump.dump import DumpConfig, dump_teacher
 
-PARAMS = {"top_k": 4, "tpa_branches": 2, "tpa_top_k": 3, "saliency_layer": 1, "k": 4, "B": 2, "k2": 3}
+PARAMS = {"top_k": 4, "tpa_branches": 2, "tpa_top_k": 3, "saliency_layer": 1}
 
 
 def random_sample(rng, i, n_tok, n_resp, n_v=6, n_turns=1):
