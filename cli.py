@@ -140,6 +140,14 @@ def validate_cache(cache: str = typer.Argument(...)):
     typer.echo("ok")
 
 
+@app.command("push-cache")
+def push_cache(cache: Path = typer.Argument(..., help="A finished local cache."),
+               url: str = typer.Argument(..., help="Destination fsspec URL (s3://bucket/cache, file://..., ...).")):
+    """Upload a cache to object storage (manifest last) and verify every object's sha256 there."""
+    from common.cache import push_cache as run
+    typer.echo(json.dumps(_run(run, cache, url)))
+
+
 @app.command("evaluate")
 def evaluate(model: str = typer.Option(...), data: Path = typer.Option(...), images: Path = typer.Option(...),
              teacher_answers: Optional[Path] = typer.Option(None, help="JSON {sample_id: answer} to compare with."),

@@ -329,3 +329,37 @@ def validate_cache(url: str | Path, storage_options: dict | None = None) -> list
             if int(m.sum()) != r["resp_len"]:
                 problems.append(f"part {part['name']}: sample {r['sample_id']} offsets do not match its mask")
     return problems
+
+
+def push_cache(src: str | Path, url: str, storage_options: dict | None = None) -> dict:
+    """Copy a finished local cache to any fsspec URL (s3://, gs://, file://, memory://), then re-hash every
+    object there against the manifest. Objects go first, commit markers next, plan.json and
+    manifest.json last: a reader never sees a manifest whose objects are not all in place."""
+    src = Path(src)
+    manifest_path = src / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise CacheError(f"{src} is not a finished cache (no {MANIFEST_FILE}); finish the dump before pushing")
+    manifest = json.loads(manifest_path.read_text())
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if fs.exists(f"{root}/{MANIFEST_FILE}"):
+        with fs.open(f"{root}/{MANIFEST_FILE}", "r") as f:
+            there = json.load(f)
+        if there.get("files") != manifest["files"]:
+            raise CacheError(f"{url} already holds another cache; push to an empty location")
+    rels = sorted(manifest["files"], key=lambda r: (r.endswith(".commit.json"), r == PLAN_FILE))
+    for rel in rels + [MANIFEST_FILE]:
+        target = f"{root}/{rel}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(src / rel), target)
+    bad = []
+    for rel, want in manifest["files"].items():
+        h = hashlib.sha256()
+        with fs.open(f"{root}/{rel}", "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != want:
+            bad.append(rel)
+    if bad:
+        raise CacheError(f"{len(bad)} object(s) differ after upload to {url}: {', '.join(bad[:3])}")
+    return {"url": url, "objects": len(manifest["files"]) + 1,
+            "bytes": sum((src / rel).stat().st_size for rel in manifest["files"])}

@@ -174,3 +174,24 @@ def test_dump_refuses_other_parameters(kit, cache, tmp_path):
         dump_teacher(cfg)
     before = json.loads((c / "manifest.json").read_text())
     assert before == json.loads((cache / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_push_cache_and_read_from_url(cache, kit, tmp_path, scheme):
+    from common.cache import push_cache
+    from student_train.trainer import TrainConfig, train_student
+    url = f"file://{tmp_path}/remote" if scheme == "file" else f"memory://alignti-test-{tmp_path.name}/cache"
+    info = push_cache(cache, url)
+    assert info["objects"] > 10
+    local, remote = CacheReader(cache), CacheReader(url)
+    assert len(local) == len(remote)
+    for i in (0, len(local) - 1):
+        for name, arr in local[i].items():
+            got = remote[i][name]
+            assert (np.array_equal(got, arr) if isinstance(arr, np.ndarray) else got == arr), name
+    assert validate_cache(url) == []
+    res = train_student(TrainConfig(student=str(kit / "student"), cache=url, out=str(tmp_path / "run"), max_steps=2,
+                                    images=str(kit / "data/images"), progress=False))
+    assert res["steps"] == 2
+    with pytest.raises(CacheError, match="not a finished cache"):
+        push_cache(tmp_path, url)
