@@ -105,3 +105,28 @@ def test_changed_image_is_refused_at_training(kit, cache, tmp_path):
     with pytest.raises(DataError, match="sha256 mismatch"):
         train_student(TrainConfig(student=str(kit / "student"), cache=str(cache), out=str(tmp_path / "run"),
                                   images=str(images), max_steps=200, batch_size=60, progress=False))
+
+
+def test_duplicate_ids_and_parameter_checks(kit, data):
+    recs, tmp = data
+    recs[5]["id"] = recs[4]["id"]
+    with pytest.raises(DataError, match="duplicate sample id"):
+        dump_teacher(cfg(kit, write(tmp / "d.json", recs), tmp / "out"))
+    recs[5]["id"] = "unique"
+    c = cfg(kit, write(tmp / "d.json", recs), tmp / "out2")
+    c.top_k = 2
+    with pytest.raises(ValueError, match="must be larger than --tpa-branches"):
+        dump_teacher(c)
+
+
+def test_loss_needing_missing_fields_is_refused(kit, data):
+    from common.errors import CacheError
+    from student_train.trainer import TrainConfig, train_student
+    recs, tmp = data
+    c = cfg(kit, write(tmp / "d.json", recs), tmp / "plain")
+    c.tpa_branches, c.saliency_layer = 0, "none"
+    dump_teacher(c)
+    for loss, what in (("kd+tpa", "transition statistics"), ("kd+iva", "teacher saliency")):
+        with pytest.raises(CacheError, match=what):
+            train_student(TrainConfig(student=str(kit / "student"), cache=str(tmp / "plain"), out=str(tmp / loss),
+                                      loss=loss, max_steps=1, progress=False))
