@@ -169,13 +169,18 @@ def build_llava(tokenizer, text: dict, seed: int):
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
     model = LlavaForConditionalGeneration(cfg)
+    # Position embeddings on the scale of the patch embeddings, so each image token says which grid cell it
+    # is: with the default 0.02 init the cell signature is ~4% of the token and the tiny teacher stays at
+    # the answer prior (31% val); with this and lr 3e-4 it reached 43% (colour 72%) in 1,000 steps.
+    torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=1.0)
     model.generation_config.eos_token_id = tc.eos_token_id
     model.generation_config.pad_token_id = tc.pad_token_id
     return model
 
 
 def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int = 60, train_teacher: bool = True,
-              teacher_steps: int = 600, seed: int = 0, questions_per_image: int = 3, family: str = "llava") -> dict:
+              teacher_steps: int = 600, seed: int = 0, questions_per_image: int = 3, family: str = "llava",
+              teacher_lr: float = 3e-4) -> dict:
     out = Path(out)
     data_dir = out / "data"
     paths = shapes.write_dataset(data_dir, n_train, n_val, n_test, questions_per_image)
@@ -189,7 +194,7 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
     if train_teacher:
         from .teacher_sft import train_sft
         acc = train_sft(teacher, processor, paths["train"], paths["val"], data_dir / "images", steps=teacher_steps,
-                        seed=seed)
+                        seed=seed, lr=teacher_lr)
         result["teacher_val_accuracy"] = acc
     for name, model in (("teacher", teacher), ("student", student)):
         model.save_pretrained(out / name)

@@ -26,9 +26,9 @@ log = logging.getLogger("alignti.quickstart")
 METHODS = ("sft", "kd", "kd+iva", "kd+tpa", "alignti")
 PRESETS = {
     "default": dict(n_train=300, n_val=40, n_test=80, teacher_steps=1200, student_steps=400, batch_size=16,
-                    lr=3e-3, eval_every=100, val_limit=60),
+                    lr=3e-4, eval_every=100, val_limit=60),
     "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=400, student_steps=80, batch_size=16,
-                 lr=3e-3, eval_every=40, val_limit=30),
+                 lr=3e-4, eval_every=40, val_limit=30),
 }
 
 

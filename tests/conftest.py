@@ -17,7 +17,8 @@ def kit(tmp_path_factory):
     """A small demo kit; the teacher gets a short SFT run so its distributions carry signal."""
     from demo.kit import make_demo
     out = tmp_path_factory.mktemp("kit")
-    make_demo(out, n_train=40, n_val=8, n_test=8, train_teacher=True, teacher_steps=80)
+    # 80 quick steps at 3e-3: peaky, non-uniform teacher distributions and saliency for the mechanics tests
+    make_demo(out, n_train=40, n_val=8, n_test=8, train_teacher=True, teacher_steps=80, teacher_lr=3e-3)
     return out
 
 
