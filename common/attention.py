@@ -104,8 +104,8 @@ def capture_spec(adapter, layers, batch, device) -> CaptureSpec | None:
             ks.append(torch.arange(img_start, img_start + n_img))
     if not rows:
         return None
-    q_idx, q_valid = _pad([q for q in qs])
-    k_idx, k_valid = _pad([k for k in ks])
+    q_idx, q_valid = _pad(qs)
+    k_idx, k_valid = _pad(ks)
     return CaptureSpec({id(mods[layer]): layer for layer in layers}, torch.tensor(rows, device=device),
                        q_idx.to(device), q_valid.to(device), k_idx.to(device), k_valid.to(device))
 

@@ -76,8 +76,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     test = AccuracyProbe(proc, str(data / "test.json"), images)
     val = AccuracyProbe(proc, str(data / "val.json"), images, limit=p["val_limit"])
     teacher_answers = test.answers(teacher, proc)
-    from common.generate import exact_match
-    teacher_acc = sum(exact_match(a, r) for a, r in zip(teacher_answers, test.refs)) / len(test.refs)
+    teacher_acc = test.score(teacher_answers)
     del teacher
 
     runs = []
@@ -98,8 +97,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                                             progress=cfg.progress), evaluator=val)
             model, sproc = load_vlm(res["final"], device)
             answers = test.answers(model, sproc)
-            acc = sum(exact_match(a, r) for a, r in zip(answers, test.refs)) / len(test.refs)
-            agree = sum(exact_match(a, t) for a, t in zip(answers, teacher_answers)) / len(test.refs)
+            acc = test.score(answers)
+            agree = test.score(answers, teacher_answers)
             kl = cache_kl(model, sproc, str(work / "cache"), None)
             metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             run = {"method": method, "seed": seed, "test_accuracy": acc, "teacher_agreement": agree,

@@ -50,20 +50,23 @@ class AccuracyProbe:
     """Exact-match accuracy on a fixed set of prompts, encoded once (for evaluation during training)."""
 
     def __init__(self, processor, data: str, images: str, limit: int | None = None):
-        recs = [r for r in load_records(data) if isinstance(r, Record)][:limit]
-        self.refs = [r.turns[-1][1] for r in recs]
-        self.ids = [r.sample_id for r in recs]
+        self.recs = [r for r in load_records(data) if isinstance(r, Record)][:limit]
+        self.refs = [r.turns[-1][1] for r in self.recs]
         self.prompts = []
-        for r in recs:
+        for r in self.recs:
             img, sha = load_image(r, images) if r.image else (None, "")
             self.prompts.append(encode(processor, r, img, sha, generation_prompt=True))
 
     def answers(self, model, processor) -> list[str]:
         return greedy_answers(model, processor, self.prompts)
 
+    def score(self, answers: list[str], refs: list[str] | None = None) -> float:
+        """Exact-match rate of ``answers`` against the references (or against ``refs``, e.g. a teacher's)."""
+        refs = self.refs if refs is None else refs
+        return sum(exact_match(a, t) for a, t in zip(answers, refs)) / max(1, len(refs))
+
     def __call__(self, model, processor) -> float:
-        preds = self.answers(model, processor)
-        return sum(exact_match(p, t) for p, t in zip(preds, self.refs)) / max(1, len(self.refs))
+        return self.score(self.answers(model, processor))
 
 
 def evaluate(model_path: str, data: str, images: str, teacher_answers: str | Path | None = None,
@@ -72,15 +75,11 @@ def evaluate(model_path: str, data: str, images: str, teacher_answers: str | Pat
     if model is None:
         model, processor = load_vlm(model_path, resolve_device(device))
     model.eval()
-    recs = [r for r in load_records(data) if isinstance(r, Record)][:limit]
+    probe = AccuracyProbe(processor, data, images, limit)
+    recs = probe.recs
     meta = _meta(data)
-    prompts = []
-    for r in recs:
-        img, sha = load_image(r, images) if r.image else (None, "")
-        prompts.append(encode(processor, r, img, sha, generation_prompt=True))
-    preds = greedy_answers(model, processor, prompts)
-    refs = [r.turns[-1][1] for r in recs]
-    correct = [exact_match(p, t) for p, t in zip(preds, refs)]
+    preds = probe.answers(model, processor)
+    correct = [exact_match(p, t) for p, t in zip(preds, probe.refs)]
     per_type = defaultdict(list)
     for r, c in zip(recs, correct):
         per_type[(meta.get(r.sample_id) or {}).get("turn2", {}).get("type") if len(r.turns) > 2
