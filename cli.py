@@ -24,6 +24,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 
 def _run(fn, *args, **kwargs):
+    from common.distributed import shutdown
     try:
         return fn(*args, **kwargs)
     except AlignTIError as e:
@@ -32,6 +33,22 @@ def _run(fn, *args, **kwargs):
     except (ValueError, NotImplementedError) as e:
         log.error("%s", e)
         raise typer.Exit(2) from None
+    finally:
+        shutdown()  # leave torchrun's process group cleanly (no-op in a single process)
+
+
+def _echo_main(text: str) -> None:
+    """Print a command's result once (rank 0) when it runs under torchrun."""
+    from common.distributed import dist_env
+    if dist_env().is_main:
+        typer.echo(text)
+
+
+def _relaunch(nproc: int) -> None:
+    """``--nproc N`` (N > 1): hand this very command to torchrun with N processes, then exit with its code."""
+    from common.distributed import dist_env, run_under_torchrun, strip_nproc
+    if nproc > 1 and not dist_env().distributed:
+        raise typer.Exit(run_under_torchrun(nproc, strip_nproc(sys.argv[1:])))
 
 
 @app.command("make-demo")
@@ -66,15 +83,18 @@ def dump_teacher(teacher: str = typer.Option(..., help="Teacher checkpoint (loca
                  irs_samples: int = typer.Option(256, help="Calibration samples for --saliency-layer auto."),
                  unit_size: int = typer.Option(256, help="Samples per work unit (one committed part each)."),
                  max_length: Optional[int] = typer.Option(None, help="Refuse samples longer than this."),
-                 dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")):
+                 dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
+                 nproc: int = typer.Option(1, help="Teacher replicas: re-runs this command under torchrun "
+                                                   "(one per GPU); ranks split the work units.")):
     """Run the teacher once over the data and write the cache (resumable)."""
+    _relaunch(nproc)
     from teacher_dump.dump import DumpConfig, dump_teacher as run
     cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
                      batch_size=batch_size, device=device, limit=limit, skip_bad=skip_bad, tpa_branches=tpa_branches,
                      tpa_top_k=tpa_top_k, saliency_layer=saliency_layer, irs_samples=irs_samples, unit_size=unit_size,
                      max_length=max_length, dtype=dtype)
     manifest = _run(run, cfg)
-    typer.echo(json.dumps(manifest["counts"]))
+    _echo_main(json.dumps(manifest["counts"]))
 
 
 @app.command("select-layer")
@@ -111,15 +131,20 @@ def train_student(student: str = typer.Option(..., help="Student checkpoint (loc
                   save_every: int = typer.Option(100), resume: bool = typer.Option(False), seed: int = typer.Option(0),
                   device: str = typer.Option("auto"),
                   images: Optional[str] = typer.Option(None, help="Images dir, if moved since the dump."),
-                  workers: int = typer.Option(0, help="DataLoader worker processes.")):
-    """Train a student from the cache alone."""
+                  workers: int = typer.Option(0, help="DataLoader worker processes."),
+                  nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
+                                                    "(DDP; gloo on CPU, nccl on GPU)."),
+                  fsdp: bool = typer.Option(False, help="Shard the student with FSDP2 (fully_shard) instead of DDP.")):
+    """Train a student from the cache alone (under torchrun: DDP, or FSDP2 with --fsdp)."""
+    _relaunch(nproc)
     from student_train.trainer import TrainConfig, train_student as run
     cfg = TrainConfig(student=student, cache=cache, out=str(out), loss=loss, kd_weight=kd_weight,
                       iva_weight=iva_weight, tpa_weight=tpa_weight, iva_ratio=iva_ratio, temperature=temperature,
                       student_layer=student_layer, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                       grad_accum=grad_accum, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                      save_every=save_every, resume=resume, seed=seed, device=device, images=images, workers=workers)
-    typer.echo(json.dumps(_run(run, cfg), default=str))
+                      save_every=save_every, resume=resume, seed=seed, device=device, images=images, workers=workers,
+                      fsdp=fsdp)
+    _echo_main(json.dumps(_run(run, cfg), default=str))
 
 
 @app.command("inspect-cache")

@@ -25,6 +25,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import CacheError
+from .faults import crash_point
 from .schema import (ARRAYS, CHUNK_TOKENS, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, SAMPLE_SCHEMA, SCHEMA_VERSION,
                      SHARD_CHUNKS, array_shape_tail, arrays_for)
 
@@ -43,9 +44,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_json(path: Path, obj) -> None:
+def _atomic_write_json(path: Path, obj, point: str = "") -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    if point:
+        crash_point(point)
     os.replace(tmp, path)
 
 
@@ -55,6 +58,7 @@ def write_array(group, name: str, data: np.ndarray) -> None:
     shard = chunk * min(SHARD_CHUNKS, -(-rows // chunk))
     group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(chunk, *data.shape[1:]),
                        shards=(shard, *data.shape[1:]), compressors=COMPRESSORS, fill_value=0)
+    crash_point("shard-flush")
     group[name][...] = data
 
 
@@ -121,12 +125,13 @@ class PartWriter:
             elif dest.exists():
                 dest.unlink()
             os.replace(tmp / entry, dest)
+            crash_point("part-move")
         shutil.rmtree(tmp, ignore_errors=True)
         ok = [r for r in self.rows if r["status"] == "ok"]
         marker = {"part": self.index, "schema_version": SCHEMA_VERSION, "samples": len(self.rows), "ok": len(ok),
                   "tokens": self.offsets["tok"], "response_tokens": self.offsets["resp"],
                   "files": {f"{PARTS_DIR}/{k}": v for k, v in files.items()}}
-        _atomic_write_json(parts / f"{name}.commit.json", marker)
+        _atomic_write_json(parts / f"{name}.commit.json", marker, point="marker")
         return marker
 
 
@@ -170,7 +175,7 @@ def write_manifest(root: Path, plan: dict, markers: dict[int, dict], extra: dict
         "files": files,
         **(extra or {}),
     }
-    _atomic_write_json(root / MANIFEST_FILE, manifest)
+    _atomic_write_json(root / MANIFEST_FILE, manifest, point="manifest")
     return manifest
 
 

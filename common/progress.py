@@ -52,7 +52,12 @@ def progress_bar(description: str, total: int, unit: str = "it", enabled: bool =
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+    """INFO (DEBUG with -v) on rank 0; other torchrun ranks log their rank-tagged warnings and errors only."""
+    import os
+    rank = int(os.environ.get("RANK", 0))
+    level = logging.DEBUG if verbose else logging.INFO
+    fmt = "%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"
+    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format=fmt, datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
     for noisy in ("transformers", "httpx", "urllib3", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

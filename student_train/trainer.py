@@ -20,22 +20,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import distributed as dist
 from common.adapters import adapter_for
 from common.batch import forward, lm_logits
 from common.cache import CacheReader
 from common.errors import AlignTIError, CacheError
+from common.faults import crash_point
 from common.fingerprint import check_student
 from common.losses import LossWeights, get_loss, total_loss
-from common.models import load_vlm, resolve_device
+from common.models import load_vlm
 from common.progress import progress_bar
 
-from .data import CacheDataset, StudentCollator, batch_to_device, batches_of, epoch_order, worker_init
+from . import parallel
+from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, worker_init
 
 log = logging.getLogger("alignti.train")
 
 # settings that must not change between a run and its resume
 _RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "iva_ratio", "temperature", "student_layer",
-             "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed")
+             "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed",
+             "fsdp")
 
 
 @dataclass
@@ -65,6 +69,7 @@ class TrainConfig:
     images: str | None = None
     workers: int = 0
     eval_every: int = 0  # with an evaluator (python API): run it every N steps, logged as val_accuracy
+    fsdp: bool = False   # under torchrun: FSDP2 (fully_shard per decoder layer) instead of DDP
     progress: bool = True
 
 
@@ -116,7 +121,11 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     """Train; ``stop_after`` (tests) simulates a crash after that many optimizer steps;
     ``evaluator(model, processor) -> float`` is called every ``cfg.eval_every`` steps."""
     out = Path(cfg.out)
-    device = resolve_device(cfg.device)
+    env = dist.dist_env()
+    device = dist.device_for(cfg.device, env)
+    dist.init(env, device)
+    if env.distributed and evaluator is not None:
+        raise ValueError("the in-training evaluator runs in single-process training only")
     spec = get_loss(cfg.loss)
     reader = CacheReader(cfg.cache)
     check_manifest_files(reader)
@@ -141,11 +150,13 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     np.random.seed(cfg.seed)
     dataset = CacheDataset(reader, processor, cfg.images)
     collator = StudentCollator(processor, type(adapter))
-    micro_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    micro_per_epoch = math.ceil(math.ceil(len(dataset) / env.world_size) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio)
 
+    # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
+    step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer), env, device, cfg.fsdp)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -159,6 +170,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     run_info = {k: v for k, v in asdict(cfg).items() if k in _RUN_KEYS}
+    run_info["world_size"] = env.world_size
     run_info["cache_fingerprint"] = reader.fingerprint["teacher_config_hash"] + reader.fingerprint["tokenizer"]["hash"]
     step, epoch, position = 0, 0, 0
     ckpt = out / "checkpoint" / "state.pt"
@@ -168,29 +180,37 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         if state["run"] != run_info:
             diff = [k for k in run_info if state["run"].get(k) != run_info[k]]
             raise AlignTIError(f"--resume: the checkpoint in {out} was made with different settings ({', '.join(diff)})")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if env.distributed:
+            parallel.load_full_state(step_module, opt, state["model"], state["optimizer"])
+            _set_rng_state(state["rng"][env.rank])
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
-        _truncate_metrics(metrics_path, step)
+        if env.is_main:
+            _truncate_metrics(metrics_path, step)
         log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, position)
     elif out.exists() and (ckpt.exists() or metrics_path.exists()) and not cfg.resume:
         raise AlignTIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({**asdict(cfg), "student_layer_used": layer,
-                                              "total_steps": total_steps}, indent=2))
+    dist.barrier(env)  # every rank has checked the run directory before rank 0 writes into it
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps({**asdict(cfg), "student_layer_used": layer, "total_steps": total_steps,
+                                                  "world_size": env.world_size}, indent=2))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
-    log.info("training %s with loss '%s' for %d steps (%d samples, batch %d x accum %d), student layer %d",
-             cfg.student, cfg.loss, total_steps, len(dataset), cfg.batch_size, cfg.grad_accum, layer)
+    log.info("training %s with loss '%s' for %d steps (%d samples, batch %d x accum %d x %d processes%s), "
+             "student layer %d", cfg.student, cfg.loss, total_steps, len(dataset), cfg.batch_size, cfg.grad_accum,
+             env.world_size, ", FSDP2" if cfg.fsdp and env.distributed else "", layer)
     last: dict = {}
-    with progress_bar("train-student", total=total_steps, unit="steps", enabled=cfg.progress) as bar, \
-            open(metrics_path, "a") as metrics:
+    with progress_bar("train-student", total=total_steps, unit="steps", enabled=cfg.progress and env.is_main) as bar, \
+            open(metrics_path if env.is_main else os.devnull, "a") as metrics:
         bar.advance(step)
         while step < total_steps:
-            order = batches_of(epoch_order(reader, epoch, cfg.seed), cfg.batch_size)
+            order = parallel.rank_batches(epoch_order(reader, epoch, cfg.seed), cfg.batch_size, env)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=order[position:], collate_fn=collator,
                                                  num_workers=cfg.workers,
                                                  multiprocessing_context="spawn" if cfg.workers else None,
@@ -200,7 +220,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             for batch in loader:
                 batch = batch_to_device(batch, device)
                 with autocast:
-                    res = student_step_outputs(adapter, batch, spec, layer)
+                    res = step_module(batch)
                 terms = total_loss(spec, weights, res)
                 (terms["loss"] / cfg.grad_accum).backward()
                 for k, v in terms.items():
@@ -211,11 +231,16 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                 end_of_epoch = position >= len(order)
                 if n_micro < cfg.grad_accum and not end_of_epoch:
                     continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), cfg.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
+                crash_point("train-step")
+                accum = parallel.mean_over_ranks(env, accum, device)
+                n_tok = parallel.sum_over_ranks(env, n_tok, device)
                 last = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in accum.items()},
                         "grad_norm": round(float(grad_norm), 6), "lr": sched.get_last_lr()[0],
                         "tokens": n_tok, "sec": round(time.perf_counter() - t0, 4)}
@@ -231,7 +256,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                 if end_of_epoch:
                     epoch, position = epoch + 1, 0
                 if step % cfg.save_every == 0 or step == total_steps:
-                    _save_checkpoint(ckpt, model, opt, sched, run_info, step, epoch, position)
+                    _save_checkpoint(ckpt, env, step_module, model, opt, sched, run_info, step, epoch, position)
                 if step >= total_steps or (stop_after is not None and step >= stop_after):
                     break
             else:
@@ -242,18 +267,38 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if stop_after is not None and step < total_steps:
         return {"stopped_at": step}
     final = out / "final"
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
+    if env.distributed:
+        full, _ = parallel.full_state(step_module, opt)
+        if env.is_main:
+            plain, _ = load_vlm(cfg.student, torch.device("cpu"))
+            plain.load_state_dict(parallel.plain_model_state(full))
+            plain.save_pretrained(final)
+            processor.save_pretrained(final)
+        dist.barrier(env)
+    else:
+        model.save_pretrained(final)
+        processor.save_pretrained(final)
     log.info("student saved to %s", final)
     return {"steps": step, "final": str(final), "last": last, "student_layer": layer}
 
 
-def _save_checkpoint(path: Path, model, opt, sched, run_info, step, epoch, position) -> None:
+def _save_checkpoint(path: Path, env, step_module, model, opt, sched, run_info, step, epoch, position) -> None:
+    """Single process: the model's own state. Under torchrun: the full (unsharded) state gathered on rank 0
+    and every rank's RNG state, written by rank 0; resume needs the same world size."""
+    if env.distributed:
+        model_sd, optim_sd = parallel.full_state(step_module, opt)
+        rng = dist.all_gather(env, _rng_state())
+        if not env.is_main:
+            dist.barrier(env)
+            return
+    else:
+        model_sd, optim_sd, rng = model.state_dict(), opt.state_dict(), _rng_state()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": _rng_state(), "run": run_info, "step": step, "epoch": epoch, "position": position}, tmp)
+    torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": sched.state_dict(), "rng": rng,
+                "run": run_info, "step": step, "epoch": epoch, "position": position}, tmp)
     os.replace(tmp, path)
+    dist.barrier(env)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

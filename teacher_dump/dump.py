@@ -9,6 +9,7 @@ the zarr/parquet part happen on a writer thread, off the forward loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -21,11 +22,12 @@ import torch
 
 from common.adapters import adapter_for
 from common.batch import collate, to_device
+from common import distributed as dist
 from common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
 from common.conversation import Record, Skipped, encode, load_image, load_records
-from common.errors import CacheError, DataError
+from common.errors import AlignTIError, CacheError, DataError
 from common.fingerprint import make_fingerprint
-from common.models import load_vlm, resolve_device
+from common.models import load_vlm
 from common.progress import progress_bar
 from common.schema import MANIFEST_FILE, PARTS_DIR
 
@@ -91,9 +93,27 @@ def _check_plan(out: Path, plan: dict) -> None:
                          f"Use a new --out, or delete {out} to start over.")
 
 
+def _on_main(env: dist.DistEnv, fn):
+    """Run ``fn`` on rank 0 and hand its result (or its error) to every rank."""
+    res = None
+    if env.is_main:
+        try:
+            res = ("ok", fn())
+        except Exception as e:  # every rank raises it, none waits forever
+            res = ("error", e)
+    res = dist.broadcast(env, res)
+    if res[0] == "error":
+        raise res[1]
+    return res[1]
+
+
 def dump_teacher(cfg: DumpConfig) -> dict:
+    """Under torchrun every rank runs this: rank 0 fixes the plan (and the IRS layer), each rank
+    dumps the uncommitted units ``u % world_size == rank``, and rank 0 writes the manifest last."""
     out = Path(cfg.out)
-    device = resolve_device(cfg.device)
+    env = dist.dist_env()
+    device = dist.device_for(cfg.device, env)
+    dist.init(env, device)
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
     records = load_records(cfg.data)
@@ -119,8 +139,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             irs = old_plan["irs"]
         else:
             from .select_layer import select_layer
-            irs = select_layer(model, processor, [r for r in records if isinstance(r, Record)], cfg.images,
-                               n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress)
+            irs = _on_main(env, lambda: select_layer(
+                model, processor, [r for r in records if isinstance(r, Record)], cfg.images,
+                n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress))
         layer = irs["layer"]
     else:
         layer = int(cfg.saliency_layer)
@@ -135,19 +156,27 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     plan = {"fingerprint": fingerprint, "units": units, "irs": irs, "data": str(cfg.data),
             "images": str(Path(cfg.images).resolve()) if cfg.images else "",
             "unit_ids": [[r.sample_id for r in records[s:e]] for s, e in units]}
-    _check_plan(out, plan)
-    if (out / MANIFEST_FILE).exists():
+
+    def prepare() -> bool:
+        _check_plan(out, plan)
+        if (out / MANIFEST_FILE).exists():
+            return True
+        write_plan(out, plan)
+        stale = list((out / PARTS_DIR).glob("*.tmp*")) if (out / PARTS_DIR).exists() else []
+        for p in stale + list(out.glob("*.json.tmp*")):  # a part or a json file interrupted mid-write
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return False
+
+    if _on_main(env, prepare):
         log.info("%s is already complete; nothing to do", out)
-        import json
         return json.loads((out / MANIFEST_FILE).read_text())
-    write_plan(out, plan)
-    for stale in (out / PARTS_DIR).glob(".*.tmp*") if (out / PARTS_DIR).exists() else []:
-        shutil.rmtree(stale, ignore_errors=True)  # a part interrupted mid-write
 
     done = committed_parts(out)
-    todo = [u for u in range(len(units)) if u not in done]
+    todo = [u for u in range(len(units)) if u % env.world_size == env.rank and u not in done]
     if done:
         log.info("resuming: %d of %d work units already committed", len(done), len(units))
+    if env.distributed:
+        log.info("rank %d/%d: %d work units to dump", env.rank, env.world_size, len(todo))
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     t_loop = time.perf_counter()
     n_todo = sum(units[u][1] - units[u][0] for u in todo)
@@ -156,7 +185,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     pending: list[Future] = []
     lock = threading.Lock()
     try:
-        with progress_bar("dump-teacher", total=n_todo, unit="samples", enabled=cfg.progress) as bar:
+        with progress_bar("dump-teacher", total=n_todo, unit="samples", enabled=cfg.progress and env.is_main) as bar:
             for u in todo:
                 s, e = units[u]
                 part = PartWriter(out, u, params)
@@ -190,12 +219,22 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             f.result()
     finally:
         writer.shutdown(wait=True)
-    manifest = write_manifest(out, plan, committed_parts(out),
+    t_ranks = time.perf_counter()
+    dist.barrier(env)  # every rank's units are committed
+
+    def finish() -> dict:
+        markers = committed_parts(out)
+        missing = [u for u in range(len(units)) if u not in markers]
+        if missing:
+            raise CacheError(f"work units {missing[:5]} of {out} were not committed; re-run the same command")
+        return write_manifest(out, plan, markers,
                               extra={"irs": irs, "saliency_layer": layer, "images": plan["images"],
                                      "data": plan["data"], "dump_config": {k: v for k, v in asdict(cfg).items()
                                                                            if k != "progress"}})
+
+    manifest = _on_main(env, finish)
     manifest["timing"] = {"load_s": t_loaded - t_load, "irs_s": t_loop - t_loaded if irs else 0.0,
-                          "loop_s": time.perf_counter() - t_loop}  # returned, not written
+                          "loop_s": t_ranks - t_loop, "wait_s": time.perf_counter() - t_ranks}  # not written
     c = manifest["counts"]
     log.info("cache written to %s: %d samples (%d skipped), %d response tokens", out, c["samples"], c["skipped"],
              c["response_tokens"])

@@ -1,0 +1,100 @@
+"""Data-parallel student training under torchrun: DDP or FSDP2, rank-disjoint cache reads, checkpoints.
+
+The student's whole step (vision tower, decoder with saliency capture and TPA branches, LM head) is
+one ``StudentStep`` module, so DDP / FSDP2 see a single forward and hook it as they expect.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from common.distributed import DistEnv
+
+from .data import batches_of
+
+
+class StudentStep(nn.Module):
+    """One forward of the student returning every tensor the losses need."""
+
+    def __init__(self, model: nn.Module, adapter, spec, layer: int):
+        super().__init__()
+        self.model = model
+        self.adapter, self.spec, self.layer = adapter, spec, layer
+
+    def forward(self, batch: dict) -> dict:
+        from .trainer import student_step_outputs
+        return student_step_outputs(self.adapter, batch, self.spec, self.layer)
+
+
+def wrap(step: StudentStep, env: DistEnv, device: torch.device, fsdp: bool) -> nn.Module:
+    if not env.distributed:
+        return step
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in step.adapter.decoder_layers():
+            fully_shard(layer)
+        fully_shard(step)
+        return step
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # the vision tower's unused tail (e.g. CLIP's post-layernorm) gets no gradient: let DDP look for it
+    return DDP(step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def rank_batches(order: list[int], batch_size: int, env: DistEnv) -> list[list[int]]:
+    """This rank's micro-batches of one epoch: a contiguous slice of the (block-shuffled) epoch order, so
+    each rank reads its own parts. The order is padded by wrapping around (like DistributedSampler) so
+    every rank runs the same number of steps."""
+    if not env.distributed:
+        return batches_of(order, batch_size)
+    per = math.ceil(len(order) / env.world_size)
+    padded = (order * math.ceil(per * env.world_size / max(1, len(order))))[:per * env.world_size]
+    return batches_of(padded[env.rank * per:(env.rank + 1) * per], batch_size)
+
+
+def mean_over_ranks(env: DistEnv, values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not env.distributed or not values:
+        return values
+    import torch.distributed as dist
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
+
+
+def sum_over_ranks(env: DistEnv, value: int, device: torch.device) -> int:
+    if not env.distributed:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def full_state(module: nn.Module, opt) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state on CPU on rank 0 (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(module: nn.Module, opt, model_sd: dict, optim_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(module, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def to_cpu(tree):
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    return tree
+
+
+def plain_model_state(full_model_sd: dict) -> dict:
+    """StudentStep's state keys ("model.x") as the bare model's ("x")."""
+    return {k[len("model."):]: v for k, v in full_model_sd.items() if k.startswith("model.")}
