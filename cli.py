@@ -156,13 +156,21 @@ def inspect_cache(cache: str = typer.Argument(...), as_json: bool = typer.Option
 
 
 @app.command("validate-cache")
-def validate_cache(cache: str = typer.Argument(...)):
+def validate_cache(cache: str = typer.Argument(...),
+                   repair: bool = typer.Option(False, help="Local caches: drop the damaged parts' commit markers and "
+                                                           "the manifest, so re-running the same dump-teacher "
+                                                           "command redoes only those parts.")):
     """Re-check every object's sha256, every chunk's crc32c, counts and offsets."""
-    from common.cache import validate_cache as run
-    problems = _run(run, cache)
+    from common.cache import mark_for_redump, validate_cache as run
+    damaged: list[str] = []
+    problems = _run(run, cache, damaged_parts=damaged)
     for p in problems:
         typer.echo(f"DAMAGED: {p}")
     if problems:
+        if repair and damaged and "://" not in cache:
+            mark_for_redump(cache, damaged)
+            typer.echo(f"marked part(s) {', '.join(damaged)} for re-dump: re-run the dump-teacher command that "
+                       "made this cache")
         raise typer.Exit(1)
     typer.echo("ok")
 

@@ -287,10 +287,43 @@ class CacheReader:
         return out
 
 
-def validate_cache(url: str | Path, storage_options: dict | None = None) -> list[str]:
+def check_manifest(reader: CacheReader) -> None:
+    """The check train-student runs before it starts (cheap, also on object storage): every object the
+    manifest lists is there (one recursive listing), and the small objects (plan, commit markers,
+    sample tables, zarr metadata) match their sha256. Chunk payloads are covered by their crc32c,
+    checked on every read; ``validate_cache`` re-hashes everything."""
+    fs, root = reader.fs, reader.root
+    present = {p[len(root.rstrip("/")) + 1:] for p in fs.find(root)} if fs.exists(root) else set()
+    files = reader.manifest["files"]
+    missing = sorted(rel for rel in files if rel not in present)
+    damaged = []
+    for rel in sorted(files):
+        if rel in present and rel.endswith((".json", ".parquet")):
+            h = hashlib.sha256()
+            with fs.open(f"{root}/{rel}", "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            if h.hexdigest() != files[rel]:
+                damaged.append(rel)
+    if missing or damaged:
+        what = [f"{len(missing)} object(s) missing ({', '.join(missing[:3])})"] if missing else []
+        what += [f"{len(damaged)} object(s) changed since the dump ({', '.join(damaged[:3])})"] if damaged else []
+        parts = sorted({rel.split("/")[1].split(".")[0] for rel in missing + damaged if rel.startswith(PARTS_DIR)})
+        raise CacheError(f"the cache at {reader.url} does not match its manifest: {'; '.join(what)}"
+                         + (f" in part(s) {', '.join(parts)}" if parts else "")
+                         + f". Run 'alignti validate-cache --repair {reader.url}', then re-run the dump-teacher command "
+                         "that made it: only the damaged parts are redone.")
+
+
+def _part_of(rel: str) -> str | None:
+    return rel.split("/")[1].split(".")[0] if rel.startswith(f"{PARTS_DIR}/") else None
+
+
+def validate_cache(url: str | Path, storage_options: dict | None = None, damaged_parts: list | None = None) -> list[str]:
     """Re-check every object's sha256, every chunk's crc32c (by decoding it), counts and offsets.
-    Returns a list of problems (empty when the cache is sound)."""
-    problems: list[str] = []
+    Returns a list of problems (empty when the cache is sound), each naming its part and that part's
+    sample ids; the names of the damaged parts are appended to ``damaged_parts`` when given."""
+    found: list[tuple[str | None, str]] = []
     fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     try:
         with fs.open(f"{root}/{MANIFEST_FILE}", "r") as f:
@@ -300,40 +333,72 @@ def validate_cache(url: str | Path, storage_options: dict | None = None) -> list
     for rel, want in sorted(manifest["files"].items()):
         path = f"{root}/{rel}"
         if not fs.exists(path):
-            problems.append(f"{rel}: missing")
+            found.append((_part_of(rel), f"{rel}: missing"))
             continue
         h = hashlib.sha256()
         with fs.open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         if h.hexdigest() != want:
-            problems.append(f"{rel}: sha256 mismatch (damaged or modified)")
+            found.append((_part_of(rel), f"{rel}: sha256 mismatch (damaged or modified)"))
+    bad_tables = {p for p, m in found if p and m.startswith(f"{PARTS_DIR}/{p}.parquet")}
+    ids_by_part: dict[str, list[str]] = {}
     try:
         reader = CacheReader(url, storage_options)
     except CacheError as e:
-        return problems + [str(e)]
-    all_rows = reader.table.to_pylist()
-    for j, part in enumerate(manifest["parts"]):
-        rows = [r for r in all_rows if r["part"] == j]
-        try:
-            arrays = reader.part_arrays(j)
-        except CacheError as e:
-            ids = [r["sample_id"] for r in rows if r["status"] == "ok"]
-            problems.append(f"{e} (samples {', '.join(ids[:10])}{'...' if len(ids) > 10 else ''})")
-            continue
-        n_tok = sum(r["tok_len"] for r in rows)
-        n_resp = sum(r["resp_len"] for r in rows)
-        if len(arrays["input_ids"]) != n_tok or n_tok != part["tokens"]:
-            problems.append(f"part {part['name']}: {len(arrays['input_ids'])} tokens stored, table says {n_tok}")
-        if len(arrays["topk_ids"]) != n_resp or n_resp != part["response_tokens"]:
-            problems.append(f"part {part['name']}: {len(arrays['topk_ids'])} response rows, table says {n_resp}")
-        for r in rows:
-            if r["status"] != "ok":
+        reader = None
+        found.append((None, str(e)))
+    if reader is not None:
+        all_rows = reader.table.to_pylist()
+        for j, part in enumerate(manifest["parts"]):
+            name = part["name"]
+            rows = [r for r in all_rows if r["part"] == j]
+            ids_by_part[name] = [r["sample_id"] for r in rows]
+            try:
+                arrays = reader.part_arrays(j)
+            except CacheError as e:
+                found.append((name, str(e)))
                 continue
-            m = arrays["response_mask"][r["tok_start"]:r["tok_start"] + r["tok_len"]]
-            if int(m.sum()) != r["resp_len"]:
-                problems.append(f"part {part['name']}: sample {r['sample_id']} offsets do not match its mask")
+            n_tok = sum(r["tok_len"] for r in rows)
+            n_resp = sum(r["resp_len"] for r in rows)
+            if len(arrays["input_ids"]) != n_tok or n_tok != part["tokens"]:
+                found.append((name, f"part {name}: {len(arrays['input_ids'])} tokens stored, table says {n_tok}"))
+            if len(arrays["topk_ids"]) != n_resp or n_resp != part["response_tokens"]:
+                found.append((name, f"part {name}: {len(arrays['topk_ids'])} response rows, table says {n_resp}"))
+            for r in rows:
+                if r["status"] != "ok":
+                    continue
+                m = arrays["response_mask"][r["tok_start"]:r["tok_start"] + r["tok_len"]]
+                if int(m.sum()) != r["resp_len"]:
+                    found.append((name, f"part {name}: sample {r['sample_id']} offsets do not match its mask"))
+    plan_ids = manifest.get("unit_ids")
+    problems = []
+    for part, msg in found:
+        if part is not None:
+            ids = ids_by_part.get(part) if part not in bad_tables else None
+            if not ids and plan_ids is None:
+                try:  # the sample table itself is damaged: take the ids from the plan
+                    with fs.open(f"{root}/{PLAN_FILE}", "r") as f:
+                        plan_ids = json.load(f).get("unit_ids", [])
+                except (OSError, json.JSONDecodeError):
+                    plan_ids = []
+            if not ids and plan_ids and int(part) < len(plan_ids):
+                ids = plan_ids[int(part)]
+            if ids:
+                msg += f" [part {part}, samples {', '.join(ids[:8])}{f' ... ({len(ids)})' if len(ids) > 8 else ''}]"
+            if damaged_parts is not None and part not in damaged_parts:
+                damaged_parts.append(part)
+        problems.append(msg)
     return problems
+
+
+def mark_for_redump(root: str | Path, parts: list[str]) -> None:
+    """Repair, step one: drop the damaged parts' commit markers and the manifest, so re-running the
+    same dump-teacher command redoes exactly those work units (local caches)."""
+    root = Path(root)
+    for name in parts:
+        (root / PARTS_DIR / f"{name}.commit.json").unlink(missing_ok=True)
+    (root / MANIFEST_FILE).unlink(missing_ok=True)
 
 
 def push_cache(src: str | Path, url: str, storage_options: dict | None = None) -> dict:

@@ -20,6 +20,7 @@ CELL = 16
 IMAGE_SIZE = GRID * CELL
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
+OUTLINE = (20, 20, 20)
 POSITIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
 SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000}
@@ -45,12 +46,13 @@ def render(scene: list[Item]) -> Image.Image:
         x0, y0 = (it.cell % GRID) * CELL + 2, (it.cell // GRID) * CELL + 2
         x1, y1 = x0 + CELL - 5, y0 + CELL - 5
         col = COLOURS[it.colour]
+        # a dark outline: the shape's signature in the pixels does not depend on its colour
         if it.shape == "circle":
-            d.ellipse([x0, y0, x1, y1], fill=col)
+            d.ellipse([x0, y0, x1, y1], fill=col, outline=OUTLINE)
         elif it.shape == "square":
-            d.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=col)
+            d.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=col, outline=OUTLINE)
         else:
-            d.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=col)
+            d.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=col, outline=OUTLINE)
     return img
 
 

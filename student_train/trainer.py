@@ -23,7 +23,7 @@ import torch
 from common import distributed as dist
 from common.adapters import adapter_for
 from common.batch import forward, lm_logits
-from common.cache import CacheReader
+from common.cache import CacheReader, check_manifest
 from common.errors import AlignTIError, CacheError
 from common.faults import crash_point
 from common.fingerprint import check_student
@@ -81,14 +81,6 @@ def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_
     return min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
 
 
-def check_manifest_files(reader: CacheReader) -> None:
-    """Cheap structural check before training: every object the manifest lists is there."""
-    missing = [rel for rel in reader.manifest["files"] if not reader.fs.exists(f"{reader.root}/{rel}")]
-    if missing:
-        raise CacheError(f"the cache at {reader.url} does not match its manifest: {len(missing)} object(s) missing "
-                         f"({', '.join(missing[:3])}). Run 'alignti validate-cache' and re-dump the damaged parts.")
-
-
 def student_step_outputs(adapter, batch: dict, spec, layer: int) -> dict:
     cands = batch.get("tpa_cand_list") if spec.tpa else None
     out = forward(adapter, batch, capture_layers=[layer] if spec.iva else (), branch_cands=cands)
@@ -128,7 +120,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         raise ValueError("the in-training evaluator runs in single-process training only")
     spec = get_loss(cfg.loss)
     reader = CacheReader(cfg.cache)
-    check_manifest_files(reader)
+    check_manifest(reader)
     if len(reader) == 0:
         raise CacheError(f"the cache at {cfg.cache} has no usable samples")
     params = reader.params

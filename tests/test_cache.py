@@ -1,9 +1,11 @@
 """Cache round trips bit for bit, is readable without alignti, validates, resumes and refuses mixing."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +128,22 @@ def test_validate_reports_each_kind_of_damage(cache, tmp_path):
     assert "parts/00001.zarr/topk_logprobs" in problems and "sha256" in problems
     assert "parts/00002.parquet" in problems
     assert "parts/00000.commit.json: missing" in problems
+    ids = {pid: [r["sample_id"] for r in CacheReader(cache).table.to_pylist() if r["part"] == j]
+           for j, pid in enumerate(("00000", "00001", "00002"))}
+    for part in ("00000", "00001", "00002"):  # each problem names its part and that part's samples
+        line = next(p for p in problems.splitlines() if f"parts/{part}" in p)
+        assert f"[part {part}, samples {ids[part][0]}, " in line
+    # train-student refuses it before training, naming the parts; the CLI exits non-zero
+    from student_train.trainer import TrainConfig, train_student
+    with pytest.raises(CacheError, match="part 00002: samples table"):
+        train_student(TrainConfig(student=str(tmp_path / "x"), cache=str(c), out=str(tmp_path / "run")))
+    c3 = _copy(cache, tmp_path / "c")
+    (c3 / "parts/00000.commit.json").unlink()
+    with pytest.raises(CacheError, match=r"does not match its manifest: 1 object\(s\) missing.* in part\(s\) 00000"):
+        train_student(TrainConfig(student=str(tmp_path / "x"), cache=str(c3), out=str(tmp_path / "run")))
+    res = subprocess.run([sys.executable, "-m", "cli", "validate-cache", str(c)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 1 and res.stdout.count("DAMAGED") >= 3
     # the reader itself refuses the damaged chunk, naming the part
     c2 = _copy(cache, tmp_path / "b")
     shard2 = c2 / shard.relative_to(c)
@@ -134,6 +152,25 @@ def test_validate_reports_each_kind_of_damage(cache, tmp_path):
     with pytest.raises(CacheError, match="part 00001"):
         for i in range(len(r)):
             r[i]
+
+
+def test_repair_redoes_only_the_damaged_parts(kit, cache, tmp_path):
+    """validate-cache --repair, then the same dump command: the damaged parts are redone, the others kept."""
+    from common.cache import mark_for_redump
+    c = _copy(cache, tmp_path)
+    shard = sorted(p for p in (c / "parts/00001.zarr/topk_ids/c").rglob("*") if p.is_file())[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    damaged: list = []
+    assert validate_cache(c, damaged_parts=damaged) and damaged == ["00001"]
+    untouched = (c / "parts/00000.commit.json").stat().st_mtime_ns
+    mark_for_redump(c, damaged)
+    dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
+                            images=str(kit / "data/images"), out=str(c), limit=60, unit_size=25,
+                            irs_samples=32, progress=False))
+    assert validate_cache(c) == []
+    assert (c / "parts/00000.commit.json").stat().st_mtime_ns == untouched
+    a, b = CacheReader(cache), CacheReader(c)
+    assert all(np.array_equal(a[i]["topk_ids"], b[i]["topk_ids"]) for i in range(len(a)))
 
 
 def test_interrupted_dump_resumes_identically(kit, cache, tmp_path, monkeypatch):
@@ -176,11 +213,35 @@ def test_dump_refuses_other_parameters(kit, cache, tmp_path):
     assert before == json.loads((cache / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("scheme", ["file", "memory"])
-def test_push_cache_and_read_from_url(cache, kit, tmp_path, scheme):
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3-compatible HTTP server (moto's server mode) on 127.0.0.1, started by the test itself.
+    s3fs finds it the way a user points alignti at MinIO/Ceph/R2: through AWS_ENDPOINT_URL."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = dict(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+               AWS_DEFAULT_REGION="us-east-1")
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+    fsspec.filesystem("s3").mkdir("alignti-bucket")
+    yield env
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    server.stop()
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory", "s3"])
+def test_push_cache_and_read_from_url(cache, kit, tmp_path, scheme, request):
     from common.cache import push_cache
     from student_train.trainer import TrainConfig, train_student
-    url = f"file://{tmp_path}/remote" if scheme == "file" else f"memory://alignti-test-{tmp_path.name}/cache"
+    url = {"file": f"file://{tmp_path}/remote", "memory": f"memory://alignti-test-{tmp_path.name}/cache",
+           "s3": f"s3://alignti-bucket/{tmp_path.name}/cache"}[scheme]
+    if scheme == "s3":
+        request.getfixturevalue("s3_server")
     info = push_cache(cache, url)
     assert info["objects"] > 10
     local, remote = CacheReader(cache), CacheReader(url)
