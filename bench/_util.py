@@ -41,12 +41,26 @@ def timeit(fn, device, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def demo_kit(path: str | Path, train_teacher: bool = True, teacher_steps: int = 300, n_train: int = 100) -> Path:
-    """A demo kit (built once, reused across benchmark runs)."""
+IMAGE_TOKENS_HELP = ("image tokens per sample: 576 = LLaVA-1.5's count (a realistic prompt/answer make-up, "
+                     "the default), 9 = the demo task's one token per grid cell")
+
+
+def patch_for(image_tokens: int) -> int:
+    from demo.shapes import IMAGE_SIZE
+    side = round(image_tokens ** 0.5)
+    if side * side != image_tokens or IMAGE_SIZE % side:
+        raise SystemExit(f"--image-tokens must be a square whose side divides {IMAGE_SIZE} (9, 36, 144, 576)")
+    return IMAGE_SIZE // side
+
+
+def demo_kit(path: str | Path, train_teacher: bool = True, teacher_steps: int = 300, n_train: int = 100,
+             image_tokens: int = 9) -> Path:
+    """A demo kit (built once, reused across benchmark runs) with ``image_tokens`` LLaVA image tokens."""
     path = Path(path)
     if not (path / "teacher" / "config.json").exists():
         from demo.kit import make_demo
-        make_demo(path, n_train=n_train, n_val=20, n_test=20, train_teacher=train_teacher, teacher_steps=teacher_steps)
+        make_demo(path, n_train=n_train, n_val=20, n_test=20, train_teacher=train_teacher, teacher_steps=teacher_steps,
+                  patch=patch_for(image_tokens))
     return path
 
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _util import demo_kit, device_name, sync, table
+from _util import IMAGE_TOKENS_HELP, demo_kit, device_name, patch_for, sync, table
 
 import torch  # noqa: E402
 
@@ -23,7 +23,7 @@ from common.conversation import Record, encode, load_image, load_records  # noqa
 from teacher_dump.dump import DumpConfig, dump_teacher  # noqa: E402
 
 
-def big_teacher(kit: Path, out: Path, hidden: int, layers: int) -> Path:
+def big_teacher(kit: Path, out: Path, hidden: int, layers: int, patch: int) -> Path:
     """The demo teacher's family and processor with a larger language model (realistic forward cost)."""
     if (out / "config.json").exists():
         return out
@@ -32,7 +32,7 @@ def big_teacher(kit: Path, out: Path, hidden: int, layers: int) -> Path:
     proc = AutoProcessor.from_pretrained(kit / "teacher")
     model = build_model("llava", proc.tokenizer, dict(hidden_size=hidden, intermediate_size=4 * hidden,
                                                        num_hidden_layers=layers, num_attention_heads=8,
-                                                       num_key_value_heads=8), 0)
+                                                       num_key_value_heads=8), 0, patch)
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
@@ -46,11 +46,13 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--image-tokens", type=int, default=576, help=IMAGE_TOKENS_HELP)
     a = ap.parse_args()
     device = torch.device(a.device)
     work = Path(a.workdir)
-    kit = demo_kit(work / "kit", train_teacher=False)
-    teacher = big_teacher(kit, work / f"teacher-{a.hidden}x{a.layers}", a.hidden, a.layers)
+    kit = demo_kit(work / f"kit-{a.image_tokens}", train_teacher=False, image_tokens=a.image_tokens)
+    teacher = big_teacher(kit, work / f"teacher-{a.hidden}x{a.layers}-{a.image_tokens}", a.hidden, a.layers,
+                          patch_for(a.image_tokens))
     data, images = kit / "data" / "train.json", kit / "data" / "images"
 
     from common.models import load_vlm

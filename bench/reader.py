@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _util import device_name, table
+from _util import IMAGE_TOKENS_HELP, device_name, table
 
 import torch  # noqa: E402
 
@@ -20,17 +20,18 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-bench"))
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--image-tokens", type=int, default=576, help=IMAGE_TOKENS_HELP)
     a = ap.parse_args()
     device = torch.device(a.device)
     import train_step
-    teacher, student, batch, reader = train_step.setup(Path(a.workdir), device, a.batch_size)
+    teacher, student, batch, reader = train_step.setup(Path(a.workdir), device, a.batch_size, image_tokens=a.image_tokens)
     del teacher
     from common.adapters import adapter_for
     from common.cache import CacheReader
     from student_train.data import CacheDataset, StudentCollator, batches_of, epoch_order
     from transformers import AutoProcessor
 
-    proc = AutoProcessor.from_pretrained(Path(a.workdir) / "kit" / "student")
+    proc = AutoProcessor.from_pretrained(Path(a.workdir) / f"kit-{a.image_tokens}" / "student")
     coll = StudentCollator(proc, type(adapter_for(student)))
     rows, rates = [], {}
     for workers in (0, 2, 4):

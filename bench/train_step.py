@@ -16,14 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _util import demo_kit, device_name, table, timeit
+from _util import IMAGE_TOKENS_HELP, demo_kit, device_name, patch_for, table, timeit
 
 import torch  # noqa: E402
 
 VARIANTS = ("sft", "cache-kd", "cache-kd+iva", "cache-kd+tpa", "cache-alignti", "online-kd")
 
 
-def setup(work: Path, device: torch.device, batch_size: int, need_teacher: bool = True):
+def setup(work: Path, device: torch.device, batch_size: int, need_teacher: bool = True, image_tokens: int = 576):
     from transformers import AutoProcessor
     from demo.kit import STUDENT, build_model
     from common.adapters import adapter_for
@@ -32,15 +32,16 @@ def setup(work: Path, device: torch.device, batch_size: int, need_teacher: bool 
     from student_train.data import CacheDataset, StudentCollator, batch_to_device
     from teacher_dump.dump import DumpConfig, dump_teacher
 
-    kit = demo_kit(work / "kit", train_teacher=False)
+    kit = demo_kit(work / f"kit-{image_tokens}", train_teacher=False, image_tokens=image_tokens)
     proc = AutoProcessor.from_pretrained(kit / "student")
-    teacher_dir = work / "teacher-10x"
+    teacher_dir = work / f"teacher-10x-{image_tokens}"
     if not (teacher_dir / "config.json").exists():
         t = build_model("llava", proc.tokenizer, dict(hidden_size=176, intermediate_size=528, num_hidden_layers=6,
-                                                      num_attention_heads=4, num_key_value_heads=2), 0)
+                                                      num_attention_heads=4, num_key_value_heads=2), 0,
+                        patch_for(image_tokens))
         t.save_pretrained(teacher_dir)
         proc.save_pretrained(teacher_dir)
-    cache = work / "cache-10x"
+    cache = work / f"cache-10x-{image_tokens}"
     if not (cache / "manifest.json").exists():
         shutil.rmtree(cache, ignore_errors=True)
         dump_teacher(DumpConfig(teacher=str(teacher_dir), data=str(kit / "data/train.json"),
@@ -85,7 +86,8 @@ def make_step(variant, teacher, student, batch, reader):
 def peak_memory(variant: str, args) -> float:
     """Peak memory of one variant, in its own process (MiB): GPU allocator peak, or process max RSS."""
     out = subprocess.run([sys.executable, __file__, "--only", variant, "--device", args.device, "--workdir",
-                          args.workdir, "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+                          args.workdir, "--batch-size", str(args.batch_size), "--image-tokens", str(args.image_tokens)],
+                         capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
@@ -96,11 +98,12 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--image-tokens", type=int, default=576, help=IMAGE_TOKENS_HELP)
     a = ap.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)
     teacher, student, batch, reader = setup(Path(a.workdir), device, a.batch_size,
-                                            need_teacher=a.only in (None, "online-kd"))
+                                            need_teacher=a.only in (None, "online-kd"), image_tokens=a.image_tokens)
     if a.only:
         step = make_step(a.only, teacher, student, batch, reader)
         if device.type == "cuda":

@@ -67,7 +67,9 @@ def build_tokenizer(family: str = "llava", vocab_size: int = 320):
     return fast
 
 
-def build_processor(tokenizer, family: str = "llava"):
+def build_processor(tokenizer, family: str = "llava", patch: int = PATCH):
+    """``patch`` (LLaVA): vision patch size; 16 gives one image token per grid cell, 2 gives LLaVA-1.5's
+    576 image tokens per image (the benchmarks' realistic sequence make-up)."""
     from transformers import LlavaProcessor
 
     if family == "llava_onevision":
@@ -96,7 +98,7 @@ def build_processor(tokenizer, family: str = "llava"):
 
     size = shapes.IMAGE_SIZE
     ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=PATCH,
+    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=patch,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE, image_token="<image>")
 
@@ -149,20 +151,22 @@ def build_onevision(tokenizer, text: dict, seed: int):
     return model
 
 
-def build_model(family: str, tokenizer, text: dict, seed: int):
+def build_model(family: str, tokenizer, text: dict, seed: int, patch: int = PATCH):
     builders = {"llava": build_llava, "qwen2_vl": build_qwen2vl, "llava_onevision": build_onevision,
                 "qwen2_5_vl": lambda tok, text, seed: build_qwen2vl(tok, text, seed, v25=True)}
     if family not in builders:
         raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
+    if family == "llava":
+        return build_llava(tokenizer, text, seed, patch)
     return builders[family](tokenizer, text, seed)
 
 
-def build_llava(tokenizer, text: dict, seed: int):
+def build_llava(tokenizer, text: dict, seed: int, patch: int = PATCH):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=shapes.IMAGE_SIZE, patch_size=PATCH, projection_dim=64)
+                          image_size=shapes.IMAGE_SIZE, patch_size=patch, projection_dim=64)
     tc = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"), **text)
@@ -178,24 +182,33 @@ def build_llava(tokenizer, text: dict, seed: int):
     return model
 
 
+def build_student(family: str, tokenizer, teacher, seed: int, patch: int = PATCH):
+    """The student: a fresh small language model and projector on the teacher's (trained) vision tower, as
+    in VLM distillation practice, where student and teacher share the pretrained vision encoder."""
+    student = build_model(family, tokenizer, STUDENT, seed, patch)
+    if hasattr(student.model, "vision_tower"):  # LLaVA, OneVision (Qwen2-VL's merger is sized to the LM: own tower)
+        student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+    return student
+
+
 def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int = 60, train_teacher: bool = True,
               teacher_steps: int = 600, seed: int = 0, questions_per_image: int = 3, family: str = "llava",
-              teacher_lr: float = 3e-4) -> dict:
+              teacher_lr: float = 3e-4, patch: int = PATCH) -> dict:
     out = Path(out)
     data_dir = out / "data"
     paths = shapes.write_dataset(data_dir, n_train, n_val, n_test, questions_per_image)
     tokenizer = build_tokenizer(family)
-    processor = build_processor(tokenizer, family)
-    teacher = build_model(family, tokenizer, TEACHER, seed)
-    student = build_model(family, tokenizer, STUDENT, seed + 1)
+    processor = build_processor(tokenizer, family, patch)
+    teacher = build_model(family, tokenizer, TEACHER, seed, patch)
     result = {"data": {k: str(v) for k, v in paths.items()}, "images": str(data_dir / "images"),
-              "teacher_params": sum(p.numel() for p in teacher.parameters()),
-              "student_params": sum(p.numel() for p in student.parameters())}
+              "teacher_params": sum(p.numel() for p in teacher.parameters())}
     if train_teacher:
         from .teacher_sft import train_sft
         acc = train_sft(teacher, processor, paths["train"], paths["val"], data_dir / "images", steps=teacher_steps,
                         seed=seed, lr=teacher_lr)
         result["teacher_val_accuracy"] = acc
+    student = build_student(family, tokenizer, teacher, seed + 1, patch)
+    result["student_params"] = sum(p.numel() for p in student.parameters())
     for name, model in (("teacher", teacher), ("student", student)):
         model.save_pretrained(out / name)
         processor.save_pretrained(out / name)

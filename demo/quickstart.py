@@ -44,12 +44,13 @@ class QuickstartConfig:
 
 
 def _student_for_seed(kit_dir: Path, seed: int) -> Path:
-    """A freshly initialised student per seed (same config, different init)."""
+    """A freshly initialised student per seed (same config, different init; the teacher's vision tower)."""
     path = kit_dir / f"student-seed{seed}"
     if not (path / "config.json").exists():
-        from transformers import AutoProcessor
+        from transformers import AutoModelForImageTextToText, AutoProcessor
         proc = AutoProcessor.from_pretrained(kit_dir / "student")
-        model = kit.build_model("llava", proc.tokenizer, kit.STUDENT, 1000 + seed)
+        teacher = AutoModelForImageTextToText.from_pretrained(kit_dir / "teacher")
+        model = kit.build_student("llava", proc.tokenizer, teacher, 1000 + seed)
         model.save_pretrained(path)
         proc.save_pretrained(path)
     return path

@@ -29,9 +29,10 @@ def encode_all(processor, path, images, generation_prompt=False):
     return out
 
 
-def accuracy(model, processor, path, images, limit: int | None = None) -> float:
-    items = encode_all(processor, path, images, generation_prompt=True)
-    items = [(r, e) for r, e in items if len(r.turns) == 2][:limit]
+def accuracy(model, processor, path, images, limit: int | None = None, items=None) -> float:
+    if items is None:
+        items = encode_all(processor, path, images, generation_prompt=True)
+        items = [(r, e) for r, e in items if len(r.turns) == 2][:limit]
     preds = greedy_answers(model, processor, [e for _, e in items])
     return sum(exact_match(p, r.turns[-1][1]) for p, (r, _) in zip(preds, items)) / max(1, len(items))
 
@@ -54,9 +55,11 @@ def _stream_batches(processor, seed: int, batch_size: int, caption_rate: float):
 # token (loss stays at the answer prior even for "colour of the only shape"); at 3e-4 that task is learnt
 # in ~200 steps.
 def train_sft(model, processor, train_path, val_path, images, steps: int = 600, batch_size: int = 16, lr: float = 3e-4,
-              seed: int = 0, fresh: bool = True, caption_rate: float = 0.0) -> float:
-    """``fresh``: every step draws new scenes (the task's generator is unbounded), so the teacher
-    learns to see instead of memorising the train split; ``train_path`` is used otherwise."""
+              seed: int = 0, fresh: bool = True, caption_rate: float = 0.0, vision_lr: float | None = None,
+              target: float | None = None, eval_every: int = 250) -> float:
+    """Train for at most ``steps`` steps, stopping early once the validation exact match reaches ``target``
+    (checked every ``eval_every`` steps). ``fresh``: every step draws new scenes (the task's generator is
+    unbounded), so the teacher learns to see instead of memorising the train split."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     adapter = adapter_for(model)
@@ -65,10 +68,16 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
     else:
         data = [e.__dict__ for _, e in encode_all(processor, train_path, images)]
         batches = (rng.sample(data, batch_size) for _ in iter(int, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    lm = set(map(id, adapter.language_model.parameters())) | set(map(id, model.lm_head.parameters()))
+    groups = [{"params": [p for p in model.parameters() if id(p) in lm], "lr": lr},
+              {"params": [p for p in model.parameters() if id(p) not in lm], "lr": vision_lr or lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / steps))
     pad = processor.tokenizer.pad_token_id
+    val_items = [(r, e) for r, e in encode_all(processor, val_path, images, generation_prompt=True)
+                 if len(r.turns) == 2]
     model.train()
+    acc = None
     for step in range(steps):
         batch = collate(next(batches), pad, type(adapter))
         out = forward(adapter, batch)
@@ -80,7 +89,16 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
         sched.step()
         if step % 100 == 0 or step == steps - 1:
             log.info("teacher sft step %d loss %.4f", step, loss.item())
+        if target is not None and (step + 1) % eval_every == 0 and step + 1 < steps:
+            model.eval()
+            acc = accuracy(model, processor, val_path, images, items=val_items)
+            model.train()
+            log.info("teacher step %d: validation exact match %.1f%%", step + 1, 100 * acc)
+            if acc >= target:
+                break
+            acc = None
     model.eval()
-    acc = accuracy(model, processor, val_path, images)
-    log.info("teacher validation exact match: %.1f%%", 100 * acc)
+    if acc is None:
+        acc = accuracy(model, processor, val_path, images, items=val_items)
+    log.info("teacher validation exact match: %.1f%% after %d steps", 100 * acc, step + 1)
     return acc

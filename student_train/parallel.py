@@ -80,9 +80,12 @@ def full_state(module: nn.Module, opt) -> tuple[dict, dict]:
 
 
 def load_full_state(module: nn.Module, opt, model_sd: dict, optim_sd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    set_state_dict(module, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+    """Every rank loads the full state saved by ``full_state``; the model strictly. Parameters that never get a
+    gradient (e.g. CLIP's post-layernorm, unused by LLaVA) have no AdamW state, as in the uninterrupted run."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    set_model_state_dict(module, model_sd, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(module, opt, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def to_cpu(tree):
