@@ -26,8 +26,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import CacheError
 from .faults import crash_point
-from .schema import (ARRAYS, CHUNK_TOKENS, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, SAMPLE_SCHEMA, SCHEMA_VERSION,
-                     SHARD_CHUNKS, array_shape_tail, arrays_for)
+from .schema import (CHUNK_TOKENS, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, QUANTISED, READABLE_VERSIONS,
+                     SAMPLE_SCHEMA, SCHEMA_VERSION, SHARD_CHUNKS, array_dtype, array_shape_tail, arrays_for,
+                     decode_logprobs, encode_logprobs)
 
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
 
@@ -88,8 +89,11 @@ class PartWriter:
             raise CacheError(f"sample {meta['sample_id']}: {n_resp} teacher rows for "
                              f"{int(arrays['response_mask'].sum())} response tokens")
         for name in self.names:
-            want = ARRAYS[name][1]
-            a = np.ascontiguousarray(arrays[name], dtype=want)
+            want = array_dtype(name, self.params)
+            a = arrays[name]
+            if name in QUANTISED and a.dtype != want:
+                a = encode_logprobs(a, self.params)
+            a = np.ascontiguousarray(a, dtype=want)
             tail = array_shape_tail(name, self.params)
             if a.shape[1:] != tail:
                 raise CacheError(f"sample {meta['sample_id']}: array {name} has shape {a.shape}, expected (*, *{tail})")
@@ -112,7 +116,7 @@ class PartWriter:
         group.attrs.update({"schema_version": SCHEMA_VERSION, "part": self.index})
         for n in self.names:
             tail = array_shape_tail(n, self.params)
-            data = np.concatenate(self.buffers[n]) if self.buffers[n] else np.zeros((0, *tail), ARRAYS[n][1])
+            data = np.concatenate(self.buffers[n]) if self.buffers[n] else np.zeros((0, *tail), array_dtype(n, self.params))
             write_array(group, n, data)
         table = pa.Table.from_pylist(self.rows, schema=SAMPLE_SCHEMA)
         pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
@@ -202,9 +206,9 @@ class CacheReader:
         except json.JSONDecodeError as e:
             raise CacheError(f"{self.url}/{MANIFEST_FILE} is damaged ({e}); run validate-cache") from None
         version = self.manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise CacheError(f"{self.url} has cache schema version {version}; this alignti reads version "
-                             f"{SCHEMA_VERSION}. Re-dump the teacher with this version.")
+        if version not in READABLE_VERSIONS:
+            raise CacheError(f"{self.url} has cache schema version {version}; this alignti reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}. Re-dump the teacher with this version.")
         self.fingerprint = self.manifest["fingerprint"]
         self.params = self.fingerprint["params"]
         self.part_names = [p["name"] for p in self.manifest["parts"]]
@@ -252,6 +256,8 @@ class CacheReader:
         for name in arrays_for(self.params):
             try:
                 arrays[name] = group[name][...]
+                if name in QUANTISED:
+                    arrays[name] = decode_logprobs(arrays[name])
             except Exception as e:  # noqa: BLE001 - any decode/checksum failure is a damaged chunk
                 raise CacheError(f"part {self.part_names[j]}: array {name} cannot be read ({type(e).__name__}: "
                                  f"{e}); run 'alignti validate-cache {self.url}'") from None

@@ -18,7 +18,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS
+SCHEMA_VERSION = 3  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs
+READABLE_VERSIONS = (2, 3)  # a v2 cache is a v3 cache with float16 log-probs
+
+# Log-prob encodings (params["logprob_encoding"]; absent = float16). "uint8": q = round(-logp * 16) clipped
+# to 0..255, i.e. 1/16-nat steps down to -15.94 nats; decoded as -q/16 (exact in float16). The rest mass
+# (tail_logmass, tpa_tail) stays float32, and the loss renormalises the (k+1)-way fold.
+LOGPROB_ENCODINGS = ("float16", "uint8")
+UINT8_SCALE = 16.0
+QUANTISED = ("topk_logprobs", "tpa_logprobs")
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
@@ -64,6 +72,25 @@ SAMPLE_SCHEMA = pa.schema([
     ("sal_start", pa.int64()),        # offset into saliency of this part
     ("n_turns", pa.int32()),
 ])
+
+
+def array_dtype(name: str, params: dict) -> np.dtype:
+    if name in QUANTISED and params.get("logprob_encoding", "float16") == "uint8":
+        return np.dtype("uint8")
+    return ARRAYS[name][1]
+
+
+def encode_logprobs(a: np.ndarray, params: dict) -> np.ndarray:
+    if params.get("logprob_encoding", "float16") == "uint8":
+        return np.clip(np.rint(-a.astype(np.float32) * UINT8_SCALE), 0, 255).astype(np.uint8)
+    return a.astype(np.float16)
+
+
+def decode_logprobs(a: np.ndarray) -> np.ndarray:
+    """float16 log-probs from either encoding."""
+    if a.dtype == np.uint8:
+        return (-(a.astype(np.float16)) / np.float16(UINT8_SCALE)).astype(np.float16)
+    return a
 
 
 def array_shape_tail(name: str, params: dict) -> tuple[int, ...]:

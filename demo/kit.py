@@ -167,7 +167,9 @@ def build_llava(tokenizer, text: dict, seed: int, patch: int = PATCH):
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           image_size=shapes.IMAGE_SIZE, patch_size=patch, projection_dim=64)
-    tc = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
+    n_image = (shapes.IMAGE_SIZE // patch) ** 2
+    tc = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512 if n_image < 256 else 1024,
+                     tie_word_embeddings=False,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"), **text)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),

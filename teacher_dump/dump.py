@@ -29,7 +29,7 @@ from common.errors import AlignTIError, CacheError, DataError
 from common.fingerprint import make_fingerprint
 from common.models import load_vlm
 from common.progress import progress_bar
-from common.schema import MANIFEST_FILE, PARTS_DIR
+from common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR
 
 from .compute import split_per_sample, teacher_batch
 
@@ -54,6 +54,7 @@ class DumpConfig:
     unit_size: int = 256
     max_length: int | None = None
     dtype: str = "auto"
+    logprob_encoding: str = "float16"  # or "uint8" (1/16-nat log-space steps; see common/schema.py)
     progress: bool = True
 
 
@@ -114,6 +115,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     env = dist.dist_env()
     device = dist.device_for(cfg.device, env)
     dist.init(env, device)
+    if cfg.logprob_encoding not in LOGPROB_ENCODINGS:
+        raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_ENCODINGS)}, not '{cfg.logprob_encoding}'")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
     records = load_records(cfg.data)
@@ -150,7 +153,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     params = {"top_k": cfg.top_k, "tpa_branches": cfg.tpa_branches, "tpa_top_k": cfg.tpa_top_k,
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "logprob_encoding": cfg.logprob_encoding}
     fingerprint = make_fingerprint(model.config, processor, params)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
     plan = {"fingerprint": fingerprint, "units": units, "irs": irs, "data": str(cfg.data),

@@ -256,3 +256,34 @@ def test_push_cache_and_read_from_url(cache, kit, tmp_path, scheme, request):
     assert res["steps"] == 2
     with pytest.raises(CacheError, match="not a finished cache"):
         push_cache(tmp_path, url)
+
+
+def test_uint8_logprob_encoding(kit, cache, tmp_path):
+    """--logprob-dtype uint8: 1/16-nat log-space steps, decoded to the fp16 dump's values within half a step
+    (values below -15.94 nats clip), the rest mass untouched, fewer bytes, and a student trains on it."""
+    from common.inspect import cache_summary
+    from student_train.trainer import TrainConfig, train_student
+    out = tmp_path / "u8"
+    dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
+                            images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25,
+                            irs_samples=32, progress=False, logprob_encoding="uint8"))
+    import zarr
+    assert zarr.open_group(str(out / "parts/00000.zarr"), mode="r")["topk_logprobs"].dtype == np.uint8
+    a, b = CacheReader(cache), CacheReader(out)
+    assert b.manifest["schema_version"] == SCHEMA_VERSION and b.params["logprob_encoding"] == "uint8"
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert np.array_equal(x["topk_ids"], y["topk_ids"]) and np.array_equal(x["tail_logmass"], y["tail_logmass"])
+        for name in ("topk_logprobs", "tpa_logprobs"):
+            want = np.maximum(x[name].astype(np.float32), -255 / 16)
+            assert y[name].dtype == np.float16
+            assert np.abs(y[name].astype(np.float32) - want).max() <= 1 / 32 + 2e-3
+    sa, sb = cache_summary(str(cache)), cache_summary(str(out))
+    assert sb["topk_bytes_per_token"] < sa["topk_bytes_per_token"]  # ~27% at scale: bench/cache_size.py
+    res = train_student(TrainConfig(student=str(kit / "student"), cache=str(out), out=str(tmp_path / "run"),
+                                    loss="alignti", max_steps=2, progress=False))
+    assert np.isfinite(res["last"]["loss"])
+    with pytest.raises(CacheError, match="different params"):  # never mixed with a float16 dump
+        dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
+                                images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25,
+                                irs_samples=32, progress=False))
