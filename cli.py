@@ -54,7 +54,9 @@ def _relaunch(nproc: int) -> None:
 @app.command("make-demo")
 def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."),
               train_teacher: bool = typer.Option(True, help="Train the tiny teacher on the shapes task."),
-              teacher_steps: int = typer.Option(1200, help="Teacher training steps."),
+              teacher_steps: int = typer.Option(3000, help="Most teacher training steps."),
+              teacher_target: float = typer.Option(0.9, help="Stop teacher training at this validation exact match."),
+              teacher_batch: int = typer.Option(64, help="Teacher training batch size."),
               teacher_lr: float = typer.Option(3e-4, help="Teacher learning rate (3e-3 stalls at the answer prior)."),
               n_train: int = typer.Option(300, help="Training images (3 questions each)."),
               n_val: int = typer.Option(40), n_test: int = typer.Option(60),
@@ -64,7 +66,7 @@ def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."
     from demo.kit import make_demo as run
     info = _run(run, out, n_train=n_train, n_val=n_val, n_test=n_test, train_teacher=train_teacher,
                 teacher_steps=teacher_steps, seed=seed, family=family,
-                teacher_lr=teacher_lr)
+                teacher_lr=teacher_lr, teacher_target=teacher_target, teacher_batch=teacher_batch)
     typer.echo(json.dumps(info, indent=2))
 
 

@@ -194,8 +194,12 @@ def build_student(family: str, tokenizer, teacher, seed: int, patch: int = PATCH
 
 
 def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int = 60, train_teacher: bool = True,
-              teacher_steps: int = 600, seed: int = 0, questions_per_image: int = 3, family: str = "llava",
-              teacher_lr: float = 3e-4, patch: int = PATCH) -> dict:
+              teacher_steps: int = 3000, seed: int = 0, questions_per_image: int = 3, family: str = "llava",
+              teacher_lr: float = 3e-4, patch: int = PATCH, teacher_batch: int = 64, teacher_target: float | None = 0.9,
+              caption_rate: float = 0.2) -> dict:
+    """Data splits, tokenizer, processor, teacher and student checkpoints under ``out``. With ``train_teacher``
+    the teacher trains on fresh scenes (and ``caption_rate`` of "list the shapes" captions, dense supervision)
+    for at most ``teacher_steps`` steps, stopping once validation exact match reaches ``teacher_target``."""
     out = Path(out)
     data_dir = out / "data"
     paths = shapes.write_dataset(data_dir, n_train, n_val, n_test, questions_per_image)
@@ -207,7 +211,8 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
     if train_teacher:
         from .teacher_sft import train_sft
         acc = train_sft(teacher, processor, paths["train"], paths["val"], data_dir / "images", steps=teacher_steps,
-                        seed=seed, lr=teacher_lr)
+                        seed=seed, lr=teacher_lr, batch_size=teacher_batch, target=teacher_target,
+                        caption_rate=caption_rate)
         result["teacher_val_accuracy"] = acc
     student = build_student(family, tokenizer, teacher, seed + 1, patch)
     result["student_params"] = sum(p.numel() for p in student.parameters())

@@ -25,10 +25,12 @@ log = logging.getLogger("alignti.quickstart")
 
 METHODS = ("sft", "kd", "kd+iva", "kd+tpa", "alignti")
 PRESETS = {
-    "default": dict(n_train=300, n_val=40, n_test=80, teacher_steps=1200, student_steps=400, batch_size=16,
-                    lr=3e-4, eval_every=100, val_limit=60),
-    "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=400, student_steps=80, batch_size=16,
-                 lr=3e-4, eval_every=40, val_limit=30),
+    # the teacher trains until 90% validation exact match (at most teacher_steps steps)
+    "default": dict(n_train=300, n_val=40, n_test=80, teacher_steps=3000, teacher_target=0.9, student_steps=400,
+                    batch_size=16, lr=1e-3, eval_every=100, val_limit=60),
+    # mechanics only: a briefly trained teacher (no accuracy target), short student runs
+    "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=150, teacher_target=None, student_steps=80,
+                 batch_size=16, lr=1e-3, eval_every=40, val_limit=30),
 }
 
 
@@ -64,13 +66,15 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     kit_dir = work / "kit"
     if not (kit_dir / "teacher" / "config.json").exists():
         info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
-                             teacher_steps=p["teacher_steps"])
+                             teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"])
         (work / "kit.json").write_text(json.dumps(info, indent=2))
     info = json.loads((work / "kit.json").read_text())
     data, images = kit_dir / "data", str(kit_dir / "data" / "images")
     dump_teacher(DumpConfig(teacher=str(kit_dir / "teacher"), data=str(data / "train.json"), images=images,
                             out=str(work / "cache"), device=cfg.device, progress=cfg.progress))
     t_dump = time.perf_counter()
+    from .saliency_check import region_hits
+    saliency = region_hits(work / "cache", data / "train.json")
 
     device = resolve_device(cfg.device)
     teacher, proc = load_vlm(str(kit_dir / "teacher"), device)
@@ -112,7 +116,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     results = {"preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
                "teacher_test_accuracy": teacher_acc, "teacher_val_accuracy": info.get("teacher_val_accuracy"),
                "teacher_params": info["teacher_params"], "student_params": info["student_params"],
-               "methods": table, "dump_seconds": round(t_dump - t_start, 1),
+               "teacher_saliency_region": saliency, "methods": table, "dump_seconds": round(t_dump - t_start, 1),
                "total_seconds": round(time.perf_counter() - t_start, 1),
                "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}
     (work / "results.json").write_text(json.dumps(results, indent=2))
@@ -145,6 +149,11 @@ def render_table(results: dict) -> str:
         kl = f"{r['kl_mean']:.3f}" if r["kl_mean"] is not None else "-"
         lines.append(f"| {m} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} | "
                      f"{100 * r['agreement_mean']:.1f} | {kl} |")
+    sal = results.get("teacher_saliency_region")
+    if sal:
+        lines += ["", "Teacher saliency (cached, layer l*): share of samples whose top image token lies in the region "
+                  "the question names: " + ", ".join(f"{t} {100 * r['hit_rate']:.0f}% (chance {100 * r['chance']:.0f}%)"
+                                                     for t, r in sal.items())]
     return "\n".join(lines)
 
 

@@ -18,7 +18,8 @@ def kit(tmp_path_factory):
     from demo.kit import make_demo
     out = tmp_path_factory.mktemp("kit")
     # 80 quick steps at 3e-3: peaky, non-uniform teacher distributions and saliency for the mechanics tests
-    make_demo(out, n_train=40, n_val=8, n_test=8, train_teacher=True, teacher_steps=80, teacher_lr=3e-3)
+    make_demo(out, n_train=40, n_val=8, n_test=8, train_teacher=True, teacher_steps=80, teacher_lr=3e-3,
+              teacher_batch=16, teacher_target=None, caption_rate=0.0)
     return out
 
 

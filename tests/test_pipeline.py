@@ -111,7 +111,8 @@ def test_qwen2_vl_end_to_end_every_term_falls(tmp_path):
     from demo.kit import make_demo
     from teacher_dump.dump import DumpConfig, dump_teacher
     kit = tmp_path / "kit"
-    make_demo(kit, n_train=30, n_val=4, n_test=4, teacher_steps=80, family="qwen2_vl", teacher_lr=3e-3)
+    make_demo(kit, n_train=30, n_val=4, n_test=4, teacher_steps=80, family="qwen2_vl", teacher_lr=3e-3,
+              teacher_batch=16, teacher_target=None, caption_rate=0.0)
     m = dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                                 images=str(kit / "data/images"), out=str(tmp_path / "cache"), irs_samples=32,
                                 progress=False))
