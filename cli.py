@@ -138,7 +138,8 @@ def train_student(student: str = typer.Option(..., help="Student checkpoint (loc
                   workers: int = typer.Option(0, help="DataLoader worker processes."),
                   nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
                                                     "(DDP; gloo on CPU, nccl on GPU)."),
-                  fsdp: bool = typer.Option(False, help="Shard the student with FSDP2 (fully_shard) instead of DDP.")):
+                  fsdp: bool = typer.Option(False, help="Shard the student with FSDP2 (fully_shard) instead of DDP."),
+                  freeze_vision: bool = typer.Option(False, help="Keep the student's vision encoder fixed.")):
     """Train a student from the cache alone (under torchrun: DDP, or FSDP2 with --fsdp)."""
     _relaunch(nproc)
     from student_train.trainer import TrainConfig, train_student as run
@@ -147,7 +148,7 @@ def train_student(student: str = typer.Option(..., help="Student checkpoint (loc
                       student_layer=student_layer, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                       grad_accum=grad_accum, warmup_steps=warmup_steps, weight_decay=weight_decay,
                       save_every=save_every, resume=resume, seed=seed, device=device, images=images, workers=workers,
-                      fsdp=fsdp)
+                      fsdp=fsdp, freeze_vision=freeze_vision)
     _echo_main(json.dumps(_run(run, cfg), default=str))
 
 

@@ -20,6 +20,7 @@ from _util import IMAGE_TOKENS_HELP, demo_kit, device_name, patch_for, table, ti
 
 import torch  # noqa: E402
 
+FREEZE_VISION = "--freeze-vision" in sys.argv
 VARIANTS = ("sft", "cache-kd", "cache-kd+iva", "cache-kd+tpa", "cache-alignti", "online-kd")
 
 
@@ -63,7 +64,9 @@ def make_step(variant, teacher, student, batch, reader):
     from student_train.trainer import student_layer_for, student_step_outputs
 
     sa, ta = adapter_for(student), (adapter_for(teacher) if teacher is not None else None)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    if FREEZE_VISION:  # train-student --freeze-vision, the same in every variant
+        sa.vision_tower.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
     layer = student_layer_for(None, reader.params["saliency_layer"], reader.params["teacher_layers"], sa.num_layers)
     spec = get_loss("kd" if variant == "online-kd" else variant.removeprefix("cache-"))
     w = LossWeights()
@@ -86,7 +89,8 @@ def make_step(variant, teacher, student, batch, reader):
 def peak_memory(variant: str, args) -> float:
     """Peak memory of one variant, in its own process (MiB): GPU allocator peak, or process max RSS."""
     out = subprocess.run([sys.executable, __file__, "--only", variant, "--device", args.device, "--workdir",
-                          args.workdir, "--batch-size", str(args.batch_size), "--image-tokens", str(args.image_tokens)],
+                          args.workdir, "--batch-size", str(args.batch_size), "--image-tokens", str(args.image_tokens)]
+                         + (["--freeze-vision"] if args.freeze_vision else []),
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
@@ -99,6 +103,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--image-tokens", type=int, default=576, help=IMAGE_TOKENS_HELP)
+    ap.add_argument("--freeze-vision", action="store_true", help="student vision encoder fixed in every variant")
     a = ap.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)

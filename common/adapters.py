@@ -27,6 +27,12 @@ class ModelAdapter:
     def language_model(self) -> nn.Module:
         return self.model.model.language_model
 
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder (LLaVA: vision_tower; Qwen2-VL: visual, its merger included)."""
+        inner = self.model.model
+        return inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual
+
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
 

@@ -39,7 +39,7 @@ log = logging.getLogger("alignti.train")
 # settings that must not change between a run and its resume
 _RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "iva_ratio", "temperature", "student_layer",
              "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed",
-             "fsdp")
+             "fsdp", "freeze_vision")
 
 
 @dataclass
@@ -70,6 +70,7 @@ class TrainConfig:
     workers: int = 0
     eval_every: int = 0  # with an evaluator (python API): run it every N steps, logged as val_accuracy
     fsdp: bool = False   # under torchrun: FSDP2 (fully_shard per decoder layer) instead of DDP
+    freeze_vision: bool = False  # keep the vision encoder fixed (LLaVA recipes' usual choice); projector and LM train
     progress: bool = True
 
 
@@ -147,10 +148,12 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio)
 
+    if cfg.freeze_vision:
+        adapter.vision_tower.requires_grad_(False)
     # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
     step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer), env, device, cfg.fsdp)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 

@@ -135,3 +135,14 @@ def test_dataloader_workers_give_the_same_batches(kit, cache, tmp_path):
     train_student(TrainConfig(out=str(tmp_path / "w2"), workers=2, **common))
     strip = lambda ms: [{k: v for k, v in x.items() if k != "sec"} for x in ms]  # noqa: E731
     assert strip(metrics(tmp_path / "w0")) == strip(metrics(tmp_path / "w2"))
+
+
+def test_freeze_vision_keeps_the_encoder_and_trains_the_rest(kit, cache, tmp_path):
+    from safetensors.torch import load_file
+    train_student(TrainConfig(student=str(kit / "student"), cache=str(cache), out=str(tmp_path / "r"), loss="alignti",
+                              max_steps=2, freeze_vision=True, progress=False))
+    before, after = load_file(kit / "student/model.safetensors"), load_file(tmp_path / "r/final/model.safetensors")
+    vision = [k for k in before if "vision_tower" in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "multi_modal_projector" in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
