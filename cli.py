@@ -88,6 +88,9 @@ def dump_teacher(teacher: str = typer.Option(..., help="Teacher checkpoint (loca
                  dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
                  logprob_dtype: str = typer.Option("float16", help="Stored top-k log-probs: float16, or uint8 "
                                                                    "(1/16-nat log-space steps, ~27% smaller cache)."),
+                 saliency_query: str = typer.Option("instruction", help="Saliency query positions: instruction "
+                                                    "(the turn's instruction tokens) or answer (the position "
+                                                    "predicting the first answer token)."),
                  nproc: int = typer.Option(1, help="Teacher replicas: re-runs this command under torchrun "
                                                    "(one per GPU); ranks split the work units.")):
     """Run the teacher once over the data and write the cache (resumable)."""
@@ -96,7 +99,8 @@ def dump_teacher(teacher: str = typer.Option(..., help="Teacher checkpoint (loca
     cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
                      batch_size=batch_size, device=device, limit=limit, skip_bad=skip_bad, tpa_branches=tpa_branches,
                      tpa_top_k=tpa_top_k, saliency_layer=saliency_layer, irs_samples=irs_samples, unit_size=unit_size,
-                     max_length=max_length, dtype=dtype, logprob_encoding=logprob_dtype)
+                     max_length=max_length, dtype=dtype, logprob_encoding=logprob_dtype,
+                     saliency_query=saliency_query)
     manifest = _run(run, cfg)
     _echo_main(json.dumps(manifest["counts"]))
 

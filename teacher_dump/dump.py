@@ -24,7 +24,8 @@ from common.adapters import adapter_for
 from common.batch import collate, to_device
 from common import distributed as dist
 from common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
-from common.conversation import Record, Skipped, encode, load_image, load_records
+from common.conversation import (SALIENCY_QUERIES, Record, Skipped, encode, load_image, load_records,
+                                 with_saliency_query)
 from common.errors import AlignTIError, CacheError, DataError
 from common.fingerprint import make_fingerprint
 from common.models import load_vlm
@@ -55,6 +56,7 @@ class DumpConfig:
     max_length: int | None = None
     dtype: str = "auto"
     logprob_encoding: str = "float16"  # or "uint8" (1/16-nat log-space steps; see common/schema.py)
+    saliency_query: str = "instruction"  # or "answer" (common/conversation.py: with_saliency_query)
     progress: bool = True
 
 
@@ -115,6 +117,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     env = dist.dist_env()
     device = dist.device_for(cfg.device, env)
     dist.init(env, device)
+    if cfg.saliency_query not in SALIENCY_QUERIES:
+        raise ValueError(f"--saliency-query must be one of {', '.join(SALIENCY_QUERIES)}, not '{cfg.saliency_query}'")
     if cfg.logprob_encoding not in LOGPROB_ENCODINGS:
         raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_ENCODINGS)}, not '{cfg.logprob_encoding}'")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
@@ -144,7 +148,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             from .select_layer import select_layer
             irs = _on_main(env, lambda: select_layer(
                 model, processor, [r for r in records if isinstance(r, Record)], cfg.images,
-                n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress))
+                n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress,
+                query=cfg.saliency_query))
         layer = irs["layer"]
     else:
         layer = int(cfg.saliency_layer)
@@ -154,7 +159,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     params = {"top_k": cfg.top_k, "tpa_branches": cfg.tpa_branches, "tpa_top_k": cfg.tpa_top_k,
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-              "logprob_encoding": cfg.logprob_encoding}
+              "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query}
     fingerprint = make_fingerprint(model.config, processor, params)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
     plan = {"fingerprint": fingerprint, "units": units, "irs": irs, "data": str(cfg.data),
@@ -200,7 +205,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                         continue
                     try:
                         img, sha = load_image(r, cfg.images) if r.image else (None, "")
-                        encoded.append(encode(processor, r, img, sha, max_length=max_length))
+                        encoded.append(with_saliency_query(encode(processor, r, img, sha, max_length=max_length),
+                                                           cfg.saliency_query))
                     except DataError as err:
                         if not cfg.skip_bad:
                             raise DataError(err.sample, err.problem, err.fix + "; units already committed are "

@@ -17,7 +17,7 @@ import torch
 
 from common.adapters import adapter_for
 from common.batch import collate, forward, to_device
-from common.conversation import Record, encode, load_image
+from common.conversation import Record, encode, load_image, with_saliency_query
 from common.progress import progress_bar
 
 log = logging.getLogger("alignti.irs")
@@ -25,7 +25,7 @@ log = logging.getLogger("alignti.irs")
 
 @torch.no_grad()
 def attention_maps(model, processor, records: list[Record], images: str, layers, batch_size: int = 8,
-                   progress: bool = True) -> tuple[list, dict[int, list[torch.Tensor]]]:
+                   progress: bool = True, query: str = "instruction") -> tuple[list, dict[int, list[torch.Tensor]]]:
     """alpha of the first assistant turn for every record and every layer in ``layers``."""
     adapter = adapter_for(model)
     device = next(model.parameters()).device
@@ -33,7 +33,7 @@ def attention_maps(model, processor, records: list[Record], images: str, layers,
     encoded = []
     for r in records:
         img, sha = load_image(r, images)
-        encoded.append(encode(processor, r, img, sha))
+        encoded.append(with_saliency_query(encode(processor, r, img, sha), query))
     maps: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     with progress_bar("select-layer", total=len(encoded), unit="samples", enabled=progress) as bar:
         for i in range(0, len(encoded), batch_size):
@@ -81,13 +81,13 @@ def calibration_subset(records: list[Record], n: int, seed: int = 0) -> list[Rec
 
 
 def select_layer(model, processor, records: list[Record], images: str, n_samples: int = 256, batch_size: int = 8,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, query: str = "instruction") -> dict:
     adapter = adapter_for(model)
     layers = list(range(adapter.num_layers))
     calib = calibration_subset([r for r in records if r.image], n_samples)
     if len(calib) < 2:
         raise ValueError("select-layer needs at least two samples with images")
-    encoded, maps = attention_maps(model, processor, calib, images, layers, batch_size, progress)
+    encoded, maps = attention_maps(model, processor, calib, images, layers, batch_size, progress, query)
     pairs, fallback = make_pairs(calib)
     pairs = [(a, b) for a, b in pairs if len(maps[0][a]) == len(maps[0][b])]
     if fallback:

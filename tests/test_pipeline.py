@@ -146,3 +146,27 @@ def test_freeze_vision_keeps_the_encoder_and_trains_the_rest(kit, cache, tmp_pat
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert any(not torch.equal(before[k], after[k]) for k in before if "multi_modal_projector" in k)
     assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
+
+
+def test_answer_saliency_query_is_cached_and_used_by_the_student(kit, tmp_path):
+    """--saliency-query answer: the saliency query is the position predicting each turn's first answer token;
+    the cache stores those spans, so the student's IVA map comes from the same position."""
+    import numpy as np
+    from common.cache import CacheReader
+    from teacher_dump.dump import DumpConfig, dump_teacher
+    out = tmp_path / "c"
+    dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
+                            images=str(kit / "data/images"), out=str(out), limit=20, saliency_layer="auto",
+                            irs_samples=16, tpa_branches=0, saliency_query="answer", progress=False))
+    r = CacheReader(out)
+    assert r.params["saliency_query"] == "answer"
+    for i in range(len(r)):
+        x = r[i]
+        assert x["instr_spans"] == [(s - 1, s) for s, _ in x["resp_spans"]]
+        assert np.allclose(x["saliency"].astype(np.float32).sum(-1), 1, atol=1e-2)
+    res = train_student(TrainConfig(student=str(kit / "student"), cache=str(out), out=str(tmp_path / "r"),
+                                    loss="kd+iva", max_steps=2, progress=False))
+    assert res["last"]["iva"] > 0
+    with pytest.raises(ValueError, match="saliency-query"):
+        dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data="x", images="y", out=str(tmp_path / "d"),
+                                saliency_query="everything"))
