@@ -68,7 +68,9 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
         s, layer = student_saliency(student, reader, i, student_layer)
         panels.append((f"student (layer {layer})", overlay(img, grid_of(s[turn]))))
     s0, e0 = x["instr_spans"][turn]
-    title = reader_title(reader, x["input_ids"][s0:e0])
+    if reader.params.get("saliency_query") == "answer":  # the query is one position: title with the whole prompt turn
+        s0 = x["resp_spans"][turn - 1][1] if turn else x["image_tok_start"] + x["n_image_tokens"]
+    title = reader_title(reader, x["input_ids"][s0:e0], skip_special=True).strip()
     w, h = 240, 240
     canvas = Image.new("RGB", (w * len(panels) + 10 * (len(panels) - 1), h + 44), "white")
     d = ImageDraw.Draw(canvas)
@@ -80,11 +82,11 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
     return {"sample": sample, "out": str(out), "instruction": title, "panels": [p[0] for p in panels]}
 
 
-def reader_title(reader: CacheReader, ids: np.ndarray) -> str:
+def reader_title(reader: CacheReader, ids: np.ndarray, skip_special: bool = False) -> str:
     """Decode instruction ids with the tokenizer of the student or teacher dir recorded in the manifest."""
     teacher = reader.manifest.get("dump_config", {}).get("teacher")
     try:
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(teacher).decode(ids.tolist())
+        return AutoTokenizer.from_pretrained(teacher).decode(ids.tolist(), skip_special_tokens=skip_special)
     except Exception:  # noqa: BLE001 - the title is cosmetic; fall back to ids
         return " ".join(map(str, ids.tolist()))

@@ -55,3 +55,26 @@ def test_quickstart_tiny_budget(tmp_path):
     assert (tmp_path / "results.md").read_text().count("|") > 10
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == 2
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_trained_teacher_saliency_sits_on_the_named_region(tmp_path):
+    """The demo teacher as `alignti quickstart` trained it (90.7% validation exact match; stored in fp16
+    under tests/data/shapes-teacher, regenerate with `alignti make-demo`). On fresh scenes, the cached
+    saliency taken at the answer query (--saliency-query answer) puts its top image token on the cell
+    the question names for most colour and shape questions (chance: 1 in 9). ("describe" answers start
+    with "a", which needs no look; the look comes one token later.)"""
+    from pathlib import Path
+
+    from demo.saliency_check import region_hits
+    from teacher_dump.dump import DumpConfig, dump_teacher
+    teacher = Path(__file__).parent / "data" / "shapes-teacher"
+    recs = shapes.generate_split(tmp_path, "test", 30, seed=4242)
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    out = tmp_path / "c"
+    dump_teacher(DumpConfig(teacher=str(teacher), data=str(tmp_path / "d.json"), images=str(tmp_path / "images"),
+                            out=str(out), tpa_branches=0, saliency_layer="1", saliency_query="answer",
+                            progress=False))
+    hits = region_hits(out, tmp_path / "d.json")
+    for qtype in ("colour", "shape"):
+        assert hits[qtype]["n"] >= 5
+        assert hits[qtype]["hit_rate"] >= 0.6 > 3 * hits[qtype]["chance"], (qtype, hits)
