@@ -37,9 +37,10 @@ def part_name(i: int) -> str:
     return f"{i:05d}"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path, fs=None) -> str:
+    """sha256 of a local file, or of ``path`` on the fsspec filesystem ``fs``."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (fs.open(path, "rb") if fs is not None else open(path, "rb")) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -305,11 +306,7 @@ def check_manifest(reader: CacheReader) -> None:
     damaged = []
     for rel in sorted(files):
         if rel in present and rel.endswith((".json", ".parquet")):
-            h = hashlib.sha256()
-            with fs.open(f"{root}/{rel}", "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != files[rel]:
+            if sha256_file(f"{root}/{rel}", fs) != files[rel]:
                 damaged.append(rel)
     if missing or damaged:
         what = [f"{len(missing)} object(s) missing ({', '.join(missing[:3])})"] if missing else []
@@ -341,11 +338,7 @@ def validate_cache(url: str | Path, storage_options: dict | None = None, damaged
         if not fs.exists(path):
             found.append((_part_of(rel), f"{rel}: missing"))
             continue
-        h = hashlib.sha256()
-        with fs.open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != want:
+        if sha256_file(path, fs) != want:
             found.append((_part_of(rel), f"{rel}: sha256 mismatch (damaged or modified)"))
     bad_tables = {p for p, m in found if p and m.startswith(f"{PARTS_DIR}/{p}.parquet")}
     ids_by_part: dict[str, list[str]] = {}
@@ -429,11 +422,7 @@ def push_cache(src: str | Path, url: str, storage_options: dict | None = None) -
         fs.put_file(str(src / rel), target)
     bad = []
     for rel, want in manifest["files"].items():
-        h = hashlib.sha256()
-        with fs.open(f"{root}/{rel}", "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != want:
+        if sha256_file(f"{root}/{rel}", fs) != want:
             bad.append(rel)
     if bad:
         raise CacheError(f"{len(bad)} object(s) differ after upload to {url}: {', '.join(bad[:3])}")
