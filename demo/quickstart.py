@@ -71,7 +71,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     info = json.loads((work / "kit.json").read_text())
     data, images = kit_dir / "data", str(kit_dir / "data" / "images")
     dump_teacher(DumpConfig(teacher=str(kit_dir / "teacher"), data=str(data / "train.json"), images=images,
-                            out=str(work / "cache"), device=cfg.device, progress=cfg.progress))
+                            out=str(work / "cache"), device=cfg.device, progress=cfg.progress,
+                            saliency_query="answer"))  # where the demo teacher looks (docs/method.md)
     t_dump = time.perf_counter()
     from .saliency_check import region_hits
     saliency = region_hits(work / "cache", data / "train.json")
