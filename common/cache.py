@@ -294,6 +294,10 @@ class CacheReader:
         return out
 
 
+def _part_of(rel: str) -> str | None:
+    return rel.split("/")[1].split(".")[0] if rel.startswith(f"{PARTS_DIR}/") else None
+
+
 def check_manifest(reader: CacheReader) -> None:
     """The check train-student runs before it starts (cheap, also on object storage): every object the
     manifest lists is there (one recursive listing), and the small objects (plan, commit markers,
@@ -311,15 +315,11 @@ def check_manifest(reader: CacheReader) -> None:
     if missing or damaged:
         what = [f"{len(missing)} object(s) missing ({', '.join(missing[:3])})"] if missing else []
         what += [f"{len(damaged)} object(s) changed since the dump ({', '.join(damaged[:3])})"] if damaged else []
-        parts = sorted({rel.split("/")[1].split(".")[0] for rel in missing + damaged if rel.startswith(PARTS_DIR)})
+        parts = sorted({_part_of(rel) for rel in missing + damaged} - {None})
         raise CacheError(f"the cache at {reader.url} does not match its manifest: {'; '.join(what)}"
                          + (f" in part(s) {', '.join(parts)}" if parts else "")
                          + f". Run 'alignti validate-cache --repair {reader.url}', then re-run the dump-teacher command "
                          "that made it: only the damaged parts are redone.")
-
-
-def _part_of(rel: str) -> str | None:
-    return rel.split("/")[1].split(".")[0] if rel.startswith(f"{PARTS_DIR}/") else None
 
 
 def validate_cache(url: str | Path, storage_options: dict | None = None, damaged_parts: list | None = None) -> list[str]:
@@ -370,7 +370,7 @@ def validate_cache(url: str | Path, storage_options: dict | None = None, damaged
                 m = arrays["response_mask"][r["tok_start"]:r["tok_start"] + r["tok_len"]]
                 if int(m.sum()) != r["resp_len"]:
                     found.append((name, f"part {name}: sample {r['sample_id']} offsets do not match its mask"))
-    plan_ids = manifest.get("unit_ids")
+    plan_ids = None  # read from plan.json only if a part's own sample table cannot name its samples
     problems = []
     for part, msg in found:
         if part is not None:

@@ -269,13 +269,17 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
 SALIENCY_QUERIES = ("instruction", "answer")
 
 
+def check_saliency_query(query: str) -> None:
+    if query not in SALIENCY_QUERIES:
+        raise ValueError(f"--saliency-query must be one of {', '.join(SALIENCY_QUERIES)}, not '{query}'")
+
+
 def with_saliency_query(enc: Encoded, query: str) -> Encoded:
     """Which query positions the saliency map (IVA) is taken from, per assistant turn: "instruction", the
     turn's instruction tokens (Align-TI's definition, the default); "answer", the one position whose output
     predicts the turn's first answer token (where a small model routes to the region it needs, see
     docs/method.md). The spans are stored in the cache, so the student uses the same positions."""
-    if query not in SALIENCY_QUERIES:
-        raise ValueError(f"--saliency-query must be one of {', '.join(SALIENCY_QUERIES)}, not '{query}'")
+    check_saliency_query(query)
     if query == "answer":
         enc.instr_spans = [(s - 1, s) for s, _ in enc.resp_spans]
     return enc

@@ -152,12 +152,11 @@ def build_onevision(tokenizer, text: dict, seed: int):
 
 
 def build_model(family: str, tokenizer, text: dict, seed: int, patch: int = PATCH):
-    builders = {"llava": build_llava, "qwen2_vl": build_qwen2vl, "llava_onevision": build_onevision,
+    builders = {"llava": lambda tok, text, seed: build_llava(tok, text, seed, patch),
+                "qwen2_vl": build_qwen2vl, "llava_onevision": build_onevision,
                 "qwen2_5_vl": lambda tok, text, seed: build_qwen2vl(tok, text, seed, v25=True)}
     if family not in builders:
         raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
-    if family == "llava":
-        return build_llava(tokenizer, text, seed, patch)
     return builders[family](tokenizer, text, seed)
 
 

@@ -55,8 +55,8 @@ def _stream_batches(processor, seed: int, batch_size: int, caption_rate: float):
 # token (loss stays at the answer prior even for "colour of the only shape"); at 3e-4 that task is learnt
 # in ~200 steps.
 def train_sft(model, processor, train_path, val_path, images, steps: int = 600, batch_size: int = 16, lr: float = 3e-4,
-              seed: int = 0, fresh: bool = True, caption_rate: float = 0.0, vision_lr: float | None = None,
-              target: float | None = None, eval_every: int = 250) -> float:
+              seed: int = 0, fresh: bool = True, caption_rate: float = 0.0, target: float | None = None,
+              eval_every: int = 250) -> float:
     """Train for at most ``steps`` steps, stopping early once the validation exact match reaches ``target``
     (checked every ``eval_every`` steps). ``fresh``: every step draws new scenes (the task's generator is
     unbounded), so the teacher learns to see instead of memorising the train split."""
@@ -68,10 +68,7 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
     else:
         data = [e.__dict__ for _, e in encode_all(processor, train_path, images)]
         batches = (rng.sample(data, batch_size) for _ in iter(int, 1))
-    lm = set(map(id, adapter.language_model.parameters())) | set(map(id, model.lm_head.parameters()))
-    groups = [{"params": [p for p in model.parameters() if id(p) in lm], "lr": lr},
-              {"params": [p for p in model.parameters() if id(p) not in lm], "lr": vision_lr or lr}]
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / steps))
     pad = processor.tokenizer.pad_token_id
     val_items = [(r, e) for r, e in encode_all(processor, val_path, images, generation_prompt=True)

@@ -88,16 +88,6 @@ def load_full_state(module: nn.Module, opt, model_sd: dict, optim_sd: dict) -> N
     set_optimizer_state_dict(module, opt, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def to_cpu(tree):
-    if isinstance(tree, dict):
-        return {k: to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_cpu(v) for v in tree)
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu()
-    return tree
-
-
 def plain_model_state(full_model_sd: dict) -> dict:
     """StudentStep's state keys ("model.x") as the bare model's ("x")."""
     return {k[len("model."):]: v for k, v in full_model_sd.items() if k.startswith("model.")}

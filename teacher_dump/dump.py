@@ -24,7 +24,7 @@ from common.adapters import adapter_for
 from common.batch import collate, to_device
 from common import distributed as dist
 from common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
-from common.conversation import (SALIENCY_QUERIES, Record, Skipped, encode, load_image, load_records,
+from common.conversation import (Record, Skipped, check_saliency_query, encode, load_image, load_records,
                                  with_saliency_query)
 from common.errors import AlignTIError, CacheError, DataError
 from common.fingerprint import make_fingerprint
@@ -117,8 +117,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     env = dist.dist_env()
     device = dist.device_for(cfg.device, env)
     dist.init(env, device)
-    if cfg.saliency_query not in SALIENCY_QUERIES:
-        raise ValueError(f"--saliency-query must be one of {', '.join(SALIENCY_QUERIES)}, not '{cfg.saliency_query}'")
+    check_saliency_query(cfg.saliency_query)  # before any teacher time is spent
     if cfg.logprob_encoding not in LOGPROB_ENCODINGS:
         raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_ENCODINGS)}, not '{cfg.logprob_encoding}'")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
