@@ -54,10 +54,13 @@ def _relaunch(nproc: int) -> None:
 @app.command("make-demo")
 def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."),
               train_teacher: bool = typer.Option(True, help="Train the tiny teacher on the shapes task."),
-              teacher_steps: int = typer.Option(3000, help="Most teacher training steps."),
+              teacher_steps: int = typer.Option(2000, help="Most teacher training steps."),
               teacher_target: float = typer.Option(0.9, help="Stop teacher training at this validation exact match."),
               teacher_batch: int = typer.Option(64, help="Teacher training batch size."),
               teacher_lr: float = typer.Option(3e-4, help="Teacher learning rate (3e-3 stalls at the answer prior)."),
+              teacher_grounding: float = typer.Option(1.0, help="Weight of the teacher's auxiliary grounding loss "
+                                                      "(its answer-position attention on the named cells); 0: plain SFT."),
+              device: str = typer.Option("auto", help="Where the teacher trains: auto, cpu, cuda."),
               n_train: int = typer.Option(300, help="Training images (3 questions each)."),
               n_val: int = typer.Option(40), n_test: int = typer.Option(60),
               seed: int = typer.Option(0),
@@ -66,7 +69,8 @@ def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."
     from demo.kit import make_demo as run
     info = _run(run, out, n_train=n_train, n_val=n_val, n_test=n_test, train_teacher=train_teacher,
                 teacher_steps=teacher_steps, seed=seed, family=family,
-                teacher_lr=teacher_lr, teacher_target=teacher_target, teacher_batch=teacher_batch)
+                teacher_lr=teacher_lr, teacher_target=teacher_target, teacher_batch=teacher_batch,
+                grounding=teacher_grounding, device=device)
     typer.echo(json.dumps(info, indent=2))
 
 
@@ -210,10 +214,11 @@ def evaluate(model: str = typer.Option(...), data: Path = typer.Option(...), ima
 @app.command("quickstart")
 def quickstart(workdir: Path = typer.Option(Path("quickstart"), help="Work directory (re-running reuses finished steps)."),
                seeds: int = typer.Option(3), fast: bool = typer.Option(False, help="The ~3-minute preset."),
-               device: str = typer.Option("auto")):
+               device: str = typer.Option("auto"),
+               workers: Optional[int] = typer.Option(None, help="Student runs side by side (default: 2 on CPU, 1 on GPU).")):
     """make-demo -> dump-teacher -> train sft/kd/kd+iva/kd+tpa/alignti -> evaluate -> results table."""
     from demo.quickstart import QuickstartConfig, quickstart as run, render_table
-    res = _run(run, QuickstartConfig(workdir=str(workdir), seeds=seeds, fast=fast, device=device))
+    res = _run(run, QuickstartConfig(workdir=str(workdir), seeds=seeds, fast=fast, device=device, workers=workers))
     typer.echo(render_table(res))
     typer.echo(f"\nwritten: {workdir / 'results.md'}, {workdir / 'results.json'}, {workdir / 'curves.png'} "
                f"({res['total_seconds']:.0f} s)")

@@ -41,7 +41,7 @@ CHAT_TEMPLATE = (
 PATCH = 16  # one image token per grid cell (LLaVA, OneVision); Qwen2-VL merges 2x2 patches of 8 px
 QWEN_PATCH = 8
 
-TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 STUDENT = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -195,10 +195,11 @@ def build_student(family: str, tokenizer, teacher, seed: int, patch: int = PATCH
 def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int = 60, train_teacher: bool = True,
               teacher_steps: int = 3000, seed: int = 0, questions_per_image: int = 3, family: str = "llava",
               teacher_lr: float = 3e-4, patch: int = PATCH, teacher_batch: int = 64, teacher_target: float | None = 0.9,
-              caption_rate: float = 0.2) -> dict:
+              caption_rate: float = 0.0, grounding: float = 1.0, device: str = "auto") -> dict:
     """Data splits, tokenizer, processor, teacher and student checkpoints under ``out``. With ``train_teacher``
-    the teacher trains on fresh scenes (and ``caption_rate`` of "list the shapes" captions, dense supervision)
-    for at most ``teacher_steps`` steps, stopping once validation exact match reaches ``teacher_target``."""
+    the teacher trains on fresh scenes (and ``caption_rate`` of "list the shapes" captions) for at most
+    ``teacher_steps`` steps, stopping once validation exact match reaches ``teacher_target``; ``grounding``
+    weighs its auxiliary grounding loss (teacher_sft.grounding_loss)."""
     out = Path(out)
     data_dir = out / "data"
     paths = shapes.write_dataset(data_dir, n_train, n_val, n_test, questions_per_image)
@@ -208,11 +209,15 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
     result = {"data": {k: str(v) for k, v in paths.items()}, "images": str(data_dir / "images"),
               "teacher_params": sum(p.numel() for p in teacher.parameters())}
     if train_teacher:
+        from common.models import resolve_device
+
         from .teacher_sft import train_sft
+        teacher.to(resolve_device(device))
         acc = train_sft(teacher, processor, paths["train"], paths["val"], data_dir / "images", steps=teacher_steps,
                         seed=seed, lr=teacher_lr, batch_size=teacher_batch, target=teacher_target,
-                        caption_rate=caption_rate)
+                        caption_rate=caption_rate, grounding=grounding)
         result["teacher_val_accuracy"] = acc
+        teacher.cpu()
     student = build_student(family, tokenizer, teacher, seed + 1, patch)
     result["student_params"] = sum(p.numel() for p in student.parameters())
     for name, model in (("teacher", teacher), ("student", student)):

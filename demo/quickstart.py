@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from common.models import load_vlm, resolve_device
 from student_train.evaluate import AccuracyProbe, cache_kl
@@ -26,11 +31,11 @@ log = logging.getLogger("alignti.quickstart")
 METHODS = ("sft", "kd", "kd+iva", "kd+tpa", "alignti")
 PRESETS = {
     # the teacher trains until 90% validation exact match (at most teacher_steps steps)
-    "default": dict(n_train=300, n_val=40, n_test=80, teacher_steps=3000, teacher_target=0.9, student_steps=400,
-                    batch_size=16, lr=1e-3, eval_every=100, val_limit=60),
+    "default": dict(n_train=300, n_val=40, n_test=80, teacher_steps=1500, teacher_target=0.9, student_steps=800,
+                    batch_size=16, lr=3e-3, eval_every=200, val_limit=60, train=dict(freeze_vision=True)),
     # mechanics only: a briefly trained teacher (no accuracy target), short student runs
     "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=150, teacher_target=None, student_steps=80,
-                 batch_size=16, lr=1e-3, eval_every=40, val_limit=30),
+                 batch_size=16, lr=3e-3, eval_every=40, val_limit=30, train=dict(freeze_vision=True)),
 }
 
 
@@ -43,6 +48,7 @@ class QuickstartConfig:
     overrides: dict = field(default_factory=dict)
     device: str = "auto"
     progress: bool = True
+    workers: int | None = None  # student runs side by side (default: 2 on CPU, 1 on GPU)
 
 
 def _student_for_seed(kit_dir: Path, seed: int) -> Path:
@@ -66,7 +72,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     kit_dir = work / "kit"
     if not (kit_dir / "teacher" / "config.json").exists():
         info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
-                             teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"])
+                             teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"], device=cfg.device)
         (work / "kit.json").write_text(json.dumps(info, indent=2))
     info = json.loads((work / "kit.json").read_text())
     data, images = kit_dir / "data", str(kit_dir / "data" / "images")
@@ -80,38 +86,35 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     device = resolve_device(cfg.device)
     teacher, proc = load_vlm(str(kit_dir / "teacher"), device)
     test = AccuracyProbe(proc, str(data / "test.json"), images)
-    val = AccuracyProbe(proc, str(data / "val.json"), images, limit=p["val_limit"])
     teacher_answers = test.answers(teacher, proc)
     teacher_acc = test.score(teacher_answers)
     del teacher
 
-    runs = []
+    jobs, runs = [], {}
     for method in cfg.methods:
         for seed in range(cfg.seeds):
             out = work / "runs" / f"{method.replace('+', '_')}-seed{seed}"
             if (out / "result.json").exists():
-                runs.append(json.loads((out / "result.json").read_text()))
+                runs[(method, seed)] = json.loads((out / "result.json").read_text())
                 continue
             if out.exists():
                 import shutil
                 shutil.rmtree(out)
-            t0 = time.perf_counter()
-            res = train_student(TrainConfig(student=str(_student_for_seed(kit_dir, seed)), cache=str(work / "cache"),
-                                            out=str(out), loss=method, max_steps=p["student_steps"],
-                                            batch_size=p["batch_size"], lr=p["lr"], seed=seed, device=cfg.device,
-                                            eval_every=p["eval_every"], save_every=p["student_steps"],
-                                            progress=cfg.progress), evaluator=val)
-            model, sproc = load_vlm(res["final"], device)
-            answers = test.answers(model, sproc)
-            acc = test.score(answers)
-            agree = test.score(answers, teacher_answers)
-            kl = cache_kl(model, sproc, str(work / "cache"), None)
-            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            run = {"method": method, "seed": seed, "test_accuracy": acc, "teacher_agreement": agree,
-                   "train_kl_to_teacher": kl, "seconds": round(time.perf_counter() - t0, 1), "curve": metrics}
-            (out / "result.json").write_text(json.dumps(run))
-            runs.append(run)
-            log.info("%s seed %d: test accuracy %.3f (teacher agreement %.3f)", method, seed, acc, agree)
+            jobs.append(dict(method=method, seed=seed, out=str(out), student=str(_student_for_seed(kit_dir, seed)),
+                             cache=str(work / "cache"), data=str(data), images=images, p=p, device=cfg.device,
+                             teacher_answers=teacher_answers))
+    workers = cfg.workers or (min(2, os.cpu_count() or 1) if device.type == "cpu" else 1)
+    if workers > 1 and len(jobs) > 1:
+        # CPU: two 1-thread runs side by side do twice the work of one 2-thread run on these tiny models
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(logging.getLogger().level,)) as ex:
+            for job, run in zip(jobs, ex.map(_train_and_score, jobs)):
+                runs[(job["method"], job["seed"])] = run
+    else:
+        for job in jobs:
+            runs[(job["method"], job["seed"])] = _train_and_score(dict(job, progress=cfg.progress))
+    runs = [runs[(m, s)] for m in cfg.methods for s in range(cfg.seeds)]
 
     table = summarise(runs, cfg.methods)
     results = {"preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
@@ -125,6 +128,39 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     (work / "results.md").write_text(md + "\n")
     plot_curves(runs, cfg.methods, work / "curves.png")
     return results
+
+
+def _worker_init(level: int) -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _train_and_score(job: dict) -> dict:
+    """One student run: train from the cache, then test accuracy, agreement with the teacher's test answers,
+    and KL to the cache. Writes RUN/result.json (a finished run is not redone when quickstart is re-run)."""
+    p, out = job["p"], Path(job["out"])
+    t0 = time.perf_counter()
+    device = resolve_device(job["device"])
+    from transformers import AutoProcessor
+    student_proc = AutoProcessor.from_pretrained(job["student"])
+    val = AccuracyProbe(student_proc, str(Path(job["data"]) / "val.json"), job["images"], limit=p["val_limit"])
+    res = train_student(TrainConfig(student=job["student"], cache=job["cache"], out=str(out), loss=job["method"],
+                                    max_steps=p["student_steps"], batch_size=p["batch_size"], lr=p["lr"],
+                                    seed=job["seed"], device=job["device"], eval_every=p["eval_every"],
+                                    save_every=p["student_steps"], progress=job.get("progress", False),
+                                    **p.get("train", {})), evaluator=val)
+    model, sproc = load_vlm(res["final"], device)
+    test = AccuracyProbe(sproc, str(Path(job["data"]) / "test.json"), job["images"])
+    answers = test.answers(model, sproc)
+    acc = test.score(answers)
+    agree = test.score(answers, job["teacher_answers"])
+    kl = cache_kl(model, sproc, job["cache"], None)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    run = {"method": job["method"], "seed": job["seed"], "test_accuracy": acc, "teacher_agreement": agree,
+           "train_kl_to_teacher": kl, "seconds": round(time.perf_counter() - t0, 1), "curve": metrics}
+    (out / "result.json").write_text(json.dumps(run))
+    log.info("%s seed %d: test accuracy %.3f (teacher agreement %.3f)", job["method"], job["seed"], acc, agree)
+    return run
 
 
 def summarise(runs: list[dict], methods) -> dict:

@@ -118,10 +118,12 @@ def stream(seed: int, caption_rate: float = 0.0):
         img = render(scene)
         if rng.random() < caption_rate:
             conv = [{"from": "human", "value": "<image>\nList the shapes."}, {"from": "gpt", "value": caption(scene)}]
+            meta = {"type": "caption", "region": []}  # names no single region
         else:
-            qtype, text, arg, _ = question(scene, rng)
+            qtype, text, arg, region = question(scene, rng)
             conv = [{"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": answer_for(scene, qtype, arg)}]
-        yield {"id": f"stream-{seed}-{i}", "image": None, "conversations": conv}, img
+            meta = {"type": qtype, "region": region}
+        yield {"id": f"stream-{seed}-{i}", "image": None, "conversations": conv, "meta": meta}, img
         i += 1
 
 

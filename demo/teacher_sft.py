@@ -12,7 +12,7 @@ import random
 import torch
 
 from common.adapters import adapter_for
-from common.batch import collate, forward, lm_logits
+from common.batch import collate, forward, lm_logits, to_device
 from common.conversation import Record, encode, load_image, load_records
 from common.generate import exact_match, greedy_answers
 from common.losses import sft_loss
@@ -37,29 +37,77 @@ def accuracy(model, processor, path, images, limit: int | None = None, items=Non
     return sum(exact_match(p, r.turns[-1][1]) for p, (r, _) in zip(preds, items)) / max(1, len(items))
 
 
-def _stream_batches(processor, seed: int, batch_size: int, caption_rate: float):
-    from common.conversation import parse_record
+class StreamEncoder:
+    """Encodes the stream's (record, image) pairs. The task has a few hundred distinct conversations and
+    every image has the same size, so the text side (chat template, tokenizer, spans) is encoded once per
+    conversation and only the image goes through the image processor: 5x faster than ``encode`` per
+    sample, with identical output (tests/test_demo.py checks)."""
 
-    from .shapes import stream
-    gen = stream(seed, caption_rate)
-    while True:
-        batch = []
-        for item, img in (next(gen) for _ in range(batch_size)):
+    def __init__(self, processor):
+        self.processor = processor
+        self.memo: dict = {}
+
+    def __call__(self, item: dict, img) -> dict:
+        from common.adapters import ModelAdapter
+        from common.conversation import parse_record
+
+        key = (tuple(m["value"] for m in item["conversations"]), img.size)
+        enc = self.memo.get(key)
+        if enc is None:
             rec = parse_record(0, item)
             rec.image = "stream"
-            batch.append(encode(processor, rec, img).__dict__)
-        yield batch
+            enc = self.memo[key] = encode(self.processor, rec, img).__dict__
+            out = dict(enc)
+        else:
+            out = dict(enc)
+            out["image_inputs"] = ModelAdapter.image_inputs(self.processor.image_processor(images=[img], return_tensors="pt"))
+        out["region"] = item.get("meta", {}).get("region", [])
+        return out
+
+
+def _stream_batches(processor, seed: int, batch_size: int, caption_rate: float):
+    """Batches of fresh scenes; ``caption_rate`` of the batches are all captions (a caption is twice as
+    long as a question, so mixing them would pad every question batch to caption length)."""
+    from .shapes import stream
+    questions, captions = stream(seed, 0.0), stream(seed + 1, 1.0)
+    rng = random.Random(seed)
+    enc = StreamEncoder(processor)
+    while True:
+        gen = captions if rng.random() < caption_rate else questions
+        yield [enc(item, img) for item, img in (next(gen) for _ in range(batch_size))]
 
 
 # lr: at 3e-3 these tiny random-init models never learn to route attention from the answer to an image
 # token (loss stays at the answer prior even for "colour of the only shape"); at 3e-4 that task is learnt
 # in ~200 steps.
+def grounding_loss(saliency: torch.Tensor, items: list[dict]) -> torch.Tensor:
+    """Cross-entropy between the attention of the answer position over the image tokens ([B, V], rows sum
+    to 1) and the cells the question is about (uniform over them; samples that name no cell are left out)."""
+    from .saliency_check import token_cell
+
+    n_tok = saliency.shape[-1]
+    cell = torch.tensor([token_cell(t, n_tok) for t in range(n_tok)], device=saliency.device)
+    target = torch.zeros_like(saliency)
+    for b, it in enumerate(items):
+        if it.get("region"):
+            target[b] = torch.isin(cell, torch.tensor(it["region"], device=cell.device)).float()
+    keep = target.sum(-1) > 0
+    if not keep.any():
+        return saliency.sum() * 0
+    target = target[keep] / target[keep].sum(-1, keepdim=True)
+    return -(target * saliency[keep].clamp_min(1e-8).log()).sum(-1).mean()
+
+
 def train_sft(model, processor, train_path, val_path, images, steps: int = 600, batch_size: int = 16, lr: float = 3e-4,
               seed: int = 0, fresh: bool = True, caption_rate: float = 0.0, target: float | None = None,
-              eval_every: int = 250) -> float:
+              eval_every: int = 250, grounding: float = 0.0, grounding_layer: int = 1) -> float:
     """Train for at most ``steps`` steps, stopping early once the validation exact match reaches ``target``
     (checked every ``eval_every`` steps). ``fresh``: every step draws new scenes (the task's generator is
-    unbounded), so the teacher learns to see instead of memorising the train split."""
+    unbounded), so the teacher learns to see instead of memorising the train split.
+
+    ``grounding`` > 0 adds ``grounding * grounding_loss`` on the attention of the answer position over the
+    image tokens at decoder layer ``grounding_layer``: the synthetic stand-in for the grounding data real VLMs
+    are trained on (referring expressions, boxes). It halves the steps the teacher needs to 90% (docs/demo.md)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     adapter = adapter_for(model)
@@ -68,6 +116,7 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
     else:
         data = [e.__dict__ for _, e in encode_all(processor, train_path, images)]
         batches = (rng.sample(data, batch_size) for _ in iter(int, 1))
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / steps))
     pad = processor.tokenizer.pad_token_id
@@ -76,9 +125,15 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
     model.train()
     acc = None
     for step in range(steps):
-        batch = collate(next(batches), pad, type(adapter))
-        out = forward(adapter, batch)
+        items = next(batches)
+        if grounding:
+            for it in items:  # query: the position that predicts the first answer token
+                it["instr_spans"] = [(it["resp_spans"][0][0] - 1, it["resp_spans"][0][0])]
+        batch = to_device(collate(items, pad, type(adapter)), device)
+        out = forward(adapter, batch, capture_layers=[grounding_layer] if grounding else ())
         loss = sft_loss(lm_logits(adapter, out.resp_hidden), batch["targets"])
+        if grounding:
+            loss = loss + grounding * grounding_loss(out.saliency[grounding_layer], items)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

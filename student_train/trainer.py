@@ -193,7 +193,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps({**asdict(cfg), "student_layer_used": layer, "total_steps": total_steps,
-                                                  "world_size": env.world_size}, indent=2))
+                                                  "world_size": env.world_size,
+                                                  "backend": torch.distributed.get_backend() if env.distributed else None},
+                                                 indent=2))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()

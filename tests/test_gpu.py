@@ -1,0 +1,77 @@
+"""The CUDA paths: dump on the GPU (bf16 teacher, top-k / saliency / TPA computed on the device), train on
+the GPU (bf16 autocast), NCCL under torchrun. Skipped where no GPU is present; run on a lent GPU machine."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.cache import CacheReader
+from student_train.trainer import TrainConfig, train_student
+from teacher_dump.dump import DumpConfig, dump_teacher
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _dump(kit, out, device, dtype="auto"):
+    dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
+                            images=str(kit / "data/images"), out=str(out), limit=40, unit_size=20, irs_samples=16,
+                            saliency_layer="1", device=device, dtype=dtype, progress=False))
+    return CacheReader(out)
+
+
+def test_gpu_dump_matches_cpu_dump(kit, tmp_path):
+    """fp32 on the GPU equals the CPU dump to float tolerance; bf16 (the GPU default) keeps the teacher's
+    top-1 and stays within bf16 rounding of the fp32 log-probs."""
+    cpu = _dump(kit, tmp_path / "cpu", "cpu")
+    gpu32 = _dump(kit, tmp_path / "gpu32", "cuda", "float32")
+    gpu16 = _dump(kit, tmp_path / "gpu16", "cuda")
+    assert gpu16.params["dtype"] == "bfloat16" and gpu32.params["dtype"] == "float32"
+    for i in range(len(cpu)):
+        a, b, c = cpu[i], gpu32[i], gpu16[i]
+        assert np.array_equal(a["topk_ids"][:, 0], b["topk_ids"][:, 0])
+        np.testing.assert_allclose(a["topk_logprobs"][:, :4].astype(np.float32),
+                                   b["topk_logprobs"][:, :4].astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(a["saliency"].astype(np.float32), b["saliency"].astype(np.float32), atol=2e-3)
+        np.testing.assert_array_equal(a["tpa_cand_ids"][:, 0], b["tpa_cand_ids"][:, 0])
+        top1 = a["topk_logprobs"][:, 0].astype(np.float32)
+        confident = top1 > np.log(0.6)  # a clear winner stays the winner under bf16
+        assert np.array_equal(a["topk_ids"][confident, 0], c["topk_ids"][confident, 0])
+        np.testing.assert_allclose(top1, c["topk_logprobs"][:, 0].astype(np.float32), atol=0.08)
+
+
+def test_gpu_training_from_a_cpu_cache_and_reload(kit, tmp_path):
+    cpu = tmp_path / "cpu"
+    _dump(kit, cpu, "cpu")
+    run = tmp_path / "run"
+    res = train_student(TrainConfig(student=str(kit / "student"), cache=str(cpu), out=str(run), loss="alignti",
+                                    max_steps=40, batch_size=8, lr=3e-3, device="cuda", progress=False))
+    m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for term in ("sft", "kd", "iva", "tpa"):
+        assert all(np.isfinite(x[term]) for x in m)
+        assert np.mean([x[term] for x in m[-8:]]) < np.mean([x[term] for x in m[:8]]), term
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(res["final"])
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32 under autocast
+
+
+def test_nccl_torchrun_dump_and_ddp_training(kit, tmp_path):
+    """One process per GPU under torchrun (here: 1 GPU, 1 rank) takes the NCCL path end to end."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    cache, run = tmp_path / "c", tmp_path / "r"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "cli"]
+    for args in (["dump-teacher", "--teacher", str(kit / "teacher"), "--data", str(kit / "data/train.json"),
+                  "--images", str(kit / "data/images"), "--out", str(cache), "--limit", "24", "--device", "cuda"],
+                 ["train-student", "--student", str(kit / "student"), "--cache", str(cache), "--out", str(run),
+                  "--loss", "alignti", "--max-steps", "6", "--batch-size", "4", "--device", "cuda"]):
+        p = subprocess.run(base + args, env=env, cwd=root, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "final" / "config.json").exists()
+    assert json.loads((run / "run.json").read_text())["backend"] == "nccl"
+    assert (cache / "manifest.json").exists()
