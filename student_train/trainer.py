@@ -132,7 +132,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         raise CacheError(f"loss '{cfg.loss}' needs teacher saliency, but the cache was dumped with "
                          f"--saliency-layer none; re-dump with --saliency-layer auto")
 
-    model, processor = load_vlm(cfg.student, device)
+    # fp32 master weights on every device; on GPU the forward runs under bf16 autocast (a bf16-loaded
+    # student would take its AdamW updates in bf16: found by tests/test_gpu.py on an H100)
+    model, processor = load_vlm(cfg.student, device, "float32")
     check_student(reader.fingerprint, processor, cfg.student)
     adapter = adapter_for(model)
     layer = student_layer_for(cfg.student_layer, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
