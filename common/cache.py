@@ -298,13 +298,18 @@ def _part_of(rel: str) -> str | None:
     return rel.split("/")[1].split(".")[0] if rel.startswith(f"{PARTS_DIR}/") else None
 
 
+def _listing(fs, root: str) -> set[str]:
+    """Every object under ``root``, relative to it, from one recursive listing (one request on s3)."""
+    return {p[len(root.rstrip("/")) + 1:] for p in fs.find(root)} if fs.exists(root) else set()
+
+
 def check_manifest(reader: CacheReader) -> None:
     """The check train-student runs before it starts (cheap, also on object storage): every object the
     manifest lists is there (one recursive listing), and the small objects (plan, commit markers,
     sample tables, zarr metadata) match their sha256. Chunk payloads are covered by their crc32c,
     checked on every read; ``validate_cache`` re-hashes everything."""
     fs, root = reader.fs, reader.root
-    present = {p[len(root.rstrip("/")) + 1:] for p in fs.find(root)} if fs.exists(root) else set()
+    present = _listing(fs, root)
     files = reader.manifest["files"]
     missing = sorted(rel for rel in files if rel not in present)
     damaged = []
@@ -333,9 +338,10 @@ def validate_cache(url: str | Path, storage_options: dict | None = None, damaged
             manifest = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError) as e:
         return [f"{MANIFEST_FILE}: missing or damaged ({type(e).__name__})"]
+    present = _listing(fs, root)
     for rel, want in sorted(manifest["files"].items()):
         path = f"{root}/{rel}"
-        if not fs.exists(path):
+        if rel not in present:
             found.append((_part_of(rel), f"{rel}: missing"))
             continue
         if sha256_file(path, fs) != want:

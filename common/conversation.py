@@ -281,5 +281,10 @@ def with_saliency_query(enc: Encoded, query: str) -> Encoded:
     docs/method.md). The spans are stored in the cache, so the student uses the same positions."""
     check_saliency_query(query)
     if query == "answer":
-        enc.instr_spans = [(s - 1, s) for s, _ in enc.resp_spans]
+        enc.instr_spans = answer_query_spans(enc.resp_spans)
     return enc
+
+
+def answer_query_spans(resp_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Per assistant turn, the one position whose output predicts the turn's first answer token."""
+    return [(s - 1, s) for s, _ in resp_spans]

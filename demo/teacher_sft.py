@@ -13,7 +13,7 @@ import torch
 
 from common.adapters import adapter_for
 from common.batch import collate, forward, lm_logits, to_device
-from common.conversation import Record, encode, load_image, load_records
+from common.conversation import Record, answer_query_spans, encode, load_image, load_records
 from common.generate import exact_match, greedy_answers
 from common.losses import sft_loss
 
@@ -61,6 +61,7 @@ class StreamEncoder:
         else:
             out = dict(enc)
             out["image_inputs"] = ModelAdapter.image_inputs(self.processor.image_processor(images=[img], return_tensors="pt"))
+        out["sample_id"] = str(item["id"])
         out["region"] = item.get("meta", {}).get("region", [])
         return out
 
@@ -77,9 +78,6 @@ def _stream_batches(processor, seed: int, batch_size: int, caption_rate: float):
         yield [enc(item, img) for item, img in (next(gen) for _ in range(batch_size))]
 
 
-# lr: at 3e-3 these tiny random-init models never learn to route attention from the answer to an image
-# token (loss stays at the answer prior even for "colour of the only shape"); at 3e-4 that task is learnt
-# in ~200 steps.
 def grounding_loss(saliency: torch.Tensor, items: list[dict]) -> torch.Tensor:
     """Cross-entropy between the attention of the answer position over the image tokens ([B, V], rows sum
     to 1) and the cells the question is about (uniform over them; samples that name no cell are left out)."""
@@ -98,6 +96,9 @@ def grounding_loss(saliency: torch.Tensor, items: list[dict]) -> torch.Tensor:
     return -(target * saliency[keep].clamp_min(1e-8).log()).sum(-1).mean()
 
 
+# lr: at 3e-3 these tiny random-init models never learn to route attention from the answer to an image
+# token (loss stays at the answer prior even for "colour of the only shape"); at 3e-4 that task is learnt
+# in ~200 steps.
 def train_sft(model, processor, train_path, val_path, images, steps: int = 600, batch_size: int = 16, lr: float = 3e-4,
               seed: int = 0, fresh: bool = True, caption_rate: float = 0.0, target: float | None = None,
               eval_every: int = 250, grounding: float = 0.0, grounding_layer: int = 1) -> float:
@@ -127,8 +128,8 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
     for step in range(steps):
         items = next(batches)
         if grounding:
-            for it in items:  # query: the position that predicts the first answer token
-                it["instr_spans"] = [(it["resp_spans"][0][0] - 1, it["resp_spans"][0][0])]
+            for it in items:  # single-turn stream samples: one group per sample
+                it["instr_spans"] = answer_query_spans(it["resp_spans"])
         batch = to_device(collate(items, pad, type(adapter)), device)
         out = forward(adapter, batch, capture_layers=[grounding_layer] if grounding else ())
         loss = sft_loss(lm_logits(adapter, out.resp_hidden), batch["targets"])

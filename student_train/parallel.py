@@ -43,6 +43,11 @@ def wrap(step: StudentStep, env: DistEnv, device: torch.device, fsdp: bool) -> n
     return DDP(step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
+def batches_per_rank(n: int, batch_size: int, env: DistEnv) -> int:
+    """How many micro-batches ``rank_batches`` gives each rank for an epoch of ``n`` samples."""
+    return math.ceil(math.ceil(n / env.world_size) / batch_size)
+
+
 def rank_batches(order: list[int], batch_size: int, env: DistEnv) -> list[list[int]]:
     """This rank's micro-batches of one epoch: a contiguous slice of the (block-shuffled) epoch order, so
     each rank reads its own parts. The order is padded by wrapping around (like DistributedSampler) so

@@ -145,7 +145,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     np.random.seed(cfg.seed)
     dataset = CacheDataset(reader, processor, cfg.images)
     collator = StudentCollator(processor, type(adapter))
-    micro_per_epoch = math.ceil(math.ceil(len(dataset) / env.world_size) / cfg.batch_size)
+    micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio)

@@ -116,7 +116,8 @@ def test_qwen2_vl_end_to_end_every_term_falls(tmp_path):
     m = dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                                 images=str(kit / "data/images"), out=str(tmp_path / "cache"), irs_samples=32,
                                 progress=False))
-    assert m["irs"]["layer"] == m["saliency_layer"] and len(m["irs"]["curve"]) == 4
+    from demo.kit import TEACHER
+    assert m["irs"]["layer"] == m["saliency_layer"] and len(m["irs"]["curve"]) == TEACHER["num_hidden_layers"]
     run = tmp_path / "run"
     train_student(TrainConfig(student=str(kit / "student"), cache=str(tmp_path / "cache"), out=str(run),
                               loss="alignti", max_steps=40, batch_size=8, lr=3e-3, iva_weight=5.0, progress=False))

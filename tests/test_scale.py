@@ -38,7 +38,7 @@ def alignti(*args, crash: str | None = None, check: bool = True, timeout: int = 
 def dump_args(kit, out, *extra):
     return ["dump-teacher", "--teacher", kit / "teacher", "--data", kit / "data/train.json", "--images",
             kit / "data/images", "--out", out, "--limit", 30, "--unit-size", 6, "--batch-size", 4,
-            "--saliency-layer", 2, *extra]
+            "--saliency-layer", 1, *extra]
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
@@ -148,8 +148,12 @@ def test_torchrun_training_ddp_resume_and_fsdp(kit, reference, tmp_path):
 
 def test_rank_batches_are_disjoint_and_cover_the_epoch():
     from common.distributed import DistEnv
-    from student_train.parallel import rank_batches
+    from student_train.parallel import batches_per_rank, rank_batches
     order = list(range(23))
+    for n in (1, 7, 23, 24):  # the step count the trainer plans with is the number of batches each rank gets
+        for w in (1, 3):
+            assert all(len(rank_batches(list(range(n)), 4, DistEnv(r, w, r))) == batches_per_rank(n, 4, DistEnv(r, w, r))
+                       for r in range(w))
     per_rank = [sum(rank_batches(order, 4, DistEnv(r, 3, r)), []) for r in range(3)]
     assert [len(p) for p in per_rank] == [8, 8, 8]  # same number of steps on every rank
     flat = sum(per_rank, [])
