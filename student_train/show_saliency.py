@@ -41,9 +41,8 @@ def overlay(img: Image.Image, grid: np.ndarray, size: int = 240) -> Image.Image:
 def student_saliency(student: str, reader: CacheReader, index: int, layer: int | None, device: str = "auto"):
     model, proc = load_vlm(student, resolve_device(device))
     adapter = adapter_for(model)
-    params = reader.params
-    if layer is None:
-        layer = min(adapter.num_layers - 1, round(params["saliency_layer"] / params["teacher_layers"] * adapter.num_layers))
+    from .trainer import student_layer_for
+    layer = student_layer_for(layer, reader.params["saliency_layer"], reader.params["teacher_layers"], adapter.num_layers)
     batch = StudentCollator(proc, type(adapter))([CacheDataset(reader, proc)[index]])
     dev = next(model.parameters()).device
     from .data import batch_to_device
