@@ -11,9 +11,9 @@ import random
 
 import torch
 
-from common.adapters import adapter_for
+from common.adapters import ModelAdapter, adapter_for
 from common.batch import collate, forward, lm_logits, to_device
-from common.conversation import Record, answer_query_spans, encode, load_image, load_records
+from common.conversation import Record, answer_query_spans, encode, load_image, load_records, parse_record
 from common.generate import exact_match, greedy_answers
 from common.losses import sft_loss
 
@@ -48,9 +48,6 @@ class StreamEncoder:
         self.memo: dict = {}
 
     def __call__(self, item: dict, img) -> dict:
-        from common.adapters import ModelAdapter
-        from common.conversation import parse_record
-
         key = (tuple(m["value"] for m in item["conversations"]), img.size)
         enc = self.memo.get(key)
         if enc is None:
