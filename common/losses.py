@@ -18,10 +18,15 @@ import torch.nn.functional as F
 NEG_INF = float("-inf")
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """Low-precision floats to fp32; fp64 stays fp64 (the tests' exact references)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # --- folding ---------------------------------------------------------------------------------
 def fold_student(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log-probs [..., k+1] of the student on the teacher's ids plus the rest bucket."""
-    ls = F.log_softmax(logits.float() / temperature, dim=-1)
+    ls = F.log_softmax(_up(logits) / temperature, dim=-1)
     top = ls.gather(-1, ids.long())
     rest = ls.scatter(-1, ids.long(), NEG_INF).logsumexp(-1, keepdim=True)
     return torch.cat([top, rest], dim=-1)
@@ -33,7 +38,7 @@ def fold_teacher(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, temper
     At tau = 1 this is the cached distribution (renormalising absorbs fp16 rounding of the top-k).
     At tau != 1 the rest bucket is tempered as one atom (its members' logits are not cached), an
     approximation that only touches the rest mass."""
-    lt = torch.cat([topk_logprobs.float(), tail_logmass.float().unsqueeze(-1)], dim=-1)
+    lt = torch.cat([_up(topk_logprobs), _up(tail_logmass).unsqueeze(-1)], dim=-1)
     return F.log_softmax(lt / temperature, dim=-1)
 
 
@@ -58,7 +63,7 @@ DIVERGENCES = {
 # --- terms -----------------------------------------------------------------------------------
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the reference tokens; logits [N, V], targets [N]."""
-    return F.cross_entropy(logits.float(), targets.long())
+    return F.cross_entropy(_up(logits), targets.long())
 
 
 def distill_loss(logits, topk_ids, topk_logprobs, tail_logmass, divergence="fkl", temperature=1.0):
@@ -72,7 +77,7 @@ def salient_set(teacher_sal: torch.Tensor, valid: torch.Tensor, ratio: float) ->
     """[G, V] bool: the top ceil(ratio * n_v) image tokens of the teacher's saliency."""
     n_v = valid.sum(-1)
     n_keep = torch.clamp(torch.ceil(ratio * n_v.float()).long(), min=1)
-    masked = teacher_sal.float().masked_fill(~valid, NEG_INF)
+    masked = _up(teacher_sal).masked_fill(~valid, NEG_INF)
     order = masked.argsort(-1, descending=True)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
@@ -82,26 +87,28 @@ def salient_set(teacher_sal: torch.Tensor, valid: torch.Tensor, ratio: float) ->
 def fold_saliency(sal: torch.Tensor, salient: torch.Tensor) -> torch.Tensor:
     """[G, V] saliency -> [G, V+1] log-probs: salient tokens kept, every other token in one bin
     (entries of non-salient tokens are -inf; the last column is the non-salient bin)."""
-    sal = sal.float().clamp_min(0)
+    sal = _up(sal).clamp_min(0)
     sal = sal / sal.sum(-1, keepdim=True).clamp_min(1e-30)
     kept = torch.where(salient, sal, torch.zeros_like(sal))
     rest = (sal * (~salient)).sum(-1, keepdim=True)
     return torch.cat([kept, rest], -1).clamp_min(0).log()
 
 
-def iva_loss(teacher_sal: torch.Tensor, student_sal: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Mean over (sample, turn) groups of KL(fold_S(s_T) || fold_S(s_S)) (METHOD.md section 3)."""
+def iva_loss(teacher_sal: torch.Tensor, student_sal: torch.Tensor, valid: torch.Tensor, ratio: float,
+             reduction: str = "mean") -> torch.Tensor:
+    """Mean (or sum) over (sample, turn) groups of KL(fold_S(s_T) || fold_S(s_S)) (METHOD.md section 3)."""
     salient = salient_set(teacher_sal, valid, ratio)
     lt = fold_saliency(teacher_sal, salient)
     ls = fold_saliency(student_sal, salient)
-    return kl(lt, ls).mean()
+    per_group = kl(lt, ls)
+    return per_group.sum() if reduction == "sum" else per_group.mean()
 
 
 def candidate_weights(cand_ids, topk_ids, topk_logprobs) -> torch.Tensor:
     """p~_T(c_b): the teacher's first-step probabilities of the B candidates (looked up in its top-k),
     renormalised over the candidates. [N, B]"""
     match = topk_ids[:, None, :].long() == cand_ids[:, :, None].long()              # [N, B, k]
-    lp = torch.where(match, topk_logprobs[:, None, :].float(), torch.full_like(match, NEG_INF, dtype=torch.float))
+    lp = _up(topk_logprobs)[:, None, :].expand(match.shape).masked_fill(~match, NEG_INF)
     return torch.softmax(lp.max(-1).values, dim=-1)
 
 
@@ -169,3 +176,240 @@ def total_loss(spec: LossSpec, w: LossWeights, out: dict) -> dict[str, torch.Ten
         total = total + w.tpa * terms["tpa"]
     terms["loss"] = total
     return terms
+
+
+# --- the memory-flat loss head ---------------------------------------------------------------
+# The student's LM head and every per-token term in one pass over row chunks: [rows, V] logits exist for
+# one chunk at a time, and each chunk's gradients (w.r.t. its hidden states and the head's weight) are
+# taken in the forward, right after its loss, so nothing of size V is kept for backward (the Liger Kernel
+# fused-linear recipe; torchtune's chunked KD losses chunk the same way but keep every chunk's graph).
+# Values and gradients equal the unchunked path above (tests/test_loss_head.py).
+
+@dataclass
+class StepNorm:
+    """Denominators of one optimizer step, summed over its micro-batches and ranks (transformers'
+    ``num_items_in_batch``): the per-token terms (SFT, KD) are sums over the step's response tokens divided
+    by ``tokens``, TPA by ``tpa_rows`` (the step's response positions with TPA statistics) and IVA by
+    ``groups`` (its (sample, turn) groups). ``scale`` undoes the data-parallel mean over ranks (world size)."""
+    tokens: float
+    tpa_rows: float = 1.0
+    groups: float = 1.0
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, batch: dict, world_size: int = 1) -> "StepNorm":
+        return cls(**step_counts(batch), scale=float(world_size))
+
+
+def step_counts(batch: dict) -> dict[str, float]:
+    """This micro-batch's share of the step's denominators (see StepNorm)."""
+    tokens = float(len(batch["targets"]))
+    tpa = float(len(batch["tpa_rows"])) if "tpa_rows" in batch else tokens
+    groups = float(batch["sal_valid"].shape[0]) if batch.get("sal_valid") is not None else 0.0
+    return {"tokens": max(tokens, 1.0), "tpa_rows": max(tpa, 1.0), "groups": max(groups, 1.0)}
+
+
+DEFAULT_CHUNK_BYTES = 128 * 2 ** 20  # fp32 logits of one row chunk (bench/loss_head.py: 0.34x unchunked SFT memory, no slower)
+
+
+def chunk_rows(vocab: int, chunk_bytes: int | None = None) -> int:
+    return max(8, int((chunk_bytes or DEFAULT_CHUNK_BYTES) // (4 * vocab)))
+
+
+def fold_rows(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``fold_student`` from fp32 logits z [C, V] (already divided by tau) and their log-sum-exp [C]: the
+    rest bucket is log(1 - sum of the top-k probabilities), exact in fp32 while that sum is <= 1/2; rows
+    above it (the student already agrees with the teacher's top-k) take the exact masked log-sum-exp."""
+    top = z.gather(-1, ids.long()) - lse[:, None]
+    s = top.exp().sum(-1)
+    rest = torch.log1p(-s.clamp(max=0.5))
+    bad = torch.nonzero(s > 0.5).flatten()
+    if len(bad):
+        zb = z.index_select(0, bad).scatter(-1, ids.index_select(0, bad).long(), NEG_INF)
+        rest = rest.index_copy(0, bad, zb.logsumexp(-1) - lse.index_select(0, bad))
+    return torch.cat([top, rest[:, None]], -1)
+
+
+@dataclass
+class _Segment:
+    """Rows of hidden states that share one loss function: fn(z [C, V] fp32, lo, hi, need_grad) ->
+    (weighted loss sum, {term: sum}, gradient w.r.t. z or None); all detached. fn may overwrite z."""
+    hidden: torch.Tensor
+    fn: object
+
+
+def _fkl_grad_(soft: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor, ls: torch.Tensor, coef: torch.Tensor):
+    """coef * d KL(lt || fold(z)) / dz, written into ``soft`` = softmax(z) [C, V]: softmax * (1 - P_rest / Q_rest)
+    off the teacher's top-k, Q_top - P_top on it (ls = fold(z) gives Q); coef [C] or a scalar."""
+    coef = torch.as_tensor(coef, dtype=soft.dtype, device=soft.device).reshape(-1, 1)
+    ratio = (lt[:, -1] - ls[:, -1]).exp()                                 # P_rest / Q_rest
+    soft.mul_(coef * (1 - ratio)[:, None])
+    return soft.scatter_(-1, ids.long(), coef * (ls[:, :-1].exp() - lt[:, :-1].exp()))
+
+
+def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm):
+    """SFT's cross-entropy plus the KD term. Gradients in closed form and in place for forward KL (softmax
+    minus one-hot for SFT, see _fkl_grad_ for KD); reverse KL and JSD take autograd on the chunk."""
+    tau = w.temperature
+    c_sft = norm.scale / norm.tokens
+    c_kd = norm.scale * w.kd * tau ** 2 / norm.tokens
+    div = spec.divergence
+    name = None if not div else ("kd" if div == "fkl" else div)
+
+    def fn(z, lo, hi, need):
+        tgt = t["targets"][lo:hi, None].long()
+        g = None
+        z.sub_(z.amax(-1, keepdim=True))  # every term is shift-invariant; log-probs keep fp32 precision
+        lse = z.logsumexp(-1)
+        ce = lse - z.gather(-1, tgt).squeeze(-1)
+        stats = {"sft": ce.sum()}
+        loss = c_sft * stats["sft"]
+        if name:
+            ids = t["topk_ids"][lo:hi]
+            lt = fold_teacher(t["topk_logprobs"][lo:hi], t["tail_logmass"][lo:hi], tau)
+            with torch.enable_grad():
+                zz = z.detach().requires_grad_(need and div != "fkl")
+                zt = zz if tau == 1.0 else zz / tau
+                ls = fold_rows(zt, ids, lse if tau == 1.0 and div == "fkl" else zt.logsumexp(-1))
+                d = DIVERGENCES[div](lt, ls).sum()
+                if need and div != "fkl":
+                    (g,) = torch.autograd.grad(c_kd * d, zz)
+            stats[name] = d.detach() * tau ** 2
+            loss = loss + c_kd * d.detach()
+            if need and div == "fkl":
+                ls = ls.detach()
+                zt = zt.detach()
+                soft = z.sub(lse[:, None]).exp_() if tau == 1.0 else zt.sub_(zt.logsumexp(-1, keepdim=True)).exp_()
+                g = _fkl_grad_(soft, ids, lt, ls, c_kd / tau)
+        if need:
+            if g is None:  # SFT alone: z becomes its own gradient
+                g = z.sub_(lse[:, None]).exp_().mul_(c_sft)
+            else:
+                g.add_(z.sub_(lse[:, None]).exp_(), alpha=c_sft)
+            g.scatter_add_(-1, tgt, torch.full(tgt.shape, -c_sft, dtype=g.dtype, device=g.device))
+        return loss, stats, g
+    return fn
+
+
+def _branch_fn(t: dict, w: LossWeights, norm: StepNorm):
+    """Branch rows flattened [M * B]: row r is branch r % B of TPA position r // B. Forward KL, gradient in
+    closed form (_fkl_grad_)."""
+    tau = w.temperature
+    c = norm.scale * w.tpa * tau ** 2 / norm.tpa_rows
+    rows = t.get("tpa_rows")
+    top_ids = t["topk_ids"] if rows is None else t["topk_ids"].index_select(0, rows)
+    top_lps = t["topk_logprobs"] if rows is None else t["topk_logprobs"].index_select(0, rows)
+    weights = candidate_weights(t["tpa_cand_ids"], top_ids, top_lps).reshape(-1)       # [M * B]
+    ids = t["tpa_ids"].reshape(-1, t["tpa_ids"].shape[-1])
+    lt_all = fold_teacher(t["tpa_logprobs"].reshape(-1, ids.shape[-1]), t["tpa_tail"].reshape(-1), tau)
+
+    def fn(z, lo, hi, need):
+        zt = z.sub_(z.amax(-1, keepdim=True))
+        zt = zt if tau == 1.0 else zt.div_(tau)
+        lse = zt.logsumexp(-1)
+        ls = fold_rows(zt, ids[lo:hi], lse)
+        d = (kl(lt_all[lo:hi], ls) * weights[lo:hi]).sum()
+        g = None
+        if need:
+            g = _fkl_grad_(zt.sub_(lse[:, None]).exp_(), ids[lo:hi], lt_all[lo:hi], ls, weights[lo:hi] * (c / tau))
+        return c * d, {"tpa": d * tau ** 2}, g
+    return fn
+
+
+def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, in place where the dtypes allow (CPU fp32); low-precision GPU matmuls add a
+    product of their own dtype, rounded as the unchunked autocast path rounds its weight gradient."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(a @ b)
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """loss = sum over segments and row chunks of fn(head(h_chunk)); gradients taken chunk by chunk in the
+    forward (nothing of size V outlives its chunk), scaled by the incoming gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, plan, *hiddens):
+        segments: list[_Segment] = plan["segments"]
+        want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_h = ctx.needs_input_grad[3:]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=weight.device)
+        stats: dict[str, torch.Tensor] = {}
+        grads_h = []
+        rows = plan["chunk_rows"]
+        for seg, h, wh in zip(segments, hiddens, want_h):
+            gh = torch.empty_like(h) if wh else None
+            need = wh or want_w or want_b
+            for lo in range(0, h.shape[0], rows):
+                hi = min(lo + rows, h.shape[0])
+                hc = h[lo:hi]
+                z_raw = torch.nn.functional.linear(hc, weight, bias)
+                mm_dtype = z_raw.dtype
+                loss, st, g = seg.fn(z_raw.float(), lo, hi, need)
+                del z_raw
+                if need:
+                    g = g.to(mm_dtype)
+                    if wh:
+                        gh[lo:hi] = (g @ weight.to(mm_dtype)).to(h.dtype)
+                    if want_w:
+                        _acc_mm(grad_w, g.t(), hc.to(mm_dtype))
+                    if want_b:
+                        grad_b.add_(g.float().sum(0))
+                    del g
+                total += loss
+                for k, v in st.items():
+                    stats[k] = stats.get(k, 0.0) + v
+            grads_h.append(gh)
+        plan["stats"] = stats
+        ctx.grads = (grad_w, grad_b, grads_h)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, g_out):
+        grad_w, grad_b, grads_h = ctx.grads
+        ctx.grads = None
+        scale_one = bool(g_out == 1)
+        if grad_w is not None:
+            grad_w = (grad_w if scale_one else grad_w.mul_(g_out)).to(ctx.dtypes[0])
+        if grad_b is not None:
+            grad_b = (grad_b if scale_one else grad_b.mul_(g_out)).to(ctx.dtypes[1])
+        gh = [None if g is None else (g if scale_one else g * g_out.to(g.dtype)) for g in grads_h]
+        return (grad_w, grad_b, None, *gh)
+
+
+def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, norm: StepNorm | None = None,
+              chunk_bytes: int | None = None) -> dict:
+    """Every term of ``spec`` from the student's hidden states, through the LM head ``head`` (an nn.Linear),
+    chunked. ``out`` holds ``resp_hidden`` [N, H] (and ``branch_hidden`` [M, B, H] for TPA) plus the batch's
+    teacher tensors (see student_train.trainer). Returns {"loss": the step-normalised, weighted sum of the
+    terms (differentiable, see StepNorm), "sums": {term: detached sum over this batch's items}}; ``means``
+    turns sums into per-item means."""
+    norm = norm or StepNorm.of(out)
+    segments, hiddens = [_Segment(out["resp_hidden"], _main_fn(out, spec, w, norm))], [out["resp_hidden"]]
+    if spec.tpa and out.get("branch_hidden") is not None and out["branch_hidden"].numel():
+        bh = out["branch_hidden"].reshape(-1, out["branch_hidden"].shape[-1])
+        segments.append(_Segment(bh, _branch_fn(out, w, norm)))
+        hiddens.append(bh)
+    plan = {"segments": segments, "chunk_rows": chunk_rows(head.weight.shape[0], chunk_bytes)}
+    loss = _ChunkedHead.apply(head.weight, head.bias, plan, *hiddens)
+    sums = dict(plan["stats"])
+    if spec.iva and out.get("student_sal") is not None:
+        iva_sum = iva_loss(out["teacher_sal"], out["student_sal"], out["sal_valid"], w.iva_ratio, reduction="sum")
+        loss = loss + norm.scale * w.iva * iva_sum / norm.groups
+        sums["iva"] = iva_sum.detach()
+    return {"loss": loss, "sums": sums}
+
+
+TERM_COUNT = {"sft": "tokens", "kd": "tokens", "rkl": "tokens", "jsd": "tokens", "tpa": "tpa_rows", "iva": "groups"}
+
+
+def means(sums: dict[str, float], counts: dict[str, float], w: LossWeights) -> dict[str, float]:
+    """Per-item means of the term sums over ``counts`` (see step_counts), and 'loss', their weighted sum."""
+    out = {k: float(v) / counts[TERM_COUNT[k]] for k, v in sums.items()}
+    weight = {"sft": 1.0, "kd": w.kd, "rkl": w.kd, "jsd": w.kd, "tpa": w.tpa, "iva": w.iva}
+    out["loss"] = sum(weight[k] * v for k, v in out.items())
+    return out

@@ -1,0 +1,108 @@
+"""The memory-flat loss head against the unchunked reference (lm_head -> full logits -> total_loss):
+same loss and same gradients of the hidden states, the branch hidden states and the lm_head weight.
+
+The chunked head runs in fp32. It is compared with the unchunked path run in fp64 (the exact reference),
+and, where the student is not yet peaked, with the unchunked path in fp32 as well. With the student's mass
+on the teacher's top-k (logits ~ 15), the fp32 reference itself carries ~1e-5 of rounding in the reverse-KL
+gradient, so there only the fp64 reference is a fair judge."""
+
+import copy
+
+import pytest
+import torch
+
+from common.losses import LossWeights, StepNorm, get_loss, head_loss, means, step_counts, total_loss
+
+V, H, N, B, K, K2 = 32_768, 24, 20, 3, 16, 6
+
+
+def _case(seed: int, peaked: bool):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(H, V, bias=False)
+    torch.nn.init.normal_(head.weight, std=0.2, generator=g)
+    hid = torch.randn(N, H, generator=g)
+    t = {"targets": torch.randint(0, V, (N,), generator=g),
+         "topk_ids": torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)])}
+    lp = torch.log_softmax(torch.randn(N, K + 1, generator=g) * 2, -1)
+    t["topk_logprobs"], t["tail_logmass"] = lp[:, :K], lp[:, K]
+    t["tpa_cand_ids"] = t["topk_ids"][:, :B]
+    t["tpa_ids"] = torch.stack([torch.stack([torch.randperm(V, generator=g)[:K2] for _ in range(B)]) for _ in range(N)])
+    lp2 = torch.log_softmax(torch.randn(N, B, K2 + 1, generator=g) * 2, -1)
+    t["tpa_logprobs"], t["tpa_tail"] = lp2[..., :K2], lp2[..., K2]
+    t["teacher_sal"] = torch.rand(5, 12, generator=g)
+    t["sal_valid"] = torch.ones(5, 12, dtype=torch.bool)
+    t["sal_valid"][3:, 9:] = False
+    bh = torch.randn(N, B, H, generator=g)
+    if peaked:  # the student already puts most of its mass on the teacher's top-k: the exact rest-bucket path
+        with torch.no_grad():
+            for i in range(N):
+                head.weight[t["topk_ids"][i, :3]] += 14.0 * hid[i] / hid[i].norm() ** 2
+                for b in range(B):
+                    head.weight[t["tpa_ids"][i, b, :3]] += 14.0 * bh[i, b] / bh[i, b].norm() ** 2
+    ssal = torch.softmax(torch.randn(5, 12, generator=g), -1)
+    return head, hid, bh, ssal, t
+
+
+@pytest.mark.parametrize("loss", ["sft", "kd", "rkl", "jsd", "kd+tpa", "alignti"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("peaked", [False, True])
+def test_chunked_head_matches_unchunked(loss, tau, peaked):
+    spec = get_loss(loss)
+    w = LossWeights(kd=0.7, iva=0.9, tpa=1.3, temperature=tau, iva_ratio=0.3)
+    head, hid, bh, ssal, t = _case(3, peaked)
+    leaves = [hid.requires_grad_(), bh.requires_grad_(), ssal.requires_grad_(), head.weight]
+
+    def reference(dtype):
+        hd = copy.deepcopy(head).to(dtype)
+        x = [v.detach().to(dtype).requires_grad_() for v in (hid, bh, ssal)] + [hd.weight]
+        tt = {k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()}
+        r = total_loss(spec, w, dict(tt, logits=hd(x[0]), branch_logits=hd(x[1]), student_sal=x[2]))
+        return r, torch.autograd.grad(r["loss"], x, allow_unused=True)
+
+    refs = [reference(torch.float64)] + ([] if peaked else [reference(torch.float32)])
+
+    got = head_loss(spec, w, head, dict(t, resp_hidden=hid, branch_hidden=bh, student_sal=ssal),
+                    chunk_bytes=4 * V * 7)  # 7 rows a chunk: several chunks, one ragged
+    got_grads = torch.autograd.grad(got["loss"], leaves, allow_unused=True)
+    for ref, ref_grads in refs:
+        assert got["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5)
+        for name, a, b in zip(["hidden", "branch_hidden", "student_sal", "lm_head.weight"], ref_grads, got_grads):
+            if a is None:
+                assert b is None or not b.abs().any(), name
+                continue
+            err = (a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-20)
+            assert err < 1e-5, f"{name} ({a.dtype} reference): rel error {err:.2e}"
+    m = means(got["sums"], step_counts(dict(t, sal_valid=t["sal_valid"])), w)
+    for k, v in ref.items():
+        assert m[k] == pytest.approx(v.item(), rel=1e-5), k
+
+
+def test_step_normalisation_across_micro_batches():
+    """Two micro-batches with the step's counts give the gradient of one batch holding both."""
+    spec, w = get_loss("kd+tpa"), LossWeights(tpa=0.5)
+    head, hid, bh, _, t = _case(5, False)
+    hid.requires_grad_()
+    whole = head_loss(spec, w, head, dict(t, resp_hidden=hid, branch_hidden=bh))
+    g_whole = torch.autograd.grad(whole["loss"], [hid, head.weight])
+    norm = StepNorm.of(t)
+    split = [slice(0, 7), slice(7, N)]
+    g_hid, g_w = torch.zeros_like(hid), torch.zeros_like(head.weight)
+    for sl in split:
+        part = {k: v[sl] for k, v in t.items() if k not in ("teacher_sal", "sal_valid")}
+        h = hid.detach()[sl].clone().requires_grad_()
+        out = head_loss(spec, w, head, dict(part, resp_hidden=h, branch_hidden=bh[sl]), norm=norm)
+        gh, gw = torch.autograd.grad(out["loss"], [h, head.weight])
+        g_hid[sl] += gh
+        g_w += gw
+    torch.testing.assert_close(g_hid, g_whole[0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_w, g_whole[1], rtol=1e-5, atol=1e-9)
+
+
+def test_no_grad_gives_the_same_value():
+    spec, w = get_loss("alignti"), LossWeights()
+    head, hid, bh, ssal, t = _case(7, False)
+    out = dict(t, resp_hidden=hid, branch_hidden=bh, student_sal=ssal)
+    with torch.no_grad():
+        a = head_loss(spec, w, head, out)["loss"].item()
+    b = head_loss(spec, w, head, out)["loss"].item()
+    assert a == pytest.approx(b, rel=1e-6)
