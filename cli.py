@@ -147,7 +147,11 @@ def train_student(student: str = typer.Option(..., help="Student checkpoint (loc
                   nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
                                                     "(DDP; gloo on CPU, nccl on GPU)."),
                   fsdp: bool = typer.Option(False, help="Shard the student with FSDP2 (fully_shard) instead of DDP."),
-                  freeze_vision: bool = typer.Option(False, help="Keep the student's vision encoder fixed.")):
+                  freeze_vision: bool = typer.Option(False, help="Keep the student's vision encoder fixed."),
+                  gradient_checkpointing: bool = typer.Option(False, help="Recompute each decoder and vision layer "
+                                                              "in backward (less activation memory, ~1.3x time)."),
+                  group_by_length: bool = typer.Option(True, help="Batch samples of similar length together "
+                                                       "(inside shuffled mega-batches of 50 batches): less padding.")):
     """Train a student from the cache alone (under torchrun: DDP, or FSDP2 with --fsdp)."""
     _relaunch(nproc)
     from student_train.trainer import TrainConfig, train_student as run
@@ -156,7 +160,8 @@ def train_student(student: str = typer.Option(..., help="Student checkpoint (loc
                       student_layer=student_layer, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                       grad_accum=grad_accum, warmup_steps=warmup_steps, weight_decay=weight_decay,
                       save_every=save_every, resume=resume, seed=seed, device=device, images=images, workers=workers,
-                      fsdp=fsdp, freeze_vision=freeze_vision)
+                      fsdp=fsdp, freeze_vision=freeze_vision, gradient_checkpointing=gradient_checkpointing,
+                      group_by_length=group_by_length)
     _echo_main(json.dumps(_run(run, cfg), default=str))
 
 

@@ -40,6 +40,8 @@ class CaptureSpec:
 
 
 _ACTIVE: contextvars.ContextVar[CaptureSpec | None] = contextvars.ContextVar("alignti_capture", default=None)
+# text configs currently routed through alignti attention (for checkpoint_context)
+_ROUTED: contextvars.ContextVar[tuple] = contextvars.ContextVar("alignti_routed", default=())
 
 
 def instruction_to_image_attention(module, query, key, attention_mask, scaling, spec: CaptureSpec) -> torch.Tensor:
@@ -83,11 +85,37 @@ def use_alignti_attention(adapter, spec: CaptureSpec | None = None):
     old = cfg._attn_implementation
     cfg._attn_implementation = IMPL_NAME
     token = _ACTIVE.set(spec)
+    routed = _ROUTED.set(_ROUTED.get() + (cfg,))
     try:
         yield spec
     finally:
+        _ROUTED.reset(routed)
         _ACTIVE.reset(token)
         cfg._attn_implementation = old
+
+
+def checkpoint_context():
+    """``context_fn`` for torch.utils.checkpoint (train-student --gradient-checkpointing): the recompute of a
+    checkpointed layer in backward runs under the capture spec and attention implementation that its
+    forward saw (the forward's own context has been left by then), so it saves the same tensors."""
+    spec = _ACTIVE.get()
+    configs = []
+
+    @contextlib.contextmanager
+    def recompute():
+        token = _ACTIVE.set(spec)
+        old = [(c, c._attn_implementation) for c in configs]
+        for c in configs:
+            c._attn_implementation = IMPL_NAME
+        try:
+            yield
+        finally:
+            for c, impl in old:
+                c._attn_implementation = impl
+            _ACTIVE.reset(token)
+
+    configs.extend(_ROUTED.get())
+    return contextlib.nullcontext(), recompute()
 
 
 def capture_spec(adapter, layers, batch, device) -> CaptureSpec | None:

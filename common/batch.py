@@ -58,9 +58,10 @@ class ForwardOut:
 
 
 def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Tensor] | None = None,
-            use_cache: bool = False) -> ForwardOut:
-    """One forward of the main sequence (plus branch tokens when ``branch_cands`` is given:
-    per sample [n_resp, B] candidate ids, appended under the tree mask)."""
+            use_cache: bool = False, branch_pos: list[torch.Tensor] | None = None) -> ForwardOut:
+    """One forward of the main sequence (plus branch tokens when ``branch_cands`` is given: per sample
+    [n, B] candidate ids for the response positions ``branch_pos`` (default: every response position),
+    appended under the tree mask)."""
     model = adapter.model
     dtype = next(model.parameters()).dtype
     ids, valid = batch["input_ids"], batch["valid"]
@@ -68,7 +69,8 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     s = ids.shape[1]
     br: Branches | None = None
     if branch_cands is not None:
-        br = make_branches(branch_cands, batch["resp_pos"], branch_cands[0].shape[-1], ids.device)
+        br = make_branches(branch_cands, branch_pos if branch_pos is not None else batch["resp_pos"],
+                           branch_cands[0].shape[-1], ids.device)
         allowed = tree_allowed(valid, br)
         ids = torch.cat([ids, br.ids], 1)
         pos = torch.cat([pos, branch_position_ids(pos, br)], -1)
@@ -86,14 +88,17 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
                       getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos)
 
 
-def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor]) -> torch.Tensor:
+def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor],
+                branch_pos: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Teacher side: the branch tokens alone, against the KV cache of the main pass (same outputs as
-    the one-forward tree layout, without recomputing the main sequence). Returns [N, B, H]."""
+    the one-forward tree layout, without recomputing the main sequence). ``branch_pos``: per sample the
+    response positions that get branches (default: all). Returns [N, B, H]."""
     model = adapter.model
     dtype = next(model.parameters()).dtype
     valid = batch["valid"]
     s = valid.shape[1]
-    br = make_branches(cands, batch["resp_pos"], cands[0].shape[-1], valid.device)
+    br = make_branches(cands, branch_pos if branch_pos is not None else batch["resp_pos"], cands[0].shape[-1],
+                       valid.device)
     allowed = tree_allowed(valid, br)[:, s:]
     pos = branch_position_ids(main.position_ids, br)
     with use_alignti_attention(adapter, None):
@@ -104,3 +109,7 @@ def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor
 
 def lm_logits(adapter, hidden: torch.Tensor) -> torch.Tensor:
     return adapter.model.lm_head(hidden)
+
+
+def lm_head(adapter) -> torch.nn.Module:
+    return adapter.model.lm_head

@@ -197,8 +197,12 @@ class StepNorm:
     scale: float = 1.0
 
     @classmethod
+    def from_counts(cls, counts: dict[str, float], world_size: int = 1) -> "StepNorm":
+        return cls(**{k: max(float(v), 1.0) for k, v in counts.items()}, scale=float(world_size))
+
+    @classmethod
     def of(cls, batch: dict, world_size: int = 1) -> "StepNorm":
-        return cls(**step_counts(batch), scale=float(world_size))
+        return cls.from_counts(step_counts(batch), world_size)
 
 
 def step_counts(batch: dict) -> dict[str, float]:
@@ -206,7 +210,7 @@ def step_counts(batch: dict) -> dict[str, float]:
     tokens = float(len(batch["targets"]))
     tpa = float(len(batch["tpa_rows"])) if "tpa_rows" in batch else tokens
     groups = float(batch["sal_valid"].shape[0]) if batch.get("sal_valid") is not None else 0.0
-    return {"tokens": max(tokens, 1.0), "tpa_rows": max(tpa, 1.0), "groups": max(groups, 1.0)}
+    return {"tokens": tokens, "tpa_rows": tpa, "groups": groups}
 
 
 DEFAULT_CHUNK_BYTES = 128 * 2 ** 20  # fp32 logits of one row chunk (bench/loss_head.py: 0.34x unchunked SFT memory, no slower)
@@ -409,7 +413,7 @@ TERM_COUNT = {"sft": "tokens", "kd": "tokens", "rkl": "tokens", "jsd": "tokens",
 
 def means(sums: dict[str, float], counts: dict[str, float], w: LossWeights) -> dict[str, float]:
     """Per-item means of the term sums over ``counts`` (see step_counts), and 'loss', their weighted sum."""
-    out = {k: float(v) / counts[TERM_COUNT[k]] for k, v in sums.items()}
+    out = {k: float(v) / max(counts[TERM_COUNT[k]], 1.0) for k, v in sums.items()}
     weight = {"sft": 1.0, "kd": w.kd, "rkl": w.kd, "jsd": w.kd, "tpa": w.tpa, "iva": w.iva}
     out["loss"] = sum(weight[k] * v for k, v in out.items())
     return out

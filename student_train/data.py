@@ -67,6 +67,37 @@ def epoch_order(reader: CacheReader, epoch: int, seed: int) -> list[int]:
     return order
 
 
+MEGA_BATCHES = 50  # batches per length-sorted mega-batch (transformers' group_by_length uses 50 too)
+
+
+def length_grouped(order: list[int], lengths, batch_size: int, generator: torch.Generator,
+                   mega: int = MEGA_BATCHES) -> list[int]:
+    """Group samples of similar length into the same batch, as LLaVA's group_by_modality_length and
+    transformers' group_by_length do: cut the (shuffled) order into mega-batches of ``mega * batch_size``
+    samples, sort each by length (longest first), cut it into batches and shuffle those batches within the
+    mega-batch. Deterministic given the generator; the samples of a mega-batch stay the same, so reads keep
+    the block shuffle's locality."""
+    out: list[int] = []
+    size = mega * batch_size
+    for m in range(0, len(order), size):
+        chunk = sorted(order[m:m + size], key=lambda i: -int(lengths[i]))
+        batches = [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+        full = [b for b in batches if len(b) == batch_size]
+        ragged = batches[len(full):]
+        for j in torch.randperm(len(full), generator=generator).tolist():
+            out += full[j]
+        for b in ragged:  # a short last batch stays last, where an ungrouped epoch has it too
+            out += b
+    return out
+
+
+def padding_fraction(batches: list[list[int]], lengths) -> float:
+    """Padded positions / all positions when each batch is padded to its longest sample."""
+    real = sum(int(lengths[i]) for b in batches for i in b)
+    total = sum(max(int(lengths[i]) for i in b) * len(b) for b in batches if b)
+    return 1.0 - real / max(total, 1)
+
+
 def worker_init(_worker_id: int) -> None:
     """DataLoader workers decode images and slice arrays: one intra-op thread each, no oversubscription."""
     torch.set_num_threads(1)

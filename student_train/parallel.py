@@ -19,14 +19,20 @@ from .data import batches_of
 class StudentStep(nn.Module):
     """One forward of the student returning every tensor the losses need."""
 
-    def __init__(self, model: nn.Module, adapter, spec, layer: int):
+    def __init__(self, model: nn.Module, adapter, spec, layer: int, weights):
         super().__init__()
         self.model = model
-        self.adapter, self.spec, self.layer = adapter, spec, layer
+        self.adapter, self.spec, self.layer, self.weights = adapter, spec, layer, weights
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, norm=None) -> dict:
+        """{"loss": the step-normalised loss of this micro-batch, "sums": detached term sums}. The loss head
+        runs in here, inside DDP's / FSDP2's forward, where FSDP2 holds the unsharded lm_head weight."""
+        from common.batch import lm_head
+        from common.losses import head_loss
+
         from .trainer import student_step_outputs
-        return student_step_outputs(self.adapter, batch, self.spec, self.layer)
+        res = student_step_outputs(self.adapter, batch, self.spec, self.layer)
+        return head_loss(self.spec, self.weights, lm_head(self.adapter), res, norm)
 
 
 def wrap(step: StudentStep, env: DistEnv, device: torch.device, fsdp: bool) -> nn.Module:
@@ -59,23 +65,24 @@ def rank_batches(order: list[int], batch_size: int, env: DistEnv) -> list[list[i
     return batches_of(padded[env.rank * per:(env.rank + 1) * per], batch_size)
 
 
-def mean_over_ranks(env: DistEnv, values: dict[str, float], device: torch.device) -> dict[str, float]:
+def sum_over_ranks_dict(env: DistEnv, values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum each value over ranks (every rank has the same keys)."""
     if not env.distributed or not values:
         return values
     import torch.distributed as dist
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
+    return dict(zip(keys, t.tolist()))
 
 
-def sum_over_ranks(env: DistEnv, value: int, device: torch.device) -> int:
-    if not env.distributed:
-        return value
-    import torch.distributed as dist
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
+def sum_counts_over_ranks(env: DistEnv, counts: list[dict[str, float]], device: torch.device) -> dict[str, float]:
+    """The step's denominators (common.losses.StepNorm): this rank's micro-batch counts summed, then over ranks."""
+    total: dict[str, float] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0.0) + v
+    return sum_over_ranks_dict(env, total, device)
 
 
 def full_state(module: nn.Module, opt) -> tuple[dict, dict]:

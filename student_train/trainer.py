@@ -22,24 +22,25 @@ import torch
 
 from common import distributed as dist
 from common.adapters import adapter_for
-from common.batch import forward, lm_logits
+from common.attention import checkpoint_context
+from common.batch import forward
 from common.cache import CacheReader, check_manifest
 from common.errors import AlignTIError, CacheError
 from common.faults import crash_point
 from common.fingerprint import check_student
-from common.losses import LossWeights, get_loss, total_loss
+from common.losses import LossWeights, StepNorm, get_loss, means, step_counts
 from common.models import load_vlm
 from common.progress import progress_bar
 
 from . import parallel
-from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, worker_init
+from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, length_grouped, worker_init
 
 log = logging.getLogger("alignti.train")
 
 # settings that must not change between a run and its resume
 _RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "iva_ratio", "temperature", "student_layer",
              "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed",
-             "fsdp", "freeze_vision")
+             "fsdp", "freeze_vision", "group_by_length")
 
 
 @dataclass
@@ -71,6 +72,8 @@ class TrainConfig:
     eval_every: int = 0  # with an evaluator (python API): run it every N steps, logged as val_accuracy
     fsdp: bool = False   # under torchrun: FSDP2 (fully_shard per decoder layer) instead of DDP
     freeze_vision: bool = False  # keep the vision encoder fixed (LLaVA recipes' usual choice); projector and LM train
+    gradient_checkpointing: bool = False  # recompute each decoder / vision layer in backward (non-reentrant)
+    group_by_length: bool = True  # batches of similar length inside shuffled mega-batches (data.length_grouped)
     progress: bool = True
 
 
@@ -83,16 +86,31 @@ def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_
 
 
 def student_step_outputs(adapter, batch: dict, spec, layer: int) -> dict:
+    """The student's hidden states the loss head needs (see common.losses.head_loss), beside the batch's
+    teacher tensors: resp_hidden [N, H], branch_hidden [M, B, H] for TPA, student_sal for IVA."""
     cands = batch.get("tpa_cand_list") if spec.tpa else None
-    out = forward(adapter, batch, capture_layers=[layer] if spec.iva else (), branch_cands=cands)
+    out = forward(adapter, batch, capture_layers=[layer] if spec.iva else (), branch_cands=cands,
+                  branch_pos=batch.get("tpa_pos") if spec.tpa else None)
     res = {k: batch[k] for k in ("targets", "topk_ids", "topk_logprobs", "tail_logmass", "tpa_cand_ids", "tpa_ids",
-                                 "tpa_logprobs", "tpa_tail", "teacher_sal", "sal_valid") if k in batch}
-    res["logits"] = lm_logits(adapter, out.resp_hidden)
+                                 "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid") if k in batch}
+    res["resp_hidden"] = out.resp_hidden
     if spec.tpa:
-        res["branch_logits"] = lm_logits(adapter, out.branch_hidden)
+        res["branch_hidden"] = out.branch_hidden
     if spec.iva:
         res["student_sal"] = out.saliency.get(layer)
     return res
+
+
+def epoch_batches_order(reader, epoch: int, cfg: TrainConfig) -> list[int]:
+    """The epoch's sample order: block-shuffled by part, then (--group-by-length) length-grouped so each
+    batch holds samples of similar token length (less padding). A function of (seed, epoch) only, so
+    --resume picks up the same order."""
+    order = epoch_order(reader, epoch, cfg.seed)
+    if not cfg.group_by_length:
+        return order
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 7_919)
+    lengths = [r["tok_len"] for r in reader.samples]
+    return length_grouped(order, lengths, cfg.batch_size, g)
 
 
 def _rng_state() -> dict:
@@ -153,7 +171,11 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if cfg.freeze_vision:
         adapter.vision_tower.requires_grad_(False)
     # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
-    step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer), env, device, cfg.fsdp)
+    if cfg.gradient_checkpointing:
+        # non-reentrant, and each recompute runs under the capture / attention settings of its forward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                           "context_fn": checkpoint_context})
+    step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights), env, device, cfg.fsdp)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -209,27 +231,33 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             open(metrics_path if env.is_main else os.devnull, "a") as metrics:
         bar.advance(step)
         while step < total_steps:
-            order = parallel.rank_batches(epoch_order(reader, epoch, cfg.seed), cfg.batch_size, env)
+            order = parallel.rank_batches(epoch_batches_order(reader, epoch, cfg), cfg.batch_size, env)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=order[position:], collate_fn=collator,
                                                  num_workers=cfg.workers,
                                                  multiprocessing_context="spawn" if cfg.workers else None,
                                                  worker_init_fn=worker_init if cfg.workers else None)
-            accum: dict[str, float] = {}
-            n_micro, t0, n_tok = 0, time.perf_counter(), 0
+            micro: list[dict] = []
+            t0 = time.perf_counter()
             for batch in loader:
-                batch = batch_to_device(batch, device)
-                with autocast:
-                    res = step_module(batch)
-                terms = total_loss(spec, weights, res)
-                (terms["loss"] / cfg.grad_accum).backward()
-                for k, v in terms.items():
-                    accum[k] = accum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                n_micro += 1
-                n_tok += len(batch["targets"])
+                micro.append(batch)
                 position += 1
                 end_of_epoch = position >= len(order)
-                if n_micro < cfg.grad_accum and not end_of_epoch:
+                if len(micro) < cfg.grad_accum and not end_of_epoch:
                     continue
+                # one normalisation over the whole step: every micro-batch's terms are sums divided by the
+                # step's counts over all micro-batches and ranks (transformers' num_items_in_batch)
+                counts = parallel.sum_counts_over_ranks(env, [step_counts(b) for b in micro], device)
+                norm = StepNorm.from_counts(counts, env.world_size)
+                sums: dict[str, float] = {}
+                for batch in micro:
+                    batch = batch_to_device(batch, device)
+                    with autocast:
+                        res = step_module(batch, norm)
+                    res["loss"].backward()
+                    for k, v in res["sums"].items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                n_tok = int(counts["tokens"])
+                micro = []
                 grad_norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), cfg.max_grad_norm)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                     grad_norm = grad_norm.full_tensor()
@@ -238,11 +266,13 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 crash_point("train-step")
-                accum = parallel.mean_over_ranks(env, accum, device)
-                n_tok = parallel.sum_over_ranks(env, n_tok, device)
-                last = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in accum.items()},
+                terms = means(parallel.sum_over_ranks_dict(env, sums, device), counts, weights)
+                sec = time.perf_counter() - t0
+                last = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
                         "grad_norm": round(float(grad_norm), 6), "lr": sched.get_last_lr()[0],
-                        "tokens": n_tok, "sec": round(time.perf_counter() - t0, 4)}
+                        "tokens": n_tok, "sec": round(sec, 4), "tokens_per_s": round(n_tok / max(sec, 1e-9), 1)}
+                if device.type == "cuda":
+                    last["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
                 if evaluator is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
                     model.eval()
                     last["val_accuracy"] = float(evaluator(model, processor))
@@ -250,8 +280,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
                 bar.advance(1)
-                bar.update(**{k: v for k, v in accum.items()})
-                accum, n_micro, t0, n_tok = {}, 0, time.perf_counter(), 0
+                bar.update(**terms)
+                t0 = time.perf_counter()
                 if end_of_epoch:
                     epoch, position = epoch + 1, 0
                 if step % cfg.save_every == 0 or step == total_steps:
