@@ -23,6 +23,17 @@ def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
     return model.to(device), processor
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Checkpoint every decoder and vision layer (non-reentrant); each recompute runs under the saliency
+    capture and attention routing of its forward (common.attention.checkpoint_context)."""
+    from .attention import checkpoint_context
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_context}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def image_only_processor_class(base):
     """A family's processor without its video processor. Qwen2-VL's processor insists on a video
     processor, which needs torchvision; image-text distillation never uses it.

@@ -22,14 +22,13 @@ import torch
 
 from common import distributed as dist
 from common.adapters import adapter_for
-from common.attention import checkpoint_context
 from common.batch import forward
 from common.cache import CacheReader, check_manifest
 from common.errors import AlignTIError, CacheError
 from common.faults import crash_point
 from common.fingerprint import check_student
 from common.losses import LossWeights, StepNorm, get_loss, means, step_counts
-from common.models import load_vlm
+from common.models import enable_gradient_checkpointing, load_vlm
 from common.progress import progress_bar
 
 from . import parallel
@@ -99,6 +98,24 @@ def student_step_outputs(adapter, batch: dict, spec, layer: int) -> dict:
     if spec.iva:
         res["student_sal"] = out.saliency.get(layer)
     return res
+
+
+def accumulate_step(step_module, micro: list[dict], env, device, autocast) -> tuple[dict, dict]:
+    """Forward + backward of one optimizer step's micro-batches (gradients accumulate in .grad). One
+    normalisation over the whole step: every micro-batch's terms are sums divided by the step's counts over
+    all its micro-batches and ranks (transformers' num_items_in_batch), so the gradient does not depend on
+    how samples fall into micro-batches and ranks. Returns (the step's counts, this rank's term sums)."""
+    counts = parallel.sum_counts_over_ranks(env, [step_counts(b) for b in micro], device)
+    norm = StepNorm.from_counts(counts, env.world_size)
+    sums: dict[str, float] = {}
+    for batch in micro:
+        batch = batch_to_device(batch, device)
+        with autocast:
+            res = step_module(batch, norm)
+        res["loss"].backward()
+        for k, v in res["sums"].items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return counts, sums
 
 
 def epoch_batches_order(reader, epoch: int, cfg: TrainConfig) -> list[int]:
@@ -173,8 +190,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
     if cfg.gradient_checkpointing:
         # non-reentrant, and each recompute runs under the capture / attention settings of its forward
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                           "context_fn": checkpoint_context})
+        enable_gradient_checkpointing(model)
     step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights), env, device, cfg.fsdp)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
@@ -244,18 +260,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                 end_of_epoch = position >= len(order)
                 if len(micro) < cfg.grad_accum and not end_of_epoch:
                     continue
-                # one normalisation over the whole step: every micro-batch's terms are sums divided by the
-                # step's counts over all micro-batches and ranks (transformers' num_items_in_batch)
-                counts = parallel.sum_counts_over_ranks(env, [step_counts(b) for b in micro], device)
-                norm = StepNorm.from_counts(counts, env.world_size)
-                sums: dict[str, float] = {}
-                for batch in micro:
-                    batch = batch_to_device(batch, device)
-                    with autocast:
-                        res = step_module(batch, norm)
-                    res["loss"].backward()
-                    for k, v in res["sums"].items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
+                counts, sums = accumulate_step(step_module, micro, env, device, autocast)
                 n_tok = int(counts["tokens"])
                 micro = []
                 grad_norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), cfg.max_grad_norm)

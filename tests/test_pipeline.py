@@ -79,9 +79,10 @@ def test_student_with_other_tokenizer_is_refused(kit, cache, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_is_bit_for_bit(kit, cache, tmp_path):
+@pytest.mark.parametrize("gc", [False, True])
+def test_resume_is_bit_for_bit(kit, cache, tmp_path, gc):
     common = dict(student=str(kit / "student"), cache=str(cache), loss="alignti", max_steps=8, batch_size=8,
-                  save_every=3, grad_accum=2, progress=False)
+                  save_every=3, grad_accum=2, progress=False, gradient_checkpointing=gc)
     train_student(TrainConfig(out=str(tmp_path / "a"), **common))
     stopped = train_student(TrainConfig(out=str(tmp_path / "b"), **common), stop_after=5)  # crash after step 5
     assert stopped == {"stopped_at": 5}

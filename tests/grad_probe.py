@@ -1,0 +1,67 @@
+"""Gradients of one optimizer step, for tests/test_step.py: the same 8 samples split into micro-batches
+and (under torchrun) ranks. ``python tests/grad_probe.py STUDENT CACHE OUT.pt LOSS PER_MICRO [gc]``."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import distributed as dist  # noqa: E402
+from common.adapters import adapter_for  # noqa: E402
+from common.cache import CacheReader  # noqa: E402
+from common.losses import LossWeights, get_loss  # noqa: E402
+from common.models import enable_gradient_checkpointing, load_vlm  # noqa: E402
+from student_train import parallel  # noqa: E402
+from student_train.data import CacheDataset, StudentCollator  # noqa: E402
+from student_train.trainer import accumulate_step, student_layer_for  # noqa: E402
+
+SAMPLES = 8
+
+
+def probe_samples(reader: CacheReader) -> list[int]:
+    """8 samples whose response lengths differ (so per-micro-batch means would weigh them unequally)."""
+    by_len: dict[int, int] = {}
+    for i, r in enumerate(reader.samples):
+        by_len.setdefault(r["resp_len"], i)
+    picked = list(by_len.values())[:SAMPLES]
+    picked += [i for i in range(len(reader)) if i not in picked][:SAMPLES - len(picked)]
+    return picked
+
+
+def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: bool = False,
+                   weights: LossWeights | None = None) -> dict[str, torch.Tensor]:
+    env = dist.dist_env()
+    device = torch.device("cpu")
+    dist.init(env, device)
+    torch.manual_seed(0)
+    reader = CacheReader(cache)
+    model, proc = load_vlm(student, device, "float32")
+    adapter = adapter_for(model)
+    spec = get_loss(loss)
+    params = reader.params
+    layer = student_layer_for(None, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
+                              adapter.num_layers)
+    if gc:
+        enable_gradient_checkpointing(model)
+    model.train()
+    step = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights or LossWeights(tpa=0.7, iva=1.3)),
+                         env, device, fsdp=False)
+    data, coll = CacheDataset(reader, proc), StudentCollator(proc, type(adapter))
+    idx = probe_samples(reader)
+    per_rank = SAMPLES // env.world_size
+    mine = idx[env.rank * per_rank:(env.rank + 1) * per_rank]
+    micro = [coll([data[i] for i in mine[j:j + per_micro]]) for j in range(0, len(mine), per_micro)]
+    accumulate_step(step, micro, env, device, contextlib.nullcontext())
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+if __name__ == "__main__":
+    student, cache, out, loss, per_micro = sys.argv[1:6]
+    grads = step_gradients(student, cache, loss, int(per_micro), gc=len(sys.argv) > 6 and sys.argv[6] == "gc")
+    if dist.dist_env().is_main:
+        torch.save(grads, out)
