@@ -85,6 +85,9 @@ def dump_teacher(teacher: str = typer.Option(..., help="Teacher checkpoint (loca
                  skip_bad: bool = typer.Option(False, help="Record bad samples as skipped instead of stopping."),
                  tpa_branches: int = typer.Option(4, help="TPA branch candidates per token (0: no TPA stats)."),
                  tpa_top_k: int = typer.Option(8, help="Top-k kept per branch distribution."),
+                 tpa_positions: float = typer.Option(1.0, help="TPA position budget: the fraction of each sample's "
+                                                     "response positions that get TPA statistics, chosen where the "
+                                                     "teacher's next-token entropy is highest (1: all)."),
                  saliency_layer: str = typer.Option("auto", help="auto (IRS), a layer index, or none."),
                  irs_samples: int = typer.Option(256, help="Calibration samples for --saliency-layer auto."),
                  unit_size: int = typer.Option(256, help="Samples per work unit (one committed part each)."),
@@ -104,7 +107,7 @@ def dump_teacher(teacher: str = typer.Option(..., help="Teacher checkpoint (loca
                      batch_size=batch_size, device=device, limit=limit, skip_bad=skip_bad, tpa_branches=tpa_branches,
                      tpa_top_k=tpa_top_k, saliency_layer=saliency_layer, irs_samples=irs_samples, unit_size=unit_size,
                      max_length=max_length, dtype=dtype, logprob_encoding=logprob_dtype,
-                     saliency_query=saliency_query)
+                     saliency_query=saliency_query, tpa_positions=tpa_positions)
     manifest = _run(run, cfg)
     _echo_main(json.dumps(manifest["counts"]))
 

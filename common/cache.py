@@ -27,8 +27,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from .errors import CacheError
 from .faults import crash_point
 from .schema import (CHUNK_TOKENS, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, QUANTISED, READABLE_VERSIONS,
-                     SAMPLE_SCHEMA, SCHEMA_VERSION, SHARD_CHUNKS, array_dtype, array_shape_tail, arrays_for,
-                     decode_logprobs, encode_logprobs)
+                     SAMPLE_SCHEMA, SCHEMA_VERSION, SHARD_CHUNKS, TPA_ARRAYS, array_dtype, array_shape_tail,
+                     arrays_for, decode_logprobs, encode_logprobs, tpa_positions_layout)
 
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
 
@@ -73,14 +73,15 @@ class PartWriter:
         self.params = params
         self.names = arrays_for(params)
         self.buffers: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
-        self.offsets = {"tok": 0, "resp": 0, "sal": 0}
+        self.offsets = {"tok": 0, "resp": 0, "sal": 0, "tpa": 0}
         self.rows: list[dict] = []
 
     def add_skipped(self, index: int, sample_id: str, error: str, image: str = "") -> None:
         self.rows.append(dict(sample_id=sample_id, index=index, status="skipped", error=error, image=image,
                               image_sha256="", tok_start=self.offsets["tok"], tok_len=0,
                               resp_start=self.offsets["resp"], resp_len=0, image_tok_start=0, n_image_tokens=0,
-                              instr_spans=[], resp_spans=[], sal_start=self.offsets["sal"], n_turns=0))
+                              instr_spans=[], resp_spans=[], sal_start=self.offsets["sal"], n_turns=0,
+                              tpa_start=self.offsets["tpa"], tpa_len=0))
 
     def add(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """meta: the sample's row fields (ids, spans); arrays: its slice of every array."""
@@ -100,11 +101,16 @@ class PartWriter:
                 raise CacheError(f"sample {meta['sample_id']}: array {name} has shape {a.shape}, expected (*, *{tail})")
             self.buffers[name].append(a)
         n_sal = len(arrays["saliency"]) if "saliency" in self.names else 0
+        n_tpa = len(arrays["tpa_pos"]) if "tpa_pos" in self.names else 0
+        if n_tpa and (int(arrays["tpa_pos"].max()) >= n_resp or int(arrays["tpa_pos"].min()) < 0):
+            raise CacheError(f"sample {meta['sample_id']}: TPA positions outside its {n_resp} response tokens")
         self.rows.append(dict(meta, status="ok", error="", tok_start=self.offsets["tok"], tok_len=n_tok,
-                              resp_start=self.offsets["resp"], resp_len=n_resp, sal_start=self.offsets["sal"]))
+                              resp_start=self.offsets["resp"], resp_len=n_resp, sal_start=self.offsets["sal"],
+                              tpa_start=self.offsets["tpa"], tpa_len=n_tpa))
         self.offsets["tok"] += n_tok
         self.offsets["resp"] += n_resp
         self.offsets["sal"] += n_sal
+        self.offsets["tpa"] += n_tpa
 
     def commit(self) -> dict:
         parts = self.root / PARTS_DIR
@@ -135,6 +141,7 @@ class PartWriter:
         ok = [r for r in self.rows if r["status"] == "ok"]
         marker = {"part": self.index, "schema_version": SCHEMA_VERSION, "samples": len(self.rows), "ok": len(ok),
                   "tokens": self.offsets["tok"], "response_tokens": self.offsets["resp"],
+                  "tpa_rows": self.offsets["tpa"],
                   "files": {f"{PARTS_DIR}/{k}": v for k, v in files.items()}}
         _atomic_write_json(parts / f"{name}.commit.json", marker, point="marker")
         return marker
@@ -221,8 +228,11 @@ class CacheReader:
             except (OSError, pa.ArrowException) as e:
                 raise CacheError(f"part {name}: samples table {PARTS_DIR}/{name}.parquet cannot be read ({e}); "
                                  f"run 'alignti validate-cache {self.url}' and re-dump the part") from None
+            if "tpa_start" not in t.column_names:  # v2/v3: one TPA row per response token
+                t = t.append_column("tpa_start", t.column("resp_start")).append_column("tpa_len", t.column("resp_len"))
             tables.append(t.append_column("part", pa.array([j] * t.num_rows, pa.int32())))
         self.table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
+        self.tpa_layout = tpa_positions_layout(self.params)
         rows = self.table.to_pylist()
         self.samples = [r for r in rows if r["status"] == "ok"]
         self.skipped = [r for r in rows if r["status"] != "ok"]
@@ -283,10 +293,14 @@ class CacheReader:
             "resp_spans": list(zip(row["resp_spans"][0::2], row["resp_spans"][1::2])),
             "input_ids": a["input_ids"][ts:ts + tl], "response_mask": a["response_mask"][ts:ts + tl],
         }
-        for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
-                     "tpa_logprobs", "tpa_tail"):
+        for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"):
             if name in a:
                 out[name] = a[name][rs:rs + rl]
+        if "tpa_cand_ids" in a:
+            ps, pl = (row["tpa_start"], row["tpa_len"]) if self.tpa_layout else (rs, rl)
+            for name in TPA_ARRAYS:
+                out[name] = a[name][ps:ps + pl]
+            out["tpa_pos"] = a["tpa_pos"][ps:ps + pl] if self.tpa_layout else np.arange(rl, dtype=np.int32)
         if "saliency" in a:
             n = row["n_turns"] * row["n_image_tokens"]
             out["saliency"] = a["saliency"][row["sal_start"]:row["sal_start"] + n].reshape(
@@ -370,12 +384,20 @@ def validate_cache(url: str | Path, storage_options: dict | None = None, damaged
                 found.append((name, f"part {name}: {len(arrays['input_ids'])} tokens stored, table says {n_tok}"))
             if len(arrays["topk_ids"]) != n_resp or n_resp != part["response_tokens"]:
                 found.append((name, f"part {name}: {len(arrays['topk_ids'])} response rows, table says {n_resp}"))
+            if "tpa_pos" in arrays:
+                n_tpa = sum(r["tpa_len"] for r in rows)
+                if any(len(arrays[a]) != n_tpa for a in ("tpa_pos", *TPA_ARRAYS)):
+                    found.append((name, f"part {name}: {len(arrays['tpa_pos'])} TPA rows, table says {n_tpa}"))
             for r in rows:
                 if r["status"] != "ok":
                     continue
                 m = arrays["response_mask"][r["tok_start"]:r["tok_start"] + r["tok_len"]]
                 if int(m.sum()) != r["resp_len"]:
                     found.append((name, f"part {name}: sample {r['sample_id']} offsets do not match its mask"))
+                if "tpa_pos" in arrays and r["tpa_len"]:
+                    pos = arrays["tpa_pos"][r["tpa_start"]:r["tpa_start"] + r["tpa_len"]]
+                    if len(pos) and (int(pos.max()) >= r["resp_len"] or int(pos.min()) < 0):
+                        found.append((name, f"part {name}: sample {r['sample_id']} TPA positions out of range"))
     plan_ids = None  # read from plan.json only if a part's own sample table cannot name its samples
     problems = []
     for part, msg in found:

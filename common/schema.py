@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs
-READABLE_VERSIONS = (2, 3)  # a v2 cache is a v3 cache with float16 log-probs
+SCHEMA_VERSION = 4  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs;
+#                    4: TPA statistics on their own CSR axis ("tpa") for a chosen subset of response positions
+READABLE_VERSIONS = (2, 3, 4)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
 
 # Log-prob encodings (params["logprob_encoding"]; absent = float16). "uint8": q = round(-logp * 16) clipped
 # to 0..255, i.e. 1/16-nat steps down to -15.94 nats; decoded as -q/16 (exact in float16). The rest mass
@@ -33,8 +34,9 @@ MANIFEST_FILE = "manifest.json"
 PARTS_DIR = "parts"
 
 # Per-token arrays: (name, dtype, trailing shape keys). Leading axis is the CSR axis named in AXES.
-# "tok": every input token of every sample, concatenated; "resp": every response token; "sal":
-# every saliency value (n_turns * n_image_tokens per sample).
+# "tok": every input token of every sample, concatenated; "resp": every response token; "tpa": every
+# response position with TPA statistics (v4; all of them unless dumped with --tpa-positions < 1, and in v2/v3
+# caches the TPA arrays sit on the "resp" axis); "sal": every saliency value (n_turns * n_image_tokens per sample).
 ARRAYS: dict[str, tuple[str, np.dtype, tuple[str, ...]]] = {
     "input_ids": ("tok", np.dtype("int32"), ()),
     "response_mask": ("tok", np.dtype("uint8"), ()),
@@ -42,14 +44,18 @@ ARRAYS: dict[str, tuple[str, np.dtype, tuple[str, ...]]] = {
     "topk_logprobs": ("resp", np.dtype("float16"), ("top_k",)),
     "tail_logmass": ("resp", np.dtype("float32"), ()),
     "target_logprob": ("resp", np.dtype("float32"), ()),
-    "tpa_cand_ids": ("resp", np.dtype("int32"), ("tpa_branches",)),
-    "tpa_ids": ("resp", np.dtype("int32"), ("tpa_branches", "tpa_top_k")),
-    "tpa_logprobs": ("resp", np.dtype("float16"), ("tpa_branches", "tpa_top_k")),
-    "tpa_tail": ("resp", np.dtype("float32"), ("tpa_branches",)),
+    "tpa_pos": ("tpa", np.dtype("int32"), ()),  # v4: index of the TPA row's response token within its sample
+    "tpa_cand_ids": ("tpa", np.dtype("int32"), ("tpa_branches",)),
+    "tpa_ids": ("tpa", np.dtype("int32"), ("tpa_branches", "tpa_top_k")),
+    "tpa_logprobs": ("tpa", np.dtype("float16"), ("tpa_branches", "tpa_top_k")),
+    "tpa_tail": ("tpa", np.dtype("float32"), ("tpa_branches",)),
     "saliency": ("sal", np.dtype("float16"), ()),
 }
 
 TPA_ARRAYS = ("tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail")
+# params["tpa_layout"]: "positions" (v4: TPA rows on the "tpa" axis, with tpa_pos); absent: one row per
+# response token on the "resp" axis (v2/v3)
+TPA_LAYOUT = "positions"
 
 CHUNK_TOKENS = 4096        # rows per chunk along the CSR axis
 SHARD_CHUNKS = 16          # chunks per shard; shards are written whole
@@ -71,7 +77,10 @@ SAMPLE_SCHEMA = pa.schema([
     ("resp_spans", pa.list_(pa.int32())),   # [start, end) pairs, one per assistant turn
     ("sal_start", pa.int64()),        # offset into saliency of this part
     ("n_turns", pa.int32()),
+    ("tpa_start", pa.int64()),        # v4: offset into the TPA arrays of this part
+    ("tpa_len", pa.int32()),          # v4: TPA rows of this sample (<= resp_len)
 ])
+V3_COLUMNS = [f.name for f in SAMPLE_SCHEMA if f.name not in ("tpa_start", "tpa_len")]
 
 
 def array_dtype(name: str, params: dict) -> np.dtype:
@@ -99,9 +108,14 @@ def array_shape_tail(name: str, params: dict) -> tuple[int, ...]:
 
 def arrays_for(params: dict) -> list[str]:
     """Arrays present in a cache made with these parameters."""
-    names = [n for n in ARRAYS if n not in TPA_ARRAYS and n != "saliency"]
+    names = [n for n in ARRAYS if n not in TPA_ARRAYS and n not in ("saliency", "tpa_pos")]
     if params.get("tpa_branches", 0) > 0:
-        names += list(TPA_ARRAYS)
+        names += (["tpa_pos"] if tpa_positions_layout(params) else []) + list(TPA_ARRAYS)
     if params.get("saliency_layer") is not None:
         names.append("saliency")
     return names
+
+
+def tpa_positions_layout(params: dict) -> bool:
+    """True for v4 caches: TPA rows on their own axis with tpa_pos; False: one TPA row per response token."""
+    return params.get("tpa_layout") == TPA_LAYOUT

@@ -127,7 +127,13 @@ class StudentCollator:
             if name in samples[0]:
                 batch[name] = torch.from_numpy(np.concatenate([x[name] for x in samples]))
         if "tpa_cand_ids" in samples[0]:
+            # the TPA rows follow the cache: tpa_pos (per sample, indices into its response tokens) gives
+            # their rows among the batch's response tokens and the sequence positions their branches replace
             batch["tpa_cand_list"] = [torch.from_numpy(x["tpa_cand_ids"]) for x in samples]
+            sel = [torch.from_numpy(np.asarray(x["tpa_pos"])).long() for x in samples]
+            offsets = np.cumsum([0] + [len(p) for p in batch["resp_pos"][:-1]])
+            batch["tpa_rows"] = torch.cat([s + int(o) for s, o in zip(sel, offsets)])
+            batch["tpa_pos"] = [p[s] for p, s in zip(batch["resp_pos"], sel)]
         if "saliency" in samples[0]:
             rows = [torch.from_numpy(x["saliency"].astype(np.float32)) for x in samples if x["n_image_tokens"] > 0]
             rows = [r for r in rows if r.numel()]
@@ -146,7 +152,7 @@ class StudentCollator:
 
 
 TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
-                "tpa_logprobs", "tpa_tail", "teacher_sal", "sal_valid")
+                "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid")
 
 
 def batch_to_device(batch: dict, device) -> dict:
@@ -155,6 +161,7 @@ def batch_to_device(batch: dict, device) -> dict:
     for k in TEACHER_KEYS:
         if k in batch:
             out[k] = batch[k].to(device, non_blocking=True)
-    if "tpa_cand_list" in batch:
-        out["tpa_cand_list"] = [c.to(device) for c in batch["tpa_cand_list"]]
+    for k in ("tpa_cand_list", "tpa_pos"):
+        if k in batch:
+            out[k] = [c.to(device) for c in batch[k]]
     return out

@@ -2,28 +2,48 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from common.batch import branch_pass, forward, lm_logits
+from common.batch import branch_pass, forward, lm_head
+from common.losses import DEFAULT_CHUNK_BYTES, chunk_rows
+from common.schema import tpa_positions_layout
 
 NEG_INF = float("-inf")
 
 
 def topk_fold(logits: torch.Tensor, k: int, targets: torch.Tensor | None = None, chunk: int = 2048):
-    """Top-k log-probs (sorted descending), log of the rest mass, and the target's log-prob.
+    """Top-k log-probs (sorted descending), log of the rest mass, and the target's log-prob, from logits.
     Rows are processed in chunks so [rows, vocab] float32 never gets large."""
-    ids, lps, tails, tgts = [], [], [], []
-    for i in range(0, logits.shape[0], chunk):
-        lp = torch.log_softmax(logits[i:i + chunk].float(), dim=-1)
+    return topk_fold_hidden(logits, None, k, targets, chunk)[:4]
+
+
+def topk_fold_hidden(hidden: torch.Tensor, head: torch.nn.Module | None, k: int,
+                     targets: torch.Tensor | None = None, chunk: int | None = None, entropy: bool = False):
+    """topk_fold straight from hidden states through the LM head ``head`` (None: ``hidden`` are logits), one
+    row chunk at a time, so [rows, V] logits never exist for the whole batch (the same chunking as the
+    student's loss head, common.losses.chunk_rows). Returns (ids, log-probs, rest log-mass, target log-prob
+    or None, full-vocabulary entropy or None)."""
+    if chunk is None:
+        chunk = chunk_rows(head.weight.shape[0] if head is not None else hidden.shape[-1], DEFAULT_CHUNK_BYTES)
+    ids, lps, tails, tgts, ents = [], [], [], [], []
+    for i in range(0, hidden.shape[0], chunk):
+        z = hidden[i:i + chunk] if head is None else head(hidden[i:i + chunk])
+        lp = torch.log_softmax(z.float(), dim=-1)
+        del z
         v, j = lp.topk(k, dim=-1, sorted=True)
         ids.append(j)
         lps.append(v)
-        tails.append(lp.scatter(-1, j, NEG_INF).logsumexp(-1))
         if targets is not None:
             tgts.append(lp.gather(-1, targets[i:i + chunk, None].long()).squeeze(-1))
+        if entropy:
+            ents.append(-(lp.exp() * lp).nan_to_num(0.0).sum(-1))
+        tails.append(lp.scatter_(-1, j, NEG_INF).logsumexp(-1))
+        del lp
     cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
-    return cat(ids), cat(lps), cat(tails), cat(tgts)
+    return cat(ids), cat(lps), cat(tails), cat(tgts), cat(ents)
 
 
 def candidates(topk_ids: torch.Tensor, n_branch: int, exclude: int) -> torch.Tensor:
@@ -34,37 +54,69 @@ def candidates(topk_ids: torch.Tensor, n_branch: int, exclude: int) -> torch.Ten
     return top.gather(-1, order)
 
 
+def select_tpa_positions(entropy: torch.Tensor | None, counts: list[int], fraction: float) -> list[torch.Tensor]:
+    """Per sample, the response-token indices that get TPA statistics: all of them at fraction 1, else the
+    ceil(fraction * n) positions where the teacher's next-token distribution has the highest entropy (where
+    the teacher hesitates between continuations, the transitions carry the most), in position order."""
+    out, at = [], 0
+    for n in counts:
+        if fraction >= 1.0 or n == 0:
+            out.append(torch.arange(n, device=entropy.device if entropy is not None else None))
+        else:
+            keep = max(1, math.ceil(fraction * n))
+            e = entropy[at:at + n]
+            top = torch.topk(e, keep, sorted=False).indices  # ties: topk's order is not stable; sort after
+            out.append(torch.sort(top).values)
+        at += n
+    return out
+
+
 @torch.no_grad()
 def teacher_batch(adapter, batch: dict, params: dict) -> dict[str, torch.Tensor]:
-    """Everything the cache stores for one padded batch, as device tensors in response-token order."""
+    """Everything the cache stores for one padded batch, as device tensors in response-token order
+    (TPA arrays in TPA-row order, with tpa_pos / tpa_counts saying which response tokens they belong to)."""
     k, n_branch, k2 = params["top_k"], params["tpa_branches"], params["tpa_top_k"]
     layer = params.get("saliency_layer")
+    fraction = float(params.get("tpa_positions", 1.0))
     out = forward(adapter, batch, capture_layers=[layer] if layer is not None else (), use_cache=n_branch > 0)
-    logits = lm_logits(adapter, out.resp_hidden)
-    ids, lps, tail, target = topk_fold(logits, k, batch["targets"])
+    head = lm_head(adapter)
+    ids, lps, tail, target, ent = topk_fold_hidden(out.resp_hidden, head, k, batch["targets"],
+                                                   entropy=n_branch > 0 and fraction < 1.0)
     res = {"topk_ids": ids, "topk_logprobs": lps, "tail_logmass": tail, "target_logprob": target}
     if n_branch > 0:
-        cands = candidates(ids, n_branch, adapter.image_token_id)
         counts = [len(p) for p in batch["resp_pos"]]
-        bh = branch_pass(adapter, batch, out, list(torch.split(cands, counts)))
-        b_ids, b_lps, b_tail, _ = topk_fold(lm_logits(adapter, bh.reshape(-1, bh.shape[-1])), k2)
+        sel = select_tpa_positions(ent, counts, fraction)
+        offsets = torch.tensor([0] + counts[:-1], device=ids.device).cumsum(0)
+        rows = torch.cat([s.to(ids.device) + o for s, o in zip(sel, offsets)])
+        cands = candidates(ids.index_select(0, rows), n_branch, adapter.image_token_id)
+        tpa_counts = [len(s) for s in sel]
+        pos = [p[s.to(p.device)] for p, s in zip(batch["resp_pos"], sel)]
+        bh = branch_pass(adapter, batch, out, list(torch.split(cands, tpa_counts)), branch_pos=pos)
+        b_ids, b_lps, b_tail, _, _ = topk_fold_hidden(bh.reshape(-1, bh.shape[-1]), head, k2)
         res.update(tpa_cand_ids=cands, tpa_ids=b_ids.view(-1, n_branch, k2),
                    tpa_logprobs=b_lps.view(-1, n_branch, k2), tpa_tail=b_tail.view(-1, n_branch))
+        if tpa_positions_layout(params):
+            res["tpa_pos"] = torch.cat(sel).to(ids.device, torch.int32)
+        res["tpa_counts"] = torch.tensor(tpa_counts)
     if layer is not None and out.sal_groups is not None:
         res["saliency"] = out.saliency[layer]
         res["sal_group_batch"] = out.sal_groups.group_batch
     return res
 
 
+TPA_ROW_ARRAYS = ("tpa_pos", "tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail")
+
+
 def split_per_sample(res: dict[str, torch.Tensor], batch: dict) -> list[dict[str, np.ndarray]]:
     """Move a batch's results to the host once and cut them per sample (runs on the writer side)."""
     host = {n: t.detach().to("cpu") for n, t in res.items()}
     counts = [len(p) for p in batch["resp_pos"]]
+    tpa_counts = host["tpa_counts"].tolist() if "tpa_counts" in host else counts
     out = [{} for _ in counts]
     for name, t in host.items():
-        if name in ("saliency", "sal_group_batch"):
+        if name in ("saliency", "sal_group_batch", "tpa_counts"):
             continue
-        for b, piece in enumerate(torch.split(t, counts)):
+        for b, piece in enumerate(torch.split(t, tpa_counts if name in TPA_ROW_ARRAYS else counts)):
             out[b][name] = piece.numpy()
     for b in range(len(counts)):
         out[b]["saliency"] = np.zeros(0, np.float16)

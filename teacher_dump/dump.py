@@ -30,7 +30,7 @@ from common.errors import AlignTIError, CacheError, DataError
 from common.fingerprint import make_fingerprint
 from common.models import load_vlm
 from common.progress import progress_bar
-from common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR
+from common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
 
 from .compute import split_per_sample, teacher_batch
 
@@ -57,6 +57,8 @@ class DumpConfig:
     dtype: str = "auto"
     logprob_encoding: str = "float16"  # or "uint8" (1/16-nat log-space steps; see common/schema.py)
     saliency_query: str = "instruction"  # or "answer" (common/conversation.py: with_saliency_query)
+    tpa_positions: float = 1.0  # fraction of each sample's response positions that get TPA statistics
+    length_sorted_batches: bool = True  # batch each work unit's samples in token-length order (less padding)
     progress: bool = True
 
 
@@ -120,6 +122,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     check_saliency_query(cfg.saliency_query)  # before any teacher time is spent
     if cfg.logprob_encoding not in LOGPROB_ENCODINGS:
         raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_ENCODINGS)}, not '{cfg.logprob_encoding}'")
+    if not 0.0 < cfg.tpa_positions <= 1.0:
+        raise ValueError(f"--tpa-positions must be in (0, 1], not {cfg.tpa_positions}")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
     records = load_records(cfg.data)
@@ -159,6 +163,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query}
+    if cfg.tpa_branches:
+        params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy")
     fingerprint = make_fingerprint(model.config, processor, params)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
     plan = {"fingerprint": fingerprint, "units": units, "irs": irs, "data": str(cfg.data),
@@ -212,8 +218,10 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                                             "kept: re-run the same command after fixing to resume") from None
                         skipped.append((r.index, r.sample_id, str(err), r.image or ""))
                 jobs = []
-                for i in range(0, len(encoded), cfg.batch_size):
-                    chunk = encoded[i:i + cfg.batch_size]
+                # batches of similar token length (the writer puts every sample back in dataset order)
+                batched = sorted(encoded, key=lambda x: -len(x.input_ids)) if cfg.length_sorted_batches else encoded
+                for i in range(0, len(batched), cfg.batch_size):
+                    chunk = batched[i:i + cfg.batch_size]
                     batch = collate([c.__dict__ for c in chunk], pad_id, type(adapter))
                     res = teacher_batch(adapter, to_device(batch, device), params)
                     jobs.append((chunk, batch, res))

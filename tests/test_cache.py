@@ -63,6 +63,8 @@ def test_round_trip_bit_for_bit_and_plain_readers(tmp_path):
         for name, arr in want.items():
             g = got[name].reshape(-1) if name == "saliency" else got[name]
             assert g.dtype == arr.dtype and np.array_equal(g, arr), name
+        # no tpa_layout in the params (a v2/v3 cache): one TPA row per response token
+        assert np.array_equal(got["tpa_pos"], np.arange(len(want["topk_ids"])))
     # plain zarr + pyarrow, in a process that never imports alignti
     code = f"""
 import sys, zarr, pyarrow.parquet as pq, numpy as np
@@ -287,3 +289,76 @@ def test_uint8_logprob_encoding(kit, cache, tmp_path):
         dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                                 images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25,
                                 irs_samples=32, progress=False))
+
+
+FP32_ARRAYS = ("tail_logmass", "target_logprob", "tpa_tail")
+
+
+def test_length_sorted_batches_leave_the_cache_bit_for_bit(kit, cache, tmp_path):
+    """The dump batches each work unit in token-length order; the cache is the one data-order batches give:
+    the same samples in the same order, the same tables, ids, candidates, fp16 log-probs and saliency, bit for
+    bit. The fp32 rest masses move by float32 rounding (a few ulp): a sample's key padding depends on its
+    batch, and PyTorch's sdpa does not sum over masked keys bit-invariantly (1.8e-7 on a toy case; the same
+    happens today between two --batch-size values)."""
+    cfg = DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"), images=str(kit / "data/images"),
+                     out=str(tmp_path / "plain"), limit=60, unit_size=25, irs_samples=32, progress=False,
+                     length_sorted_batches=False)
+    dump_teacher(cfg)
+    a, b = CacheReader(cache), CacheReader(tmp_path / "plain")
+    assert len({r["tok_len"] for r in a.samples}) > 3  # the batches really are formed differently
+    assert a.table.to_pylist() == b.table.to_pylist()
+    assert a.manifest["counts"] == b.manifest["counts"]
+    for j in range(len(a.part_names)):
+        for name, x in a.part_arrays(j).items():
+            y = b.part_arrays(j)[name]
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            if name in FP32_ARRAYS:
+                np.testing.assert_allclose(x, y, rtol=0, atol=1e-5, err_msg=name)
+            else:
+                assert np.array_equal(x, y), name
+
+
+def test_tpa_position_budget(kit, cache, tmp_path):
+    """--tpa-positions 0.5: TPA statistics at ceil(n/2) positions per sample, the teacher's highest-entropy
+    ones, equal to the full dump's statistics there; the student's branches follow the cache."""
+    import math
+
+    from common.adapters import adapter_for
+    from common.batch import collate, forward, lm_logits
+    from common.conversation import encode, load_image, load_records
+    from common.models import load_vlm
+    from student_train.trainer import TrainConfig, train_student
+
+    out = tmp_path / "half"
+    dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
+                            images=str(kit / "data/images"), out=str(out), limit=25, unit_size=25, irs_samples=32,
+                            progress=False, tpa_positions=0.5))
+    half, full = CacheReader(out), CacheReader(cache)
+    assert half.params["tpa_positions"] == 0.5 and half.params["tpa_layout"] == "positions"
+    model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
+    adapter = adapter_for(model)
+    recs = {r.sample_id: r for r in load_records(kit / "data/train.json")}
+    for i in range(len(half)):
+        x = half[i]
+        y = next(full[j] for j in range(len(full)) if full[j]["sample_id"] == x["sample_id"])
+        n = len(x["topk_ids"])
+        assert len(x["tpa_pos"]) == math.ceil(0.5 * n) and np.all(np.diff(x["tpa_pos"]) > 0)
+        for name in ("tpa_cand_ids", "tpa_ids"):
+            assert np.array_equal(x[name], y[name][x["tpa_pos"]]), name
+        for name in ("tpa_logprobs", "tpa_tail"):
+            np.testing.assert_allclose(x[name].astype(np.float32), y[name][x["tpa_pos"]].astype(np.float32),
+                                       atol=2e-3)
+        if i < 4:  # the chosen positions are where the teacher's full-vocabulary entropy is highest
+            rec = recs[x["sample_id"]]
+            img, sha = load_image(rec, kit / "data/images")
+            enc = encode(proc, rec, img, sha)
+            with torch.no_grad():
+                lp = torch.log_softmax(lm_logits(adapter, forward(adapter, collate(
+                    [enc.__dict__], proc.tokenizer.pad_token_id, type(adapter))).resp_hidden).float(), -1)
+            ent = -(lp.exp() * lp).sum(-1).numpy()
+            chosen = set(x["tpa_pos"].tolist())
+            assert ent[list(chosen)].min() >= ent[[p for p in range(n) if p not in chosen]].max(initial=-1) - 1e-5
+    assert validate_cache(out) == []
+    res = train_student(TrainConfig(student=str(kit / "student"), cache=str(out), out=str(tmp_path / "run"),
+                                    loss="alignti", max_steps=2, batch_size=4, progress=False))
+    assert res["last"]["tpa"] > 0
