@@ -59,8 +59,8 @@ def setup(work: Path, device: torch.device, batch_size: int, need_teacher: bool 
 
 def make_step(variant, teacher, student, batch, reader):
     from common.adapters import adapter_for
-    from common.batch import forward, lm_logits
-    from common.losses import LossWeights, get_loss, total_loss
+    from common.batch import forward, lm_head, lm_logits
+    from common.losses import LossWeights, get_loss, head_loss
     from student_train.trainer import student_layer_for, student_step_outputs
 
     sa, ta = adapter_for(student), (adapter_for(teacher) if teacher is not None else None)
@@ -79,7 +79,7 @@ def make_step(variant, teacher, student, batch, reader):
             lt, ls = torch.log_softmax(t_logits, -1), torch.log_softmax(s_logits, -1)
             loss = torch.nn.functional.cross_entropy(s_logits, batch["targets"]) + (lt.exp() * (lt - ls)).sum(-1).mean()
         else:
-            loss = total_loss(spec, w, student_step_outputs(sa, batch, spec, layer))["loss"]
+            loss = head_loss(spec, w, lm_head(sa), student_step_outputs(sa, batch, spec, layer))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

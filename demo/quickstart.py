@@ -78,7 +78,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     data, images = kit_dir / "data", str(kit_dir / "data" / "images")
     dump_teacher(DumpConfig(teacher=str(kit_dir / "teacher"), data=str(data / "train.json"), images=images,
                             out=str(work / "cache"), device=cfg.device, progress=cfg.progress,
-                            saliency_query="answer"))  # where the demo teacher looks (docs/method.md)
+                            saliency_query="answer",  # where the demo teacher looks (docs/method.md)
+                            tpa_positions=p.get("tpa_positions", 1.0)))
     t_dump = time.perf_counter()
     from .saliency_check import region_hits
     saliency = region_hits(work / "cache", data / "train.json")

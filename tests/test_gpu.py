@@ -77,3 +77,34 @@ def test_torchrun_on_the_gpu_dump_and_training(kit, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["world_size"] == 1 and info["backend"] is None and info["device"] == "cuda"
     assert (cache / "manifest.json").exists()
+
+
+def test_chunked_loss_head_under_bf16_autocast():
+    """The memory-flat head on CUDA under bf16 autocast (train-student's GPU setting) gives the unchunked
+    autocast path's loss and gradients to bf16 precision, at a real vocabulary."""
+    from common.losses import LossWeights, get_loss, head_loss, total_loss
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    n, h, v, b, k, k2 = 300, 256, 151_936, 4, 32, 8
+    head = torch.nn.Linear(h, v, bias=False, device=dev)
+    t = {"targets": torch.randint(0, v, (n,), device=dev), "topk_ids": torch.randint(0, v, (n, k), device=dev)}
+    lp = torch.log_softmax(torch.randn(n, k + 1, device=dev) * 2, -1)
+    t["topk_logprobs"], t["tail_logmass"] = lp[:, :k], lp[:, k]
+    t["tpa_cand_ids"] = t["topk_ids"][:, :b]
+    t["tpa_ids"] = torch.randint(0, v, (n, b, k2), device=dev)
+    lp2 = torch.log_softmax(torch.randn(n, b, k2 + 1, device=dev) * 2, -1)
+    t["tpa_logprobs"], t["tpa_tail"] = lp2[..., :k2], lp2[..., k2]
+    hid = torch.randn(n, h, device=dev, requires_grad=True)
+    bh = torch.randn(n, b, h, device=dev, requires_grad=True)
+    spec, w = get_loss("kd+tpa"), LossWeights(temperature=2.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = total_loss(spec, w, dict(t, logits=head(hid), branch_logits=head(bh)))["loss"]
+    g_ref = torch.autograd.grad(ref, [hid, bh, head.weight])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = head_loss(spec, w, head, dict(t, resp_hidden=hid, branch_hidden=bh), chunk_bytes=64 * 2 ** 20)["loss"]
+    g_got = torch.autograd.grad(got, [hid, bh, head.weight])
+    assert got.item() == pytest.approx(ref.item(), rel=1e-2)
+    for a, c in zip(g_ref, g_got):
+        cos = torch.nn.functional.cosine_similarity(a.flatten().float(), c.flatten().float(), dim=0)
+        assert cos > 0.999, float(cos)
+        assert ((a - c).norm() / a.norm()) < 0.03

@@ -1,0 +1,506 @@
+"""Benchmarks at real model shapes, with models built from configs and random weights (no downloads).
+
+    python bench/scale.py [--device cpu|cuda] [--layers N] [--vision-layers N] [--sections ...]
+
+* student: a LLaVA student with Qwen2-0.5B's language model (hidden 896, 14 heads / 2 KV heads, MLP 4864,
+  vocabulary 151,936, tied embeddings; 24 layers, or ``--layers``) on a CLIP-L/14 336-px tower (576 image
+  tokens; 24 layers, or ``--vision-layers``). One optimizer step (AdamW) per loss: sft, kd, kd+iva, kd+tpa,
+  alignti (TPA at every response position) and alignti with a TPA position budget, each also with gradient
+  checkpointing. Step time as a ratio to SFT, step memory above weights + gradients + optimizer state
+  (activations and transients: the GPU allocator's peak on CUDA, peak RSS in a subprocess per variant on
+  CPU), response tokens/s.
+* dump: a teacher with Qwen2-7B's language model shape (hidden 3584, 28 heads / 4 KV heads, MLP 18,944;
+  28 layers, or ``--layers``) on the same tower. tokens/s of the dump's compute (alignti.teacher_dump
+  .compute.teacher_batch: top-k, saliency, TPA) against the stock transformers forward (``model(**inputs)``,
+  its own sdpa path, full logits) on the same batches: without TPA, with TPA at every position, and with the
+  budget.
+* reader: 640x480 JPEGs through the student's processor (CLIP 336-px, and Qwen2-VL's dynamic resolution)
+  from a cache at real shape (k=32, B=4, k2=8, 576 image tokens), with 0, 2 and 4 DataLoader workers,
+  against the samples/s the student section measured.
+* padding: padded positions before/after length grouping (train-student --group-by-length; the dump's
+  length-sorted batches) on the realistic mix.
+
+The realistic mix (LLaVA-665k-like): 576 image tokens, prompts of 20-200 text tokens, responses of 20-400
+(60% short VQA answers of 20-60 tokens, 40% descriptions of 150-400).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _util import ROOT, device_name, table
+
+import torch  # noqa: E402
+
+VOCAB = 151_936
+IMAGE_TOKEN = VOCAB - 1   # any id < vocab; real checkpoints put <image> in the added-token range
+IMAGE_TOKENS = 576
+STUDENT_TEXT = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, tie_word_embeddings=True)
+TEACHER_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, tie_word_embeddings=False)
+CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+              image_size=336, patch_size=14, projection_dim=768)
+K, B, K2 = 32, 4, 8
+VARIANTS = [("sft", 1.0, False), ("kd", 1.0, False), ("kd+iva", 1.0, False), ("kd+tpa", 1.0, False),
+            ("alignti", 1.0, False), ("alignti", 0.25, False), ("sft", 1.0, True), ("alignti", 1.0, True),
+            ("alignti", 0.25, True)]
+
+
+# --- models and data ------------------------------------------------------------------------------------
+def build(kind: str, layers: int | None, vision_layers: int | None, device: torch.device):
+    """A LLaVA model at real shape with random weights, built straight on ``device`` (bf16 on CUDA)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    text = dict(STUDENT_TEXT if kind == "student" else TEACHER_TEXT)
+    if layers:
+        text["num_hidden_layers"] = layers
+    vision = dict(CLIP_L, num_hidden_layers=vision_layers or CLIP_L["num_hidden_layers"])
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision),
+                      text_config=Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, rope_theta=1e6, **text),
+                      image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", tie_word_embeddings=text["tie_word_embeddings"])
+    cfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model
+
+
+def realistic_lengths(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt text tokens, response tokens) of the realistic mix."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = rng.randint(20, 200)
+        resp = rng.randint(20, 60) if rng.random() < 0.6 else rng.randint(150, 400)
+        out.append((prompt, resp))
+    return out
+
+
+def synthetic_samples(lengths, seed: int = 0) -> list[dict]:
+    """Encoded samples as the cache reader gives them: [bos, 5 markup, 576 image tokens, prompt, 4 markup,
+    response], random text ids, one turn."""
+    import numpy as np
+    g = np.random.default_rng(seed)
+    out = []
+    for prompt, resp in lengths:
+        head = 6
+        ids = np.concatenate([g.integers(0, 150_000, head), np.full(IMAGE_TOKENS, IMAGE_TOKEN),
+                              g.integers(0, 150_000, prompt + 4 + resp)]).astype(np.int32)
+        mask = np.zeros(len(ids), np.uint8)
+        mask[-resp:] = 1
+        instr = (head + IMAGE_TOKENS, head + IMAGE_TOKENS + prompt)
+        out.append({"input_ids": ids, "response_mask": mask, "instr_spans": [instr],
+                    "resp_spans": [(len(ids) - resp, len(ids))], "n_image_tokens": IMAGE_TOKENS,
+                    "image_tok_start": head, "image_inputs": {"pixel_values": torch.randn(1, 3, 336, 336)}})
+    return out
+
+
+def student_batch(samples: list[dict], tpa_positions: float, device: torch.device) -> dict:
+    """A collated student batch with teacher tensors of the cache's shapes (random values)."""
+    from common.adapters import LlavaAdapter
+    from common.batch import collate
+    from student_train.data import batch_to_device
+    batch = collate(samples, 0, LlavaAdapter)
+    n = len(batch["targets"])
+    g = torch.Generator().manual_seed(1)
+    batch["topk_ids"] = torch.randint(0, 150_000, (n, K), generator=g)
+    lp = torch.log_softmax(torch.randn(n, K + 1, generator=g) * 2, -1)
+    batch["topk_logprobs"], batch["tail_logmass"] = lp[:, :K].half(), lp[:, K]
+    sel = [torch.sort(torch.randperm(len(p), generator=g)[:max(1, math.ceil(tpa_positions * len(p)))]).values
+           for p in batch["resp_pos"]]
+    offsets = [0]
+    for p in batch["resp_pos"][:-1]:
+        offsets.append(offsets[-1] + len(p))
+    batch["tpa_rows"] = torch.cat([s + o for s, o in zip(sel, offsets)])
+    batch["tpa_pos"] = [p[s] for p, s in zip(batch["resp_pos"], sel)]
+    m = len(batch["tpa_rows"])
+    batch["tpa_cand_ids"] = batch["topk_ids"][batch["tpa_rows"], :B].clone()
+    batch["tpa_cand_list"] = list(torch.split(batch["tpa_cand_ids"], [len(s) for s in sel]))
+    batch["tpa_ids"] = torch.randint(0, 150_000, (m, B, K2), generator=g)
+    lp2 = torch.log_softmax(torch.randn(m, B, K2 + 1, generator=g) * 2, -1)
+    batch["tpa_logprobs"], batch["tpa_tail"] = lp2[..., :K2].half(), lp2[..., K2]
+    groups = len(samples)
+    batch["teacher_sal"] = torch.rand(groups, IMAGE_TOKENS, generator=g)
+    batch["sal_valid"] = torch.ones(groups, IMAGE_TOKENS, dtype=torch.bool)
+    return batch_to_device(batch, device)
+
+
+# --- memory probes ----------------------------------------------------------------------------------------
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+class PeakRSS:
+    """Peak RSS (MiB) while the block runs, sampled every 2 ms (ru_maxrss only ever grows)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss_mib(), False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, _rss_mib())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
+# --- student ----------------------------------------------------------------------------------------------
+def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
+    """One variant in this process: weights, gradients and AdamW state made resident first (a zero-lr
+    step), then the step's own memory (activations and transients) and its time."""
+    from common.adapters import adapter_for
+    from common.losses import LossWeights, StepNorm, get_loss
+    from common.models import enable_gradient_checkpointing
+    from student_train.parallel import StudentStep
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build("student", args.layers, args.vision_layers, device)
+    if device.type == "cuda":  # train-student keeps fp32 master weights and runs under bf16 autocast
+        model.float()
+    adapter = adapter_for(model)
+    spec = get_loss(loss)
+    if gc:
+        enable_gradient_checkpointing(model)
+    model.train()
+    layer = adapter.num_layers // 2
+    step_mod = StudentStep(model, adapter, spec, layer, LossWeights())
+    samples = synthetic_samples(realistic_lengths(args.batch_size, seed=3), seed=3)
+    batch = student_batch(samples, tpa_positions, device)
+    norm = StepNorm.of(batch)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            out = step_mod(batch, norm)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        base = _rss_mib()
+        with PeakRSS() as probe:
+            step()
+        peak = probe.peak - base
+    times = []
+    for _ in range(args.repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    n_tok = len(batch["targets"])
+    return {"loss": loss, "tpa_positions": tpa_positions, "gc": gc, "sec": sec, "step_mib": peak,
+            "tokens_per_s": n_tok / sec, "samples_per_s": args.batch_size / sec, "response_tokens": n_tok,
+            "sequence": int(batch["input_ids"].shape[1]), "tpa_rows": len(batch["tpa_rows"]),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def run_child(args, section: str, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps({"section": section, **kw}), "--device", args.device,
+           "--batch-size", str(args.batch_size), "--repeat", str(args.repeat)]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
+    if args.vision_layers:
+        cmd += ["--vision-layers", str(args.vision_layers)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": (res.stderr.strip().splitlines() or ["?"])[-1], **kw}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def section_student(args) -> dict:
+    rows = [run_child(args, "student", loss=l, tpa_positions=f, gc=gc) for l, f, gc in VARIANTS]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    sft = next(r for r in rows if r.get("loss") == "sft" and not r.get("gc"))
+    sft_gc = next(r for r in rows if r.get("loss") == "sft" and r.get("gc"))
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r["loss"], r.get("tpa_positions"), r.get("gc"), "error: " + r["error"][:60], "", "", "", ""])
+            continue
+        ref = sft_gc if r["gc"] else sft
+        out.append([r["loss"], r["tpa_positions"], "yes" if r["gc"] else "no", f"{r['sec']:.3f}",
+                    f"{r['sec'] / ref['sec']:.3f}", f"{r['step_mib']:.0f}", f"{r['step_mib'] / ref['step_mib']:.3f}",
+                    f"{r['tokens_per_s']:.0f}"])
+    print(f"\nstudent step: LLaVA + Qwen2-0.5B shape ({sft['params_m']:.0f}M params built), batch {args.batch_size}, "
+          f"{sft['response_tokens']} response tokens, padded sequence {sft['sequence']}; device {args.device_name}")
+    print(table(out, ["loss", "TPA positions", "grad ckpt", "sec", "x SFT", "step MiB", "x SFT mem", "resp tok/s"]))
+    al = next(r for r in rows if r.get("loss") == "alignti" and r.get("tpa_positions") == 1.0 and not r.get("gc"))
+    print(f"RATIO gradient checkpointing: sft step memory {sft_gc['step_mib'] / sft['step_mib']:.2f}x, time "
+          f"{sft_gc['sec'] / sft['sec']:.2f}x; alignti memory "
+          f"{next(r for r in rows if r.get('loss') == 'alignti' and r.get('gc') and r.get('tpa_positions') == 1.0)['step_mib'] / al['step_mib']:.2f}x")
+    return {"rows": rows}
+
+
+# --- dump -------------------------------------------------------------------------------------------------
+def dump_variant(args) -> dict:
+    from common.adapters import adapter_for
+    from common.batch import collate, to_device
+    from teacher_dump.compute import teacher_batch
+    from common.adapters import LlavaAdapter
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build("teacher", args.layers, args.vision_layers, device).eval()
+    adapter = adapter_for(model)
+    dtype = next(model.parameters()).dtype
+    batches = []
+    lengths = realistic_lengths(args.batch_size * 3, seed=11)
+    samples = synthetic_samples(lengths, seed=11)
+    samples.sort(key=lambda x: -len(x["input_ids"]))  # the dump's length-sorted batches
+    for i in range(0, len(samples), args.batch_size):
+        b = to_device(collate(samples[i:i + args.batch_size], 0, LlavaAdapter), device)
+        b["image_inputs"] = {k: v.to(dtype) for k, v in b["image_inputs"].items()}
+        batches.append(b)
+    n_tok = sum(int(b["valid"].sum()) for b in batches)
+    layer = adapter.num_layers // 2
+
+    def stock():
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["valid"].long(), **b["image_inputs"]).logits.sum().item()
+
+    def dump(tpa: int, fraction: float):
+        params = {"top_k": K, "tpa_branches": tpa, "tpa_top_k": K2, "saliency_layer": layer, "tpa_positions": fraction,
+                  "tpa_layout": "positions"}
+
+        def run():
+            for b in batches:
+                res = teacher_batch(adapter, b, params)
+                res["topk_ids"].sum().item()
+        return run
+
+    variants = {"stock forward": stock, "dump, no TPA": dump(0, 1.0), "dump, TPA all positions": dump(B, 1.0),
+                "dump, TPA budget 0.25": dump(B, 0.25)}
+    out = {}
+    for name, fn in variants.items():
+        fn()  # warm-up
+        times = []
+        for _ in range(args.repeat):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times)
+    return {"sec": out, "tokens": n_tok, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def section_dump(args) -> dict:
+    r = run_child(args, "dump")
+    if "error" in r:
+        print("dump:", r["error"])
+        return r
+    base = r["sec"]["stock forward"]
+    rows = [[k, f"{v:.3f}", f"{r['tokens'] / v:.0f}", f"{v / base:.3f}"] for k, v in r["sec"].items()]
+    print(f"\ndump: LLaVA + Qwen2-7B shape ({r['params_m']:.0f}M params built), {r['tokens']} tokens in 3 batches "
+          f"of {args.batch_size}; device {args.device_name}")
+    print(table(rows, ["pass", "sec", "tokens/s", "x stock forward"]))
+    return r
+
+
+# --- reader -----------------------------------------------------------------------------------------------
+def build_reader_cache(root: Path, n: int) -> Path:
+    """A cache at real shape (random arrays) over n 640x480 JPEG images."""
+    import numpy as np
+    from PIL import Image
+
+    from common.cache import PartWriter, committed_parts, write_manifest, write_plan
+    cache = root / "cache"
+    if (cache / "manifest.json").exists():
+        return cache
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(0)
+    params = {"top_k": K, "tpa_branches": B, "tpa_top_k": K2, "saliency_layer": 12, "tpa_layout": "positions",
+              "tpa_positions": 1.0}
+    plan = {"fingerprint": {"params": params}, "units": [[0, n]]}
+    write_plan(cache, plan)
+    pw = PartWriter(cache, 0, params)
+    import hashlib
+    for i, (prompt, resp) in enumerate(realistic_lengths(n, seed=5)):
+        arr = (g.random((480, 640, 3)) * 64 + np.linspace(0, 190, 640)[None, :, None]).astype(np.uint8)
+        path = images / f"{i:05d}.jpg"
+        Image.fromarray(arr).save(path, quality=90)
+        x = synthetic_samples([(prompt, resp)], seed=i)[0]
+        arrays = {"input_ids": x["input_ids"], "response_mask": x["response_mask"],
+                  "topk_ids": g.integers(0, VOCAB, (resp, K)).astype(np.int32),
+                  "topk_logprobs": -g.random((resp, K)).astype(np.float16) * 5,
+                  "tail_logmass": -g.random(resp).astype(np.float32), "target_logprob": -g.random(resp).astype(np.float32),
+                  "tpa_pos": np.arange(resp, dtype=np.int32),
+                  "tpa_cand_ids": g.integers(0, VOCAB, (resp, B)).astype(np.int32),
+                  "tpa_ids": g.integers(0, VOCAB, (resp, B, K2)).astype(np.int32),
+                  "tpa_logprobs": -g.random((resp, B, K2)).astype(np.float16) * 5,
+                  "tpa_tail": -g.random((resp, B)).astype(np.float32),
+                  "saliency": g.random(IMAGE_TOKENS).astype(np.float16)}
+        meta = dict(sample_id=f"s{i}", index=i, image=path.name, image_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                    image_tok_start=6, n_image_tokens=IMAGE_TOKENS, instr_spans=list(x["instr_spans"][0]),
+                    resp_spans=list(x["resp_spans"][0]), n_turns=1)
+        pw.add(meta, arrays)
+    pw.commit()
+    m = write_manifest(cache, plan, committed_parts(cache), extra={"images": str(images)})
+    del m
+    return cache
+
+
+class ImageOnly:
+    """What StudentCollator needs of a processor: its image processor and the tokenizer's pad id."""
+
+    def __init__(self, image_processor, tokenizer):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+
+
+def reader_processors():
+    from transformers import LlavaProcessor, Qwen2VLImageProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from demo.kit import build_tokenizer
+    tok = build_tokenizer("llava")
+    clip = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336},
+                                                                crop_size={"height": 336, "width": 336}),
+                          tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, image_token="<image>")
+
+    return {"CLIP 336": clip, "Qwen2-VL dynamic": ImageOnly(Qwen2VLImageProcessor(), tok)}
+
+
+def section_reader(args, consume: float | None) -> dict:
+    from common.adapters import LlavaAdapter
+    from common.cache import CacheReader
+    from student_train.data import CacheDataset, StudentCollator, batches_of, epoch_order
+
+    root = Path(args.workdir) / "reader"
+    cache = build_reader_cache(root, args.reader_samples)
+    rows, out = [], {}
+    for pname, proc in reader_processors().items():
+        for workers in (0, 2, 4):
+            reader = CacheReader(cache)
+            ds = CacheDataset(reader, proc)
+            order = batches_of(epoch_order(reader, 0, 0), args.batch_size)
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=order, collate_fn=StudentCollator(proc, LlavaAdapter),
+                                                 num_workers=workers, multiprocessing_context="spawn" if workers else None,
+                                                 persistent_workers=bool(workers), prefetch_factor=4 if workers else None)
+            for _ in loader:  # warm pass: worker start-up, part reads
+                pass
+            t, n = time.perf_counter(), 0
+            for b in loader:
+                n += len(b["sample_ids"])
+            rate = n / (time.perf_counter() - t)
+            out[f"{pname}/{workers}"] = rate
+            rows.append([pname, workers, f"{rate:.1f}", f"{rate / consume:.1f}" if consume else "-"])
+    print(f"\nreader: {args.reader_samples} samples, 640x480 JPEG, batch {args.batch_size}; student consumes "
+          f"{consume:.2f} samples/s (alignti step above)" if consume else "")
+    print(table(rows, ["processor", "workers", "samples/s", "x student consumption"]))
+    return out
+
+
+# --- padding ----------------------------------------------------------------------------------------------
+def section_padding(args) -> dict:
+    from student_train.data import batches_of, length_grouped, padding_fraction
+    n = 20_000
+    lengths = [6 + IMAGE_TOKENS + p + 4 + r for p, r in realistic_lengths(n, seed=7)]
+    order = list(range(n))
+    random.Random(0).shuffle(order)
+    out = {}
+    for bs in (4, 8, 16):
+        before = padding_fraction(batches_of(order, bs), lengths)
+        after = padding_fraction(batches_of(length_grouped(order, lengths, bs, torch.Generator().manual_seed(0)), bs),
+                                 lengths)
+        dump = padding_fraction([b for u in range(0, n, 256) for b in batches_of(
+            sorted(range(u, min(u + 256, n)), key=lambda i: -lengths[i]), bs)], lengths)
+        dump_before = padding_fraction([b for u in range(0, n, 256) for b in batches_of(
+            list(range(u, min(u + 256, n))), bs)], lengths)
+        out[bs] = {"train_before": before, "train_after": after, "dump_before": dump_before, "dump_after": dump}
+    rows = [[bs, f"{v['train_before']:.1%}", f"{v['train_after']:.1%}", f"{v['dump_before']:.1%}",
+             f"{v['dump_after']:.1%}"] for bs, v in out.items()]
+    print(f"\npadding on the realistic mix ({n} samples, mean length {sum(lengths) / n:.0f} tokens)")
+    print(table(rows, ["batch", "train: shuffled", "train: --group-by-length", "dump: data order",
+                       "dump: length-sorted (unit 256)"]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--layers", type=int, default=None, help="trim the language models to N layers (CPU)")
+    ap.add_argument("--vision-layers", type=int, default=None, help="trim the vision towers to N layers (CPU)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sections", default="padding,student,dump,reader")
+    ap.add_argument("--reader-samples", type=int, default=64)
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-scale"))
+    ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        section = spec.pop("section")
+        res = student_variant(args, **spec) if section == "student" else dump_variant(args)
+        print(json.dumps(res))
+        return
+    args.device_name = device_name(torch.device(args.device))
+    print(f"device: {args.device_name}; layers {args.layers or 'full'}, vision layers {args.vision_layers or 'full'}")
+    figures = {"device": args.device_name, "layers": args.layers, "vision_layers": args.vision_layers}
+    sections = args.sections.split(",")
+    if "padding" in sections:
+        figures["padding"] = section_padding(args)
+    consume = None
+    if "student" in sections:
+        figures["student"] = section_student(args)
+        al = [r for r in figures["student"]["rows"] if r.get("loss") == "alignti" and not r.get("gc")
+              and r.get("tpa_positions") == 1.0 and "samples_per_s" in r]
+        consume = al[0]["samples_per_s"] if al else None
+    if "dump" in sections:
+        figures["dump"] = section_dump(args)
+    if "reader" in sections:
+        figures["reader"] = section_reader(args, consume)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
