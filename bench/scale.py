@@ -55,8 +55,8 @@ CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, nu
               image_size=336, patch_size=14, projection_dim=768)
 K, B, K2 = 32, 4, 8
 VARIANTS = [("sft", 1.0, False), ("kd", 1.0, False), ("kd+iva", 1.0, False), ("kd+tpa", 1.0, False),
-            ("alignti", 1.0, False), ("alignti", 0.25, False), ("sft", 1.0, True), ("alignti", 1.0, True),
-            ("alignti", 0.25, True)]
+            ("alignti", 1.0, False), ("alignti", 0.25, False), ("alignti", 0.1, False), ("sft", 1.0, True),
+            ("alignti", 1.0, True), ("alignti", 0.25, True)]
 
 
 # --- models and data ------------------------------------------------------------------------------------
@@ -200,10 +200,20 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
     opt.step()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    split = {"fwd": [], "bwd": []}
+
     def step():
+        t0 = time.perf_counter()
         with autocast:
             out = step_mod(batch, norm)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
         out["loss"].backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        split["fwd"].append(t1 - t0)
+        split["bwd"].append(time.perf_counter() - t1)
         opt.step()
         opt.zero_grad(set_to_none=False)
 
@@ -231,6 +241,7 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
     sec = statistics.median(times)
     n_tok = len(batch["targets"])
     return {"loss": loss, "tpa_positions": tpa_positions, "gc": gc, "sec": sec, "step_mib": peak,
+            "fwd_sec": statistics.median(split["fwd"][1:]), "bwd_sec": statistics.median(split["bwd"][1:]),
             "tokens_per_s": n_tok / sec, "samples_per_s": args.batch_size / sec, "response_tokens": n_tok,
             "sequence": int(batch["input_ids"].shape[1]), "tpa_rows": len(batch["tpa_rows"]),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -250,11 +261,14 @@ def run_child(args, section: str, **kw) -> dict:
 
 
 def section_student(args) -> dict:
-    rows = [run_child(args, "student", loss=l, tpa_positions=f, gc=gc) for l, f, gc in VARIANTS]
+    variants = VARIANTS
+    if args.variants:
+        variants = [(v.split(":")[0], float(v.split(":")[1]), v.split(":")[2] == "gc") for v in args.variants.split(",")]
+    rows = [run_child(args, "student", loss=l, tpa_positions=f, gc=gc) for l, f, gc in variants]
     for r in rows:
         print(json.dumps(r), flush=True)
     sft = next(r for r in rows if r.get("loss") == "sft" and not r.get("gc"))
-    sft_gc = next(r for r in rows if r.get("loss") == "sft" and r.get("gc"))
+    sft_gc = next((r for r in rows if r.get("loss") == "sft" and r.get("gc")), sft)
     out = []
     for r in rows:
         if "error" in r:
@@ -267,10 +281,10 @@ def section_student(args) -> dict:
     print(f"\nstudent step: LLaVA + Qwen2-0.5B shape ({sft['params_m']:.0f}M params built), batch {args.batch_size}, "
           f"{sft['response_tokens']} response tokens, padded sequence {sft['sequence']}; device {args.device_name}")
     print(table(out, ["loss", "TPA positions", "grad ckpt", "sec", "x SFT", "step MiB", "x SFT mem", "resp tok/s"]))
-    al = next(r for r in rows if r.get("loss") == "alignti" and r.get("tpa_positions") == 1.0 and not r.get("gc"))
-    print(f"RATIO gradient checkpointing: sft step memory {sft_gc['step_mib'] / sft['step_mib']:.2f}x, time "
-          f"{sft_gc['sec'] / sft['sec']:.2f}x; alignti memory "
-          f"{next(r for r in rows if r.get('loss') == 'alignti' and r.get('gc') and r.get('tpa_positions') == 1.0)['step_mib'] / al['step_mib']:.2f}x")
+    if sft_gc is not sft:
+        print(f"RATIO gradient checkpointing: sft step memory {sft_gc['step_mib'] / sft['step_mib']:.2f}x, time "
+              f"{sft_gc['sec'] / sft['sec']:.2f}x (forward {sft['fwd_sec']:.3f} -> {sft_gc['fwd_sec']:.3f} s, "
+              f"backward {sft['bwd_sec']:.3f} -> {sft_gc['bwd_sec']:.3f} s)")
     return {"rows": rows}
 
 
@@ -471,6 +485,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sections", default="padding,student,dump,reader")
+    ap.add_argument("--variants", default=None, help="student variants as loss:F:gc|nogc,... (default: all)")
     ap.add_argument("--reader-samples", type=int, default=64)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-scale"))
     ap.add_argument("--json", default=None, help="write every figure here")

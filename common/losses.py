@@ -213,11 +213,15 @@ def step_counts(batch: dict) -> dict[str, float]:
     return {"tokens": tokens, "tpa_rows": tpa, "groups": groups}
 
 
-DEFAULT_CHUNK_BYTES = 128 * 2 ** 20  # fp32 logits of one row chunk (bench/loss_head.py: 0.34x unchunked SFT memory, no slower)
+DEFAULT_CHUNK_BYTES = 128 * 2 ** 20  # fp32 logits of one row chunk on CPU (bench/loss_head.py: 0.34x unchunked SFT
+#                                      memory, no slower)
+CUDA_CHUNK_BYTES = 1024 * 2 ** 20    # on a GPU: fewer, larger matmuls; still flat in the number of tokens
 
 
-def chunk_rows(vocab: int, chunk_bytes: int | None = None) -> int:
-    return max(8, int((chunk_bytes or DEFAULT_CHUNK_BYTES) // (4 * vocab)))
+def chunk_rows(vocab: int, chunk_bytes: int | None = None, device: torch.device | None = None) -> int:
+    if chunk_bytes is None:
+        chunk_bytes = CUDA_CHUNK_BYTES if device is not None and device.type == "cuda" else DEFAULT_CHUNK_BYTES
+    return max(8, int(chunk_bytes // (4 * vocab)))
 
 
 def fold_rows(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -320,13 +324,26 @@ def _branch_fn(t: dict, w: LossWeights, norm: StepNorm):
     return fn
 
 
+_FUSED_ACC: dict[str, bool] = {}  # device type -> whether addmm with out_dtype works there
+
+
 def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b, in place where the dtypes allow (CPU fp32); low-precision GPU matmuls add a
-    product of their own dtype, rounded as the unchunked autocast path rounds its weight gradient."""
+    """acc (fp32) += a @ b, in place: a plain addmm_ where the dtypes match (CPU fp32); for bf16 / fp16 inputs
+    (GPU autocast) addmm with out_dtype=fp32 accumulates into acc without a [V, H] temporary, where the
+    backend has it; else a product of the inputs' dtype is added (rounded as the unchunked autocast path
+    rounds its weight gradient)."""
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:
-        acc.add_(a @ b)
+        return
+    kind = acc.device.type
+    if _FUSED_ACC.get(kind, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _FUSED_ACC[kind] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FUSED_ACC[kind] = False
+    acc.add_(a @ b)
 
 
 class _ChunkedHead(torch.autograd.Function):
@@ -398,7 +415,7 @@ def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, 
         bh = out["branch_hidden"].reshape(-1, out["branch_hidden"].shape[-1])
         segments.append(_Segment(bh, _branch_fn(out, w, norm)))
         hiddens.append(bh)
-    plan = {"segments": segments, "chunk_rows": chunk_rows(head.weight.shape[0], chunk_bytes)}
+    plan = {"segments": segments, "chunk_rows": chunk_rows(head.weight.shape[0], chunk_bytes, head.weight.device)}
     loss = _ChunkedHead.apply(head.weight, head.bias, plan, *hiddens)
     sums = dict(plan["stats"])
     if spec.iva and out.get("student_sal") is not None:

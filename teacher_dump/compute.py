@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from common.batch import branch_pass, forward, lm_head
-from common.losses import DEFAULT_CHUNK_BYTES, chunk_rows
+from common.losses import chunk_rows
 from common.schema import tpa_positions_layout
 
 NEG_INF = float("-inf")
@@ -27,7 +27,7 @@ def topk_fold_hidden(hidden: torch.Tensor, head: torch.nn.Module | None, k: int,
     student's loss head, common.losses.chunk_rows). Returns (ids, log-probs, rest log-mass, target log-prob
     or None, full-vocabulary entropy or None)."""
     if chunk is None:
-        chunk = chunk_rows(head.weight.shape[0] if head is not None else hidden.shape[-1], DEFAULT_CHUNK_BYTES)
+        chunk = chunk_rows(head.weight.shape[0] if head is not None else hidden.shape[-1], None, hidden.device)
     ids, lps, tails, tgts, ents = [], [], [], [], []
     for i in range(0, hidden.shape[0], chunk):
         z = hidden[i:i + chunk] if head is None else head(hidden[i:i + chunk])
