@@ -187,7 +187,13 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
     adapter = adapter_for(model)
     spec = get_loss(loss)
     if gc:
-        enable_gradient_checkpointing(model)
+        extra = json.loads(os.environ.get("ALIGNTI_BENCH_GC_KWARGS", "{}"))  # e.g. {"preserve_rng_state": false}
+        if extra:
+            from common.attention import checkpoint_context
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={
+                "use_reentrant": False, "context_fn": checkpoint_context, **extra})
+        else:
+            enable_gradient_checkpointing(model)
     model.train()
     layer = adapter.num_layers // 2
     step_mod = StudentStep(model, adapter, spec, layer, LossWeights())

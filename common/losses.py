@@ -246,13 +246,15 @@ class _Segment:
     fn: object
 
 
-def _fkl_grad_(soft: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor, ls: torch.Tensor, coef: torch.Tensor):
-    """coef * d KL(lt || fold(z)) / dz, written into ``soft`` = softmax(z) [C, V]: softmax * (1 - P_rest / Q_rest)
-    off the teacher's top-k, Q_top - P_top on it (ls = fold(z) gives Q); coef [C] or a scalar."""
+def _fkl_grad_(soft: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor, ls: torch.Tensor, coef, extra: float = 0.0):
+    """coef * d KL(lt || fold(z)) / dz + extra * softmax(z), written into ``soft`` = softmax(z) [C, V]:
+    softmax * (1 - P_rest / Q_rest) off the teacher's top-k, Q_top - P_top on it (ls = fold(z) gives Q);
+    coef [C] or a scalar. ``extra`` folds SFT's softmax term into the same pass (tau = 1)."""
     coef = torch.as_tensor(coef, dtype=soft.dtype, device=soft.device).reshape(-1, 1)
     ratio = (lt[:, -1] - ls[:, -1]).exp()                                 # P_rest / Q_rest
-    soft.mul_(coef * (1 - ratio)[:, None])
-    return soft.scatter_(-1, ids.long(), coef * (ls[:, :-1].exp() - lt[:, :-1].exp()))
+    soft.mul_(coef * (1 - ratio)[:, None] + extra)
+    q_top = ls[:, :-1].exp()
+    return soft.scatter_(-1, ids.long(), coef * (q_top - lt[:, :-1].exp()) + extra * q_top)
 
 
 def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm):
@@ -286,13 +288,16 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm):
             loss = loss + c_kd * d.detach()
             if need and div == "fkl":
                 ls = ls.detach()
-                zt = zt.detach()
-                soft = z.sub(lse[:, None]).exp_() if tau == 1.0 else zt.sub_(zt.logsumexp(-1, keepdim=True)).exp_()
-                g = _fkl_grad_(soft, ids, lt, ls, c_kd / tau)
+                if tau == 1.0:  # one softmax serves SFT and KD: z becomes the whole gradient, in place
+                    g = _fkl_grad_(z.sub_(lse[:, None]).exp_(), ids, lt, ls, c_kd, extra=c_sft)
+                else:
+                    zt = zt.detach()
+                    g = _fkl_grad_(zt.sub_(zt.logsumexp(-1, keepdim=True)).exp_(), ids, lt, ls, c_kd / tau)
+                    g.add_(z.sub_(lse[:, None]).exp_(), alpha=c_sft)
         if need:
             if g is None:  # SFT alone: z becomes its own gradient
                 g = z.sub_(lse[:, None]).exp_().mul_(c_sft)
-            else:
+            elif div != "fkl":
                 g.add_(z.sub_(lse[:, None]).exp_(), alpha=c_sft)
             g.scatter_add_(-1, tgt, torch.full(tgt.shape, -c_sft, dtype=g.dtype, device=g.device))
         return loss, stats, g

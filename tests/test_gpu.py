@@ -64,7 +64,7 @@ def test_torchrun_on_the_gpu_dump_and_training(kit, tmp_path):
     """Under torchrun with one GPU (one rank), dump-teacher and train-student run end to end on CUDA. A single
     rank joins no process group (backend None in run.json); several ranks use NCCL (common/distributed.py)."""
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     cache, run = tmp_path / "c", tmp_path / "r"
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "cli"]
     for args in (["dump-teacher", "--teacher", str(kit / "teacher"), "--data", str(kit / "data/train.json"),

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def alignti(*args, crash: str | None = None, check: bool = True, timeout: int = 240, **popen):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     env.pop("ALIGNTI_CRASH_AT", None)
     if crash:

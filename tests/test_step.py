@@ -19,7 +19,7 @@ def _close(a: dict, b: dict, rtol: float, atol: float) -> None:
 
 
 def _torchrun(kit, cache, out, loss, per_micro):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     str(ROOT / "tests" / "grad_probe.py"), str(kit / "student"), str(cache), str(out), loss,
