@@ -146,7 +146,7 @@ def train_student(student: str = typer.Option(..., help="Student checkpoint (loc
                   save_every: int = typer.Option(100), resume: bool = typer.Option(False), seed: int = typer.Option(0),
                   device: str = typer.Option("auto"),
                   images: Optional[str] = typer.Option(None, help="Images dir, if moved since the dump."),
-                  workers: int = typer.Option(0, help="DataLoader worker processes."),
+                  workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 4 on a GPU, 0 on CPU)."),
                   nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
                                                     "(DDP; gloo on CPU, nccl on GPU)."),
                   fsdp: bool = typer.Option(False, help="Shard the student with FSDP2 (fully_shard) instead of DDP."),

@@ -149,6 +149,7 @@ def _train_and_score(job: dict) -> dict:
                                     max_steps=p["student_steps"], batch_size=p["batch_size"], lr=p["lr"],
                                     seed=job["seed"], device=job["device"], eval_every=p["eval_every"],
                                     save_every=p["student_steps"], progress=job.get("progress", False),
+                                    workers=0,  # 96-px demo images: in-process loading, no per-epoch worker start
                                     **p.get("train", {})), evaluator=val)
     model, sproc = load_vlm(res["final"], device)
     test = AccuracyProbe(sproc, str(Path(job["data"]) / "test.json"), job["images"])

@@ -50,7 +50,8 @@ def test_gpu_training_from_a_cpu_cache_and_reload(kit, tmp_path):
     _dump(kit, cpu, "cpu")
     run = tmp_path / "run"
     res = train_student(TrainConfig(student=str(kit / "student"), cache=str(cpu), out=str(run), loss="alignti",
-                                    max_steps=40, batch_size=8, lr=3e-3, device="cuda", progress=False))
+                                    max_steps=40, batch_size=8, lr=3e-3, device="cuda", progress=False,
+                                    workers=0))
     m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     for term in ("sft", "kd", "iva", "tpa"):
         assert all(np.isfinite(x[term]) for x in m)
