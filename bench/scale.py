@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from _util import ROOT, device_name, table
+from _util import device_name, table, timeit
 
 import torch  # noqa: E402
 
@@ -235,16 +234,7 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
         with PeakRSS() as probe:
             step()
         peak = probe.peak - base
-    times = []
-    for _ in range(args.repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    sec = statistics.median(times)
+    sec = timeit(step, device, repeat=args.repeat, warmup=0)
     n_tok = len(batch["targets"])
     return {"loss": loss, "tpa_positions": tpa_positions, "gc": gc, "sec": sec, "step_mib": peak,
             "fwd_sec": statistics.median(split["fwd"][1:]), "bwd_sec": statistics.median(split["bwd"][1:]),
@@ -334,19 +324,7 @@ def dump_variant(args) -> dict:
 
     variants = {"stock forward": stock, "dump, no TPA": dump(0, 1.0), "dump, TPA all positions": dump(B, 1.0),
                 "dump, TPA budget 0.25": dump(B, 0.25)}
-    out = {}
-    for name, fn in variants.items():
-        fn()  # warm-up
-        times = []
-        for _ in range(args.repeat):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        out[name] = statistics.median(times)
+    out = {name: timeit(fn, device, repeat=args.repeat, warmup=1) for name, fn in variants.items()}
     return {"sec": out, "tokens": n_tok, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
