@@ -18,12 +18,12 @@ def _close(a: dict, b: dict, rtol: float, atol: float) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def _torchrun(kit, cache, out, loss, per_micro):
+def _torchrun(kit, cache, out, loss, per_micro, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     str(ROOT / "tests" / "grad_probe.py"), str(kit / "student"), str(cache), str(out), loss,
-                    str(per_micro)], env=env, check=True, capture_output=True, timeout=240)
+                    str(per_micro), *extra], env=env, check=True, capture_output=True, timeout=240)
     return torch.load(out)
 
 
@@ -35,6 +35,8 @@ def test_same_gradient_for_any_micro_batch_and_rank_split(kit, cache, tmp_path):
     _close(one, accum, rtol=1e-6, atol=1e-7)
     ranks = _torchrun(kit, cache, tmp_path / "g.pt", "alignti", 4)
     _close(one, ranks, rtol=1e-6, atol=1e-7)
+    ranks_gc = _torchrun(kit, cache, tmp_path / "gc.pt", "alignti", 4, "gc")  # DDP + gradient checkpointing
+    _close(one, ranks_gc, rtol=1e-6, atol=1e-7)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(kit, cache):
