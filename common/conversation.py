@@ -180,59 +180,131 @@ def _prefix_special_ids(tokenizer) -> list[int]:
     return list(with_sp[:n]) if n > 0 and with_sp[n:] == without else []
 
 
-def encode(processor, rec: Record, image, image_sha: str = "", max_length: int | None = None,
-           generation_prompt: bool = False) -> Encoded:
-    """Tokenize a record. With ``generation_prompt`` the last assistant turn is dropped and the
-    template's generation prompt appended (for evaluation)."""
-    tok = processor.tokenizer
-    turns = list(rec.turns)
-    if generation_prompt:
-        while turns and turns[-1][0] == "assistant":
-            turns.pop()
+ENCODING_VERSION = 2  # 1: pieces tokenized apart (alignti < schema 4); 2: the whole rendered text at once
+
+
+def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: bool):
+    """The rendered conversation and, per turn, the character span of its message text and (assistant
+    turns) of its end-of-turn markup. Every message is first replaced by a sentinel, so the template's
+    markup is known exactly; the real text is then put back and checked against the template's own
+    rendering of the real messages."""
     sentinels = [_SENTINEL.format(i) for i in range(len(turns))]
-    full = _render(processor, _messages(turns, image is not None, sentinels), add_generation_prompt=generation_prompt)
-    pieces: list[tuple[str, str, int]] = []  # (kind, text, turn)
-    rest = full
+    with_image = image is not None
+    templ = _render(processor, _messages(turns, with_image, sentinels), add_generation_prompt=generation_prompt)
+    parts, pos, rest = [], 0, templ
+    content: dict[int, tuple[int, int]] = {}
+    ends: dict[int, tuple[int, int]] = {}
     for i, (s, (role, text)) in enumerate(zip(sentinels, turns)):
         if s not in rest:
             raise DataError(rec.sample_id, "the chat template dropped or altered a message",
                             "use a chat template that inserts message text verbatim")
         before, rest = rest.split(s, 1)
+        parts += [before, text]
+        pos += len(before)
+        content[i] = (pos, pos + len(text))
+        pos += len(text)
         if role == "assistant":  # the end-of-turn markup belongs to the response (the model must learn to stop)
-            end = _render(processor, _messages(turns[:i + 1], image is not None, sentinels[:i + 1])).split(s, 1)[1]
-            pieces.append(("markup", before, i))
-            pieces.append(("response", text, i))
+            end = _render(processor, _messages(turns[:i + 1], with_image, sentinels[:i + 1])).split(s, 1)[1]
             if end and rest.startswith(end):
-                pieces.append(("response", end, i))
-                rest = rest[len(end):]
-        else:
-            pieces.append(("markup", before, i))
-            pieces.append(("instruction" if role == "user" else "markup", text, i))
-    pieces.append(("markup", rest, len(turns)))
+                ends[i] = (pos, pos + len(end))
+    parts.append(rest)
+    full = "".join(parts)
+    real = _render(processor, _messages(turns, with_image, [t for _, t in turns]),
+                   add_generation_prompt=generation_prompt)
+    if real != full:
+        raise DataError(rec.sample_id, "the chat template changes message text (it renders differently with the "
+                        "real text than with placeholders)", "use a chat template that inserts message text verbatim")
+    return full, content, ends
 
-    ids: list[int] = []
+
+def piecewise_tokenization_differs(tokenizer) -> bool:
+    """Whether tokenizing a message apart from the markup before it gives other ids than tokenizing the joined
+    text (true for SentencePiece tokenizers with a dummy prefix, false for byte-level BPE)."""
+    probes = [("USER: <image>\n", "What is shown here?"), ("ASSISTANT: ", "Describe it."),
+              ("<|im_start|>user\n", "What is shown here?")]
+    for a, b in probes:
+        joined = tokenizer(a + b, add_special_tokens=False)["input_ids"]
+        apart = tokenizer(a, add_special_tokens=False)["input_ids"] + tokenizer(b, add_special_tokens=False)["input_ids"]
+        if joined != apart:
+            return True
+    return False
+
+
+def _expand_offsets(ids: list[int], text_ids: list[int], offsets: list, image_token_id: int, sample_id: str):
+    """Offsets for the processor's ids: the tokenizer's offsets of the same text, the image placeholder token's
+    offset repeated for each of the image tokens the processor expanded it into."""
+    if ids == text_ids:
+        return list(offsets)
+    at = [j for j, t in enumerate(text_ids) if t == image_token_id]
+    n_img = sum(1 for t in ids if t == image_token_id)
+    if len(at) == 1:
+        p = at[0]
+        tail = len(text_ids) - p - 1
+        if ids[:p] == text_ids[:p] and ids[len(ids) - tail:] == text_ids[p + 1:] and len(ids) - tail - p == n_img:
+            return list(offsets[:p]) + [offsets[p]] * n_img + list(offsets[p + 1:])
+    raise DataError(sample_id, "the processor's token ids differ from the tokenizer's ids of the same text beyond "
+                    "the image-token expansion", "report this processor/tokenizer pair; alignti needs them to agree")
+
+
+def encode(processor, rec: Record, image, image_sha: str = "", max_length: int | None = None,
+           generation_prompt: bool = False) -> Encoded:
+    """Tokenize a record exactly as the model sees it at inference: the family's chat template renders the
+    whole conversation, and the processor tokenizes that text in one call (image placeholder expanded into
+    image tokens). The instruction and response spans are then found on those ids from the fast tokenizer's
+    offset mapping: a token belongs to the piece (template markup, instruction, response) that holds its first
+    non-whitespace character, so a token that carries the space before an answer word (SentencePiece's
+    "▁Red", byte-level BPE's "ĠRed") is part of the answer. A response span runs from its first answer
+    token through its end-of-turn markup; where the markup is only whitespace that the tokenizer merges into the
+    next turn's first token (LLaVA-1.5's " " before "USER:"), that token stays markup. With
+    ``generation_prompt`` the last assistant turn is dropped and the template's generation prompt appended."""
+    tok = processor.tokenizer
+    turns = list(rec.turns)
+    if generation_prompt:
+        while turns and turns[-1][0] == "assistant":
+            turns.pop()
+    full, content, ends = _rendered_spans(processor, rec, turns, image, generation_prompt)
+
     bos = _prefix_special_ids(tok)
-    if bos and not full.startswith(tok.decode(bos)):
-        ids.extend(bos)
-    kinds: list[str] = ["markup"] * len(ids)
-    turn_of: list[int] = [-1] * len(ids)
-    image_inputs: dict = {}
+    add_special = bool(bos) and not full.startswith(tok.decode(bos))
+    try:
+        text = tok(full, add_special_tokens=add_special, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise DataError(rec.sample_id, "the tokenizer gives no offset mapping", "use the checkpoint's fast tokenizer "
+                        "(tokenizer.json)") from None
+    text_ids, offsets = list(text["input_ids"]), list(text["offset_mapping"])
     placeholder = getattr(processor, "image_token", "<image>")
-    for kind, text, t in pieces:
-        if not text:
-            continue
-        if image is not None and not image_inputs and kind == "markup" and placeholder in text:
-            out = processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
-            piece_ids = out["input_ids"][0].tolist()
-            image_inputs = ModelAdapter.image_inputs(out)
-        else:
-            piece_ids = tok(text, add_special_tokens=False)["input_ids"]
-        ids.extend(piece_ids)
-        kinds.extend([kind] * len(piece_ids))
-        turn_of.extend([t] * len(piece_ids))
+    image_token_id = tok.convert_tokens_to_ids(placeholder)
+    image_inputs: dict = {}
+    if image is not None:
+        out = processor(text=[full], images=[image], return_tensors="pt", add_special_tokens=add_special)
+        ids = out["input_ids"][0].tolist()
+        image_inputs = ModelAdapter.image_inputs(out)
+        offsets = _expand_offsets(ids, text_ids, offsets, image_token_id, rec.sample_id)
+    else:
+        ids = text_ids
+
+    # which piece each character of the rendered text belongs to: 0 markup, 1 instruction, 2 response
+    kind_of = np.zeros(len(full) + 1, np.int8)
+    turn_of_char = np.full(len(full) + 1, -1, np.int32)
+    for i, (role, _) in enumerate(turns):
+        s, e = content[i]
+        if role in ("user", "assistant"):
+            kind_of[s:e] = 1 if role == "user" else 2
+            turn_of_char[s:e] = i
+        if i in ends:
+            s, e = ends[i]
+            kind_of[s:e] = 2
+            turn_of_char[s:e] = i
+    kinds = np.zeros(len(ids), np.int8)
+    turn_a = np.full(len(ids), -1, np.int32)
+    for j, (a, b) in enumerate(offsets):
+        if b <= a:
+            continue  # special tokens (BOS) and the like: markup
+        seg = full[a:b]
+        k = next((a + m for m, ch in enumerate(seg) if not ch.isspace()), a)
+        kinds[j], turn_a[j] = kind_of[k], turn_of_char[k]
 
     input_ids = np.asarray(ids, dtype=np.int32)
-    image_token_id = tok.convert_tokens_to_ids(placeholder)
     img_pos = np.nonzero(input_ids == image_token_id)[0]
     if image is not None:
         if len(img_pos) == 0:
@@ -240,30 +312,31 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
                             "check that the chat template renders {'type': 'image'}")
         if img_pos[-1] - img_pos[0] + 1 != len(img_pos):
             raise DataError(rec.sample_id, "image tokens are not contiguous", "one image per sample is supported")
-    kinds_a = np.asarray(kinds)
-    turn_a = np.asarray(turn_of)
-    resp_mask = (kinds_a == "response").astype(np.uint8)
     instr_spans, resp_spans = [], []
     last_user = None
     for i, (role, _) in enumerate(turns):
-        pos = np.nonzero(turn_a == i)[0]
         if role == "user":
-            sel = pos[kinds_a[pos] == "instruction"]
+            sel = np.nonzero((turn_a == i) & (kinds == 1))[0]
             last_user = (int(sel[0]), int(sel[-1]) + 1) if len(sel) else None
         elif role == "assistant":
-            sel = pos[kinds_a[pos] == "response"]
+            sel = np.nonzero((turn_a == i) & (kinds == 2))[0]
             if len(sel) == 0:
                 raise DataError(rec.sample_id, f"assistant turn {i} tokenized to nothing")
+            if sel[-1] - sel[0] + 1 != len(sel):
+                raise DataError(rec.sample_id, f"assistant turn {i}'s tokens are not contiguous",
+                                "check the chat template")
             if last_user is None:
                 raise DataError(rec.sample_id, f"assistant turn {i} has no instruction before it")
             instr_spans.append(last_user)
             resp_spans.append((int(sel[0]), int(sel[-1]) + 1))
+    resp_mask = np.zeros(len(ids), np.uint8)
+    for s, e in resp_spans:
+        resp_mask[s:e] = 1
     if max_length is not None and len(input_ids) > max_length:
         raise DataError(rec.sample_id, f"{len(input_ids)} tokens, longer than the limit of {max_length}",
                         "shorten the conversation, raise --max-length if the model allows it, or pass --skip-bad")
     return Encoded(rec.index, rec.sample_id, rec.image or "", image_sha, input_ids, resp_mask, image_inputs,
                    int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans)
-
 
 
 SALIENCY_QUERIES = ("instruction", "answer")

@@ -92,3 +92,19 @@ def check_student(fingerprint: dict, processor, student_name: str) -> None:
             f"the student's processor ({student_name}) differs from the one the cache was made with in "
             f"{', '.join(diff)}: images would become different image tokens. Use the teacher's processor "
             f"settings for the student, or re-dump.")
+
+
+def check_encoding(params: dict, processor, cache_url: str, schema_version) -> None:
+    """Refuse a cache whose token ids were made by the old piecewise encoding (encoding version 1, caches of
+    schema v2/v3) when this tokenizer gives other ids that way than on the whole text (SentencePiece's dummy
+    prefix: LLaVA-1.5, Vicuna / Mistral LLaVA-NeXT, MobileVLM). Byte-level BPE tokenizers (Qwen-based
+    families) give the same ids either way, so their old caches stay usable."""
+    from .conversation import ENCODING_VERSION, piecewise_tokenization_differs
+    version = int(params.get("encoding_version", 1))
+    if version >= ENCODING_VERSION or not piecewise_tokenization_differs(processor.tokenizer):
+        return
+    raise FingerprintMismatch(
+        f"the cache at {cache_url} (schema v{schema_version}, token encoding v{version}) tokenized the template "
+        f"markup, instructions and answers apart; with this tokenizer ({type(processor.tokenizer).__name__}) that "
+        f"gives other ids than the whole rendered conversation the model sees at inference. Re-dump it with this "
+        f"alignti (encoding v{ENCODING_VERSION}): alignti dump-teacher --teacher ... --out NEW_CACHE")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import AlignTIError
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -47,6 +49,13 @@ def image_only_processor_class(base):
             base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
                           **kwargs)
 
+        # save_pretrained writes the settings named in __init__'s signature (num_image_tokens, patch_size...):
+        # show it the family's own, without the video processor
+        import inspect
+        sig = inspect.signature(base.__init__)
+        __init__.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items()
+                                                         if n != "video_processor"])
+
         cls = type(base.__name__, (base,), {"__init__": __init__,
                                             "get_attributes": classmethod(lambda c: ["image_processor", "tokenizer"]),
                                             "__module__": __name__, "__qualname__": qualname})
@@ -59,14 +68,15 @@ def load_processor(path: str):
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
     try:
-        return AutoProcessor.from_pretrained(path)
+        proc = AutoProcessor.from_pretrained(path)
     except (AttributeError, ImportError, ValueError, OSError) as e:
         cls = PROCESSOR_MAPPING.get(type(AutoConfig.from_pretrained(path)), None)
         if cls is None or "video" not in str(e).lower() and "VIDEO" not in str(e):
             raise
         tok = AutoTokenizer.from_pretrained(path)
         proc = image_only_processor_class(cls)(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tok,
-                                                chat_template=getattr(tok, "chat_template", None))
+                                                chat_template=getattr(tok, "chat_template", None),
+                                                **_saved_processor_settings(path, cls))
         if proc.chat_template is None:
             import json
             from pathlib import Path
@@ -75,7 +85,47 @@ def load_processor(path: str):
                 proc.chat_template = tmpl.read_text()
             elif (Path(path) / "chat_template.json").exists():
                 proc.chat_template = json.loads((Path(path) / "chat_template.json").read_text())["chat_template"]
-        return proc
+    check_processor(proc, path)
+    return proc
+
+
+# settings a family's processor needs to expand its image placeholder into the right number of image tokens
+REQUIRED_PROCESSOR_SETTINGS = {
+    "LlavaProcessor": ("patch_size", "vision_feature_select_strategy"),
+    "LlavaNextProcessor": ("patch_size", "vision_feature_select_strategy"),
+    "LlavaOnevisionProcessor": ("num_image_tokens", "vision_feature_select_strategy"),
+}
+
+
+def check_processor(proc, path: str) -> None:
+    """A processor that reloads without what it needs gets a clear error naming the setting, not a traceback
+    from inside its image-token expansion."""
+    missing = [k for k in REQUIRED_PROCESSOR_SETTINGS.get(type(proc).__name__, ()) if getattr(proc, k, None) is None]
+    if missing:
+        raise AlignTIError(f"the processor saved at {path} ({type(proc).__name__}) lacks {', '.join(missing)}, which it "
+                           f"needs to turn an image into the model's image tokens. Add "
+                           f"{', '.join(repr(m) for m in missing)} to {path}/processor_config.json (the values the "
+                           f"model was trained with, e.g. num_image_tokens 729 for SigLIP-384/14, "
+                           f"vision_feature_select_strategy 'full'), or save the processor with save_pretrained again.")
+
+
+def _saved_processor_settings(path: str, cls) -> dict:
+    """The family processor's own settings from processor_config.json (num_image_tokens, patch_size...)."""
+    import inspect
+    import json
+    from pathlib import Path
+    try:
+        if Path(path).is_dir():
+            cfg = Path(path) / "processor_config.json"
+        else:
+            from transformers.utils import cached_file
+            cfg = Path(cached_file(path, "processor_config.json"))
+        saved = json.loads(cfg.read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
+    params = inspect.signature(cls.__init__).parameters
+    skip = ("self", "image_processor", "tokenizer", "video_processor", "chat_template")
+    return {k: v for k, v in saved.items() if k in params and k not in skip}
 
 
 def __getattr__(name: str):

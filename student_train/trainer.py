@@ -26,7 +26,7 @@ from common.batch import forward
 from common.cache import CacheReader, check_manifest
 from common.errors import AlignTIError, CacheError
 from common.faults import crash_point
-from common.fingerprint import check_student
+from common.fingerprint import check_encoding, check_student
 from common.losses import LossWeights, StepNorm, get_loss, means, step_counts
 from common.models import enable_gradient_checkpointing, load_vlm
 from common.progress import progress_bar
@@ -182,6 +182,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     # student would take its AdamW updates in bf16: found by tests/test_gpu.py on an H100)
     model, processor = load_vlm(cfg.student, device, "float32")
     check_student(reader.fingerprint, processor, cfg.student)
+    check_encoding(params, processor, cfg.cache, reader.manifest.get("schema_version"))
     adapter = adapter_for(model)
     layer = student_layer_for(cfg.student_layer, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
                               adapter.num_layers)

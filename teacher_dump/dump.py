@@ -24,7 +24,7 @@ from common.adapters import adapter_for
 from common.batch import collate, to_device
 from common import distributed as dist
 from common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
-from common.conversation import (Record, Skipped, check_saliency_query, encode, load_image, load_records,
+from common.conversation import (ENCODING_VERSION, Record, Skipped, check_saliency_query, encode, load_image, load_records,
                                  with_saliency_query)
 from common.errors import AlignTIError, CacheError, DataError
 from common.fingerprint import make_fingerprint
@@ -162,7 +162,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     params = {"top_k": cfg.top_k, "tpa_branches": cfg.tpa_branches, "tpa_top_k": cfg.tpa_top_k,
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-              "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query}
+              "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query,
+              "encoding_version": ENCODING_VERSION}
     if cfg.tpa_branches:
         params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy")
     fingerprint = make_fingerprint(model.config, processor, params)
