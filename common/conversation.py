@@ -68,7 +68,13 @@ def load_records(path: str | Path) -> list[Record | Skipped]:
     path = Path(path)
     if not path.exists():
         raise DataError(str(path), "data file not found", "check the --data path")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), f"the data file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start} is not valid UTF-8)",
+                        f"convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}, "
+                        f"and pass the converted file as --data") from None
     raw: list[tuple[int, object]] = []
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -135,6 +141,12 @@ def parse_record(index: int, item: object) -> Record:
     image = item.get("image")
     if image is not None and not isinstance(image, str):
         raise DataError(sid, "'image' must be a single path string")
+    n_tags = sum(str(m["value"]).count("<image>") for m in convs)
+    if image and n_tags > 1:
+        raise DataError(sid, f"{n_tags} <image> placeholders for one image",
+                        "keep one <image> (in the turn where the image belongs); several images per sample are not "
+                        "supported")
+    # an image with no <image> placeholder goes before the first human turn's text (LLaVA's convention)
     return Record(index, sid, image or None, turns)
 
 

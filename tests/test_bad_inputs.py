@@ -130,3 +130,33 @@ def test_loss_needing_missing_fields_is_refused(kit, data):
         with pytest.raises(CacheError, match=what):
             train_student(TrainConfig(student=str(kit / "student"), cache=str(tmp / "plain"), out=str(tmp / loss),
                                       loss=loss, max_steps=1, progress=False))
+
+
+def test_two_image_placeholders_for_one_image_are_refused(kit, data):
+    recs, tmp = data
+    recs[3]["conversations"][0]["value"] = "<image>\n<image>\n" + recs[3]["conversations"][0]["value"].replace(
+        "<image>\n", "")
+    with pytest.raises(DataError, match=rf"sample {recs[3]['id']}.*2 <image> placeholders for one image"):
+        dump_teacher(cfg(kit, write(tmp / "d.json", recs), tmp / "c"))
+    assert not (tmp / "c").exists()
+
+
+def test_image_without_placeholder_goes_before_the_first_question(kit):
+    """Documented: an image with no <image> placeholder is put where the template puts a first-turn image."""
+    from common.conversation import encode, load_image, parse_record
+    from common.models import load_processor
+    proc = load_processor(str(kit / "teacher"))
+    rec = json.loads((kit / "data/train.json").read_text())[0]
+    bare = json.loads(json.dumps(rec))
+    bare["conversations"][0]["value"] = bare["conversations"][0]["value"].replace("<image>\n", "").replace("<image>", "")
+    a, b = parse_record(0, rec), parse_record(0, bare)
+    img, sha = load_image(a, kit / "data/images")
+    assert encode(proc, a, img, sha).input_ids.tolist() == encode(proc, b, img, sha).input_ids.tolist()
+
+
+def test_data_file_that_is_not_utf8_is_named_with_the_fix(kit, data):
+    recs, tmp = data
+    path = tmp / "latin.json"
+    path.write_bytes(json.dumps(recs[:2]).replace("circle", "c\u00edrcle").encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.json.*not UTF-8.*iconv"):
+        dump_teacher(cfg(kit, path, tmp / "c"))
