@@ -29,13 +29,17 @@ from . import kit
 log = logging.getLogger("alignti.quickstart")
 
 METHODS = ("sft", "kd", "kd+iva", "kd+tpa", "alignti")
+# On the shapes task a sample's length says its question type (a 1-token colour answer vs a description), so
+# length-grouped batches hold one question type each. Measured (3 seeds, kd): 44.1 +- 5.0 test accuracy in
+# shuffled batches, 41.0 +- 3.2 grouped (bench/README.md); the demo keeps shuffled batches.
+DEMO_TRAIN = dict(group_by_length=False)
 PRESETS = {
     # the teacher trains until 90% validation exact match (at most teacher_steps steps)
     "default": dict(n_train=300, n_val=40, n_test=80, teacher_steps=1500, teacher_target=0.9, student_steps=800,
-                    batch_size=16, lr=3e-3, eval_every=200, val_limit=60, train=dict(freeze_vision=True)),
+                    batch_size=16, lr=3e-3, eval_every=200, val_limit=60, train=dict(freeze_vision=True, **DEMO_TRAIN)),
     # mechanics only: a briefly trained teacher (no accuracy target), short student runs
     "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=150, teacher_target=None, student_steps=80,
-                 batch_size=16, lr=3e-3, eval_every=40, val_limit=30, train=dict(freeze_vision=True)),
+                 batch_size=16, lr=3e-3, eval_every=40, val_limit=30, train=dict(freeze_vision=True, **DEMO_TRAIN)),
 }
 
 
