@@ -64,6 +64,20 @@ def demo_kit(path: str | Path, train_teacher: bool = True, teacher_steps: int = 
     return path
 
 
+def loader_rate(dataset, batches: list[list[int]], collate_fn, workers: int) -> float:
+    """Samples/s a DataLoader delivers over ``batches`` after a warm pass (worker start-up, part reads)."""
+    import time
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=workers,
+                                         multiprocessing_context="spawn" if workers else None,
+                                         persistent_workers=bool(workers), prefetch_factor=4 if workers else None)
+    for _ in loader:
+        pass
+    t, n = time.perf_counter(), 0
+    for b in loader:
+        n += len(b["sample_ids"])
+    return n / (time.perf_counter() - t)
+
+
 def table(rows: list[list], header: list[str]) -> str:
     cols = list(zip(*([header] + [[str(c) for c in r] for r in rows])))
     widths = [max(len(c) for c in col) for col in cols]

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
-from _util import IMAGE_TOKENS_HELP, device_name, table
+from _util import IMAGE_TOKENS_HELP, device_name, loader_rate, table
 
 import torch  # noqa: E402
 
@@ -38,15 +37,7 @@ def main():
         fresh = CacheReader(reader.url)
         ds = CacheDataset(fresh, proc)
         order = batches_of(epoch_order(fresh, 0, 0) * 8, a.batch_size)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=order, collate_fn=coll, num_workers=workers,
-                                             multiprocessing_context="spawn" if workers else None,
-                                             persistent_workers=bool(workers), prefetch_factor=4 if workers else None)
-        for _ in loader:  # warm pass: worker start-up, part reads
-            pass
-        t, n = time.perf_counter(), 0
-        for b in loader:
-            n += len(b["sample_ids"])
-        rates[workers] = n / (time.perf_counter() - t)
+        rates[workers] = loader_rate(ds, order, coll, workers)
     step = train_step.make_step("cache-alignti", None, student, batch, reader)
     from _util import timeit
     consume = a.batch_size / timeit(step, device, repeat=10, warmup=2)

@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from _util import device_name, table, timeit
+from _util import device_name, loader_rate, table, timeit
 
 import torch  # noqa: E402
 
@@ -419,15 +419,7 @@ def section_reader(args, consume: float | None) -> dict:
             reader = CacheReader(cache)
             ds = CacheDataset(reader, proc)
             order = batches_of(epoch_order(reader, 0, 0), args.batch_size)
-            loader = torch.utils.data.DataLoader(ds, batch_sampler=order, collate_fn=StudentCollator(proc, LlavaAdapter),
-                                                 num_workers=workers, multiprocessing_context="spawn" if workers else None,
-                                                 persistent_workers=bool(workers), prefetch_factor=4 if workers else None)
-            for _ in loader:  # warm pass: worker start-up, part reads
-                pass
-            t, n = time.perf_counter(), 0
-            for b in loader:
-                n += len(b["sample_ids"])
-            rate = n / (time.perf_counter() - t)
+            rate = loader_rate(ds, order, StudentCollator(proc, LlavaAdapter), workers)
             out[f"{pname}/{workers}"] = rate
             rows.append([pname, workers, f"{rate:.1f}", f"{rate / consume:.1f}" if consume else "-"])
     print(f"\nreader: {args.reader_samples} samples, 640x480 JPEG, batch {args.batch_size}; student consumes "
