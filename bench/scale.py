@@ -116,7 +116,7 @@ def synthetic_samples(lengths, seed: int = 0) -> list[dict]:
 def student_batch(samples: list[dict], tpa_positions: float, device: torch.device) -> dict:
     """A collated student batch with teacher tensors of the cache's shapes (random values)."""
     from common.adapters import LlavaAdapter
-    from common.batch import collate
+    from common.batch import collate, tpa_layout
     from student_train.data import batch_to_device
     batch = collate(samples, 0, LlavaAdapter)
     n = len(batch["targets"])
@@ -126,11 +126,7 @@ def student_batch(samples: list[dict], tpa_positions: float, device: torch.devic
     batch["topk_logprobs"], batch["tail_logmass"] = lp[:, :K].half(), lp[:, K]
     sel = [torch.sort(torch.randperm(len(p), generator=g)[:max(1, math.ceil(tpa_positions * len(p)))]).values
            for p in batch["resp_pos"]]
-    offsets = [0]
-    for p in batch["resp_pos"][:-1]:
-        offsets.append(offsets[-1] + len(p))
-    batch["tpa_rows"] = torch.cat([s + o for s, o in zip(sel, offsets)])
-    batch["tpa_pos"] = [p[s] for p, s in zip(batch["resp_pos"], sel)]
+    batch["tpa_rows"], batch["tpa_pos"] = tpa_layout(batch["resp_pos"], sel)
     m = len(batch["tpa_rows"])
     batch["tpa_cand_ids"] = batch["topk_ids"][batch["tpa_rows"], :B].clone()
     batch["tpa_cand_list"] = list(torch.split(batch["tpa_cand_ids"], [len(s) for s in sel]))

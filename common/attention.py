@@ -98,8 +98,7 @@ def checkpoint_context():
     """``context_fn`` for torch.utils.checkpoint (train-student --gradient-checkpointing): the recompute of a
     checkpointed layer in backward runs under the capture spec and attention implementation that its
     forward saw (the forward's own context has been left by then), so it saves the same tensors."""
-    spec = _ACTIVE.get()
-    configs = []
+    spec, configs = _ACTIVE.get(), _ROUTED.get()
 
     @contextlib.contextmanager
     def recompute():
@@ -114,7 +113,6 @@ def checkpoint_context():
                 c._attn_implementation = impl
             _ACTIVE.reset(token)
 
-    configs.extend(_ROUTED.get())
     return contextlib.nullcontext(), recompute()
 
 

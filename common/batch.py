@@ -107,9 +107,18 @@ def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor
     return h[br.valid].view(-1, br.n_branch, h.shape[-1])
 
 
-def lm_logits(adapter, hidden: torch.Tensor) -> torch.Tensor:
-    return adapter.model.lm_head(hidden)
-
-
 def lm_head(adapter) -> torch.nn.Module:
     return adapter.model.lm_head
+
+
+def lm_logits(adapter, hidden: torch.Tensor) -> torch.Tensor:
+    return lm_head(adapter)(hidden)
+
+
+def tpa_layout(resp_pos: list[torch.Tensor], sel: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """TPA positions chosen per sample (``sel[b]``: indices into sample b's response tokens) as the batch's
+    response-token rows that get TPA statistics, and per sample the sequence positions whose tokens the
+    branches replace (what ``make_branches`` takes)."""
+    offsets = torch.tensor([0] + [len(p) for p in resp_pos[:-1]], dtype=torch.long).cumsum(0).tolist()
+    rows = torch.cat([s.long() + o for s, o in zip(sel, offsets)])
+    return rows, [p[s.to(p.device).long()] for p, s in zip(resp_pos, sel)]

@@ -131,6 +131,11 @@ class LossSpec:
     tpa: bool = False
     description: str = ""
 
+    @property
+    def kd_term(self) -> str | None:
+        """The distillation term's name in metrics: "kd" for forward KL, else the divergence's own name."""
+        return None if not self.divergence else ("kd" if self.divergence == "fkl" else self.divergence)
+
 
 REGISTRY: dict[str, LossSpec] = {s.name: s for s in [
     LossSpec("sft", None, description="cross-entropy on the reference answer only"),
@@ -164,7 +169,7 @@ def total_loss(spec: LossSpec, w: LossWeights, out: dict) -> dict[str, torch.Ten
     terms = {"sft": sft_loss(out["logits"], out["targets"])}
     total = terms["sft"]
     if spec.divergence:
-        terms[spec.divergence if spec.divergence != "fkl" else "kd"] = d = distill_loss(
+        terms[spec.kd_term] = d = distill_loss(
             out["logits"], out["topk_ids"], out["topk_logprobs"], out["tail_logmass"], spec.divergence, w.temperature)
         total = total + w.kd * d
     if spec.iva and out.get("student_sal") is not None:
@@ -238,14 +243,6 @@ def fold_rows(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Te
     return torch.cat([top, rest[:, None]], -1)
 
 
-@dataclass
-class _Segment:
-    """Rows of hidden states that share one loss function: fn(z [C, V] fp32, lo, hi, need_grad) ->
-    (weighted loss sum, {term: sum}, gradient w.r.t. z or None); all detached. fn may overwrite z."""
-    hidden: torch.Tensor
-    fn: object
-
-
 def _fkl_grad_(soft: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor, ls: torch.Tensor, coef, extra: float = 0.0):
     """coef * d KL(lt || fold(z)) / dz + extra * softmax(z), written into ``soft`` = softmax(z) [C, V]:
     softmax * (1 - P_rest / Q_rest) off the teacher's top-k, Q_top - P_top on it (ls = fold(z) gives Q);
@@ -263,8 +260,7 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm):
     tau = w.temperature
     c_sft = norm.scale / norm.tokens
     c_kd = norm.scale * w.kd * tau ** 2 / norm.tokens
-    div = spec.divergence
-    name = None if not div else ("kd" if div == "fkl" else div)
+    div, name = spec.divergence, spec.kd_term
 
     def fn(z, lo, hi, need):
         tgt = t["targets"][lo:hi, None].long()
@@ -352,12 +348,13 @@ def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class _ChunkedHead(torch.autograd.Function):
-    """loss = sum over segments and row chunks of fn(head(h_chunk)); gradients taken chunk by chunk in the
-    forward (nothing of size V outlives its chunk), scaled by the incoming gradient in the backward."""
+    """loss = sum over row segments and their chunks of fn(head(h_chunk)); gradients taken chunk by chunk in
+    the forward (nothing of size V outlives its chunk), scaled by the incoming gradient in the backward.
+    ``plan["fns"][i]`` is the loss function of ``hiddens[i]``: fn(z [C, V] fp32, lo, hi, need_grad) ->
+    (weighted loss sum, {term: sum}, gradient w.r.t. z or None), all detached; fn may overwrite z."""
 
     @staticmethod
     def forward(ctx, weight, bias, plan, *hiddens):
-        segments: list[_Segment] = plan["segments"]
         want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_h = ctx.needs_input_grad[3:]
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -366,7 +363,7 @@ class _ChunkedHead(torch.autograd.Function):
         stats: dict[str, torch.Tensor] = {}
         grads_h = []
         rows = plan["chunk_rows"]
-        for seg, h, wh in zip(segments, hiddens, want_h):
+        for fn, h, wh in zip(plan["fns"], hiddens, want_h):
             gh = torch.empty_like(h) if wh else None
             need = wh or want_w or want_b
             for lo in range(0, h.shape[0], rows):
@@ -374,7 +371,7 @@ class _ChunkedHead(torch.autograd.Function):
                 hc = h[lo:hi]
                 z_raw = torch.nn.functional.linear(hc, weight, bias)
                 mm_dtype = z_raw.dtype
-                loss, st, g = seg.fn(z_raw.float(), lo, hi, need)
+                loss, st, g = fn(z_raw.float(), lo, hi, need)
                 del z_raw
                 if need:
                     g = g.to(mm_dtype)
@@ -415,12 +412,11 @@ def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, 
     terms (differentiable, see StepNorm), "sums": {term: detached sum over this batch's items}}; ``means``
     turns sums into per-item means."""
     norm = norm or StepNorm.of(out)
-    segments, hiddens = [_Segment(out["resp_hidden"], _main_fn(out, spec, w, norm))], [out["resp_hidden"]]
+    fns, hiddens = [_main_fn(out, spec, w, norm)], [out["resp_hidden"]]
     if spec.tpa and out.get("branch_hidden") is not None and out["branch_hidden"].numel():
-        bh = out["branch_hidden"].reshape(-1, out["branch_hidden"].shape[-1])
-        segments.append(_Segment(bh, _branch_fn(out, w, norm)))
-        hiddens.append(bh)
-    plan = {"segments": segments, "chunk_rows": chunk_rows(head.weight.shape[0], chunk_bytes, head.weight.device)}
+        fns.append(_branch_fn(out, w, norm))
+        hiddens.append(out["branch_hidden"].reshape(-1, out["branch_hidden"].shape[-1]))
+    plan = {"fns": fns, "chunk_rows": chunk_rows(head.weight.shape[0], chunk_bytes, head.weight.device)}
     loss = _ChunkedHead.apply(head.weight, head.bias, plan, *hiddens)
     sums = dict(plan["stats"])
     if spec.iva and out.get("student_sal") is not None:

@@ -80,7 +80,6 @@ SAMPLE_SCHEMA = pa.schema([
     ("tpa_start", pa.int64()),        # v4: offset into the TPA arrays of this part
     ("tpa_len", pa.int32()),          # v4: TPA rows of this sample (<= resp_len)
 ])
-V3_COLUMNS = [f.name for f in SAMPLE_SCHEMA if f.name not in ("tpa_start", "tpa_len")]
 
 
 def array_dtype(name: str, params: dict) -> np.dtype:

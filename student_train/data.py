@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.batch import collate
+from common.batch import collate, tpa_layout
 from common.cache import CacheReader
 from common.errors import DataError
 
@@ -130,10 +130,8 @@ class StudentCollator:
             # the TPA rows follow the cache: tpa_pos (per sample, indices into its response tokens) gives
             # their rows among the batch's response tokens and the sequence positions their branches replace
             batch["tpa_cand_list"] = [torch.from_numpy(x["tpa_cand_ids"]) for x in samples]
-            sel = [torch.from_numpy(np.asarray(x["tpa_pos"])).long() for x in samples]
-            offsets = np.cumsum([0] + [len(p) for p in batch["resp_pos"][:-1]])
-            batch["tpa_rows"] = torch.cat([s + int(o) for s, o in zip(sel, offsets)])
-            batch["tpa_pos"] = [p[s] for p, s in zip(batch["resp_pos"], sel)]
+            sel = [torch.from_numpy(np.asarray(x["tpa_pos"])) for x in samples]
+            batch["tpa_rows"], batch["tpa_pos"] = tpa_layout(batch["resp_pos"], sel)
         if "saliency" in samples[0]:
             rows = [torch.from_numpy(x["saliency"].astype(np.float32)) for x in samples if x["n_image_tokens"] > 0]
             rows = [r for r in rows if r.numel()]

@@ -7,30 +7,24 @@ import math
 import numpy as np
 import torch
 
-from common.batch import branch_pass, forward, lm_head
+from common.batch import branch_pass, forward, lm_head, tpa_layout
 from common.losses import chunk_rows
 from common.schema import tpa_positions_layout
 
 NEG_INF = float("-inf")
 
 
-def topk_fold(logits: torch.Tensor, k: int, targets: torch.Tensor | None = None, chunk: int = 2048):
-    """Top-k log-probs (sorted descending), log of the rest mass, and the target's log-prob, from logits.
-    Rows are processed in chunks so [rows, vocab] float32 never gets large."""
-    return topk_fold_hidden(logits, None, k, targets, chunk)[:4]
-
-
-def topk_fold_hidden(hidden: torch.Tensor, head: torch.nn.Module | None, k: int,
+def topk_fold_hidden(hidden: torch.Tensor, head: torch.nn.Module, k: int,
                      targets: torch.Tensor | None = None, chunk: int | None = None, entropy: bool = False):
-    """topk_fold straight from hidden states through the LM head ``head`` (None: ``hidden`` are logits), one
-    row chunk at a time, so [rows, V] logits never exist for the whole batch (the same chunking as the
-    student's loss head, common.losses.chunk_rows). Returns (ids, log-probs, rest log-mass, target log-prob
-    or None, full-vocabulary entropy or None)."""
+    """Top-k log-probs (sorted descending), log of the rest mass and the target's log-prob, straight from
+    hidden states through the LM head ``head``, one row chunk at a time, so [rows, V] logits never exist for
+    the whole batch (the same chunking as the student's loss head, common.losses.chunk_rows). Returns (ids,
+    log-probs, rest log-mass, target log-prob or None, full-vocabulary entropy or None)."""
     if chunk is None:
-        chunk = chunk_rows(head.weight.shape[0] if head is not None else hidden.shape[-1], None, hidden.device)
+        chunk = chunk_rows(head.weight.shape[0], None, hidden.device)
     ids, lps, tails, tgts, ents = [], [], [], [], []
     for i in range(0, hidden.shape[0], chunk):
-        z = hidden[i:i + chunk] if head is None else head(hidden[i:i + chunk])
+        z = head(hidden[i:i + chunk])
         lp = torch.log_softmax(z.float(), dim=-1)
         del z
         v, j = lp.topk(k, dim=-1, sorted=True)
@@ -86,11 +80,9 @@ def teacher_batch(adapter, batch: dict, params: dict) -> dict[str, torch.Tensor]
     if n_branch > 0:
         counts = [len(p) for p in batch["resp_pos"]]
         sel = select_tpa_positions(ent, counts, fraction)
-        offsets = torch.tensor([0] + counts[:-1], device=ids.device).cumsum(0)
-        rows = torch.cat([s.to(ids.device) + o for s, o in zip(sel, offsets)])
-        cands = candidates(ids.index_select(0, rows), n_branch, adapter.image_token_id)
+        rows, pos = tpa_layout(batch["resp_pos"], sel)
+        cands = candidates(ids.index_select(0, rows.to(ids.device)), n_branch, adapter.image_token_id)
         tpa_counts = [len(s) for s in sel]
-        pos = [p[s.to(p.device)] for p, s in zip(batch["resp_pos"], sel)]
         bh = branch_pass(adapter, batch, out, list(torch.split(cands, tpa_counts)), branch_pos=pos)
         b_ids, b_lps, b_tail, _, _ = topk_fold_hidden(bh.reshape(-1, bh.shape[-1]), head, k2)
         res.update(tpa_cand_ids=cands, tpa_ids=b_ids.view(-1, n_branch, k2),
