@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from common.errors import AlignTIError
-from common.progress import setup_logging
+from alignti.common.errors import AlignTIError
+from alignti.common.progress import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline knowledge distillation for vision-language models (Align-TI).")
@@ -24,7 +24,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 
 def _run(fn, *args, **kwargs):
-    from common.distributed import shutdown
+    from alignti.common.distributed import shutdown
     try:
         return fn(*args, **kwargs)
     except AlignTIError as e:
@@ -39,14 +39,14 @@ def _run(fn, *args, **kwargs):
 
 def _echo_main(text: str) -> None:
     """Print a command's result once (rank 0) when it runs under torchrun."""
-    from common.distributed import dist_env
+    from alignti.common.distributed import dist_env
     if dist_env().is_main:
         typer.echo(text)
 
 
 def _relaunch(nproc: int) -> None:
     """``--nproc N`` (N > 1): hand this very command to torchrun with N processes, then exit with its code."""
-    from common.distributed import dist_env, run_under_torchrun, strip_nproc
+    from alignti.common.distributed import dist_env, run_under_torchrun, strip_nproc
     if nproc > 1 and not dist_env().distributed:
         raise typer.Exit(run_under_torchrun(nproc, strip_nproc(sys.argv[1:])))
 
@@ -66,7 +66,7 @@ def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."
               seed: int = typer.Option(0),
               family: str = typer.Option("llava", help="Model family of the tiny checkpoints: llava, qwen2_vl or llava_onevision.")):
     """Write a self-contained demo kit: tiny LLaVA teacher/student, tokenizer, shapes VQA data."""
-    from demo.kit import make_demo as run
+    from alignti.demo.kit import make_demo as run
     info = _run(run, out, n_train=n_train, n_val=n_val, n_test=n_test, train_teacher=train_teacher,
                 teacher_steps=teacher_steps, seed=seed, family=family,
                 teacher_lr=teacher_lr, teacher_target=teacher_target, teacher_batch=teacher_batch,
@@ -102,7 +102,7 @@ def dump_teacher(teacher: str = typer.Option(..., help="Teacher checkpoint (loca
                                                    "(one per GPU); ranks split the work units.")):
     """Run the teacher once over the data and write the cache (resumable)."""
     _relaunch(nproc)
-    from teacher_dump.dump import DumpConfig, dump_teacher as run
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher as run
     cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
                      batch_size=batch_size, device=device, limit=limit, skip_bad=skip_bad, tpa_branches=tpa_branches,
                      tpa_top_k=tpa_top_k, saliency_layer=saliency_layer, irs_samples=irs_samples, unit_size=unit_size,
@@ -117,9 +117,9 @@ def select_layer(teacher: str = typer.Option(...), data: Path = typer.Option(...
                  samples: int = typer.Option(256), batch_size: int = typer.Option(8), device: str = typer.Option("auto"),
                  out: Optional[Path] = typer.Option(None, help="Write the IRS curve as JSON (and a PNG beside it).")):
     """Instruction-Relevance Score of every teacher layer; names l*."""
-    from common.conversation import Record, load_records
-    from common.models import load_vlm, resolve_device
-    from teacher_dump.select_layer import render_curve, save_plot, select_layer as run
+    from alignti.common.conversation import Record, load_records
+    from alignti.common.models import load_vlm, resolve_device
+    from alignti.teacher_dump.select_layer import render_curve, save_plot, select_layer as run
 
     model, processor = load_vlm(teacher, resolve_device(device))
     records = [r for r in load_records(data) if isinstance(r, Record)]
@@ -157,7 +157,7 @@ def train_student(student: str = typer.Option(..., help="Student checkpoint (loc
                                                        "(inside shuffled mega-batches of 50 batches): less padding.")):
     """Train a student from the cache alone (under torchrun: DDP, or FSDP2 with --fsdp)."""
     _relaunch(nproc)
-    from student_train.trainer import TrainConfig, train_student as run
+    from alignti.student_train.trainer import TrainConfig, train_student as run
     cfg = TrainConfig(student=student, cache=cache, out=str(out), loss=loss, kd_weight=kd_weight,
                       iva_weight=iva_weight, tpa_weight=tpa_weight, iva_ratio=iva_ratio, temperature=temperature,
                       student_layer=student_layer, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -171,7 +171,7 @@ def train_student(student: str = typer.Option(..., help="Student checkpoint (loc
 @app.command("inspect-cache")
 def inspect_cache(cache: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
     """Samples, tokens, k, bytes/token on disk, compression vs full-vocab fp16, fingerprint."""
-    from common.inspect import cache_summary, render_summary
+    from alignti.common.inspect import cache_summary, render_summary
     info = _run(cache_summary, cache)
     typer.echo(json.dumps(info, indent=2) if as_json else render_summary(info))
 
@@ -182,7 +182,7 @@ def validate_cache(cache: str = typer.Argument(...),
                                                            "the manifest, so re-running the same dump-teacher "
                                                            "command redoes only those parts.")):
     """Re-check every object's sha256, every chunk's crc32c, counts and offsets."""
-    from common.cache import mark_for_redump, validate_cache as run
+    from alignti.common.cache import mark_for_redump, validate_cache as run
     damaged: list[str] = []
     problems = _run(run, cache, damaged_parts=damaged)
     for p in problems:
@@ -200,7 +200,7 @@ def validate_cache(cache: str = typer.Argument(...),
 def push_cache(cache: Path = typer.Argument(..., help="A finished local cache."),
                url: str = typer.Argument(..., help="Destination fsspec URL (s3://bucket/cache, file://..., ...).")):
     """Upload a cache to object storage (manifest last) and verify every object's sha256 there."""
-    from common.cache import push_cache as run
+    from alignti.common.cache import push_cache as run
     typer.echo(json.dumps(_run(run, cache, url)))
 
 
@@ -212,7 +212,7 @@ def evaluate(model: str = typer.Option(...), data: Path = typer.Option(...), ima
              answers_out: Optional[Path] = typer.Option(None, help="Write this model's answers as JSON."),
              as_json: bool = typer.Option(False, "--json")):
     """Greedy answers: exact-match accuracy, agreement with a teacher, KL to a cache."""
-    from student_train.evaluate import evaluate as run
+    from alignti.student_train.evaluate import evaluate as run
     res = _run(run, model, str(data), str(images), teacher_answers=teacher_answers, cache=cache, limit=limit,
                device=device, answers_out=answers_out)
     typer.echo(json.dumps(res, indent=2) if as_json else
@@ -225,7 +225,7 @@ def quickstart(workdir: Path = typer.Option(Path("quickstart"), help="Work direc
                device: str = typer.Option("auto"),
                workers: Optional[int] = typer.Option(None, help="Student runs side by side (default: 2 on CPU, 1 on GPU).")):
     """make-demo -> dump-teacher -> train sft/kd/kd+iva/kd+tpa/alignti -> evaluate -> results table."""
-    from demo.quickstart import QuickstartConfig, quickstart as run, render_table
+    from alignti.demo.quickstart import QuickstartConfig, quickstart as run, render_table
     res = _run(run, QuickstartConfig(workdir=str(workdir), seeds=seeds, fast=fast, device=device, workers=workers))
     typer.echo(render_table(res))
     typer.echo(f"\nwritten: {workdir / 'results.md'}, {workdir / 'results.json'}, {workdir / 'curves.png'} "
@@ -239,7 +239,7 @@ def show_saliency(cache: str = typer.Argument(...), sample: str = typer.Option(.
                   turn: int = typer.Option(0, help="Assistant turn (multi-turn samples)."),
                   images: Optional[str] = typer.Option(None)):
     """The image with the teacher's cached saliency as a heatmap (and a student's beside it)."""
-    from student_train.show_saliency import show_saliency as run
+    from alignti.student_train.show_saliency import show_saliency as run
     typer.echo(json.dumps(_run(run, cache, sample, out, student=student, turn=turn, images=images)))
 
 

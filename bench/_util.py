@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -46,7 +45,7 @@ IMAGE_TOKENS_HELP = ("image tokens per sample: 576 = LLaVA-1.5's count (a realis
 
 
 def patch_for(image_tokens: int) -> int:
-    from demo.shapes import IMAGE_SIZE
+    from alignti.demo.shapes import IMAGE_SIZE
     side = round(image_tokens ** 0.5)
     if side * side != image_tokens or IMAGE_SIZE % side:
         raise SystemExit(f"--image-tokens must be a square whose side divides {IMAGE_SIZE} (9, 36, 144, 576)")
@@ -58,7 +57,7 @@ def demo_kit(path: str | Path, train_teacher: bool = True, teacher_steps: int = 
     """A demo kit (built once, reused across benchmark runs) with ``image_tokens`` LLaVA image tokens."""
     path = Path(path)
     if not (path / "teacher" / "config.json").exists():
-        from demo.kit import make_demo
+        from alignti.demo.kit import make_demo
         make_demo(path, n_train=n_train, n_val=20, n_test=20, train_teacher=train_teacher, teacher_steps=teacher_steps,
                   patch=patch_for(image_tokens))
     return path

@@ -21,7 +21,7 @@ from _util import demo_kit, table
 import torch  # noqa: E402
 import zarr  # noqa: E402
 
-from common.cache import write_array  # noqa: E402
+from alignti.common.cache import write_array  # noqa: E402
 
 UINT8_SCALE = 16.0
 
@@ -34,10 +34,10 @@ def stored_bytes(arrays: dict[str, np.ndarray], where: Path) -> int:
 
 
 def teacher_logprobs(kit: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from common.adapters import adapter_for
-    from common.batch import collate, forward, lm_logits
-    from common.conversation import Record, encode, load_image, load_records
-    from common.models import load_vlm
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import collate, forward, lm_logits
+    from alignti.common.conversation import Record, encode, load_image, load_records
+    from alignti.common.models import load_vlm
     model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
     adapter = adapter_for(model)
     recs = [r for r in load_records(kit / "data/train.json") if isinstance(r, Record)][:n]

@@ -18,9 +18,9 @@ from _util import IMAGE_TOKENS_HELP, demo_kit, device_name, patch_for, sync, tab
 
 import torch  # noqa: E402
 
-from common.adapters import ModelAdapter  # noqa: E402
-from common.conversation import Record, encode, load_image, load_records  # noqa: E402
-from teacher_dump.dump import DumpConfig, dump_teacher  # noqa: E402
+from alignti.common.adapters import ModelAdapter  # noqa: E402
+from alignti.common.conversation import Record, encode, load_image, load_records  # noqa: E402
+from alignti.teacher_dump.dump import DumpConfig, dump_teacher  # noqa: E402
 
 
 def big_teacher(kit: Path, out: Path, hidden: int, layers: int, patch: int) -> Path:
@@ -28,7 +28,7 @@ def big_teacher(kit: Path, out: Path, hidden: int, layers: int, patch: int) -> P
     if (out / "config.json").exists():
         return out
     from transformers import AutoProcessor
-    from demo.kit import build_model
+    from alignti.demo.kit import build_model
     proc = AutoProcessor.from_pretrained(kit / "teacher")
     model = build_model("llava", proc.tokenizer, dict(hidden_size=hidden, intermediate_size=4 * hidden,
                                                        num_hidden_layers=layers, num_attention_heads=8,
@@ -55,7 +55,7 @@ def main():
                           patch_for(a.image_tokens))
     data, images = kit / "data" / "train.json", kit / "data" / "images"
 
-    from common.models import load_vlm
+    from alignti.common.models import load_vlm
     model, proc = load_vlm(str(teacher), device)
     recs = [r for r in load_records(data) if isinstance(r, Record)][:a.samples]
     t0 = time.perf_counter()

@@ -6,10 +6,10 @@ set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  export PYTHONPATH=$PWD
+    || exit 1
 fi
+# the repository root is the package `alignti` (pip install -e . maps it; here a link does, without installing)
+mkdir -p /tmp/site && ln -sfn "$PWD" /tmp/site/alignti && export PYTHONPATH=/tmp/site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 LOSSES = ["sft", "kd", "rkl", "jsd", "kd+tpa", "alignti"]
 
@@ -37,7 +36,7 @@ def _current_rss_mib() -> float:
 def child(args) -> dict:
     import torch
 
-    from common.losses import LossWeights, get_loss, head_loss, total_loss
+    from alignti.common.losses import LossWeights, get_loss, head_loss, total_loss
     torch.manual_seed(0)
     dev = torch.device(args.device)
     n, h, v, b, k, k2 = args.tokens, args.hidden, args.vocab, args.branches, 32, 8

@@ -25,9 +25,9 @@ def main():
     import train_step
     teacher, student, batch, reader = train_step.setup(Path(a.workdir), device, a.batch_size, image_tokens=a.image_tokens)
     del teacher
-    from common.adapters import adapter_for
-    from common.cache import CacheReader
-    from student_train.data import CacheDataset, StudentCollator, batches_of, epoch_order
+    from alignti.common.adapters import adapter_for
+    from alignti.common.cache import CacheReader
+    from alignti.student_train.data import CacheDataset, StudentCollator, batches_of, epoch_order
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(Path(a.workdir) / f"kit-{a.image_tokens}" / "student")

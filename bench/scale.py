@@ -115,9 +115,9 @@ def synthetic_samples(lengths, seed: int = 0) -> list[dict]:
 
 def student_batch(samples: list[dict], tpa_positions: float, device: torch.device) -> dict:
     """A collated student batch with teacher tensors of the cache's shapes (random values)."""
-    from common.adapters import LlavaAdapter
-    from common.batch import collate, tpa_layout
-    from student_train.data import batch_to_device
+    from alignti.common.adapters import LlavaAdapter
+    from alignti.common.batch import collate, tpa_layout
+    from alignti.student_train.data import batch_to_device
     batch = collate(samples, 0, LlavaAdapter)
     n = len(batch["targets"])
     g = torch.Generator().manual_seed(1)
@@ -169,10 +169,10 @@ class PeakRSS:
 def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
     """One variant in this process: weights, gradients and AdamW state made resident first (a zero-lr
     step), then the step's own memory (activations and transients) and its time."""
-    from common.adapters import adapter_for
-    from common.losses import LossWeights, StepNorm, get_loss
-    from common.models import enable_gradient_checkpointing
-    from student_train.parallel import StudentStep
+    from alignti.common.adapters import adapter_for
+    from alignti.common.losses import LossWeights, StepNorm, get_loss
+    from alignti.common.models import enable_gradient_checkpointing
+    from alignti.student_train.parallel import StudentStep
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -184,7 +184,7 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
     if gc:
         extra = json.loads(os.environ.get("ALIGNTI_BENCH_GC_KWARGS", "{}"))  # e.g. {"preserve_rng_state": false}
         if extra:
-            from common.attention import checkpoint_context
+            from alignti.common.attention import checkpoint_context
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={
                 "use_reentrant": False, "context_fn": checkpoint_context, **extra})
         else:
@@ -282,10 +282,10 @@ def section_student(args) -> dict:
 
 # --- dump -------------------------------------------------------------------------------------------------
 def dump_variant(args) -> dict:
-    from common.adapters import adapter_for
-    from common.batch import collate, to_device
-    from teacher_dump.compute import teacher_batch
-    from common.adapters import LlavaAdapter
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import collate, to_device
+    from alignti.teacher_dump.compute import teacher_batch
+    from alignti.common.adapters import LlavaAdapter
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -343,7 +343,7 @@ def build_reader_cache(root: Path, n: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from common.cache import PartWriter, committed_parts, write_manifest, write_plan
+    from alignti.common.cache import PartWriter, committed_parts, write_manifest, write_plan
     cache = root / "cache"
     if (cache / "manifest.json").exists():
         return cache
@@ -392,7 +392,7 @@ def reader_processors():
     from transformers import LlavaProcessor, Qwen2VLImageProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from demo.kit import build_tokenizer
+    from alignti.demo.kit import build_tokenizer
     tok = build_tokenizer("llava")
     clip = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336},
                                                                 crop_size={"height": 336, "width": 336}),
@@ -403,9 +403,9 @@ def reader_processors():
 
 
 def section_reader(args, consume: float | None) -> dict:
-    from common.adapters import LlavaAdapter
-    from common.cache import CacheReader
-    from student_train.data import CacheDataset, StudentCollator, batches_of, epoch_order
+    from alignti.common.adapters import LlavaAdapter
+    from alignti.common.cache import CacheReader
+    from alignti.student_train.data import CacheDataset, StudentCollator, batches_of, epoch_order
 
     root = Path(args.workdir) / "reader"
     cache = build_reader_cache(root, args.reader_samples)
@@ -426,7 +426,7 @@ def section_reader(args, consume: float | None) -> dict:
 
 # --- padding ----------------------------------------------------------------------------------------------
 def section_padding(args) -> dict:
-    from student_train.data import batches_of, length_grouped, padding_fraction
+    from alignti.student_train.data import batches_of, length_grouped, padding_fraction
     n = 20_000
     lengths = [6 + IMAGE_TOKENS + p + 4 + r for p, r in realistic_lengths(n, seed=7)]
     order = list(range(n))

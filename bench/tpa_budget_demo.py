@@ -16,7 +16,7 @@ from pathlib import Path
 
 from _util import table
 
-from demo.quickstart import QuickstartConfig, quickstart  # noqa: E402
+from alignti.demo.quickstart import QuickstartConfig, quickstart  # noqa: E402
 
 
 def main() -> None:

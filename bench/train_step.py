@@ -26,12 +26,12 @@ VARIANTS = ("sft", "cache-kd", "cache-kd+iva", "cache-kd+tpa", "cache-alignti", 
 
 def setup(work: Path, device: torch.device, batch_size: int, need_teacher: bool = True, image_tokens: int = 576):
     from transformers import AutoProcessor
-    from demo.kit import STUDENT, build_model
-    from common.adapters import adapter_for
-    from common.cache import CacheReader
-    from common.models import load_vlm
-    from student_train.data import CacheDataset, StudentCollator, batch_to_device
-    from teacher_dump.dump import DumpConfig, dump_teacher
+    from alignti.demo.kit import STUDENT, build_model
+    from alignti.common.adapters import adapter_for
+    from alignti.common.cache import CacheReader
+    from alignti.common.models import load_vlm
+    from alignti.student_train.data import CacheDataset, StudentCollator, batch_to_device
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
 
     kit = demo_kit(work / f"kit-{image_tokens}", train_teacher=False, image_tokens=image_tokens)
     proc = AutoProcessor.from_pretrained(kit / "student")
@@ -58,10 +58,10 @@ def setup(work: Path, device: torch.device, batch_size: int, need_teacher: bool 
 
 
 def make_step(variant, teacher, student, batch, reader):
-    from common.adapters import adapter_for
-    from common.batch import forward, lm_head, lm_logits
-    from common.losses import LossWeights, get_loss, head_loss
-    from student_train.trainer import student_layer_for, student_step_outputs
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import forward, lm_head, lm_logits
+    from alignti.common.losses import LossWeights, get_loss, head_loss
+    from alignti.student_train.trainer import student_layer_for, student_step_outputs
 
     sa, ta = adapter_for(student), (adapter_for(teacher) if teacher is not None else None)
     if FREEZE_VISION:  # train-student --freeze-vision, the same in every variant

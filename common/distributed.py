@@ -3,7 +3,7 @@
 alignti never starts processes itself beyond handing the command to ``torch.distributed.run``
 (torchrun): ``alignti dump-teacher --nproc 4 ...`` re-executes the same command under torchrun,
 and every rank then finds its place from the environment torchrun sets (RANK, WORLD_SIZE,
-LOCAL_RANK). Multi-node jobs call ``torchrun --nnodes ... -m cli dump-teacher ...`` directly.
+LOCAL_RANK). Multi-node jobs call ``torchrun --nnodes ... -m alignti dump-teacher ...`` directly.
 """
 
 from __future__ import annotations
@@ -97,9 +97,9 @@ def shutdown() -> None:
 
 
 def run_under_torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-run ``alignti <argv>`` as ``torchrun --standalone --nproc-per-node nproc -m cli <argv>``."""
+    """Re-run ``alignti <argv>`` as ``torchrun --standalone --nproc-per-node nproc -m alignti <argv>``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "cli", *argv]
+           "-m", "alignti", *argv]
     log.info("launching %d processes: %s", nproc, " ".join(cmd[1:]))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

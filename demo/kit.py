@@ -77,7 +77,7 @@ def build_processor(tokenizer, family: str = "llava", patch: int = PATCH):
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil)
 
-        from common.models import image_only_processor_class
+        from alignti.common.models import image_only_processor_class
         size = shapes.IMAGE_SIZE
         ip = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_grid_pinpoints=GRID_PINPOINTS,
                                              do_pad=True)
@@ -88,7 +88,7 @@ def build_processor(tokenizer, family: str = "llava", patch: int = PATCH):
         from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        from common.models import image_only_processor_class
+        from alignti.common.models import image_only_processor_class
         n = shapes.IMAGE_SIZE ** 2
         ip = Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=QWEN_PATCH, merge_size=2,
                                       temporal_patch_size=2)
@@ -209,7 +209,7 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
     result = {"data": {k: str(v) for k, v in paths.items()}, "images": str(data_dir / "images"),
               "teacher_params": sum(p.numel() for p in teacher.parameters())}
     if train_teacher:
-        from common.models import resolve_device
+        from alignti.common.models import resolve_device
 
         from .teacher_sft import train_sft
         teacher.to(resolve_device(device))

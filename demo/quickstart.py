@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from common.models import load_vlm, resolve_device
-from student_train.evaluate import AccuracyProbe, cache_kl
-from student_train.trainer import TrainConfig, train_student
-from teacher_dump.dump import DumpConfig, dump_teacher
+from alignti.common.models import load_vlm, resolve_device
+from alignti.student_train.evaluate import AccuracyProbe, cache_kl
+from alignti.student_train.trainer import TrainConfig, train_student
+from alignti.teacher_dump.dump import DumpConfig, dump_teacher
 
 from . import kit
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cache import CacheReader
+from alignti.common.cache import CacheReader
 
 from .shapes import GRID
 

@@ -11,11 +11,11 @@ import random
 
 import torch
 
-from common.adapters import ModelAdapter, adapter_for
-from common.batch import collate, forward, lm_logits, to_device
-from common.conversation import Record, answer_query_spans, encode, load_image, load_records, parse_record
-from common.generate import exact_match, greedy_answers
-from common.losses import sft_loss
+from alignti.common.adapters import ModelAdapter, adapter_for
+from alignti.common.batch import collate, forward, lm_logits, to_device
+from alignti.common.conversation import Record, answer_query_spans, encode, load_image, load_records, parse_record
+from alignti.common.generate import exact_match, greedy_answers
+from alignti.common.losses import sft_loss
 
 log = logging.getLogger("alignti.demo")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.batch import collate, tpa_layout
-from common.cache import CacheReader
-from common.errors import DataError
+from alignti.common.batch import collate, tpa_layout
+from alignti.common.cache import CacheReader
+from alignti.common.errors import DataError
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -154,7 +154,7 @@ TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "
 
 
 def batch_to_device(batch: dict, device) -> dict:
-    from common.batch import to_device
+    from alignti.common.batch import to_device
     out = to_device(batch, device)
     for k in TEACHER_KEYS:
         if k in batch:

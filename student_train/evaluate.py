@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from common.adapters import adapter_for
-from common.batch import forward, lm_logits
-from common.cache import CacheReader
-from common.conversation import Record, encode, load_image, load_records
-from common.generate import exact_match, greedy_answers
-from common.losses import fold_student, fold_teacher, kl
-from common.models import load_vlm, resolve_device
+from alignti.common.adapters import adapter_for
+from alignti.common.batch import forward, lm_logits
+from alignti.common.cache import CacheReader
+from alignti.common.conversation import Record, encode, load_image, load_records
+from alignti.common.generate import exact_match, greedy_answers
+from alignti.common.losses import fold_student, fold_teacher, kl
+from alignti.common.models import load_vlm, resolve_device
 
 from .data import CacheDataset, StudentCollator, batch_to_device
 

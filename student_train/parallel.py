@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from common.distributed import DistEnv
+from alignti.common.distributed import DistEnv
 
 from .data import batches_of
 
@@ -27,8 +27,8 @@ class StudentStep(nn.Module):
     def forward(self, batch: dict, norm=None) -> dict:
         """{"loss": the step-normalised loss of this micro-batch, "sums": detached term sums}. The loss head
         runs in here, inside DDP's / FSDP2's forward, where FSDP2 holds the unsharded lm_head weight."""
-        from common.batch import lm_head
-        from common.losses import head_loss
+        from alignti.common.batch import lm_head
+        from alignti.common.losses import head_loss
 
         from .trainer import student_step_outputs
         res = student_step_outputs(self.adapter, batch, self.spec, self.layer)

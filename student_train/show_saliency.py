@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common.adapters import adapter_for
-from common.batch import forward
-from common.cache import CacheReader
-from common.errors import AlignTIError
-from common.models import load_vlm, resolve_device
+from alignti.common.adapters import adapter_for
+from alignti.common.batch import forward
+from alignti.common.cache import CacheReader
+from alignti.common.errors import AlignTIError
+from alignti.common.models import load_vlm, resolve_device
 
 from .data import CacheDataset, StudentCollator
 

@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import distributed as dist
-from common.adapters import adapter_for
-from common.batch import forward
-from common.cache import CacheReader, check_manifest
-from common.errors import AlignTIError, CacheError
-from common.faults import crash_point
-from common.fingerprint import check_encoding, check_student
-from common.losses import LossWeights, StepNorm, get_loss, means, step_counts
-from common.models import enable_gradient_checkpointing, load_vlm
-from common.progress import progress_bar
+from alignti.common import distributed as dist
+from alignti.common.adapters import adapter_for
+from alignti.common.batch import forward
+from alignti.common.cache import CacheReader, check_manifest
+from alignti.common.errors import AlignTIError, CacheError
+from alignti.common.faults import crash_point
+from alignti.common.fingerprint import check_encoding, check_student
+from alignti.common.losses import LossWeights, StepNorm, get_loss, means, step_counts
+from alignti.common.models import enable_gradient_checkpointing, load_vlm
+from alignti.common.progress import progress_bar
 
 from . import parallel
 from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, length_grouped, worker_init

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import torch
 
-from common.batch import branch_pass, forward, lm_head, tpa_layout
-from common.losses import chunk_rows
-from common.schema import tpa_positions_layout
+from alignti.common.batch import branch_pass, forward, lm_head, tpa_layout
+from alignti.common.losses import chunk_rows
+from alignti.common.schema import tpa_positions_layout
 
 NEG_INF = float("-inf")
 

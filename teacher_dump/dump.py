@@ -20,17 +20,17 @@ from pathlib import Path
 
 import torch
 
-from common.adapters import adapter_for
-from common.batch import collate, to_device
-from common import distributed as dist
-from common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
-from common.conversation import (ENCODING_VERSION, Record, Skipped, check_saliency_query, encode, load_image, load_records,
+from alignti.common.adapters import adapter_for
+from alignti.common.batch import collate, to_device
+from alignti.common import distributed as dist
+from alignti.common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
+from alignti.common.conversation import (ENCODING_VERSION, Record, Skipped, check_saliency_query, encode, load_image, load_records,
                                  with_saliency_query)
-from common.errors import AlignTIError, CacheError, DataError
-from common.fingerprint import make_fingerprint
-from common.models import load_vlm
-from common.progress import progress_bar
-from common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
+from alignti.common.errors import AlignTIError, CacheError, DataError
+from alignti.common.fingerprint import make_fingerprint
+from alignti.common.models import load_vlm
+from alignti.common.progress import progress_bar
+from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
 
 from .compute import split_per_sample, teacher_batch
 

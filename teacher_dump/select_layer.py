@@ -15,10 +15,10 @@ from collections import defaultdict
 
 import torch
 
-from common.adapters import adapter_for
-from common.batch import collate, forward, to_device
-from common.conversation import Record, encode, load_image, with_saliency_query
-from common.progress import progress_bar
+from alignti.common.adapters import adapter_for
+from alignti.common.batch import collate, forward, to_device
+from alignti.common.conversation import Record, encode, load_image, with_saliency_query
+from alignti.common.progress import progress_bar
 
 log = logging.getLogger("alignti.irs")
 

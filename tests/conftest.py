@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -15,7 +14,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 @pytest.fixture(scope="session")
 def kit(tmp_path_factory):
     """A small demo kit; the teacher gets a short SFT run so its distributions carry signal."""
-    from demo.kit import make_demo
+    from alignti.demo.kit import make_demo
     out = tmp_path_factory.mktemp("kit")
     # 80 quick steps at 3e-3: peaky, non-uniform teacher distributions and saliency for the mechanics tests
     make_demo(out, n_train=40, n_val=8, n_test=8, train_teacher=True, teacher_steps=80, teacher_lr=3e-3,
@@ -25,7 +24,7 @@ def kit(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cache(kit, tmp_path_factory):
-    from teacher_dump.dump import DumpConfig, dump_teacher
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     out = tmp_path_factory.mktemp("cache") / "c"
     dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                             images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25,

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import distributed as dist  # noqa: E402
-from common.adapters import adapter_for  # noqa: E402
-from common.cache import CacheReader  # noqa: E402
-from common.losses import LossWeights, get_loss  # noqa: E402
-from common.models import enable_gradient_checkpointing, load_vlm  # noqa: E402
-from student_train import parallel  # noqa: E402
-from student_train.data import CacheDataset, StudentCollator  # noqa: E402
-from student_train.trainer import accumulate_step, student_layer_for  # noqa: E402
+from alignti.common import distributed as dist  # noqa: E402
+from alignti.common.adapters import adapter_for  # noqa: E402
+from alignti.common.cache import CacheReader  # noqa: E402
+from alignti.common.losses import LossWeights, get_loss  # noqa: E402
+from alignti.common.models import enable_gradient_checkpointing, load_vlm  # noqa: E402
+from alignti.student_train import parallel  # noqa: E402
+from alignti.student_train.data import CacheDataset, StudentCollator  # noqa: E402
+from alignti.student_train.trainer import accumulate_step, student_layer_for  # noqa: E402
 
 SAMPLES = 8
 

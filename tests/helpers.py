@@ -2,10 +2,10 @@
 
 import torch
 
-from common.adapters import adapter_for
-from common.batch import collate
-from common.conversation import Record, encode, load_image, parse_record
-from demo import kit, shapes
+from alignti.common.adapters import adapter_for
+from alignti.common.batch import collate
+from alignti.common.conversation import Record, encode, load_image, parse_record
+from alignti.demo import kit, shapes
 
 
 def tiny(family: str, tmp_path, n_images: int = 3, multi_turn_every: int = 2, seed: int = 0, dims=None):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.adapters import adapter_for
-from common.models import load_vlm
+from alignti.common.adapters import adapter_for
+from alignti.common.models import load_vlm
 from tests.helpers import tiny
 
 

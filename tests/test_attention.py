@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.attention import additive, causal_allowed
-from common.batch import branch_pass, forward, lm_logits
+from alignti.common.attention import additive, causal_allowed
+from alignti.common.batch import branch_pass, forward, lm_logits
 from tests.helpers import batch_of, tiny
 
 FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision"]

@@ -6,9 +6,9 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from common.cache import CacheReader, committed_parts
-from common.errors import DataError
-from teacher_dump.dump import DumpConfig, dump_teacher
+from alignti.common.cache import CacheReader, committed_parts
+from alignti.common.errors import DataError
+from alignti.teacher_dump.dump import DumpConfig, dump_teacher
 
 
 @pytest.fixture()
@@ -96,7 +96,7 @@ def test_over_long_sample_mid_run_keeps_finished_units_and_resumes(kit, data):
 
 
 def test_changed_image_is_refused_at_training(kit, cache, tmp_path):
-    from student_train.trainer import TrainConfig, train_student
+    from alignti.student_train.trainer import TrainConfig, train_student
     images = tmp_path / "images"
     shutil.copytree(kit / "data/images", images)
     first = CacheReader(cache).samples[0]["image"]
@@ -120,8 +120,8 @@ def test_duplicate_ids_and_parameter_checks(kit, data):
 
 
 def test_loss_needing_missing_fields_is_refused(kit, data):
-    from common.errors import CacheError
-    from student_train.trainer import TrainConfig, train_student
+    from alignti.common.errors import CacheError
+    from alignti.student_train.trainer import TrainConfig, train_student
     recs, tmp = data
     c = cfg(kit, write(tmp / "d.json", recs), tmp / "plain")
     c.tpa_branches, c.saliency_layer = 0, "none"
@@ -143,8 +143,8 @@ def test_two_image_placeholders_for_one_image_are_refused(kit, data):
 
 def test_image_without_placeholder_goes_before_the_first_question(kit):
     """Documented: an image with no <image> placeholder is put where the template puts a first-turn image."""
-    from common.conversation import encode, load_image, parse_record
-    from common.models import load_processor
+    from alignti.common.conversation import encode, load_image, parse_record
+    from alignti.common.models import load_processor
     proc = load_processor(str(kit / "teacher"))
     rec = json.loads((kit / "data/train.json").read_text())[0]
     bare = json.loads(json.dumps(rec))

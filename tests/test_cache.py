@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.cache import CacheReader, PartWriter, committed_parts, validate_cache, write_manifest, write_plan
-from common.errors import CacheError
-from common.schema import SCHEMA_VERSION
-from teacher_dump.dump import DumpConfig, dump_teacher
+from alignti.common.cache import CacheReader, PartWriter, committed_parts, validate_cache, write_manifest, write_plan
+from alignti.common.errors import CacheError
+from alignti.common.schema import SCHEMA_VERSION
+from alignti.teacher_dump.dump import DumpConfig, dump_teacher
 
 PARAMS = {"top_k": 4, "tpa_branches": 2, "tpa_top_k": 3, "saliency_layer": 1}
 
@@ -82,10 +82,10 @@ print(len(t), g['topk_logprobs'].dtype, g['input_ids'].shape)
 
 
 def test_dump_matches_teacher_forward(kit, cache):
-    from common.adapters import adapter_for
-    from common.batch import collate, forward, lm_logits
-    from common.conversation import encode, load_image, load_records
-    from common.models import load_vlm
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import collate, forward, lm_logits
+    from alignti.common.conversation import encode, load_image, load_records
+    from alignti.common.models import load_vlm
 
     model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
     adapter = adapter_for(model)
@@ -136,14 +136,14 @@ def test_validate_reports_each_kind_of_damage(cache, tmp_path):
         line = next(p for p in problems.splitlines() if f"parts/{part}" in p)
         assert f"[part {part}, samples {ids[part][0]}, " in line
     # train-student refuses it before training, naming the parts; the CLI exits non-zero
-    from student_train.trainer import TrainConfig, train_student
+    from alignti.student_train.trainer import TrainConfig, train_student
     with pytest.raises(CacheError, match="part 00002: samples table"):
         train_student(TrainConfig(student=str(tmp_path / "x"), cache=str(c), out=str(tmp_path / "run")))
     c3 = _copy(cache, tmp_path / "c")
     (c3 / "parts/00000.commit.json").unlink()
     with pytest.raises(CacheError, match=r"does not match its manifest: 1 object\(s\) missing.* in part\(s\) 00000"):
         train_student(TrainConfig(student=str(tmp_path / "x"), cache=str(c3), out=str(tmp_path / "run")))
-    res = subprocess.run([sys.executable, "-m", "cli", "validate-cache", str(c)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "alignti", "validate-cache", str(c)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 1 and res.stdout.count("DAMAGED") >= 3
     # the reader itself refuses the damaged chunk, naming the part
@@ -158,7 +158,7 @@ def test_validate_reports_each_kind_of_damage(cache, tmp_path):
 
 def test_repair_redoes_only_the_damaged_parts(kit, cache, tmp_path):
     """validate-cache --repair, then the same dump command: the damaged parts are redone, the others kept."""
-    from common.cache import mark_for_redump
+    from alignti.common.cache import mark_for_redump
     c = _copy(cache, tmp_path)
     shard = sorted(p for p in (c / "parts/00001.zarr/topk_ids/c").rglob("*") if p.is_file())[0]
     shard.write_bytes(shard.read_bytes()[:-7])
@@ -176,7 +176,7 @@ def test_repair_redoes_only_the_damaged_parts(kit, cache, tmp_path):
 
 
 def test_interrupted_dump_resumes_identically(kit, cache, tmp_path, monkeypatch):
-    import teacher_dump.dump as dump_mod
+    import alignti.teacher_dump.dump as dump_mod
     cfg = DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"), images=str(kit / "data/images"),
                      out=str(tmp_path / "r"), limit=60, unit_size=25, irs_samples=32, progress=False)
     real = dump_mod._write_unit
@@ -238,8 +238,8 @@ def s3_server():
 
 @pytest.mark.parametrize("scheme", ["file", "memory", "s3"])
 def test_push_cache_and_read_from_url(cache, kit, tmp_path, scheme, request):
-    from common.cache import push_cache
-    from student_train.trainer import TrainConfig, train_student
+    from alignti.common.cache import push_cache
+    from alignti.student_train.trainer import TrainConfig, train_student
     url = {"file": f"file://{tmp_path}/remote", "memory": f"memory://alignti-test-{tmp_path.name}/cache",
            "s3": f"s3://alignti-bucket/{tmp_path.name}/cache"}[scheme]
     if scheme == "s3":
@@ -263,8 +263,8 @@ def test_push_cache_and_read_from_url(cache, kit, tmp_path, scheme, request):
 def test_uint8_logprob_encoding(kit, cache, tmp_path):
     """--logprob-dtype uint8: 1/16-nat log-space steps, decoded to the fp16 dump's values within half a step
     (values below -15.94 nats clip), the rest mass untouched, fewer bytes, and a student trains on it."""
-    from common.inspect import cache_summary
-    from student_train.trainer import TrainConfig, train_student
+    from alignti.common.inspect import cache_summary
+    from alignti.student_train.trainer import TrainConfig, train_student
     out = tmp_path / "u8"
     dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                             images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25,
@@ -323,11 +323,11 @@ def test_tpa_position_budget(kit, cache, tmp_path):
     ones, equal to the full dump's statistics there; the student's branches follow the cache."""
     import math
 
-    from common.adapters import adapter_for
-    from common.batch import collate, forward, lm_logits
-    from common.conversation import encode, load_image, load_records
-    from common.models import load_vlm
-    from student_train.trainer import TrainConfig, train_student
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import collate, forward, lm_logits
+    from alignti.common.conversation import encode, load_image, load_records
+    from alignti.common.models import load_vlm
+    from alignti.student_train.trainer import TrainConfig, train_student
 
     out = tmp_path / "half"
     dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),

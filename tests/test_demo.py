@@ -5,7 +5,7 @@ import random
 
 from PIL import Image
 
-from demo import shapes
+from alignti.demo import shapes
 
 
 def test_generator_is_deterministic_and_correct_by_construction(tmp_path):
@@ -41,9 +41,9 @@ def test_stream_encoder_equals_encode():
     import numpy as np
     import torch
 
-    from common.conversation import encode, parse_record
-    from demo import kit
-    from demo.teacher_sft import StreamEncoder
+    from alignti.common.conversation import encode, parse_record
+    from alignti.demo import kit
+    from alignti.demo.teacher_sft import StreamEncoder
 
     proc = kit.build_processor(kit.build_tokenizer())
     enc = StreamEncoder(proc)
@@ -70,7 +70,7 @@ def test_stream_encoder_equals_encode():
 def test_grounding_loss_against_brute_force():
     import torch
 
-    from demo.teacher_sft import grounding_loss
+    from alignti.demo.teacher_sft import grounding_loss
     torch.manual_seed(0)
     sal = torch.softmax(torch.randn(3, 9), -1)
     items = [{"region": [0]}, {"region": []}, {"region": [4, 8]}]
@@ -82,8 +82,8 @@ def test_grounding_loss_against_brute_force():
 
 
 def test_show_saliency_writes_png(cache, kit, tmp_path):
-    from common.cache import CacheReader
-    from student_train.show_saliency import show_saliency
+    from alignti.common.cache import CacheReader
+    from alignti.student_train.show_saliency import show_saliency
     sid = CacheReader(cache).samples[0]["sample_id"]
     res = show_saliency(str(cache), sid, tmp_path / "s.png", student=str(kit / "student"))
     img = Image.open(tmp_path / "s.png")
@@ -92,7 +92,7 @@ def test_show_saliency_writes_png(cache, kit, tmp_path):
 
 
 def test_quickstart_tiny_budget(tmp_path):
-    from demo.quickstart import QuickstartConfig, quickstart
+    from alignti.demo.quickstart import QuickstartConfig, quickstart
     over = dict(n_train=12, n_val=4, n_test=6, teacher_steps=5, student_steps=3, batch_size=4, eval_every=3,
                 val_limit=4)
     res = quickstart(QuickstartConfig(workdir=str(tmp_path), seeds=2, methods=("sft", "alignti"), overrides=over,
@@ -112,8 +112,8 @@ def test_trained_teacher_saliency_sits_on_the_named_region(tmp_path):
     with "a", which needs no look; the look comes one token later.)"""
     from pathlib import Path
 
-    from demo.saliency_check import region_hits
-    from teacher_dump.dump import DumpConfig, dump_teacher
+    from alignti.demo.saliency_check import region_hits
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     teacher = Path(__file__).parent / "data" / "shapes-teacher"
     recs = shapes.generate_split(tmp_path, "test", 30, seed=4242)
     (tmp_path / "d.json").write_text(json.dumps(recs))

@@ -6,8 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from demo.kit import FAMILIES
+from alignti.cli import app
+from alignti.demo.kit import FAMILIES
 
 runner = CliRunner()
 

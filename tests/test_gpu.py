@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.cache import CacheReader
-from student_train.trainer import TrainConfig, train_student
-from teacher_dump.dump import DumpConfig, dump_teacher
+from alignti.common.cache import CacheReader
+from alignti.student_train.trainer import TrainConfig, train_student
+from alignti.teacher_dump.dump import DumpConfig, dump_teacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -67,7 +67,7 @@ def test_torchrun_on_the_gpu_dump_and_training(kit, tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     cache, run = tmp_path / "c", tmp_path / "r"
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "cli"]
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "alignti"]
     for args in (["dump-teacher", "--teacher", str(kit / "teacher"), "--data", str(kit / "data/train.json"),
                   "--images", str(kit / "data/images"), "--out", str(cache), "--limit", "24", "--device", "cuda"],
                  ["train-student", "--student", str(kit / "student"), "--cache", str(cache), "--out", str(run),
@@ -83,7 +83,7 @@ def test_torchrun_on_the_gpu_dump_and_training(kit, tmp_path):
 def test_chunked_loss_head_under_bf16_autocast():
     """The memory-flat head on CUDA under bf16 autocast (train-student's GPU setting) gives the unchunked
     autocast path's loss and gradients to bf16 precision, at a real vocabulary."""
-    from common.losses import LossWeights, get_loss, head_loss, total_loss
+    from alignti.common.losses import LossWeights, get_loss, head_loss, total_loss
     torch.manual_seed(0)
     dev = torch.device("cuda")
     n, h, v, b, k, k2 = 300, 256, 151_936, 4, 32, 8

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from common.losses import LossWeights, StepNorm, get_loss, head_loss, means, step_counts, total_loss
+from alignti.common.losses import LossWeights, StepNorm, get_loss, head_loss, means, step_counts, total_loss
 
 V, H, N, B, K, K2 = 32_768, 24, 20, 3, 16, 6
 

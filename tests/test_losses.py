@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from common.losses import (LossWeights, distill_loss, fold_student, fold_teacher, get_loss, iva_loss, kl,
+from alignti.common.losses import (LossWeights, distill_loss, fold_student, fold_teacher, get_loss, iva_loss, kl,
                            salient_set, sft_loss, total_loss, tpa_loss)
 
 torch.manual_seed(0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from common.errors import FingerprintMismatch
-from student_train.trainer import TrainConfig, train_student
+from alignti.common.errors import FingerprintMismatch
+from alignti.student_train.trainer import TrainConfig, train_student
 
 
 def metrics(run):
@@ -42,12 +42,12 @@ def test_alignti_every_term_falls(kit, cache, tmp_path):
 
 
 def test_iva_step_moves_student_attention_toward_teacher(kit, cache):
-    from common.adapters import adapter_for
-    from common.batch import forward
-    from common.cache import CacheReader
-    from common.losses import iva_loss
-    from common.models import load_vlm
-    from student_train.data import CacheDataset, StudentCollator
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import forward
+    from alignti.common.cache import CacheReader
+    from alignti.common.losses import iva_loss
+    from alignti.common.models import load_vlm
+    from alignti.student_train.data import CacheDataset, StudentCollator
 
     model, proc = load_vlm(str(kit / "student"), torch.device("cpu"))
     adapter = adapter_for(model)
@@ -68,7 +68,7 @@ def test_iva_step_moves_student_attention_toward_teacher(kit, cache):
 
 
 def test_student_with_other_tokenizer_is_refused(kit, cache, tmp_path):
-    from demo.kit import STUDENT, build_model, build_processor, build_tokenizer
+    from alignti.demo.kit import STUDENT, build_model, build_processor, build_tokenizer
     tok = build_tokenizer(vocab_size=300)
     other = tmp_path / "other"
     build_model("llava", tok, STUDENT, 0).save_pretrained(other)
@@ -96,7 +96,7 @@ def test_resume_is_bit_for_bit(kit, cache, tmp_path, gc):
 
 
 def test_cli_inspect_validate_and_thin_layer(cache):
-    from cli import app
+    from alignti.cli import app
     r = CliRunner().invoke(app, ["inspect-cache", str(cache), "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
@@ -109,15 +109,15 @@ def test_cli_inspect_validate_and_thin_layer(cache):
 
 def test_qwen2_vl_end_to_end_every_term_falls(tmp_path):
     """dump-teacher --saliency-layer auto then train-student --loss alignti on the Qwen2-VL demo kit."""
-    from demo.kit import make_demo
-    from teacher_dump.dump import DumpConfig, dump_teacher
+    from alignti.demo.kit import make_demo
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     kit = tmp_path / "kit"
     make_demo(kit, n_train=30, n_val=4, n_test=4, teacher_steps=80, family="qwen2_vl", teacher_lr=3e-3,
               teacher_batch=16, teacher_target=None, caption_rate=0.0)
     m = dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                                 images=str(kit / "data/images"), out=str(tmp_path / "cache"), irs_samples=32,
                                 progress=False))
-    from demo.kit import TEACHER
+    from alignti.demo.kit import TEACHER
     assert m["irs"]["layer"] == m["saliency_layer"] and len(m["irs"]["curve"]) == TEACHER["num_hidden_layers"]
     run = tmp_path / "run"
     train_student(TrainConfig(student=str(kit / "student"), cache=str(tmp_path / "cache"), out=str(run),
@@ -154,8 +154,8 @@ def test_answer_saliency_query_is_cached_and_used_by_the_student(kit, tmp_path):
     """--saliency-query answer: the saliency query is the position predicting each turn's first answer token;
     the cache stores those spans, so the student's IVA map comes from the same position."""
     import numpy as np
-    from common.cache import CacheReader
-    from teacher_dump.dump import DumpConfig, dump_teacher
+    from alignti.common.cache import CacheReader
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     out = tmp_path / "c"
     dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                             images=str(kit / "data/images"), out=str(out), limit=20, saliency_layer="auto",

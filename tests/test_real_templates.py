@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.conversation import encode, parse_record
-from demo import kit
+from alignti.common.conversation import encode, parse_record
+from alignti.demo import kit
 
 # llava-hf/llava-1.5-7b-hf's chat template (roles in capitals + ": ", images first, every text + " ")
 LLAVA15 = (
@@ -111,7 +111,7 @@ def test_ids_are_the_processors_and_spans_decode_exactly(family, sample, sp_toke
     img = Image.fromarray(np.full((96, 96, 3), 128, np.uint8))
     enc = encode(proc, rec, img)
 
-    from common.conversation import _messages
+    from alignti.common.conversation import _messages
     rendered = proc.apply_chat_template(_messages(rec.turns, True, [t for _, t in rec.turns]), tokenize=False)
     bos = tok.bos_token if family == "llava15" else None
     whole = proc(text=[rendered], images=[img], add_special_tokens=not (bos and rendered.startswith(bos)), return_tensors="pt")
@@ -150,8 +150,8 @@ def test_sentencepiece_tokenization_is_the_inference_one(sp_tokenizer):
 def test_old_piecewise_caches_refused_only_where_ids_change(sp_tokenizer):
     """A cache of encoding version 1 (schema v2/v3: pieces tokenized apart) is refused for a SentencePiece
     tokenizer, naming the versions and the re-dump; byte-level BPE gave the same ids, so it stays usable."""
-    from common.errors import AlignTIError
-    from common.fingerprint import check_encoding
+    from alignti.common.errors import AlignTIError
+    from alignti.common.fingerprint import check_encoding
     old = {"top_k": 32}
     with pytest.raises(AlignTIError, match=r"schema v3, token encoding v1.*dump-teacher"):
         check_encoding(old, _processor("llava15", sp_tokenizer), "c", 3)

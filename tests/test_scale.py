@@ -26,7 +26,7 @@ def alignti(*args, crash: str | None = None, check: bool = True, timeout: int = 
     env.pop("ALIGNTI_CRASH_AT", None)
     if crash:
         env["ALIGNTI_CRASH_AT"] = crash
-    cmd = [sys.executable, "-m", "cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "alignti", *map(str, args)]
     if popen.pop("background", False):
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -148,8 +148,8 @@ def test_torchrun_training_ddp_resume_and_fsdp(kit, reference, tmp_path):
 
 
 def test_rank_batches_are_disjoint_and_cover_the_epoch():
-    from common.distributed import DistEnv
-    from student_train.parallel import batches_per_rank, rank_batches
+    from alignti.common.distributed import DistEnv
+    from alignti.student_train.parallel import batches_per_rank, rank_batches
     order = list(range(23))
     for n in (1, 7, 23, 24):  # the step count the trainer plans with is the number of batches each rank gets
         for w in (1, 3):
