@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one run (device tool): CUDA tests, loss head and bench/scale.py at full
-# depth. Writes logs and JSON under $OUT (or ./gpu-out). Carry .whl (zarr, numcodecs, crc32c, transformers
-# 5.24) where the machine lacks them.
+# Every GPU check and benchmark in one run (device tool): CUDA tests, then bench/scale.py's student step at full
+# depth (every loss, the TPA position budgets, both gradient-checkpointing modes, a profile of each step) and
+# the checkpointing modes again at batch 16. Writes logs and JSON under $OUT (or ./gpu-out). Carry .whl (zarr,
+# numcodecs, crc32c, transformers 5.24) where the machine lacks them. SECTIONS=tests,student,b16,loss_head,rest
+# picks parts (default: tests,student,b16).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+SECTIONS=${SECTIONS:-tests,student,b16}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -13,11 +16,28 @@ mkdir -p /tmp/site && ln -sfn "$PWD" /tmp/site/alignti && export PYTHONPATH=/tmp
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
-timeout 130 python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/tests.log"
-echo "tests: $(( $(date +%s) - t0 )) s"
-timeout 80 python3 bench/loss_head.py --device cuda --tokens 4096 --losses sft,kd,alignti --json "$OUT/loss_head.json" \
-  2>&1 | tail -6 | tee "$OUT/loss_head.log"
-echo "loss head: $(( $(date +%s) - t0 )) s"
-timeout 280 python3 bench/scale.py --device cuda --batch-size 8 --repeat 2 --reader-samples 32 \
-  --sections padding,student,dump,reader --json "$OUT/scale.json" 2>&1 | grep -v Warning | tee "$OUT/scale.log"
+has() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+if has tests; then
+  timeout 120 python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/tests.log"
+  echo "tests: $(( $(date +%s) - t0 )) s"
+fi
+if has student; then
+  ALIGNTI_BENCH_PROFILE=$OUT timeout 300 python3 bench/scale.py --device cuda --batch-size 8 --repeat 5 --sections student \
+    --variants sft:1:nogc,kd:1:nogc,sft:1:gc,sft:1:gcr,kd+iva:1:nogc,alignti:0.1:nogc,alignti:0.5:nogc,sft:1:gcr2,alignti:0.25:gcr,alignti:0.25:nogc,sft:1:nogc \
+    --json "$OUT/scale.json" 2>&1 | grep -v Warning | tee "$OUT/scale.log"
+  echo "student: $(( $(date +%s) - t0 )) s"
+fi
+if has b16; then
+  timeout 100 python3 bench/scale.py --device cuda --batch-size 16 --repeat 3 --sections student \
+    --variants sft:1:nogc,sft:1:gc,sft:1:gcr --json "$OUT/scale16.json" 2>&1 | grep -v Warning | tee "$OUT/scale16.log"
+  echo "batch 16: $(( $(date +%s) - t0 )) s"
+fi
+if has loss_head; then
+  timeout 80 python3 bench/loss_head.py --device cuda --tokens 4096 --losses sft,kd,alignti --json "$OUT/loss_head.json" \
+    2>&1 | tail -6 | tee "$OUT/loss_head.log"
+fi
+if has rest; then
+  timeout 280 python3 bench/scale.py --device cuda --batch-size 8 --repeat 2 --reader-samples 32 \
+    --sections padding,dump,reader --json "$OUT/scale_rest.json" 2>&1 | grep -v Warning | tee "$OUT/scale_rest.log"
+fi
 echo "total: $(( $(date +%s) - t0 )) s"

@@ -53,9 +53,9 @@ TEACHER_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers
 CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
               image_size=336, patch_size=14, projection_dim=768)
 K, B, K2 = 32, 4, 8
-VARIANTS = [("sft", 1.0, False), ("kd", 1.0, False), ("kd+iva", 1.0, False), ("kd+tpa", 1.0, False),
-            ("alignti", 1.0, False), ("alignti", 0.25, False), ("alignti", 0.1, False), ("sft", 1.0, True),
-            ("alignti", 1.0, True), ("alignti", 0.25, True)]
+VARIANTS = [("sft", 1.0, ""), ("kd", 1.0, ""), ("kd+iva", 1.0, ""), ("kd+tpa", 1.0, ""),
+            ("alignti", 1.0, ""), ("alignti", 0.25, ""), ("alignti", 0.1, ""), ("sft", 1.0, "gc"),
+            ("alignti", 1.0, "gc"), ("alignti", 0.25, "gc")]
 
 
 # --- models and data ------------------------------------------------------------------------------------
@@ -181,14 +181,9 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
         model.float()
     adapter = adapter_for(model)
     spec = get_loss(loss)
-    if gc:
-        extra = json.loads(os.environ.get("ALIGNTI_BENCH_GC_KWARGS", "{}"))  # e.g. {"preserve_rng_state": false}
-        if extra:
-            from alignti.common.attention import checkpoint_context
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={
-                "use_reentrant": False, "context_fn": checkpoint_context, **extra})
-        else:
-            enable_gradient_checkpointing(model)
+    if gc:  # "gc": non-reentrant, "gcr": reentrant; a trailing N checkpoints every N-th layer ("gcr2")
+        enable_gradient_checkpointing(model, reentrant=gc.startswith("gcr"),
+                                      every_n_layers=int(gc.lstrip("gcr") or 1))
     model.train()
     layer = adapter.num_layers // 2
     step_mod = StudentStep(model, adapter, spec, layer, LossWeights())
@@ -231,12 +226,33 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
             step()
         peak = probe.peak - base
     sec = timeit(step, device, repeat=args.repeat, warmup=0)
+    if os.environ.get("ALIGNTI_BENCH_PROFILE"):
+        profile_step(step, device, Path(os.environ["ALIGNTI_BENCH_PROFILE"]) / f"profile-{loss}-{gc or 'nogc'}.txt")
     n_tok = len(batch["targets"])
     return {"loss": loss, "tpa_positions": tpa_positions, "gc": gc, "sec": sec, "step_mib": peak,
             "fwd_sec": statistics.median(split["fwd"][1:]), "bwd_sec": statistics.median(split["bwd"][1:]),
             "tokens_per_s": n_tok / sec, "samples_per_s": args.batch_size / sec, "response_tokens": n_tok,
             "sequence": int(batch["input_ids"].shape[1]), "tpa_rows": len(batch["tpa_rows"]),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def profile_step(step, device, path: Path) -> None:
+    """One step under torch.profiler: host time against device kernel time (is the step launch-bound?) and the
+    ops that take the most host time."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    dev = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ka) / 1e6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"wall {wall:.3f} s (profiled), device kernels {dev:.3f} s, kernels launched "
+                    f"{sum(e.count for e in ka if getattr(e, 'self_device_time_total', 0) > 0)}\n"
+                    + ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
 
 
 def run_child(args, section: str, **kw) -> dict:
@@ -255,28 +271,30 @@ def run_child(args, section: str, **kw) -> dict:
 def section_student(args) -> dict:
     variants = VARIANTS
     if args.variants:
-        variants = [(v.split(":")[0], float(v.split(":")[1]), v.split(":")[2] == "gc") for v in args.variants.split(",")]
-    rows = [run_child(args, "student", loss=l, tpa_positions=f, gc=gc) for l, f, gc in variants]
-    for r in rows:
-        print(json.dumps(r), flush=True)
+        variants = [(v.split(":")[0], float(v.split(":")[1]), "" if v.split(":")[2] == "nogc" else v.split(":")[2])
+                    for v in args.variants.split(",")]
+    rows = []
+    for l, f, gc in variants:  # each row as it lands (a timeout keeps what finished)
+        rows.append(run_child(args, "student", loss=l, tpa_positions=f, gc=gc))
+        print(json.dumps(rows[-1]), flush=True)
     sft = next(r for r in rows if r.get("loss") == "sft" and not r.get("gc"))
-    sft_gc = next((r for r in rows if r.get("loss") == "sft" and r.get("gc")), sft)
+    sft_gc = {r["gc"]: r for r in rows if r.get("loss") == "sft" and r.get("gc") and "error" not in r}
     out = []
     for r in rows:
         if "error" in r:
             out.append([r["loss"], r.get("tpa_positions"), r.get("gc"), "error: " + r["error"][:60], "", "", "", ""])
             continue
-        ref = sft_gc if r["gc"] else sft
-        out.append([r["loss"], r["tpa_positions"], "yes" if r["gc"] else "no", f"{r['sec']:.3f}",
+        ref = sft_gc.get(r["gc"], sft) if r["gc"] else sft
+        out.append([r["loss"], r["tpa_positions"], r["gc"] or "no", f"{r['sec']:.3f}",
                     f"{r['sec'] / ref['sec']:.3f}", f"{r['step_mib']:.0f}", f"{r['step_mib'] / ref['step_mib']:.3f}",
                     f"{r['tokens_per_s']:.0f}"])
     print(f"\nstudent step: LLaVA + Qwen2-0.5B shape ({sft['params_m']:.0f}M params built), batch {args.batch_size}, "
           f"{sft['response_tokens']} response tokens, padded sequence {sft['sequence']}; device {args.device_name}")
     print(table(out, ["loss", "TPA positions", "grad ckpt", "sec", "x SFT", "step MiB", "x SFT mem", "resp tok/s"]))
-    if sft_gc is not sft:
-        print(f"RATIO gradient checkpointing: sft step memory {sft_gc['step_mib'] / sft['step_mib']:.2f}x, time "
-              f"{sft_gc['sec'] / sft['sec']:.2f}x (forward {sft['fwd_sec']:.3f} -> {sft_gc['fwd_sec']:.3f} s, "
-              f"backward {sft['bwd_sec']:.3f} -> {sft_gc['bwd_sec']:.3f} s)")
+    for mode, g in sft_gc.items():
+        print(f"RATIO gradient checkpointing ({mode}): sft step memory {g['step_mib'] / sft['step_mib']:.2f}x, time "
+              f"{g['sec'] / sft['sec']:.2f}x (forward {sft['fwd_sec']:.3f} -> {g['fwd_sec']:.3f} s, "
+              f"backward {sft['bwd_sec']:.3f} -> {g['bwd_sec']:.3f} s)")
     return {"rows": rows}
 
 
@@ -457,7 +475,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sections", default="padding,student,dump,reader")
-    ap.add_argument("--variants", default=None, help="student variants as loss:F:gc|nogc,... (default: all)")
+    ap.add_argument("--variants", default=None, help="student variants as loss:F:MODE,... with MODE nogc, gc (non-reentrant checkpointing), gcr "
+                    "(reentrant), and a trailing N for every N-th layer (gcr2) (default: all)")
     ap.add_argument("--reader-samples", type=int, default=64)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-scale"))
     ap.add_argument("--json", default=None, help="write every figure here")

@@ -40,7 +40,7 @@ class CaptureSpec:
 
 
 _ACTIVE: contextvars.ContextVar[CaptureSpec | None] = contextvars.ContextVar("alignti_capture", default=None)
-# text configs currently routed through alignti attention (for checkpoint_context)
+# text configs currently routed through alignti attention (for forward_context)
 _ROUTED: contextvars.ContextVar[tuple] = contextvars.ContextVar("alignti_routed", default=())
 
 
@@ -94,14 +94,14 @@ def use_alignti_attention(adapter, spec: CaptureSpec | None = None):
         cfg._attn_implementation = old
 
 
-def checkpoint_context():
-    """``context_fn`` for torch.utils.checkpoint (train-student --gradient-checkpointing): the recompute of a
-    checkpointed layer in backward runs under the capture spec and attention implementation that its
-    forward saw (the forward's own context has been left by then), so it saves the same tensors."""
+def forward_context():
+    """The capture spec and attention routing active now, as a context manager factory that re-enters them:
+    a checkpointed layer's recompute in backward runs under what its forward saw (the forward's own context
+    has been left by then), so it computes and saves the same tensors."""
     spec, configs = _ACTIVE.get(), _ROUTED.get()
 
     @contextlib.contextmanager
-    def recompute():
+    def reenter():
         token = _ACTIVE.set(spec)
         old = [(c, c._attn_implementation) for c in configs]
         for c in configs:
@@ -113,7 +113,13 @@ def checkpoint_context():
                 c._attn_implementation = impl
             _ACTIVE.reset(token)
 
-    return contextlib.nullcontext(), recompute()
+    return reenter
+
+
+def captures_in(module: torch.nn.Module) -> bool:
+    """Whether the active capture spec records saliency inside ``module`` (a decoder layer)."""
+    spec = _ACTIVE.get()
+    return spec is not None and any(id(m) in spec.layers for m in module.modules())
 
 
 def capture_spec(adapter, layers, batch, device) -> CaptureSpec | None:

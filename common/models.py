@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import AlignTIError
@@ -25,15 +27,38 @@ def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
     return model.to(device), processor
 
 
-def enable_gradient_checkpointing(model) -> None:
-    """Checkpoint every decoder and vision layer (non-reentrant); each recompute runs under the saliency
-    capture and attention routing of its forward (common.attention.checkpoint_context)."""
-    from .attention import checkpoint_context
-    kwargs = {"use_reentrant": False, "context_fn": checkpoint_context}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+def enable_gradient_checkpointing(model, reentrant: bool = False, every_n_layers: int = 1) -> None:
+    """Checkpoint the decoder and vision layers (every ``every_n_layers``-th of each stack; 1 = all).
+
+    Each layer goes through ``checkpoint_layer``: its recompute in backward runs under the saliency capture and
+    attention routing of its forward. ``reentrant``: the forward runs without autograd (no graph, no saved-tensor
+    hooks: less host work per layer), the backward re-runs it with grad; the layer where IVA captures the
+    student's saliency is then left unchecked, since a reentrant checkpoint cannot return a differentiable
+    side output. Both modes give the same gradients (tests/test_step.py)."""
+    fn = functools.partial(checkpoint_layer, use_reentrant=reentrant)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant},
+                                          every_n_layers=every_n_layers)
+    for module in model.modules():
+        if hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = fn
+
+
+def checkpoint_layer(function, *args, use_reentrant: bool = False):
+    """``_gradient_checkpointing_func`` of a transformers layer: ``function`` is ``partial(forward, layer, **kwargs)``
+    and ``args`` its positional inputs (the hidden states)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .attention import captures_in, forward_context
+    layer = function.args[0] if isinstance(function, functools.partial) and function.args else None
+    if use_reentrant and layer is not None and captures_in(layer):
+        return function(*args)
+    reenter = forward_context()
+
+    def run(*a):
+        with reenter():
+            return function(*a)
+
+    return checkpoint(run, *args, use_reentrant=use_reentrant)
 
 
 def image_only_processor_class(base):

@@ -35,7 +35,9 @@ class StudentStep(nn.Module):
         return head_loss(self.spec, self.weights, lm_head(self.adapter), res, norm)
 
 
-def wrap(step: StudentStep, env: DistEnv, device: torch.device, fsdp: bool) -> nn.Module:
+def wrap(step: StudentStep, env: DistEnv, device: torch.device, fsdp: bool, static_graph: bool = False) -> nn.Module:
+    """DDP, or FSDP2 on the decoder layers. ``static_graph``: for reentrant gradient checkpointing, whose nested
+    backward passes DDP's search for unused parameters cannot follow (the used set is fixed by the loss)."""
     if not env.distributed:
         return step
     if fsdp:
@@ -45,8 +47,10 @@ def wrap(step: StudentStep, env: DistEnv, device: torch.device, fsdp: bool) -> n
         fully_shard(step)
         return step
     from torch.nn.parallel import DistributedDataParallel as DDP
-    # the vision tower's unused tail (e.g. CLIP's post-layernorm) gets no gradient: let DDP look for it
-    return DDP(step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    # the vision tower's unused tail (e.g. CLIP's post-layernorm) gets no gradient: let DDP look for it, or learn
+    # it in the first step (static graph)
+    return DDP(step, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=not static_graph, static_graph=static_graph)
 
 
 def batches_per_rank(n: int, batch_size: int, env: DistEnv) -> int:

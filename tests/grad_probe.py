@@ -1,5 +1,5 @@
 """Gradients of one optimizer step, for tests/test_step.py: the same 8 samples split into micro-batches
-and (under torchrun: DDP) ranks. ``python tests/grad_probe.py STUDENT CACHE OUT.pt LOSS PER_MICRO [gc]``."""
+and (under torchrun: DDP) ranks. ``python tests/grad_probe.py STUDENT CACHE OUT.pt LOSS PER_MICRO [gc|gc-reentrant]``."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def probe_samples(reader: CacheReader) -> list[int]:
     return picked
 
 
-def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: bool = False,
+def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: str = "",
                    weights: LossWeights | None = None) -> dict[str, torch.Tensor]:
     env = dist.dist_env()
     device = torch.device("cpu")
@@ -45,11 +45,11 @@ def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: bool
     params = reader.params
     layer = student_layer_for(None, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
                               adapter.num_layers)
-    if gc:
-        enable_gradient_checkpointing(model)
+    if gc:  # "gc": non-reentrant, "gc-reentrant", "gc-every2": every other layer
+        enable_gradient_checkpointing(model, reentrant="reentrant" in gc, every_n_layers=2 if "every2" in gc else 1)
     model.train()
     step = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights or LossWeights(tpa=0.7, iva=1.3)),
-                         env, device, fsdp=False)
+                         env, device, fsdp=False, static_graph="reentrant" in gc)
     data, coll = CacheDataset(reader, proc), StudentCollator(proc, type(adapter))
     idx = probe_samples(reader)
     per_rank = SAMPLES // env.world_size
@@ -61,6 +61,6 @@ def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: bool
 
 if __name__ == "__main__":
     student, cache, out, loss, per_micro = sys.argv[1:6]
-    grads = step_gradients(student, cache, loss, int(per_micro), gc=len(sys.argv) > 6 and sys.argv[6] == "gc")
+    grads = step_gradients(student, cache, loss, int(per_micro), gc=sys.argv[6] if len(sys.argv) > 6 else "")
     if dist.dist_env().is_main:
         torch.save(grads, out)

@@ -35,13 +35,16 @@ def test_same_gradient_for_any_micro_batch_and_rank_split(kit, cache, tmp_path):
     _close(one, accum, rtol=1e-6, atol=1e-7)
     ranks = _torchrun(kit, cache, tmp_path / "g.pt", "alignti", 4)
     _close(one, ranks, rtol=1e-6, atol=1e-7)
-    ranks_gc = _torchrun(kit, cache, tmp_path / "gc.pt", "alignti", 4, "gc")  # DDP + gradient checkpointing
-    _close(one, ranks_gc, rtol=1e-6, atol=1e-7)
+    for mode in ("gc", "gc-reentrant"):  # DDP + gradient checkpointing, both modes
+        ranks_gc = _torchrun(kit, cache, tmp_path / f"{mode}.pt", "alignti", 4, mode)
+        _close(one, ranks_gc, rtol=1e-6, atol=1e-7)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(kit, cache):
-    """IVA's saliency capture and TPA's tree mask run again in the recompute, with the same results."""
+    """IVA's saliency capture and TPA's tree mask run again in the recompute, with the same results: non-reentrant,
+    reentrant (the capture layer then runs unchecked) and every other layer."""
     for loss in ("alignti", "sft"):
         plain = step_gradients(str(kit / "student"), str(cache), loss, per_micro=4)
-        ckpt = step_gradients(str(kit / "student"), str(cache), loss, per_micro=4, gc=True)
-        _close(plain, ckpt, rtol=1e-6, atol=1e-8)
+        for mode in ("gc", "gc-reentrant", "gc-reentrant-every2"):
+            ckpt = step_gradients(str(kit / "student"), str(cache), loss, per_micro=4, gc=mode)
+            _close(plain, ckpt, rtol=1e-6, atol=1e-8)
