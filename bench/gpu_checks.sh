@@ -3,10 +3,10 @@
 # depth (every loss, the TPA position budgets, both gradient-checkpointing modes, a profile of each step) and
 # the checkpointing modes again at batch 16. Writes logs and JSON under $OUT (or ./gpu-out). Carry .whl (zarr,
 # numcodecs, crc32c, transformers 5.24) where the machine lacks them. SECTIONS=tests,student,b16,loss_head,rest
-# picks parts (default: tests,student,b16).
+# picks parts (default: tests,paired,student,b16).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-SECTIONS=${SECTIONS:-tests,student,b16}
+SECTIONS=${SECTIONS:-tests,paired,student,b16}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -21,15 +21,21 @@ if has tests; then
   timeout 120 python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/tests.log"
   echo "tests: $(( $(date +%s) - t0 )) s"
 fi
+if has paired; then  # every loss on one model, interleaved rounds: the ratios to SFT without between-process jitter
+  timeout 120 python3 bench/scale.py --device cuda --batch-size 8 --rounds 9 --sections paired \
+    --paired sft:1,kd:1,kd+iva:1,alignti:0.1,alignti:0.25,alignti:0.5,alignti:1 --json "$OUT/paired.json" 2>&1 \
+    | grep -v Warning | tee "$OUT/paired.log"
+  echo "paired: $(( $(date +%s) - t0 )) s"
+fi
 if has student; then
   ALIGNTI_BENCH_PROFILE=$OUT timeout 300 python3 bench/scale.py --device cuda --batch-size 8 --repeat 5 --sections student \
-    --variants sft:1:nogc,kd:1:nogc,sft:1:gc,sft:1:gcr,kd+iva:1:nogc,alignti:0.1:nogc,alignti:0.5:nogc,sft:1:gcr2,alignti:0.25:gcr,alignti:0.25:nogc,sft:1:nogc \
+    --variants ${STUDENT_VARIANTS:-sft:1:nogc,sft:1:gc,sft:1:gcr,sft:1:gcr2,alignti:0.25:nogc,alignti:0.25:gcr} \
     --json "$OUT/scale.json" 2>&1 | grep -v Warning | tee "$OUT/scale.log"
   echo "student: $(( $(date +%s) - t0 )) s"
 fi
 if has b16; then
   timeout 100 python3 bench/scale.py --device cuda --batch-size 16 --repeat 3 --sections student \
-    --variants sft:1:nogc,sft:1:gc,sft:1:gcr --json "$OUT/scale16.json" 2>&1 | grep -v Warning | tee "$OUT/scale16.log"
+    --variants sft:1:nogc,sft:1:gcr --json "$OUT/scale16.json" 2>&1 | grep -v Warning | tee "$OUT/scale16.log"
   echo "batch 16: $(( $(date +%s) - t0 )) s"
 fi
 if has loss_head; then

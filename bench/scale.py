@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from _util import device_name, loader_rate, table, timeit
+from _util import device_name, loader_rate, sync, table, timeit
 
 import torch  # noqa: E402
 
@@ -236,6 +236,84 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def paired_variants(args, variants: list) -> dict:
+    """Several losses on one model in one process, timed in interleaved rounds (sft, kd, ..., sft, kd, ...):
+    each ratio to SFT is the median of per-round ratios, so clock and host jitter between processes cancel."""
+    from alignti.common.adapters import adapter_for
+    from alignti.common.losses import LossWeights, StepNorm, get_loss
+    from alignti.student_train.parallel import StudentStep
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build("student", args.layers, args.vision_layers, device)
+    if device.type == "cuda":
+        model.float()
+    adapter = adapter_for(model)
+    model.train()
+    layer = adapter.num_layers // 2
+    samples = synthetic_samples(realistic_lengths(args.batch_size, seed=3), seed=3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    steps = []
+    for loss, f in variants:
+        step_mod = StudentStep(model, adapter, get_loss(loss), layer, LossWeights())
+        batch = student_batch(samples, f, device)
+        norm = StepNorm.of(batch)
+
+        def step(step_mod=step_mod, batch=batch, norm=norm):
+            with autocast:
+                out = step_mod(batch, norm)
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        steps.append(step)
+    peaks = []
+    for step in steps:  # warm-up, and each variant's step memory above the resident state
+        sync(device)
+        if device.type == "cuda":
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            sync(device)
+            peaks.append((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
+        else:
+            base = _rss_mib()
+            with PeakRSS() as probe:
+                step()
+            peaks.append(probe.peak - base)
+    times = [[] for _ in steps]
+    for _ in range(args.rounds):
+        for i, step in enumerate(steps):
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times[i].append(time.perf_counter() - t)
+    rows = []
+    for (loss, f), ts, peak in zip(variants, times, peaks):
+        rows.append({"loss": loss, "tpa_positions": f, "sec": statistics.median(ts), "step_mib": peak,
+                     "x_sft": statistics.median(t / t0 for t, t0 in zip(ts, times[0])),
+                     "x_sft_mem": peak / peaks[0]})
+    return {"rows": rows, "rounds": args.rounds, "first": variants[0][0]}
+
+
+def section_paired(args) -> dict:
+    variants = [(v.split(":")[0], float(v.split(":")[1])) for v in args.paired.split(",")]
+    res = run_child(args, "paired", variants=variants)
+    if "error" in res:
+        print("paired: error:", res["error"])
+        return res
+    print(f"\nstudent step, losses interleaved in one process ({res['rounds']} rounds; x SFT = median of per-round "
+          f"ratios to {res['first']}), batch {args.batch_size}; device {args.device_name}")
+    print(table([[r["loss"], r["tpa_positions"], f"{r['sec']:.3f}", f"{r['x_sft']:.3f}", f"{r['step_mib']:.0f}",
+                  f"{r['x_sft_mem']:.3f}"] for r in res["rows"]],
+                ["loss", "TPA positions", "sec", "x SFT", "step MiB", "x SFT mem"]))
+    return res
+
+
 def profile_step(step, device, path: Path) -> None:
     """One step under torch.profiler: host time against device kernel time (is the step launch-bound?) and the
     ops that take the most host time."""
@@ -257,7 +335,7 @@ def profile_step(step, device, path: Path) -> None:
 
 def run_child(args, section: str, **kw) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps({"section": section, **kw}), "--device", args.device,
-           "--batch-size", str(args.batch_size), "--repeat", str(args.repeat)]
+           "--batch-size", str(args.batch_size), "--repeat", str(args.repeat), "--rounds", str(args.rounds)]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     if args.vision_layers:
@@ -480,12 +558,16 @@ def main() -> None:
     ap.add_argument("--reader-samples", type=int, default=64)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-scale"))
     ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--paired", default="sft:1,kd:1,kd+iva:1,alignti:0.1,alignti:0.25,alignti:0.5,alignti:1",
+                    help="the paired section's variants, loss:F,... (the first is the reference)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds of the paired section")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         spec = json.loads(args.child)
         section = spec.pop("section")
-        res = student_variant(args, **spec) if section == "student" else dump_variant(args)
+        res = (student_variant(args, **spec) if section == "student" else
+               paired_variants(args, **spec) if section == "paired" else dump_variant(args))
         print(json.dumps(res))
         return
     args.device_name = device_name(torch.device(args.device))
@@ -495,6 +577,8 @@ def main() -> None:
     if "padding" in sections:
         figures["padding"] = section_padding(args)
     consume = None
+    if "paired" in sections:
+        figures["paired"] = section_paired(args)
     if "student" in sections:
         figures["student"] = section_student(args)
         al = [r for r in figures["student"]["rows"] if r.get("loss") == "alignti" and not r.get("gc")

@@ -35,7 +35,7 @@ def enable_gradient_checkpointing(model, reentrant: bool = False, every_n_layers
     hooks: less host work per layer), the backward re-runs it with grad; the layer where IVA captures the
     student's saliency is then left unchecked, since a reentrant checkpoint cannot return a differentiable
     side output. Both modes give the same gradients (tests/test_step.py)."""
-    fn = functools.partial(checkpoint_layer, use_reentrant=reentrant)
+    fn = functools.partial(checkpoint_layer, use_reentrant=reentrant, preserve_rng_state=has_dropout(model))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant},
                                           every_n_layers=every_n_layers)
     for module in model.modules():
@@ -43,7 +43,18 @@ def enable_gradient_checkpointing(model, reentrant: bool = False, every_n_layers
             module._gradient_checkpointing_func = fn
 
 
-def checkpoint_layer(function, *args, use_reentrant: bool = False):
+def has_dropout(model) -> bool:
+    """Whether any dropout is live in ``model`` (a dropout module or an attention-dropout setting above 0). Only then
+    must a recompute replay the forward's random state (saving and restoring it per layer costs host time)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    configs = [model.config] + [getattr(model.config, k) for k in ("text_config", "vision_config")
+                                if getattr(model.config, k, None) is not None]
+    return any(float(getattr(c, name, 0) or 0) > 0 for c in configs
+               for name in ("attention_dropout", "attention_probs_dropout_prob", "dropout", "hidden_dropout"))
+
+
+def checkpoint_layer(function, *args, use_reentrant: bool = False, preserve_rng_state: bool = True):
     """``_gradient_checkpointing_func`` of a transformers layer: ``function`` is ``partial(forward, layer, **kwargs)``
     and ``args`` its positional inputs (the hidden states)."""
     from torch.utils.checkpoint import checkpoint
@@ -58,7 +69,7 @@ def checkpoint_layer(function, *args, use_reentrant: bool = False):
         with reenter():
             return function(*a)
 
-    return checkpoint(run, *args, use_reentrant=use_reentrant)
+    return checkpoint(run, *args, use_reentrant=use_reentrant, preserve_rng_state=preserve_rng_state)
 
 
 def image_only_processor_class(base):

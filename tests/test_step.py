@@ -48,3 +48,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(kit, cache):
         for mode in ("gc", "gc-reentrant", "gc-reentrant-every2"):
             ckpt = step_gradients(str(kit / "student"), str(cache), loss, per_micro=4, gc=mode)
             _close(plain, ckpt, rtol=1e-6, atol=1e-8)
+
+
+def test_checkpointing_replays_dropout_only_where_the_model_has_it():
+    """The recompute restores the forward's random state only where dropout is live (has_dropout): a model with
+    attention dropout gets the same gradients checkpointed as not, in both modes, from the same seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from alignti.common.models import enable_gradient_checkpointing, has_dropout
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, attention_dropout=0.3)
+    assert has_dropout(Qwen2ForCausalLM(Qwen2Config(**{**cfg.to_dict(), "attention_dropout": 0.0}))) is False
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+
+    def grads(mode):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(cfg).train()
+        assert has_dropout(model)
+        model.config._attn_implementation = "eager"  # dropout inside attention
+        if mode:
+            enable_gradient_checkpointing(model, reentrant=mode == "reentrant")
+        torch.manual_seed(5)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads("")
+    for mode in ("nonreentrant", "reentrant"):
+        _close(plain, grads(mode), rtol=1e-6, atol=1e-8)
