@@ -71,7 +71,9 @@ class TrainConfig:
     eval_every: int = 0  # with an evaluator (python API): run it every N steps, logged as val_accuracy
     fsdp: bool = False   # under torchrun: FSDP2 (fully_shard per decoder layer) instead of DDP
     freeze_vision: bool = False  # keep the vision encoder fixed (LLaVA recipes' usual choice); projector and LM train
-    gradient_checkpointing: bool = False  # recompute each decoder / vision layer in backward (non-reentrant)
+    gradient_checkpointing: bool = False  # recompute decoder / vision layers in backward (common.models)
+    checkpoint_every: int = 1  # checkpoint every N-th layer of each stack (2: about half the memory saving, less time)
+    checkpoint_reentrant: bool = False  # reentrant checkpoints (no autograd graph in the forward; not with FSDP)
     group_by_length: bool = True  # batches of similar length inside shuffled mega-batches (data.length_grouped)
     progress: bool = True
 
@@ -160,6 +162,12 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     """Train; ``stop_after`` (tests) simulates a crash after that many optimizer steps;
     ``evaluator(model, processor) -> float`` is called every ``cfg.eval_every`` steps."""
     out = Path(cfg.out)
+    if cfg.gradient_checkpointing and cfg.checkpoint_reentrant and cfg.fsdp:
+        raise ValueError("--checkpoint-reentrant does not go with --fsdp (FSDP2 re-gathers parameters in hooks that "
+                         "a reentrant recompute bypasses): drop --checkpoint-reentrant, the default checkpoints work "
+                         "with FSDP")
+    if cfg.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be 1 or more (got {cfg.checkpoint_every})")
     env = dist.dist_env()
     device = dist.device_for(cfg.device, env)
     dist.init(env, device)
@@ -201,9 +209,10 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         adapter.vision_tower.requires_grad_(False)
     # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
     if cfg.gradient_checkpointing:
-        # non-reentrant, and each recompute runs under the capture / attention settings of its forward
-        enable_gradient_checkpointing(model)
-    step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights), env, device, cfg.fsdp)
+        # each recompute runs under the capture / attention settings of its forward
+        enable_gradient_checkpointing(model, reentrant=cfg.checkpoint_reentrant, every_n_layers=cfg.checkpoint_every)
+    step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights), env, device, cfg.fsdp,
+                                static_graph=cfg.gradient_checkpointing and cfg.checkpoint_reentrant)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

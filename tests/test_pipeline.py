@@ -79,10 +79,11 @@ def test_student_with_other_tokenizer_is_refused(kit, cache, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("gc", [False, True])
+@pytest.mark.parametrize("gc", ["", "gc", "gc-reentrant-every2"])
 def test_resume_is_bit_for_bit(kit, cache, tmp_path, gc):
     common = dict(student=str(kit / "student"), cache=str(cache), loss="alignti", max_steps=8, batch_size=8,
-                  save_every=3, grad_accum=2, progress=False, gradient_checkpointing=gc)
+                  save_every=3, grad_accum=2, progress=False, gradient_checkpointing=bool(gc),
+                  checkpoint_reentrant="reentrant" in gc, checkpoint_every=2 if "every2" in gc else 1)
     train_student(TrainConfig(out=str(tmp_path / "a"), **common))
     stopped = train_student(TrainConfig(out=str(tmp_path / "b"), **common), stop_after=5)  # crash after step 5
     assert stopped == {"stopped_at": 5}
@@ -172,3 +173,14 @@ def test_answer_saliency_query_is_cached_and_used_by_the_student(kit, tmp_path):
     with pytest.raises(ValueError, match="saliency-query"):
         dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data="x", images="y", out=str(tmp_path / "d"),
                                 saliency_query="everything"))
+
+
+def test_checkpointing_options_are_checked(cache, tmp_path):
+    """Reentrant checkpoints with FSDP2 and a checkpoint stride below 1 are refused before anything is written."""
+    base = dict(student="unused", cache=str(cache), out=str(tmp_path / "run"), gradient_checkpointing=True,
+                progress=False)
+    with pytest.raises(ValueError, match="--checkpoint-reentrant does not go with --fsdp"):
+        train_student(TrainConfig(fsdp=True, checkpoint_reentrant=True, **base))
+    with pytest.raises(ValueError, match="--checkpoint-every must be 1 or more"):
+        train_student(TrainConfig(checkpoint_every=0, **base))
+    assert not (tmp_path / "run").exists()
