@@ -44,6 +44,37 @@ def _echo_main(text: str) -> None:
         typer.echo(text)
 
 
+CONFIG_HELP = "YAML file of options (keys as the flags, e.g. top_k: 32); flags given here override it."
+
+
+def _resolve(ctx: typer.Context, config: Optional[Path], required: tuple[str, ...] = (),
+             file_only: Optional[dict] = None) -> dict:
+    """This command's options: the --config file's values under every flag not given on the command line.
+    ``file_only``: settings a file may hold that have no flag (with their defaults)."""
+    from alignti.common.config import ConfigError, check_keys, read_config
+    values = {k: v for k, v in ctx.params.items() if k != "config"}
+    extra = dict(file_only or {})
+    if config is not None:
+        given = read_config(config)
+        check_keys(given, [*values, *extra], ctx.info_name, str(config))
+        params = {p.name: p for p in ctx.command.params}
+        for k, v in given.items():
+            if k in extra:
+                extra[k] = v
+            elif getattr(ctx.get_parameter_source(k), "name", "") not in ("COMMANDLINE", "ENVIRONMENT"):
+                if v is not None and params[k].multiple and not isinstance(v, list):
+                    v = [v]
+                try:
+                    values[k] = None if v is None else params[k].process_value(ctx, v)
+                except Exception as e:  # the parameter type's own message (e.g. "'abc' is not a valid float")
+                    raise ConfigError(f"{config}: option '{k}': {getattr(e, 'message', None) or e}") from None
+    missing = [k for k in required if values.get(k) is None]
+    if missing:
+        raise ConfigError(f"{ctx.info_name} needs " + ", ".join("--" + k.replace("_", "-") for k in missing)
+                          + " (a flag, or a key in --config)")
+    return {**values, **extra}
+
+
 def _relaunch(nproc: int) -> None:
     """``--nproc N`` (N > 1): hand this very command to torchrun with N processes, then exit with its code."""
     from alignti.common.distributed import dist_env, run_under_torchrun, strip_nproc
@@ -75,12 +106,15 @@ def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."
 
 
 @app.command("dump-teacher")
-def dump_teacher(teacher: str = typer.Option(..., help="Teacher checkpoint (local path or hub id)."),
-                 data: Path = typer.Option(..., help="LLaVA JSON/JSONL data file."),
-                 images: Path = typer.Option(..., help="Directory the data's image paths are relative to."),
-                 out: Path = typer.Option(..., help="Cache directory to write."),
+def dump_teacher(ctx: typer.Context,
+                 teacher: Optional[str] = typer.Option(None, help="Teacher checkpoint (local path or hub id). Required."),
+                 data: Optional[str] = typer.Option(None, help="LLaVA JSON/JSONL data file. Required."),
+                 images: Optional[Path] = typer.Option(None, help="Directory the data's image paths are relative "
+                                                                  "to. Required."),
+                 out: Optional[Path] = typer.Option(None, help="Cache directory to write. Required."),
                  top_k: int = typer.Option(32, help="Top-k log-probs kept per response token."),
-                 batch_size: int = typer.Option(8), device: str = typer.Option("auto"),
+                 batch_size: int = typer.Option(8, help="Samples per teacher forward."),
+                 device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
                  limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
                  skip_bad: bool = typer.Option(False, help="Record bad samples as skipped instead of stopping."),
                  tpa_branches: int = typer.Option(4, help="TPA branch candidates per token (0: no TPA stats)."),
@@ -93,21 +127,22 @@ def dump_teacher(teacher: str = typer.Option(..., help="Teacher checkpoint (loca
                  unit_size: int = typer.Option(256, help="Samples per work unit (one committed part each)."),
                  max_length: Optional[int] = typer.Option(None, help="Refuse samples longer than this."),
                  dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
-                 logprob_dtype: str = typer.Option("float16", help="Stored top-k log-probs: float16, or uint8 "
-                                                                   "(1/16-nat log-space steps, ~27% smaller cache)."),
+                 logprob_encoding: str = typer.Option("float16", "--logprob-dtype", "--logprob-encoding",
+                                                      help="Stored top-k log-probs: float16, or uint8 (1/16-nat "
+                                                           "log-space steps, ~27% smaller cache)."),
                  saliency_query: str = typer.Option("instruction", help="Saliency query positions: instruction "
                                                     "(the turn's instruction tokens) or answer (the position "
                                                     "predicting the first answer token)."),
+                 length_sorted_batches: bool = typer.Option(True, help="Batch each work unit's samples in length "
+                                                            "order (less padding; written in data order)."),
                  nproc: int = typer.Option(1, help="Teacher replicas: re-runs this command under torchrun "
-                                                   "(one per GPU); ranks split the work units.")):
+                                                   "(one per GPU); ranks split the work units."),
+                 config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
     """Run the teacher once over the data and write the cache (resumable)."""
-    _relaunch(nproc)
+    o = _run(_resolve, ctx, config, required=_REQUIRED["dump-teacher"])
+    _relaunch(o.pop("nproc"))
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher as run
-    cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
-                     batch_size=batch_size, device=device, limit=limit, skip_bad=skip_bad, tpa_branches=tpa_branches,
-                     tpa_top_k=tpa_top_k, saliency_layer=saliency_layer, irs_samples=irs_samples, unit_size=unit_size,
-                     max_length=max_length, dtype=dtype, logprob_encoding=logprob_dtype,
-                     saliency_query=saliency_query, tpa_positions=tpa_positions)
+    cfg = DumpConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in o.items()})
     manifest = _run(run, cfg)
     _echo_main(json.dumps(manifest["counts"]))
 
@@ -132,23 +167,33 @@ def select_layer(teacher: str = typer.Option(...), data: Path = typer.Option(...
 
 
 @app.command("train-student")
-def train_student(student: str = typer.Option(..., help="Student checkpoint (local path or hub id)."),
-                  cache: str = typer.Option(..., help="Cache path or fsspec URL."),
-                  out: Path = typer.Option(..., help="Run directory."),
+def train_student(ctx: typer.Context,
+                  student: Optional[str] = typer.Option(None, help="Student checkpoint (local path or hub id). "
+                                                                   "Required."),
+                  cache: Optional[str] = typer.Option(None, help="Cache path or fsspec URL. Required."),
+                  out: Optional[Path] = typer.Option(None, help="Run directory. Required."),
                   loss: str = typer.Option("kd", help="sft | kd | rkl | jsd | kd+iva | kd+tpa | alignti"),
-                  kd_weight: float = typer.Option(1.0), iva_weight: float = typer.Option(1.0),
-                  tpa_weight: float = typer.Option(1.0), iva_ratio: float = typer.Option(0.25),
-                  temperature: float = typer.Option(1.0),
+                  kd_weight: float = typer.Option(1.0, help="Weight of the KD term."),
+                  iva_weight: float = typer.Option(1.0, help="Weight of the IVA term."),
+                  tpa_weight: float = typer.Option(1.0, help="Weight of the TPA term."),
+                  iva_ratio: float = typer.Option(0.25, help="Fraction of image tokens IVA aligns (the teacher's "
+                                                  "most salient)."),
+                  temperature: float = typer.Option(1.0, help="Distillation temperature."),
                   student_layer: Optional[int] = typer.Option(None, help="Default: teacher's l* by relative depth."),
-                  max_steps: Optional[int] = typer.Option(None), epochs: int = typer.Option(1),
-                  lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), grad_accum: int = typer.Option(1),
-                  warmup_steps: int = typer.Option(10), weight_decay: float = typer.Option(0.0),
-                  save_every: int = typer.Option(100), resume: bool = typer.Option(False), seed: int = typer.Option(0),
-                  device: str = typer.Option("auto"),
+                  max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+                  epochs: int = typer.Option(1, help="Passes over the cache (when --max-steps is not set)."),
+                  lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warmup then cosine)."),
+                  batch_size: int = typer.Option(8, help="Samples per micro-batch (per process)."),
+                  grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+                  warmup_steps: int = typer.Option(10, help="Linear warmup steps."),
+                  weight_decay: float = typer.Option(0.0, help="AdamW weight decay (matrices only)."),
+                  max_grad_norm: float = typer.Option(1.0, help="Clip the gradient's global norm to this."),
+                  save_every: int = typer.Option(100, help="Checkpoint every N steps (for --resume)."),
+                  resume: bool = typer.Option(False, help="Continue from the run directory's checkpoint."),
+                  seed: int = typer.Option(0, help="Seed of the data order and the model's randomness."),
+                  device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
                   images: Optional[str] = typer.Option(None, help="Images dir, if moved since the dump."),
                   workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 4 on a GPU, 0 on CPU)."),
-                  nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
-                                                    "(DDP; gloo on CPU, nccl on GPU)."),
                   fsdp: bool = typer.Option(False, help="Shard the student with FSDP2 (fully_shard) instead of DDP."),
                   freeze_vision: bool = typer.Option(False, help="Keep the student's vision encoder fixed."),
                   gradient_checkpointing: bool = typer.Option(False, help="Recompute each decoder and vision layer "
@@ -160,18 +205,18 @@ def train_student(student: str = typer.Option(..., help="Student checkpoint (loc
                                                             "checkpoints (forward without autograd graph; not with "
                                                             "--fsdp)."),
                   group_by_length: bool = typer.Option(True, help="Batch samples of similar length together "
-                                                       "(inside shuffled mega-batches of 50 batches): less padding.")):
+                                                       "(inside shuffled mega-batches of 50 batches): less padding."),
+                  report_to: list[str] = typer.Option(["none"], help="Experiment trackers: none, tensorboard "
+                                                      "(RUN/tensorboard), wandb (honours WANDB_MODE=offline); repeat "
+                                                      "the flag or comma-separate for several."),
+                  nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
+                                                    "(DDP; gloo on CPU, nccl on GPU)."),
+                  config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
     """Train a student from the cache alone (under torchrun: DDP, or FSDP2 with --fsdp)."""
-    _relaunch(nproc)
+    o = _run(_resolve, ctx, config, required=_REQUIRED["train-student"])
+    _relaunch(o.pop("nproc"))
     from alignti.student_train.trainer import TrainConfig, train_student as run
-    cfg = TrainConfig(student=student, cache=cache, out=str(out), loss=loss, kd_weight=kd_weight,
-                      iva_weight=iva_weight, tpa_weight=tpa_weight, iva_ratio=iva_ratio, temperature=temperature,
-                      student_layer=student_layer, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                      grad_accum=grad_accum, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                      save_every=save_every, resume=resume, seed=seed, device=device, images=images, workers=workers,
-                      fsdp=fsdp, freeze_vision=freeze_vision, gradient_checkpointing=gradient_checkpointing,
-                      checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
-                      group_by_length=group_by_length)
+    cfg = TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in o.items()})
     _echo_main(json.dumps(_run(run, cfg), default=str))
 
 
@@ -227,16 +272,22 @@ def evaluate(model: str = typer.Option(...), data: Path = typer.Option(...), ima
 
 
 @app.command("quickstart")
-def quickstart(workdir: Path = typer.Option(Path("quickstart"), help="Work directory (re-running reuses finished steps)."),
-               seeds: int = typer.Option(3), fast: bool = typer.Option(False, help="The ~3-minute preset."),
-               device: str = typer.Option("auto"),
-               workers: Optional[int] = typer.Option(None, help="Student runs side by side (default: 2 on CPU, 1 on GPU).")):
+def quickstart(ctx: typer.Context,
+               workdir: Path = typer.Option(Path("quickstart"), help="Work directory (re-running reuses finished steps)."),
+               seeds: int = typer.Option(3, help="Student seeds per method."),
+               fast: bool = typer.Option(False, help="The ~3-minute preset."),
+               device: str = typer.Option("auto", help="auto, cpu, cuda."),
+               workers: Optional[int] = typer.Option(None, help="Student runs side by side (default: 2 on CPU, 1 on GPU)."),
+               config: Optional[Path] = typer.Option(None, help=CONFIG_HELP + " It may also hold `methods` (a list) "
+                                                                "and `overrides` (preset settings).")):
     """make-demo -> dump-teacher -> train sft/kd/kd+iva/kd+tpa/alignti -> evaluate -> results table."""
-    from alignti.demo.quickstart import QuickstartConfig, quickstart as run, render_table
-    res = _run(run, QuickstartConfig(workdir=str(workdir), seeds=seeds, fast=fast, device=device, workers=workers))
+    from alignti.demo.quickstart import METHODS, QuickstartConfig, quickstart as run, render_table
+    o = _run(_resolve, ctx, config, file_only={"methods": list(METHODS), "overrides": {}})
+    res = _run(run, QuickstartConfig(**{**o, "workdir": str(o["workdir"]), "methods": tuple(o["methods"])}))
     typer.echo(render_table(res))
-    typer.echo(f"\nwritten: {workdir / 'results.md'}, {workdir / 'results.json'}, {workdir / 'curves.png'} "
-               f"({res['total_seconds']:.0f} s)")
+    workdir = Path(o["workdir"])
+    typer.echo(f"\nwritten: {workdir / 'results.md'}, {workdir / 'results.json'}, {workdir / 'curves.png'}, "
+               f"{workdir / 'config.yaml'} ({res['total_seconds']:.0f} s)")
 
 
 @app.command("show-saliency")
@@ -248,6 +299,65 @@ def show_saliency(cache: str = typer.Argument(...), sample: str = typer.Option(.
     """The image with the teacher's cached saliency as a heatmap (and a student's beside it)."""
     from alignti.student_train.show_saliency import show_saliency as run
     typer.echo(json.dumps(_run(run, cache, sample, out, student=student, turn=turn, images=images)))
+
+
+CONFIGURABLE = ("dump-teacher", "train-student", "quickstart")
+
+
+@app.command("config")
+def config_template(command: str = typer.Argument(..., help="dump-teacher, train-student or quickstart."),
+                    source: Optional[str] = typer.Option(None, "--from",
+                                                         help="A cache (dump-teacher) or run directory (train-student, "
+                                                              "quickstart): print the configuration it was made with.")):
+    """Print a commented configuration template for COMMAND (or, with --from, the one a cache or run was made with)."""
+    from alignti.common.config import ConfigError, render
+    if command not in CONFIGURABLE:
+        _run(_fail, ConfigError(f"no configuration file for '{command}'; choose one of {', '.join(CONFIGURABLE)}"))
+    if source is not None:
+        typer.echo(_run(_config_from, command, source), nl=False)
+        return
+    cmd = typer.main.get_command(app).commands[command]
+    values, comments = {}, {}
+    for p in cmd.params:
+        if p.name == "config" or not p.expose_value:
+            continue
+        values[p.name] = p.default() if callable(p.default) else p.default
+        comments[p.name] = (p.help or "").replace(" Required.", "") + (" (required)" if p.name in _REQUIRED.get(command, ())
+                                                                        else "")
+    if command == "quickstart":
+        from alignti.demo.quickstart import METHODS, OVERRIDE_KEYS, PRESETS
+        values["methods"] = list(METHODS)
+        comments["methods"] = "Methods to train and compare."
+        values["overrides"] = {}
+        comments["overrides"] = ("Preset settings to change, e.g. {student_steps: 400, n_test: 600}: "
+                                 + ", ".join(OVERRIDE_KEYS) + f". Default preset: {PRESETS['default']}")
+    typer.echo(render(values, header=f"alignti {command} configuration: `alignti {command} --config THIS_FILE`; flags "
+                                     "given on the command line override these values.", comments=comments), nl=False)
+
+
+_REQUIRED = {"dump-teacher": ("teacher", "data", "images", "out"), "train-student": ("student", "cache", "out")}
+
+
+def _fail(error: Exception):
+    raise error
+
+
+def _config_from(command: str, source: str) -> str:
+    from alignti.common.config import ConfigError, read_config, render
+    if command == "dump-teacher":
+        from alignti.common.cache import CacheReader
+        made = dict(CacheReader(source).manifest.get("dump_config") or {})
+        if not made:
+            raise ConfigError(f"the cache at {source} records no dump settings (made before they were recorded)")
+        cmd = typer.main.get_command(app).commands[command]
+        keys = [p.name for p in cmd.params if p.name not in ("config", "nproc")]
+        made = {k: made[k] for k in keys if k in made}
+        return render(made, header=f"alignti dump-teacher, as run for the cache at {source}: `alignti dump-teacher "
+                                   "--config THIS_FILE` runs it again")
+    path = Path(source) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{source} holds no config.yaml (is it a {command} run directory?)")
+    return path.read_text(encoding="utf-8") if read_config(path) is not None else ""
 
 
 def main():  # console script entry point

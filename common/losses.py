@@ -261,6 +261,7 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm):
     c_sft = norm.scale / norm.tokens
     c_kd = norm.scale * w.kd * tau ** 2 / norm.tokens
     div, name = spec.divergence, spec.kd_term
+    coverage = tpa_coverage_fn(t) if spec.tpa and t.get("tpa_cand_ids") is not None else None
 
     def fn(z, lo, hi, need):
         tgt = t["targets"][lo:hi, None].long()
@@ -269,6 +270,8 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm):
         lse = z.logsumexp(-1)
         ce = lse - z.gather(-1, tgt).squeeze(-1)
         stats = {"sft": ce.sum()}
+        if coverage is not None:
+            stats.update(coverage(z, lse, lo, hi))
         loss = c_sft * stats["sft"]
         if name:
             ids = t["topk_ids"][lo:hi]
@@ -297,6 +300,29 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm):
                 g.add_(z.sub_(lse[:, None]).exp_(), alpha=c_sft)
             g.scatter_add_(-1, tgt, torch.full(tgt.shape, -c_sft, dtype=g.dtype, device=g.device))
         return loss, stats, g
+    return fn
+
+
+def tpa_coverage_fn(t: dict):
+    """TPA coverage (a diagnostic, no gradient): at each TPA position, the student's next-token probability mass on
+    the teacher's cached candidates (``tpa_mass``), and the fraction of the student's own top-B tokens that are among
+    them (``tpa_topb``). Sums over the chunk's TPA positions; ``means`` divides by the step's TPA positions."""
+    cand = t["tpa_cand_ids"].long()                                                     # [M, B]
+    rows = t.get("tpa_rows")
+    rows = torch.arange(cand.shape[0], device=cand.device) if rows is None else rows.long()
+
+    def fn(z, lse, lo, hi):
+        inside = (rows >= lo) & (rows < hi)
+        local, c = rows[inside] - lo, cand[inside]
+        if not len(local):
+            zero = z.new_zeros(())
+            return {"tpa_mass": zero, "tpa_topb": zero}
+        with torch.no_grad():
+            zr = z.index_select(0, local)
+            mass = (zr.gather(-1, c) - lse.index_select(0, local)[:, None]).exp().sum(-1)
+            top = zr.topk(c.shape[-1], dim=-1).indices
+            hits = (top[:, :, None] == c[:, None, :]).any(-1).float().mean(-1)
+        return {"tpa_mass": mass.sum(), "tpa_topb": hits.sum()}
     return fn
 
 
@@ -426,12 +452,13 @@ def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, 
     return {"loss": loss, "sums": sums}
 
 
-TERM_COUNT = {"sft": "tokens", "kd": "tokens", "rkl": "tokens", "jsd": "tokens", "tpa": "tpa_rows", "iva": "groups"}
+TERM_COUNT = {"sft": "tokens", "kd": "tokens", "rkl": "tokens", "jsd": "tokens", "tpa": "tpa_rows", "iva": "groups",
+              "tpa_mass": "tpa_rows", "tpa_topb": "tpa_rows"}
 
 
 def means(sums: dict[str, float], counts: dict[str, float], w: LossWeights) -> dict[str, float]:
     """Per-item means of the term sums over ``counts`` (see step_counts), and 'loss', their weighted sum."""
     out = {k: float(v) / max(counts[TERM_COUNT[k]], 1.0) for k, v in sums.items()}
     weight = {"sft": 1.0, "kd": w.kd, "rkl": w.kd, "jsd": w.kd, "tpa": w.tpa, "iva": w.iva}
-    out["loss"] = sum(weight[k] * v for k, v in out.items())
+    out["loss"] = sum(weight[k] * v for k, v in out.items() if k in weight)  # coverage is a diagnostic
     return out

@@ -68,10 +68,22 @@ def _student_for_seed(kit_dir: Path, seed: int) -> Path:
     return path
 
 
+OVERRIDE_KEYS = (*PRESETS["default"], "tpa_positions")
+CONFIG_KEYS = ("workdir", "seeds", "fast", "device", "workers", "methods", "overrides")
+
+
 def quickstart(cfg: QuickstartConfig) -> dict:
+    from alignti.common.config import ConfigError, check_keys, config_values, write_config
+    from alignti.common.losses import REGISTRY
+    check_keys(cfg.overrides, OVERRIDE_KEYS, "quickstart", "overrides")
+    bad = [m for m in cfg.methods if m not in REGISTRY]
+    if bad:
+        raise ConfigError(f"quickstart: unknown method(s) {bad}; choose from {', '.join(REGISTRY)}")
     p = dict(PRESETS["fast" if cfg.fast else "default"], **cfg.overrides)
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    write_config(work / "config.yaml", config_values(cfg, CONFIG_KEYS),
+                 header="alignti quickstart, as run: `alignti quickstart --config THIS_FILE` runs it again")
     t_start = time.perf_counter()
     kit_dir = work / "kit"
     if not (kit_dir / "teacher" / "config.json").exists():

@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import random
+import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,13 @@ from alignti.common.cache import CacheReader, check_manifest
 from alignti.common.errors import AlignTIError, CacheError
 from alignti.common.faults import crash_point
 from alignti.common.fingerprint import check_encoding, check_student
+from alignti.common.config import config_values, write_config
 from alignti.common.losses import LossWeights, StepNorm, get_loss, means, step_counts
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
 from alignti.common.progress import progress_bar
 
 from . import parallel
+from .tracking import Tracker, parse_report_to
 from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, length_grouped, worker_init
 
 log = logging.getLogger("alignti.train")
@@ -44,6 +47,7 @@ _RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "iva_ra
 
 @dataclass
 class TrainConfig:
+    """train-student's settings; every field but ``eval_every`` and ``progress`` is a flag and a config-file key."""
     student: str
     cache: str
     out: str
@@ -75,7 +79,11 @@ class TrainConfig:
     checkpoint_every: int = 1  # checkpoint every N-th layer of each stack (2: about half the memory saving, less time)
     checkpoint_reentrant: bool = False  # reentrant checkpoints (no autograd graph in the forward; not with FSDP)
     group_by_length: bool = True  # batches of similar length inside shuffled mega-batches (data.length_grouped)
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # none, tensorboard, wandb (student_train.tracking)
     progress: bool = True
+
+
+CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("eval_every", "progress"))
 
 
 def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_layers: int, student_layers: int) -> int:
@@ -168,6 +176,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                          "with FSDP")
     if cfg.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be 1 or more (got {cfg.checkpoint_every})")
+    parse_report_to(cfg.report_to)
     env = dist.dist_env()
     device = dist.device_for(cfg.device, env)
     dist.init(env, device)
@@ -257,6 +266,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                                                   "world_size": env.world_size,
                                                   "backend": torch.distributed.get_backend() if env.distributed else None},
                                                  indent=2))
+        write_config(out / "config.yaml", config_values(cfg, CONFIG_KEYS),
+                     header=f"alignti train-student, as run (world size {env.world_size}): `alignti train-student "
+                            "--config THIS_FILE` runs it again (add --out NEW for a fresh run directory)")
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     workers = default_workers(cfg.workers, device)
@@ -266,7 +278,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
              env.world_size, ", FSDP2" if cfg.fsdp and env.distributed else "", layer)
     last: dict = {}
     with progress_bar("train-student", total=total_steps, unit="steps", enabled=cfg.progress and env.is_main) as bar, \
-            open(metrics_path if env.is_main else os.devnull, "a") as metrics:
+            open(metrics_path if env.is_main else os.devnull, "a") as metrics, \
+            Tracker(cfg.report_to, out, config_values(cfg, CONFIG_KEYS), start_step=step, enabled=env.is_main) as tracker:
         bar.advance(step)
         while step < total_steps:
             order = parallel.rank_batches(epoch_batches_order(reader, epoch, cfg), cfg.batch_size, env)
@@ -300,12 +313,15 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                         "tokens": n_tok, "sec": round(sec, 4), "tokens_per_s": round(n_tok / max(sec, 1e-9), 1)}
                 if device.type == "cuda":
                     last["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+                else:  # the process's peak resident memory
+                    last["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
                 if evaluator is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
                     model.eval()
                     last["val_accuracy"] = float(evaluator(model, processor))
                     model.train()
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
+                tracker.log(last, step)
                 bar.advance(1)
                 bar.update(**terms)
                 t0 = time.perf_counter()

@@ -106,3 +106,31 @@ def test_no_grad_gives_the_same_value():
         a = head_loss(spec, w, head, out)["loss"].item()
     b = head_loss(spec, w, head, out)["loss"].item()
     assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_tpa_coverage_matches_an_explicit_loop(subset):
+    """Coverage of the cached TPA candidates (a diagnostic beside the loss): per TPA position, the student's
+    probability mass on the candidates and the share of its own top-B among them, averaged over the positions;
+    with TPA at every position and at a subset (tpa_rows), across several chunks."""
+    head, hid, bh, ssal, t = _case(5, peaked=True)
+    if subset:  # TPA statistics at 7 of the 20 positions
+        rows = torch.tensor([0, 3, 4, 9, 13, 18, 19])
+        t = dict(t, tpa_rows=rows, tpa_cand_ids=t["tpa_cand_ids"][rows], tpa_ids=t["tpa_ids"][rows],
+                 tpa_logprobs=t["tpa_logprobs"][rows], tpa_tail=t["tpa_tail"][rows])
+        bh = bh[rows]
+    rows = t.get("tpa_rows", torch.arange(N)).tolist()
+    got = head_loss(get_loss("alignti"), LossWeights(), head,
+                    dict(t, resp_hidden=hid, branch_hidden=bh, student_sal=ssal), chunk_bytes=4 * V * 6)
+    m = means(got["sums"], step_counts(t), LossWeights())
+    mass, topb = [], []
+    with torch.no_grad():
+        for j, r in enumerate(rows):
+            p = torch.softmax(head(hid[r]).double(), -1)
+            cand = set(t["tpa_cand_ids"][j].tolist())
+            mass.append(sum(p[c].item() for c in cand))
+            topb.append(len(cand & set(p.topk(B).indices.tolist())) / B)
+    assert m["tpa_mass"] == pytest.approx(sum(mass) / len(rows), rel=1e-5)
+    assert m["tpa_topb"] == pytest.approx(sum(topb) / len(rows), rel=1e-6)
+    assert 0 < m["tpa_mass"] < 1 and m["tpa_topb"] > 0  # peaked on the teacher's top-3: real overlap
+    assert m["loss"] == pytest.approx(sum(w * m[k] for k, w in [("sft", 1), ("kd", 1), ("tpa", 1), ("iva", 1)]))
