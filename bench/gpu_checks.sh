@@ -22,8 +22,9 @@ if has tests; then
   echo "tests: $(( $(date +%s) - t0 )) s"
 fi
 if has paired; then  # every loss on one model, interleaved rounds: the ratios to SFT without between-process jitter
-  timeout 120 python3 bench/scale.py --device cuda --batch-size 8 --rounds 9 --sections paired \
-    --paired sft:1,kd:1,kd+iva:1,alignti:0.1,alignti:0.25,alignti:0.5,alignti:1 --json "$OUT/paired.json" 2>&1 \
+  timeout 150 python3 bench/scale.py --device cuda --batch-size 8 --rounds 9 --sections paired \
+    --paired sft:1,kd:1,kd+iva:1,alignti:0.1,alignti:0.25,alignti:0.5,alignti:1,sft:1:gc,sft:1:gcr,sft:1:gc2 \
+    --json "$OUT/paired.json" 2>&1 \
     | grep -v Warning | tee "$OUT/paired.log"
   echo "paired: $(( $(date +%s) - t0 )) s"
 fi

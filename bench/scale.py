@@ -258,12 +258,13 @@ def paired_variants(args, variants: list) -> dict:
     opt.step()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     steps = []
-    for loss, f in variants:
+    for loss, f, gc in variants:
         step_mod = StudentStep(model, adapter, get_loss(loss), layer, LossWeights())
         batch = student_batch(samples, f, device)
         norm = StepNorm.of(batch)
 
-        def step(step_mod=step_mod, batch=batch, norm=norm):
+        def step(step_mod=step_mod, batch=batch, norm=norm, gc=gc):
+            set_checkpointing(model, gc)  # the same model, checkpointed or not per variant
             with autocast:
                 out = step_mod(batch, norm)
             out["loss"].backward()
@@ -293,24 +294,34 @@ def paired_variants(args, variants: list) -> dict:
             sync(device)
             times[i].append(time.perf_counter() - t)
     rows = []
-    for (loss, f), ts, peak in zip(variants, times, peaks):
-        rows.append({"loss": loss, "tpa_positions": f, "sec": statistics.median(ts), "step_mib": peak,
+    for (loss, f, gc), ts, peak in zip(variants, times, peaks):
+        rows.append({"loss": loss, "tpa_positions": f, "gc": gc, "sec": statistics.median(ts), "step_mib": peak,
                      "x_sft": statistics.median(t / t0 for t, t0 in zip(ts, times[0])),
                      "x_sft_mem": peak / peaks[0]})
     return {"rows": rows, "rounds": args.rounds, "first": variants[0][0]}
 
 
+def set_checkpointing(model, gc: str) -> None:
+    """Checkpointing mode of a variant: "" off, "gc" non-reentrant, "gcr" reentrant, trailing N every N-th layer."""
+    from alignti.common.models import enable_gradient_checkpointing
+    if gc:
+        enable_gradient_checkpointing(model, reentrant=gc.startswith("gcr"), every_n_layers=int(gc.lstrip("gcr") or 1))
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+
+
 def section_paired(args) -> dict:
-    variants = [(v.split(":")[0], float(v.split(":")[1])) for v in args.paired.split(",")]
+    parts = [v.split(":") for v in args.paired.split(",")]
+    variants = [(p[0], float(p[1]), "" if len(p) < 3 or p[2] == "nogc" else p[2]) for p in parts]
     res = run_child(args, "paired", variants=variants)
     if "error" in res:
         print("paired: error:", res["error"])
         return res
     print(f"\nstudent step, losses interleaved in one process ({res['rounds']} rounds; x SFT = median of per-round "
           f"ratios to {res['first']}), batch {args.batch_size}; device {args.device_name}")
-    print(table([[r["loss"], r["tpa_positions"], f"{r['sec']:.3f}", f"{r['x_sft']:.3f}", f"{r['step_mib']:.0f}",
-                  f"{r['x_sft_mem']:.3f}"] for r in res["rows"]],
-                ["loss", "TPA positions", "sec", "x SFT", "step MiB", "x SFT mem"]))
+    print(table([[r["loss"], r["tpa_positions"], r["gc"] or "no", f"{r['sec']:.3f}", f"{r['x_sft']:.3f}",
+                  f"{r['step_mib']:.0f}", f"{r['x_sft_mem']:.3f}"] for r in res["rows"]],
+                ["loss", "TPA positions", "grad ckpt", "sec", "x SFT", "step MiB", "x SFT mem"]))
     return res
 
 
@@ -559,7 +570,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-scale"))
     ap.add_argument("--json", default=None, help="write every figure here")
     ap.add_argument("--paired", default="sft:1,kd:1,kd+iva:1,alignti:0.1,alignti:0.25,alignti:0.5,alignti:1",
-                    help="the paired section's variants, loss:F,... (the first is the reference)")
+                    help="the paired section's variants, loss:F[:MODE],... (the first is the reference; MODE as in "
+                    "--variants, checkpointing toggled on the same model)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds of the paired section")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
