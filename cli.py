@@ -108,9 +108,11 @@ def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."
 @app.command("dump-teacher")
 def dump_teacher(ctx: typer.Context,
                  teacher: Optional[str] = typer.Option(None, help="Teacher checkpoint (local path or hub id). Required."),
-                 data: Optional[str] = typer.Option(None, help="LLaVA JSON/JSONL data file. Required."),
-                 images: Optional[Path] = typer.Option(None, help="Directory the data's image paths are relative "
-                                                                  "to. Required."),
+                 data: Optional[str] = typer.Option(None, help="LLaVA JSON/JSONL file, parquet file / folder of "
+                                                               "shards, or datasets save_to_disk folder; local or "
+                                                               "fsspec URL. Required."),
+                 images: Optional[str] = typer.Option(None, help="Directory the data's image paths are relative "
+                                                                 "to (not needed for embedded images)."),
                  out: Optional[Path] = typer.Option(None, help="Cache directory to write. Required."),
                  top_k: int = typer.Option(32, help="Top-k log-probs kept per response token."),
                  batch_size: int = typer.Option(8, help="Samples per teacher forward."),
@@ -148,7 +150,8 @@ def dump_teacher(ctx: typer.Context,
 
 
 @app.command("select-layer")
-def select_layer(teacher: str = typer.Option(...), data: Path = typer.Option(...), images: Path = typer.Option(...),
+def select_layer(teacher: str = typer.Option(...), data: str = typer.Option(...),
+                 images: Optional[str] = typer.Option(None),
                  samples: int = typer.Option(256), batch_size: int = typer.Option(8), device: str = typer.Option("auto"),
                  out: Optional[Path] = typer.Option(None, help="Write the IRS curve as JSON (and a PNG beside it).")):
     """Instruction-Relevance Score of every teacher layer; names l*."""
@@ -158,7 +161,7 @@ def select_layer(teacher: str = typer.Option(...), data: Path = typer.Option(...
 
     model, processor = load_vlm(teacher, resolve_device(device))
     records = [r for r in load_records(data) if isinstance(r, Record)]
-    irs = _run(run, model, processor, records, str(images), n_samples=samples, batch_size=batch_size)
+    irs = _run(run, model, processor, records, images, n_samples=samples, batch_size=batch_size)
     typer.echo(render_curve(irs))
     if out:
         out.write_text(json.dumps(irs, indent=2))
@@ -193,6 +196,9 @@ def train_student(ctx: typer.Context,
                   seed: int = typer.Option(0, help="Seed of the data order and the model's randomness."),
                   device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
                   images: Optional[str] = typer.Option(None, help="Images dir, if moved since the dump."),
+                  data: Optional[str] = typer.Option(None, help="The dump's data source, if moved since the dump "
+                                                                "(images embedded in parquet / datasets are read "
+                                                                "from it)."),
                   workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 4 on a GPU, 0 on CPU)."),
                   fsdp: bool = typer.Option(False, help="Shard the student with FSDP2 (fully_shard) instead of DDP."),
                   freeze_vision: bool = typer.Option(False, help="Keep the student's vision encoder fixed."),
@@ -257,7 +263,9 @@ def push_cache(cache: Path = typer.Argument(..., help="A finished local cache.")
 
 
 @app.command("evaluate")
-def evaluate(model: str = typer.Option(...), data: Path = typer.Option(...), images: Path = typer.Option(...),
+def evaluate(model: str = typer.Option(...),
+             data: str = typer.Option(..., help="Samples to answer: JSON/JSONL, parquet or a datasets folder."),
+             images: Optional[str] = typer.Option(None, help="The folder image paths are relative to."),
              teacher_answers: Optional[Path] = typer.Option(None, help="JSON {sample_id: answer} to compare with."),
              cache: Optional[str] = typer.Option(None, help="Report mean per-token KL to this teacher cache."),
              limit: Optional[int] = typer.Option(None), device: str = typer.Option("auto"),
@@ -265,7 +273,7 @@ def evaluate(model: str = typer.Option(...), data: Path = typer.Option(...), ima
              as_json: bool = typer.Option(False, "--json")):
     """Greedy answers: exact-match accuracy, agreement with a teacher, KL to a cache."""
     from alignti.student_train.evaluate import evaluate as run
-    res = _run(run, model, str(data), str(images), teacher_answers=teacher_answers, cache=cache, limit=limit,
+    res = _run(run, model, data, images, teacher_answers=teacher_answers, cache=cache, limit=limit,
                device=device, answers_out=answers_out)
     typer.echo(json.dumps(res, indent=2) if as_json else
                "\n".join(f"{k}: {v}" for k, v in res.items() if k != "per_type"))
@@ -295,10 +303,11 @@ def show_saliency(cache: str = typer.Argument(...), sample: str = typer.Option(.
                   out: Path = typer.Option(..., help="PNG to write."),
                   student: Optional[str] = typer.Option(None, help="A student checkpoint: its saliency beside."),
                   turn: int = typer.Option(0, help="Assistant turn (multi-turn samples)."),
-                  images: Optional[str] = typer.Option(None)):
+                  images: Optional[str] = typer.Option(None, help="Images dir, if moved since the dump."),
+                  data: Optional[str] = typer.Option(None, help="The dump's data source, if moved (embedded images).")):
     """The image with the teacher's cached saliency as a heatmap (and a student's beside it)."""
     from alignti.student_train.show_saliency import show_saliency as run
-    typer.echo(json.dumps(_run(run, cache, sample, out, student=student, turn=turn, images=images)))
+    typer.echo(json.dumps(_run(run, cache, sample, out, student=student, turn=turn, images=images, data=data)))
 
 
 CONFIGURABLE = ("dump-teacher", "train-student", "quickstart")
@@ -335,7 +344,7 @@ def config_template(command: str = typer.Argument(..., help="dump-teacher, train
                                      "given on the command line override these values.", comments=comments), nl=False)
 
 
-_REQUIRED = {"dump-teacher": ("teacher", "data", "images", "out"), "train-student": ("student", "cache", "out")}
+_REQUIRED = {"dump-teacher": ("teacher", "data", "out"), "train-student": ("student", "cache", "out")}
 
 
 def _fail(error: Exception):

@@ -32,8 +32,9 @@ _SENTINEL = "\u2063ALIGNTI{}\u2063"
 class Record:
     index: int
     sample_id: str
-    image: str | None
+    image: str | None  # a path under --images, or "@ROW": embedded in row ROW of the data source (common.sources)
     turns: list[tuple[str, str]]  # (role, text), image tag removed
+    source: object = field(default=None, repr=False, compare=False)  # the table source of an embedded image
 
 
 @dataclass
@@ -62,9 +63,30 @@ class Skipped:
     error: str
 
 
-def load_records(path: str | Path) -> list[Record | Skipped]:
-    """Parse a LLaVA JSON list or JSONL file. Problems come back as `Skipped` entries (the caller
-    raises or records them, depending on --skip-bad); a file that is not JSON at all raises."""
+def load_records(data: str | Path) -> list[Record | Skipped]:
+    """The samples of ``--data``: a LLaVA JSON/JSONL file, a parquet file or folder, a datasets save_to_disk folder
+    (common.sources). Problems come back as `Skipped` entries (the caller raises or records them, depending on
+    --skip-bad); a source that cannot be read at all raises."""
+    from .sources import open_source
+    return open_source(data).records()
+
+
+def check_unique(records: list) -> list:
+    """Sample ids must be unique: a repeated id becomes a `Skipped` entry naming it."""
+    out, seen = [], set()
+    for r in records:
+        if isinstance(r, Record):
+            if r.sample_id in seen:
+                r = Skipped(r.index, r.sample_id, str(DataError(r.sample_id, "duplicate sample id",
+                                                                "give every sample a unique 'id'")))
+            else:
+                seen.add(r.sample_id)
+        out.append(r)
+    return out
+
+
+def load_json_records(path: str | Path) -> list[Record | Skipped]:
+    """Parse a LLaVA JSON list or JSONL file; a file that is not JSON at all raises."""
     path = Path(path)
     if not path.exists():
         raise DataError(str(path), "data file not found", "check the --data path")
@@ -94,20 +116,15 @@ def load_records(path: str | Path) -> list[Record | Skipped]:
                 raw.append((len(raw), DataError(f"line:{lineno}", f"malformed JSON on line {lineno} of {path.name}: "
                                                  f"{e.msg} at column {e.colno}")))
     out: list[Record | Skipped] = []
-    seen: set[str] = set()
     for index, item in raw:
         if isinstance(item, DataError):
             out.append(Skipped(index, item.sample, str(item)))
             continue
         try:
-            rec = parse_record(index, item)
-            if rec.sample_id in seen:
-                raise DataError(rec.sample_id, "duplicate sample id", "give every sample a unique 'id'")
-            seen.add(rec.sample_id)
-            out.append(rec)
+            out.append(parse_record(index, item))
         except DataError as e:
             out.append(Skipped(index, e.sample, str(e)))
-    return out
+    return check_unique(out)
 
 
 def parse_record(index: int, item: object) -> Record:
@@ -151,9 +168,18 @@ def parse_record(index: int, item: object) -> Record:
 
 
 def load_image(rec: Record, images_dir: str | Path | None):
-    """Open the sample's image; returns (PIL image, sha256 of the file)."""
+    """Open the sample's image; returns (PIL image, sha256 of its bytes). An embedded image (``@ROW``) comes from
+    the record's table source."""
     from PIL import Image, UnidentifiedImageError
 
+    from .sources import is_embedded
+    if is_embedded(rec.image):
+        if rec.source is None:
+            raise DataError(rec.sample_id, f"image '{rec.image}' is embedded in a table, but the record has no source",
+                            "load the records with common.sources.open_source")
+        return rec.source.load_image(rec.image, rec.sample_id)
+    if rec.source is not None and images_dir is None:
+        images_dir = rec.source.images
     path = Path(images_dir or ".") / rec.image
     if not path.is_file():
         raise DataError(rec.sample_id, f"image '{rec.image}' not found under {images_dir}",

@@ -17,12 +17,29 @@ class CacheDataset(torch.utils.data.Dataset):
     """Sample i of the cache with its decoded image (checked against the sha256 the teacher saw).
     Pixel inputs are made per batch by ``StudentCollator`` (one image-processor call per batch)."""
 
-    def __init__(self, reader: CacheReader, processor, images_dir: str | None = None, check_images: bool = True):
+    def __init__(self, reader: CacheReader, processor, images_dir: str | None = None, check_images: bool = True,
+                 data: str | None = None):
         self.reader = reader
         self.processor = processor
         self.images_dir = images_dir or reader.manifest.get("images", "")
+        self.data = data or reader.manifest.get("data", "")  # the dump's source: embedded images are read there
         self.check_images = check_images
         self._verified: dict[tuple, str] = {}  # (path, size, mtime) -> sha256, per process
+        self._source = None
+
+    def _image_bytes(self, ref: str, sample_id: str) -> bytes:
+        """An embedded image's bytes, from the data source the teacher read (opened once per process)."""
+        if self._source is None:
+            from alignti.common.sources import TableSource, open_source
+            try:
+                self._source = open_source(self.data, self.images_dir or None)
+            except DataError as e:
+                raise DataError(sample_id, f"its image is embedded in the dump's data source, which cannot be "
+                                f"opened ({e})", "pass --data pointing at the data the cache was dumped from") from None
+            if not isinstance(self._source, TableSource):
+                raise DataError(sample_id, f"its image is embedded in a table, but {self.data} is not one",
+                                "pass --data pointing at the data the cache was dumped from")
+        return self._source.image_bytes(ref, sample_id)
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -31,7 +48,14 @@ class CacheDataset(torch.utils.data.Dataset):
         x = self.reader[i]
         x["image_inputs"] = {}
         x["pil_image"] = None
-        if x["image"]:
+        if x["image"] and x["image"].startswith("@"):  # embedded in the data source (common.sources)
+            from alignti.common.sources import decode_image
+            data = self._image_bytes(x["image"], x["sample_id"])
+            if self.check_images and hashlib.sha256(data).hexdigest() != x["image_sha256"]:
+                raise DataError(x["sample_id"], f"image {x['image']} of {self.data} differs from the one the teacher "
+                                "saw (sha256 mismatch)", "use the original data, or re-dump the teacher")
+            x["pil_image"] = decode_image(data, x["sample_id"], x["image"])
+        elif x["image"]:
             from io import BytesIO
 
             from PIL import Image

@@ -20,6 +20,10 @@ from .data import CacheDataset, StudentCollator, batch_to_device
 
 
 def _meta(data: str) -> dict[str, dict]:
+    """Per-sample 'meta' of a JSON/JSONL file (the demo's question types); tables carry none."""
+    from alignti.common.sources import JsonSource, open_source
+    if not isinstance(open_source(data), JsonSource):
+        return {}
     text = Path(data).read_text()
     items = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
     return {str(it.get("id")): it.get("meta") or {} for it in items if isinstance(it, dict)}

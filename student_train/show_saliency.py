@@ -52,7 +52,7 @@ def student_saliency(student: str, reader: CacheReader, index: int, layer: int |
 
 
 def show_saliency(cache: str, sample: str, out: str | Path, student: str | None = None, turn: int = 0,
-                  images: str | None = None, student_layer: int | None = None) -> dict:
+                  images: str | None = None, student_layer: int | None = None, data: str | None = None) -> dict:
     reader = CacheReader(cache)
     ids = [s["sample_id"] for s in reader.samples]
     if sample not in ids:
@@ -61,7 +61,7 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
     x = reader[i]
     if "saliency" not in x or not x["n_image_tokens"]:
         raise AlignTIError(f"the cache has no saliency for sample {sample} (dumped with --saliency-layer none?)")
-    img = Image.open(Path(images or reader.manifest.get("images", "")) / x["image"])
+    img = CacheDataset(reader, None, images, data=data)[i]["pil_image"]  # a file, or embedded in the data
     panels = [("teacher (layer %d)" % reader.params["saliency_layer"], overlay(img, grid_of(x["saliency"][turn])))]
     if student:
         s, layer = student_saliency(student, reader, i, student_layer)

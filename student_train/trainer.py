@@ -70,7 +70,8 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     device: str = "auto"
-    images: str | None = None
+    images: str | None = None  # the dump's image folder, if moved since
+    data: str | None = None  # the dump's data source, if moved since (embedded images are read from it)
     workers: int | None = None  # DataLoader workers; None: 4 on a GPU, 0 on CPU (bench/scale.py reader figures)
     eval_every: int = 0  # with an evaluator (python API): run it every N steps, logged as val_accuracy
     fsdp: bool = False   # under torchrun: FSDP2 (fully_shard per decoder layer) instead of DDP
@@ -207,7 +208,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    dataset = CacheDataset(reader, processor, cfg.images)
+    dataset = CacheDataset(reader, processor, cfg.images, data=cfg.data)
     collator = StudentCollator(processor, type(adapter))
     micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)

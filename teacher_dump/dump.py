@@ -20,17 +20,18 @@ from pathlib import Path
 
 import torch
 
+from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_for
 from alignti.common.batch import collate, to_device
-from alignti.common import distributed as dist
 from alignti.common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
-from alignti.common.conversation import (ENCODING_VERSION, Record, Skipped, check_saliency_query, encode, load_image, load_records,
-                                 with_saliency_query)
+from alignti.common.conversation import (ENCODING_VERSION, Record, Skipped, check_saliency_query, encode, load_image,
+                                         with_saliency_query)
 from alignti.common.errors import AlignTIError, CacheError, DataError
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_vlm
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
+from alignti.common.sources import is_embedded, open_source
 
 from .compute import split_per_sample, teacher_batch
 
@@ -40,8 +41,8 @@ log = logging.getLogger("alignti.dump")
 @dataclass
 class DumpConfig:
     teacher: str
-    data: str
-    images: str
+    data: str         # JSON/JSONL, parquet file(s) or folder, datasets save_to_disk folder; local or fsspec URL
+    images: str | None  # the folder image paths are relative to (None: the data embeds its images)
     out: str
     top_k: int = 32
     batch_size: int = 8
@@ -68,7 +69,11 @@ def _preflight(records: list, images: str, skip_bad: bool) -> list:
     for r in records:
         if isinstance(r, Skipped):
             bad.append(r)
-        elif r.image is not None and not (Path(images or ".") / r.image).is_file():
+        elif r.image is not None and not is_embedded(r.image) and images is None:
+            bad.append(Skipped(r.index, r.sample_id, str(DataError(
+                r.sample_id, f"image '{r.image}' is a path but no --images folder was given",
+                "pass --images (the folder the data's image paths are relative to)"))))
+        elif r.image is not None and not is_embedded(r.image) and not (Path(images) / r.image).is_file():
             bad.append(Skipped(r.index, r.sample_id, str(DataError(
                 r.sample_id, f"image '{r.image}' not found under {images}",
                 "check --images and the sample's 'image' field, or pass --skip-bad"))))
@@ -126,7 +131,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         raise ValueError(f"--tpa-positions must be in (0, 1], not {cfg.tpa_positions}")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
-    records = load_records(cfg.data)
+    records = open_source(cfg.data, cfg.images).records()
     if cfg.limit is not None:
         records = records[:cfg.limit]
     if not records:
@@ -168,7 +173,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy")
     fingerprint = make_fingerprint(model.config, processor, params)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
-    plan = {"fingerprint": fingerprint, "units": units, "irs": irs, "data": str(cfg.data),
+    plan = {"fingerprint": fingerprint, "units": units, "irs": irs,
+            "data": str(cfg.data) if "://" in str(cfg.data) else str(Path(cfg.data).resolve()),
             "images": str(Path(cfg.images).resolve()) if cfg.images else "",
             "unit_ids": [[r.sample_id for r in records[s:e]] for s, e in units]}
 

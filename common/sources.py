@@ -1,0 +1,304 @@
+"""Where samples come from: LLaVA JSON/JSONL plus an image folder, or tables (Hugging Face ``datasets``
+``save_to_disk`` folders, parquet files or folders of shards, local or fsspec URLs) whose image column holds a path
+or the image itself (``{"bytes", "path"}``, as ``datasets.Image`` stores it).
+
+Every source gives the same ``Record`` list (``common.conversation.parse_record`` checks each row as it checks a
+JSON sample) and opens a record's image. An embedded image is named by the reference ``@ROW`` (its row in the
+source); the cache keeps that reference and the sha256 of the bytes, and the student reads the bytes from the same
+source (``train-student --data`` if it moved). Bytes are read lazily, one row group at a time, never all at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from io import BytesIO
+from pathlib import Path
+
+from .errors import DataError
+
+EMBEDDED = "@"  # image reference prefix: "@12" = the image embedded in row 12 of the data source
+
+
+def is_embedded(ref: str | None) -> bool:
+    return bool(ref) and ref.startswith(EMBEDDED)
+
+
+def decode_image(data: bytes, sample_id: str, what: str):
+    """PIL image (RGB) of ``data``, or a DataError naming the sample."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        return Image.open(BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(sample_id, f"image {what} cannot be decoded ({e})",
+                        "replace it or pass --skip-bad") from None
+
+
+def _is_url(data: str) -> bool:
+    return "://" in str(data)
+
+
+def _fs(data: str):
+    import fsspec
+    return fsspec.core.url_to_fs(str(data))
+
+
+class DataSource:
+    """Records and images of one --data (and --images) pair."""
+
+    location: str
+    images: str | None
+
+    def records(self) -> list:
+        raise NotImplementedError
+
+    def image_bytes(self, ref: str, sample_id: str) -> bytes:
+        """The bytes of a record's image reference (a path under --images, or ``@ROW``)."""
+        if is_embedded(ref):
+            return self._embedded(int(ref[1:]), sample_id)
+        return self._file(ref, sample_id)
+
+    def load_image(self, ref: str, sample_id: str):
+        """(PIL image, sha256 of its bytes)."""
+        data = self.image_bytes(ref, sample_id)
+        return decode_image(data, sample_id, f"'{ref}'"), hashlib.sha256(data).hexdigest()
+
+    def missing_image(self, ref: str | None, sample_id: str) -> str | None:
+        """What a preflight check can say before any teacher time is spent: a path that is not there."""
+        if not ref or is_embedded(ref):
+            return None
+        if _is_url(self.images or ""):
+            return None  # remote image folders are checked when read
+        if not (Path(self.images or ".") / ref).is_file():
+            return str(DataError(sample_id, f"image '{ref}' not found under {self.images}",
+                                 "check --images and the sample's 'image' field, or pass --skip-bad"))
+        return None
+
+    def _file(self, ref: str, sample_id: str) -> bytes:
+        if self.images is None and not Path(ref).is_absolute():
+            raise DataError(sample_id, f"image '{ref}' is a path but no --images folder was given",
+                            "pass --images (the folder the data's image paths are relative to)")
+        if _is_url(self.images or ""):
+            fs, root = _fs(self.images)
+            path = f"{root.rstrip('/')}/{ref}"
+            if not fs.exists(path):
+                raise DataError(sample_id, f"image '{ref}' not found under {self.images}",
+                                "check --images and the sample's 'image' field, or pass --skip-bad")
+            return fs.cat_file(path)
+        path = Path(self.images or ".") / ref
+        if not path.is_file():
+            raise DataError(sample_id, f"image '{ref}' not found under {self.images}",
+                            "check --images and the sample's 'image' field, or pass --skip-bad")
+        return path.read_bytes()
+
+    def _embedded(self, row: int, sample_id: str) -> bytes:
+        raise DataError(sample_id, f"image reference '@{row}' names an embedded image, but {self.location} is a "
+                        "JSON file", "pass the parquet / datasets source the cache was dumped from as --data")
+
+
+class JsonSource(DataSource):
+    """LLaVA JSON list or JSONL, image paths relative to --images."""
+
+    def __init__(self, data: str, images: str | None):
+        self.location, self.images = str(data), None if images is None else str(images)
+
+    def records(self) -> list:
+        from .conversation import load_json_records
+        return load_json_records(self.location)
+
+
+class TableSource(DataSource):
+    """Rows of Arrow tables: columns ``conversations`` (a list of {from, value}, or its JSON text), ``image``
+    (a path string, or a struct {bytes, path}) and optionally ``id``. Rows are numbered across the files in
+    order (shards sorted by name)."""
+
+    def __init__(self, data: str, images: str | None, files: list[str], kind: str):
+        self.location, self.images, self.files, self.kind = str(data), None if images is None else str(images), files, kind
+        self._offsets: list[int] | None = None
+
+    # --- reading -------------------------------------------------------------------------------------------
+    def _open(self, i: int):
+        """(file object or memory map, reader) of file i: parquet via pyarrow.parquet, arrow (datasets) via IPC."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        f = self.files[i]
+        if self.kind == "parquet":
+            if _is_url(f):
+                fs, path = _fs(f)
+                return pq.ParquetFile(fs.open(path, "rb"))
+            return pq.ParquetFile(f)
+        source = pa.memory_map(f, "r")
+        try:
+            return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            return pa.ipc.open_file(source).read_all()
+
+    def _schema(self, handle):
+        return handle.schema_arrow if self.kind == "parquet" else handle.schema
+
+    def _num_rows(self, handle) -> int:
+        return handle.metadata.num_rows if self.kind == "parquet" else handle.num_rows
+
+    def _read(self, handle, columns: list[str]):
+        if self.kind == "parquet":
+            return handle.read(columns=columns)
+        return handle.select([c.split(".")[0] for c in columns])
+
+    def records(self) -> list:
+        from .conversation import Skipped, check_unique, parse_record
+        out, row, offsets = [], 0, []
+        for i, f in enumerate(self.files):
+            handle = self._open(i)
+            schema = self._schema(handle)
+            names = set(schema.names)
+            if "conversations" not in names:
+                raise DataError(f, f"no 'conversations' column (columns: {', '.join(schema.names)})",
+                                "use LLaVA-style rows: conversations [{from, value}], image, id")
+            image_type = schema.field("image").type if "image" in names else None
+            embedded = image_type is not None and _is_struct(image_type)
+            cols = ["conversations"] + (["id"] if "id" in names else [])
+            if image_type is not None:
+                cols.append("image.path" if embedded and self.kind == "parquet" else "image")
+            table = self._read(handle, cols)
+            offsets.append(row)
+            for item in table.to_pylist():
+                item = _row_item(item, row, embedded)
+                try:
+                    if "_error" in item:
+                        raise DataError(str(item.get("id", f"#{row}")), item["_error"])
+                    rec = parse_record(row, item)
+                    rec.source = self
+                    out.append(rec)
+                except DataError as e:
+                    out.append(Skipped(row, e.sample, f"row {row} of {self.location}: {e}"))
+                row += 1
+        self._offsets = offsets + [row]
+        return check_unique(out)
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        if self._offsets is None:
+            counts = [self._num_rows(self._open(i)) for i in range(len(self.files))]
+            self._offsets = [0]
+            for c in counts:
+                self._offsets.append(self._offsets[-1] + c)
+        for i in range(len(self.files)):
+            if self._offsets[i] <= row < self._offsets[i + 1]:
+                return i, row - self._offsets[i]
+        raise IndexError(row)
+
+    def _embedded(self, row: int, sample_id: str) -> bytes:
+        try:
+            i, local = self._locate(row)
+        except IndexError:
+            raise DataError(sample_id, f"row {row} is not in {self.location} ({self._offsets[-1]} rows)",
+                            "pass the data source the cache was dumped from as --data") from None
+        value = _image_cell(self, i, local)
+        if value is None:
+            raise DataError(sample_id, f"row {row} of {self.location} has no image")
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return value["bytes"]
+            if value.get("path"):
+                return self._file(value["path"], sample_id)
+            raise DataError(sample_id, f"row {row} of {self.location}: the image has neither bytes nor a path")
+        return self._file(str(value), sample_id)
+
+
+def _is_struct(t) -> bool:
+    import pyarrow as pa
+    return pa.types.is_struct(t)
+
+
+def _row_item(item: dict, row: int, embedded: bool) -> dict:
+    """A table row as parse_record takes it: conversations as a list, the image as a reference string."""
+    convs = item.get("conversations")
+    if isinstance(convs, str):
+        try:
+            item["conversations"] = json.loads(convs)
+        except json.JSONDecodeError as e:
+            item["conversations"] = None
+            item["_error"] = f"its 'conversations' text is not JSON ({e.msg})"
+    image = item.get("image")
+    if embedded:
+        item["image"] = None if image is None else f"{EMBEDDED}{row}"
+    if item.get("id") is None:
+        item.pop("id", None)
+    return item
+
+
+@lru_cache(maxsize=4)
+def _row_group(source: TableSource, i: int, group: int):
+    """The image column of one row group of file i (parquet), or of the whole memory-mapped file (arrow)."""
+    handle = source._open(i)
+    if source.kind == "parquet":
+        return handle.read_row_group(group, columns=["image"]).column("image")
+    return handle.column("image")
+
+
+def _image_cell(source: TableSource, i: int, local: int):
+    if source.kind == "parquet":
+        meta = _parquet_meta(source.files[i], source)
+        start = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if local < start + n:
+                return _row_group(source, i, g)[local - start].as_py()
+            start += n
+        raise IndexError(local)
+    return _row_group(source, i, 0)[local].as_py()
+
+
+@lru_cache(maxsize=64)
+def _parquet_meta(f: str, source: TableSource):
+    return source._open(source.files.index(f)).metadata
+
+
+def open_source(data: str | Path, images: str | Path | None = None) -> DataSource:
+    """The source behind ``--data``: a JSON/JSONL file, a ``datasets`` save_to_disk folder, a parquet file, a folder
+    of parquet shards, or a glob of them; local paths or fsspec URLs."""
+    data = str(data)
+    images = None if images is None else str(images)
+    if _is_url(data):
+        fs, path = _fs(data)
+        protocol = data.split("://", 1)[0]
+        full = (lambda p: f"{protocol}://{p}")
+        if any(ch in path for ch in "*?["):
+            files = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+        elif path.endswith(".parquet"):
+            files = [path]
+        else:
+            raise DataError(data, "a remote --data must be parquet (a file, a folder of shards or a glob)",
+                            "export the data to parquet, or copy a JSON file locally")
+        if not files:
+            raise DataError(data, "no parquet files there", "check the --data URL")
+        return TableSource(data, images, [full(f) for f in files], "parquet")
+    p = Path(data)
+    if any(ch in data for ch in "*?["):
+        files = sorted(str(f) for f in Path(p.anchor or ".").glob(str(p.relative_to(p.anchor)) if p.anchor else data))
+        if not files:
+            raise DataError(data, "no files match", "check the --data pattern")
+        return TableSource(data, images, files, "parquet")
+    if not p.exists():
+        raise DataError(data, "data file not found", "check the --data path")
+    if p.is_dir():
+        if (p / "dataset_dict.json").exists():
+            splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+            raise DataError(data, f"a DatasetDict with splits {splits}", f"pass one split, e.g. --data {p / (splits or ['train'])[0]}")
+        if (p / "state.json").exists():
+            state = json.loads((p / "state.json").read_text())
+            files = [str(p / f["filename"]) for f in state.get("_data_files", [])]
+            if not files:
+                raise DataError(data, "the datasets folder lists no data files", "re-save it with save_to_disk")
+            return TableSource(data, images, files, "arrow")
+        files = sorted(str(f) for f in p.rglob("*.parquet"))
+        if not files:
+            raise DataError(data, "a folder with neither a datasets save_to_disk state.json nor parquet shards",
+                            "pass a JSON/JSONL file, a parquet file or folder, or a save_to_disk folder")
+        return TableSource(data, images, files, "parquet")
+    if p.suffix == ".parquet":
+        return TableSource(data, images, [str(p)], "parquet")
+    if p.suffix == ".arrow":
+        return TableSource(data, images, [str(p)], "arrow")
+    return JsonSource(data, images)
