@@ -14,6 +14,7 @@ from torch import nn
 class ModelAdapter:
     family = "base"
     model_types: tuple[str, ...] = ()
+    multi_image = False  # whether the family's processor and model take several images in one sample
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -84,6 +85,7 @@ class LlavaAdapter(ModelAdapter):
 class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision", "llava_next")
+    multi_image = True  # several images of a sample: base resolution each (batch_num_images), as the model trains
 
     @staticmethod
     def collate_image_inputs(items):
@@ -103,6 +105,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    multi_image = True
 
     def position_ids(self, input_ids, valid, image_inputs):
         mm = (input_ids == self.image_token_id).int()
@@ -113,6 +116,15 @@ class Qwen2VLAdapter(ModelAdapter):
 
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter]
+
+
+def check_images_per_sample(adapter: ModelAdapter, sample_id: str, n_images: int) -> None:
+    """A multi-image sample for a family that takes one image per sample: a DataError naming the sample."""
+    if n_images > 1 and not adapter.multi_image:
+        from .errors import DataError
+        takes = ", ".join(c.family for c in ADAPTERS if c.multi_image)
+        raise DataError(sample_id, f"{n_images} images, but the {adapter.family} family takes one image per sample",
+                        f"use a family that takes several ({takes}), keep one image per sample, or pass --skip-bad")
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

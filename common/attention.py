@@ -123,17 +123,20 @@ def captures_in(module: torch.nn.Module) -> bool:
 
 
 def capture_spec(adapter, layers, batch, device) -> CaptureSpec | None:
-    """Groups for every (sample, turn) of a padded batch with image tokens."""
+    """Groups for every (sample, turn) of a padded batch with image tokens; the keys are every image token of the
+    sample, image by image (several images: their spans in order)."""
     mods = adapter.attention_modules()
     rows, qs, ks = [], [], []
-    for b, (instr, n_img, img_start) in enumerate(zip(batch["instr_spans"], batch["n_image_tokens"],
-                                                      batch["image_tok_start"])):
-        if n_img == 0:
+    spans_of = batch.get("image_spans") or [[(a, a + n)] if n else [] for a, n in
+                                            zip(batch["image_tok_start"], batch["n_image_tokens"])]
+    for b, (instr, spans) in enumerate(zip(batch["instr_spans"], spans_of)):
+        if not spans:
             continue
+        keys = torch.cat([torch.arange(a, e) for a, e in spans])
         for (s, e) in instr:
             rows.append(b)
             qs.append(torch.arange(s, e))
-            ks.append(torch.arange(img_start, img_start + n_img))
+            ks.append(keys)
     if not rows:
         return None
     q_idx, q_valid = _pad(qs)

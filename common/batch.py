@@ -35,7 +35,17 @@ def collate(samples: list[dict], pad_id: int, adapter_cls) -> dict:
         "instr_spans": [x["instr_spans"] for x in samples],
         "n_image_tokens": [int(x["n_image_tokens"]) for x in samples],
         "image_tok_start": [int(x["image_tok_start"]) for x in samples],
+        "image_spans": [image_spans_of(x) for x in samples],
     }
+
+
+def image_spans_of(x: dict) -> list[tuple[int, int]]:
+    """A sample's per-image [start, end) token spans (one span from image_tok_start where none are recorded)."""
+    spans = x.get("image_spans")
+    if spans:
+        return [(int(a), int(b)) for a, b in spans]
+    n = int(x["n_image_tokens"])
+    return [(int(x["image_tok_start"]), int(x["image_tok_start"]) + n)] if n else []
 
 
 def to_device(batch: dict, device) -> dict:

@@ -80,7 +80,7 @@ class PartWriter:
         self.rows.append(dict(sample_id=sample_id, index=index, status="skipped", error=error, image=image,
                               image_sha256="", tok_start=self.offsets["tok"], tok_len=0,
                               resp_start=self.offsets["resp"], resp_len=0, image_tok_start=0, n_image_tokens=0,
-                              instr_spans=[], resp_spans=[], sal_start=self.offsets["sal"], n_turns=0,
+                              instr_spans=[], resp_spans=[], image_spans=[], sal_start=self.offsets["sal"], n_turns=0,
                               tpa_start=self.offsets["tpa"], tpa_len=0))
 
     def add(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -104,6 +104,9 @@ class PartWriter:
         n_tpa = len(arrays["tpa_pos"]) if "tpa_pos" in self.names else 0
         if n_tpa and (int(arrays["tpa_pos"].max()) >= n_resp or int(arrays["tpa_pos"].min()) < 0):
             raise CacheError(f"sample {meta['sample_id']}: TPA positions outside its {n_resp} response tokens")
+        if meta.get("image_spans") is None:  # one image: its tokens from image_tok_start
+            a0, n_img = int(meta.get("image_tok_start", 0)), int(meta.get("n_image_tokens", 0))
+            meta = dict(meta, image_spans=[a0, a0 + n_img] if n_img else [])
         self.rows.append(dict(meta, status="ok", error="", tok_start=self.offsets["tok"], tok_len=n_tok,
                               resp_start=self.offsets["resp"], resp_len=n_resp, sal_start=self.offsets["sal"],
                               tpa_start=self.offsets["tpa"], tpa_len=n_tpa))
@@ -230,6 +233,10 @@ class CacheReader:
                                  f"run 'alignti validate-cache {self.url}' and re-dump the part") from None
             if "tpa_start" not in t.column_names:  # v2/v3: one TPA row per response token
                 t = t.append_column("tpa_start", t.column("resp_start")).append_column("tpa_len", t.column("resp_len"))
+            if "image_spans" not in t.column_names:  # v2-v4: one image, its tokens contiguous
+                st, n = t.column("image_tok_start").to_pylist(), t.column("n_image_tokens").to_pylist()
+                t = t.append_column("image_spans", pa.array([[a, a + b] if b else [] for a, b in zip(st, n)],
+                                                            pa.list_(pa.int32())))
             tables.append(t.append_column("part", pa.array([j] * t.num_rows, pa.int32())))
         self.table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
         self.tpa_layout = tpa_positions_layout(self.params)
@@ -289,6 +296,7 @@ class CacheReader:
             "sample_id": row["sample_id"], "index": row["index"], "image": row["image"],
             "image_sha256": row["image_sha256"], "image_tok_start": row["image_tok_start"],
             "n_image_tokens": row["n_image_tokens"],
+            "image_spans": list(zip(row["image_spans"][0::2], row["image_spans"][1::2])),
             "instr_spans": list(zip(row["instr_spans"][0::2], row["instr_spans"][1::2])),
             "resp_spans": list(zip(row["resp_spans"][0::2], row["resp_spans"][1::2])),
             "input_ids": a["input_ids"][ts:ts + tl], "response_mask": a["response_mask"][ts:ts + tl],

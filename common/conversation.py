@@ -32,9 +32,33 @@ _SENTINEL = "\u2063ALIGNTI{}\u2063"
 class Record:
     index: int
     sample_id: str
-    image: str | None  # a path under --images, or "@ROW": embedded in row ROW of the data source (common.sources)
+    # a path under --images, or "@ROW[:K]": embedded in row ROW of the data source (common.sources); a list for a
+    # multi-image sample (one <image> per image, image_turns says which turn holds how many)
+    image: str | list[str] | None
     turns: list[tuple[str, str]]  # (role, text), image tag removed
     source: object = field(default=None, repr=False, compare=False)  # the table source of an embedded image
+    image_turns: dict[int, int] | None = None  # turn index -> images placed before its text (multi-image)
+
+    @property
+    def images(self) -> list[str]:
+        return image_refs(self.image)
+
+
+def image_refs(image) -> list[str]:
+    """A sample's image references, from a record's ``image`` or the cache's image column (a JSON list there)."""
+    if not image:
+        return []
+    if isinstance(image, list):
+        return list(image)
+    if image.startswith('["'):
+        return json.loads(image)
+    return [image]
+
+
+def image_column(image) -> str:
+    """The cache's image column value: the reference, or a JSON list of them for several images."""
+    refs = image_refs(image)
+    return refs[0] if len(refs) == 1 else json.dumps(refs) if refs else ""
 
 
 @dataclass
@@ -50,6 +74,7 @@ class Encoded:
     n_image_tokens: int = 0
     instr_spans: list[tuple[int, int]] = field(default_factory=list)
     resp_spans: list[tuple[int, int]] = field(default_factory=list)
+    image_spans: list[tuple[int, int]] = field(default_factory=list)  # per image, [start, end) of its tokens
 
     @property
     def n_resp(self) -> int:
@@ -156,52 +181,80 @@ def parse_record(index: int, item: object) -> Record:
     if roles[0] != "user":
         raise DataError(sid, "the conversation must start with a human turn")
     image = item.get("image")
-    if image is not None and not isinstance(image, str):
-        raise DataError(sid, "'image' must be a single path string")
-    n_tags = sum(str(m["value"]).count("<image>") for m in convs)
+    if isinstance(image, list) and len(image) == 1:
+        image = image[0]
+    if isinstance(image, list):
+        if not image or not all(isinstance(x, str) and x for x in image):
+            raise DataError(sid, "'image' must be a path string or a list of path strings")
+    elif image is not None and not isinstance(image, str):
+        raise DataError(sid, "'image' must be a path string or a list of path strings")
+    tags = [str(m["value"]).count("<image>") for m in convs]
+    n_tags = sum(tags)
+    if isinstance(image, list):  # several images: each <image> says where one goes (in order)
+        if n_tags != len(image):
+            raise DataError(sid, f"{len(image)} images but {n_tags} <image> placeholder(s)",
+                            "put one <image> in the human turn where each image belongs")
+        bad = [j for j, (t, (role, _)) in enumerate(zip(tags, turns)) if t and role != "user"]
+        if bad:
+            raise DataError(sid, f"turn {bad[0]} is not a human turn but holds an <image>",
+                            "put each <image> in a human turn")
+        return Record(index, sid, list(image), turns, image_turns={j: t for j, t in enumerate(tags) if t})
     if image and n_tags > 1:
         raise DataError(sid, f"{n_tags} <image> placeholders for one image",
-                        "keep one <image> (in the turn where the image belongs); several images per sample are not "
-                        "supported")
+                        "keep one <image> per image: give 'image' as a list for several")
     # an image with no <image> placeholder goes before the first human turn's text (LLaVA's convention)
     return Record(index, sid, image or None, turns)
 
 
 def load_image(rec: Record, images_dir: str | Path | None):
-    """Open the sample's image; returns (PIL image, sha256 of its bytes). An embedded image (``@ROW``) comes from
-    the record's table source."""
+    """Open the sample's image(s); returns (PIL image, sha256 of its bytes), or for a multi-image sample (list of
+    PIL images, JSON list of their sha256s). An embedded image (``@ROW``) comes from the record's table source."""
+    loaded = [_load_one(rec, ref, images_dir) for ref in rec.images]
+    if isinstance(rec.image, list):
+        return [img for img, _ in loaded], json.dumps([sha for _, sha in loaded])
+    return loaded[0]
+
+
+def _load_one(rec: Record, ref: str, images_dir):
     from PIL import Image, UnidentifiedImageError
 
     from .sources import is_embedded
-    if is_embedded(rec.image):
+    if is_embedded(ref):
         if rec.source is None:
-            raise DataError(rec.sample_id, f"image '{rec.image}' is embedded in a table, but the record has no source",
+            raise DataError(rec.sample_id, f"image '{ref}' is embedded in a table, but the record has no source",
                             "load the records with common.sources.open_source")
-        return rec.source.load_image(rec.image, rec.sample_id)
+        return rec.source.load_image(ref, rec.sample_id)
     if rec.source is not None and images_dir is None:
         images_dir = rec.source.images
-    path = Path(images_dir or ".") / rec.image
+    path = Path(images_dir or ".") / ref
     if not path.is_file():
-        raise DataError(rec.sample_id, f"image '{rec.image}' not found under {images_dir}",
+        raise DataError(rec.sample_id, f"image '{ref}' not found under {images_dir}",
                         "check --images and the sample's 'image' field, or pass --skip-bad")
     data = path.read_bytes()
     try:
         from io import BytesIO
         img = Image.open(BytesIO(data)).convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(rec.sample_id, f"image '{rec.image}' cannot be decoded ({e})",
+        raise DataError(rec.sample_id, f"image '{ref}' cannot be decoded ({e})",
                         "replace the file or pass --skip-bad") from None
     return img, hashlib.sha256(data).hexdigest()
 
 
-def _messages(turns, with_image: bool, contents: list[str]):
-    msgs, first_user = [], True
-    for (role, _), content in zip(turns, contents):
-        parts = []
-        if role == "user" and first_user and with_image:
-            parts.append({"type": "image"})
-        if role == "user":
-            first_user = False
+def _image_turns(rec: Record, image) -> dict[int, int]:
+    """Turn index -> images placed before its text: a multi-image record's own placement; one image goes before
+    the first human turn's text (LLaVA's convention)."""
+    if image is None:
+        return {}
+    if rec.image_turns:
+        return rec.image_turns
+    first_user = next(i for i, (role, _) in enumerate(rec.turns) if role == "user")
+    return {first_user: 1}
+
+
+def _messages(turns, image_turns: dict[int, int], contents: list[str]):
+    msgs = []
+    for i, ((role, _), content) in enumerate(zip(turns, contents)):
+        parts = [{"type": "image"}] * image_turns.get(i, 0)
         parts.append({"type": "text", "text": content})
         msgs.append({"role": role, "content": parts})
     return msgs
@@ -227,7 +280,7 @@ def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: boo
     markup is known exactly; the real text is then put back and checked against the template's own
     rendering of the real messages."""
     sentinels = [_SENTINEL.format(i) for i in range(len(turns))]
-    with_image = image is not None
+    with_image = _image_turns(rec, image)
     templ = _render(processor, _messages(turns, with_image, sentinels), add_generation_prompt=generation_prompt)
     parts, pos, rest = [], 0, templ
     content: dict[int, tuple[int, int]] = {}
@@ -269,19 +322,30 @@ def piecewise_tokenization_differs(tokenizer) -> bool:
 
 
 def _expand_offsets(ids: list[int], text_ids: list[int], offsets: list, image_token_id: int, sample_id: str):
-    """Offsets for the processor's ids: the tokenizer's offsets of the same text, the image placeholder token's
-    offset repeated for each of the image tokens the processor expanded it into."""
+    """Offsets for the processor's ids: the tokenizer's offsets of the same text, each image placeholder token's
+    offset repeated for each of the image tokens the processor expanded it into (one or several placeholders)."""
     if ids == text_ids:
         return list(offsets)
-    at = [j for j, t in enumerate(text_ids) if t == image_token_id]
-    n_img = sum(1 for t in ids if t == image_token_id)
-    if len(at) == 1:
-        p = at[0]
-        tail = len(text_ids) - p - 1
-        if ids[:p] == text_ids[:p] and ids[len(ids) - tail:] == text_ids[p + 1:] and len(ids) - tail - p == n_img:
-            return list(offsets[:p]) + [offsets[p]] * n_img + list(offsets[p + 1:])
-    raise DataError(sample_id, "the processor's token ids differ from the tokenizer's ids of the same text beyond "
-                    "the image-token expansion", "report this processor/tokenizer pair; alignti needs them to agree")
+    plain_text = [(t, o) for t, o in zip(text_ids, offsets) if t != image_token_id]
+    # each placeholder: how many text tokens precede it, and its offset
+    marks, m = [], 0
+    for t, o in zip(text_ids, offsets):
+        if t == image_token_id:
+            marks.append((m, o))
+        else:
+            m += 1
+    if [t for t in ids if t != image_token_id] != [t for t, _ in plain_text] or not marks:
+        raise DataError(sample_id, "the processor's token ids differ from the tokenizer's ids of the same text "
+                        "beyond the image-token expansion", "report this processor/tokenizer pair; alignti needs "
+                        "them to agree")
+    out, m = [], 0
+    for t in ids:
+        if t == image_token_id:  # the last placeholder at or before this point of the text
+            out.append(next(o for k, o in reversed(marks) if k <= m) if marks[0][0] <= m else marks[0][1])
+        else:
+            out.append(plain_text[m][1])
+            m += 1
+    return out
 
 
 def encode(processor, rec: Record, image, image_sha: str = "", max_length: int | None = None,
@@ -314,6 +378,7 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     image_token_id = tok.convert_tokens_to_ids(placeholder)
     image_inputs: dict = {}
     if image is not None:
+        # [image], or for several images of one sample [[...]]: the processor's multi-image mode (LLaVA-OneVision)
         out = processor(text=[full], images=[image], return_tensors="pt", add_special_tokens=add_special)
         ids = out["input_ids"][0].tolist()
         image_inputs = ModelAdapter.image_inputs(out)
@@ -344,12 +409,12 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
 
     input_ids = np.asarray(ids, dtype=np.int32)
     img_pos = np.nonzero(input_ids == image_token_id)[0]
+    spans: list[tuple[int, int]] = []
     if image is not None:
         if len(img_pos) == 0:
             raise DataError(rec.sample_id, "no image tokens after processing",
                             "check that the chat template renders {'type': 'image'}")
-        if img_pos[-1] - img_pos[0] + 1 != len(img_pos):
-            raise DataError(rec.sample_id, "image tokens are not contiguous", "one image per sample is supported")
+        spans = image_spans(img_pos, len(rec.images), rec.sample_id)
     instr_spans, resp_spans = [], []
     last_user = None
     for i, (role, _) in enumerate(turns):
@@ -373,8 +438,24 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     if max_length is not None and len(input_ids) > max_length:
         raise DataError(rec.sample_id, f"{len(input_ids)} tokens, longer than the limit of {max_length}",
                         "shorten the conversation, raise --max-length if the model allows it, or pass --skip-bad")
-    return Encoded(rec.index, rec.sample_id, rec.image or "", image_sha, input_ids, resp_mask, image_inputs,
-                   int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans)
+    return Encoded(rec.index, rec.sample_id, image_column(rec.image), image_sha, input_ids, resp_mask, image_inputs,
+                   int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans, spans)
+
+
+def image_spans(img_pos: np.ndarray, n_images: int, sample_id: str) -> list[tuple[int, int]]:
+    """Each image's [start, end) among the image-token positions: one contiguous run per image, or (adjacent
+    placeholders, as LLaVA-OneVision's template renders "<image><image>") equal runs split apart."""
+    breaks = np.nonzero(np.diff(img_pos) != 1)[0] + 1
+    runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(img_pos, breaks)]
+    if len(runs) == n_images:
+        return runs
+    if n_images > 1 and len(img_pos) % n_images == 0:
+        per = len(img_pos) // n_images
+        pieces = [img_pos[i * per:(i + 1) * per] for i in range(n_images)]
+        if all(p[-1] - p[0] + 1 == per for p in pieces):
+            return [(int(p[0]), int(p[-1]) + 1) for p in pieces]
+    raise DataError(sample_id, f"{n_images} image(s) but their image tokens form {len(runs)} run(s)",
+                    "check the chat template: one image placeholder per image")
 
 
 SALIENCY_QUERIES = ("instruction", "answer")

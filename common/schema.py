@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 4  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs;
-#                    4: TPA statistics on their own CSR axis ("tpa") for a chosen subset of response positions
-READABLE_VERSIONS = (2, 3, 4)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
+SCHEMA_VERSION = 5  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs;
+#                    4: TPA statistics on their own CSR axis ("tpa") for a chosen subset of response positions;
+#                    5: several images per sample (image_spans; image / image_sha256 then JSON lists)
+READABLE_VERSIONS = (2, 3, 4, 5)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
 
 # Log-prob encodings (params["logprob_encoding"]; absent = float16). "uint8": q = round(-logp * 16) clipped
 # to 0..255, i.e. 1/16-nat steps down to -15.94 nats; decoded as -q/16 (exact in float16). The rest mass
@@ -65,8 +66,9 @@ SAMPLE_SCHEMA = pa.schema([
     ("index", pa.int64()),            # position in the dataset (global order)
     ("status", pa.string()),          # "ok" | "skipped"
     ("error", pa.string()),           # why it was skipped
-    ("image", pa.string()),           # image path relative to --images (or "")
-    ("image_sha256", pa.string()),
+    ("image", pa.string()),           # image path relative to --images, "@ROW[:K]" (embedded), a JSON list of them
+    #                                   for a multi-image sample, or ""
+    ("image_sha256", pa.string()),    # sha256 of the image bytes (a JSON list for several images)
     ("tok_start", pa.int64()),        # offset into input_ids / response_mask of this part
     ("tok_len", pa.int32()),
     ("resp_start", pa.int64()),       # offset into the per-response-token arrays of this part
@@ -79,6 +81,7 @@ SAMPLE_SCHEMA = pa.schema([
     ("n_turns", pa.int32()),
     ("tpa_start", pa.int64()),        # v4: offset into the TPA arrays of this part
     ("tpa_len", pa.int32()),          # v4: TPA rows of this sample (<= resp_len)
+    ("image_spans", pa.list_(pa.int32())),  # v5: [start, end) pairs, one per image (saliency covers them in order)
 ])
 
 

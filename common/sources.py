@@ -53,9 +53,11 @@ class DataSource:
         raise NotImplementedError
 
     def image_bytes(self, ref: str, sample_id: str) -> bytes:
-        """The bytes of a record's image reference (a path under --images, or ``@ROW``)."""
+        """The bytes of a record's image reference (a path under --images, ``@ROW``, or ``@ROW:K`` for image K
+        of a multi-image row)."""
         if is_embedded(ref):
-            return self._embedded(int(ref[1:]), sample_id)
+            row, _, k = ref[1:].partition(":")
+            return self._embedded(int(row), sample_id, int(k) if k else None)
         return self._file(ref, sample_id)
 
     def load_image(self, ref: str, sample_id: str):
@@ -91,7 +93,7 @@ class DataSource:
                             "check --images and the sample's 'image' field, or pass --skip-bad")
         return path.read_bytes()
 
-    def _embedded(self, row: int, sample_id: str) -> bytes:
+    def _embedded(self, row: int, sample_id: str, k: int | None = None) -> bytes:
         raise DataError(sample_id, f"image reference '@{row}' names an embedded image, but {self.location} is a "
                         "JSON file", "pass the parquet / datasets source the cache was dumped from as --data")
 
@@ -155,10 +157,10 @@ class TableSource(DataSource):
                 raise DataError(f, f"no 'conversations' column (columns: {', '.join(schema.names)})",
                                 "use LLaVA-style rows: conversations [{from, value}], image, id")
             image_type = schema.field("image").type if "image" in names else None
-            embedded = image_type is not None and _is_struct(image_type)
+            embedded = image_type is not None and (_is_struct(image_type) or _is_list_of_structs(image_type))
             cols = ["conversations"] + (["id"] if "id" in names else [])
-            if image_type is not None:
-                cols.append("image.path" if embedded and self.kind == "parquet" else "image")
+            if image_type is not None:  # (a single struct: its path only; the bytes are read when needed)
+                cols.append("image.path" if _is_struct(image_type) and self.kind == "parquet" else "image")
             table = self._read(handle, cols)
             offsets.append(row)
             for item in table.to_pylist():
@@ -186,13 +188,18 @@ class TableSource(DataSource):
                 return i, row - self._offsets[i]
         raise IndexError(row)
 
-    def _embedded(self, row: int, sample_id: str) -> bytes:
+    def _embedded(self, row: int, sample_id: str, k: int | None = None) -> bytes:
         try:
             i, local = self._locate(row)
         except IndexError:
             raise DataError(sample_id, f"row {row} is not in {self.location} ({self._offsets[-1]} rows)",
                             "pass the data source the cache was dumped from as --data") from None
         value = _image_cell(self, i, local)
+        if k is not None:  # image k of a multi-image row
+            if not isinstance(value, list) or k >= len(value):
+                raise DataError(sample_id, f"row {row} of {self.location} has no image {k}",
+                                "pass the data source the cache was dumped from as --data")
+            value = value[k]
         if value is None:
             raise DataError(sample_id, f"row {row} of {self.location} has no image")
         if isinstance(value, dict):
@@ -209,6 +216,11 @@ def _is_struct(t) -> bool:
     return pa.types.is_struct(t)
 
 
+def _is_list_of_structs(t) -> bool:
+    import pyarrow as pa
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type)
+
+
 def _row_item(item: dict, row: int, embedded: bool) -> dict:
     """A table row as parse_record takes it: conversations as a list, the image as a reference string."""
     convs = item.get("conversations")
@@ -219,7 +231,10 @@ def _row_item(item: dict, row: int, embedded: bool) -> dict:
             item["conversations"] = None
             item["_error"] = f"its 'conversations' text is not JSON ({e.msg})"
     image = item.get("image")
-    if embedded:
+    if embedded and isinstance(image, list):  # several images: "@ROW:K" each (a path-only entry stays a path)
+        item["image"] = [f"{EMBEDDED}{row}:{k}" if isinstance(im, dict) and im.get("bytes") is not None
+                         else (im.get("path") if isinstance(im, dict) else im) for k, im in enumerate(image)]
+    elif embedded:
         item["image"] = None if image is None else f"{EMBEDDED}{row}"
     if item.get("id") is None:
         item.pop("id", None)

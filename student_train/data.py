@@ -10,6 +10,7 @@ import torch
 
 from alignti.common.batch import collate, tpa_layout
 from alignti.common.cache import CacheReader
+from alignti.common.conversation import image_refs
 from alignti.common.errors import DataError
 
 
@@ -47,33 +48,35 @@ class CacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         x = self.reader[i]
         x["image_inputs"] = {}
-        x["pil_image"] = None
-        if x["image"] and x["image"].startswith("@"):  # embedded in the data source (common.sources)
-            from alignti.common.sources import decode_image
-            data = self._image_bytes(x["image"], x["sample_id"])
-            if self.check_images and hashlib.sha256(data).hexdigest() != x["image_sha256"]:
-                raise DataError(x["sample_id"], f"image {x['image']} of {self.data} differs from the one the teacher "
-                                "saw (sha256 mismatch)", "use the original data, or re-dump the teacher")
-            x["pil_image"] = decode_image(data, x["sample_id"], x["image"])
-        elif x["image"]:
-            from io import BytesIO
-
-            from PIL import Image
-            path = Path(self.images_dir) / x["image"]
-            if not path.is_file():
-                raise DataError(x["sample_id"], f"image '{x['image']}' not found under {self.images_dir}",
-                                "pass --images pointing at the images the cache was dumped from")
-            data = path.read_bytes()
-            if self.check_images:
-                st = path.stat()
-                key = (str(path), st.st_size, st.st_mtime_ns)
-                sha = self._verified.get(key) or hashlib.sha256(data).hexdigest()
-                self._verified[key] = sha
-                if sha != x["image_sha256"]:
-                    raise DataError(x["sample_id"], f"image '{x['image']}' differs from the one the teacher saw "
-                                    "(sha256 mismatch)", "use the original images, or re-dump the teacher")
-            x["pil_image"] = Image.open(BytesIO(data)).convert("RGB")
+        refs = image_refs(x["image"])
+        shas = image_refs(x["image_sha256"]) if len(refs) > 1 else [x["image_sha256"]]
+        x["pil_images"] = [self._image(ref, sha, x["sample_id"]) for ref, sha in zip(refs, shas)]
+        x["pil_image"] = x["pil_images"][0] if len(refs) == 1 else None
         return x
+
+    def _image(self, ref: str, sha: str, sample_id: str):
+        """One image of a sample, decoded, checked against the sha256 the teacher saw."""
+        from alignti.common.sources import decode_image
+        if ref.startswith("@"):  # embedded in the data source (common.sources)
+            data = self._image_bytes(ref, sample_id)
+            if self.check_images and hashlib.sha256(data).hexdigest() != sha:
+                raise DataError(sample_id, f"image {ref} of {self.data} differs from the one the teacher saw "
+                                "(sha256 mismatch)", "use the original data, or re-dump the teacher")
+            return decode_image(data, sample_id, ref)
+        path = Path(self.images_dir) / ref
+        if not path.is_file():
+            raise DataError(sample_id, f"image '{ref}' not found under {self.images_dir}",
+                            "pass --images pointing at the images the cache was dumped from")
+        data = path.read_bytes()
+        if self.check_images:
+            st = path.stat()
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            got = self._verified.get(key) or hashlib.sha256(data).hexdigest()
+            self._verified[key] = got
+            if got != sha:
+                raise DataError(sample_id, f"image '{ref}' differs from the one the teacher saw "
+                                "(sha256 mismatch)", "use the original images, or re-dump the teacher")
+        return decode_image(data, sample_id, f"'{ref}'")
 
 
 def epoch_order(reader: CacheReader, epoch: int, seed: int) -> list[int]:
@@ -142,9 +145,14 @@ class StudentCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples, self.pad_id, self.adapter_cls)
-        images = [x["pil_image"] for x in samples if x.get("pil_image") is not None]
-        if images:  # one processor call for the batch, in sample order (same tensors as per-sample calls)
-            batch["image_inputs"] = dict(self.processor.image_processor(images=images, return_tensors="pt"))
+        per_sample = [x.get("pil_images") or ([x["pil_image"]] if x.get("pil_image") is not None else [])
+                      for x in samples]
+        if any(len(p) > 1 for p in per_sample):  # grouped per sample: the multi-image mode the teacher's call had
+            batch["image_inputs"] = dict(self.processor.image_processor(images=[p for p in per_sample if p],
+                                                                        return_tensors="pt"))
+        elif any(per_sample):  # one processor call for the batch, in sample order (same tensors as per-sample calls)
+            batch["image_inputs"] = dict(self.processor.image_processor(images=[p[0] for p in per_sample if p],
+                                                                        return_tensors="pt"))
         batch["sample_ids"] = [x["sample_id"] for x in samples]
         for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
                      "tpa_logprobs", "tpa_tail"):

@@ -18,12 +18,21 @@ from alignti.common.models import load_vlm, resolve_device
 from .data import CacheDataset, StudentCollator
 
 
-def grid_of(saliency: np.ndarray) -> np.ndarray:
+def grid_of(saliency: np.ndarray, aspect: float = 1.0) -> np.ndarray:
+    """An image's tokens as a rows x cols grid: the factorisation of their count whose shape matches the image's
+    aspect (width / height; Qwen2-VL's merged patches follow it), else a square plus one trailing token
+    (LLaVA-OneVision's image-newline token, dropped), else the closest factorisation."""
     n = saliency.shape[-1]
-    side = int(round(math.sqrt(n)))
-    if side * side != n:
-        raise AlignTIError(f"{n} image tokens do not form a square grid (anyres tiles?); cannot overlay")
-    return saliency.reshape(side, side)
+    pairs = [(r, n // r) for r in range(2, n) if n % r == 0]
+    best = min(pairs, key=lambda rc: abs(math.log(rc[1] / rc[0] / aspect))) if pairs else None
+    if best and abs(math.log(best[1] / best[0] / aspect)) < math.log(1.25):
+        return saliency.reshape(best)
+    side = math.isqrt(max(n - 1, 0))
+    if n > 1 and side > 1 and side * side == n - 1:
+        return saliency[..., :-1].reshape(side, side)
+    if best:
+        return saliency.reshape(best)
+    raise AlignTIError(f"{n} image tokens do not form a grid (anyres tiles?); cannot overlay")
 
 
 def overlay(img: Image.Image, grid: np.ndarray, size: int = 240) -> Image.Image:
@@ -61,22 +70,34 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
     x = reader[i]
     if "saliency" not in x or not x["n_image_tokens"]:
         raise AlignTIError(f"the cache has no saliency for sample {sample} (dumped with --saliency-layer none?)")
-    img = CacheDataset(reader, None, images, data=data)[i]["pil_image"]  # a file, or embedded in the data
-    panels = [("teacher (layer %d)" % reader.params["saliency_layer"], overlay(img, grid_of(x["saliency"][turn])))]
+    imgs = CacheDataset(reader, None, images, data=data)[i]["pil_images"]  # files, or embedded in the data
+    spans = x["image_spans"] or [(x["image_tok_start"], x["image_tok_start"] + x["n_image_tokens"])]
+    rows = [("teacher (layer %d)" % reader.params["saliency_layer"], x["saliency"][turn])]
     if student:
         s, layer = student_saliency(student, reader, i, student_layer)
-        panels.append((f"student (layer {layer})", overlay(img, grid_of(s[turn]))))
+        rows.append((f"student (layer {layer})", s[turn]))
+    panels = []  # per image, the teacher's map (and the student's below it): saliency covers the images in order
+    for name, sal in rows:
+        at = 0
+        for k, (img, (a, e)) in enumerate(zip(imgs, spans)):
+            piece = sal[at:at + (e - a)]
+            at += e - a
+            label = name if len(imgs) == 1 else f"{name}, image {k + 1}"
+            panels.append((label, overlay(img, grid_of(piece, img.width / img.height))))
     s0, e0 = x["instr_spans"][turn]
     if reader.params.get("saliency_query") == "answer":  # the query is one position: title with the whole prompt turn
         s0 = x["resp_spans"][turn - 1][1] if turn else x["image_tok_start"] + x["n_image_tokens"]
     title = reader_title(reader, x["input_ids"][s0:e0], skip_special=True).strip()
     w, h = 240, 240
-    canvas = Image.new("RGB", (w * len(panels) + 10 * (len(panels) - 1), h + 44), "white")
+    n_cols = len(imgs) if len(imgs) > 1 else len(panels)
+    n_rows = len(panels) // n_cols
+    canvas = Image.new("RGB", (w * n_cols + 10 * (n_cols - 1), (h + 24) * n_rows + 20), "white")
     d = ImageDraw.Draw(canvas)
     d.text((4, 2), title, fill="black")
     for j, (name, panel) in enumerate(panels):
-        canvas.paste(panel, (j * (w + 10), 40))
-        d.text((j * (w + 10) + 4, 20), name, fill="black")
+        col, row = j % n_cols, j // n_cols
+        canvas.paste(panel, (col * (w + 10), 40 + row * (h + 24)))
+        d.text((col * (w + 10) + 4, 20 + row * (h + 24)), name, fill="black")
     canvas.save(out)
     return {"sample": sample, "out": str(out), "instruction": title, "panels": [p[0] for p in panels]}
 

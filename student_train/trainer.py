@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from alignti.common import distributed as dist
-from alignti.common.adapters import adapter_for
+from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import forward
 from alignti.common.cache import CacheReader, check_manifest
 from alignti.common.errors import AlignTIError, CacheError
 from alignti.common.faults import crash_point
 from alignti.common.fingerprint import check_encoding, check_student
 from alignti.common.config import config_values, write_config
+from alignti.common.conversation import image_refs
 from alignti.common.losses import LossWeights, StepNorm, get_loss, means, step_counts
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
 from alignti.common.progress import progress_bar
@@ -84,6 +85,8 @@ class TrainConfig:
     progress: bool = True
 
 
+# metrics.jsonl fields that measure the machine, not the training (they differ between identical runs)
+MEASURED = ("sec", "tokens_per_s", "peak_mem_gib", "peak_rss_gib")
 CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("eval_every", "progress"))
 
 
@@ -202,6 +205,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     check_student(reader.fingerprint, processor, cfg.student)
     check_encoding(params, processor, cfg.cache, reader.manifest.get("schema_version"))
     adapter = adapter_for(model)
+    multi = next((x for x in reader.samples if len(image_refs(x["image"])) > 1), None)
+    if multi is not None:  # a multi-image cache for a student family that takes one image per sample
+        check_images_per_sample(adapter, multi["sample_id"], len(image_refs(multi["image"])))
     layer = student_layer_for(cfg.student_layer, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
                               adapter.num_layers)
 

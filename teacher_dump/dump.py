@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from alignti.common import distributed as dist
-from alignti.common.adapters import adapter_for
+from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import collate, to_device
 from alignti.common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
-from alignti.common.conversation import (ENCODING_VERSION, Record, Skipped, check_saliency_query, encode, load_image,
-                                         with_saliency_query)
+from alignti.common.conversation import (ENCODING_VERSION, Record, Skipped, check_saliency_query, encode,
+                                         image_column, load_image, with_saliency_query)
 from alignti.common.errors import AlignTIError, CacheError, DataError
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_vlm
@@ -69,14 +69,18 @@ def _preflight(records: list, images: str, skip_bad: bool) -> list:
     for r in records:
         if isinstance(r, Skipped):
             bad.append(r)
-        elif r.image is not None and not is_embedded(r.image) and images is None:
-            bad.append(Skipped(r.index, r.sample_id, str(DataError(
-                r.sample_id, f"image '{r.image}' is a path but no --images folder was given",
-                "pass --images (the folder the data's image paths are relative to)"))))
-        elif r.image is not None and not is_embedded(r.image) and not (Path(images) / r.image).is_file():
-            bad.append(Skipped(r.index, r.sample_id, str(DataError(
-                r.sample_id, f"image '{r.image}' not found under {images}",
-                "check --images and the sample's 'image' field, or pass --skip-bad"))))
+        else:
+            paths = [ref for ref in r.images if not is_embedded(ref)]
+            if paths and images is None:
+                bad.append(Skipped(r.index, r.sample_id, str(DataError(
+                    r.sample_id, f"image '{paths[0]}' is a path but no --images folder was given",
+                    "pass --images (the folder the data's image paths are relative to)"))))
+                continue
+            missing = [ref for ref in paths if not (Path(images) / ref).is_file()]
+            if missing:
+                bad.append(Skipped(r.index, r.sample_id, str(DataError(
+                    r.sample_id, f"image '{missing[0]}' not found under {images}",
+                    "check --images and the sample's 'image' field, or pass --skip-bad"))))
     if bad and not skip_bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DataError(bad[0].sample_id, f"{len(bad)} bad sample(s) found before dumping, nothing was written: "
@@ -84,6 +88,22 @@ def _preflight(records: list, images: str, skip_bad: bool) -> list:
                         "fix them, or pass --skip-bad to record them as skipped in samples.parquet")
     bad_by_index = {b.index: b for b in bad}
     return [bad_by_index.get(r.index, r) for r in records]
+
+
+def _check_family(records: list, adapter, skip_bad: bool) -> list:
+    """Multi-image samples for a family that takes one image: refused (or, with --skip-bad, skipped) before any
+    teacher time is spent."""
+    out = []
+    for r in records:
+        if isinstance(r, Record):
+            try:
+                check_images_per_sample(adapter, r.sample_id, len(r.images))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                r = Skipped(r.index, r.sample_id, str(e))
+        out.append(r)
+    return out
 
 
 def _check_plan(out: Path, plan: dict) -> None:
@@ -143,6 +163,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     model.eval()
     t_loaded = time.perf_counter()
     adapter = adapter_for(model)
+    records = _check_family(records, adapter, cfg.skip_bad)
     max_length = cfg.max_length or getattr(adapter.text_config, "max_position_embeddings", None)
 
     old_plan = read_plan(out)
@@ -223,7 +244,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                         if not cfg.skip_bad:
                             raise DataError(err.sample, err.problem, err.fix + "; units already committed are "
                                             "kept: re-run the same command after fixing to resume") from None
-                        skipped.append((r.index, r.sample_id, str(err), r.image or ""))
+                        skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
                 jobs = []
                 # batches of similar token length (the writer puts every sample back in dataset order)
                 batched = sorted(encoded, key=lambda x: -len(x.input_ids)) if cfg.length_sorted_batches else encoded
@@ -282,6 +303,7 @@ def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock) -> None:
         meta = dict(sample_id=enc.sample_id, index=enc.index, image=enc.image, image_sha256=enc.image_sha256,
                     image_tok_start=enc.image_tok_start, n_image_tokens=enc.n_image_tokens,
                     instr_spans=[v for sp in enc.instr_spans for v in sp],
+                    image_spans=[v for sp in enc.image_spans for v in sp],
                     resp_spans=[v for sp in enc.resp_spans for v in sp], n_turns=len(enc.resp_spans))
         part.add(meta, arrays)
     with lock:

@@ -17,7 +17,7 @@ import torch
 
 from alignti.common.adapters import adapter_for
 from alignti.common.batch import collate, forward, to_device
-from alignti.common.conversation import Record, encode, load_image, with_saliency_query
+from alignti.common.conversation import Record, encode, image_column, load_image, with_saliency_query
 from alignti.common.progress import progress_bar
 
 log = logging.getLogger("alignti.irs")
@@ -51,7 +51,7 @@ def make_pairs(records: list[Record], max_pairs_per_image: int = 6, seed: int = 
     """Pairs (i, j) sharing an image with different instructions; (pairs, used_fallback)."""
     by_image = defaultdict(list)
     for i, r in enumerate(records):
-        by_image[r.image].append(i)
+        by_image[image_column(r.image)].append(i)
     rng = random.Random(seed)
     pairs = []
     for idx in by_image.values():
@@ -69,7 +69,7 @@ def calibration_subset(records: list[Record], n: int, seed: int = 0) -> list[Rec
     by_image = defaultdict(list)
     for r in records:
         if r.image:
-            by_image[r.image].append(r)
+            by_image[image_column(r.image)].append(r)
     groups = [g for g in by_image.values() if len(g) > 1] or [[r] for g in by_image.values() for r in g]
     random.Random(seed).shuffle(groups)
     out = []

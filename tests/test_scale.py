@@ -17,6 +17,8 @@ import pytest
 import torch
 import zarr
 
+from alignti.student_train.trainer import MEASURED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -130,7 +132,7 @@ def test_torchrun_training_ddp_resume_and_fsdp(kit, reference, tmp_path):
     alignti(*train_args(kit, reference, crashed, "--nproc", 2, "--resume"))
     a, b = final_weights(ddp), final_weights(crashed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k not in ("sec", "tokens_per_s", "peak_mem_gib")}  # noqa: E731
+    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k not in MEASURED}  # noqa: E731
                          for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert strip(crashed) == strip(ddp)
     # resuming at another world size is refused
