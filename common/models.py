@@ -69,7 +69,11 @@ def checkpoint_layer(function, *args, use_reentrant: bool = False, preserve_rng_
         with reenter():
             return function(*a)
 
-    return checkpoint(run, *args, use_reentrant=use_reentrant, preserve_rng_state=preserve_rng_state)
+    if use_reentrant:
+        return checkpoint(run, *args, use_reentrant=True, preserve_rng_state=preserve_rng_state)
+    # determinism_check="none": no per-saved-tensor metadata recorded for a recompute check (host work that a
+    # launch-bound GPU step pays in full; the recompute runs the same ops, tests/test_step.py compares gradients)
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, determinism_check="none")
 
 
 def image_only_processor_class(base):

@@ -1,5 +1,5 @@
 """Multi-image samples: "image": [..] with one <image> per image, for the families whose processors take several
-(Qwen2-VL, LLaVA-OneVision). The cache records each image's token span; the saliency covers every image's tokens
+(Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision). The cache records each image's token span; the saliency covers every image's tokens
 (IVA aligns all of them); show-saliency draws each image; the dump -> train round trip works from JSON and from
 parquet with embedded images; LLaVA-1.5 refuses such samples by name."""
 
@@ -39,7 +39,7 @@ def _two_image_data(kit, path):
     return data
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "llava_onevision"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
 def family_kit(request, tmp_path_factory):
     from alignti.demo.kit import make_demo
     out = tmp_path_factory.mktemp(request.param)
