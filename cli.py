@@ -179,6 +179,10 @@ def train_student(ctx: typer.Context,
                   kd_weight: float = typer.Option(1.0, help="Weight of the KD term."),
                   iva_weight: float = typer.Option(1.0, help="Weight of the IVA term."),
                   tpa_weight: float = typer.Option(1.0, help="Weight of the TPA term."),
+                  tpa_weighting: str = typer.Option("teacher", help="TPA's weights over the cached candidates: teacher "
+                                                    "(its first-step probabilities) or student (the student's own, "
+                                                    "detached, renormalised over the candidates: the paper samples "
+                                                    "candidates from the student)."),
                   iva_ratio: float = typer.Option(0.25, help="Fraction of image tokens IVA aligns (the teacher's "
                                                   "most salient)."),
                   temperature: float = typer.Option(1.0, help="Distillation temperature."),

@@ -112,11 +112,29 @@ def candidate_weights(cand_ids, topk_ids, topk_logprobs) -> torch.Tensor:
     return torch.softmax(lp.max(-1).values, dim=-1)
 
 
-def tpa_loss(branch_logits, cand_ids, tpa_ids, tpa_logprobs, tpa_tail, topk_ids, topk_logprobs, temperature=1.0):
+TPA_WEIGHTINGS = ("teacher", "student")
+
+
+def student_candidate_weights(cand_logp: torch.Tensor) -> torch.Tensor:
+    """p~_S(c_b): the student's own next-token probabilities of the cached candidates (log-probs [N, B] at the
+    position they replace), renormalised over the candidates and detached: the paper samples the branch
+    candidates from the student, and an offline cache can only hold the teacher's, so the student's own
+    distribution weighs them (its sampling, restricted to the cached support). [N, B]"""
+    return torch.softmax(_up(cand_logp.detach()), dim=-1)
+
+
+def tpa_loss(branch_logits, cand_ids, tpa_ids, tpa_logprobs, tpa_tail, topk_ids, topk_logprobs, temperature=1.0,
+             weighting: str = "teacher", student_logits=None):
     """METHOD.md section 4. branch_logits [N, B, V]: the student's output at each branch token (the
     teacher's candidate c_b put in place of y_t); tpa_* the teacher's cached next-step top-k2 per
-    branch. Mean over response tokens of sum_b p~_T(c_b) * KL(fold(q_T,b) || fold(q_S,b)), x tau^2."""
-    weights = candidate_weights(cand_ids, topk_ids, topk_logprobs)
+    branch. Mean over response tokens of sum_b w(c_b) * KL(fold(q_T,b) || fold(q_S,b)), x tau^2, with w the
+    teacher's renormalised first-step probabilities of the candidates, or (weighting="student") the student's
+    (``student_logits`` [N, V] at the positions the candidates replace)."""
+    if weighting == "student":
+        lp = torch.log_softmax(_up(student_logits).detach(), -1).gather(-1, cand_ids.long())
+        weights = student_candidate_weights(lp).to(_up(branch_logits).dtype)
+    else:
+        weights = candidate_weights(cand_ids, topk_ids, topk_logprobs)
     lt = fold_teacher(tpa_logprobs, tpa_tail, temperature)
     ls = fold_student(branch_logits, tpa_ids, temperature)
     return (weights * kl(lt, ls)).sum(-1).mean() * temperature ** 2
@@ -155,6 +173,7 @@ class LossWeights:
     tpa: float = 1.0
     temperature: float = 1.0
     iva_ratio: float = 0.25
+    tpa_weighting: str = "teacher"  # weights over the cached TPA candidates: the teacher's, or the student's own
 
 
 def get_loss(name: str) -> LossSpec:
@@ -176,8 +195,11 @@ def total_loss(spec: LossSpec, w: LossWeights, out: dict) -> dict[str, torch.Ten
         terms["iva"] = iva_loss(out["teacher_sal"], out["student_sal"], out["sal_valid"], w.iva_ratio)
         total = total + w.iva * terms["iva"]
     if spec.tpa:
+        rows = out.get("tpa_rows")
+        pick = (lambda a: a) if rows is None else (lambda a: a.index_select(0, rows))
         terms["tpa"] = tpa_loss(out["branch_logits"], out["tpa_cand_ids"], out["tpa_ids"], out["tpa_logprobs"],
-                                out["tpa_tail"], out["topk_ids"], out["topk_logprobs"], w.temperature)
+                                out["tpa_tail"], pick(out["topk_ids"]), pick(out["topk_logprobs"]), w.temperature,
+                                w.tpa_weighting, pick(out["logits"]))
         total = total + w.tpa * terms["tpa"]
     terms["loss"] = total
     return terms
@@ -254,14 +276,14 @@ def _fkl_grad_(soft: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor, ls: torc
     return soft.scatter_(-1, ids.long(), coef * (q_top - lt[:, :-1].exp()) + extra * q_top)
 
 
-def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm):
+def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, shared: dict):
     """SFT's cross-entropy plus the KD term. Gradients in closed form and in place for forward KL (softmax
     minus one-hot for SFT, see _fkl_grad_ for KD); reverse KL and JSD take autograd on the chunk."""
     tau = w.temperature
     c_sft = norm.scale / norm.tokens
     c_kd = norm.scale * w.kd * tau ** 2 / norm.tokens
     div, name = spec.divergence, spec.kd_term
-    coverage = tpa_coverage_fn(t) if spec.tpa and t.get("tpa_cand_ids") is not None else None
+    coverage = tpa_coverage_fn(t, shared) if spec.tpa and t.get("tpa_cand_ids") is not None else None
 
     def fn(z, lo, hi, need):
         tgt = t["targets"][lo:hi, None].long()
@@ -303,13 +325,17 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm):
     return fn
 
 
-def tpa_coverage_fn(t: dict):
+def tpa_coverage_fn(t: dict, shared: dict | None = None):
     """TPA coverage (a diagnostic, no gradient): at each TPA position, the student's next-token probability mass on
     the teacher's cached candidates (``tpa_mass``), and the fraction of the student's own top-B tokens that are among
     them (``tpa_topb``). Sums over the chunk's TPA positions; ``means`` divides by the step's TPA positions."""
     cand = t["tpa_cand_ids"].long()                                                     # [M, B]
     rows = t.get("tpa_rows")
     rows = torch.arange(cand.shape[0], device=cand.device) if rows is None else rows.long()
+    # the student's log-probs of the candidates, kept for --tpa-weighting student (the branch rows come after)
+    cand_logp = torch.zeros(cand.shape, dtype=torch.float32, device=cand.device)
+    if shared is not None:
+        shared["student_cand_logp"] = cand_logp
 
     def fn(z, lse, lo, hi):
         inside = (rows >= lo) & (rows < hi)
@@ -319,14 +345,16 @@ def tpa_coverage_fn(t: dict):
             return {"tpa_mass": zero, "tpa_topb": zero}
         with torch.no_grad():
             zr = z.index_select(0, local)
-            mass = (zr.gather(-1, c) - lse.index_select(0, local)[:, None]).exp().sum(-1)
+            lp = zr.gather(-1, c) - lse.index_select(0, local)[:, None]
+            cand_logp[inside] = lp.float()
+            mass = lp.exp().sum(-1)
             top = zr.topk(c.shape[-1], dim=-1).indices
             hits = (top[:, :, None] == c[:, None, :]).any(-1).float().mean(-1)
         return {"tpa_mass": mass.sum(), "tpa_topb": hits.sum()}
     return fn
 
 
-def _branch_fn(t: dict, w: LossWeights, norm: StepNorm):
+def _branch_fn(t: dict, w: LossWeights, norm: StepNorm, shared: dict):
     """Branch rows flattened [M * B]: row r is branch r % B of TPA position r // B. Forward KL, gradient in
     closed form (_fkl_grad_)."""
     tau = w.temperature
@@ -334,11 +362,15 @@ def _branch_fn(t: dict, w: LossWeights, norm: StepNorm):
     rows = t.get("tpa_rows")
     top_ids = t["topk_ids"] if rows is None else t["topk_ids"].index_select(0, rows)
     top_lps = t["topk_logprobs"] if rows is None else t["topk_logprobs"].index_select(0, rows)
-    weights = candidate_weights(t["tpa_cand_ids"], top_ids, top_lps).reshape(-1)       # [M * B]
     ids = t["tpa_ids"].reshape(-1, t["tpa_ids"].shape[-1])
     lt_all = fold_teacher(t["tpa_logprobs"].reshape(-1, ids.shape[-1]), t["tpa_tail"].reshape(-1), tau)
+    teacher_w = candidate_weights(t["tpa_cand_ids"], top_ids, top_lps).reshape(-1) if w.tpa_weighting != "student" else None
+    weights = teacher_w
 
     def fn(z, lo, hi, need):
+        nonlocal weights
+        if weights is None:  # the student's own candidate probabilities, recorded by the main rows' pass
+            weights = student_candidate_weights(shared["student_cand_logp"]).reshape(-1).to(z.dtype)
         zt = z.sub_(z.amax(-1, keepdim=True))
         zt = zt if tau == 1.0 else zt.div_(tau)
         lse = zt.logsumexp(-1)
@@ -438,9 +470,10 @@ def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, 
     terms (differentiable, see StepNorm), "sums": {term: detached sum over this batch's items}}; ``means``
     turns sums into per-item means."""
     norm = norm or StepNorm.of(out)
-    fns, hiddens = [_main_fn(out, spec, w, norm)], [out["resp_hidden"]]
+    shared: dict = {}  # what the main rows' pass hands the branch rows' pass (the student's candidate log-probs)
+    fns, hiddens = [_main_fn(out, spec, w, norm, shared)], [out["resp_hidden"]]
     if spec.tpa and out.get("branch_hidden") is not None and out["branch_hidden"].numel():
-        fns.append(_branch_fn(out, w, norm))
+        fns.append(_branch_fn(out, w, norm, shared))
         hiddens.append(out["branch_hidden"].reshape(-1, out["branch_hidden"].shape[-1]))
     plan = {"fns": fns, "chunk_rows": chunk_rows(head.weight.shape[0], chunk_bytes, head.weight.device)}
     loss = _ChunkedHead.apply(head.weight, head.bias, plan, *hiddens)

@@ -30,7 +30,7 @@ from alignti.common.faults import crash_point
 from alignti.common.fingerprint import check_encoding, check_student
 from alignti.common.config import config_values, write_config
 from alignti.common.conversation import image_refs
-from alignti.common.losses import LossWeights, StepNorm, get_loss, means, step_counts
+from alignti.common.losses import TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means, step_counts
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
 from alignti.common.progress import progress_bar
 
@@ -41,8 +41,8 @@ from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, l
 log = logging.getLogger("alignti.train")
 
 # settings that must not change between a run and its resume
-_RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "iva_ratio", "temperature", "student_layer",
-             "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed",
+_RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "tpa_weighting", "iva_ratio", "temperature",
+             "student_layer", "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed",
              "fsdp", "freeze_vision", "group_by_length")
 
 
@@ -56,6 +56,7 @@ class TrainConfig:
     kd_weight: float = 1.0
     iva_weight: float = 1.0
     tpa_weight: float = 1.0
+    tpa_weighting: str = "teacher"  # TPA candidates weighed by the teacher's probabilities or the student's own
     iva_ratio: float = 0.25
     temperature: float = 1.0
     student_layer: int | None = None
@@ -181,6 +182,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if cfg.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be 1 or more (got {cfg.checkpoint_every})")
     parse_report_to(cfg.report_to)
+    if cfg.tpa_weighting not in TPA_WEIGHTINGS:
+        raise ValueError(f"--tpa-weighting must be one of {', '.join(TPA_WEIGHTINGS)}, not '{cfg.tpa_weighting}'")
     env = dist.dist_env()
     device = dist.device_for(cfg.device, env)
     dist.init(env, device)
@@ -219,7 +222,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio)
+    weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio,
+                          cfg.tpa_weighting)
 
     if cfg.freeze_vision:
         adapter.vision_tower.requires_grad_(False)
@@ -250,7 +254,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["run"] != run_info:
-            diff = [k for k in run_info if state["run"].get(k) != run_info[k]]
+            # a setting added since the checkpoint was written counts as its default then
+            diff = [k for k in run_info if state["run"].get(k, getattr(TrainConfig, k, None)) != run_info[k]]
             raise AlignTIError(f"--resume: the checkpoint in {out} was made with different settings ({', '.join(diff)})")
         if env.distributed:
             parallel.load_full_state(step_module, opt, state["model"], state["optimizer"])

@@ -47,8 +47,21 @@ def _case(seed: int, peaked: bool):
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 @pytest.mark.parametrize("peaked", [False, True])
 def test_chunked_head_matches_unchunked(loss, tau, peaked):
+    _check_against_unchunked(loss, tau, peaked, "teacher")
+
+
+@pytest.mark.parametrize("loss", ["kd+tpa", "alignti"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("peaked", [False, True])
+def test_student_weighted_tpa_matches_unchunked(loss, tau, peaked):
+    """--tpa-weighting student: the candidates weighed by the student's own renormalised probabilities (from
+    the main rows' pass, detached), the same in the chunked head as in the unchunked reference."""
+    _check_against_unchunked(loss, tau, peaked, "student")
+
+
+def _check_against_unchunked(loss, tau, peaked, weighting):
     spec = get_loss(loss)
-    w = LossWeights(kd=0.7, iva=0.9, tpa=1.3, temperature=tau, iva_ratio=0.3)
+    w = LossWeights(kd=0.7, iva=0.9, tpa=1.3, temperature=tau, iva_ratio=0.3, tpa_weighting=weighting)
     head, hid, bh, ssal, t = _case(3, peaked)
     leaves = [hid.requires_grad_(), bh.requires_grad_(), ssal.requires_grad_(), head.weight]
 
@@ -134,3 +147,25 @@ def test_tpa_coverage_matches_an_explicit_loop(subset):
     assert m["tpa_topb"] == pytest.approx(sum(topb) / len(rows), rel=1e-6)
     assert 0 < m["tpa_mass"] < 1 and m["tpa_topb"] > 0  # peaked on the teacher's top-3: real overlap
     assert m["loss"] == pytest.approx(sum(w * m[k] for k, w in [("sft", 1), ("kd", 1), ("tpa", 1), ("iva", 1)]))
+
+
+def test_student_weighting_against_an_explicit_loop():
+    """TPA with the student's weights, written out: sum over positions and candidates of
+    p_S(c_b) / sum_b' p_S(c_b') * KL(fold(teacher's next step) || fold(student's next step after c_b)), averaged."""
+    from alignti.common.losses import fold_student, fold_teacher, kl, tpa_loss
+    head, hid, bh, ssal, t = _case(7, peaked=False)
+    with torch.no_grad():
+        logits, blog = head(hid).double(), head(bh).double()
+        total = 0.0
+        for i in range(N):
+            p = torch.softmax(logits[i], -1)[t["tpa_cand_ids"][i]]
+            for b in range(B):
+                d = kl(fold_teacher(t["tpa_logprobs"][i, b].double(), t["tpa_tail"][i, b].double(), 1.0),
+                       fold_student(blog[i, b], t["tpa_ids"][i, b], 1.0))
+                total += (p[b] / p.sum()).item() * d.item()
+        ref = tpa_loss(blog, t["tpa_cand_ids"], t["tpa_ids"], t["tpa_logprobs"].double(), t["tpa_tail"].double(),
+                       t["topk_ids"], t["topk_logprobs"].double(), 1.0, "student", logits)
+        teacher = tpa_loss(blog, t["tpa_cand_ids"], t["tpa_ids"], t["tpa_logprobs"].double(), t["tpa_tail"].double(),
+                           t["topk_ids"], t["topk_logprobs"].double(), 1.0, "teacher", logits)
+    assert ref.item() == pytest.approx(total / N, rel=1e-9)
+    assert abs(teacher.item() - ref.item()) > 1e-3  # the two weightings differ on this case
