@@ -35,7 +35,9 @@ METHODS = ("sft", "kd", "kd+iva", "kd+tpa", "alignti")
 DEMO_TRAIN = dict(group_by_length=False)
 PRESETS = {
     # the teacher trains until 90% validation exact match (at most teacher_steps steps)
-    "default": dict(n_train=300, n_val=40, n_test=80, teacher_steps=1500, teacher_target=0.9, student_steps=800,
+    # 200 validation images (600 questions: where settings are chosen) and 500 test images (1,500 questions: where
+    # methods are compared), so that paired differences of a few points are separable over 3 seeds
+    "default": dict(n_train=300, n_val=200, n_test=500, teacher_steps=1500, teacher_target=0.9, student_steps=800,
                     batch_size=16, lr=3e-3, eval_every=200, val_limit=60, train=dict(freeze_vision=True, **DEMO_TRAIN)),
     # mechanics only: a briefly trained teacher (no accuracy target), short student runs
     "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=150, teacher_target=None, student_steps=80,
@@ -79,7 +81,9 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     bad = [m for m in cfg.methods if m not in REGISTRY]
     if bad:
         raise ConfigError(f"quickstart: unknown method(s) {bad}; choose from {', '.join(REGISTRY)}")
-    p = dict(PRESETS["fast" if cfg.fast else "default"], **cfg.overrides)
+    base = PRESETS["fast" if cfg.fast else "default"]
+    p = dict(base, **cfg.overrides)
+    p["train"] = {**base["train"], **cfg.overrides.get("train", {})}  # train-student settings add to the preset's
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
     write_config(work / "config.yaml", config_values(cfg, CONFIG_KEYS),
@@ -134,7 +138,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     runs = [runs[(m, s)] for m in cfg.methods for s in range(cfg.seeds)]
 
     table = summarise(runs, cfg.methods)
-    results = {"preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
+    pairs = paired_table(runs, cfg.methods)
+    results = {"paired": pairs, "verdict": verdict(pairs),"preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
                "teacher_test_accuracy": teacher_acc, "teacher_val_accuracy": info.get("teacher_val_accuracy"),
                "teacher_params": info["teacher_params"], "student_params": info["student_params"],
                "teacher_saliency_region": saliency, "methods": table, "dump_seconds": round(t_dump - t_start, 1),
@@ -171,14 +176,62 @@ def _train_and_score(job: dict) -> dict:
     test = AccuracyProbe(sproc, str(Path(job["data"]) / "test.json"), job["images"])
     answers = test.answers(model, sproc)
     acc = test.score(answers)
+    # the whole validation split, where settings are chosen (bench/method_sweep.py); the test split decides nothing
+    val_acc = AccuracyProbe(sproc, str(Path(job["data"]) / "val.json"), job["images"])(model, sproc)
     agree = test.score(answers, job["teacher_answers"])
     kl = cache_kl(model, sproc, job["cache"], None)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    run = {"method": job["method"], "seed": job["seed"], "test_accuracy": acc, "teacher_agreement": agree,
+    run = {"method": job["method"], "seed": job["seed"], "test_accuracy": acc, "val_accuracy": val_acc,
+           "teacher_agreement": agree,
            "train_kl_to_teacher": kl, "seconds": round(time.perf_counter() - t0, 1), "curve": metrics}
     (out / "result.json").write_text(json.dumps(run))
     log.info("%s seed %d: test accuracy %.3f (teacher agreement %.3f)", job["method"], job["seed"], acc, agree)
     return run
+
+
+# two-sided 95% quantiles of Student's t, by degrees of freedom (1-30); beyond, the normal's 1.96
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def paired_interval(a: list[float], b: list[float]) -> dict:
+    """Mean of the per-seed differences a - b and its 95% confidence interval over seeds (paired t)."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = statistics.mean(d)
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n, "diffs": d}
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * statistics.stdev(d) / n ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "diffs": d}
+
+
+COMPARISONS = [("kd", "sft"), ("kd+iva", "sft"), ("kd+tpa", "sft"), ("alignti", "sft"), ("kd+iva", "kd"),
+               ("kd+tpa", "kd"), ("alignti", "kd"), ("alignti", "kd+iva"), ("alignti", "kd+tpa")]
+
+
+def paired_table(runs: list[dict], methods) -> list[dict]:
+    """Every comparison of COMPARISONS whose methods ran: per-seed test accuracy differences, paired by seed."""
+    acc = {(r["method"], r["seed"]): r["test_accuracy"] for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    out = []
+    for a, b in COMPARISONS:
+        if a in methods and b in methods:
+            out.append({"a": a, "b": b, **paired_interval([acc[(a, s)] for s in seeds], [acc[(b, s)] for s in seeds])})
+    return out
+
+
+def verdict(pairs: list[dict]) -> str:
+    """One sentence per comparison that the intervals decide; the rest named as not separable."""
+    above = [f"{p['a']} > {p['b']}" for p in pairs if p["low"] is not None and p["low"] > 0]
+    below = [f"{p['a']} < {p['b']}" for p in pairs if p["high"] is not None and p["high"] < 0]
+    open_ = [f"{p['a']} vs {p['b']}" for p in pairs if p["low"] is None or p["low"] <= 0 <= p["high"]]
+    n = pairs[0]["n"] if pairs else 0
+    parts = []
+    if above or below:
+        parts.append("The 95% intervals over seeds support " + ", ".join(above + below) + ".")
+    if open_:
+        parts.append(f"Not separable at {n} seeds (the interval holds 0): " + ", ".join(open_) + ".")
+    return " ".join(parts)
 
 
 def summarise(runs: list[dict], methods) -> dict:
@@ -204,6 +257,15 @@ def render_table(results: dict) -> str:
         kl = f"{r['kl_mean']:.3f}" if r["kl_mean"] is not None else "-"
         lines.append(f"| {m} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} | "
                      f"{100 * r['agreement_mean']:.1f} | {kl} |")
+    if results.get("paired"):
+        lines += ["", f"Paired by seed (the same student initialisation): test accuracy difference, mean over "
+                  f"{results['seeds']} seeds and its 95% interval (paired t)", "",
+                  "| comparison | difference | 95% interval | per seed |", "|---|---|---|---|"]
+        for p in results["paired"]:
+            iv = f"[{100 * p['low']:+.1f}, {100 * p['high']:+.1f}]" if p["low"] is not None else "-"
+            lines.append(f"| {p['a']} − {p['b']} | {100 * p['mean']:+.1f} | {iv} | "
+                         + ", ".join(f"{100 * d:+.1f}" for d in p["diffs"]) + " |")
+        lines += ["", results["verdict"]]
     sal = results.get("teacher_saliency_region")
     if sal:
         lines += ["", "Teacher saliency (cached, layer l*): share of samples whose top image token lies in the region "
