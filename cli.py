@@ -125,6 +125,12 @@ def dump_teacher(ctx: typer.Context,
                                                      "response positions that get TPA statistics, chosen where the "
                                                      "teacher's next-token entropy is highest (1: all)."),
                  saliency_layer: str = typer.Option("auto", help="auto (IRS), a layer index, or none."),
+                 iva_token_kl: bool = typer.Option(False, help="Also cache IVA's token-KL statistics: at the top "
+                                                   "--iva-token-ratio of each turn's salient image tokens, their "
+                                                   "saliency and the teacher's output distribution (for "
+                                                   "train-student --iva-form token-kl)."),
+                 iva_token_ratio: float = typer.Option(0.25, help="Share of each sample's image tokens the token-KL "
+                                                       "statistics cover."),
                  irs_samples: int = typer.Option(256, help="Calibration samples for --saliency-layer auto."),
                  unit_size: int = typer.Option(256, help="Samples per work unit (one committed part each)."),
                  max_length: Optional[int] = typer.Option(None, help="Refuse samples longer than this."),
@@ -184,7 +190,11 @@ def train_student(ctx: typer.Context,
                                                     "detached, renormalised over the candidates: the paper samples "
                                                     "candidates from the student)."),
                   iva_ratio: float = typer.Option(0.25, help="Fraction of image tokens IVA aligns (the teacher's "
-                                                  "most salient)."),
+                                                  "most salient; token-kl: fixed by the dump's --iva-token-ratio)."),
+                  iva_form: str = typer.Option("attention", help="IVA as attention (the student's instruction-to-"
+                                               "image attention matches the teacher's on its salient tokens) or "
+                                               "token-kl (KL of the output distributions at those tokens, weighted "
+                                               "by the teacher's saliency; dump with --iva-token-kl)."),
                   temperature: float = typer.Option(1.0, help="Distillation temperature."),
                   student_layer: Optional[int] = typer.Option(None, help="Default: teacher's l* by relative depth."),
                   max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),

@@ -26,7 +26,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import CacheError
 from .faults import crash_point
-from .schema import (CHUNK_TOKENS, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, QUANTISED, READABLE_VERSIONS,
+from .schema import (CHUNK_TOKENS, IVAK_ARRAYS, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, QUANTISED, READABLE_VERSIONS,
                      SAMPLE_SCHEMA, SCHEMA_VERSION, SHARD_CHUNKS, TPA_ARRAYS, array_dtype, array_shape_tail,
                      arrays_for, decode_logprobs, encode_logprobs, tpa_positions_layout)
 
@@ -73,7 +73,7 @@ class PartWriter:
         self.params = params
         self.names = arrays_for(params)
         self.buffers: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
-        self.offsets = {"tok": 0, "resp": 0, "sal": 0, "tpa": 0}
+        self.offsets = {"tok": 0, "resp": 0, "sal": 0, "tpa": 0, "ivak": 0}
         self.rows: list[dict] = []
 
     def add_skipped(self, index: int, sample_id: str, error: str, image: str = "") -> None:
@@ -81,7 +81,7 @@ class PartWriter:
                               image_sha256="", tok_start=self.offsets["tok"], tok_len=0,
                               resp_start=self.offsets["resp"], resp_len=0, image_tok_start=0, n_image_tokens=0,
                               instr_spans=[], resp_spans=[], image_spans=[], sal_start=self.offsets["sal"], n_turns=0,
-                              tpa_start=self.offsets["tpa"], tpa_len=0))
+                              tpa_start=self.offsets["tpa"], tpa_len=0, ivak_start=self.offsets["ivak"], ivak_len=0))
 
     def add(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """meta: the sample's row fields (ids, spans); arrays: its slice of every array."""
@@ -102,6 +102,7 @@ class PartWriter:
             self.buffers[name].append(a)
         n_sal = len(arrays["saliency"]) if "saliency" in self.names else 0
         n_tpa = len(arrays["tpa_pos"]) if "tpa_pos" in self.names else 0
+        n_ivak = len(arrays["ivak_pos"]) if "ivak_pos" in self.names else 0
         if n_tpa and (int(arrays["tpa_pos"].max()) >= n_resp or int(arrays["tpa_pos"].min()) < 0):
             raise CacheError(f"sample {meta['sample_id']}: TPA positions outside its {n_resp} response tokens")
         if meta.get("image_spans") is None:  # one image: its tokens from image_tok_start
@@ -109,11 +110,13 @@ class PartWriter:
             meta = dict(meta, image_spans=[a0, a0 + n_img] if n_img else [])
         self.rows.append(dict(meta, status="ok", error="", tok_start=self.offsets["tok"], tok_len=n_tok,
                               resp_start=self.offsets["resp"], resp_len=n_resp, sal_start=self.offsets["sal"],
-                              tpa_start=self.offsets["tpa"], tpa_len=n_tpa))
+                              tpa_start=self.offsets["tpa"], tpa_len=n_tpa, ivak_start=self.offsets["ivak"],
+                              ivak_len=n_ivak))
         self.offsets["tok"] += n_tok
         self.offsets["resp"] += n_resp
         self.offsets["sal"] += n_sal
         self.offsets["tpa"] += n_tpa
+        self.offsets["ivak"] += n_ivak
 
     def commit(self) -> dict:
         parts = self.root / PARTS_DIR
@@ -233,6 +236,9 @@ class CacheReader:
                                  f"run 'alignti validate-cache {self.url}' and re-dump the part") from None
             if "tpa_start" not in t.column_names:  # v2/v3: one TPA row per response token
                 t = t.append_column("tpa_start", t.column("resp_start")).append_column("tpa_len", t.column("resp_len"))
+            if "ivak_start" not in t.column_names:  # v2-v4: no token-KL statistics
+                zeros = pa.array([0] * t.num_rows, pa.int64())
+                t = t.append_column("ivak_start", zeros).append_column("ivak_len", zeros.cast(pa.int32()))
             if "image_spans" not in t.column_names:  # v2-v4: one image, its tokens contiguous
                 st, n = t.column("image_tok_start").to_pylist(), t.column("n_image_tokens").to_pylist()
                 t = t.append_column("image_spans", pa.array([[a, a + b] if b else [] for a, b in zip(st, n)],
@@ -309,6 +315,10 @@ class CacheReader:
             for name in TPA_ARRAYS:
                 out[name] = a[name][ps:ps + pl]
             out["tpa_pos"] = a["tpa_pos"][ps:ps + pl] if self.tpa_layout else np.arange(rl, dtype=np.int32)
+        if "ivak_pos" in a:
+            s0, n = row["ivak_start"], row["ivak_len"]
+            for name in IVAK_ARRAYS:
+                out[name] = a[name][s0:s0 + n]
         if "saliency" in a:
             n = row["n_turns"] * row["n_image_tokens"]
             out["saliency"] = a["saliency"][row["sal_start"]:row["sal_start"] + n].reshape(
@@ -392,6 +402,10 @@ def validate_cache(url: str | Path, storage_options: dict | None = None, damaged
                 found.append((name, f"part {name}: {len(arrays['input_ids'])} tokens stored, table says {n_tok}"))
             if len(arrays["topk_ids"]) != n_resp or n_resp != part["response_tokens"]:
                 found.append((name, f"part {name}: {len(arrays['topk_ids'])} response rows, table says {n_resp}"))
+            if "ivak_pos" in arrays:
+                n_ivak = sum(r["ivak_len"] for r in rows)
+                if any(len(arrays[a]) != n_ivak for a in IVAK_ARRAYS):
+                    found.append((name, f"part {name}: {len(arrays['ivak_pos'])} token-KL rows, table says {n_ivak}"))
             if "tpa_pos" in arrays:
                 n_tpa = sum(r["tpa_len"] for r in rows)
                 if any(len(arrays[a]) != n_tpa for a in ("tpa_pos", *TPA_ARRAYS)):

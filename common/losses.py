@@ -113,6 +113,18 @@ def candidate_weights(cand_ids, topk_ids, topk_logprobs) -> torch.Tensor:
 
 
 TPA_WEIGHTINGS = ("teacher", "student")
+IVA_FORMS = ("attention", "token-kl")
+
+
+def iva_token_kl_loss(img_logits, ivak_ids, ivak_logprobs, ivak_tail, ivak_weight, n_groups: int,
+                      temperature: float = 1.0):
+    """IVA's token-KL reading (the survey's "teacher attention aggregated into visual-token KL weights"): at each
+    (sample, turn) group's top-r salient image tokens, KL(fold(teacher's output) || fold(student's output)) on the
+    teacher's top-k + rest, weighted by the teacher's saliency renormalised over the r; mean over groups, x tau^2.
+    img_logits [R, V]: the student's LM head at those image tokens."""
+    lt = fold_teacher(ivak_logprobs, ivak_tail, temperature)
+    ls = fold_student(img_logits, ivak_ids, temperature)
+    return (_up(ivak_weight) * kl(lt, ls)).sum() / max(n_groups, 1) * temperature ** 2
 
 
 def student_candidate_weights(cand_logp: torch.Tensor) -> torch.Tensor:
@@ -174,6 +186,7 @@ class LossWeights:
     temperature: float = 1.0
     iva_ratio: float = 0.25
     tpa_weighting: str = "teacher"  # weights over the cached TPA candidates: the teacher's, or the student's own
+    iva_form: str = "attention"  # IVA as attention alignment, or "token-kl" (outputs at the salient image tokens)
 
 
 def get_loss(name: str) -> LossSpec:
@@ -191,7 +204,11 @@ def total_loss(spec: LossSpec, w: LossWeights, out: dict) -> dict[str, torch.Ten
         terms[spec.kd_term] = d = distill_loss(
             out["logits"], out["topk_ids"], out["topk_logprobs"], out["tail_logmass"], spec.divergence, w.temperature)
         total = total + w.kd * d
-    if spec.iva and out.get("student_sal") is not None:
+    if spec.iva and w.iva_form == "token-kl" and out.get("ivak_logits") is not None:
+        terms["iva"] = iva_token_kl_loss(out["ivak_logits"], out["ivak_ids"], out["ivak_logprobs"], out["ivak_tail"],
+                                         out["ivak_weight"], int(out["n_groups"]), w.temperature)
+        total = total + w.iva * terms["iva"]
+    elif spec.iva and out.get("student_sal") is not None:
         terms["iva"] = iva_loss(out["teacher_sal"], out["student_sal"], out["sal_valid"], w.iva_ratio)
         total = total + w.iva * terms["iva"]
     if spec.tpa:
@@ -354,6 +371,28 @@ def tpa_coverage_fn(t: dict, shared: dict | None = None):
     return fn
 
 
+def _ivak_fn(t: dict, w: LossWeights, norm: StepNorm):
+    """IVA's token-KL rows (the student's outputs at the teacher's salient image tokens): saliency-weighted forward
+    KL on the teacher's top-k + rest, divided by the step's (sample, turn) groups; gradient in closed form."""
+    tau = w.temperature
+    c = norm.scale * w.iva * tau ** 2 / norm.groups
+    ids = t["ivak_ids"]
+    lt_all = fold_teacher(t["ivak_logprobs"], t["ivak_tail"], tau)
+    weights = t["ivak_weight"].float()
+
+    def fn(z, lo, hi, need):
+        zt = z.sub_(z.amax(-1, keepdim=True))
+        zt = zt if tau == 1.0 else zt.div_(tau)
+        lse = zt.logsumexp(-1)
+        ls = fold_rows(zt, ids[lo:hi], lse)
+        d = (kl(lt_all[lo:hi], ls) * weights[lo:hi]).sum()
+        g = None
+        if need:
+            g = _fkl_grad_(zt.sub_(lse[:, None]).exp_(), ids[lo:hi], lt_all[lo:hi], ls, weights[lo:hi] * (c / tau))
+        return c * d, {"iva": d * tau ** 2}, g
+    return fn
+
+
 def _branch_fn(t: dict, w: LossWeights, norm: StepNorm, shared: dict):
     """Branch rows flattened [M * B]: row r is branch r % B of TPA position r // B. Forward KL, gradient in
     closed form (_fkl_grad_)."""
@@ -475,10 +514,13 @@ def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, 
     if spec.tpa and out.get("branch_hidden") is not None and out["branch_hidden"].numel():
         fns.append(_branch_fn(out, w, norm, shared))
         hiddens.append(out["branch_hidden"].reshape(-1, out["branch_hidden"].shape[-1]))
+    if spec.iva and w.iva_form == "token-kl" and out.get("ivak_hidden") is not None and out["ivak_hidden"].numel():
+        fns.append(_ivak_fn(out, w, norm))
+        hiddens.append(out["ivak_hidden"])
     plan = {"fns": fns, "chunk_rows": chunk_rows(head.weight.shape[0], chunk_bytes, head.weight.device)}
     loss = _ChunkedHead.apply(head.weight, head.bias, plan, *hiddens)
     sums = dict(plan["stats"])
-    if spec.iva and out.get("student_sal") is not None:
+    if spec.iva and w.iva_form != "token-kl" and out.get("student_sal") is not None:
         iva_sum = iva_loss(out["teacher_sal"], out["student_sal"], out["sal_valid"], w.iva_ratio, reduction="sum")
         loss = loss + norm.scale * w.iva * iva_sum / norm.groups
         sums["iva"] = iva_sum.detach()

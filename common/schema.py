@@ -20,7 +20,8 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 5  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs;
 #                    4: TPA statistics on their own CSR axis ("tpa") for a chosen subset of response positions;
-#                    5: several images per sample (image_spans; image / image_sha256 then JSON lists)
+#                    5: several images per sample (image_spans; image / image_sha256 then JSON lists); IVA's
+#                       token-KL statistics on their own axis "ivak" (dump-teacher --iva-token-kl)
 READABLE_VERSIONS = (2, 3, 4, 5)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
 
 # Log-prob encodings (params["logprob_encoding"]; absent = float16). "uint8": q = round(-logp * 16) clipped
@@ -51,7 +52,16 @@ ARRAYS: dict[str, tuple[str, np.dtype, tuple[str, ...]]] = {
     "tpa_logprobs": ("tpa", np.dtype("float16"), ("tpa_branches", "tpa_top_k")),
     "tpa_tail": ("tpa", np.dtype("float32"), ("tpa_branches",)),
     "saliency": ("sal", np.dtype("float16"), ()),
+    # v5, dump-teacher --iva-token-kl: per (sample, turn) the top-r image tokens of the teacher's saliency
+    # (r = ceil(iva_token_ratio * n_image_tokens)), their saliency renormalised over the r, and the teacher's
+    # output distribution there (top-k + tail): IVA's token-KL reading
+    "ivak_pos": ("ivak", np.dtype("int32"), ()),  # index among the sample's image tokens (image_spans order)
+    "ivak_weight": ("ivak", np.dtype("float32"), ()),
+    "ivak_ids": ("ivak", np.dtype("int32"), ("top_k",)),
+    "ivak_logprobs": ("ivak", np.dtype("float16"), ("top_k",)),
+    "ivak_tail": ("ivak", np.dtype("float32"), ()),
 }
+IVAK_ARRAYS = ("ivak_pos", "ivak_weight", "ivak_ids", "ivak_logprobs", "ivak_tail")
 
 TPA_ARRAYS = ("tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail")
 # params["tpa_layout"]: "positions" (v4: TPA rows on the "tpa" axis, with tpa_pos); absent: one row per
@@ -82,6 +92,8 @@ SAMPLE_SCHEMA = pa.schema([
     ("tpa_start", pa.int64()),        # v4: offset into the TPA arrays of this part
     ("tpa_len", pa.int32()),          # v4: TPA rows of this sample (<= resp_len)
     ("image_spans", pa.list_(pa.int32())),  # v5: [start, end) pairs, one per image (saliency covers them in order)
+    ("ivak_start", pa.int64()),       # v5: offset into the ivak arrays of this part (--iva-token-kl)
+    ("ivak_len", pa.int32()),         # v5: n_turns * r rows
 ])
 
 
@@ -110,11 +122,13 @@ def array_shape_tail(name: str, params: dict) -> tuple[int, ...]:
 
 def arrays_for(params: dict) -> list[str]:
     """Arrays present in a cache made with these parameters."""
-    names = [n for n in ARRAYS if n not in TPA_ARRAYS and n not in ("saliency", "tpa_pos")]
+    names = [n for n in ARRAYS if n not in TPA_ARRAYS and n not in IVAK_ARRAYS and n not in ("saliency", "tpa_pos")]
     if params.get("tpa_branches", 0) > 0:
         names += (["tpa_pos"] if tpa_positions_layout(params) else []) + list(TPA_ARRAYS)
     if params.get("saliency_layer") is not None:
         names.append("saliency")
+        if params.get("iva_token_kl"):
+            names += list(IVAK_ARRAYS)
     return names
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignti.common.batch import collate, tpa_layout
+from alignti.common.batch import collate, image_token_positions, tpa_layout
 from alignti.common.cache import CacheReader
 from alignti.common.conversation import image_refs
 from alignti.common.errors import DataError
@@ -164,6 +164,16 @@ class StudentCollator:
             batch["tpa_cand_list"] = [torch.from_numpy(x["tpa_cand_ids"]) for x in samples]
             sel = [torch.from_numpy(np.asarray(x["tpa_pos"])) for x in samples]
             batch["tpa_rows"], batch["tpa_pos"] = tpa_layout(batch["resp_pos"], sel)
+        if "ivak_pos" in samples[0]:  # IVA token-KL rows: the teacher's salient image tokens, as sequence positions
+            rows_b, rows_p = [], []
+            for b, x in enumerate(samples):
+                keys = image_token_positions(batch, b)
+                idx = torch.from_numpy(np.asarray(x["ivak_pos"], np.int64))
+                rows_b.append(torch.full((len(idx),), b, dtype=torch.long))
+                rows_p.append(keys[idx] if len(idx) else idx)
+            batch["ivak_b"], batch["ivak_p"] = torch.cat(rows_b), torch.cat(rows_p)
+            for name in ("ivak_weight", "ivak_ids", "ivak_logprobs", "ivak_tail"):
+                batch[name] = torch.from_numpy(np.concatenate([x[name] for x in samples]))
         if "saliency" in samples[0]:
             rows = [torch.from_numpy(x["saliency"].astype(np.float32)) for x in samples if x["n_image_tokens"] > 0]
             rows = [r for r in rows if r.numel()]
@@ -182,7 +192,8 @@ class StudentCollator:
 
 
 TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
-                "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid")
+                "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid", "ivak_b", "ivak_p", "ivak_weight",
+                "ivak_ids", "ivak_logprobs", "ivak_tail")
 
 
 def batch_to_device(batch: dict, device) -> dict:

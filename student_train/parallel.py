@@ -31,7 +31,7 @@ class StudentStep(nn.Module):
         from alignti.common.losses import head_loss
 
         from .trainer import student_step_outputs
-        res = student_step_outputs(self.adapter, batch, self.spec, self.layer)
+        res = student_step_outputs(self.adapter, batch, self.spec, self.layer, self.weights.iva_form)
         return head_loss(self.spec, self.weights, lm_head(self.adapter), res, norm)
 
 

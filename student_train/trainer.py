@@ -30,7 +30,7 @@ from alignti.common.faults import crash_point
 from alignti.common.fingerprint import check_encoding, check_student
 from alignti.common.config import config_values, write_config
 from alignti.common.conversation import image_refs
-from alignti.common.losses import TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means, step_counts
+from alignti.common.losses import IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means, step_counts
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
 from alignti.common.progress import progress_bar
 
@@ -41,7 +41,8 @@ from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, l
 log = logging.getLogger("alignti.train")
 
 # settings that must not change between a run and its resume
-_RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "tpa_weighting", "iva_ratio", "temperature",
+_RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "tpa_weighting", "iva_ratio", "iva_form",
+             "temperature",
              "student_layer", "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed",
              "fsdp", "freeze_vision", "group_by_length")
 
@@ -58,6 +59,7 @@ class TrainConfig:
     tpa_weight: float = 1.0
     tpa_weighting: str = "teacher"  # TPA candidates weighed by the teacher's probabilities or the student's own
     iva_ratio: float = 0.25
+    iva_form: str = "attention"  # IVA as attention alignment, or token-kl (KL of outputs at salient image tokens)
     temperature: float = 1.0
     student_layer: int | None = None
     max_steps: int | None = None
@@ -99,18 +101,24 @@ def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_
     return min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
 
 
-def student_step_outputs(adapter, batch: dict, spec, layer: int) -> dict:
+def student_step_outputs(adapter, batch: dict, spec, layer: int, iva_form: str = "attention") -> dict:
     """The student's hidden states the loss head needs (see common.losses.head_loss), beside the batch's
-    teacher tensors: resp_hidden [N, H], branch_hidden [M, B, H] for TPA, student_sal for IVA."""
+    teacher tensors: resp_hidden [N, H], branch_hidden [M, B, H] for TPA, and for IVA student_sal (attention
+    form) or ivak_hidden [R, H] at the teacher's salient image tokens (token-KL form)."""
     cands = batch.get("tpa_cand_list") if spec.tpa else None
-    out = forward(adapter, batch, capture_layers=[layer] if spec.iva else (), branch_cands=cands,
-                  branch_pos=batch.get("tpa_pos") if spec.tpa else None)
+    token_kl = spec.iva and iva_form == "token-kl"
+    out = forward(adapter, batch, capture_layers=[layer] if spec.iva and not token_kl else (), branch_cands=cands,
+                  branch_pos=batch.get("tpa_pos") if spec.tpa else None,
+                  extra_positions=(batch["ivak_b"], batch["ivak_p"]) if token_kl else None)
     res = {k: batch[k] for k in ("targets", "topk_ids", "topk_logprobs", "tail_logmass", "tpa_cand_ids", "tpa_ids",
-                                 "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid") if k in batch}
+                                 "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid", "ivak_weight",
+                                 "ivak_ids", "ivak_logprobs", "ivak_tail", "ivak_group") if k in batch}
     res["resp_hidden"] = out.resp_hidden
     if spec.tpa:
         res["branch_hidden"] = out.branch_hidden
-    if spec.iva:
+    if token_kl:
+        res["ivak_hidden"] = out.extra_hidden
+    elif spec.iva:
         res["student_sal"] = out.saliency.get(layer)
     return res
 
@@ -182,6 +190,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if cfg.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be 1 or more (got {cfg.checkpoint_every})")
     parse_report_to(cfg.report_to)
+    if cfg.iva_form not in IVA_FORMS:
+        raise ValueError(f"--iva-form must be one of {', '.join(IVA_FORMS)}, not '{cfg.iva_form}'")
     if cfg.tpa_weighting not in TPA_WEIGHTINGS:
         raise ValueError(f"--tpa-weighting must be one of {', '.join(TPA_WEIGHTINGS)}, not '{cfg.tpa_weighting}'")
     env = dist.dist_env()
@@ -201,6 +211,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if spec.iva and params.get("saliency_layer") is None:
         raise CacheError(f"loss '{cfg.loss}' needs teacher saliency, but the cache was dumped with "
                          f"--saliency-layer none; re-dump with --saliency-layer auto")
+    if spec.iva and cfg.iva_form == "token-kl" and not params.get("iva_token_kl"):
+        raise CacheError(f"--iva-form token-kl needs the teacher's output distributions at its salient image tokens, "
+                         f"but the cache at {cfg.cache} has none; re-dump with --iva-token-kl")
 
     # fp32 master weights on every device; on GPU the forward runs under bf16 autocast (a bf16-loaded
     # student would take its AdamW updates in bf16: found by tests/test_gpu.py on an H100)
@@ -223,7 +236,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio,
-                          cfg.tpa_weighting)
+                          cfg.tpa_weighting, cfg.iva_form)
 
     if cfg.freeze_vision:
         adapter.vision_tower.requires_grad_(False)

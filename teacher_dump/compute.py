@@ -7,9 +7,9 @@ import math
 import numpy as np
 import torch
 
-from alignti.common.batch import branch_pass, forward, lm_head, tpa_layout
+from alignti.common.batch import branch_pass, forward, image_token_positions, lm_head, tpa_layout
 from alignti.common.losses import chunk_rows
-from alignti.common.schema import tpa_positions_layout
+from alignti.common.schema import IVAK_ARRAYS, tpa_positions_layout
 
 NEG_INF = float("-inf")
 
@@ -72,7 +72,8 @@ def teacher_batch(adapter, batch: dict, params: dict) -> dict[str, torch.Tensor]
     k, n_branch, k2 = params["top_k"], params["tpa_branches"], params["tpa_top_k"]
     layer = params.get("saliency_layer")
     fraction = float(params.get("tpa_positions", 1.0))
-    out = forward(adapter, batch, capture_layers=[layer] if layer is not None else (), use_cache=n_branch > 0)
+    out = forward(adapter, batch, capture_layers=[layer] if layer is not None else (), use_cache=n_branch > 0,
+                  keep_hidden=bool(params.get("iva_token_kl")))
     head = lm_head(adapter)
     ids, lps, tail, target, ent = topk_fold_hidden(out.resp_hidden, head, k, batch["targets"],
                                                    entropy=n_branch > 0 and fraction < 1.0)
@@ -93,7 +94,35 @@ def teacher_batch(adapter, batch: dict, params: dict) -> dict[str, torch.Tensor]
     if layer is not None and out.sal_groups is not None:
         res["saliency"] = out.saliency[layer]
         res["sal_group_batch"] = out.sal_groups.group_batch
+        if params.get("iva_token_kl"):
+            res.update(token_kl_stats(adapter, batch, out, res["saliency"], res["sal_group_batch"], k,
+                                      float(params["iva_token_ratio"])))
     return res
+
+
+def token_kl_stats(adapter, batch: dict, main, saliency: torch.Tensor, group_batch: torch.Tensor, k: int,
+                   ratio: float) -> dict[str, torch.Tensor]:
+    """IVA's token-KL reading: per (sample, turn) group, the r = ceil(ratio * n_image_tokens) image tokens the
+    teacher's saliency ranks highest (in image-token order), their saliency renormalised over the r, and the
+    teacher's output distribution at each (top-k + tail of the LM head on its final hidden state there, from the
+    same forward: ``main.hidden``)."""
+    dev = saliency.device
+    gb = group_batch.tolist()
+    pos, weight, rows_b, rows_p, counts = [], [], [], [], [0] * len(batch["resp_pos"])
+    for g, b in enumerate(gb):
+        n_v = int(batch["n_image_tokens"][b])
+        r = max(1, math.ceil(ratio * n_v))
+        s = saliency[g, :n_v].float()
+        idx = torch.sort(torch.topk(s, r).indices).values
+        pos.append(idx)
+        weight.append(s[idx] / s[idx].sum().clamp_min(1e-30))
+        rows_b.append(torch.full((r,), b, dtype=torch.long, device=dev))
+        rows_p.append(image_token_positions(batch, b).to(dev)[idx])
+        counts[b] += r
+    hidden = main.hidden[torch.cat(rows_b), torch.cat(rows_p)]
+    ids, lps, tail, _, _ = topk_fold_hidden(hidden, lm_head(adapter), k)
+    return {"ivak_pos": torch.cat(pos).to(torch.int32), "ivak_weight": torch.cat(weight), "ivak_ids": ids,
+            "ivak_logprobs": lps, "ivak_tail": tail, "ivak_counts": torch.tensor(counts)}
 
 
 TPA_ROW_ARRAYS = ("tpa_pos", "tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail")
@@ -105,10 +134,12 @@ def split_per_sample(res: dict[str, torch.Tensor], batch: dict) -> list[dict[str
     counts = [len(p) for p in batch["resp_pos"]]
     tpa_counts = host["tpa_counts"].tolist() if "tpa_counts" in host else counts
     out = [{} for _ in counts]
+    ivak_counts = host["ivak_counts"].tolist() if "ivak_counts" in host else None
     for name, t in host.items():
-        if name in ("saliency", "sal_group_batch", "tpa_counts"):
+        if name in ("saliency", "sal_group_batch", "tpa_counts", "ivak_counts"):
             continue
-        for b, piece in enumerate(torch.split(t, tpa_counts if name in TPA_ROW_ARRAYS else counts)):
+        sizes = tpa_counts if name in TPA_ROW_ARRAYS else ivak_counts if name in IVAK_ARRAYS else counts
+        for b, piece in enumerate(torch.split(t, sizes)):
             out[b][name] = piece.numpy()
     for b in range(len(counts)):
         out[b]["saliency"] = np.zeros(0, np.float16)

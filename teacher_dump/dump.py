@@ -59,6 +59,8 @@ class DumpConfig:
     logprob_encoding: str = "float16"  # or "uint8" (1/16-nat log-space steps; see common/schema.py)
     saliency_query: str = "instruction"  # or "answer" (common/conversation.py: with_saliency_query)
     tpa_positions: float = 1.0  # fraction of each sample's response positions that get TPA statistics
+    iva_token_kl: bool = False  # also cache IVA's token-KL statistics (train-student --iva-form token-kl)
+    iva_token_ratio: float = 0.25  # the share of each sample's image tokens those statistics cover
     length_sorted_batches: bool = True  # batch each work unit's samples in token-length order (less padding)
     progress: bool = True
 
@@ -149,6 +151,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_ENCODINGS)}, not '{cfg.logprob_encoding}'")
     if not 0.0 < cfg.tpa_positions <= 1.0:
         raise ValueError(f"--tpa-positions must be in (0, 1], not {cfg.tpa_positions}")
+    if not 0.0 < cfg.iva_token_ratio <= 1.0:
+        raise ValueError(f"--iva-token-ratio must be in (0, 1], not {cfg.iva_token_ratio}")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
     records = open_source(cfg.data, cfg.images).records()
@@ -192,6 +196,10 @@ def dump_teacher(cfg: DumpConfig) -> dict:
               "encoding_version": ENCODING_VERSION}
     if cfg.tpa_branches:
         params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy")
+    if cfg.iva_token_kl:
+        if layer is None:
+            raise ValueError("--iva-token-kl needs the teacher's saliency: drop --saliency-layer none")
+        params.update(iva_token_kl=True, iva_token_ratio=cfg.iva_token_ratio)
     fingerprint = make_fingerprint(model.config, processor, params)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
     plan = {"fingerprint": fingerprint, "units": units, "irs": irs,

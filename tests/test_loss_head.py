@@ -169,3 +169,41 @@ def test_student_weighting_against_an_explicit_loop():
                            t["topk_ids"], t["topk_logprobs"].double(), 1.0, "teacher", logits)
     assert ref.item() == pytest.approx(total / N, rel=1e-9)
     assert abs(teacher.item() - ref.item()) > 1e-3  # the two weightings differ on this case
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_iva_token_kl_matches_unchunked_and_an_explicit_loop(tau):
+    """--iva-form token-kl: at each group's salient image tokens, saliency-weighted KL(teacher || student) of the
+    output distributions (top-k + rest), summed and divided by the groups; the chunked head (value and gradients)
+    against the unchunked reference, and the reference against a loop over the rows."""
+    from alignti.common.losses import fold_student, fold_teacher, iva_token_kl_loss, kl
+    head, hid, bh, ssal, t = _case(11, peaked=False)
+    g = torch.Generator().manual_seed(3)
+    r, groups = 9, 3  # 3 groups of 3 salient image tokens
+    img = torch.randn(r, H, generator=g, requires_grad=True)
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(r)])
+    lp = torch.log_softmax(torch.randn(r, K + 1, generator=g) * 2, -1)
+    wts = torch.softmax(torch.randn(groups, 3, generator=g), -1).reshape(-1)
+    t = dict(t, ivak_ids=ids, ivak_logprobs=lp[:, :K], ivak_tail=lp[:, K], ivak_weight=wts,
+             sal_valid=torch.ones(groups, 4, dtype=torch.bool))
+    w = LossWeights(iva=1.7, temperature=tau, iva_form="token-kl")
+    spec = get_loss("kd+iva")
+    got = head_loss(spec, w, head, dict(t, resp_hidden=hid, ivak_hidden=img), chunk_bytes=4 * V * 4)
+    got_grads = torch.autograd.grad(got["loss"], [img, head.weight])
+    hd = copy.deepcopy(head).double()
+    x = img.detach().double().requires_grad_()
+    tt = {k: v.double() if v.is_floating_point() else v for k, v in t.items()}
+    ref = total_loss(spec, w, dict(tt, logits=hd(hid.double()), ivak_logits=hd(x), n_groups=groups))
+    ref_grads = torch.autograd.grad(ref["loss"], [x, hd.weight])
+    assert got["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
+    for a, b in zip(ref_grads, got_grads):
+        assert ((a - b.double()).abs().max() / a.abs().max()).item() < 1e-5
+    m = means(got["sums"], step_counts(t), w)
+    assert m["iva"] == pytest.approx(ref["iva"].item(), rel=1e-6)
+    with torch.no_grad():
+        logits = hd(img.double())
+        loop = sum(wts[i].item() * kl(fold_teacher(tt["ivak_logprobs"][i], tt["ivak_tail"][i], tau),
+                                      fold_student(logits[i], ids[i], tau)).item() for i in range(r))
+    assert ref["iva"].item() == pytest.approx(loop / groups * tau ** 2, rel=1e-9)
+    assert iva_token_kl_loss(logits, ids, tt["ivak_logprobs"], tt["ivak_tail"], tt["ivak_weight"], groups, tau).item() \
+        == pytest.approx(ref["iva"].item(), rel=1e-12)
