@@ -75,6 +75,14 @@ def _resolve(ctx: typer.Context, config: Optional[Path], required: tuple[str, ..
     return {**values, **extra}
 
 
+def _stage_config(ctx: typer.Context, config: Optional[Path], cls):
+    """A stage's config object from its flags and --config file; with --nproc N > 1, this command re-runs under
+    torchrun first."""
+    o = _run(_resolve, ctx, config, required=_REQUIRED[ctx.info_name])
+    _relaunch(o.pop("nproc"))
+    return cls(**{k: str(v) if isinstance(v, Path) else v for k, v in o.items()})
+
+
 def _relaunch(nproc: int) -> None:
     """``--nproc N`` (N > 1): hand this very command to torchrun with N processes, then exit with its code."""
     from alignti.common.distributed import dist_env, run_under_torchrun, strip_nproc
@@ -147,11 +155,8 @@ def dump_teacher(ctx: typer.Context,
                                                    "(one per GPU); ranks split the work units."),
                  config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
     """Run the teacher once over the data and write the cache (resumable)."""
-    o = _run(_resolve, ctx, config, required=_REQUIRED["dump-teacher"])
-    _relaunch(o.pop("nproc"))
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher as run
-    cfg = DumpConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in o.items()})
-    manifest = _run(run, cfg)
+    manifest = _run(run, _stage_config(ctx, config, DumpConfig))
     _echo_main(json.dumps(manifest["counts"]))
 
 
@@ -233,11 +238,8 @@ def train_student(ctx: typer.Context,
                                                     "(DDP; gloo on CPU, nccl on GPU)."),
                   config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
     """Train a student from the cache alone (under torchrun: DDP, or FSDP2 with --fsdp)."""
-    o = _run(_resolve, ctx, config, required=_REQUIRED["train-student"])
-    _relaunch(o.pop("nproc"))
     from alignti.student_train.trainer import TrainConfig, train_student as run
-    cfg = TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in o.items()})
-    _echo_main(json.dumps(_run(run, cfg), default=str))
+    _echo_main(json.dumps(_run(run, _stage_config(ctx, config, TrainConfig)), default=str))
 
 
 @app.command("inspect-cache")

@@ -371,16 +371,16 @@ def tpa_coverage_fn(t: dict, shared: dict | None = None):
     return fn
 
 
-def _ivak_fn(t: dict, w: LossWeights, norm: StepNorm):
-    """IVA's token-KL rows (the student's outputs at the teacher's salient image tokens): saliency-weighted forward
-    KL on the teacher's top-k + rest, divided by the step's (sample, turn) groups; gradient in closed form."""
-    tau = w.temperature
-    c = norm.scale * w.iva * tau ** 2 / norm.groups
-    ids = t["ivak_ids"]
-    lt_all = fold_teacher(t["ivak_logprobs"], t["ivak_tail"], tau)
-    weights = t["ivak_weight"].float()
+def _weighted_fkl_rows(ids, lt_all, weights_of, c: float, tau: float, name: str):
+    """Rows of weighted forward KL(fold(teacher) || fold(student)) on the teacher's cached top-k + rest: the loss
+    head's fn for TPA's branch rows and IVA's token-KL rows. ``weights_of()`` gives the per-row weights (read at
+    the first chunk: TPA's student weighting is recorded by the main rows' pass). Gradient in closed form."""
+    weights = None
 
     def fn(z, lo, hi, need):
+        nonlocal weights
+        if weights is None:
+            weights = weights_of().to(z.dtype)
         zt = z.sub_(z.amax(-1, keepdim=True))
         zt = zt if tau == 1.0 else zt.div_(tau)
         lse = zt.logsumexp(-1)
@@ -389,37 +389,34 @@ def _ivak_fn(t: dict, w: LossWeights, norm: StepNorm):
         g = None
         if need:
             g = _fkl_grad_(zt.sub_(lse[:, None]).exp_(), ids[lo:hi], lt_all[lo:hi], ls, weights[lo:hi] * (c / tau))
-        return c * d, {"iva": d * tau ** 2}, g
+        return c * d, {name: d * tau ** 2}, g
     return fn
 
 
-def _branch_fn(t: dict, w: LossWeights, norm: StepNorm, shared: dict):
-    """Branch rows flattened [M * B]: row r is branch r % B of TPA position r // B. Forward KL, gradient in
-    closed form (_fkl_grad_)."""
+def _ivak_fn(t: dict, w: LossWeights, norm: StepNorm):
+    """IVA's token-KL rows (the student's outputs at the teacher's salient image tokens), saliency-weighted,
+    divided by the step's (sample, turn) groups."""
     tau = w.temperature
-    c = norm.scale * w.tpa * tau ** 2 / norm.tpa_rows
+    lt_all = fold_teacher(t["ivak_logprobs"], t["ivak_tail"], tau)
+    return _weighted_fkl_rows(t["ivak_ids"], lt_all, lambda: t["ivak_weight"].float(),
+                              norm.scale * w.iva * tau ** 2 / norm.groups, tau, "iva")
+
+
+def _branch_fn(t: dict, w: LossWeights, norm: StepNorm, shared: dict):
+    """Branch rows flattened [M * B]: row r is branch r % B of TPA position r // B, weighted by the candidates'
+    teacher (or, --tpa-weighting student, student) probabilities, divided by the step's TPA positions."""
+    tau = w.temperature
     rows = t.get("tpa_rows")
     top_ids = t["topk_ids"] if rows is None else t["topk_ids"].index_select(0, rows)
     top_lps = t["topk_logprobs"] if rows is None else t["topk_logprobs"].index_select(0, rows)
     ids = t["tpa_ids"].reshape(-1, t["tpa_ids"].shape[-1])
     lt_all = fold_teacher(t["tpa_logprobs"].reshape(-1, ids.shape[-1]), t["tpa_tail"].reshape(-1), tau)
-    teacher_w = candidate_weights(t["tpa_cand_ids"], top_ids, top_lps).reshape(-1) if w.tpa_weighting != "student" else None
-    weights = teacher_w
-
-    def fn(z, lo, hi, need):
-        nonlocal weights
-        if weights is None:  # the student's own candidate probabilities, recorded by the main rows' pass
-            weights = student_candidate_weights(shared["student_cand_logp"]).reshape(-1).to(z.dtype)
-        zt = z.sub_(z.amax(-1, keepdim=True))
-        zt = zt if tau == 1.0 else zt.div_(tau)
-        lse = zt.logsumexp(-1)
-        ls = fold_rows(zt, ids[lo:hi], lse)
-        d = (kl(lt_all[lo:hi], ls) * weights[lo:hi]).sum()
-        g = None
-        if need:
-            g = _fkl_grad_(zt.sub_(lse[:, None]).exp_(), ids[lo:hi], lt_all[lo:hi], ls, weights[lo:hi] * (c / tau))
-        return c * d, {"tpa": d * tau ** 2}, g
-    return fn
+    if w.tpa_weighting == "student":
+        weights_of = lambda: student_candidate_weights(shared["student_cand_logp"]).reshape(-1)  # noqa: E731
+    else:
+        teacher_w = candidate_weights(t["tpa_cand_ids"], top_ids, top_lps).reshape(-1)
+        weights_of = lambda: teacher_w  # noqa: E731
+    return _weighted_fkl_rows(ids, lt_all, weights_of, norm.scale * w.tpa * tau ** 2 / norm.tpa_rows, tau, "tpa")
 
 
 _FUSED_ACC: dict[str, bool] = {}  # device type -> whether addmm with out_dtype works there
