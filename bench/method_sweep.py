@@ -34,17 +34,24 @@ SETTINGS = {
     "alignti student-weighted tpa=0.5": ("alignti", {"tpa_weighting": "student", "tpa_weight": 0.5}),
     "alignti clip=5": ("alignti", {"max_grad_norm": 5.0}),
     "alignti iva=2": ("alignti", {"iva_weight": 2.0}),
+    "alignti token-kl": ("alignti", {"iva_form": "token-kl"}),
+    "kd+iva token-kl": ("kd+iva", {"iva_form": "token-kl"}),
 }
+
+
+def link(src: Path, dst: Path, subs) -> None:
+    """dst shares src's kit (and cache): symlinks, and the kit's info file."""
+    if not (dst / "kit").exists():
+        dst.mkdir(parents=True, exist_ok=True)
+        for sub in subs:
+            (dst / sub).symlink_to((src / sub).resolve(), target_is_directory=True)
+        shutil.copy(src / "kit.json", dst / "kit.json")
 
 
 def run_setting(work: Path, name: str, seeds: int, fast: bool = False) -> dict:
     method, train = SETTINGS[name]
     d = work / name.replace(" ", "_").replace("=", "").replace("+", "_")
-    if not (d / "kit").exists():  # the same kit and cache: only training differs
-        d.mkdir(parents=True, exist_ok=True)
-        for sub in ("kit", "cache"):
-            (d / sub).symlink_to((work / "base" / sub).resolve(), target_is_directory=True)
-        shutil.copy(work / "base" / "kit.json", d / "kit.json")
+    link(work / "base", d, ("kit", "cache"))  # the same kit and cache: only training differs
     return quickstart(QuickstartConfig(workdir=str(d), seeds=seeds, methods=(method,), progress=False, fast=fast,
                                        overrides={"train": train}))
 
@@ -104,11 +111,14 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--diagnose", action="store_true")
     ap.add_argument("--fast", action="store_true", help="the fast preset (a smoke run of the script)")
+    ap.add_argument("--kit-from", default=None, help="a workdir whose kit to reuse (the cache is dumped anew)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     work = Path(a.workdir)
     names = a.settings.split(",")
     # the base quickstart makes the kit and the cache (and the first setting's runs)
+    if a.kit_from:
+        link(Path(a.kit_from), work / "base", ("kit",))
     base = quickstart(QuickstartConfig(workdir=str(work / "base"), seeds=a.seeds, methods=(SETTINGS[names[0]][0],),
                                        progress=False, fast=a.fast, overrides={"train": SETTINGS[names[0]][1]}))
     results = {names[0]: base}

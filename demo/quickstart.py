@@ -70,7 +70,7 @@ def _student_for_seed(kit_dir: Path, seed: int) -> Path:
     return path
 
 
-OVERRIDE_KEYS = (*PRESETS["default"], "tpa_positions")
+OVERRIDE_KEYS = (*PRESETS["default"], "tpa_positions", "tpa_branches")
 CONFIG_KEYS = ("workdir", "seeds", "fast", "device", "workers", "methods", "overrides")
 
 
@@ -99,7 +99,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     dump_teacher(DumpConfig(teacher=str(kit_dir / "teacher"), data=str(data / "train.json"), images=images,
                             out=str(work / "cache"), device=cfg.device, progress=cfg.progress,
                             saliency_query="answer",  # where the demo teacher looks (docs/method.md)
-                            tpa_positions=p.get("tpa_positions", 1.0)))
+                            tpa_positions=p.get("tpa_positions", 1.0), tpa_branches=p.get("tpa_branches", 4),
+                            iva_token_kl=True))  # both IVA forms can train from the one cache
     t_dump = time.perf_counter()
     from .saliency_check import region_hits
     saliency = region_hits(work / "cache", data / "train.json")
