@@ -35,6 +35,8 @@ SETTINGS = {
     "alignti clip=5": ("alignti", {"max_grad_norm": 5.0}),
     "alignti iva=2": ("alignti", {"iva_weight": 2.0}),
     "alignti token-kl": ("alignti", {"iva_form": "token-kl"}),
+    "alignti tpa=0.5 token-kl": ("alignti", {"tpa_weight": 0.5, "iva_form": "token-kl"}),
+    "alignti tpa=0.5 iva=2": ("alignti", {"tpa_weight": 0.5, "iva_weight": 2.0}),
     "kd+iva token-kl": ("kd+iva", {"iva_form": "token-kl"}),
 }
 
