@@ -20,8 +20,12 @@ def _clean_env() -> dict:
 
 def test_wheel_installs_one_top_level_package(tmp_path):
     """A built wheel holds ``alignti/`` (with common, teacher_dump, student_train, demo, cli) and its dist-info."""
+    had_build = (ROOT / "build").exists()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
                     str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+    if not had_build:  # setuptools leaves its build folder in the source tree
+        import shutil
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     (whl,) = tmp_path.glob("alignti-*.whl")
     names = zipfile.ZipFile(whl).namelist()
     import alignti
