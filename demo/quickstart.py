@@ -32,7 +32,10 @@ METHODS = ("sft", "kd", "kd+iva", "kd+tpa", "alignti")
 # On the shapes task a sample's length says its question type (a 1-token colour answer vs a description), so
 # length-grouped batches hold one question type each. Measured (3 seeds, kd): 44.1 +- 5.0 test accuracy in
 # shuffled batches, 41.0 +- 3.2 grouped (bench/README.md); the demo keeps shuffled batches.
-DEMO_TRAIN = dict(group_by_length=False)
+# lambda_TPA = 0.5, chosen on the validation split (bench/method_sweep.py, docs/method.md "TPA on top of IVA"):
+# alignti 52.4 +- 1.6 there against 48.6 +- 2.3 at 1.0; student weighting, token-KL IVA, lambda_IVA 2, clipping
+# at 5 and lambda_TPA 0.25 scored lower. Only the TPA-using methods read it.
+DEMO_TRAIN = dict(group_by_length=False, tpa_weight=0.5)
 PRESETS = {
     # the teacher trains until 90% validation exact match (at most teacher_steps steps)
     # 200 validation images (600 questions: where settings are chosen) and 500 test images (1,500 questions: where
