@@ -143,7 +143,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
 
     table = summarise(runs, cfg.methods)
     pairs = paired_table(runs, cfg.methods)
-    results = {"paired": pairs, "verdict": verdict(pairs),"preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
+    results = {"paired": pairs, "verdict": verdict(pairs), "test_questions": len(test.recs),"preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
                "teacher_test_accuracy": teacher_acc, "teacher_val_accuracy": info.get("teacher_val_accuracy"),
                "teacher_params": info["teacher_params"], "student_params": info["student_params"],
                "teacher_saliency_region": saliency, "methods": table, "dump_seconds": round(t_dump - t_start, 1),
@@ -252,7 +252,8 @@ def summarise(runs: list[dict], methods) -> dict:
 
 
 def render_table(results: dict) -> str:
-    lines = [f"Shapes VQA, test split ({results['preset']} preset, {results['seeds']} seeds, "
+    lines = [f"Shapes VQA, test split ({results.get('test_questions', '?')} questions; {results['preset']} preset, "
+             f"{results['seeds']} seeds, "
              f"{results['settings']['student_steps']} student steps; teacher {results['teacher_params'] / 1e6:.2f}M "
              f"params, student {results['student_params'] / 1e6:.2f}M)", "",
              "| method | test accuracy | agreement with teacher | KL to teacher (train) |", "|---|---|---|---|",
