@@ -80,7 +80,8 @@ def test_datasets_folder_with_embedded_images(kit, reference, tmp_path):
     shutil.move(str(tmp_path / "ds"), str(tmp_path / "moved"))
     with pytest.raises(DataError, match="pass --data pointing at the data the cache was dumped from"):
         train_student(TrainConfig(out=str(tmp_path / "run2"), **common))
-    res = train_student(TrainConfig(out=str(tmp_path / "run3"), data=str(tmp_path / "moved"), **common))
+    # a DataLoader worker process opens the source itself
+    res = train_student(TrainConfig(out=str(tmp_path / "run3"), data=str(tmp_path / "moved"), workers=1, **common))
     assert res["last"]["step"] == 2
 
 
