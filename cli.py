@@ -335,9 +335,10 @@ def config_template(command: str = typer.Argument(..., help="dump-teacher, train
                                                          help="A cache (dump-teacher) or run directory (train-student, "
                                                               "quickstart): print the configuration it was made with.")):
     """Print a commented configuration template for COMMAND (or, with --from, the one a cache or run was made with)."""
-    from alignti.common.config import ConfigError, render
+    from alignti.common.config import render
     if command not in CONFIGURABLE:
-        _run(_fail, ConfigError(f"no configuration file for '{command}'; choose one of {', '.join(CONFIGURABLE)}"))
+        log.error("no configuration file for '%s'; choose one of %s", command, ", ".join(CONFIGURABLE))
+        raise typer.Exit(2)
     if source is not None:
         typer.echo(_run(_config_from, command, source), nl=False)
         return
@@ -363,10 +364,6 @@ def config_template(command: str = typer.Argument(..., help="dump-teacher, train
 _REQUIRED = {"dump-teacher": ("teacher", "data", "out"), "train-student": ("student", "cache", "out")}
 
 
-def _fail(error: Exception):
-    raise error
-
-
 def _config_from(command: str, source: str) -> str:
     from alignti.common.config import ConfigError, read_config, render
     if command == "dump-teacher":
@@ -382,7 +379,8 @@ def _config_from(command: str, source: str) -> str:
     path = Path(source) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{source} holds no config.yaml (is it a {command} run directory?)")
-    return path.read_text(encoding="utf-8") if read_config(path) is not None else ""
+    read_config(path)  # a file that is not valid YAML is named, not printed
+    return path.read_text(encoding="utf-8")
 
 
 def main():  # console script entry point

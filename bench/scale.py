@@ -171,7 +171,6 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
     step), then the step's own memory (activations and transients) and its time."""
     from alignti.common.adapters import adapter_for
     from alignti.common.losses import LossWeights, StepNorm, get_loss
-    from alignti.common.models import enable_gradient_checkpointing
     from alignti.student_train.parallel import StudentStep
 
     device = torch.device(args.device)
@@ -181,9 +180,7 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
         model.float()
     adapter = adapter_for(model)
     spec = get_loss(loss)
-    if gc:  # "gc": non-reentrant, "gcr": reentrant; a trailing N checkpoints every N-th layer ("gcr2")
-        enable_gradient_checkpointing(model, reentrant=gc.startswith("gcr"),
-                                      every_n_layers=int(gc.lstrip("gcr") or 1))
+    set_checkpointing(model, gc)
     model.train()
     layer = adapter.num_layers // 2
     step_mod = StudentStep(model, adapter, spec, layer, LossWeights())

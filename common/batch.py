@@ -71,18 +71,16 @@ class ForwardOut:
     sal_groups: object | None                 # the CaptureSpec (group layout) or None
     cache: object | None                      # KV cache of the main pass (teacher's branch pass)
     position_ids: torch.Tensor | None = None
-    extra_hidden: torch.Tensor | None = None  # [R, H] final hidden states at ``extra_positions`` (IVA token-KL)
     hidden: torch.Tensor | None = None        # [B, S, H] every final hidden state (``keep_hidden``)
 
 
 def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Tensor] | None = None,
             use_cache: bool = False, branch_pos: list[torch.Tensor] | None = None,
-            extra_positions: tuple[torch.Tensor, torch.Tensor] | None = None, keep_hidden: bool = False) -> ForwardOut:
+            keep_hidden: bool = False) -> ForwardOut:
     """One forward of the main sequence (plus branch tokens when ``branch_cands`` is given: per sample
     [n, B] candidate ids for the response positions ``branch_pos`` (default: every response position),
-    appended under the tree mask). ``extra_positions`` (batch rows, positions): final hidden states returned
-    there too (the output distribution at image tokens, for IVA's token-KL form); ``keep_hidden``: all of them
-    (the teacher picks its token-KL positions from the saliency of the same forward)."""
+    appended under the tree mask). ``keep_hidden``: every final hidden state of the main sequence too (IVA's
+    token-KL form reads the output distribution at image tokens)."""
     model = adapter.model
     dtype = next(model.parameters()).dtype
     ids, valid = batch["input_ids"], batch["valid"]
@@ -105,9 +103,8 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     branch_hidden = None
     if br is not None:
         branch_hidden = h[:, s:][br.valid].view(-1, br.n_branch, h.shape[-1])
-    extra = h[extra_positions[0], extra_positions[1]] if extra_positions is not None else None
     return ForwardOut(resp_hidden, branch_hidden, spec.results if spec else {}, spec,
-                      getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos, extra,
+                      getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos,
                       h[:, :s] if keep_hidden else None)
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .adapters import ModelAdapter
 from .errors import DataError
@@ -216,9 +215,7 @@ def load_image(rec: Record, images_dir: str | Path | None):
 
 
 def _load_one(rec: Record, ref: str, images_dir):
-    from PIL import Image, UnidentifiedImageError
-
-    from .sources import is_embedded
+    from .sources import decode_image, file_bytes, is_embedded
     if is_embedded(ref):
         if rec.source is None:
             raise DataError(rec.sample_id, f"image '{ref}' is embedded in a table, but the record has no source",
@@ -226,18 +223,8 @@ def _load_one(rec: Record, ref: str, images_dir):
         return rec.source.load_image(ref, rec.sample_id)
     if rec.source is not None and images_dir is None:
         images_dir = rec.source.images
-    path = Path(images_dir or ".") / ref
-    if not path.is_file():
-        raise DataError(rec.sample_id, f"image '{ref}' not found under {images_dir}",
-                        "check --images and the sample's 'image' field, or pass --skip-bad")
-    data = path.read_bytes()
-    try:
-        from io import BytesIO
-        img = Image.open(BytesIO(data)).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(rec.sample_id, f"image '{ref}' cannot be decoded ({e})",
-                        "replace the file or pass --skip-bad") from None
-    return img, hashlib.sha256(data).hexdigest()
+    data = file_bytes(str(images_dir) if images_dir is not None else ".", ref, rec.sample_id)
+    return decode_image(data, rec.sample_id, f"'{ref}'"), hashlib.sha256(data).hexdigest()
 
 
 def _image_turns(rec: Record, image) -> dict[int, int]:

@@ -342,7 +342,7 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, shared: 
     return fn
 
 
-def tpa_coverage_fn(t: dict, shared: dict | None = None):
+def tpa_coverage_fn(t: dict, shared: dict):
     """TPA coverage (a diagnostic, no gradient): at each TPA position, the student's next-token probability mass on
     the teacher's cached candidates (``tpa_mass``), and the fraction of the student's own top-B tokens that are among
     them (``tpa_topb``). Sums over the chunk's TPA positions; ``means`` divides by the step's TPA positions."""
@@ -350,9 +350,7 @@ def tpa_coverage_fn(t: dict, shared: dict | None = None):
     rows = t.get("tpa_rows")
     rows = torch.arange(cand.shape[0], device=cand.device) if rows is None else rows.long()
     # the student's log-probs of the candidates, kept for --tpa-weighting student (the branch rows come after)
-    cand_logp = torch.zeros(cand.shape, dtype=torch.float32, device=cand.device)
-    if shared is not None:
-        shared["student_cand_logp"] = cand_logp
+    shared["student_cand_logp"] = cand_logp = torch.zeros(cand.shape, dtype=torch.float32, device=cand.device)
 
     def fn(z, lse, lo, hi):
         inside = (rows >= lo) & (rows < hi)

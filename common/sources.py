@@ -9,6 +9,7 @@ source (``train-student --data`` if it moved). Bytes are read lazily, one row gr
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 from functools import lru_cache
@@ -32,6 +33,25 @@ def decode_image(data: bytes, sample_id: str, what: str):
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(sample_id, f"image {what} cannot be decoded ({e})",
                         "replace it or pass --skip-bad") from None
+
+
+def file_bytes(images: str | None, ref: str, sample_id: str) -> bytes:
+    """The bytes of an image path ``ref`` under the folder ``images`` (local, or an fsspec URL)."""
+    if images is None and not Path(ref).is_absolute():
+        raise DataError(sample_id, f"image '{ref}' is a path but no --images folder was given",
+                        "pass --images (the folder the data's image paths are relative to)")
+    if _is_url(images or ""):
+        fs, root = _fs(images)
+        path = f"{root.rstrip('/')}/{ref}"
+        if not fs.exists(path):
+            raise DataError(sample_id, f"image '{ref}' not found under {images}",
+                            "check --images and the sample's 'image' field, or pass --skip-bad")
+        return fs.cat_file(path)
+    path = Path(images or ".") / ref
+    if not path.is_file():
+        raise DataError(sample_id, f"image '{ref}' not found under {images}",
+                        "check --images and the sample's 'image' field, or pass --skip-bad")
+    return path.read_bytes()
 
 
 def _is_url(data: str) -> bool:
@@ -65,33 +85,8 @@ class DataSource:
         data = self.image_bytes(ref, sample_id)
         return decode_image(data, sample_id, f"'{ref}'"), hashlib.sha256(data).hexdigest()
 
-    def missing_image(self, ref: str | None, sample_id: str) -> str | None:
-        """What a preflight check can say before any teacher time is spent: a path that is not there."""
-        if not ref or is_embedded(ref):
-            return None
-        if _is_url(self.images or ""):
-            return None  # remote image folders are checked when read
-        if not (Path(self.images or ".") / ref).is_file():
-            return str(DataError(sample_id, f"image '{ref}' not found under {self.images}",
-                                 "check --images and the sample's 'image' field, or pass --skip-bad"))
-        return None
-
     def _file(self, ref: str, sample_id: str) -> bytes:
-        if self.images is None and not Path(ref).is_absolute():
-            raise DataError(sample_id, f"image '{ref}' is a path but no --images folder was given",
-                            "pass --images (the folder the data's image paths are relative to)")
-        if _is_url(self.images or ""):
-            fs, root = _fs(self.images)
-            path = f"{root.rstrip('/')}/{ref}"
-            if not fs.exists(path):
-                raise DataError(sample_id, f"image '{ref}' not found under {self.images}",
-                                "check --images and the sample's 'image' field, or pass --skip-bad")
-            return fs.cat_file(path)
-        path = Path(self.images or ".") / ref
-        if not path.is_file():
-            raise DataError(sample_id, f"image '{ref}' not found under {self.images}",
-                            "check --images and the sample's 'image' field, or pass --skip-bad")
-        return path.read_bytes()
+        return file_bytes(self.images, ref, sample_id)
 
     def _embedded(self, row: int, sample_id: str, k: int | None = None) -> bytes:
         raise DataError(sample_id, f"image reference '@{row}' names an embedded image, but {self.location} is a "
@@ -252,7 +247,7 @@ def _row_group(source: TableSource, i: int, group: int):
 
 def _image_cell(source: TableSource, i: int, local: int):
     if source.kind == "parquet":
-        meta = _parquet_meta(source.files[i], source)
+        meta = _parquet_meta(source, i)
         start = 0
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
@@ -264,8 +259,8 @@ def _image_cell(source: TableSource, i: int, local: int):
 
 
 @lru_cache(maxsize=64)
-def _parquet_meta(f: str, source: TableSource):
-    return source._open(source.files.index(f)).metadata
+def _parquet_meta(source: TableSource, i: int):
+    return source._open(i).metadata
 
 
 def open_source(data: str | Path, images: str | Path | None = None) -> DataSource:
@@ -291,7 +286,7 @@ def open_source(data: str | Path, images: str | Path | None = None) -> DataSourc
         return TableSource(data, images, [full(f) for f in files], "parquet")
     p = Path(data)
     if any(ch in data for ch in "*?["):
-        files = sorted(str(f) for f in Path(p.anchor or ".").glob(str(p.relative_to(p.anchor)) if p.anchor else data))
+        files = sorted(glob.glob(data))
         if not files:
             raise DataError(data, "no files match", "check the --data pattern")
         return TableSource(data, images, files, "parquet")

@@ -51,7 +51,6 @@ class CacheDataset(torch.utils.data.Dataset):
         refs = image_refs(x["image"])
         shas = image_refs(x["image_sha256"]) if len(refs) > 1 else [x["image_sha256"]]
         x["pil_images"] = [self._image(ref, sha, x["sample_id"]) for ref, sha in zip(refs, shas)]
-        x["pil_image"] = x["pil_images"][0] if len(refs) == 1 else None
         return x
 
     def _image(self, ref: str, sha: str, sample_id: str):
@@ -145,8 +144,7 @@ class StudentCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples, self.pad_id, self.adapter_cls)
-        per_sample = [x.get("pil_images") or ([x["pil_image"]] if x.get("pil_image") is not None else [])
-                      for x in samples]
+        per_sample = [x.get("pil_images") or [] for x in samples]
         if any(len(p) > 1 for p in per_sample):  # grouped per sample: the multi-image mode the teacher's call had
             batch["image_inputs"] = dict(self.processor.image_processor(images=[p for p in per_sample if p],
                                                                         return_tensors="pt"))

@@ -109,7 +109,7 @@ def student_step_outputs(adapter, batch: dict, spec, layer: int, iva_form: str =
     token_kl = spec.iva and iva_form == "token-kl"
     out = forward(adapter, batch, capture_layers=[layer] if spec.iva and not token_kl else (), branch_cands=cands,
                   branch_pos=batch.get("tpa_pos") if spec.tpa else None,
-                  extra_positions=(batch["ivak_b"], batch["ivak_p"]) if token_kl else None)
+                  keep_hidden=token_kl)
     res = {k: batch[k] for k in ("targets", "topk_ids", "topk_logprobs", "tail_logmass", "tpa_cand_ids", "tpa_ids",
                                  "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid", "ivak_weight",
                                  "ivak_ids", "ivak_logprobs", "ivak_tail", "ivak_group") if k in batch}
@@ -117,7 +117,7 @@ def student_step_outputs(adapter, batch: dict, spec, layer: int, iva_form: str =
     if spec.tpa:
         res["branch_hidden"] = out.branch_hidden
     if token_kl:
-        res["ivak_hidden"] = out.extra_hidden
+        res["ivak_hidden"] = out.hidden[batch["ivak_b"], batch["ivak_p"]]
     elif spec.iva:
         res["student_sal"] = out.saliency.get(layer)
     return res

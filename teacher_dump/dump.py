@@ -18,15 +18,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import collate, to_device
 from alignti.common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
 from alignti.common.conversation import (ENCODING_VERSION, Record, Skipped, check_saliency_query, encode,
                                          image_column, load_image, with_saliency_query)
-from alignti.common.errors import AlignTIError, CacheError, DataError
+from alignti.common.errors import CacheError, DataError
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_vlm
 from alignti.common.progress import progress_bar

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from pathlib import Path
 
 import torch
-
 
 from alignti.common import distributed as dist  # noqa: E402
 from alignti.common.adapters import adapter_for  # noqa: E402

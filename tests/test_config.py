@@ -28,7 +28,7 @@ def test_templates_list_every_option_with_its_default():
         flags = {p.name for p in __import__("typer").main.get_command(app).commands[command].params} - {"config"}
         assert flags <= set(values), flags - set(values)
         if required:
-            assert values[required] is None and f"(required)" in res.output
+            assert values[required] is None and "(required)" in res.output
     tmpl = yaml.safe_load(_invoke("config", "train-student").output)
     assert tmpl["loss"] == "kd" and tmpl["lr"] == 1e-3 and tmpl["group_by_length"] is True
     assert tmpl["checkpoint_every"] == 1 and tmpl["max_grad_norm"] == 1.0
