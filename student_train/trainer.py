@@ -27,9 +27,9 @@ from alignti.common.batch import forward
 from alignti.common.cache import CacheReader, check_manifest
 from alignti.common.errors import AlignTIError, CacheError
 from alignti.common.faults import crash_point
-from alignti.common.fingerprint import check_encoding, check_student
 from alignti.common.config import config_values, write_config
 from alignti.common.conversation import image_refs
+from alignti.common.fingerprint import check_encoding, check_student
 from alignti.common.losses import IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means, step_counts
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
 from alignti.common.progress import progress_bar
@@ -42,8 +42,7 @@ log = logging.getLogger("alignti.train")
 
 # settings that must not change between a run and its resume
 _RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "tpa_weighting", "iva_ratio", "iva_form",
-             "temperature",
-             "student_layer", "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed",
+             "temperature", "student_layer", "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed",
              "fsdp", "freeze_vision", "group_by_length")
 
 
@@ -112,7 +111,7 @@ def student_step_outputs(adapter, batch: dict, spec, layer: int, iva_form: str =
                   keep_hidden=token_kl)
     res = {k: batch[k] for k in ("targets", "topk_ids", "topk_logprobs", "tail_logmass", "tpa_cand_ids", "tpa_ids",
                                  "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid", "ivak_weight",
-                                 "ivak_ids", "ivak_logprobs", "ivak_tail", "ivak_group") if k in batch}
+                                 "ivak_ids", "ivak_logprobs", "ivak_tail") if k in batch}
     res["resp_hidden"] = out.resp_hidden
     if spec.tpa:
         res["branch_hidden"] = out.branch_hidden
@@ -221,9 +220,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     check_student(reader.fingerprint, processor, cfg.student)
     check_encoding(params, processor, cfg.cache, reader.manifest.get("schema_version"))
     adapter = adapter_for(model)
-    multi = next((x for x in reader.samples if len(image_refs(x["image"])) > 1), None)
+    multi = next(((n, x["sample_id"]) for x in reader.samples if (n := len(image_refs(x["image"]))) > 1), None)
     if multi is not None:  # a multi-image cache for a student family that takes one image per sample
-        check_images_per_sample(adapter, multi["sample_id"], len(image_refs(multi["image"])))
+        check_images_per_sample(adapter, multi[1], multi[0])
     layer = student_layer_for(cfg.student_layer, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
                               adapter.num_layers)
 
@@ -285,13 +284,14 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     elif out.exists() and (ckpt.exists() or metrics_path.exists()) and not cfg.resume:
         raise AlignTIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     dist.barrier(env)  # every rank has checked the run directory before rank 0 writes into it
+    resolved = config_values(cfg, CONFIG_KEYS)  # what config.yaml and the trackers record
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps({**asdict(cfg), "student_layer_used": layer, "total_steps": total_steps,
                                                   "world_size": env.world_size,
                                                   "backend": torch.distributed.get_backend() if env.distributed else None},
                                                  indent=2))
-        write_config(out / "config.yaml", config_values(cfg, CONFIG_KEYS),
+        write_config(out / "config.yaml", resolved,
                      header=f"alignti train-student, as run (world size {env.world_size}): `alignti train-student "
                             "--config THIS_FILE` runs it again (add --out NEW for a fresh run directory)")
 
@@ -304,7 +304,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     last: dict = {}
     with progress_bar("train-student", total=total_steps, unit="steps", enabled=cfg.progress and env.is_main) as bar, \
             open(metrics_path if env.is_main else os.devnull, "a") as metrics, \
-            Tracker(cfg.report_to, out, config_values(cfg, CONFIG_KEYS), start_step=step, enabled=env.is_main) as tracker:
+            Tracker(cfg.report_to, out, resolved, start_step=step, enabled=env.is_main) as tracker:
         bar.advance(step)
         while step < total_steps:
             order = parallel.rank_batches(epoch_batches_order(reader, epoch, cfg), cfg.batch_size, env)
