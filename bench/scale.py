@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -299,10 +300,14 @@ def paired_variants(args, variants: list) -> dict:
 
 
 def set_checkpointing(model, gc: str) -> None:
-    """Checkpointing mode of a variant: "" off, "gc" non-reentrant, "gcr" reentrant, trailing N every N-th layer."""
+    """Checkpointing mode of a variant: "" off, "gc" non-reentrant, "gcr" reentrant; "x" after them: the recompute
+    casts the weights again (no reuse of the forward's casts); trailing N: every N-th layer (e.g. "gcx2")."""
     from alignti.common.models import enable_gradient_checkpointing
     if gc:
-        enable_gradient_checkpointing(model, reentrant=gc.startswith("gcr"), every_n_layers=int(gc.lstrip("gcr") or 1))
+        m = re.fullmatch(r"gc(r?)(x?)(\d*)", gc)
+        if m is None:
+            raise SystemExit(f"unknown checkpointing mode {gc!r}: gc, gcr, gcx, with an optional every-N suffix")
+        enable_gradient_checkpointing(model, reentrant=bool(m[1]), reuse_casts=not m[2], every_n_layers=int(m[3] or 1))
     elif getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
 
@@ -562,7 +567,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sections", default="padding,student,dump,reader")
     ap.add_argument("--variants", default=None, help="student variants as loss:F:MODE,... with MODE nogc, gc (non-reentrant checkpointing), gcr "
-                    "(reentrant), and a trailing N for every N-th layer (gcr2) (default: all)")
+                    "(reentrant), gcx (the recompute casts the weights again), and a trailing N for every N-th layer (gcr2) "
+                    "(default: all)")
     ap.add_argument("--reader-samples", type=int, default=64)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-scale"))
     ap.add_argument("--json", default=None, help="write every figure here")

@@ -27,15 +27,19 @@ def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
     return model.to(device), processor
 
 
-def enable_gradient_checkpointing(model, reentrant: bool = False, every_n_layers: int = 1) -> None:
+def enable_gradient_checkpointing(model, reentrant: bool = False, every_n_layers: int = 1,
+                                  reuse_casts: bool = True) -> None:
     """Checkpoint the decoder and vision layers (every ``every_n_layers``-th of each stack; 1 = all).
 
     Each layer goes through ``checkpoint_layer``: its recompute in backward runs under the saliency capture and
     attention routing of its forward. ``reentrant``: the forward runs without autograd (no graph, no saved-tensor
     hooks: less host work per layer), the backward re-runs it with grad; the layer where IVA captures the
     student's saliency is then left unchecked, since a reentrant checkpoint cannot return a differentiable
-    side output. Both modes give the same gradients (tests/test_step.py)."""
-    fn = functools.partial(checkpoint_layer, use_reentrant=reentrant, preserve_rng_state=has_dropout(model))
+    side output. ``reuse_casts`` (non-reentrant): under autocast the recompute reuses the forward's
+    lower-precision casts of the layer's linear weights instead of casting them again (``checkpoint_layer``).
+    Every mode gives the same gradients (tests/test_step.py)."""
+    fn = functools.partial(checkpoint_layer, use_reentrant=reentrant, preserve_rng_state=has_dropout(model),
+                           reuse_casts=reuse_casts)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant},
                                           every_n_layers=every_n_layers)
     for module in model.modules():
@@ -54,7 +58,8 @@ def has_dropout(model) -> bool:
                for name in ("attention_dropout", "attention_probs_dropout_prob", "dropout", "hidden_dropout"))
 
 
-def checkpoint_layer(function, *args, use_reentrant: bool = False, preserve_rng_state: bool = True):
+def checkpoint_layer(function, *args, use_reentrant: bool = False, preserve_rng_state: bool = True,
+                     reuse_casts: bool = True):
     """``_gradient_checkpointing_func`` of a transformers layer: ``function`` is ``partial(forward, layer, **kwargs)``
     and ``args`` its positional inputs (the hidden states)."""
     from torch.utils.checkpoint import checkpoint
@@ -64,16 +69,93 @@ def checkpoint_layer(function, *args, use_reentrant: bool = False, preserve_rng_
     if use_reentrant and layer is not None and captures_in(layer):
         return function(*args)
     reenter = forward_context()
+    casts = _LayerCasts(layer) if reuse_casts and not use_reentrant and layer is not None else None
 
     def run(*a):
         with reenter():
-            return function(*a)
+            if casts is None:
+                return function(*a)
+            with casts:
+                return function(*a)
 
     if use_reentrant:
         return checkpoint(run, *args, use_reentrant=True, preserve_rng_state=preserve_rng_state)
     # determinism_check="none": no per-saved-tensor metadata recorded for a recompute check (host work that a
     # launch-bound GPU step pays in full; the recompute runs the same ops, tests/test_step.py compares gradients)
     return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, determinism_check="none")
+
+
+_LINEAR_SLOTS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = None  # type: ignore[assignment]
+
+
+def _linear_slots(layer: torch.nn.Module) -> list:
+    """(module, name) of every linear weight and bias in ``layer``, found once per layer."""
+    global _LINEAR_SLOTS
+    import weakref
+    if _LINEAR_SLOTS is None:
+        _LINEAR_SLOTS = weakref.WeakKeyDictionary()
+    slots = _LINEAR_SLOTS.get(layer)
+    if slots is None:
+        slots = [(m, n) for m in layer.modules() if isinstance(m, torch.nn.Linear)
+                 for n in ("weight", "bias") if m._parameters.get(n) is not None]
+        _LINEAR_SLOTS[layer] = slots
+    return slots
+
+
+def _is_fsdp(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a build without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+class _LayerCasts:
+    """A checkpointed layer's linear weights in autocast's lower precision, cast once in its forward and lent to
+    the layer again for its recompute in backward.
+
+    Autocast caches the casts of fp32 weights only until its outermost region exits, which is before backward,
+    and a recompute on the autograd engine's device thread clears that cache on every exit; so each recompute
+    would cast every weight again (about 40% of the operations a recompute launches on the benchmark's student).
+    Here the forward makes the same casts itself (``Tensor.to``, exactly what autocast runs, with the same
+    ``ToCopyBackward`` to the fp32 weight), and the recompute swaps the very same tensors in. They live while the
+    checkpoint does (until the layer's backward), as an unchecked layer's saved casts would. Nothing is done
+    outside autocast, for weights not in fp32 (a bf16 model, FSDP's mixed precision) or for sharded ones."""
+
+    __slots__ = ("layer", "tensors", "swapped")
+
+    def __init__(self, layer):
+        self.layer, self.tensors, self.swapped = layer, None, []
+
+    def __enter__(self):
+        if self.tensors is None:  # the forward: cast now, if autocast would
+            self.tensors = self._cast()
+        for (m, n), t in zip(_linear_slots(self.layer), self.tensors):
+            if t is not None:
+                self.swapped.append((m, n, m._parameters[n]))
+                m._parameters[n] = t  # a plain tensor in the slot: Linear.forward reads it as its weight
+        return self
+
+    def __exit__(self, *exc):
+        for m, n, p in reversed(self.swapped):
+            m._parameters[n] = p
+        self.swapped.clear()
+        return False
+
+    def _cast(self) -> list:
+        slots = _linear_slots(self.layer)
+        if not slots:
+            return []
+        device = slots[0][0]._parameters[slots[0][1]].device.type
+        if not torch.is_autocast_enabled(device) or _is_fsdp(self.layer):
+            return [None] * len(slots)
+        dtype = torch.get_autocast_dtype(device)
+        out = []
+        for m, n in slots:
+            p = m._parameters[n]
+            plain = type(p) in (torch.nn.Parameter, torch.Tensor)  # not a DTensor (FSDP) or other subclass
+            out.append(p.to(dtype) if plain and p.dtype == torch.float32 and p.device.type == device else None)
+        return out
 
 
 def image_only_processor_class(base):

@@ -242,7 +242,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
     if cfg.gradient_checkpointing:
         # each recompute runs under the capture / attention settings of its forward
-        enable_gradient_checkpointing(model, reentrant=cfg.checkpoint_reentrant, every_n_layers=cfg.checkpoint_every)
+        # (FSDP2 unshards the weights per layer and frees them again: no lower-precision copies kept across)
+        enable_gradient_checkpointing(model, reentrant=cfg.checkpoint_reentrant, every_n_layers=cfg.checkpoint_every,
+                                      reuse_casts=not cfg.fsdp)
     step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights), env, device, cfg.fsdp,
                                 static_graph=cfg.gradient_checkpointing and cfg.checkpoint_reentrant)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]

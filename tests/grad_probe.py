@@ -1,5 +1,5 @@
 """Gradients of one optimizer step, for tests/test_step.py: the same 8 samples split into micro-batches
-and (under torchrun: DDP) ranks. ``python tests/grad_probe.py STUDENT CACHE OUT.pt LOSS PER_MICRO [gc|gc-reentrant]``."""
+and (under torchrun: DDP) ranks. ``python tests/grad_probe.py STUDENT CACHE OUT.pt LOSS PER_MICRO [gc|gc-reentrant|gc-recast] [amp]``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def probe_samples(reader: CacheReader) -> list[int]:
 
 
 def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: str = "",
-                   weights: LossWeights | None = None) -> dict[str, torch.Tensor]:
+                   weights: LossWeights | None = None, autocast: bool = False, probe=None) -> dict[str, torch.Tensor]:
+    """``autocast``: the forward under CPU bf16 autocast (the GPU's precision, on this CPU). ``probe``: a context
+    manager factory entered around the step (e.g. counting the operations it runs)."""
     env = dist.dist_env()
     device = torch.device("cpu")
     dist.init(env, device)
@@ -43,8 +45,9 @@ def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: str 
     params = reader.params
     layer = student_layer_for(None, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
                               adapter.num_layers)
-    if gc:  # "gc": non-reentrant, "gc-reentrant", "gc-every2": every other layer
-        enable_gradient_checkpointing(model, reentrant="reentrant" in gc, every_n_layers=2 if "every2" in gc else 1)
+    if gc:  # "gc": non-reentrant, "gc-reentrant", "gc-every2": every other layer, "gc-recast": no cast reuse
+        enable_gradient_checkpointing(model, reentrant="reentrant" in gc, every_n_layers=2 if "every2" in gc else 1,
+                                      reuse_casts="recast" not in gc)
     model.train()
     step = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights or LossWeights(tpa=0.7, iva=1.3)),
                          env, device, fsdp=False, static_graph="reentrant" in gc)
@@ -53,12 +56,16 @@ def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: str 
     per_rank = SAMPLES // env.world_size
     mine = idx[env.rank * per_rank:(env.rank + 1) * per_rank]
     micro = [coll([data[i] for i in mine[j:j + per_micro]]) for j in range(0, len(mine), per_micro)]
-    accumulate_step(step, micro, env, device, contextlib.nullcontext())
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with probe() if probe else contextlib.nullcontext():
+        accumulate_step(step, micro, env, device, amp)
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 if __name__ == "__main__":
     student, cache, out, loss, per_micro = sys.argv[1:6]
-    grads = step_gradients(student, cache, loss, int(per_micro), gc=sys.argv[6] if len(sys.argv) > 6 else "")
+    extra = sys.argv[6:]  # [gc mode] [amp]
+    grads = step_gradients(student, cache, loss, int(per_micro), gc=next((a for a in extra if a.startswith("gc")), ""),
+                           autocast="amp" in extra)
     if dist.dist_env().is_main:
         torch.save(grads, out)

@@ -109,3 +109,42 @@ def test_chunked_loss_head_under_bf16_autocast():
         cos = torch.nn.functional.cosine_similarity(a.flatten().float(), c.flatten().float(), dim=0)
         assert cos > 0.999, float(cos)
         assert ((a - c).norm() / a.norm()) < 0.03
+
+
+def weight_casts_in_backward(device: str, mode: str) -> tuple[int, dict]:
+    """A small Qwen2 step under bf16 autocast on ``device``: the casts of weight-shaped tensors in its backward,
+    counted by the profiler over every thread (for CUDA the recompute runs on the autograd engine's device thread;
+    an unchecked backward has one per weight, its gradient back to fp32), and the gradients. ``mode``: ""
+    unchecked, "gc" (casts lent to the recompute), "gc-recast"."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from alignti.common.models import enable_gradient_checkpointing
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97)
+    model = Qwen2ForCausalLM(cfg).to(device).train()
+    if mode:
+        enable_gradient_checkpointing(model, reuse_casts=mode == "gc")
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    casts = sum(1 for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+                and tuple(e.input_shapes[0]) in shapes)
+    return casts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_recompute_reuses_weight_casts_on_the_gpu():
+    """On CUDA the recompute runs on the autograd engine's device thread, where autocast's cache is cleared on every
+    exit: the forward's casts lent by checkpoint_layer still spare every weight cast there, with the same
+    gradients."""
+    plain_casts, plain = weight_casts_in_backward("cuda", "")
+    lent_casts, lent = weight_casts_in_backward("cuda", "gc")
+    recast_casts, recast = weight_casts_in_backward("cuda", "gc-recast")
+    assert lent_casts == plain_casts and recast_casts >= plain_casts + 3 * 7  # 7 linear weights a layer, 3 layers
+    for n in plain:
+        torch.testing.assert_close(lent[n], recast[n], rtol=0, atol=0)
+        torch.testing.assert_close(plain[n], lent[n])
