@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one run (device tool): CUDA tests, then bench/scale.py's student step at full
-# depth (every loss, the TPA position budgets, both gradient-checkpointing modes, a profile of each step) and
+# depth (every loss, the TPA position budgets, the gradient-checkpointing modes with and without the reuse of the
+# forward's weight casts, a profile of each step) and
 # the checkpointing modes again at batch 16. Writes logs and JSON under $OUT (or ./gpu-out). Carry .whl (zarr,
 # numcodecs, crc32c, transformers 5.24) where the machine lacks them. SECTIONS=tests,student,b16,loss_head,rest
-# picks parts (default: tests,paired,student,b16).
+# picks parts (default: tests,paired: the CUDA tests and every loss and checkpointing mode timed on one model,
+# which fit one device call; add student,b16 for per-process figures with profiles and batch 16).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-SECTIONS=${SECTIONS:-tests,paired,student,b16}
+SECTIONS=${SECTIONS:-tests,paired}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -18,12 +20,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 t0=$(date +%s)
 has() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 if has tests; then
-  timeout 120 python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/tests.log"
+  timeout 150 python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/tests.log"
   echo "tests: $(( $(date +%s) - t0 )) s"
 fi
 if has paired; then  # every loss on one model, interleaved rounds: the ratios to SFT without between-process jitter
   timeout 150 python3 bench/scale.py --device cuda --batch-size 8 --rounds 9 --sections paired \
-    --paired sft:1,kd:1,kd+iva:1,alignti:0.1,alignti:0.25,alignti:0.5,alignti:1,sft:1:gc,sft:1:gcr,sft:1:gc2 \
+    --paired sft:1,kd:1,kd+iva:1,alignti:0.1,alignti:0.25,alignti:0.5,alignti:1,sft:1:gc,sft:1:gcx,sft:1:gcr,sft:1:gcrx,sft:1:gc2 \
     --json "$OUT/paired.json" 2>&1 \
     | grep -v Warning | tee "$OUT/paired.log"
   echo "paired: $(( $(date +%s) - t0 )) s"

@@ -35,7 +35,7 @@ def enable_gradient_checkpointing(model, reentrant: bool = False, every_n_layers
     attention routing of its forward. ``reentrant``: the forward runs without autograd (no graph, no saved-tensor
     hooks: less host work per layer), the backward re-runs it with grad; the layer where IVA captures the
     student's saliency is then left unchecked, since a reentrant checkpoint cannot return a differentiable
-    side output. ``reuse_casts`` (non-reentrant): under autocast the recompute reuses the forward's
+    side output. ``reuse_casts``: under autocast the recompute reuses the forward's
     lower-precision casts of the layer's linear weights instead of casting them again (``checkpoint_layer``).
     Every mode gives the same gradients (tests/test_step.py)."""
     fn = functools.partial(checkpoint_layer, use_reentrant=reentrant, preserve_rng_state=has_dropout(model),
@@ -69,7 +69,7 @@ def checkpoint_layer(function, *args, use_reentrant: bool = False, preserve_rng_
     if use_reentrant and layer is not None and captures_in(layer):
         return function(*args)
     reenter = forward_context()
-    casts = _LayerCasts(layer) if reuse_casts and not use_reentrant and layer is not None else None
+    casts = _LayerCasts(layer) if reuse_casts and layer is not None else None
 
     def run(*a):
         with reenter():
@@ -151,10 +151,13 @@ class _LayerCasts:
             return [None] * len(slots)
         dtype = torch.get_autocast_dtype(device)
         out = []
-        for m, n in slots:
-            p = m._parameters[n]
-            plain = type(p) in (torch.nn.Parameter, torch.Tensor)  # not a DTensor (FSDP) or other subclass
-            out.append(p.to(dtype) if plain and p.dtype == torch.float32 and p.device.type == device else None)
+        # a reentrant checkpoint's forward runs without grad: the casts still get their ToCopyBackward, for the
+        # recompute's graph to reach the fp32 weights through them
+        with torch.enable_grad():
+            for m, n in slots:
+                p = m._parameters[n]
+                plain = type(p) in (torch.nn.Parameter, torch.Tensor)  # not a DTensor (FSDP) or other subclass
+                out.append(p.to(dtype) if plain and p.dtype == torch.float32 and p.device.type == device else None)
         return out
 
 

@@ -241,8 +241,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         adapter.vision_tower.requires_grad_(False)
     # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
     if cfg.gradient_checkpointing:
-        # each recompute runs under the capture / attention settings of its forward
-        # (FSDP2 unshards the weights per layer and frees them again: no lower-precision copies kept across)
+        # each recompute runs under the capture / attention settings of its forward and reuses its bf16 weight
+        # casts, except under FSDP2 (it frees each layer's unsharded weights after the forward: no copies kept)
         enable_gradient_checkpointing(model, reentrant=cfg.checkpoint_reentrant, every_n_layers=cfg.checkpoint_every,
                                       reuse_casts=not cfg.fsdp)
     step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights), env, device, cfg.fsdp,

@@ -100,7 +100,7 @@ def test_recompute_reuses_the_forwards_weight_casts(kit, cache, monkeypatch):
     monkeypatch.setattr("grad_probe.load_vlm", lambda *a, **k: (student, load_vlm(str(kit / "student"),
                                                                                   torch.device("cpu"), "float32")[1]))
     grads = {}
-    for mode in ("", "gc", "gc-recast"):
+    for mode in ("", "gc", "gc-recast", "gc-reentrant", "gc-reentrant-recast"):
         for p in student.parameters():
             p.grad = None
         student.gradient_checkpointing_disable()
@@ -113,6 +113,11 @@ def test_recompute_reuses_the_forwards_weight_casts(kit, cache, monkeypatch):
     assert probes["gc"].counts["forward"] == probes[""].counts["forward"] == probes["gc-recast"].counts["forward"]
     _close(grads[""], grads["gc"], rtol=0, atol=0)
     _close(grads["gc"], grads["gc-recast"], rtol=0, atol=0)
+    # reentrant: the forward runs without grad, the lent casts carry it for the recompute
+    assert probes["gc-reentrant"].counts["backward"] == 0
+    assert probes["gc-reentrant-recast"].counts["backward"] > 0.5 * probes["gc-reentrant-recast"].counts["forward"]
+    _close(grads[""], grads["gc-reentrant"], rtol=0, atol=0)
+    _close(grads["gc-reentrant"], grads["gc-reentrant-recast"], rtol=0, atol=0)
 
 
 def test_checkpointing_replays_dropout_only_where_the_model_has_it():
