@@ -17,6 +17,8 @@
 * reader: 640x480 JPEGs through the student's processor (CLIP 336-px, and Qwen2-VL's dynamic resolution)
   from a cache at real shape (k=32, B=4, k2=8, 576 image tokens), with 0, 2 and 4 DataLoader workers,
   against the samples/s the student section measured.
+* ops: the operations a student step launches per gradient-checkpointing mode (full depth, narrow widths, CPU
+  bf16 autocast), for the GPU step that host launch work bounds.
 * padding: padded positions before/after length grouping (train-student --group-by-length; the dump's
   length-sorted batches) on the realistic mix.
 
@@ -27,6 +29,7 @@ The realistic mix (LLaVA-665k-like): 576 image tokens, prompts of 20-200 text to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,6 +46,7 @@ from pathlib import Path
 from _util import device_name, loader_rate, sync, table, timeit
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 VOCAB = 151_936
 IMAGE_TOKEN = VOCAB - 1   # any id < vocab; real checkpoints put <image> in the added-token range
@@ -60,14 +64,18 @@ VARIANTS = [("sft", 1.0, ""), ("kd", 1.0, ""), ("kd+iva", 1.0, ""), ("kd+tpa", 1
 
 
 # --- models and data ------------------------------------------------------------------------------------
-def build(kind: str, layers: int | None, vision_layers: int | None, device: torch.device):
-    """A LLaVA model at real shape with random weights, built straight on ``device`` (bf16 on CUDA)."""
+def build(kind: str, layers: int | None, vision_layers: int | None, device: torch.device, narrow: int = 1):
+    """A LLaVA model at real shape with random weights, built straight on ``device`` (bf16 on CUDA). ``narrow``:
+    hidden and MLP widths divided by it (same layers, heads, vocabulary and sequences: the same operations)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
     text = dict(STUDENT_TEXT if kind == "student" else TEACHER_TEXT)
     if layers:
         text["num_hidden_layers"] = layers
     vision = dict(CLIP_L, num_hidden_layers=vision_layers or CLIP_L["num_hidden_layers"])
+    for d in (text, vision):
+        d["hidden_size"] //= narrow
+        d["intermediate_size"] //= narrow
     cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision),
                       text_config=Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, rope_theta=1e6, **text),
                       image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -327,6 +335,70 @@ def section_paired(args) -> dict:
     return res
 
 
+class OpCount(TorchDispatchMode):
+    """Counts the aten operations that launch work (views and allocations left out), and the bf16 casts of fp32
+    weights among them, per phase (``phase``: forward / backward)."""
+
+    FREE = {"view", "_unsafe_view", "t", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze",
+            "as_strided", "detach", "alias", "permute", "reshape", "split", "split_with_sizes", "unbind",
+            "_reshape_alias", "lift_fresh", "empty", "empty_strided", "empty_like", "view_as", "unflatten",
+            "sym_size", "sym_stride", "is_same_size", "_has_compatible_shallow_copy_type"}
+
+    def __init__(self, weights):
+        super().__init__()
+        self.ptrs = {w.data_ptr() for w in weights}
+        self.ops, self.casts, self.phase = {"forward": 0, "backward": 0}, {"forward": 0, "backward": 0}, "forward"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.FREE:
+            self.ops[self.phase] += 1
+            if name == "_to_copy" and args[0].dtype == torch.float32 and args[0].data_ptr() in self.ptrs:
+                self.casts[self.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def section_ops(args) -> dict:
+    """Operations one student step launches per checkpointing mode: the full-depth student with widths / 8 (the
+    same layers, heads, vocabulary and sequences, so the same operations), CPU under bf16 autocast (the GPU
+    path's precision). A step the GPU runs launch-bound (bench/README.md) pays for each in host time."""
+    from alignti.common.adapters import adapter_for
+    from alignti.common.losses import LossWeights, StepNorm, get_loss
+    from alignti.student_train.parallel import StudentStep
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = build("student", args.layers, args.vision_layers, device, narrow=8).train()
+    adapter = adapter_for(model)
+    step_mod = StudentStep(model, adapter, get_loss("sft"), adapter.num_layers // 2, LossWeights())
+    batch = student_batch(synthetic_samples(realistic_lengths(args.batch_size, seed=3), seed=3), 1.0, device)
+    norm = StepNorm.of(batch)
+    modes = args.ops_modes.split(",")
+    rows = []
+    for mode in modes:
+        set_checkpointing(model, mode)
+        counter = OpCount(list(model.parameters()))
+        for counted in (False, True):  # a warm-up step, then the counted one
+            model.zero_grad(set_to_none=True)
+            with counter if counted else contextlib.nullcontext():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = step_mod(batch, norm)
+                counter.phase = "backward"
+                out["loss"].backward()
+                counter.phase = "forward"
+        rows.append({"mode": mode, "forward": counter.ops["forward"], "backward": counter.ops["backward"],
+                     "ops": sum(counter.ops.values()), "weight_casts_backward": counter.casts["backward"]})
+    base = rows[0]["ops"]
+    for r in rows:
+        r["x_first"] = r["ops"] / base
+    print(f"\noperations per student step (batch {args.batch_size}; full depth at widths / 8; CPU bf16 autocast)")
+    print(table([[r["mode"] or "none", r["forward"], r["backward"], r["ops"], f"{r['x_first']:.3f}",
+                  r["weight_casts_backward"]] for r in rows],
+                ["grad ckpt", "forward ops", "backward ops", "ops", f"x {modes[0] or 'none'}",
+                 "weight casts in backward"]))
+    return {"rows": rows}
+
+
 def profile_step(step, device, path: Path) -> None:
     """One step under torch.profiler: host time against device kernel time (is the step launch-bound?) and the
     ops that take the most host time."""
@@ -576,6 +648,8 @@ def main() -> None:
                     help="the paired section's variants, loss:F[:MODE],... (the first is the reference; MODE as in "
                     "--variants, checkpointing toggled on the same model)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds of the paired section")
+    ap.add_argument("--ops-modes", default=",gc,gcx,gcr,gcrx,gc2", help="checkpointing modes of the ops section "
+                    "(an empty entry: none)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -594,6 +668,8 @@ def main() -> None:
     consume = None
     if "paired" in sections:
         figures["paired"] = section_paired(args)
+    if "ops" in sections:
+        figures["ops"] = section_ops(args)
     if "student" in sections:
         figures["student"] = section_student(args)
         al = [r for r in figures["student"]["rows"] if r.get("loss") == "alignti" and not r.get("gc")

@@ -39,9 +39,12 @@ def test_same_gradient_for_any_micro_batch_and_rank_split(kit, cache, tmp_path):
     for mode in ("gc", "gc-reentrant"):  # DDP + gradient checkpointing, both modes
         ranks_gc = _torchrun(kit, cache, tmp_path / f"{mode}.pt", "alignti", 4, mode)
         _close(one, ranks_gc, rtol=1e-6, atol=1e-7)
-    # DDP under bf16 autocast: the recompute's lent weight casts give the same gradients as casting again
-    lent, recast = (_torchrun(kit, cache, tmp_path / f"{m}-amp.pt", "alignti", 4, m, "amp") for m in ("gc", "gc-recast"))
+    # DDP under bf16 autocast: the recompute's lent weight casts give the same gradients as casting again, in both
+    # modes (a reentrant recompute reaches the fp32 weights through the casts its no-grad forward made)
+    lent, recast, reentrant = (_torchrun(kit, cache, tmp_path / f"{m}-amp.pt", "alignti", 4, m, "amp")
+                               for m in ("gc", "gc-recast", "gc-reentrant"))
     _close(lent, recast, rtol=0, atol=0)
+    _close(lent, reentrant, rtol=0, atol=0)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(kit, cache):
