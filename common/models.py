@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -85,15 +86,11 @@ def checkpoint_layer(function, *args, use_reentrant: bool = False, preserve_rng_
     return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, determinism_check="none")
 
 
-_LINEAR_SLOTS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = None  # type: ignore[assignment]
+_LINEAR_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _linear_slots(layer: torch.nn.Module) -> list:
     """(module, name) of every linear weight and bias in ``layer``, found once per layer."""
-    global _LINEAR_SLOTS
-    import weakref
-    if _LINEAR_SLOTS is None:
-        _LINEAR_SLOTS = weakref.WeakKeyDictionary()
     slots = _LINEAR_SLOTS.get(layer)
     if slots is None:
         slots = [(m, n) for m in layer.modules() if isinstance(m, torch.nn.Linear)
@@ -116,7 +113,8 @@ class _LayerCasts:
 
     Autocast caches the casts of fp32 weights only until its outermost region exits, which is before backward,
     and a recompute on the autograd engine's device thread clears that cache on every exit; so each recompute
-    would cast every weight again (about 40% of the operations a recompute launches on the benchmark's student).
+    would cast every weight again (516 of the 1,892 operations a recompute added to the benchmark student's
+    step, bench/README.md).
     Here the forward makes the same casts itself (``Tensor.to``, exactly what autocast runs, with the same
     ``ToCopyBackward`` to the fp32 weight), and the recompute swaps the very same tensors in. They live while the
     checkpoint does (until the layer's backward), as an unchecked layer's saved casts would. Nothing is done
