@@ -137,8 +137,8 @@ class TableSource(DataSource):
         return handle.metadata.num_rows if self.kind == "parquet" else handle.num_rows
 
     def _read(self, handle, columns: list[str]):
-        if self.kind == "parquet":
-            return handle.read(columns=columns)
+        if self.kind == "parquet":  # in this thread: a damaged file must not leave Arrow workers busy at exit
+            return handle.read(columns=columns, use_threads=False)
         return handle.select([c.split(".")[0] for c in columns])
 
     def records(self) -> list:
@@ -241,7 +241,7 @@ def _row_group(source: TableSource, i: int, group: int):
     """The image column of one row group of file i (parquet), or of the whole memory-mapped file (arrow)."""
     handle = source._open(i)
     if source.kind == "parquet":
-        return handle.read_row_group(group, columns=["image"]).column("image")
+        return handle.read_row_group(group, columns=["image"], use_threads=False).column("image")
     return handle.column("image")
 
 
