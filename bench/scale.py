@@ -638,9 +638,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sections", default="padding,student,dump,reader")
-    ap.add_argument("--variants", default=None, help="student variants as loss:F:MODE,... with MODE nogc, gc (non-reentrant checkpointing), gcr "
-                    "(reentrant), gcx (the recompute casts the weights again), and a trailing N for every N-th layer (gcr2) "
-                    "(default: all)")
+    ap.add_argument("--variants", default=None, help="student variants as loss:F:MODE,... with MODE nogc, gc "
+                    "(non-reentrant checkpointing), gcr (reentrant), gcx (the recompute casts the weights again), and "
+                    "a trailing N for every N-th layer (gcr2) (default: all)")
     ap.add_argument("--reader-samples", type=int, default=64)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-scale"))
     ap.add_argument("--json", default=None, help="write every figure here")

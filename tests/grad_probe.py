@@ -1,5 +1,6 @@
 """Gradients of one optimizer step, for tests/test_step.py: the same 8 samples split into micro-batches
-and (under torchrun: DDP) ranks. ``python tests/grad_probe.py STUDENT CACHE OUT.pt LOSS PER_MICRO [gc|gc-reentrant|gc-recast] [amp]``."""
+and (under torchrun: DDP) ranks.
+``python tests/grad_probe.py STUDENT CACHE OUT.pt LOSS PER_MICRO [gc|gc-reentrant|gc-recast] [amp]``."""
 
 from __future__ import annotations
 
