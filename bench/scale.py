@@ -359,9 +359,10 @@ class OpCount(TorchDispatchMode):
 
 
 def section_ops(args) -> dict:
-    """Operations one student step's forward and backward launch per checkpointing mode: the full-depth student with widths / 8 (the
-    same layers, heads, vocabulary and sequences, so the same operations), CPU under bf16 autocast (the GPU
-    path's precision). A step the GPU runs launch-bound (bench/README.md) pays for each in host time."""
+    """Operations one student step's forward and backward launch per checkpointing mode: the full-depth student
+    with widths / 8 (the same layers, heads, vocabulary and sequences, so the same operations), CPU under bf16
+    autocast (the GPU path's precision). A step the GPU runs launch-bound (bench/README.md) pays for each in host
+    time."""
     from alignti.common.adapters import adapter_for
     from alignti.common.losses import LossWeights, StepNorm, get_loss
     from alignti.student_train.parallel import StudentStep
