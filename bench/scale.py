@@ -387,17 +387,57 @@ def section_ops(args) -> dict:
                 counter.phase = "backward"
                 out["loss"].backward()
                 counter.phase = "forward"
+        saved = [0]  # tensors the step saves for backward outside checkpoints (theirs go through their own hooks)
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.__setitem__(0, saved[0] + 1) or x, lambda x: x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                step_mod(batch, norm)
         rows.append({"mode": mode, "forward": counter.ops["forward"], "backward": counter.ops["backward"],
-                     "ops": sum(counter.ops.values()), "weight_casts_backward": counter.casts["backward"]})
+                     "ops": sum(counter.ops.values()), "weight_casts_backward": counter.casts["backward"],
+                     "saved_outside": saved[0]})
     base = rows[0]["ops"]
     for r in rows:
         r["x_first"] = r["ops"] / base
+        r["saved_in_checkpoints"] = rows[0]["saved_outside"] - r["saved_outside"]
     print(f"\noperations per student step (batch {args.batch_size}; full depth at widths / 8; CPU bf16 autocast)")
     print(table([[r["mode"] or "none", r["forward"], r["backward"], r["ops"], f"{r['x_first']:.3f}",
-                  r["weight_casts_backward"]] for r in rows],
+                  r["weight_casts_backward"], r["saved_in_checkpoints"]] for r in rows],
                 ["grad ckpt", "forward ops", "backward ops", "ops", f"x {modes[0] or 'none'}",
-                 "weight casts in backward"]))
-    return {"rows": rows}
+                 "weight casts in backward", "saved tensors in checkpoints"]))
+    cost = checkpoint_host_cost()
+    print(f"checkpoint machinery, host time beyond the recompute itself (CPU, {cost['ops']}-op chains): "
+          f"non-reentrant {cost['per_saved_tensor_us']:.1f} us per saved tensor, reentrant "
+          f"{cost['per_reentrant_checkpoint_us']:.0f} us per checkpoint")
+    return {"rows": rows, "host_cost": cost}
+
+
+def checkpoint_host_cost(ops: int = 30, repeat: int = 300) -> dict:
+    """Host time torch.utils.checkpoint adds beyond recomputing, on a chain of ``ops`` tiny sin ops (one saved tensor
+    each): non-reentrant per saved tensor (its pack, recompute-pack and unpack hooks), reentrant per checkpoint (its
+    autograd Function and inner backward). Medians of interleaved runs."""
+    from torch.utils.checkpoint import checkpoint
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def chain(t):
+        for _ in range(ops):
+            t = torch.sin(t)
+        return t
+
+    def plain_twice(t):  # the forward twice: a step plus its recompute, without checkpoint machinery
+        chain(t.detach().requires_grad_())
+        return chain(t)
+
+    runs = {"plain": lambda: chain(x), "twice": lambda: plain_twice(x),
+            "gc": lambda: checkpoint(chain, x, use_reentrant=False, determinism_check="none", preserve_rng_state=False),
+            "gcr": lambda: checkpoint(chain, x, use_reentrant=True, preserve_rng_state=False)}
+    times = {k: [] for k in runs}
+    for _ in range(repeat):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            fn().sum().backward()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v[repeat // 10:]) * 1e6 for k, v in times.items()}
+    return {"ops": ops, "per_saved_tensor_us": (med["gc"] - med["twice"]) / ops,
+            "per_reentrant_checkpoint_us": med["gcr"] - med["twice"], "median_us": med}
 
 
 def profile_step(step, device, path: Path) -> None:
