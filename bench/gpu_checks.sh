@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one run (device tool): CUDA tests, then bench/scale.py's student step at full
-# depth (every loss, the TPA position budgets, the gradient-checkpointing modes with and without the reuse of the
-# forward's weight casts, a profile of each step) and
-# the checkpointing modes again at batch 16. Writes logs and JSON under $OUT (or ./gpu-out). Carry .whl (zarr,
-# numcodecs, crc32c, transformers 5.24) where the machine lacks them. SECTIONS=tests,student,b16,loss_head,rest
-# picks parts (default: tests,paired: the CUDA tests and every loss and checkpointing mode timed on one model,
-# which fit one device call; add student,b16 for per-process figures with profiles and batch 16).
+# Every GPU check and benchmark in one run (device tool), by section (SECTIONS, comma-separated):
+#   tests      the CUDA tests (tests/test_gpu.py)
+#   paired     every loss, the TPA position budgets and the gradient-checkpointing modes (gc, gcx: casting again,
+#              gcr, gcrx, gc2) timed against SFT on one model in interleaved rounds, batch 8, full depth
+#   student    the same per process, with a profile of each step; b16: the checkpointing modes at batch 16
+#   loss_head, rest   the loss head, and the padding, dump and reader sections
+# Default: tests,paired, which fit one device call. Writes logs and JSON under $OUT (or ./gpu-out). Carry .whl
+# (zarr, numcodecs, crc32c, transformers 5.24) where the machine lacks them.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 SECTIONS=${SECTIONS:-tests,paired}
