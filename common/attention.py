@@ -125,14 +125,13 @@ def captures_in(module: torch.nn.Module) -> bool:
 def capture_spec(adapter, layers, batch, device) -> CaptureSpec | None:
     """Groups for every (sample, turn) of a padded batch with image tokens; the keys are every image token of the
     sample, image by image (several images: their spans in order)."""
+    from .batch import image_token_positions  # (batch imports this module)
     mods = adapter.attention_modules()
     rows, qs, ks = [], [], []
-    spans_of = batch.get("image_spans") or [[(a, a + n)] if n else [] for a, n in
-                                            zip(batch["image_tok_start"], batch["n_image_tokens"])]
-    for b, (instr, spans) in enumerate(zip(batch["instr_spans"], spans_of)):
-        if not spans:
+    for b, instr in enumerate(batch["instr_spans"]):
+        keys = image_token_positions(batch, b)
+        if not len(keys):
             continue
-        keys = torch.cat([torch.arange(a, e) for a, e in spans])
         for (s, e) in instr:
             rows.append(b)
             qs.append(torch.arange(s, e))

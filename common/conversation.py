@@ -267,8 +267,8 @@ def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: boo
     markup is known exactly; the real text is then put back and checked against the template's own
     rendering of the real messages."""
     sentinels = [_SENTINEL.format(i) for i in range(len(turns))]
-    with_image = _image_turns(rec, image)
-    templ = _render(processor, _messages(turns, with_image, sentinels), add_generation_prompt=generation_prompt)
+    image_turns = _image_turns(rec, image)
+    templ = _render(processor, _messages(turns, image_turns, sentinels), add_generation_prompt=generation_prompt)
     parts, pos, rest = [], 0, templ
     content: dict[int, tuple[int, int]] = {}
     ends: dict[int, tuple[int, int]] = {}
@@ -282,12 +282,12 @@ def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: boo
         content[i] = (pos, pos + len(text))
         pos += len(text)
         if role == "assistant":  # the end-of-turn markup belongs to the response (the model must learn to stop)
-            end = _render(processor, _messages(turns[:i + 1], with_image, sentinels[:i + 1])).split(s, 1)[1]
+            end = _render(processor, _messages(turns[:i + 1], image_turns, sentinels[:i + 1])).split(s, 1)[1]
             if end and rest.startswith(end):
                 ends[i] = (pos, pos + len(end))
     parts.append(rest)
     full = "".join(parts)
-    real = _render(processor, _messages(turns, with_image, [t for _, t in turns]),
+    real = _render(processor, _messages(turns, image_turns, [t for _, t in turns]),
                    add_generation_prompt=generation_prompt)
     if real != full:
         raise DataError(rec.sample_id, "the chat template changes message text (it renders differently with the "

@@ -404,14 +404,14 @@ def _branch_fn(t: dict, w: LossWeights, norm: StepNorm, shared: dict):
     """Branch rows flattened [M * B]: row r is branch r % B of TPA position r // B, weighted by the candidates'
     teacher (or, --tpa-weighting student, student) probabilities, divided by the step's TPA positions."""
     tau = w.temperature
-    rows = t.get("tpa_rows")
-    top_ids = t["topk_ids"] if rows is None else t["topk_ids"].index_select(0, rows)
-    top_lps = t["topk_logprobs"] if rows is None else t["topk_logprobs"].index_select(0, rows)
     ids = t["tpa_ids"].reshape(-1, t["tpa_ids"].shape[-1])
     lt_all = fold_teacher(t["tpa_logprobs"].reshape(-1, ids.shape[-1]), t["tpa_tail"].reshape(-1), tau)
     if w.tpa_weighting == "student":
         weights_of = lambda: student_candidate_weights(shared["student_cand_logp"]).reshape(-1)  # noqa: E731
     else:
+        rows = t.get("tpa_rows")
+        top_ids = t["topk_ids"] if rows is None else t["topk_ids"].index_select(0, rows)
+        top_lps = t["topk_logprobs"] if rows is None else t["topk_logprobs"].index_select(0, rows)
         teacher_w = candidate_weights(t["tpa_cand_ids"], top_ids, top_lps).reshape(-1)
         weights_of = lambda: teacher_w  # noqa: E731
     return _weighted_fkl_rows(ids, lt_all, weights_of, norm.scale * w.tpa * tau ** 2 / norm.tpa_rows, tau, "tpa")

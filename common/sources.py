@@ -115,7 +115,8 @@ class TableSource(DataSource):
 
     # --- reading -------------------------------------------------------------------------------------------
     def _open(self, i: int):
-        """(file object or memory map, reader) of file i: parquet via pyarrow.parquet, arrow (datasets) via IPC."""
+        """File i opened: a ``pq.ParquetFile`` (parquet), or the whole table read from its memory map (arrow,
+        datasets' IPC files)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
         f = self.files[i]

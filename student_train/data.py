@@ -55,8 +55,8 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def _image(self, ref: str, sha: str, sample_id: str):
         """One image of a sample, decoded, checked against the sha256 the teacher saw."""
-        from alignti.common.sources import decode_image
-        if ref.startswith("@"):  # embedded in the data source (common.sources)
+        from alignti.common.sources import decode_image, is_embedded
+        if is_embedded(ref):  # embedded in the data source (common.sources)
             data = self._image_bytes(ref, sample_id)
             if self.check_images and hashlib.sha256(data).hexdigest() != sha:
                 raise DataError(sample_id, f"image {ref} of {self.data} differs from the one the teacher saw "

@@ -71,7 +71,7 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
     if "saliency" not in x or not x["n_image_tokens"]:
         raise AlignTIError(f"the cache has no saliency for sample {sample} (dumped with --saliency-layer none?)")
     imgs = CacheDataset(reader, None, images, data=data)[i]["pil_images"]  # files, or embedded in the data
-    spans = x["image_spans"] or [(x["image_tok_start"], x["image_tok_start"] + x["n_image_tokens"])]
+    spans = x["image_spans"]  # the reader fills them for one-image caches of before v5 too
     rows = [("teacher (layer %d)" % reader.params["saliency_layer"], x["saliency"][turn])]
     if student:
         s, layer = student_saliency(student, reader, i, student_layer)
