@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from _util import table
 
-from alignti.demo.quickstart import PRESETS, QuickstartConfig, paired_interval, quickstart  # noqa: E402
+from alignti.demo.quickstart import PRESETS, QuickstartConfig, interval_text, paired_interval, quickstart  # noqa: E402
 
 # name -> (method, train-student settings)
 SETTINGS = {
@@ -132,9 +132,8 @@ def main() -> None:
         val = [r["val_accuracy"] for r in sorted(res["runs"], key=lambda r: r["seed"])]
         test = [r["test_accuracy"] for r in res["runs"]]
         p = paired_interval(val, ref)
-        iv = f"[{100 * p['low']:+.1f}, {100 * p['high']:+.1f}]" if p["low"] is not None else "-"
         rows.append([name, f"{100 * statistics.mean(val):.1f} ± {100 * statistics.pstdev(val):.1f}",
-                     ", ".join(f"{100 * v:.1f}" for v in val), f"{100 * p['mean']:+.1f} {iv}"])
+                     ", ".join(f"{100 * v:.1f}" for v in val), f"{100 * p['mean']:+.1f} {interval_text(p)}"])
         figures[name] = {"val": val, "test_not_used_for_choice": test, "paired_vs_first": p}
     preset = PRESETS["fast" if a.fast else "default"]
     print(f"\nvalidation split ({preset['n_val'] * 3} questions), {a.seeds} seeds, {preset['student_steps']} steps")

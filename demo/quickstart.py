@@ -143,7 +143,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
 
     table = summarise(runs, cfg.methods)
     pairs = paired_table(runs, cfg.methods)
-    results = {"paired": pairs, "verdict": verdict(pairs), "test_questions": len(test.recs),"preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
+    results = {"paired": pairs, "verdict": verdict(pairs), "test_questions": len(test.recs),
+               "preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
                "teacher_test_accuracy": teacher_acc, "teacher_val_accuracy": info.get("teacher_val_accuracy"),
                "teacher_params": info["teacher_params"], "student_params": info["student_params"],
                "teacher_saliency_region": saliency, "methods": table, "dump_seconds": round(t_dump - t_start, 1),
@@ -209,6 +210,11 @@ def paired_interval(a: list[float], b: list[float]) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "diffs": d}
 
 
+def interval_text(p: dict) -> str:
+    """A paired_interval's 95% interval in points, e.g. "[-0.0, +20.8]" ("-" with one seed)."""
+    return f"[{100 * p['low']:+.1f}, {100 * p['high']:+.1f}]" if p["low"] is not None else "-"
+
+
 COMPARISONS = [("kd", "sft"), ("kd+iva", "sft"), ("kd+tpa", "sft"), ("alignti", "sft"), ("kd+iva", "kd"),
                ("kd+tpa", "kd"), ("alignti", "kd"), ("alignti", "kd+iva"), ("alignti", "kd+tpa")]
 
@@ -267,8 +273,7 @@ def render_table(results: dict) -> str:
                   f"{results['seeds']} seeds and its 95% interval (paired t)", "",
                   "| comparison | difference | 95% interval | per seed |", "|---|---|---|---|"]
         for p in results["paired"]:
-            iv = f"[{100 * p['low']:+.1f}, {100 * p['high']:+.1f}]" if p["low"] is not None else "-"
-            lines.append(f"| {p['a']} − {p['b']} | {100 * p['mean']:+.1f} | {iv} | "
+            lines.append(f"| {p['a']} − {p['b']} | {100 * p['mean']:+.1f} | {interval_text(p)} | "
                          + ", ".join(f"{100 * d:+.1f}" for d in p["diffs"]) + " |")
         lines += ["", results["verdict"]]
     sal = results.get("teacher_saliency_region")
