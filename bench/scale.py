@@ -175,32 +175,55 @@ class PeakRSS:
 
 
 # --- student ----------------------------------------------------------------------------------------------
-def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
-    """One variant in this process: weights, gradients and AdamW state made resident first (a zero-lr
-    step), then the step's own memory (activations and transients) and its time."""
+def resident_student(args, device: torch.device):
+    """The student in training mode with its weights, gradients and AdamW state resident (a zero-lr step), the
+    realistic batch's samples, and the autocast train-student uses: (model, adapter, layer, samples, opt,
+    autocast)."""
     from alignti.common.adapters import adapter_for
-    from alignti.common.losses import LossWeights, StepNorm, get_loss
-    from alignti.student_train.parallel import StudentStep
 
-    device = torch.device(args.device)
     torch.manual_seed(0)
     model = build("student", args.layers, args.vision_layers, device)
     if device.type == "cuda":  # train-student keeps fp32 master weights and runs under bf16 autocast
         model.float()
     adapter = adapter_for(model)
-    spec = get_loss(loss)
-    set_checkpointing(model, gc)
     model.train()
-    layer = adapter.num_layers // 2
-    step_mod = StudentStep(model, adapter, spec, layer, LossWeights())
     samples = synthetic_samples(realistic_lengths(args.batch_size, seed=3), seed=3)
-    batch = student_batch(samples, tpa_positions, device)
-    norm = StepNorm.of(batch)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return model, adapter, adapter.num_layers // 2, samples, opt, autocast
+
+
+def step_memory_mib(step, device: torch.device) -> float:
+    """One run of ``step``: its memory above what was resident before (the allocator's peak on CUDA, peak RSS on
+    CPU), MiB."""
+    sync(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync(device)
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    base = _rss_mib()
+    with PeakRSS() as probe:
+        step()
+    return probe.peak - base
+
+
+def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
+    """One variant in this process: weights, gradients and AdamW state made resident first (a zero-lr
+    step), then the step's own memory (activations and transients) and its time."""
+    from alignti.common.losses import LossWeights, StepNorm, get_loss
+    from alignti.student_train.parallel import StudentStep
+
+    device = torch.device(args.device)
+    model, adapter, layer, samples, opt, autocast = resident_student(args, device)
+    set_checkpointing(model, gc)
+    step_mod = StudentStep(model, adapter, get_loss(loss), layer, LossWeights())
+    batch = student_batch(samples, tpa_positions, device)
+    norm = StepNorm.of(batch)
 
     split = {"fwd": [], "bwd": []}
 
@@ -219,18 +242,7 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=False)
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    else:
-        base = _rss_mib()
-        with PeakRSS() as probe:
-            step()
-        peak = probe.peak - base
+    peak = step_memory_mib(step, device)
     sec = timeit(step, device, repeat=args.repeat, warmup=0)
     if os.environ.get("ALIGNTI_BENCH_PROFILE"):
         profile_step(step, device, Path(os.environ["ALIGNTI_BENCH_PROFILE"]) / f"profile-{loss}-{gc or 'nogc'}.txt")
@@ -245,24 +257,11 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
 def paired_variants(args, variants: list) -> dict:
     """Several losses on one model in one process, timed in interleaved rounds (sft, kd, ..., sft, kd, ...):
     each ratio to SFT is the median of per-round ratios, so clock and host jitter between processes cancel."""
-    from alignti.common.adapters import adapter_for
     from alignti.common.losses import LossWeights, StepNorm, get_loss
     from alignti.student_train.parallel import StudentStep
 
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build("student", args.layers, args.vision_layers, device)
-    if device.type == "cuda":
-        model.float()
-    adapter = adapter_for(model)
-    model.train()
-    layer = adapter.num_layers // 2
-    samples = synthetic_samples(realistic_lengths(args.batch_size, seed=3), seed=3)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model, adapter, layer, samples, opt, autocast = resident_student(args, device)
     steps = []
     for loss, f, gc in variants:
         step_mod = StudentStep(model, adapter, get_loss(loss), layer, LossWeights())
@@ -277,20 +276,7 @@ def paired_variants(args, variants: list) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=False)
         steps.append(step)
-    peaks = []
-    for step in steps:  # warm-up, and each variant's step memory above the resident state
-        sync(device)
-        if device.type == "cuda":
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            sync(device)
-            peaks.append((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
-        else:
-            base = _rss_mib()
-            with PeakRSS() as probe:
-                step()
-            peaks.append(probe.peak - base)
+    peaks = [step_memory_mib(step, device) for step in steps]  # warm-up, and each variant's step memory
     times = [[] for _ in steps]
     for _ in range(args.rounds):
         for i, step in enumerate(steps):
@@ -320,9 +306,14 @@ def set_checkpointing(model, gc: str) -> None:
         model.gradient_checkpointing_disable()
 
 
+def parse_variants(text: str) -> list[tuple[str, float, str]]:
+    """"loss:F[:MODE],..." -> (loss, TPA position fraction, checkpointing mode; "" for none / nogc)."""
+    parts = [v.split(":") for v in text.split(",")]
+    return [(p[0], float(p[1]), "" if len(p) < 3 or p[2] == "nogc" else p[2]) for p in parts]
+
+
 def section_paired(args) -> dict:
-    parts = [v.split(":") for v in args.paired.split(",")]
-    variants = [(p[0], float(p[1]), "" if len(p) < 3 or p[2] == "nogc" else p[2]) for p in parts]
+    variants = parse_variants(args.paired)
     res = run_child(args, "paired", variants=variants)
     if "error" in res:
         print("paired: error:", res["error"])
@@ -473,10 +464,7 @@ def run_child(args, section: str, **kw) -> dict:
 
 
 def section_student(args) -> dict:
-    variants = VARIANTS
-    if args.variants:
-        variants = [(v.split(":")[0], float(v.split(":")[1]), "" if v.split(":")[2] == "nogc" else v.split(":")[2])
-                    for v in args.variants.split(",")]
+    variants = parse_variants(args.variants) if args.variants else VARIANTS
     rows = []
     for l, f, gc in variants:  # each row as it lands (a timeout keeps what finished)
         rows.append(run_child(args, "student", loss=l, tpa_positions=f, gc=gc))
