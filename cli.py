@@ -166,7 +166,8 @@ def select_layer(teacher: str = typer.Option(...), data: str = typer.Option(...)
                  samples: int = typer.Option(256), batch_size: int = typer.Option(8), device: str = typer.Option("auto"),
                  out: Optional[Path] = typer.Option(None, help="Write the IRS curve as JSON (and a PNG beside it).")):
     """Instruction-Relevance Score of every teacher layer; names l*."""
-    from alignti.common.conversation import Record, load_records
+    from alignti.common.records import Record
+    from alignti.common.sources import load_records
     from alignti.common.models import load_vlm, resolve_device
     from alignti.teacher_dump.select_layer import render_curve, save_plot, select_layer as run
 

@@ -36,7 +36,9 @@ def stored_bytes(arrays: dict[str, np.ndarray], where: Path) -> int:
 def teacher_logprobs(kit: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     from alignti.common.adapters import adapter_for
     from alignti.common.batch import collate, forward, lm_logits
-    from alignti.common.conversation import Record, encode, load_image, load_records
+    from alignti.common.conversation import encode
+    from alignti.common.records import Record
+    from alignti.common.sources import load_image, load_records
     from alignti.common.models import load_vlm
     model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
     adapter = adapter_for(model)

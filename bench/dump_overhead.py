@@ -19,7 +19,9 @@ from _util import IMAGE_TOKENS_HELP, demo_kit, device_name, patch_for, sync, tab
 import torch  # noqa: E402
 
 from alignti.common.adapters import ModelAdapter  # noqa: E402
-from alignti.common.conversation import Record, encode, load_image, load_records  # noqa: E402
+from alignti.common.conversation import encode  # noqa: E402
+from alignti.common.records import Record  # noqa: E402
+from alignti.common.sources import load_image, load_records  # noqa: E402
 from alignti.teacher_dump.dump import DumpConfig, dump_teacher  # noqa: E402
 
 

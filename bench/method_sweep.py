@@ -65,7 +65,7 @@ def diagnose(work: Path, res: dict, batches: int = 16) -> list[dict]:
     from alignti.common.losses import LossWeights, StepNorm, get_loss
     from alignti.common.models import load_vlm
     from alignti.student_train.data import CacheDataset, StudentCollator
-    from alignti.student_train.parallel import StudentStep
+    from alignti.student_train.step import StudentStep
     from alignti.student_train.trainer import student_layer_for
 
     reader = CacheReader(str(work / "base" / "cache"))

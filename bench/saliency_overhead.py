@@ -12,7 +12,8 @@ from _util import device_name, table, timeit
 import torch  # noqa: E402
 
 from alignti.common.adapters import adapter_for  # noqa: E402
-from alignti.common.attention import additive, causal_allowed, capture_spec, use_alignti_attention  # noqa: E402
+from alignti.common.attention import additive, causal_allowed, use_alignti_attention  # noqa: E402
+from alignti.common.batch import capture_spec  # noqa: E402
 
 
 def build(hidden, layers, heads, seq, n_img, batch, device, dtype):

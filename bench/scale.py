@@ -216,7 +216,7 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
     """One variant in this process: weights, gradients and AdamW state made resident first (a zero-lr
     step), then the step's own memory (activations and transients) and its time."""
     from alignti.common.losses import LossWeights, StepNorm, get_loss
-    from alignti.student_train.parallel import StudentStep
+    from alignti.student_train.step import StudentStep
 
     device = torch.device(args.device)
     model, adapter, layer, samples, opt, autocast = resident_student(args, device)
@@ -258,7 +258,7 @@ def paired_variants(args, variants: list) -> dict:
     """Several losses on one model in one process, timed in interleaved rounds (sft, kd, ..., sft, kd, ...):
     each ratio to SFT is the median of per-round ratios, so clock and host jitter between processes cancel."""
     from alignti.common.losses import LossWeights, StepNorm, get_loss
-    from alignti.student_train.parallel import StudentStep
+    from alignti.student_train.step import StudentStep
 
     device = torch.device(args.device)
     model, adapter, layer, samples, opt, autocast = resident_student(args, device)
@@ -356,7 +356,7 @@ def section_ops(args) -> dict:
     time."""
     from alignti.common.adapters import adapter_for
     from alignti.common.losses import LossWeights, StepNorm, get_loss
-    from alignti.student_train.parallel import StudentStep
+    from alignti.student_train.step import StudentStep
 
     device = torch.device("cpu")
     torch.manual_seed(0)

@@ -61,7 +61,8 @@ def make_step(variant, teacher, student, batch, reader):
     from alignti.common.adapters import adapter_for
     from alignti.common.batch import forward, lm_head, lm_logits
     from alignti.common.losses import LossWeights, get_loss, head_loss
-    from alignti.student_train.trainer import student_layer_for, student_step_outputs
+    from alignti.student_train.step import student_step_outputs
+    from alignti.student_train.trainer import student_layer_for
 
     sa, ta = adapter_for(student), (adapter_for(teacher) if teacher is not None else None)
     if FREEZE_VISION:  # train-student --freeze-vision, the same in every variant

@@ -122,38 +122,6 @@ def captures_in(module: torch.nn.Module) -> bool:
     return spec is not None and any(id(m) in spec.layers for m in module.modules())
 
 
-def capture_spec(adapter, layers, batch, device) -> CaptureSpec | None:
-    """Groups for every (sample, turn) of a padded batch with image tokens; the keys are every image token of the
-    sample, image by image (several images: their spans in order)."""
-    from .batch import image_token_positions  # (batch imports this module)
-    mods = adapter.attention_modules()
-    rows, qs, ks = [], [], []
-    for b, instr in enumerate(batch["instr_spans"]):
-        keys = image_token_positions(batch, b)
-        if not len(keys):
-            continue
-        for (s, e) in instr:
-            rows.append(b)
-            qs.append(torch.arange(s, e))
-            ks.append(keys)
-    if not rows:
-        return None
-    q_idx, q_valid = _pad(qs)
-    k_idx, k_valid = _pad(ks)
-    return CaptureSpec({id(mods[layer]): layer for layer in layers}, torch.tensor(rows, device=device),
-                       q_idx.to(device), q_valid.to(device), k_idx.to(device), k_valid.to(device))
-
-
-def _pad(seqs: list[torch.Tensor]):
-    n = max(len(s) for s in seqs)
-    idx = torch.zeros(len(seqs), n, dtype=torch.long)
-    valid = torch.zeros(len(seqs), n, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        idx[i, :len(s)] = s
-        valid[i, :len(s)] = True
-    return idx, valid
-
-
 # --- masks ----------------------------------------------------------------------------------
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import (Branches, additive, branch_position_ids, capture_spec, causal_allowed, make_branches,
+from .attention import (Branches, CaptureSpec, additive, branch_position_ids, causal_allowed, make_branches,
                         tree_allowed, use_alignti_attention)
 
 
@@ -52,6 +52,37 @@ def image_spans_of(x: dict) -> list[tuple[int, int]]:
         return [(int(a), int(b)) for a, b in spans]
     n = int(x["n_image_tokens"])
     return [(int(x["image_tok_start"]), int(x["image_tok_start"]) + n)] if n else []
+
+
+def capture_spec(adapter, layers, batch, device) -> CaptureSpec | None:
+    """Groups for every (sample, turn) of a padded batch with image tokens; the keys are every image token of the
+    sample, image by image (several images: their spans in order)."""
+    mods = adapter.attention_modules()
+    rows, qs, ks = [], [], []
+    for b, instr in enumerate(batch["instr_spans"]):
+        keys = image_token_positions(batch, b)
+        if not len(keys):
+            continue
+        for (s, e) in instr:
+            rows.append(b)
+            qs.append(torch.arange(s, e))
+            ks.append(keys)
+    if not rows:
+        return None
+    q_idx, q_valid = _pad(qs)
+    k_idx, k_valid = _pad(ks)
+    return CaptureSpec({id(mods[layer]): layer for layer in layers}, torch.tensor(rows, device=device),
+                       q_idx.to(device), q_valid.to(device), k_idx.to(device), k_valid.to(device))
+
+
+def _pad(seqs: list[torch.Tensor]):
+    n = max(len(s) for s in seqs)
+    idx = torch.zeros(len(seqs), n, dtype=torch.long)
+    valid = torch.zeros(len(seqs), n, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = s
+        valid[i, :len(s)] = True
+    return idx, valid
 
 
 def to_device(batch: dict, device) -> dict:

@@ -2,7 +2,7 @@
 ``save_to_disk`` folders, parquet files or folders of shards, local or fsspec URLs) whose image column holds a path
 or the image itself (``{"bytes", "path"}``, as ``datasets.Image`` stores it).
 
-Every source gives the same ``Record`` list (``common.conversation.parse_record`` checks each row as it checks a
+Every source gives the same ``Record`` list (``common.records.parse_record`` checks each row as it checks a
 JSON sample) and opens a record's image. An embedded image is named by the reference ``@ROW`` (its row in the
 source); the cache keeps that reference and the sha256 of the bytes, and the student reads the bytes from the same
 source (``train-student --data`` if it moved). Bytes are read lazily, one row group at a time, never all at once."""
@@ -17,6 +17,7 @@ from io import BytesIO
 from pathlib import Path
 
 from .errors import DataError
+from .records import Record, Skipped, check_unique, load_json_records, parse_record
 
 EMBEDDED = "@"  # image reference prefix: "@12" = the image embedded in row 12 of the data source
 
@@ -100,7 +101,6 @@ class JsonSource(DataSource):
         self.location, self.images = str(data), None if images is None else str(images)
 
     def records(self) -> list:
-        from .conversation import load_json_records
         return load_json_records(self.location)
 
 
@@ -143,7 +143,6 @@ class TableSource(DataSource):
         return handle.select([c.split(".")[0] for c in columns])
 
     def records(self) -> list:
-        from .conversation import Skipped, check_unique, parse_record
         out, row, offsets = [], 0, []
         for i, f in enumerate(self.files):
             handle = self._open(i)
@@ -313,3 +312,31 @@ def open_source(data: str | Path, images: str | Path | None = None) -> DataSourc
     if p.suffix == ".arrow":
         return TableSource(data, images, [str(p)], "arrow")
     return JsonSource(data, images)
+
+
+def load_records(data: str | Path) -> list[Record | Skipped]:
+    """The samples of ``--data``: a LLaVA JSON/JSONL file, a parquet file or folder, a datasets save_to_disk folder
+    (common.sources). Problems come back as `Skipped` entries (the caller raises or records them, depending on
+    --skip-bad); a source that cannot be read at all raises."""
+    return open_source(data).records()
+
+
+def load_image(rec: Record, images_dir: str | Path | None):
+    """Open the sample's image(s); returns (PIL image, sha256 of its bytes), or for a multi-image sample (list of
+    PIL images, JSON list of their sha256s). An embedded image (``@ROW``) comes from the record's table source."""
+    loaded = [_load_one(rec, ref, images_dir) for ref in rec.images]
+    if isinstance(rec.image, list):
+        return [img for img, _ in loaded], json.dumps([sha for _, sha in loaded])
+    return loaded[0]
+
+
+def _load_one(rec: Record, ref: str, images_dir):
+    if is_embedded(ref):
+        if rec.source is None:
+            raise DataError(rec.sample_id, f"image '{ref}' is embedded in a table, but the record has no source",
+                            "load the records with common.sources.open_source")
+        return rec.source.load_image(ref, rec.sample_id)
+    if rec.source is not None and images_dir is None:
+        images_dir = rec.source.images
+    data = file_bytes(str(images_dir) if images_dir is not None else ".", ref, rec.sample_id)
+    return decode_image(data, rec.sample_id, f"'{ref}'"), hashlib.sha256(data).hexdigest()

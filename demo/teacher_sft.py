@@ -13,7 +13,9 @@ import torch
 
 from alignti.common.adapters import ModelAdapter, adapter_for
 from alignti.common.batch import collate, forward, lm_logits, to_device
-from alignti.common.conversation import Record, answer_query_spans, encode, load_image, load_records, parse_record
+from alignti.common.conversation import answer_query_spans, encode
+from alignti.common.records import Record, parse_record
+from alignti.common.sources import load_image, load_records
 from alignti.common.generate import exact_match, greedy_answers
 from alignti.common.losses import sft_loss
 

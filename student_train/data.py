@@ -10,7 +10,7 @@ import torch
 
 from alignti.common.batch import collate, image_token_positions, tpa_layout
 from alignti.common.cache import CacheReader
-from alignti.common.conversation import image_refs
+from alignti.common.records import image_refs
 from alignti.common.errors import DataError
 
 

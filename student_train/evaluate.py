@@ -11,7 +11,9 @@ import torch
 from alignti.common.adapters import adapter_for
 from alignti.common.batch import forward, lm_logits
 from alignti.common.cache import CacheReader
-from alignti.common.conversation import Record, encode, load_image, load_records
+from alignti.common.conversation import encode
+from alignti.common.records import Record
+from alignti.common.sources import load_image, load_records
 from alignti.common.generate import exact_match, greedy_answers
 from alignti.common.losses import fold_student, fold_teacher, kl
 from alignti.common.models import load_vlm, resolve_device

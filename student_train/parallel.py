@@ -1,7 +1,7 @@
 """Data-parallel student training under torchrun: DDP or FSDP2, rank-disjoint cache reads, checkpoints.
 
-The student's whole step (vision tower, decoder with saliency capture and TPA branches, LM head) is
-one ``StudentStep`` module, so DDP / FSDP2 see a single forward and hook it as they expect.
+``wrap`` takes the student's whole step as one module (``student_train.step.StudentStep``), so DDP / FSDP2 see a
+single forward and hook it as they expect.
 """
 
 from __future__ import annotations
@@ -16,27 +16,9 @@ from alignti.common.distributed import DistEnv
 from .data import batches_of
 
 
-class StudentStep(nn.Module):
-    """One forward of the student returning every tensor the losses need."""
-
-    def __init__(self, model: nn.Module, adapter, spec, layer: int, weights):
-        super().__init__()
-        self.model = model
-        self.adapter, self.spec, self.layer, self.weights = adapter, spec, layer, weights
-
-    def forward(self, batch: dict, norm=None) -> dict:
-        """{"loss": the step-normalised loss of this micro-batch, "sums": detached term sums}. The loss head
-        runs in here, inside DDP's / FSDP2's forward, where FSDP2 holds the unsharded lm_head weight."""
-        from alignti.common.batch import lm_head
-        from alignti.common.losses import head_loss
-
-        from .trainer import student_step_outputs
-        res = student_step_outputs(self.adapter, batch, self.spec, self.layer, self.weights.iva_form)
-        return head_loss(self.spec, self.weights, lm_head(self.adapter), res, norm)
-
-
-def wrap(step: StudentStep, env: DistEnv, device: torch.device, fsdp: bool, static_graph: bool = False) -> nn.Module:
-    """DDP, or FSDP2 on the decoder layers. ``static_graph``: for reentrant gradient checkpointing, whose nested
+def wrap(step: nn.Module, env: DistEnv, device: torch.device, fsdp: bool, static_graph: bool = False) -> nn.Module:
+    """DDP, or FSDP2 on the decoder layers of ``step`` (a ``StudentStep``: its ``adapter`` names them).
+    ``static_graph``: for reentrant gradient checkpointing, whose nested
     backward passes DDP's search for unused parameters cannot follow (the used set is fixed by the loss)."""
     if not env.distributed:
         return step

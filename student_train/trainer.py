@@ -23,18 +23,18 @@ import torch
 
 from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_for, check_images_per_sample
-from alignti.common.batch import forward
 from alignti.common.cache import CacheReader, check_manifest
 from alignti.common.errors import AlignTIError, CacheError
 from alignti.common.faults import crash_point
 from alignti.common.config import config_values, write_config
-from alignti.common.conversation import image_refs
+from alignti.common.records import image_refs
 from alignti.common.fingerprint import check_encoding, check_student
 from alignti.common.losses import IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means, step_counts
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
 from alignti.common.progress import progress_bar
 
 from . import parallel
+from .step import StudentStep
 from .tracking import Tracker, parse_report_to
 from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, length_grouped, worker_init
 
@@ -98,28 +98,6 @@ def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_
             raise ValueError(f"--student-layer {cfg_layer} is outside the student's {student_layers} layers")
         return cfg_layer
     return min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
-
-
-def student_step_outputs(adapter, batch: dict, spec, layer: int, iva_form: str = "attention") -> dict:
-    """The student's hidden states the loss head needs (see common.losses.head_loss), beside the batch's
-    teacher tensors: resp_hidden [N, H], branch_hidden [M, B, H] for TPA, and for IVA student_sal (attention
-    form) or ivak_hidden [R, H] at the teacher's salient image tokens (token-KL form)."""
-    cands = batch.get("tpa_cand_list") if spec.tpa else None
-    token_kl = spec.iva and iva_form == "token-kl"
-    out = forward(adapter, batch, capture_layers=[layer] if spec.iva and not token_kl else (), branch_cands=cands,
-                  branch_pos=batch.get("tpa_pos") if spec.tpa else None,
-                  keep_hidden=token_kl)
-    res = {k: batch[k] for k in ("targets", "topk_ids", "topk_logprobs", "tail_logmass", "tpa_cand_ids", "tpa_ids",
-                                 "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid", "ivak_weight",
-                                 "ivak_ids", "ivak_logprobs", "ivak_tail") if k in batch}
-    res["resp_hidden"] = out.resp_hidden
-    if spec.tpa:
-        res["branch_hidden"] = out.branch_hidden
-    if token_kl:
-        res["ivak_hidden"] = out.hidden[batch["ivak_b"], batch["ivak_p"]]
-    elif spec.iva:
-        res["student_sal"] = out.saliency.get(layer)
-    return res
 
 
 def accumulate_step(step_module, micro: list[dict], env, device, autocast) -> tuple[dict, dict]:
@@ -245,7 +223,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         # casts, except under FSDP2 (it frees each layer's unsharded weights after the forward: no copies kept)
         enable_gradient_checkpointing(model, reentrant=cfg.checkpoint_reentrant, every_n_layers=cfg.checkpoint_every,
                                       reuse_casts=not cfg.fsdp)
-    step_module = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights), env, device, cfg.fsdp,
+    step_module = parallel.wrap(StudentStep(model, adapter, spec, layer, weights), env, device, cfg.fsdp,
                                 static_graph=cfg.gradient_checkpointing and cfg.checkpoint_reentrant)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]

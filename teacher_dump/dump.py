@@ -22,14 +22,14 @@ from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import collate, to_device
 from alignti.common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
-from alignti.common.conversation import (ENCODING_VERSION, Record, Skipped, check_saliency_query, encode,
-                                         image_column, load_image, with_saliency_query)
+from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
+from alignti.common.records import Record, Skipped, image_column
 from alignti.common.errors import CacheError, DataError
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_vlm
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
-from alignti.common.sources import is_embedded, open_source
+from alignti.common.sources import is_embedded, load_image, open_source
 
 from .compute import split_per_sample, teacher_batch
 

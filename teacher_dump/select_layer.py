@@ -17,7 +17,9 @@ import torch
 
 from alignti.common.adapters import adapter_for
 from alignti.common.batch import collate, forward, to_device
-from alignti.common.conversation import Record, encode, image_column, load_image, with_saliency_query
+from alignti.common.conversation import encode, with_saliency_query
+from alignti.common.records import Record, image_column
+from alignti.common.sources import load_image
 from alignti.common.progress import progress_bar
 
 log = logging.getLogger("alignti.irs")

@@ -16,6 +16,7 @@ from alignti.common.losses import LossWeights, get_loss  # noqa: E402
 from alignti.common.models import enable_gradient_checkpointing, load_vlm  # noqa: E402
 from alignti.student_train import parallel  # noqa: E402
 from alignti.student_train.data import CacheDataset, StudentCollator  # noqa: E402
+from alignti.student_train.step import StudentStep  # noqa: E402
 from alignti.student_train.trainer import accumulate_step, student_layer_for  # noqa: E402
 
 SAMPLES = 8
@@ -50,7 +51,7 @@ def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: str 
         enable_gradient_checkpointing(model, reentrant="reentrant" in gc, every_n_layers=2 if "every2" in gc else 1,
                                       reuse_casts="recast" not in gc)
     model.train()
-    step = parallel.wrap(parallel.StudentStep(model, adapter, spec, layer, weights or LossWeights(tpa=0.7, iva=1.3)),
+    step = parallel.wrap(StudentStep(model, adapter, spec, layer, weights or LossWeights(tpa=0.7, iva=1.3)),
                          env, device, fsdp=False, static_graph="reentrant" in gc)
     data, coll = CacheDataset(reader, proc), StudentCollator(proc, type(adapter))
     idx = probe_samples(reader)

@@ -4,7 +4,9 @@ import torch
 
 from alignti.common.adapters import adapter_for
 from alignti.common.batch import collate
-from alignti.common.conversation import Record, encode, load_image, parse_record
+from alignti.common.conversation import encode
+from alignti.common.records import Record, parse_record
+from alignti.common.sources import load_image
 from alignti.demo import kit, shapes
 
 

@@ -143,7 +143,9 @@ def test_two_image_placeholders_for_one_image_are_refused(kit, data):
 
 def test_image_without_placeholder_goes_before_the_first_question(kit):
     """Documented: an image with no <image> placeholder is put where the template puts a first-turn image."""
-    from alignti.common.conversation import encode, load_image, parse_record
+    from alignti.common.conversation import encode
+    from alignti.common.records import parse_record
+    from alignti.common.sources import load_image
     from alignti.common.models import load_processor
     proc = load_processor(str(kit / "teacher"))
     rec = json.loads((kit / "data/train.json").read_text())[0]

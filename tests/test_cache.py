@@ -84,7 +84,8 @@ print(len(t), g['topk_logprobs'].dtype, g['input_ids'].shape)
 def test_dump_matches_teacher_forward(kit, cache):
     from alignti.common.adapters import adapter_for
     from alignti.common.batch import collate, forward, lm_logits
-    from alignti.common.conversation import encode, load_image, load_records
+    from alignti.common.conversation import encode
+    from alignti.common.sources import load_image, load_records
     from alignti.common.models import load_vlm
 
     model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
@@ -325,7 +326,8 @@ def test_tpa_position_budget(kit, cache, tmp_path):
 
     from alignti.common.adapters import adapter_for
     from alignti.common.batch import collate, forward, lm_logits
-    from alignti.common.conversation import encode, load_image, load_records
+    from alignti.common.conversation import encode
+    from alignti.common.sources import load_image, load_records
     from alignti.common.models import load_vlm
     from alignti.student_train.trainer import TrainConfig, train_student
 

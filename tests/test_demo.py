@@ -41,7 +41,8 @@ def test_stream_encoder_equals_encode():
     import numpy as np
     import torch
 
-    from alignti.common.conversation import encode, parse_record
+    from alignti.common.conversation import encode
+    from alignti.common.records import parse_record
     from alignti.demo import kit
     from alignti.demo.teacher_sft import StreamEncoder
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from alignti.common.cache import CacheReader
-from alignti.common.conversation import encode, load_image, load_records
+from alignti.common.conversation import encode
+from alignti.common.sources import load_image, load_records
 from alignti.common.errors import CacheError
 from alignti.common.models import load_vlm
 from alignti.student_train.trainer import TrainConfig, train_student

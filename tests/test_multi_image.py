@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from alignti.common.cache import CacheReader
-from alignti.common.conversation import encode, load_image, parse_record
+from alignti.common.conversation import encode
+from alignti.common.records import parse_record
+from alignti.common.sources import load_image
 from alignti.common.errors import DataError
 from alignti.common.models import load_vlm
 from alignti.student_train.show_saliency import show_saliency

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignti.common.conversation import encode, parse_record
+from alignti.common.conversation import encode
+from alignti.common.records import parse_record
 from alignti.demo import kit
 
 # llava-hf/llava-1.5-7b-hf's chat template (roles in capitals + ": ", images first, every text + " ")
