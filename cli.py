@@ -287,11 +287,13 @@ def evaluate(model: str = typer.Option(...),
              cache: Optional[str] = typer.Option(None, help="Report mean per-token KL to this teacher cache."),
              limit: Optional[int] = typer.Option(None), device: str = typer.Option("auto"),
              answers_out: Optional[Path] = typer.Option(None, help="Write this model's answers as JSON."),
+             max_new_tokens: int = typer.Option(8, min=1, help="Longest answer generated (tokens); the demo's "
+                                                "long-form split needs 48."),
              as_json: bool = typer.Option(False, "--json")):
     """Greedy answers: exact-match accuracy, agreement with a teacher, KL to a cache."""
     from alignti.student_train.evaluate import evaluate as run
     res = _run(run, model, data, images, teacher_answers=teacher_answers, cache=cache, limit=limit,
-               device=device, answers_out=answers_out)
+               device=device, answers_out=answers_out, max_new_tokens=max_new_tokens)
     typer.echo(json.dumps(res, indent=2) if as_json else
                "\n".join(f"{k}: {v}" for k, v in res.items() if k != "per_type"))
 

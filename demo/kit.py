@@ -195,14 +195,17 @@ def build_student(family: str, tokenizer, teacher, seed: int, patch: int = PATCH
 def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int = 60, train_teacher: bool = True,
               teacher_steps: int = 3000, seed: int = 0, questions_per_image: int = 3, family: str = "llava",
               teacher_lr: float = 3e-4, patch: int = PATCH, teacher_batch: int = 64, teacher_target: float | None = 0.9,
-              caption_rate: float = 0.0, grounding: float = 1.0, device: str = "auto") -> dict:
+              caption_rate: float = 0.0, grounding: float = 1.0, device: str = "auto",
+              long_form: dict[str, int] | None = None, long_form_rate: float = 0.0) -> dict:
     """Data splits, tokenizer, processor, teacher and student checkpoints under ``out``. With ``train_teacher``
     the teacher trains on fresh scenes (and ``caption_rate`` of "list the shapes" captions) for at most
     ``teacher_steps`` steps, stopping once validation exact match reaches ``teacher_target``; ``grounding``
-    weighs its auxiliary grounding loss (teacher_sft.grounding_loss)."""
+    weighs its auxiliary grounding loss (teacher_sft.grounding_loss). ``long_form`` ({split: images}) adds the
+    long-form splits (``data/<split>_long.json``, shapes.generate_long_form_split) and ``long_form_rate`` the share
+    of the teacher's batches that ask the long-form question."""
     out = Path(out)
     data_dir = out / "data"
-    paths = shapes.write_dataset(data_dir, n_train, n_val, n_test, questions_per_image)
+    paths = shapes.write_dataset(data_dir, n_train, n_val, n_test, questions_per_image, n_long=long_form)
     tokenizer = build_tokenizer(family)
     processor = build_processor(tokenizer, family, patch)
     teacher = build_model(family, tokenizer, TEACHER, seed, patch)
@@ -215,7 +218,7 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
         teacher.to(resolve_device(device))
         acc = train_sft(teacher, processor, paths["train"], paths["val"], data_dir / "images", steps=teacher_steps,
                         seed=seed, lr=teacher_lr, batch_size=teacher_batch, target=teacher_target,
-                        caption_rate=caption_rate, grounding=grounding)
+                        caption_rate=caption_rate, grounding=grounding, long_form_rate=long_form_rate)
         result["teacher_val_accuracy"] = acc
         teacher.cpu()
     student = build_student(family, tokenizer, teacher, seed + 1, patch)

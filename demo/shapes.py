@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,8 @@ class Item:
     shape: str
 
 
-def make_scene(rng: random.Random) -> list[Item]:
-    n = rng.randint(2, 5)
+def make_scene(rng: random.Random, max_items: int = 5) -> list[Item]:
+    n = rng.randint(2, max_items)
     cells = rng.sample(range(GRID * GRID), n)
     return [Item(c, rng.choice(list(COLOURS)), rng.choice(SHAPES)) for c in sorted(cells)]
 
@@ -109,14 +110,67 @@ def caption(scene: list[Item]) -> str:
     return ", ".join(f"{POSITIONS[it.cell]} {it.colour} {it.shape}" for it in sorted(scene, key=lambda i: i.cell))
 
 
-def stream(seed: int, caption_rate: float = 0.0):
-    """An endless stream of (record, image) pairs from fresh scenes, for teacher training."""
+LONG_FORM_QUESTION = "Describe every shape in the picture."
+LONG_FORM = "long_form"  # the question type of the long-form split (meta "type")
+FIELDS = ("position", "colour", "shape")
+
+
+def long_form_answer(scene: list[Item]) -> str:
+    """Every shape in reading order (cell 0 first), each as "<colour> <shape> in the <position>", joined by
+    ", ": 15 to 40 tokens for 2 to 4 shapes with the demo tokenizer, one order so exact match is well defined.
+    Its words are all in ``corpus()``, so the demo tokenizer is the same with or without long-form data."""
+    return ", ".join(f"{it.colour} {it.shape} in the {POSITIONS[it.cell]}" for it in sorted(scene, key=lambda i: i.cell))
+
+
+LONG_FORM_MAX_ITEMS = 4  # long-form scenes hold 2 to 4 shapes: 15 to 40 answer tokens with the demo tokenizer
+_ITEM = re.compile(r"(\w+) (\w+) in the ([\w-]+)")
+
+
+def parse_long_form(text: str) -> list[tuple[str, str, str]]:
+    """The (position, colour, shape) items a long-form answer states, in its order; text that does not read as
+    an item is ignored (it earns nothing in ``field_scores``)."""
+    return [(pos, colour, shape) for colour, shape, pos in _ITEM.findall(text.lower())]
+
+
+def field_scores(pred: str, scene: list[Item]) -> dict[str, float]:
+    """Per-field F1 of a long-form answer against the scene: for each field F in (position, colour, shape), the
+    answer's set of (position, F value) pairs against the scene's (position alone for "position"): precision over
+    what the answer states, recall over the scene's shapes, F1 = 2PR / (P + R) (0 when both are empty of matches).
+    "fields": the F1 over all three kinds of pair together. A shape listed twice counts once."""
+    ref = {POSITIONS[it.cell]: (it.colour, it.shape) for it in scene}
+    said: dict[str, tuple[str, str]] = {}
+    for pos, colour, shape in parse_long_form(pred):
+        said.setdefault(pos, (colour, shape))
+
+    def pairs(items: dict, field: str) -> set:
+        if field == "position":
+            return {(p, "position") for p in items}
+        k = 0 if field == "colour" else 1
+        return {(p, field, v[k]) for p, v in items.items()}
+
+    def f1(r: set, s: set) -> float:
+        hit = len(r & s)
+        return 0.0 if hit == 0 else 2 * hit / (len(r) + len(s))
+
+    out = {f: f1(pairs(ref, f), pairs(said, f)) for f in FIELDS}
+    out["fields"] = f1(set().union(*(pairs(ref, f) for f in FIELDS)), set().union(*(pairs(said, f) for f in FIELDS)))
+    return out
+
+
+def stream(seed: int, caption_rate: float = 0.0, long_form_rate: float = 0.0):
+    """An endless stream of (record, image) pairs from fresh scenes, for teacher training; ``long_form_rate`` of
+    them ask the long-form question (``long_form_answer``)."""
     rng = random.Random(seed)
     i = 0
     while True:
-        scene = make_scene(rng)
+        long_form = bool(long_form_rate) and rng.random() < long_form_rate
+        scene = make_scene(rng, LONG_FORM_MAX_ITEMS if long_form else 5)
         img = render(scene)
-        if rng.random() < caption_rate:
+        if long_form:
+            conv = [{"from": "human", "value": f"<image>\n{LONG_FORM_QUESTION}"},
+                    {"from": "gpt", "value": long_form_answer(scene)}]
+            meta = {"type": LONG_FORM, "region": [it.cell for it in scene]}
+        elif rng.random() < caption_rate:
             conv = [{"from": "human", "value": "<image>\nList the shapes."}, {"from": "gpt", "value": caption(scene)}]
             meta = {"type": "caption", "region": []}  # names no single region
         else:
@@ -151,14 +205,48 @@ def generate_split(out_dir: str | Path, split: str, n_images: int, questions_per
     return records
 
 
+def generate_long_form_split(out_dir: str | Path, split: str, n_images: int, seed: int | None = None) -> list[dict]:
+    """The long-form split: one question per fresh scene, "describe every shape" (``long_form_answer``), images
+    under out_dir/images/ named ``<split>_long_NNNNN.png``; meta holds the scene for ``field_scores``."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random((SPLIT_SEEDS[split] if seed is None else seed) + LONG_FORM_SEED_OFFSET)
+    records = []
+    for i in range(n_images):
+        scene = make_scene(rng, LONG_FORM_MAX_ITEMS)
+        name = f"{split}_long_{i:05d}.png"
+        render(scene).save(out_dir / "images" / name)
+        conv = [{"from": "human", "value": f"<image>\n{LONG_FORM_QUESTION}"},
+                {"from": "gpt", "value": long_form_answer(scene)}]
+        scene_cells = [[it.cell, it.colour, it.shape] for it in scene]
+        records.append({"id": f"{split}-long-{i:05d}", "image": name, "conversations": conv,
+                        "meta": {"type": LONG_FORM, "region": [it.cell for it in scene], "scene": scene_cells},
+                        "scene": scene_cells})
+    return records
+
+
+LONG_FORM_SEED_OFFSET = 500  # the long-form splits draw scenes apart from the short-question splits
+
+
+def scene_of(cells: list) -> list[Item]:
+    """A scene from its JSON form ``[[cell, colour, shape], ...]`` (records' "scene", long-form meta's "scene")."""
+    return [Item(int(c), str(col), str(sh)) for c, col, sh in cells]
+
+
 def write_dataset(out_dir: str | Path, n_train: int = 300, n_val: int = 40, n_test: int = 60,
-                  questions_per_image: int = 3) -> dict[str, Path]:
+                  questions_per_image: int = 3, n_long: dict[str, int] | None = None) -> dict[str, Path]:
+    """train/val/test.json (short questions), and with ``n_long`` ({split: images}) the long-form splits
+    ``<split>_long.json``, keyed ``<split>_long`` in the returned paths."""
     out_dir = Path(out_dir)
     paths = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         recs = generate_split(out_dir, split, n, questions_per_image)
         paths[split] = out_dir / f"{split}.json"
         paths[split].write_text(json.dumps(recs, indent=1))
+    for split, n in (n_long or {}).items():
+        key = f"{split}_long"
+        paths[key] = out_dir / f"{key}.json"
+        paths[key].write_text(json.dumps(generate_long_form_split(out_dir, split, n), indent=1))
     return paths
 
 

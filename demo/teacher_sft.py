@@ -65,15 +65,19 @@ class StreamEncoder:
         return out
 
 
-def _stream_batches(processor, seed: int, batch_size: int, caption_rate: float):
-    """Batches of fresh scenes; ``caption_rate`` of the batches are all captions (a caption is twice as
-    long as a question, so mixing them would pad every question batch to caption length)."""
+def _stream_batches(processor, seed: int, batch_size: int, caption_rate: float, long_form_rate: float = 0.0):
+    """Batches of fresh scenes; ``caption_rate`` of the batches are all captions and ``long_form_rate`` all
+    long-form answers (a caption is twice as long as a question, a long-form answer ten times: mixing them
+    would pad every question batch to their length)."""
     from .shapes import stream
     questions, captions = stream(seed, 0.0), stream(seed + 1, 1.0)
+    long_form = stream(seed + 2, long_form_rate=1.0) if long_form_rate else None
     rng = random.Random(seed)
     enc = StreamEncoder(processor)
     while True:
         gen = captions if rng.random() < caption_rate else questions
+        if long_form is not None and rng.random() < long_form_rate:
+            gen = long_form
         yield [enc(item, img) for item, img in (next(gen) for _ in range(batch_size))]
 
 
@@ -100,19 +104,21 @@ def grounding_loss(saliency: torch.Tensor, items: list[dict]) -> torch.Tensor:
 # in ~200 steps.
 def train_sft(model, processor, train_path, val_path, images, steps: int = 600, batch_size: int = 16, lr: float = 3e-4,
               seed: int = 0, fresh: bool = True, caption_rate: float = 0.0, target: float | None = None,
-              eval_every: int = 250, grounding: float = 0.0, grounding_layer: int = 1) -> float:
+              eval_every: int = 250, grounding: float = 0.0, grounding_layer: int = 1,
+              long_form_rate: float = 0.0) -> float:
     """Train for at most ``steps`` steps, stopping early once the validation exact match reaches ``target``
     (checked every ``eval_every`` steps). ``fresh``: every step draws new scenes (the task's generator is
     unbounded), so the teacher learns to see instead of memorising the train split.
 
     ``grounding`` > 0 adds ``grounding * grounding_loss`` on the attention of the answer position over the
     image tokens at decoder layer ``grounding_layer``: the synthetic stand-in for the grounding data real VLMs
-    are trained on (referring expressions, boxes). It halves the steps the teacher needs to 90% (docs/demo.md)."""
+    are trained on (referring expressions, boxes). It halves the steps the teacher needs to 90% (docs/demo.md).
+    ``long_form_rate``: the share of batches that ask the long-form question (shapes.long_form_answer)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     adapter = adapter_for(model)
     if fresh:
-        batches = _stream_batches(processor, 10_000 + seed, batch_size, caption_rate)
+        batches = _stream_batches(processor, 10_000 + seed, batch_size, caption_rate, long_form_rate)
     else:
         data = [e.__dict__ for _, e in encode_all(processor, train_path, images)]
         batches = (rng.sample(data, batch_size) for _ in iter(int, 1))

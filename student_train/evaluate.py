@@ -55,7 +55,8 @@ def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_si
 class AccuracyProbe:
     """Exact-match accuracy on a fixed set of prompts, encoded once (for evaluation during training)."""
 
-    def __init__(self, processor, data: str, images: str, limit: int | None = None):
+    def __init__(self, processor, data: str, images: str, limit: int | None = None, max_new_tokens: int = 8):
+        self.max_new_tokens = max_new_tokens
         self.recs = [r for r in load_records(data) if isinstance(r, Record)][:limit]
         self.refs = [r.turns[-1][1] for r in self.recs]
         self.prompts = []
@@ -64,7 +65,7 @@ class AccuracyProbe:
             self.prompts.append(encode(processor, r, img, sha, generation_prompt=True))
 
     def answers(self, model, processor) -> list[str]:
-        return greedy_answers(model, processor, self.prompts)
+        return greedy_answers(model, processor, self.prompts, max_new_tokens=self.max_new_tokens)
 
     def score(self, answers: list[str], refs: list[str] | None = None) -> float:
         """Exact-match rate of ``answers`` against the references (or against ``refs``, e.g. a teacher's)."""
@@ -77,11 +78,14 @@ class AccuracyProbe:
 
 def evaluate(model_path: str, data: str, images: str, teacher_answers: str | Path | None = None,
              cache: str | None = None, limit: int | None = None, device: str = "auto",
-             answers_out: str | Path | None = None, model=None, processor=None) -> dict:
+             answers_out: str | Path | None = None, model=None, processor=None, max_new_tokens: int = 8) -> dict:
+    """Greedy answers of ``model_path`` (at most ``max_new_tokens`` each: raise it for long answers) to every
+    sample's last question: {"accuracy": exact-match rate, "per_type": by the demo's question types, and with
+    ``teacher_answers`` / ``cache`` the agreement with a teacher and the mean per-token KL to its cache}."""
     if model is None:
         model, processor = load_vlm(model_path, resolve_device(device))
     model.eval()
-    probe = AccuracyProbe(processor, data, images, limit)
+    probe = AccuracyProbe(processor, data, images, limit, max_new_tokens)
     recs = probe.recs
     meta = _meta(data)
     preds = probe.answers(model, processor)
