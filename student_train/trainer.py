@@ -27,7 +27,7 @@ from alignti.common.batch import forward
 from alignti.common.cache import CacheReader, check_manifest
 from alignti.common.errors import AlignTIError, CacheError
 from alignti.common.faults import crash_point
-from alignti.common.config import config_values, write_config
+from alignti.common.config import check_ranges, config_values, write_config
 from alignti.common.conversation import image_refs
 from alignti.common.fingerprint import check_encoding, check_student
 from alignti.common.losses import IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means, step_counts
@@ -181,13 +181,12 @@ def _set_rng_state(state: dict) -> None:
 def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=None) -> dict:
     """Train; ``stop_after`` (tests) simulates a crash after that many optimizer steps;
     ``evaluator(model, processor) -> float`` is called every ``cfg.eval_every`` steps."""
+    check_ranges("train-student", cfg)  # every numeric setting in its range, before anything loads
     out = Path(cfg.out)
     if cfg.gradient_checkpointing and cfg.checkpoint_reentrant and cfg.fsdp:
         raise ValueError("--checkpoint-reentrant does not go with --fsdp (FSDP2 re-gathers parameters in hooks that "
                          "a reentrant recompute bypasses): drop --checkpoint-reentrant, the default checkpoints work "
                          "with FSDP")
-    if cfg.checkpoint_every < 1:
-        raise ValueError(f"--checkpoint-every must be 1 or more (got {cfg.checkpoint_every})")
     parse_report_to(cfg.report_to)
     if cfg.iva_form not in IVA_FORMS:
         raise ValueError(f"--iva-form must be one of {', '.join(IVA_FORMS)}, not '{cfg.iva_form}'")
