@@ -246,6 +246,9 @@ def train_student(ctx: typer.Context,
                   report_to: list[str] = typer.Option(["none"], help="Experiment trackers: none, tensorboard "
                                                       "(RUN/tensorboard), wandb (honours WANDB_MODE=offline); repeat "
                                                       "the flag or comma-separate for several."),
+                  skip_nonfinite: bool = typer.Option(False, help="Skip (and log) an optimizer step whose loss "
+                                                      "or gradient norm is NaN or infinite; by default such a step "
+                                                      "stops the run, naming it and the last good checkpoint."),
                   nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
                                                     "(DDP; gloo on CPU, nccl on GPU)."),
                   config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
