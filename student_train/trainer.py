@@ -14,6 +14,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -304,6 +305,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             raise AlignTIError(f"{out} already holds a finished run (final/); choose another --out")
         if env.is_main:
             n = _truncate_metrics(metrics_path, 0)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)  # the trackers start over with it
+            (out / "wandb_run_id").unlink(missing_ok=True)
             log.warning("%s held %d metric line(s) of a run stopped before its first checkpoint: starting over", out, n)
     dist.barrier(env)  # every rank has checked the run directory before rank 0 writes into it
     resolved = config_values(cfg, CONFIG_KEYS)  # what config.yaml and the trackers record
