@@ -2,8 +2,11 @@
 
 AdamW with linear warm-up and cosine decay, gradient accumulation, bf16 autocast on GPU,
 checkpoints every N steps (model, optimizer, scheduler, every RNG, data position) written
-atomically; ``--resume`` continues bit-for-bit. Output: RUN/final/ (save_pretrained + processor)
-and RUN/metrics.jsonl (one line per optimizer step, every loss term separately).
+atomically; ``--resume`` continues bit-for-bit, or refuses naming what differs from the checkpoint's run
+(run_identity). A step whose loss term or gradient norm is not finite stops the run before its update (NonFiniteStep,
+naming the step, the term and the last good checkpoint) or, with ``--skip-nonfinite``, is skipped and logged.
+Output: RUN/final/ (save_pretrained + processor, finite weights only) and RUN/metrics.jsonl (one line per
+optimizer step, every loss term separately, each step once).
 """
 
 from __future__ import annotations
