@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from alignti.cli import app
 from alignti.common.config import OPTION_RANGES, TEMPERATURE_MIN, OptionRangeError
-from alignti.common.errors import AlignTIError, CacheError
+from alignti.common.errors import AlignTIError
 from alignti.common.losses import (LossWeights, candidate_weights, get_loss, head_loss, iva_loss, total_loss,
                                    tpa_loss)
 from alignti.student_train.trainer import MEASURED, CheckpointError, NonFiniteStep, TrainConfig, train_student
