@@ -37,6 +37,12 @@ def _run(fn, *args, **kwargs):
         shutdown()  # leave torchrun's process group cleanly (no-op in a single process)
 
 
+def _check_options(ctx: typer.Context) -> None:
+    """The command's numeric options within their ranges (common.config.OPTION_RANGES), before any work."""
+    from alignti.common.config import check_ranges
+    _run(check_ranges, ctx.info_name, ctx.params)
+
+
 def _echo_main(text: str) -> None:
     """Print a command's result once (rank 0) when it runs under torchrun."""
     from alignti.common.distributed import dist_env
@@ -51,7 +57,7 @@ def _resolve(ctx: typer.Context, config: Optional[Path], required: tuple[str, ..
              file_only: Optional[dict] = None) -> dict:
     """This command's options: the --config file's values under every flag not given on the command line.
     ``file_only``: settings a file may hold that have no flag (with their defaults)."""
-    from alignti.common.config import ConfigError, check_keys, read_config
+    from alignti.common.config import ConfigError, check_keys, check_ranges, read_config
     values = {k: v for k, v in ctx.params.items() if k != "config"}
     extra = dict(file_only or {})
     if config is not None:
@@ -68,6 +74,9 @@ def _resolve(ctx: typer.Context, config: Optional[Path], required: tuple[str, ..
                     values[k] = None if v is None else params[k].process_value(ctx, v)
                 except Exception as e:  # the parameter type's own message (e.g. "'abc' is not a valid float")
                     raise ConfigError(f"{config}: option '{k}': {getattr(e, 'message', None) or e}") from None
+    file_keys = {k for k in given} if config is not None else set()
+    check_ranges(ctx.info_name, {k: v for k, v in values.items() if k in file_keys}, str(config))
+    check_ranges(ctx.info_name, values)  # flags: before any model loads or anything is written
     missing = [k for k in required if values.get(k) is None]
     if missing:
         raise ConfigError(f"{ctx.info_name} needs " + ", ".join("--" + k.replace("_", "-") for k in missing)
@@ -91,7 +100,8 @@ def _relaunch(nproc: int) -> None:
 
 
 @app.command("make-demo")
-def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."),
+def make_demo(ctx: typer.Context,
+              out: Path = typer.Argument(..., help="Directory for the demo kit."),
               train_teacher: bool = typer.Option(True, help="Train the tiny teacher on the shapes task."),
               teacher_steps: int = typer.Option(2000, help="Most teacher training steps."),
               teacher_target: float = typer.Option(0.9, help="Stop teacher training at this validation exact match."),
@@ -105,6 +115,7 @@ def make_demo(out: Path = typer.Argument(..., help="Directory for the demo kit."
               seed: int = typer.Option(0),
               family: str = typer.Option("llava", help="Model family of the tiny checkpoints: llava, qwen2_vl or llava_onevision.")):
     """Write a self-contained demo kit: tiny LLaVA teacher/student, tokenizer, shapes VQA data."""
+    _check_options(ctx)
     from alignti.demo.kit import make_demo as run
     info = _run(run, out, n_train=n_train, n_val=n_val, n_test=n_test, train_teacher=train_teacher,
                 teacher_steps=teacher_steps, seed=seed, family=family,
@@ -161,11 +172,12 @@ def dump_teacher(ctx: typer.Context,
 
 
 @app.command("select-layer")
-def select_layer(teacher: str = typer.Option(...), data: str = typer.Option(...),
+def select_layer(ctx: typer.Context, teacher: str = typer.Option(...), data: str = typer.Option(...),
                  images: Optional[str] = typer.Option(None),
                  samples: int = typer.Option(256), batch_size: int = typer.Option(8), device: str = typer.Option("auto"),
                  out: Optional[Path] = typer.Option(None, help="Write the IRS curve as JSON (and a PNG beside it).")):
     """Instruction-Relevance Score of every teacher layer; names l*."""
+    _check_options(ctx)
     from alignti.common.records import Record
     from alignti.common.sources import load_records
     from alignti.common.models import load_vlm, resolve_device
@@ -235,6 +247,9 @@ def train_student(ctx: typer.Context,
                   report_to: list[str] = typer.Option(["none"], help="Experiment trackers: none, tensorboard "
                                                       "(RUN/tensorboard), wandb (honours WANDB_MODE=offline); repeat "
                                                       "the flag or comma-separate for several."),
+                  skip_nonfinite: bool = typer.Option(False, help="Skip (and log) an optimizer step whose loss "
+                                                      "or gradient norm is NaN or infinite; by default such a step "
+                                                      "stops the run, naming it and the last good checkpoint."),
                   nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
                                                     "(DDP; gloo on CPU, nccl on GPU)."),
                   config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
@@ -280,7 +295,7 @@ def push_cache(cache: Path = typer.Argument(..., help="A finished local cache.")
 
 
 @app.command("evaluate")
-def evaluate(model: str = typer.Option(...),
+def evaluate(ctx: typer.Context, model: str = typer.Option(...),
              data: str = typer.Option(..., help="Samples to answer: JSON/JSONL, parquet or a datasets folder."),
              images: Optional[str] = typer.Option(None, help="The folder image paths are relative to."),
              teacher_answers: Optional[Path] = typer.Option(None, help="JSON {sample_id: answer} to compare with."),
@@ -291,6 +306,7 @@ def evaluate(model: str = typer.Option(...),
                                                 "long-form split needs 48."),
              as_json: bool = typer.Option(False, "--json")):
     """Greedy answers: exact-match accuracy, agreement with a teacher, KL to a cache."""
+    _check_options(ctx)
     from alignti.student_train.evaluate import evaluate as run
     res = _run(run, model, data, images, teacher_answers=teacher_answers, cache=cache, limit=limit,
                device=device, answers_out=answers_out, max_new_tokens=max_new_tokens)
@@ -318,13 +334,14 @@ def quickstart(ctx: typer.Context,
 
 
 @app.command("show-saliency")
-def show_saliency(cache: str = typer.Argument(...), sample: str = typer.Option(..., help="Sample id."),
+def show_saliency(ctx: typer.Context, cache: str = typer.Argument(...), sample: str = typer.Option(..., help="Sample id."),
                   out: Path = typer.Option(..., help="PNG to write."),
                   student: Optional[str] = typer.Option(None, help="A student checkpoint: its saliency beside."),
                   turn: int = typer.Option(0, help="Assistant turn (multi-turn samples)."),
                   images: Optional[str] = typer.Option(None, help="Images dir, if moved since the dump."),
                   data: Optional[str] = typer.Option(None, help="The dump's data source, if moved (embedded images).")):
     """The image with the teacher's cached saliency as a heatmap (and a student's beside it)."""
+    _check_options(ctx)
     from alignti.student_train.show_saliency import show_saliency as run
     typer.echo(json.dumps(_run(run, cache, sample, out, student=student, turn=turn, images=images, data=data)))
 

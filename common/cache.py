@@ -382,8 +382,13 @@ def validate_cache(url: str | Path, storage_options: dict | None = None, damaged
     try:
         with fs.open(f"{root}/{MANIFEST_FILE}", "r") as f:
             manifest = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        return [f"{MANIFEST_FILE}: missing or damaged ({type(e).__name__})"]
+    except FileNotFoundError:
+        if fs.exists(f"{root}/{PLAN_FILE}"):  # not damaged: a dump that has not finished (the manifest comes last)
+            raise CacheError(f"{url} is an unfinished dump (no {MANIFEST_FILE}): re-run the same dump-teacher "
+                             f"command to finish it (nothing to validate or repair before that)") from None
+        return [f"{MANIFEST_FILE}: missing ({url} is not an alignti cache, or its manifest was deleted)"]
+    except json.JSONDecodeError as e:
+        return [f"{MANIFEST_FILE}: damaged ({type(e).__name__})"]
     present = _listing(fs, root)
     for rel, want in sorted(manifest["files"].items()):
         path = f"{root}/{rel}"
@@ -482,8 +487,14 @@ def push_cache(src: str | Path, url: str, storage_options: dict | None = None) -
     rels = sorted(manifest["files"], key=lambda r: (r.endswith(".commit.json"), r == PLAN_FILE))
     for rel in rels + [MANIFEST_FILE]:
         target = f"{root}/{rel}"
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(src / rel), target)
+        try:
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(src / rel), target)
+        except OSError as e:  # read-only, full, gone, no permission: the destination's own words, on one line
+            cause = e.strerror or str(e) or type(e).__name__
+            raise CacheError(f"push-cache: cannot write {rel} to {url} ({cause}). Nothing there is usable yet (the "
+                             f"manifest is written last), so nothing is lost: make the destination writable (or "
+                             f"free space there) and re-run the same push-cache command") from None
     bad = []
     for rel, want in manifest["files"].items():
         if sha256_file(f"{root}/{rel}", fs) != want:

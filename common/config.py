@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import difflib
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -19,6 +21,116 @@ from .errors import AlignTIError
 
 class ConfigError(AlignTIError):
     pass
+
+
+class OptionRangeError(ConfigError, ValueError):
+    """A numeric option outside its stated range (see ``OPTION_RANGES``); names the option, the range and the value."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: ``lo``..``hi`` (None: unbounded on that side; ``lo_open`` /
+    ``hi_open``: the bound itself excluded), ``integer`` for counts, ``optional`` where None means "unset".
+    NaN and infinities are never accepted."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def text(self) -> str:
+        """The range as the error message states it: "1 or more", "in (0, 1]", "0 or more"."""
+        if self.hi is None and self.lo is not None:
+            return f"above {_num(self.lo)}" if self.lo_open else f"{_num(self.lo)} or more"
+        if self.lo is None and self.hi is not None:
+            return f"below {_num(self.hi)}" if self.hi_open else f"{_num(self.hi)} or less"
+        if self.lo is None:
+            return "a finite number"
+        return (f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}")
+
+    def contains(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+            return False
+        return True
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+COUNT = Range(1, integer=True)                      # 1, 2, 3, ...
+COUNT0 = Range(0, integer=True)                     # 0, 1, 2, ...
+OPT_COUNT = Range(1, integer=True, optional=True)   # unset, or 1, 2, 3, ...
+OPT_COUNT0 = Range(0, integer=True, optional=True)  # unset, or 0, 1, 2, ...
+SHARE = Range(0, 1, lo_open=True)                   # (0, 1]: a fraction of something that must not be empty
+WEIGHT = Range(0, 1000)                             # a loss term's weight (0: the term is computed, not trained)
+POSITIVE = Range(0, lo_open=True)                   # any finite number above 0
+SEED = Range(0, 2 ** 32 - 1, integer=True)          # what numpy's seeding takes
+TEMPERATURE_MIN = 0.1  # below it the tempered teacher's rest bucket and the student's logits/tau leave fp32 headroom
+
+# Every numeric option of every command, in one place: the CLI checks a command's options here before any work
+# (flags and --config values alike), and the Python API (TrainConfig, DumpConfig, QuickstartConfig) runs the same
+# check first thing. A test walks every numeric CLI option and feeds it a value outside its range.
+OPTION_RANGES: dict[str, dict[str, Range]] = {
+    "train-student": {
+        "kd_weight": WEIGHT, "iva_weight": WEIGHT, "tpa_weight": WEIGHT,
+        "iva_ratio": SHARE,  # the share of image tokens IVA aligns; 1.0 (all salient) included
+        "temperature": Range(TEMPERATURE_MIN, 10),
+        "student_layer": OPT_COUNT0,  # also below the student's layer count, checked once it is loaded
+        "max_steps": OPT_COUNT, "epochs": COUNT,
+        "lr": POSITIVE,  # no upper bound: a rate that diverges is stopped by the non-finite guard
+        "batch_size": COUNT, "grad_accum": COUNT, "warmup_steps": COUNT0,
+        "weight_decay": Range(0, 1), "max_grad_norm": POSITIVE, "save_every": COUNT, "seed": SEED,
+        "workers": OPT_COUNT0, "eval_every": COUNT0, "checkpoint_every": COUNT, "nproc": COUNT,
+    },
+    "dump-teacher": {
+        "top_k": COUNT,  # also at most the teacher's vocabulary, checked from its config before it loads
+        "batch_size": COUNT, "limit": OPT_COUNT, "tpa_branches": COUNT0, "tpa_top_k": COUNT,
+        "tpa_positions": SHARE, "iva_token_ratio": SHARE, "irs_samples": COUNT, "unit_size": COUNT,
+        "max_length": OPT_COUNT, "nproc": COUNT,
+    },
+    "quickstart": {"seeds": COUNT, "workers": OPT_COUNT},
+    "make-demo": {
+        "teacher_steps": COUNT0, "teacher_target": Range(0, 1, lo_open=True, optional=True), "teacher_batch": COUNT,
+        "teacher_lr": POSITIVE, "teacher_grounding": WEIGHT, "n_train": COUNT, "n_val": COUNT, "n_test": COUNT,
+        "seed": SEED,
+    },
+    "select-layer": {"samples": COUNT, "batch_size": COUNT},
+    "evaluate": {"limit": OPT_COUNT, "max_new_tokens": COUNT},
+    "show-saliency": {"turn": COUNT0},
+}
+
+
+def flag(option: str) -> str:
+    """An option's command-line spelling: top_k -> --top-k."""
+    return "--" + option.replace("_", "-")
+
+
+def check_ranges(command: str, values: Mapping[str, Any] | Any, source: str = "") -> None:
+    """Every option of ``command`` in ``values`` (a mapping, or a config dataclass) within its ``OPTION_RANGES``
+    entry; the first one outside is raised as OptionRangeError naming the option (as its flag), the range, the
+    value and ``source`` (a config file) if given. Options without an entry are not numeric and pass."""
+    ranges = OPTION_RANGES[command]
+    get = values.get if isinstance(values, Mapping) else (lambda k, d=None: getattr(values, k, d))
+    missing = object()
+    for name, rng in ranges.items():
+        value = get(name, missing)
+        if value is missing or rng.contains(value):
+            continue
+        where = f"{source}: " if source else ""
+        kind = "a whole number " if rng.integer and isinstance(value, float) and not value.is_integer() else ""
+        raise OptionRangeError(f"{where}{command} {flag(name)} must be {kind}{rng.text()} (got {value!r})")
 
 
 def _key(k: Any) -> str:

@@ -108,3 +108,17 @@ def check_encoding(params: dict, processor, cache_url: str, schema_version) -> N
         f"markup, instructions and answers apart; with this tokenizer ({type(processor.tokenizer).__name__}) that "
         f"gives other ids than the whole rendered conversation the model sees at inference. Re-dump it with this "
         f"alignti (encoding v{ENCODING_VERSION}): alignti dump-teacher --teacher ... --out NEW_CACHE")
+
+
+def model_identity(model_config, processor) -> str:
+    """A short content id of a checkpoint's architecture, tokenizer and processor settings (not its weights, not
+    its path): what a training checkpoint records so that --resume refuses a different student."""
+    return _sha({"config": config_hash(model_config),
+                 "tokenizer": tokenizer_info(processor.tokenizer, chat_template_of(processor))["hash"],
+                 "processor": processor_info(processor)["hash"]})[:16]
+
+
+def cache_identity(manifest: dict) -> str:
+    """A short content id of a finished cache: its fingerprint and every object's sha256 (wherever it is stored),
+    recorded by a training checkpoint so that --resume refuses another cache, even one at the same path."""
+    return _sha({"fingerprint": manifest.get("fingerprint"), "files": manifest.get("files")})[:16]

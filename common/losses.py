@@ -28,7 +28,9 @@ def fold_student(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1
     """log-probs [..., k+1] of the student on the teacher's ids plus the rest bucket."""
     ls = F.log_softmax(_up(logits) / temperature, dim=-1)
     top = ls.gather(-1, ids.long())
-    rest = ls.scatter(-1, ids.long(), NEG_INF).logsumexp(-1, keepdim=True)
+    masked = ls.scatter(-1, ids.long(), NEG_INF)
+    empty = torch.isneginf(masked).all(-1, keepdim=True)  # k = V: an empty rest bucket, -inf with a zero gradient
+    rest = torch.where(empty, NEG_INF, masked.masked_fill(empty, 0.0).logsumexp(-1, keepdim=True))
     return torch.cat([top, rest], dim=-1)
 
 
@@ -43,13 +45,27 @@ def fold_teacher(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, temper
 
 
 def kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last axis from log-probs; 0 * log 0 = 0."""
+    """KL(p || q) over the last axis from log-probs; 0 * log 0 = 0, in the value and in the gradient: the
+    difference lp - lq is masked before the product, so a bin both sides give zero (log 0 - log 0 = NaN) sends
+    no NaN back through either side."""
     p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+    return (p * torch.where(p > 0, lp - lq, torch.zeros_like(p))).sum(-1)
+
+
+def safe_log(x: torch.Tensor) -> torch.Tensor:
+    """log x for x >= 0 with log 0 = -inf and a zero (not NaN) gradient at 0: the log is taken of 1 where x is 0,
+    so torch.where's masked branch never holds d log(x)/dx = inf (inf * 0 = NaN in backward)."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).log(), torch.full_like(x, NEG_INF))
 
 
 def jsd(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    lm = torch.logaddexp(lp, lq) - math.log(2.0)
+    """Jensen-Shannon divergence from log-probs. A bin empty on both sides (the rest bucket when the cache holds
+    the whole vocabulary) has log m = -inf with a zero gradient (logaddexp(-inf, -inf) alone backpropagates NaN)."""
+    both = torch.isneginf(lp) & torch.isneginf(lq)
+    zero = torch.zeros_like(lp)
+    lm = torch.where(both, torch.full_like(lp, NEG_INF),
+                     torch.logaddexp(torch.where(both, zero, lp), torch.where(both, zero, lq)) - math.log(2.0))
     return 0.5 * kl(lp, lm) + 0.5 * kl(lq, lm)
 
 
@@ -91,7 +107,8 @@ def fold_saliency(sal: torch.Tensor, salient: torch.Tensor) -> torch.Tensor:
     sal = sal / sal.sum(-1, keepdim=True).clamp_min(1e-30)
     kept = torch.where(salient, sal, torch.zeros_like(sal))
     rest = (sal * (~salient)).sum(-1, keepdim=True)
-    return torch.cat([kept, rest], -1).clamp_min(0).log()
+    # every image token salient (--iva-ratio 1.0): the rest bin is empty, log 0 = -inf with a zero gradient
+    return safe_log(torch.cat([kept, rest], -1).clamp_min(0))
 
 
 def iva_loss(teacher_sal: torch.Tensor, student_sal: torch.Tensor, valid: torch.Tensor, ratio: float,
@@ -106,10 +123,13 @@ def iva_loss(teacher_sal: torch.Tensor, student_sal: torch.Tensor, valid: torch.
 
 def candidate_weights(cand_ids, topk_ids, topk_logprobs) -> torch.Tensor:
     """p~_T(c_b): the teacher's first-step probabilities of the B candidates (looked up in its top-k),
-    renormalised over the candidates. [N, B]"""
+    renormalised over the candidates. [N, B]. A row none of whose candidates is in the teacher's top-k (an empty
+    row: nothing to weigh) gets weights 0, not softmax(-inf, ..., -inf) = NaN: it adds nothing to TPA."""
     match = topk_ids[:, None, :].long() == cand_ids[:, :, None].long()              # [N, B, k]
     lp = _up(topk_logprobs)[:, None, :].expand(match.shape).masked_fill(~match, NEG_INF)
-    return torch.softmax(lp.max(-1).values, dim=-1)
+    best = lp.max(-1).values                                                         # [N, B]
+    found = torch.isfinite(best).any(-1, keepdim=True)                               # [N, 1]
+    return torch.softmax(best.masked_fill(~found, 0.0), dim=-1) * found
 
 
 TPA_WEIGHTINGS = ("teacher", "student")
@@ -149,7 +169,8 @@ def tpa_loss(branch_logits, cand_ids, tpa_ids, tpa_logprobs, tpa_tail, topk_ids,
         weights = candidate_weights(cand_ids, topk_ids, topk_logprobs)
     lt = fold_teacher(tpa_logprobs, tpa_tail, temperature)
     ls = fold_student(branch_logits, tpa_ids, temperature)
-    return (weights * kl(lt, ls)).sum(-1).mean() * temperature ** 2
+    per_row = (weights * kl(lt, ls)).sum(-1)
+    return per_row.sum() / max(per_row.numel(), 1) * temperature ** 2  # no TPA row: 0, not the NaN of an empty mean
 
 
 # --- registry --------------------------------------------------------------------------------
@@ -278,7 +299,9 @@ def fold_rows(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Te
     bad = torch.nonzero(s > 0.5).flatten()
     if len(bad):
         zb = z.index_select(0, bad).scatter(-1, ids.index_select(0, bad).long(), NEG_INF)
-        rest = rest.index_copy(0, bad, zb.logsumexp(-1) - lse.index_select(0, bad))
+        empty = torch.isneginf(zb).all(-1)  # the top-k is the whole vocabulary: the rest bucket is empty
+        lse_rest = torch.where(empty, NEG_INF, zb.masked_fill(empty[:, None], 0.0).logsumexp(-1))
+        rest = rest.index_copy(0, bad, lse_rest - lse.index_select(0, bad))
     return torch.cat([top, rest[:, None]], -1)
 
 

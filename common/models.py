@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -23,9 +24,43 @@ def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
+    processor = load_processor(path)  # first: a folder without processor files is named before the weights load
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
-    processor = load_processor(path)
     return model.to(device), processor
+
+
+def text_vocab_size(path: str) -> int | None:
+    """The language model's vocabulary size (rows of its LM head) from the checkpoint's config alone, without
+    loading any weights; None when the config cannot be read here (loading the model names that problem)."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError):
+        return None
+    text = getattr(config, "text_config", None) or config
+    size = getattr(text, "vocab_size", None)
+    return int(size) if size else None
+
+
+# a processor needs its tokenizer and its image processor: one file of each group must be in a local model folder
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def check_processor_files(path: str) -> None:
+    """A local model folder must hold its processor's files (tokenizer and image processor), not only weights;
+    else the loader falls through to the hub with a network error about huggingface.co. Raises AlignTIError
+    naming the folder, the missing files and how to add them. Hub ids (not a local folder) pass."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    missing = [group for group in (TOKENIZER_FILES, IMAGE_PROCESSOR_FILES)
+               if not any((folder / name).is_file() for name in group)]
+    if missing:
+        names = " and ".join("/".join(group[:2]) for group in missing)
+        raise AlignTIError(f"the model folder {folder} has no processor files (no {names}): it holds weights only. "
+                           f"Copy the processor files from the checkpoint it was trained from, e.g. "
+                           f"AutoProcessor.from_pretrained(ORIGINAL).save_pretrained('{folder}')")
 
 
 def enable_gradient_checkpointing(model, reentrant: bool = False, every_n_layers: int = 1,
@@ -190,6 +225,7 @@ def load_processor(path: str):
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
+    check_processor_files(path)
     try:
         proc = AutoProcessor.from_pretrained(path)
     except (AttributeError, ImportError, ValueError, OSError) as e:

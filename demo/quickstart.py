@@ -78,8 +78,9 @@ CONFIG_KEYS = ("workdir", "seeds", "fast", "device", "workers", "methods", "over
 
 
 def quickstart(cfg: QuickstartConfig) -> dict:
-    from alignti.common.config import ConfigError, check_keys, config_values, write_config
+    from alignti.common.config import ConfigError, check_keys, check_ranges, config_values, write_config
     from alignti.common.losses import REGISTRY
+    check_ranges("quickstart", cfg)
     check_keys(cfg.overrides, OVERRIDE_KEYS, "quickstart", "overrides")
     bad = [m for m in cfg.methods if m not in REGISTRY]
     if bad:

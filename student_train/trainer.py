@@ -2,8 +2,11 @@
 
 AdamW with linear warm-up and cosine decay, gradient accumulation, bf16 autocast on GPU,
 checkpoints every N steps (model, optimizer, scheduler, every RNG, data position) written
-atomically; ``--resume`` continues bit-for-bit. Output: RUN/final/ (save_pretrained + processor)
-and RUN/metrics.jsonl (one line per optimizer step, every loss term separately).
+atomically; ``--resume`` continues bit-for-bit, or refuses naming what differs from the checkpoint's run
+(run_identity). A step whose loss term or gradient norm is not finite stops the run before its update (NonFiniteStep,
+naming the step, the term and the last good checkpoint) or, with ``--skip-nonfinite``, is skipped and logged.
+Output: RUN/final/ (save_pretrained + processor, finite weights only) and RUN/metrics.jsonl (one line per
+optimizer step, every loss term separately, each step once).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,9 +30,9 @@ from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.cache import CacheReader, check_manifest
 from alignti.common.errors import AlignTIError, CacheError
 from alignti.common.faults import crash_point
-from alignti.common.config import config_values, write_config
+from alignti.common.config import check_ranges, config_values, write_config
 from alignti.common.records import image_refs
-from alignti.common.fingerprint import check_encoding, check_student
+from alignti.common.fingerprint import cache_identity, check_encoding, check_student, model_identity
 from alignti.common.losses import IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means, step_counts
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
 from alignti.common.progress import progress_bar
@@ -40,10 +44,14 @@ from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, l
 
 log = logging.getLogger("alignti.train")
 
-# settings that must not change between a run and its resume
-_RUN_KEYS = ("student", "loss", "kd_weight", "iva_weight", "tpa_weight", "tpa_weighting", "iva_ratio", "iva_form",
-             "temperature", "student_layer", "max_steps", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "seed",
-             "fsdp", "freeze_vision", "group_by_length")
+# settings --resume may change: where things are read from or written to, how fast and how visibly the run goes,
+# and the gradient-checkpointing mode (the same gradients bit for bit, tests/test_step.py). Every other setting
+# shapes the run and must match the checkpoint's, as must the cache's and the student's contents (not their
+# paths: a moved cache or student resumes), the world size and the device kind (bf16 autocast on a GPU).
+# --skip-nonfinite may be added to get a resumed run past a step that stopped it.
+RESUME_MAY_CHANGE = ("student", "cache", "out", "resume", "device", "images", "data", "workers", "eval_every",
+                     "progress", "report_to", "save_every", "gradient_checkpointing", "checkpoint_every",
+                     "checkpoint_reentrant", "skip_nonfinite")
 
 
 @dataclass
@@ -84,7 +92,16 @@ class TrainConfig:
     checkpoint_reentrant: bool = False  # reentrant checkpoints (no autograd graph in the forward; not with FSDP)
     group_by_length: bool = True  # batches of similar length inside shuffled mega-batches (data.length_grouped)
     report_to: list[str] = field(default_factory=lambda: ["none"])  # none, tensorboard, wandb (student_train.tracking)
+    skip_nonfinite: bool = False  # a step with a non-finite loss term or gradient norm is skipped (logged), not fatal
     progress: bool = True
+
+
+class NonFiniteStep(AlignTIError):
+    """A loss term or the gradient norm of an optimizer step is NaN or infinite: the run stops before applying it."""
+
+
+class CheckpointError(AlignTIError):
+    """The run directory's checkpoint is missing, damaged, or was made by a run with other settings."""
 
 
 # metrics.jsonl fields that measure the machine, not the training (they differ between identical runs)
@@ -159,13 +176,12 @@ def _set_rng_state(state: dict) -> None:
 def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=None) -> dict:
     """Train; ``stop_after`` (tests) simulates a crash after that many optimizer steps;
     ``evaluator(model, processor) -> float`` is called every ``cfg.eval_every`` steps."""
+    check_ranges("train-student", cfg)  # every numeric setting in its range, before anything loads
     out = Path(cfg.out)
     if cfg.gradient_checkpointing and cfg.checkpoint_reentrant and cfg.fsdp:
         raise ValueError("--checkpoint-reentrant does not go with --fsdp (FSDP2 re-gathers parameters in hooks that "
                          "a reentrant recompute bypasses): drop --checkpoint-reentrant, the default checkpoints work "
                          "with FSDP")
-    if cfg.checkpoint_every < 1:
-        raise ValueError(f"--checkpoint-every must be 1 or more (got {cfg.checkpoint_every})")
     parse_report_to(cfg.report_to)
     if cfg.iva_form not in IVA_FORMS:
         raise ValueError(f"--iva-form must be one of {', '.join(IVA_FORMS)}, not '{cfg.iva_form}'")
@@ -237,32 +253,42 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    run_info = {k: v for k, v in asdict(cfg).items() if k in _RUN_KEYS}
-    run_info["world_size"] = env.world_size
-    run_info["cache_fingerprint"] = reader.fingerprint["teacher_config_hash"] + reader.fingerprint["tokenizer"]["hash"]
+    run_info = run_identity(cfg, env.world_size, device, reader.manifest, model_identity(model.config, processor))
     step, epoch, position = 0, 0, 0
     ckpt = out / "checkpoint" / "state.pt"
     metrics_path = out / "metrics.jsonl"
-    if cfg.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["run"] != run_info:
-            # a setting added since the checkpoint was written counts as its default then
-            diff = [k for k in run_info if state["run"].get(k, getattr(TrainConfig, k, None)) != run_info[k]]
-            raise AlignTIError(f"--resume: the checkpoint in {out} was made with different settings ({', '.join(diff)})")
-        if env.distributed:
-            parallel.load_full_state(step_module, opt, state["model"], state["optimizer"])
-            _set_rng_state(state["rng"][env.rank])
-        else:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"])
-        sched.load_state_dict(state["scheduler"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
+    last_good = None  # the step of the newest checkpoint on disk (what a stopped run names)
+    if cfg.resume:
+        state = _load_checkpoint(ckpt, out, metrics_path, cfg.save_every)
+        _check_resume(state.get("run") or {}, run_info, out)
+        try:
+            if env.distributed:
+                parallel.load_full_state(step_module, opt, state["model"], state["optimizer"])
+                _set_rng_state(state["rng"][env.rank])
+            else:
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+                _set_rng_state(state["rng"])
+            sched.load_state_dict(state["scheduler"])
+            step, epoch, position = state["step"], state["epoch"], state["position"]
+        except (KeyError, IndexError, ValueError, RuntimeError) as e:
+            raise CheckpointError(_damaged(ckpt, out, f"{type(e).__name__}: {e}")) from None
+        last_good = step
         if env.is_main:
             _truncate_metrics(metrics_path, step)
         log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, position)
-    elif out.exists() and (ckpt.exists() or metrics_path.exists()) and not cfg.resume:
+    elif out.exists() and ckpt.exists():
         raise AlignTIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    elif metrics_path.exists():
+        # a run that stopped before its first checkpoint: nothing to continue, its metric lines are dropped
+        # so that the new run's steps are not appended after them (no step twice)
+        if (out / "final").exists():
+            raise AlignTIError(f"{out} already holds a finished run (final/); choose another --out")
+        if env.is_main:
+            n = _truncate_metrics(metrics_path, 0)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)  # the trackers start over with it
+            (out / "wandb_run_id").unlink(missing_ok=True)
+            log.warning("%s held %d metric line(s) of a run stopped before its first checkpoint: starting over", out, n)
     dist.barrier(env)  # every rank has checked the run directory before rank 0 writes into it
     resolved = config_values(cfg, CONFIG_KEYS)  # what config.yaml and the trackers record
     if env.is_main:
@@ -306,16 +332,29 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                 grad_norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), cfg.max_grad_norm)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                     grad_norm = grad_norm.full_tensor()
-                opt.step()
+                # the terms summed over ranks and the (all-reduced) gradient norm: every rank sees the same values,
+                # so every rank takes the same decision below
+                terms = means(parallel.sum_over_ranks_dict(env, sums, device), counts, weights)
+                bad = nonfinite(terms, float(grad_norm))
+                if bad and not cfg.skip_nonfinite:
+                    opt.zero_grad(set_to_none=True)
+                    raise NonFiniteStep(_nonfinite_message(step + 1, bad, ckpt, last_good, cfg.save_every, out))
+                if bad:  # --skip-nonfinite: the update is dropped, the step (and its data) counted, the skip logged
+                    log.warning("step %d: skipped, non-finite %s (--skip-nonfinite)", step + 1, _what(bad))
+                else:
+                    opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 crash_point("train-step")
-                terms = means(parallel.sum_over_ranks_dict(env, sums, device), counts, weights)
                 sec = time.perf_counter() - t0
-                last = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
-                        "grad_norm": round(float(grad_norm), 6), "lr": sched.get_last_lr()[0],
-                        "tokens": n_tok, "sec": round(sec, 4), "tokens_per_s": round(n_tok / max(sec, 1e-9), 1)}
+                if bad:
+                    last = {"step": step, "epoch": epoch, "skipped": f"non-finite {_what(bad)}",
+                            "lr": sched.get_last_lr()[0], "tokens": n_tok, "sec": round(sec, 4)}
+                else:
+                    last = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
+                            "grad_norm": round(float(grad_norm), 6), "lr": sched.get_last_lr()[0],
+                            "tokens": n_tok, "sec": round(sec, 4), "tokens_per_s": round(n_tok / max(sec, 1e-9), 1)}
                 if device.type == "cuda":
                     last["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
                 else:  # the process's peak resident memory
@@ -334,6 +373,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                     epoch, position = epoch + 1, 0
                 if step % cfg.save_every == 0 or step == total_steps:
                     _save_checkpoint(ckpt, env, step_module, model, opt, sched, run_info, step, epoch, position)
+                    last_good = step
                 if step >= total_steps or (stop_after is not None and step >= stop_after):
                     break
             else:
@@ -344,6 +384,11 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if stop_after is not None and step < total_steps:
         return {"stopped_at": step}
     final = out / "final"
+    broken = [n for names in dist.all_gather(env, nonfinite_parameters(step_module)) for n in names]
+    if broken:  # the guard keeps non-finite updates out; a finite update can still overflow a weight
+        raise NonFiniteStep(f"after step {step}: {len(broken)} weight tensor(s) of the student are not finite "
+                            f"({', '.join(sorted(set(broken))[:3])}); nothing was saved as {final}. "
+                            + _last_good_text(ckpt, last_good, cfg.save_every, out) + ".")
     if env.distributed:
         full, _ = parallel.full_state(step_module, opt)
         if env.is_main:
@@ -378,9 +423,125 @@ def _save_checkpoint(path: Path, env, step_module, model, opt, sched, run_info, 
     dist.barrier(env)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint so a resumed run neither repeats nor loses a step."""
+def _truncate_metrics(path: Path, step: int) -> int:
+    """Drop metric lines past the checkpoint (and a line cut short by a kill) so a resumed run neither repeats nor
+    loses a step; returns how many lines were dropped. Written atomically."""
     if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+        return 0
+    kept, dropped = [], 0
+    for ln in path.read_text().splitlines():
+        if not ln.strip():
+            continue
+        try:
+            line_step = json.loads(ln)["step"]
+        except (ValueError, KeyError, TypeError):
+            line_step = None  # half a line, written as the process was killed
+        if line_step is not None and line_step <= step:
+            kept.append(ln)
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+    return dropped
+
+
+def run_identity(cfg: TrainConfig, world_size: int, device: torch.device, manifest: dict, student_id: str) -> dict:
+    """What a checkpoint records of the run that wrote it, for --resume to compare: every setting but those in
+    RESUME_MAY_CHANGE, the world size, the device kind, and the contents of the cache and of the student (their
+    ids, see common.fingerprint)."""
+    run = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    run.update(world_size=world_size, device_type=device.type, cache_content=cache_identity(manifest),
+               student_content=student_id)
+    return json.loads(json.dumps(run, default=str))  # as a checkpoint holds it (tuples as lists)
+
+
+_DESCRIBE = {"cache_content": "another cache (different data, teacher or dump settings) than the checkpoint's",
+             "student_content": "another student (architecture, tokenizer or processor) than the checkpoint's",
+             "device_type": "another kind of device"}
+
+
+def _check_resume(saved: dict, now: dict, out: Path) -> None:
+    """Refuse a resume whose settings or inputs differ from the checkpoint's, naming each difference. A setting
+    added to alignti since the checkpoint was written counts as its default then; an identity the checkpoint did
+    not record yet (older alignti) is not compared."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    diff = []
+    for k, v in now.items():
+        if k in saved:
+            old = saved[k]
+        elif k in defaults:
+            old = defaults[k]
+        else:
+            continue
+        if old != v:
+            diff.append(f"{k}: {_DESCRIBE[k]} ({old} then, {v} now)" if k in _DESCRIBE else f"{k}: {old!r} then, "
+                        f"{v!r} now")
+    if diff:
+        raise CheckpointError(f"--resume: the checkpoint in {out} was made with different settings ("
+                              + ", ".join(d.split(":")[0] for d in diff) + "): " + "; ".join(diff)
+                              + f". Resume with the run's own settings ({out / 'config.yaml'}: `alignti train-student "
+                              "--config` it with --resume), or start a new run with another --out")
+
+
+def _damaged(ckpt: Path, out: Path, why: str) -> str:
+    return (f"--resume: the checkpoint {ckpt} is damaged and cannot be read ({why}). alignti keeps one checkpoint per "
+            f"run, so there is no earlier one to fall back on: start over (delete {out} or choose another --out); "
+            f"a copy of the run directory made earlier holds an earlier checkpoint")
+
+
+def _load_checkpoint(ckpt: Path, out: Path, metrics_path: Path, save_every: int) -> dict:
+    """The checkpoint --resume continues from; a missing or damaged one is named with what to do (CheckpointError)."""
+    if not ckpt.exists():
+        done = 0
+        if metrics_path.exists():
+            done = sum(1 for ln in metrics_path.read_text().splitlines() if ln.strip())
+        when = (f"it stopped after {done} step(s), before its first checkpoint at step {save_every}" if done
+                else "nothing was trained there yet")
+        raise CheckpointError(f"--resume: no checkpoint in {out} ({when}); drop --resume to start over")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated zip, a bad pickle, an unreadable file: all say the same to the user
+        raise CheckpointError(_damaged(ckpt, out, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")) from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "step"} <= set(state):
+        raise CheckpointError(_damaged(ckpt, out, "not an alignti training checkpoint"))
+    return state
+
+
+def nonfinite(terms: dict[str, float], grad_norm: float) -> list[tuple[str, float]]:
+    """The step's non-finite values as (name, value): its loss terms (the named terms before their weighted sum
+    'loss', which is non-finite only through them), then the gradient norm. Empty when the step is sound."""
+    bad = [(k, v) for k, v in terms.items() if k != "loss" and not math.isfinite(v)]
+    if not bad and not math.isfinite(terms.get("loss", 0.0)):
+        bad.append(("loss", terms["loss"]))
+    if not math.isfinite(grad_norm):
+        bad.append(("grad_norm", grad_norm))
+    return bad
+
+
+def _what(bad: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{'gradient norm' if k == 'grad_norm' else k + ' term'} = {v}" for k, v in bad)
+
+
+def _last_good_text(ckpt: Path, last_good: int | None, save_every: int, out: Path) -> str:
+    if last_good is None:
+        return f"No checkpoint was written yet (the first is due at step {save_every})"
+    return f"The last good checkpoint is {ckpt} (step {last_good})"
+
+
+def _nonfinite_message(step: int, bad: list[tuple[str, float]], ckpt: Path, last_good: int | None, save_every: int,
+                       out: Path) -> str:
+    resume = "" if last_good is None else "continue it with --resume --skip-nonfinite (skips such steps), or "
+    return (f"step {step}: non-finite {_what(bad)}; the run is stopped before this update and nothing is saved as "
+            f"{out / 'final'}. {_last_good_text(ckpt, last_good, save_every, out)}: {resume}start a new run (another "
+            "--out) with a lower --lr or --max-grad-norm, or with --skip-nonfinite")
+
+
+def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of this process's parameters (its shards under FSDP2) holding a NaN or an infinity."""
+    out = []
+    for name, p in module.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if not bool(torch.isfinite(local.detach()).all()):
+            out.append(name)
+    return out

@@ -22,11 +22,12 @@ from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import collate, to_device
 from alignti.common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
+from alignti.common.config import check_ranges
 from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
 from alignti.common.errors import CacheError, DataError
 from alignti.common.fingerprint import make_fingerprint
-from alignti.common.models import load_vlm
+from alignti.common.models import load_vlm, text_vocab_size
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
 from alignti.common.sources import is_embedded, load_image, open_source
@@ -140,6 +141,7 @@ def _on_main(env: dist.DistEnv, fn):
 def dump_teacher(cfg: DumpConfig) -> dict:
     """Under torchrun every rank runs this: rank 0 fixes the plan (and the IRS layer), each rank
     dumps the uncommitted units ``u % world_size == rank``, and rank 0 writes the manifest last."""
+    check_ranges("dump-teacher", cfg)  # every numeric setting in its range, before anything loads
     out = Path(cfg.out)
     env = dist.dist_env()
     device = dist.device_for(cfg.device, env)
@@ -147,12 +149,13 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     check_saliency_query(cfg.saliency_query)  # before any teacher time is spent
     if cfg.logprob_encoding not in LOGPROB_ENCODINGS:
         raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_ENCODINGS)}, not '{cfg.logprob_encoding}'")
-    if not 0.0 < cfg.tpa_positions <= 1.0:
-        raise ValueError(f"--tpa-positions must be in (0, 1], not {cfg.tpa_positions}")
-    if not 0.0 < cfg.iva_token_ratio <= 1.0:
-        raise ValueError(f"--iva-token-ratio must be in (0, 1], not {cfg.iva_token_ratio}")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
+    vocab = text_vocab_size(cfg.teacher)  # from its config: no weights loaded, nothing written yet
+    for name, k in (("--top-k", cfg.top_k), ("--tpa-top-k", cfg.tpa_top_k if cfg.tpa_branches else 0)):
+        if vocab is not None and k > vocab:
+            raise ValueError(f"{name} {k} is larger than the teacher's vocabulary of {vocab} tokens "
+                             f"({cfg.teacher}); choose {name} {vocab} or less")
     records = open_source(cfg.data, cfg.images).records()
     if cfg.limit is not None:
         records = records[:cfg.limit]
