@@ -209,9 +209,21 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     placeholder = getattr(processor, "image_token", "<image>")
     image_token_id = tok.convert_tokens_to_ids(placeholder)
     image_inputs: dict = {}
+    n_placed = sum(len(v) for v in (rec.image_at or {}).values()) if image is not None else 0
+    if text_ids.count(image_token_id) != n_placed:  # the image token typed in a message, or a template that
+        # renders a placeholder of its own: the processor would expand it as an image
+        raise DataError(rec.sample_id, f"its rendered text holds {text_ids.count(image_token_id)} image token(s) "
+                        f"'{placeholder}' for {n_placed} image(s): a message holds the family's image token typed as "
+                        "text", "remove it (mark an image's place with <image>), or pass --skip-bad")
     if image is not None:
         # [image], or for several images of one sample [[...]]: the processor's multi-image mode (LLaVA-OneVision)
-        out = processor(text=[full], images=[image], return_tensors="pt", add_special_tokens=add_special)
+        try:
+            out = processor(text=[full], images=[image], return_tensors="pt", add_special_tokens=add_special)
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the processor's failure on this sample's text and images
+            raise DataError(rec.sample_id, f"the processor ({type(processor).__name__}) cannot take it "
+                            f"({type(e).__name__}: {e})", "fix or drop its image(s), or pass --skip-bad") from None
         ids = out["input_ids"][0].tolist()
         image_inputs = ModelAdapter.image_inputs(out)
         offsets = _expand_offsets(ids, text_ids, offsets, image_token_id, rec.sample_id)

@@ -16,7 +16,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
+def load_model(path: str, device: torch.device, dtype: str = "auto"):
+    """The VLM at ``path`` (local folder or hub id) on ``device``; ``dtype`` "auto": bf16 on CUDA, fp32 on CPU."""
     from transformers import AutoModelForImageTextToText
 
     if dtype == "auto":
@@ -24,8 +25,17 @@ def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
     else:
         torch_dtype = getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
-    processor = load_processor(path)
-    return model.to(device), processor
+    return model.to(device)
+
+
+def load_config(path: str):
+    """The checkpoint's model config alone (no weights): its model_type and special-token ids."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path)
+
+
+def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
+    return load_model(path, device, dtype), load_processor(path)
 
 
 def enable_gradient_checkpointing(model, reentrant: bool = False, every_n_layers: int = 1,
