@@ -183,8 +183,8 @@ def parse_record(index: int, item: object) -> Record:
     if roles[0] != "user":
         raise DataError(sid, "the conversation must start with a human turn")
     image = item.get("image")
-    if isinstance(image, list) and len(image) == 1:
-        image = image[0]
+    if isinstance(image, list) and len(image) <= 1:  # [] is no image, [x] is one
+        image = image[0] if image else None
     if isinstance(image, list):
         if not image or not all(isinstance(x, str) and x for x in image):
             raise DataError(sid, "'image' must be a path string or a list of path strings")
