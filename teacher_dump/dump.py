@@ -142,7 +142,11 @@ def _resource_error(e: BaseException, out: Path, device, batch_size: int, units_
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2 ** 20:.1f} MiB"
+    """A byte count for a person: KiB, MiB or GiB."""
+    for unit, k in (("GiB", 30), ("MiB", 20)):
+        if n >= 2 ** k:
+            return f"{n / 2 ** k:.1f} {unit}"
+    return f"{n / 2 ** 10:.1f} KiB"
 
 
 def _teacher_unit(adapter, encoded: list, batch_size: int, length_sorted: bool, pad_id: int, device, params,

@@ -375,7 +375,8 @@ def test_json_list_with_a_utf8_bom_reads_as_the_list_it_is(tmp_path):
 
 
 @pytest.mark.parametrize("err, match", [
-    (errno.ENOSPC, r"no space left on the device holding the cache .*c: it needs about .* MiB more free space "
+    (errno.ENOSPC, r"no space left on the device holding the cache .*c \(No space left on device\): it needs about [0-9.]+ "
+                   r"[KMG]iB more free space "
                    r".*re-run the same command to resume"),
     (errno.EACCES, r"cannot write the cache .*c: Permission denied.*re-run the same command to resume")])
 def test_disk_full_or_no_permission_mid_dump_is_one_line_and_the_rerun_resumes(kit, tmp_path, monkeypatch, err,
@@ -400,7 +401,8 @@ def test_disk_full_or_no_permission_mid_dump_is_one_line_and_the_rerun_resumes(k
     with pytest.raises(ResourceError, match=match) as e:
         dump_teacher(DumpConfig(out=str(tmp_path / "c"), **cfg))
     assert "\n" not in str(e.value)
-    assert sorted(committed_parts(tmp_path / "c")) == [0]
+    done = committed_parts(tmp_path / "c")
+    assert 0 in done and 1 not in done  # (the writer thread may have committed unit 2 as well)
     monkeypatch.undo()
     dump_teacher(DumpConfig(out=str(tmp_path / "c"), **cfg))
     dump_teacher(DumpConfig(out=str(tmp_path / "ref"), **cfg))
