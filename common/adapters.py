@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from .errors import DataError
 
 
 class ModelAdapter:
     family = "base"
     model_types: tuple[str, ...] = ()
     multi_image = False  # whether the family's processor and model take several images in one sample
+    # the model config's ids of the family's image/video special tokens: typed literally in a message, each would
+    # be read as (part of) an image by the processor and the model, so such text is refused (media_tokens)
+    media_token_keys: tuple[str, ...] = ("image_token_id",)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -52,6 +58,31 @@ class ModelAdapter:
     def vocab_size(self) -> int:
         return int(self.text_config.vocab_size)
 
+    # --- data checks (classmethods: the pre-flight runs them with the config and processor, before the model) -
+    @classmethod
+    def media_tokens(cls, config, tokenizer) -> list[str]:
+        """The family's image/video special tokens as text (e.g. Qwen2-VL's ``<|image_pad|>``,
+        ``<|vision_start|>``), from the ids the model config names in ``media_token_keys``."""
+        ids = [getattr(config, k, None) for k in cls.media_token_keys]
+        return [tokenizer.convert_ids_to_tokens(int(i)) for i in ids if i is not None]
+
+    @classmethod
+    def check_text(cls, config, tokenizer, sample_id: str, turns: list[tuple[str, str]]) -> None:
+        """A DataError naming the sample, the turn and the token when a message holds one of the family's
+        image/video special tokens typed as text."""
+        tokens = cls.media_tokens(config, tokenizer)
+        for j, (role, text) in enumerate(turns):
+            found = [t for t in tokens if t and t in text]
+            if found:
+                raise DataError(sample_id, f"{role} turn {j} holds the {cls.family} family's special token "
+                                f"'{found[0]}' typed as text (the processor and the model would read it as part of "
+                                "an image)", "remove it (mark an image's place with <image>), or pass --skip-bad")
+
+    @classmethod
+    def check_image_size(cls, image_processor, sample_id: str, what: str, width: int, height: int) -> None:
+        """A DataError naming the sample when the family's image processor cannot take an image of this size
+        (upright, in pixels); the base families resize any size."""
+
     # --- inputs ----------------------------------------------------------------------------
     @staticmethod
     def image_inputs(processor_out: dict) -> dict[str, torch.Tensor]:
@@ -85,7 +116,8 @@ class LlavaAdapter(ModelAdapter):
 class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision", "llava_next")
-    multi_image = True  # several images of a sample: base resolution each (batch_num_images), as the model trains
+    multi_image = True
+    media_token_keys = ("image_token_id", "video_token_id")  # several images of a sample: base resolution each (batch_num_images), as the model trains
 
     @staticmethod
     def collate_image_inputs(items):
@@ -106,6 +138,22 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     multi_image = True
+    media_token_keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+    @classmethod
+    def check_image_size(cls, image_processor, sample_id, what, width, height):
+        """Qwen2-VL's processor resizes every image to a multiple of its patch grid (``smart_resize``, the
+        library's own function and limits: an aspect ratio below 200)."""
+        size = getattr(image_processor, "size", None)
+        edge = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
+        factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+        try:
+            smart_resize(height, width, factor=factor, min_pixels=edge("shortest_edge") or 56 * 56,
+                         max_pixels=edge("longest_edge") or 28 * 28 * 1280)
+        except (ValueError, ZeroDivisionError) as e:
+            raise DataError(sample_id, f"image {what} is {width}x{height} pixels, which the {cls.family} image "
+                            f"processor refuses ({e})", "crop or pad the image (its longer side at most 200 times "
+                            "its shorter), or pass --skip-bad") from None
 
     def position_ids(self, input_ids, valid, image_inputs):
         mm = (input_ids == self.image_token_id).int()
@@ -118,19 +166,23 @@ class Qwen2VLAdapter(ModelAdapter):
 ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter]
 
 
-def check_images_per_sample(adapter: ModelAdapter, sample_id: str, n_images: int) -> None:
+def check_images_per_sample(adapter: ModelAdapter | type[ModelAdapter], sample_id: str, n_images: int) -> None:
     """A multi-image sample for a family that takes one image per sample: a DataError naming the sample."""
     if n_images > 1 and not adapter.multi_image:
-        from .errors import DataError
         takes = ", ".join(c.family for c in ADAPTERS if c.multi_image)
         raise DataError(sample_id, f"{n_images} images, but the {adapter.family} family takes one image per sample",
                         f"use a family that takes several ({takes}), keep one image per sample, or pass --skip-bad")
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    model_type = model.config.model_type
+def adapter_class(model_type: str) -> type[ModelAdapter]:
+    """The adapter class of a model type (a config's ``model_type``); NotImplementedError naming the supported
+    ones otherwise."""
     for cls in ADAPTERS:
         if model_type in cls.model_types:
-            return cls(model)
+            return cls
     supported = ", ".join(t for c in ADAPTERS for t in c.model_types)
     raise NotImplementedError(f"no alignti adapter for model_type '{model_type}' (supported: {supported})")
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    return adapter_class(model.config.model_type)(model)

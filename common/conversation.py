@@ -43,24 +43,48 @@ class Encoded:
         return int(self.response_mask.sum())
 
 
-def _image_turns(rec: Record, image) -> dict[int, int]:
-    """Turn index -> images placed before its text: a multi-image record's own placement; one image goes before
-    the first human turn's text (LLaVA's convention)."""
-    if image is None:
-        return {}
-    if rec.image_turns:
-        return rec.image_turns
-    first_user = next(i for i, (role, _) in enumerate(rec.turns) if role == "user")
-    return {first_user: 1}
+def _segments(rec: Record, turn: int, text: str, with_images: bool) -> list[str | None]:
+    """One turn's content in order: its text cut where its images go (``rec.image_at``), ``None`` for each image;
+    empty text pieces dropped. Without images, the text alone."""
+    offsets = rec.image_at.get(turn, []) if with_images and rec.image_at else []
+    out: list[str | None] = []
+    pos = 0
+    for off in offsets:
+        if text[pos:off]:
+            out.append(text[pos:off])
+        out.append(None)
+        pos = off
+    if text[pos:] or not out:
+        out.append(text[pos:])
+    return out
 
 
-def _messages(turns, image_turns: dict[int, int], contents: list[str]):
-    msgs = []
-    for i, ((role, _), content) in enumerate(zip(turns, contents)):
-        parts = [{"type": "image"}] * image_turns.get(i, 0)
-        parts.append({"type": "text", "text": content})
+def _messages(rec: Record, turns, with_images: bool, texts=None) -> tuple[list[dict], list[list[int]]]:
+    """The conversation as chat-template messages: each image a ``{"type": "image"}`` part where its placeholder
+    stood, the text around it ``{"type": "text"}`` parts. ``texts`` (one per text part, in order) replaces the text
+    parts (the sentinels); returns (messages, per turn the indices of its text parts among all text parts)."""
+    msgs, owners, k = [], [], 0
+    for i, (role, text) in enumerate(turns):
+        parts, mine = [], []
+        for seg in _segments(rec, i, text, with_images):
+            if seg is None:
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": seg if texts is None else texts[k]})
+                mine.append(k)
+                k += 1
         msgs.append({"role": role, "content": parts})
-    return msgs
+        owners.append(mine)
+    return msgs, owners
+
+
+def chat_messages(rec: Record, with_images: bool = True, generation_prompt: bool = False) -> list[dict]:
+    """The sample as the messages the family's chat template renders (what the processor sees for it)."""
+    turns = list(rec.turns)
+    if generation_prompt:
+        while turns and turns[-1][0] == "assistant":
+            turns.pop()
+    return _messages(rec, turns, with_images)[0]
 
 
 def _render(processor, msgs, add_generation_prompt=False) -> str:
@@ -78,33 +102,38 @@ ENCODING_VERSION = 2  # 1: pieces tokenized apart (alignti < schema 4); 2: the w
 
 
 def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: bool):
-    """The rendered conversation and, per turn, the character span of its message text and (assistant
-    turns) of its end-of-turn markup. Every message is first replaced by a sentinel, so the template's
-    markup is known exactly; the real text is then put back and checked against the template's own
-    rendering of the real messages."""
-    sentinels = [_SENTINEL.format(i) for i in range(len(turns))]
-    image_turns = _image_turns(rec, image)
-    templ = _render(processor, _messages(turns, image_turns, sentinels), add_generation_prompt=generation_prompt)
+    """The rendered conversation and, per turn, the character spans of its text parts and (assistant turns) of its
+    end-of-turn markup. Every text part is first replaced by a sentinel, so the template's markup is known
+    exactly; the real text is then put back and checked against the template's own rendering of the real
+    messages."""
+    real_msgs, owners = _messages(rec, turns, image is not None)
+    pieces = [p["text"] for m in real_msgs for p in m["content"] if p["type"] == "text"]
+    sentinels = [_SENTINEL.format(k) for k in range(len(pieces))]
+    msgs, _ = _messages(rec, turns, image is not None, sentinels)
+    templ = _render(processor, msgs, add_generation_prompt=generation_prompt)
     parts, pos, rest = [], 0, templ
-    content: dict[int, tuple[int, int]] = {}
+    content: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(turns))}
     ends: dict[int, tuple[int, int]] = {}
-    for i, (s, (role, text)) in enumerate(zip(sentinels, turns)):
-        if s not in rest:
-            raise DataError(rec.sample_id, "the chat template dropped or altered a message",
-                            "use a chat template that inserts message text verbatim")
-        before, rest = rest.split(s, 1)
-        parts += [before, text]
-        pos += len(before)
-        content[i] = (pos, pos + len(text))
-        pos += len(text)
-        if role == "assistant":  # the end-of-turn markup belongs to the response (the model must learn to stop)
-            end = _render(processor, _messages(turns[:i + 1], image_turns, sentinels[:i + 1])).split(s, 1)[1]
+    for i, (role, _) in enumerate(turns):
+        for k in owners[i]:
+            s, text = sentinels[k], pieces[k]
+            if s not in rest:
+                raise DataError(rec.sample_id, "the chat template dropped or altered a message",
+                                "use a chat template that inserts message text verbatim")
+            before, rest = rest.split(s, 1)
+            parts += [before, text]
+            pos += len(before)
+            content[i].append((pos, pos + len(text)))
+            pos += len(text)
+        if role == "assistant" and owners[i]:  # the end-of-turn markup belongs to the response (the model must
+            # learn to stop)
+            head, _ = _messages(rec, turns[:i + 1], image is not None, sentinels)
+            end = _render(processor, head).split(sentinels[owners[i][-1]], 1)[1]
             if end and rest.startswith(end):
                 ends[i] = (pos, pos + len(end))
     parts.append(rest)
     full = "".join(parts)
-    real = _render(processor, _messages(turns, image_turns, [t for _, t in turns]),
-                   add_generation_prompt=generation_prompt)
+    real = _render(processor, real_msgs, add_generation_prompt=generation_prompt)
     if real != full:
         raise DataError(rec.sample_id, "the chat template changes message text (it renders differently with the "
                         "real text than with placeholders)", "use a chat template that inserts message text verbatim")
@@ -180,9 +209,21 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     placeholder = getattr(processor, "image_token", "<image>")
     image_token_id = tok.convert_tokens_to_ids(placeholder)
     image_inputs: dict = {}
+    n_placed = sum(len(v) for v in (rec.image_at or {}).values()) if image is not None else 0
+    if text_ids.count(image_token_id) != n_placed:  # the image token typed in a message, or a template that
+        # renders a placeholder of its own: the processor would expand it as an image
+        raise DataError(rec.sample_id, f"its rendered text holds {text_ids.count(image_token_id)} image token(s) "
+                        f"'{placeholder}' for {n_placed} image(s): a message holds the family's image token typed as "
+                        "text", "remove it (mark an image's place with <image>), or pass --skip-bad")
     if image is not None:
         # [image], or for several images of one sample [[...]]: the processor's multi-image mode (LLaVA-OneVision)
-        out = processor(text=[full], images=[image], return_tensors="pt", add_special_tokens=add_special)
+        try:
+            out = processor(text=[full], images=[image], return_tensors="pt", add_special_tokens=add_special)
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the processor's failure on this sample's text and images
+            raise DataError(rec.sample_id, f"the processor ({type(processor).__name__}) cannot take it "
+                            f"({type(e).__name__}: {e})", "fix or drop its image(s), or pass --skip-bad") from None
         ids = out["input_ids"][0].tolist()
         image_inputs = ModelAdapter.image_inputs(out)
         offsets = _expand_offsets(ids, text_ids, offsets, image_token_id, rec.sample_id)
@@ -193,10 +234,10 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     kind_of = np.zeros(len(full) + 1, np.int8)
     turn_of_char = np.full(len(full) + 1, -1, np.int32)
     for i, (role, _) in enumerate(turns):
-        s, e = content[i]
-        if role in ("user", "assistant"):
-            kind_of[s:e] = 1 if role == "user" else 2
-            turn_of_char[s:e] = i
+        for s, e in content[i]:
+            if role in ("user", "assistant"):
+                kind_of[s:e] = 1 if role == "user" else 2
+                turn_of_char[s:e] = i
         if i in ends:
             s, e = ends[i]
             kind_of[s:e] = 2
@@ -223,7 +264,7 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     for i, (role, _) in enumerate(turns):
         if role == "user":
             sel = np.nonzero((turn_a == i) & (kinds == 1))[0]
-            last_user = (int(sel[0]), int(sel[-1]) + 1) if len(sel) else None
+            last_user = _instruction_run(sel)
         elif role == "assistant":
             sel = np.nonzero((turn_a == i) & (kinds == 2))[0]
             if len(sel) == 0:
@@ -243,6 +284,17 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
                         "shorten the conversation, raise --max-length if the model allows it, or pass --skip-bad")
     return Encoded(rec.index, rec.sample_id, image_column(rec.image), image_sha, input_ids, resp_mask, image_inputs,
                    int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans, spans)
+
+
+def _instruction_run(sel: np.ndarray) -> tuple[int, int] | None:
+    """A human turn's instruction span from its text tokens' positions ``sel``: one contiguous run, so an image in
+    the middle of the question ("What is <image> showing?") is never part of the instruction's query positions;
+    where the text is cut by images, the longest run (the last of equal ones). None if the turn has no tokens."""
+    if not len(sel):
+        return None
+    runs = np.split(sel, np.nonzero(np.diff(sel) != 1)[0] + 1)
+    best = max(range(len(runs)), key=lambda r: (len(runs[r]), r))
+    return int(runs[best][0]), int(runs[best][-1]) + 1
 
 
 def image_spans(img_pos: np.ndarray, n_images: int, sample_id: str) -> list[tuple[int, int]]:

@@ -21,3 +21,8 @@ class CacheError(AlignTIError):
 
 class FingerprintMismatch(CacheError):
     """The cache was made with another tokenizer / processor / parameters."""
+
+
+class ResourceError(AlignTIError):
+    """A failure that is not about one sample (disk full, permission, out of memory): one line naming the resource
+    and what to do; finished work is kept and re-running the same command resumes."""

@@ -17,16 +17,30 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
+def load_model(path: str, device: torch.device, dtype: str = "auto"):
+    """The VLM at ``path`` (local folder or hub id) on ``device``; ``dtype`` "auto": bf16 on CUDA, fp32 on CPU."""
     from transformers import AutoModelForImageTextToText
 
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    processor = load_processor(path)  # first: a folder without processor files is named before the weights load
+    check_processor_files(path)  # first: a folder without processor files is named before the weights load
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
-    return model.to(device), processor
+    return model.to(device)
+
+
+def load_config(path: str):
+    """The checkpoint's model config alone (no weights): its model_type and special-token ids."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path)
+
+
+def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
+    """(model, processor) of the checkpoint at ``path``; the processor first, so a folder without processor files
+    is named before any weight loads."""
+    processor = load_processor(path)
+    return load_model(path, device, dtype), processor
 
 
 def text_vocab_size(path: str) -> int | None:

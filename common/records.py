@@ -8,10 +8,15 @@ them); ``parse_record`` checks one and says what is wrong with it by name (``Dat
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+
+PLACEHOLDER = "<image>"
+# one placeholder with the line break that sets it apart from the text, if any ("<image>\\nQ", "Q\\n<image>")
+_PLACEHOLDER_RE = re.compile(r"<image>\n|\n<image>|<image>")
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -22,9 +27,16 @@ class Record:
     # a path under --images, or "@ROW[:K]": embedded in row ROW of the data source (common.sources); a list for a
     # multi-image sample (one <image> per image, image_turns says which turn holds how many)
     image: str | list[str] | None
-    turns: list[tuple[str, str]]  # (role, text), image tag removed
+    turns: list[tuple[str, str]]  # (role, text), image placeholders (and the line break beside each) removed
     source: object = field(default=None, repr=False, compare=False)  # the table source of an embedded image
-    image_turns: dict[int, int] | None = None  # turn index -> images placed before its text (multi-image)
+    # turn index -> the character offsets in that turn's text where its images go, one per image, in order (the
+    # <image> placeholders' places); an image without a placeholder goes at offset 0 of the first human turn
+    image_at: dict[int, list[int]] | None = None
+
+    @property
+    def image_turns(self) -> dict[int, int]:
+        """Turn index -> how many images that turn holds."""
+        return {t: len(offs) for t, offs in (self.image_at or {}).items()}
 
     @property
     def images(self) -> list[str]:
@@ -75,7 +87,7 @@ def load_json_records(path: str | Path) -> list[Record | Skipped]:
     if not path.exists():
         raise DataError(str(path), "data file not found", "check the --data path")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors, pandas) is not data
     except UnicodeDecodeError as e:
         raise DataError(str(path), f"the data file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                         f"{e.start} is not valid UTF-8)",
@@ -111,7 +123,24 @@ def load_json_records(path: str | Path) -> list[Record | Skipped]:
     return check_unique(out)
 
 
+def split_placeholders(text: str) -> tuple[str, list[int]]:
+    """``text`` without its ``<image>`` placeholders (each with the line break that sets it apart, as in
+    ``"<image>\\nQ"``), and the character offset in the returned text where each placeholder stood."""
+    out, offsets, pos = [], [], 0
+    for m in _PLACEHOLDER_RE.finditer(text):
+        out.append(text[pos:m.start()])
+        offsets.append(sum(len(x) for x in out))
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out), offsets
+
+
 def parse_record(index: int, item: object) -> Record:
+    """One LLaVA-format sample, checked. Raises ``DataError`` (sample id, what, the fix) for: no conversations,
+    a turn without ``from``/``value``, an unknown role, an empty answer, a human turn with no question text
+    (empty or whitespace only), turns that do not alternate, an ``image`` that is not a path or list of paths,
+    an ``<image>`` placeholder in an answer or system turn, a placeholder without an image, and placeholders that
+    do not match the images. Where the placeholders stand decides where the images go (``Record.image_at``)."""
     if not isinstance(item, dict):
         raise DataError(f"#{index}", f"expected a JSON object, got {type(item).__name__}")
     sid = str(item.get("id", f"#{index}"))
@@ -119,6 +148,7 @@ def parse_record(index: int, item: object) -> Record:
     if not isinstance(convs, list) or not convs:
         raise DataError(sid, "no 'conversations' list")
     turns: list[tuple[str, str]] = []
+    places: dict[int, list[int]] = {}
     for j, msg in enumerate(convs):
         if not isinstance(msg, dict) or "from" not in msg or "value" not in msg:
             raise DataError(sid, f"conversation turn {j} needs 'from' and 'value'")
@@ -128,9 +158,22 @@ def parse_record(index: int, item: object) -> Record:
         value = msg["value"]
         if not isinstance(value, str):
             raise DataError(sid, f"turn {j} value is not a string")
+        text, offsets = split_placeholders(value)
+        if offsets and role != "user":  # an answer cannot show an image; "<image>" there is not text either
+            raise DataError(sid, f"{'assistant' if role == 'assistant' else role} turn {j} holds an <image> "
+                            "placeholder, but images go in human turns (an answer holding the text '<image>' would "
+                            "be read as an image placeholder by LLaVA-format tools and by the LLaVA families' "
+                            "tokenizers)", "remove it from the answer (or write it another way, e.g. '<img>'), or "
+                            "pass --skip-bad")
         if role == "assistant" and not value.strip():
             raise DataError(sid, f"assistant turn {j} has an empty answer")
-        turns.append((role, value.replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "")))
+        if role == "user" and not text.strip():
+            raise DataError(sid, f"human turn {j} has no question text (empty or whitespace only"
+                            f"{', besides its <image>' if offsets else ''})",
+                            "write the instruction the answer responds to, or pass --skip-bad")
+        if offsets:
+            places[j] = offsets
+        turns.append((role, text))
     roles = [r for r, _ in turns if r != "system"]
     if "assistant" not in roles:
         raise DataError(sid, "no assistant turn: nothing to distil")
@@ -140,26 +183,28 @@ def parse_record(index: int, item: object) -> Record:
     if roles[0] != "user":
         raise DataError(sid, "the conversation must start with a human turn")
     image = item.get("image")
-    if isinstance(image, list) and len(image) == 1:
-        image = image[0]
+    if isinstance(image, list) and len(image) <= 1:  # [] is no image, [x] is one
+        image = image[0] if image else None
     if isinstance(image, list):
         if not image or not all(isinstance(x, str) and x for x in image):
             raise DataError(sid, "'image' must be a path string or a list of path strings")
     elif image is not None and not isinstance(image, str):
         raise DataError(sid, "'image' must be a path string or a list of path strings")
-    tags = [str(m["value"]).count("<image>") for m in convs]
-    n_tags = sum(tags)
+    n_tags = sum(len(v) for v in places.values())
+    n_images = len(image) if isinstance(image, list) else 1 if image else 0
+    if n_tags and not n_images:
+        have = "no 'image' key" if "image" not in item else f"'image' is {json.dumps(item['image'])}"
+        raise DataError(sid, f"{n_tags} <image> placeholder(s) without an image ({have})",
+                        "give the sample its image, remove the <image> placeholder for a text-only sample, or "
+                        "pass --skip-bad")
     if isinstance(image, list):  # several images: each <image> says where one goes (in order)
         if n_tags != len(image):
             raise DataError(sid, f"{len(image)} images but {n_tags} <image> placeholder(s)",
                             "put one <image> in the human turn where each image belongs")
-        bad = [j for j, (t, (role, _)) in enumerate(zip(tags, turns)) if t and role != "user"]
-        if bad:
-            raise DataError(sid, f"turn {bad[0]} is not a human turn but holds an <image>",
-                            "put each <image> in a human turn")
-        return Record(index, sid, list(image), turns, image_turns={j: t for j, t in enumerate(tags) if t})
+        return Record(index, sid, list(image), turns, image_at=places)
     if image and n_tags > 1:
         raise DataError(sid, f"{n_tags} <image> placeholders for one image",
                         "keep one <image> per image: give 'image' as a list for several")
-    # an image with no <image> placeholder goes before the first human turn's text (LLaVA's convention)
-    return Record(index, sid, image or None, turns)
+    if image and not n_tags:  # an image with no <image> placeholder goes before the first human turn's text
+        places = {next(i for i, (role, _) in enumerate(turns) if role == "user"): [0]}
+    return Record(index, sid, image or None, turns, image_at=places or None)

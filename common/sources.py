@@ -16,6 +16,9 @@ from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
 
+from PIL import ExifTags, Image, ImageOps
+from transformers.image_transforms import convert_to_rgb
+
 from .errors import DataError
 from .records import Record, Skipped, check_unique, load_json_records, parse_record
 
@@ -26,14 +29,64 @@ def is_embedded(ref: str | None) -> bool:
     return bool(ref) and ref.startswith(EMBEDDED)
 
 
-def decode_image(data: bytes, sample_id: str, what: str):
-    """PIL image (RGB) of ``data``, or a DataError naming the sample."""
-    from PIL import Image, UnidentifiedImageError
+# how image bytes become the RGB picture every stage hands the processor (the fingerprint's params record it):
+# 1: PIL's convert("RGB") (transparency dropped to its colour values, EXIF orientation ignored);
+# 2: as transformers sees an image: ImageOps.exif_transpose (load_image's orientation step), then the image
+#    processors' convert_to_rgb (transparency composited on white; CMYK, palette, grey converted), first frame
+DECODE_VERSION = 2
+
+
+def decode_image(data: bytes, sample_id: str, what: str, version: int = DECODE_VERSION) -> Image.Image:
+    """The RGB PIL image of the encoded bytes ``data`` (any format PIL reads; an animated image: its first frame),
+    as the family's own processor would see the file: upright per its EXIF orientation
+    (``transformers.image_utils.load_image`` does the same ``ImageOps.exif_transpose``) and converted by
+    transformers' ``convert_to_rgb`` (RGBA, LA and palette images with transparency composited on white), so the
+    processor's own RGB conversion has nothing left to do. ``version`` 1 is the decoding of caches made before
+    (plain ``convert("RGB")``), kept so a student reads such a cache's images as its teacher saw them.
+    Raises DataError naming the sample and ``what`` when the bytes do not decode."""
     try:
-        return Image.open(BytesIO(data)).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(sample_id, f"image {what} cannot be decoded ({e})",
+        img = Image.open(BytesIO(data))
+        img.load()
+        if version < 2:
+            return img.convert("RGB")
+        return Image.fromarray(convert_to_rgb(ImageOps.exif_transpose(img), return_numpy=True))
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this image's (truncated, bomb, bad EXIF)
+        raise DataError(sample_id, f"image {what} cannot be decoded ({type(e).__name__}: {e})",
                         "replace it or pass --skip-bad") from None
+
+
+def upright_size(source, sample_id: str, what: str) -> tuple[int, int]:
+    """(width, height) in pixels of an image (encoded bytes or a local path) as ``decode_image`` returns it (EXIF
+    orientations 5-8 swap the sides), from its header alone; DataError when it is not an image PIL reads."""
+    try:
+        with Image.open(BytesIO(source) if isinstance(source, bytes) else source) as img:
+            w, h = img.size
+            if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+                w, h = h, w
+            return w, h
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any header failure is this image's
+        raise DataError(sample_id, f"image {what} cannot be decoded ({type(e).__name__}: {e})",
+                        "replace it or pass --skip-bad") from None
+
+
+def image_sizes(rec: Record, images_dir: str | Path | None) -> list[tuple[str, tuple[int, int]]]:
+    """Each local or embedded image of a record with its upright size (header reads only; images behind a URL
+    are left to the dump itself). Raises DataError for an image that is missing or does not decode."""
+    out = []
+    for ref in rec.images:
+        if is_embedded(ref):
+            out.append((ref, upright_size(_load_bytes(rec, ref, images_dir), rec.sample_id, f"'{ref}'")))
+            continue
+        folder = images_dir if images_dir is not None else rec.source.images if rec.source is not None else None
+        if _is_url(folder or ""):
+            continue
+        out.append((ref, upright_size(str(Path(folder or ".") / ref) if Path(folder or ".", ref).is_file()
+                                      else file_bytes(folder, ref, rec.sample_id), rec.sample_id, f"'{ref}'")))
+    return out
 
 
 def file_bytes(images: str | None, ref: str, sample_id: str) -> bytes:
@@ -330,13 +383,17 @@ def load_image(rec: Record, images_dir: str | Path | None):
     return loaded[0]
 
 
-def _load_one(rec: Record, ref: str, images_dir):
+def _load_bytes(rec: Record, ref: str, images_dir) -> bytes:
     if is_embedded(ref):
         if rec.source is None:
             raise DataError(rec.sample_id, f"image '{ref}' is embedded in a table, but the record has no source",
                             "load the records with common.sources.open_source")
-        return rec.source.load_image(ref, rec.sample_id)
+        return rec.source.image_bytes(ref, rec.sample_id)
     if rec.source is not None and images_dir is None:
         images_dir = rec.source.images
-    data = file_bytes(str(images_dir) if images_dir is not None else ".", ref, rec.sample_id)
+    return file_bytes(str(images_dir) if images_dir is not None else ".", ref, rec.sample_id)
+
+
+def _load_one(rec: Record, ref: str, images_dir):
+    data = _load_bytes(rec, ref, images_dir)
     return decode_image(data, rec.sample_id, f"'{ref}'"), hashlib.sha256(data).hexdigest()

@@ -53,8 +53,7 @@ class StreamEncoder:
         key = (tuple(m["value"] for m in item["conversations"]), img.size)
         enc = self.memo.get(key)
         if enc is None:
-            rec = parse_record(0, item)
-            rec.image = "stream"
+            rec = parse_record(0, dict(item, image="stream"))  # the image is in memory (img)
             enc = self.memo[key] = encode(self.processor, rec, img).__dict__
             out = dict(enc)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from alignti.common.batch import collate, image_token_positions, tpa_layout
 from alignti.common.cache import CacheReader
 from alignti.common.records import image_refs
 from alignti.common.errors import DataError
+from alignti.common.sources import DECODE_VERSION, TableSource, decode_image, is_embedded, open_source
+
+log = logging.getLogger("alignti.train")
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -27,11 +31,18 @@ class CacheDataset(torch.utils.data.Dataset):
         self.check_images = check_images
         self._verified: dict[tuple, str] = {}  # (path, size, mtime) -> sha256, per process
         self._source = None
+        # the teacher's image decoding (common.sources.DECODE_VERSION; caches without the key predate version 2):
+        # the student decodes each image as the teacher did, so the pixels and the cached statistics match
+        self.decode_version = int(reader.fingerprint.get("params", {}).get("image_decode", 1))
+        if self.decode_version != DECODE_VERSION:
+            log.warning("the cache at %s decoded images with alignti's image decoding v%d (now v%d: EXIF orientation "
+                        "and transparency as transformers' processors see them); the student reads its images the "
+                        "same way. Re-dump it for images with an EXIF orientation or transparency to be seen "
+                        "upright and on white", reader.url, self.decode_version, DECODE_VERSION)
 
     def _image_bytes(self, ref: str, sample_id: str) -> bytes:
         """An embedded image's bytes, from the data source the teacher read (opened once per process)."""
         if self._source is None:
-            from alignti.common.sources import TableSource, open_source
             try:
                 self._source = open_source(self.data, self.images_dir or None)
             except DataError as e:
@@ -55,13 +66,12 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def _image(self, ref: str, sha: str, sample_id: str):
         """One image of a sample, decoded, checked against the sha256 the teacher saw."""
-        from alignti.common.sources import decode_image, is_embedded
         if is_embedded(ref):  # embedded in the data source (common.sources)
             data = self._image_bytes(ref, sample_id)
             if self.check_images and hashlib.sha256(data).hexdigest() != sha:
                 raise DataError(sample_id, f"image {ref} of {self.data} differs from the one the teacher saw "
                                 "(sha256 mismatch)", "use the original data, or re-dump the teacher")
-            return decode_image(data, sample_id, ref)
+            return decode_image(data, sample_id, ref, self.decode_version)
         path = Path(self.images_dir) / ref
         if not path.is_file():
             raise DataError(sample_id, f"image '{ref}' not found under {self.images_dir}",
@@ -75,7 +85,7 @@ class CacheDataset(torch.utils.data.Dataset):
             if got != sha:
                 raise DataError(sample_id, f"image '{ref}' differs from the one the teacher saw "
                                 "(sha256 mismatch)", "use the original images, or re-dump the teacher")
-        return decode_image(data, sample_id, f"'{ref}'")
+        return decode_image(data, sample_id, f"'{ref}'", self.decode_version)
 
 
 def epoch_order(reader: CacheReader, epoch: int, seed: int) -> list[int]:

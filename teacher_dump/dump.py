@@ -9,6 +9,7 @@ the zarr/parquet part happen on a writer thread, off the forward loop.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -18,21 +19,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from alignti.common import distributed as dist
-from alignti.common.adapters import adapter_for, check_images_per_sample
+from alignti.common.adapters import adapter_class, adapter_for, check_images_per_sample
 from alignti.common.batch import collate, to_device
 from alignti.common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
 from alignti.common.config import check_ranges
 from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
-from alignti.common.errors import CacheError, DataError
+from alignti.common.errors import CacheError, DataError, ResourceError
 from alignti.common.fingerprint import make_fingerprint
-from alignti.common.models import load_vlm, text_vocab_size
+from alignti.common.models import load_config, load_model, load_processor, text_vocab_size
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
-from alignti.common.sources import is_embedded, load_image, open_source
+from alignti.common.sources import DECODE_VERSION, image_sizes, is_embedded, load_image, open_source
 
 from .compute import split_per_sample, teacher_batch
+from .select_layer import select_layer
 
 log = logging.getLogger("alignti.dump")
 
@@ -91,20 +95,86 @@ def _preflight(records: list, images: str, skip_bad: bool) -> list:
     return [bad_by_index.get(r.index, r) for r in records]
 
 
-def _check_family(records: list, adapter, skip_bad: bool) -> list:
-    """Multi-image samples for a family that takes one image: refused (or, with --skip-bad, skipped) before any
-    teacher time is spent."""
-    out = []
+def _check_family(records: list, adapter_cls, config, processor, images: str | None, skip_bad: bool) -> list:
+    """What the family's processor alone can find, before the teacher is loaded: several images for a family that
+    takes one, the family's image/video special tokens typed as text, an image size its image processor refuses
+    (from each image's header). Refused by name (or, with --skip-bad, skipped), all of them at once."""
+    out, bad = [], []
     for r in records:
         if isinstance(r, Record):
             try:
-                check_images_per_sample(adapter, r.sample_id, len(r.images))
+                check_images_per_sample(adapter_cls, r.sample_id, len(r.images))
+                adapter_cls.check_text(config, processor.tokenizer, r.sample_id, r.turns)
+                for ref, (w, h) in image_sizes(r, images):
+                    adapter_cls.check_image_size(processor.image_processor, r.sample_id, f"'{ref}'", w, h)
             except DataError as e:
-                if not skip_bad:
-                    raise
                 r = Skipped(r.index, r.sample_id, str(e))
+                bad.append(r)
         out.append(r)
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DataError(bad[0].sample_id, f"{len(bad)} bad sample(s) found before dumping, nothing was written: "
+                        + "; ".join(b.error for b in bad[:3]) + more,
+                        "fix them, or pass --skip-bad to record them as skipped in samples.parquet")
     return out
+
+
+def _resource_error(e: BaseException, out: Path, device, batch_size: int, units_left: int) -> ResourceError | None:
+    """One line for a failure that is not about a sample (disk full, no permission, out of memory), or None."""
+    resume = "finished work units are kept: re-run the same command to resume"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        parts = out / PARTS_DIR
+        markers = list(parts.glob("*.commit.json")) if parts.exists() else []
+        used = sum(f.stat().st_size for f in parts.rglob("*") if f.is_file()) if parts.exists() else 0
+        per_unit = used / len(markers) if markers else None
+        free = shutil.disk_usage(out if out.exists() else out.parent).free
+        need = (f"about {_mib(per_unit * units_left)} more free space ({units_left} work unit(s) left, "
+                f"{_mib(per_unit)} each so far; {_mib(free)} free now)" if per_unit else
+                f"more free space than the {_mib(free)} free now (no work unit has been committed yet)")
+        return ResourceError(f"no space left on the device holding the cache {out} ({e.strerror}): it needs {need}; "
+                             f"{resume}")
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ResourceError(f"cannot write the cache {out}: {e.strerror} ({e.filename}); make it writable or choose "
+                             f"another --out; {resume}")
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return ResourceError(f"out of memory on {device} running the teacher on batches of {batch_size} samples "
+                             f"({type(e).__name__}): lower --batch-size (or --max-length); {resume}")
+    return None
+
+
+def _mib(n: float) -> str:
+    """A byte count for a person: KiB, MiB or GiB."""
+    for unit, k in (("GiB", 30), ("MiB", 20)):
+        if n >= 2 ** k:
+            return f"{n / 2 ** k:.1f} {unit}"
+    return f"{n / 2 ** 10:.1f} KiB"
+
+
+def _teacher_unit(adapter, encoded: list, batch_size: int, length_sorted: bool, pad_id: int, device, params,
+                  advance=lambda n: None) -> list:
+    """The teacher over one work unit's encoded samples: [(chunk, batch, result)] per batch, batches of similar
+    token length (the writer puts every sample back in dataset order)."""
+    jobs = []
+    batched = sorted(encoded, key=lambda x: -len(x.input_ids)) if length_sorted else encoded
+    for i in range(0, len(batched), batch_size):
+        chunk = batched[i:i + batch_size]
+        batch = collate([c.__dict__ for c in chunk], pad_id, type(adapter))
+        jobs.append((chunk, batch, teacher_batch(adapter, to_device(batch, device), params)))
+        advance(len(chunk))
+    return jobs
+
+
+def _failing_samples(adapter, encoded: list, pad_id: int, device, params) -> list[tuple]:
+    """After a batch failed: each sample run alone, [(sample, exception)] for those that fail on their own."""
+    bad = []
+    for enc in encoded:
+        try:
+            _teacher_unit(adapter, [enc], 1, False, pad_id, device, params)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - this sample's own failure
+            bad.append((enc, e))
+    return bad
 
 
 def _check_plan(out: Path, plan: dict) -> None:
@@ -162,13 +232,14 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     if not records:
         raise DataError(cfg.data, "no samples in the data file", "check --data")
     records = _preflight(records, cfg.images, cfg.skip_bad)
+    processor, config = load_processor(cfg.teacher), load_config(cfg.teacher)
+    records = _check_family(records, adapter_class(config.model_type), config, processor, cfg.images, cfg.skip_bad)
 
     t_load = time.perf_counter()
-    model, processor = load_vlm(cfg.teacher, device, cfg.dtype)
+    model = load_model(cfg.teacher, device, cfg.dtype)
     model.eval()
     t_loaded = time.perf_counter()
     adapter = adapter_for(model)
-    records = _check_family(records, adapter, cfg.skip_bad)
     max_length = cfg.max_length or getattr(adapter.text_config, "max_position_embeddings", None)
 
     old_plan = read_plan(out)
@@ -179,7 +250,6 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         if old_plan and old_plan.get("irs"):
             irs = old_plan["irs"]
         else:
-            from .select_layer import select_layer
             irs = _on_main(env, lambda: select_layer(
                 model, processor, [r for r in records if isinstance(r, Record)], cfg.images,
                 n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress,
@@ -194,7 +264,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query,
-              "encoding_version": ENCODING_VERSION}
+              "encoding_version": ENCODING_VERSION, "image_decode": DECODE_VERSION}
     if cfg.tpa_branches:
         params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy")
     if cfg.iva_token_kl:
@@ -218,6 +288,20 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return False
 
+    try:
+        return _dump_units(cfg, env, out, plan, params, units, records, prepare, adapter, processor, device,
+                           max_length, irs, layer, t_load, t_loaded)
+    except (OSError, torch.OutOfMemoryError, MemoryError) as e:
+        problem = _resource_error(e, out, device, cfg.batch_size,
+                                  len(units) - len(committed_parts(out)) if out.exists() else len(units))
+        if problem is None:
+            raise
+        raise problem from None
+
+
+def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units: list, records: list, prepare,
+                adapter, processor, device, max_length, irs, layer, t_load: float, t_loaded: float) -> dict:
+    """The plan written, this rank's uncommitted units dumped and committed, rank 0's manifest last."""
     if _on_main(env, prepare):
         log.info("%s is already complete; nothing to do", out)
         return json.loads((out / MANIFEST_FILE).read_text())
@@ -231,6 +315,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     t_loop = time.perf_counter()
     n_todo = sum(units[u][1] - units[u][0] for u in todo)
+    resume = "; units already committed are kept: re-run the same command after fixing to resume"
 
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignti-writer")
     pending: list[Future] = []
@@ -251,18 +336,28 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                                                            cfg.saliency_query))
                     except DataError as err:
                         if not cfg.skip_bad:
-                            raise DataError(err.sample, err.problem, err.fix + "; units already committed are "
-                                            "kept: re-run the same command after fixing to resume") from None
+                            raise DataError(err.sample, err.problem, err.fix + resume) from None
                         skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
-                jobs = []
-                # batches of similar token length (the writer puts every sample back in dataset order)
-                batched = sorted(encoded, key=lambda x: -len(x.input_ids)) if cfg.length_sorted_batches else encoded
-                for i in range(0, len(batched), cfg.batch_size):
-                    chunk = batched[i:i + cfg.batch_size]
-                    batch = collate([c.__dict__ for c in chunk], pad_id, type(adapter))
-                    res = teacher_batch(adapter, to_device(batch, device), params)
-                    jobs.append((chunk, batch, res))
-                    bar.advance(len(chunk))
+                run = (lambda samples, advance=lambda n: None: _teacher_unit(
+                    adapter, samples, cfg.batch_size, cfg.length_sorted_batches, pad_id, device, params, advance))
+                try:
+                    jobs = run(encoded, bar.advance)
+                except (torch.OutOfMemoryError, MemoryError):
+                    raise
+                except Exception:  # noqa: BLE001 - a sample the model fails on is named; anything else re-raised
+                    bad = _failing_samples(adapter, encoded, pad_id, device, params)
+                    if not bad or len(bad) == len(encoded):
+                        raise
+                    for enc, err in bad:
+                        named = DataError(enc.sample_id, f"the teacher model fails on it ({type(err).__name__}: "
+                                          f"{err})", "fix or drop the sample, or pass --skip-bad")
+                        if not cfg.skip_bad:
+                            raise DataError(named.sample, named.problem, named.fix + resume) from None
+                        log.warning("%s", named)
+                        skipped.append((enc.index, enc.sample_id, str(named), enc.image))
+                    failed = {id(enc) for enc, _ in bad}
+                    encoded = [x for x in encoded if id(x) not in failed]  # batched as if skipped before
+                    jobs = run(encoded)
                 bar.advance((e - s) - len(encoded))
                 pending.append(writer.submit(_write_unit, part, jobs, skipped, lock))
                 while len(pending) > 2:  # backpressure: at most two units wait for the writer

@@ -18,6 +18,7 @@ import torch
 from alignti.common.adapters import adapter_for
 from alignti.common.batch import collate, forward, to_device
 from alignti.common.conversation import encode, with_saliency_query
+from alignti.common.errors import DataError
 from alignti.common.records import Record, image_column
 from alignti.common.sources import load_image
 from alignti.common.progress import progress_bar
@@ -28,14 +29,22 @@ log = logging.getLogger("alignti.irs")
 @torch.no_grad()
 def attention_maps(model, processor, records: list[Record], images: str, layers, batch_size: int = 8,
                    progress: bool = True, query: str = "instruction") -> tuple[list, dict[int, list[torch.Tensor]]]:
-    """alpha of the first assistant turn for every record and every layer in ``layers``."""
+    """alpha of the first assistant turn for every record and every layer in ``layers``: (the indices of the
+    records that encode, their maps per layer, each a [n_image_tokens] tensor in that order). A record that does
+    not encode (a DataError) is left out with a warning."""
     adapter = adapter_for(model)
     device = next(model.parameters()).device
     pad = processor.tokenizer.pad_token_id or 0
     encoded = []
     for r in records:
-        img, sha = load_image(r, images)
-        encoded.append(with_saliency_query(encode(processor, r, img, sha), query))
+        try:
+            img, sha = load_image(r, images)
+            encoded.append(with_saliency_query(encode(processor, r, img, sha), query))
+        except DataError as e:  # left out of the calibration; the dump itself names it (or skips it)
+            log.warning("IRS calibration leaves out %s", e)
+            encoded.append(None)
+    keep = [i for i, e in enumerate(encoded) if e is not None]
+    encoded = [encoded[i] for i in keep]
     maps: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     with progress_bar("select-layer", total=len(encoded), unit="samples", enabled=progress) as bar:
         for i in range(0, len(encoded), batch_size):
@@ -46,7 +55,7 @@ def attention_maps(model, processor, records: list[Record], images: str, layers,
                 for g, row in enumerate(out.saliency[layer].float().cpu()):
                     maps[layer].append(row[:chunk[g]["n_image_tokens"]])
             bar.advance(len(chunk))
-    return encoded, maps
+    return keep, maps
 
 
 def make_pairs(records: list[Record], max_pairs_per_image: int = 6, seed: int = 0) -> tuple[list[tuple[int, int]], bool]:
@@ -89,18 +98,31 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
     calib = calibration_subset([r for r in records if r.image], n_samples)
     if len(calib) < 2:
         raise ValueError("select-layer needs at least two samples with images")
-    encoded, maps = attention_maps(model, processor, calib, images, layers, batch_size, progress, query)
+    keep, maps = attention_maps(model, processor, calib, images, layers, batch_size, progress, query)
+    calib = [calib[i] for i in keep]
+    if len(calib) < 2:
+        raise ValueError("select-layer needs at least two samples whose images encode")
     pairs, fallback = make_pairs(calib)
-    pairs = [(a, b) for a, b in pairs if len(maps[0][a]) == len(maps[0][b])]
+    # a pair's maps compare token by token, so both must cover the same image grid: with dynamic resolution
+    # (Qwen2-VL) images of other sizes have other grids; pairs that share an image always match
+    same = [(a, b) for a, b in pairs if len(maps[0][a]) == len(maps[0][b])]
     if fallback:
         log.warning("no image is asked about with two different instructions: IRS uses random pairs")
+    if len(same) < len(pairs):
+        log.warning("IRS compares only pairs of the same image grid: %d of %d pairs kept (the rest have images of "
+                    "different sizes)", len(same), len(pairs))
+    n_dropped, pairs = len(pairs) - len(same), same
+    if not pairs:
+        raise ValueError("select-layer found no two calibration samples with images of the same grid (image "
+                         "size), so no attention maps to compare: ask two questions about one image in the data, "
+                         "or pass --saliency-layer N (a layer index) instead of auto")
     curve = []
-    for layer in layers:
-        a = torch.stack([maps[layer][i] for i, _ in pairs])
-        b = torch.stack([maps[layer][j] for _, j in pairs])
-        curve.append(float(1 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()))
+    for layer in layers:  # per pair (pairs of different grids have maps of different lengths), then the mean
+        cos = [torch.nn.functional.cosine_similarity(maps[layer][i], maps[layer][j], dim=0) for i, j in pairs]
+        curve.append(float(1 - torch.stack(cos).mean()))
     best = max(layers, key=lambda layer: curve[layer])
-    return {"layer": best, "curve": curve, "pairs": len(pairs), "samples": len(calib), "random_pairs": fallback}
+    return {"layer": best, "curve": curve, "pairs": len(pairs), "samples": len(calib), "random_pairs": fallback,
+            "grid_mismatched_pairs_dropped": n_dropped}
 
 
 def render_curve(irs: dict, width: int = 40) -> str:

@@ -54,8 +54,7 @@ def test_stream_encoder_equals_encode():
         item, img = next(gen)
         hits += (tuple(m["value"] for m in item["conversations"]), img.size) in enc.memo
         fast = enc(item, img)
-        rec = parse_record(0, item)
-        rec.image = "stream"
+        rec = parse_record(0, dict(item, image="stream"))
         ref = encode(proc, rec, img).__dict__
         for k, v in ref.items():
             if k == "image_inputs":

@@ -138,7 +138,7 @@ def test_placeholders_must_match_the_images():
     conv = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
     with pytest.raises(DataError, match="2 images but 1 <image> placeholder"):
         parse_record(0, {"id": "x", "image": ["a.png", "b.png"], "conversations": conv})
-    with pytest.raises(DataError, match="turn 1 is not a human turn but holds an <image>"):
+    with pytest.raises(DataError, match="assistant turn 1 holds an <image> placeholder"):
         parse_record(0, {"id": "x", "image": ["a.png", "b.png"], "conversations": [
             {"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "<image>a"}]})
     rec = parse_record(0, {"id": "x", "image": ["a.png"], "conversations": conv})  # a list of one is one image

@@ -112,9 +112,8 @@ def test_ids_are_the_processors_and_spans_decode_exactly(family, sample, sp_toke
     img = Image.fromarray(np.full((96, 96, 3), 128, np.uint8))
     enc = encode(proc, rec, img)
 
-    from alignti.common.conversation import _image_turns, _messages
-    rendered = proc.apply_chat_template(_messages(rec.turns, _image_turns(rec, img), [t for _, t in rec.turns]),
-                                        tokenize=False)
+    from alignti.common.conversation import chat_messages
+    rendered = proc.apply_chat_template(chat_messages(rec), tokenize=False)
     bos = tok.bos_token if family == "llava15" else None
     whole = proc(text=[rendered], images=[img], add_special_tokens=not (bos and rendered.startswith(bos)), return_tensors="pt")
     assert enc.input_ids.tolist() == whole["input_ids"][0].tolist()
