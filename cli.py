@@ -68,7 +68,7 @@ def _resolve(ctx: typer.Context, config: Optional[Path], required: tuple[str, ..
                     values[k] = None if v is None else params[k].process_value(ctx, v)
                 except Exception as e:  # the parameter type's own message (e.g. "'abc' is not a valid float")
                     raise ConfigError(f"{config}: option '{k}': {getattr(e, 'message', None) or e}") from None
-    missing = [k for k in required if values.get(k) is None]
+    missing = [k for k in required if values.get(k) is None or values.get(k) in ([], ())]  # a repeatable flag: []
     if missing:
         raise ConfigError(f"{ctx.info_name} needs " + ", ".join("--" + k.replace("_", "-") for k in missing)
                           + " (a flag, or a key in --config)")
@@ -185,8 +185,17 @@ def select_layer(teacher: str = typer.Option(...), data: str = typer.Option(...)
 def train_student(ctx: typer.Context,
                   student: Optional[str] = typer.Option(None, help="Student checkpoint (local path or hub id). "
                                                                    "Required."),
-                  cache: Optional[str] = typer.Option(None, help="Cache path or fsspec URL. Required."),
+                  cache: Optional[list[str]] = typer.Option(None, help="Cache path or fsspec URL. Required. Repeat "
+                                                            "for several caches: each micro-batch is drawn from one "
+                                                            "of them by --cache-weights."),
                   out: Optional[Path] = typer.Option(None, help="Run directory. Required."),
+                  cache_weights: Optional[list[str]] = typer.Option(None, help="With several --cache: each one's "
+                                                                    "share of the micro-batches, comma-separated in "
+                                                                    "--cache order (e.g. 0.5,0.5; GKD's on-policy "
+                                                                    "share λ is the rollout cache's). Default: by "
+                                                                    "sample count."),
+                  init: Optional[str] = typer.Option(None, help="Start from an earlier run's weights (RUN/final, "
+                                                     "else RUN/checkpoint) with a fresh optimizer and step count."),
                   loss: str = typer.Option("kd", help="sft | kd | rkl | jsd | kd+iva | kd+tpa | alignti"),
                   kd_weight: float = typer.Option(1.0, help="Weight of the KD term."),
                   iva_weight: float = typer.Option(1.0, help="Weight of the IVA term."),
