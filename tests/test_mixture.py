@@ -279,3 +279,34 @@ def test_yaml_cache_list_and_init_from_an_earlier_run(kit, cache, other_caches, 
     shutil.rmtree(tmp_path / "a/final")
     ck, where = init_state(str(tmp_path / "a"))
     assert "checkpoint" in where and ck.keys() == fin.keys() and all(torch.equal(ck[k], fin[k]) for k in fin)
+
+
+def test_ddp_two_ranks_mix_as_one_process_and_resume_after_kill(kit, cache, other_caches, tmp_path):
+    """2 ranks x 1 micro-batch take the same draws per step as 1 process x 2 micro-batches (same weights up to
+    float reduction order, same per-source metrics); killed (kill -9 at train-step:3) and resumed at 2 ranks:
+    the uninterrupted run, bit for bit."""
+    from tests.test_scale import alignti, final_weights
+    b, _ = other_caches
+
+    def args(out, *extra):
+        return ["train-student", "--student", kit / "student", "--cache", cache, "--cache", b, "--cache-weights",
+                "0.5,0.5", "--out", out, "--loss", "alignti", "--max-steps", 4, "--batch-size", 4, "--save-every", 2,
+                "--lr", 3e-3, *extra]
+    alignti(*args(tmp_path / "ddp", "--nproc", 2))
+    alignti(*args(tmp_path / "one", "--grad-accum", 2))
+    a, o = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "one")
+    assert max(float((a[k] - o[k]).abs().max()) for k in a) < 1e-5
+    md, mo = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert [sorted(k for k in m if "/" in k) for m in md] == [sorted(k for k in m if "/" in k) for m in mo]
+    assert [m["tokens"] for m in md] == [m["tokens"] for m in mo]
+    for x, y in zip(md, mo):
+        for k in x:
+            if "/" in k or k in ("sft", "kd", "tpa", "iva", "loss"):
+                assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+    crashed = tmp_path / "crashed"
+    res = alignti(*args(crashed, "--nproc", 2), crash="train-step:3", check=False)
+    assert res.returncode != 0
+    alignti(*args(crashed, "--nproc", 2, "--resume"))
+    c = final_weights(crashed)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert strip(metrics(crashed)) == strip(md)
