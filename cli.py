@@ -77,7 +77,7 @@ def _resolve(ctx: typer.Context, config: Optional[Path], required: tuple[str, ..
     file_keys = {k for k in given} if config is not None else set()
     check_ranges(ctx.info_name, {k: v for k, v in values.items() if k in file_keys}, str(config))
     check_ranges(ctx.info_name, values)  # flags: before any model loads or anything is written
-    missing = [k for k in required if values.get(k) is None]
+    missing = [k for k in required if values.get(k) is None or values.get(k) in ([], ())]  # a repeatable flag: []
     if missing:
         raise ConfigError(f"{ctx.info_name} needs " + ", ".join("--" + k.replace("_", "-") for k in missing)
                           + " (a flag, or a key in --config)")
@@ -197,8 +197,17 @@ def select_layer(ctx: typer.Context, teacher: str = typer.Option(...), data: str
 def train_student(ctx: typer.Context,
                   student: Optional[str] = typer.Option(None, help="Student checkpoint (local path or hub id). "
                                                                    "Required."),
-                  cache: Optional[str] = typer.Option(None, help="Cache path or fsspec URL. Required."),
+                  cache: Optional[list[str]] = typer.Option(None, help="Cache path or fsspec URL. Required. Repeat "
+                                                            "for several caches: each micro-batch is drawn from one "
+                                                            "of them by --cache-weights."),
                   out: Optional[Path] = typer.Option(None, help="Run directory. Required."),
+                  cache_weights: Optional[list[str]] = typer.Option(None, help="With several --cache: each one's "
+                                                                    "share of the micro-batches, comma-separated in "
+                                                                    "--cache order (e.g. 0.5,0.5; GKD's on-policy "
+                                                                    "share λ is the rollout cache's). Default: by "
+                                                                    "sample count."),
+                  init: Optional[str] = typer.Option(None, help="Start from an earlier run's weights (RUN/final, "
+                                                     "else RUN/checkpoint) with a fresh optimizer and step count."),
                   loss: str = typer.Option("kd", help="sft | kd | rkl | jsd | kd+iva | kd+tpa | alignti"),
                   kd_weight: float = typer.Option(1.0, help="Weight of the KD term."),
                   iva_weight: float = typer.Option(1.0, help="Weight of the IVA term."),

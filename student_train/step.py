@@ -12,6 +12,8 @@ from torch import nn
 from alignti.common.batch import forward, lm_head
 from alignti.common.losses import head_loss
 
+from .mixture import batch_spec
+
 
 def student_step_outputs(adapter, batch: dict, spec, layer: int, iva_form: str = "attention") -> dict:
     """The student's hidden states the loss head needs (see common.losses.head_loss), beside the batch's
@@ -46,5 +48,6 @@ class StudentStep(nn.Module):
     def forward(self, batch: dict, norm=None) -> dict:
         """{"loss": the step-normalised loss of this micro-batch, "sums": detached term sums}. The loss head
         runs in here, inside DDP's / FSDP2's forward, where FSDP2 holds the unsharded lm_head weight."""
-        res = student_step_outputs(self.adapter, batch, self.spec, self.layer, self.weights.iva_form)
-        return head_loss(self.spec, self.weights, lm_head(self.adapter), res, norm)
+        spec, weights = batch_spec(self.spec, self.weights, batch)  # terms a (mixed-in) cache lacks are absent
+        res = student_step_outputs(self.adapter, batch, spec, self.layer, weights.iva_form)
+        return head_loss(spec, weights, lm_head(self.adapter), res, norm)

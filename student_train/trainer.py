@@ -19,7 +19,7 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from . import parallel
 from .step import StudentStep
 from .tracking import Tracker, parse_report_to
 from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, length_grouped, worker_init
+from . import mixture
 
 log = logging.getLogger("alignti.train")
 
@@ -58,8 +59,10 @@ RESUME_MAY_CHANGE = ("student", "cache", "out", "resume", "device", "images", "d
 class TrainConfig:
     """train-student's settings; every field but ``eval_every`` and ``progress`` is a flag and a config-file key."""
     student: str
-    cache: str
+    cache: str | list[str]  # one cache, or several: each micro-batch drawn from one of them by weight (mixture.py)
     out: str
+    cache_weights: list[float] | None = None  # with several caches: their shares of the draws (None: by size)
+    init: str | None = None  # start from an earlier run's weights (RUN/final, else RUN/checkpoint); fresh optimizer
     loss: str = "kd"
     kd_weight: float = 1.0
     iva_weight: float = 1.0
@@ -95,6 +98,12 @@ class TrainConfig:
     skip_nonfinite: bool = False  # a step with a non-finite loss term or gradient norm is skipped (logged), not fatal
     progress: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.cache, (list, tuple)):  # --cache given once (or a one-item YAML list) is one cache
+            self.cache = self.cache[0] if len(self.cache) == 1 else list(self.cache)
+        if isinstance(self.cache_weights, (list, tuple)):  # an unrepeated flag's [] is no weights
+            self.cache_weights = list(self.cache_weights) or None
+
 
 class NonFiniteStep(AlignTIError):
     """A loss term or the gradient norm of an optimizer step is NaN or infinite: the run stops before applying it."""
@@ -117,19 +126,23 @@ def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_
     return min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
 
 
-def accumulate_step(step_module, micro: list[dict], env, device, autocast) -> tuple[dict, dict]:
+def accumulate_step(step_module, micro: list[dict], env, device, autocast, mix=None) -> tuple[dict, dict]:
     """Forward + backward of one optimizer step's micro-batches (gradients accumulate in .grad). One
     normalisation over the whole step: every micro-batch's terms are sums divided by the step's counts over
     all its micro-batches and ranks (transformers' num_items_in_batch), so the gradient does not depend on
-    how samples fall into micro-batches and ranks. Returns (the step's counts, this rank's term sums)."""
-    counts = parallel.sum_counts_over_ranks(env, [step_counts(b) for b in micro], device)
-    norm = StepNorm.from_counts(counts, env.world_size)
-    sums: dict[str, float] = {}
+    how samples fall into micro-batches and ranks. Returns (the step's counts, this rank's term sums).
+    ``mix`` (several caches, a ``mixture.StepStats``): counts and sums also per source (``kd/cache1``)."""
+    counts = parallel.sum_counts_over_ranks(env, [mix.counts(b) if mix else step_counts(b) for b in micro], device)
+    norm = StepNorm.from_counts(mix.norm_counts(counts) if mix else counts, env.world_size)
+    sums: dict[str, float] = mix.empty() if mix else {}
     for batch in micro:
         batch = batch_to_device(batch, device)
         with autocast:
             res = step_module(batch, norm)
         res["loss"].backward()
+        if mix:
+            mix.add(sums, batch["source"], res["sums"])
+            continue
         for k, v in res["sums"].items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return counts, sums
@@ -193,11 +206,20 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if env.distributed and evaluator is not None:
         raise ValueError("the in-training evaluator runs in single-process training only")
     spec = get_loss(cfg.loss)
-    reader = CacheReader(cfg.cache)
-    check_manifest(reader)
-    if len(reader) == 0:
-        raise CacheError(f"the cache at {cfg.cache} has no usable samples")
+    caches = mixture.cache_list(cfg.cache)
+    cfg = replace(cfg, cache_weights=mixture.parse_cache_weights(cfg.cache_weights, len(caches)))
+    readers = [CacheReader(c) for c in caches]
+    for reader, url in zip(readers, caches):
+        check_manifest(reader)
+        if len(reader) == 0:
+            raise CacheError(f"the cache at {url} has no usable samples")
+    reader = readers[0]
     params = reader.params
+    sources = [mixture.Source.of(i, url, r) for i, (url, r) in enumerate(zip(caches, readers))] if len(caches) > 1 else []
+    if sources:  # several caches: one tokenizer and processor; each loss term fed by at least one of them
+        mixture.check_same_tokenizer(readers, caches)
+        mixture.check_sources(spec, cfg.iva_form, sources)
+        params = mixture.merged_params(sources)
     if spec.tpa and not params.get("tpa_branches"):
         raise CacheError(f"loss '{cfg.loss}' needs transition statistics, but the cache was dumped with "
                          f"--tpa-branches 0; re-dump with --tpa-branches 4")
@@ -212,13 +234,20 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     # student would take its AdamW updates in bf16: found by tests/test_gpu.py on an H100)
     model, processor = load_vlm(cfg.student, device, "float32")
     check_student(reader.fingerprint, processor, cfg.student)
-    check_encoding(params, processor, cfg.cache, reader.manifest.get("schema_version"))
+    for r, url in zip(readers, caches):
+        check_encoding(r.params, processor, url, r.manifest.get("schema_version"))
     adapter = adapter_for(model)
-    multi = next(((n, x["sample_id"]) for x in reader.samples if (n := len(image_refs(x["image"]))) > 1), None)
+    multi = next(((n, x["sample_id"]) for r in readers for x in r.samples if (n := len(image_refs(x["image"]))) > 1),
+                 None)
     if multi is not None:  # a multi-image cache for a student family that takes one image per sample
         check_images_per_sample(adapter, multi[1], multi[0])
+    if sources:
+        mixture.check_student_layers(sources, cfg.student_layer, adapter.num_layers, student_layer_for)
     layer = student_layer_for(cfg.student_layer, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
                               adapter.num_layers)
+    if cfg.init:
+        from .init_from import load_init
+        load_init(model, cfg.init)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -226,10 +255,20 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     dataset = CacheDataset(reader, processor, cfg.images, data=cfg.data)
     collator = StudentCollator(processor, type(adapter))
     micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio,
                           cfg.tpa_weighting, cfg.iva_form)
+    schedule = mix = None
+    if sources:  # each micro-batch from one cache, drawn by weight (mixture.py: the stream, epochs, normalisation)
+        dataset = mixture.MixedDataset([CacheDataset(r, processor, cfg.images, data=cfg.data) for r in readers])
+        collator = mixture.MixedCollator(collator, sources)
+        shares = cfg.cache_weights or [len(r) / len(dataset) for r in readers]
+        schedule = mixture.MixtureSchedule(sources, shares, cfg.batch_size, cfg.seed, cfg.group_by_length,
+                                           dataset.offsets)
+        micro_per_epoch = schedule.epoch_draws(env.world_size, cfg.grad_accum) // env.world_size
+        mix = mixture.StepStats(sources, spec, weights)
+        log.info("%d caches, drawn per micro-batch with shares %s", len(sources), ", ".join(f"{w:.3f}" for w in shares))
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     if cfg.freeze_vision:
         adapter.vision_tower.requires_grad_(False)
@@ -253,7 +292,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    run_info = run_identity(cfg, env.world_size, device, reader.manifest, model_identity(model.config, processor))
+    run_info = run_identity(cfg, env.world_size, device, [r.manifest for r in readers],
+                            model_identity(model.config, processor))
     step, epoch, position = 0, 0, 0
     ckpt = out / "checkpoint" / "state.pt"
     metrics_path = out / "metrics.jsonl"
@@ -313,7 +353,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             Tracker(cfg.report_to, out, resolved, start_step=step, enabled=env.is_main) as tracker:
         bar.advance(step)
         while step < total_steps:
-            order = parallel.rank_batches(epoch_batches_order(reader, epoch, cfg), cfg.batch_size, env)
+            order = (schedule.rank_batches(epoch, env, cfg.grad_accum) if schedule else
+                     parallel.rank_batches(epoch_batches_order(reader, epoch, cfg), cfg.batch_size, env))
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=order[position:], collate_fn=collator,
                                                  num_workers=workers,
                                                  multiprocessing_context="spawn" if workers else None,
@@ -326,7 +367,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                 end_of_epoch = position >= len(order)
                 if len(micro) < cfg.grad_accum and not end_of_epoch:
                     continue
-                counts, sums = accumulate_step(step_module, micro, env, device, autocast)
+                counts, sums = accumulate_step(step_module, micro, env, device, autocast, mix)
                 n_tok = int(counts["tokens"])
                 micro = []
                 grad_norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), cfg.max_grad_norm)
@@ -334,7 +375,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                     grad_norm = grad_norm.full_tensor()
                 # the terms summed over ranks and the (all-reduced) gradient norm: every rank sees the same values,
                 # so every rank takes the same decision below
-                terms = means(parallel.sum_over_ranks_dict(env, sums, device), counts, weights)
+                sums = parallel.sum_over_ranks_dict(env, sums, device)
+                terms = mix.means(sums, counts) if mix else means(sums, counts, weights)
                 bad = nonfinite(terms, float(grad_norm))
                 if bad and not cfg.skip_nonfinite:
                     opt.zero_grad(set_to_none=True)
@@ -367,7 +409,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                 metrics.flush()
                 tracker.log(last, step)
                 bar.advance(1)
-                bar.update(**terms)
+                bar.update(**{k: v for k, v in terms.items() if "/" not in k})
                 t0 = time.perf_counter()
                 if end_of_epoch:
                     epoch, position = epoch + 1, 0
@@ -446,12 +488,15 @@ def _truncate_metrics(path: Path, step: int) -> int:
     return dropped
 
 
-def run_identity(cfg: TrainConfig, world_size: int, device: torch.device, manifest: dict, student_id: str) -> dict:
+def run_identity(cfg: TrainConfig, world_size: int, device: torch.device, manifests: list[dict],
+                 student_id: str) -> dict:
     """What a checkpoint records of the run that wrote it, for --resume to compare: every setting but those in
-    RESUME_MAY_CHANGE, the world size, the device kind, and the contents of the cache and of the student (their
-    ids, see common.fingerprint)."""
+    RESUME_MAY_CHANGE (``--cache-weights`` and ``--init`` included), the world size, the device kind, and the
+    contents of the cache(s) (one id, or a list in ``--cache`` order) and of the student (their ids, see
+    common.fingerprint)."""
     run = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
-    run.update(world_size=world_size, device_type=device.type, cache_content=cache_identity(manifest),
+    caches = [cache_identity(m) for m in manifests]
+    run.update(world_size=world_size, device_type=device.type, cache_content=caches[0] if len(caches) == 1 else caches,
                student_content=student_id)
     return json.loads(json.dumps(run, default=str))  # as a checkpoint holds it (tuples as lists)
 
