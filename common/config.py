@@ -89,7 +89,8 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "temperature": Range(TEMPERATURE_MIN, 10),
         "student_layer": OPT_COUNT0,  # also below the student's layer count, checked once it is loaded
         "max_steps": OPT_COUNT, "epochs": COUNT,
-        "lr": POSITIVE,  # no upper bound: a rate that diverges is stopped by the non-finite guard
+        "lr": Range(0),  # 0: nothing moves (a measuring run; --init checks). No upper bound: a rate that diverges is
+        # stopped by the non-finite guard
         "batch_size": COUNT, "grad_accum": COUNT, "warmup_steps": COUNT0,
         "weight_decay": Range(0, 1), "max_grad_norm": POSITIVE, "save_every": COUNT, "seed": SEED,
         "workers": OPT_COUNT0, "eval_every": COUNT0, "checkpoint_every": COUNT, "nproc": COUNT,

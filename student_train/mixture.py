@@ -75,8 +75,10 @@ def parse_cache_weights(value, n: int) -> list[float] | None:
 
 def tpa_candidates(reader: CacheReader) -> str:
     """Where a cache's TPA candidates came from: "teacher" (its own top-B, every cache so far) or "student" (a
-    rollout's top-B; the manifest field ``tpa_candidates``, in ``params`` or at the top; absent: teacher)."""
-    src = reader.params.get("tpa_candidates") or reader.manifest.get("tpa_candidates") or "teacher"
+    rollout's top-B): the fingerprint's ``params["tpa_candidates"]``, else the manifest's ``tpa_candidates``
+    ({"by": ...}, schema v6), else teacher (older caches)."""
+    top = reader.manifest.get("tpa_candidates")
+    src = reader.params.get("tpa_candidates") or (top.get("by") if isinstance(top, dict) else top) or "teacher"
     if src not in TPA_CANDIDATES:
         raise FingerprintMismatch(f"the cache at {reader.url} names its TPA candidates' source '{src}'; this "
                                   f"alignti knows {', '.join(TPA_CANDIDATES)}: upgrade alignti or re-dump")
