@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import collate, to_device
@@ -27,11 +29,13 @@ from alignti.common.records import Record, Skipped, image_column
 from alignti.common.errors import CacheError, DataError
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_vlm
+from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
 from alignti.common.sources import is_embedded, load_image, open_source
 
 from .compute import split_per_sample, teacher_batch
+from .onpolicy import check_rollout, onpolicy_manifest, student_candidates
 
 log = logging.getLogger("alignti.dump")
 
@@ -153,7 +157,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         raise ValueError(f"--iva-token-ratio must be in (0, 1], not {cfg.iva_token_ratio}")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
-    records = open_source(cfg.data, cfg.images).records()
+    source = open_source(cfg.data, cfg.images)
+    records = source.records()
+    onp = RolloutColumns.of(source)  # on-policy rows (alignti rollout): loss turns, the student's TPA candidates
     if cfg.limit is not None:
         records = records[:cfg.limit]
     if not records:
@@ -193,12 +199,17 @@ def dump_teacher(cfg: DumpConfig) -> dict:
               "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query,
               "encoding_version": ENCODING_VERSION}
     if cfg.tpa_branches:
-        params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy")
+        params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy",
+                      tpa_candidates="student" if onp is not None and onp.has_candidates else "teacher")
+        if params["tpa_candidates"] == "student":
+            params["tpa_students"] = onp.summary()["students"]
     if cfg.iva_token_kl:
         if layer is None:
             raise ValueError("--iva-token-kl needs the teacher's saliency: drop --saliency-layer none")
         params.update(iva_token_kl=True, iva_token_ratio=cfg.iva_token_ratio)
     fingerprint = make_fingerprint(model.config, processor, params)
+    if cfg.tpa_branches and onp is not None and onp.has_candidates:
+        check_rollout(onp, fingerprint["tokenizer"]["hash"], cfg.tpa_branches, cfg.data)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
     plan = {"fingerprint": fingerprint, "units": units, "irs": irs,
             "data": str(cfg.data) if "://" in str(cfg.data) else str(Path(cfg.data).resolve()),
@@ -244,8 +255,10 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                         continue
                     try:
                         img, sha = load_image(r, cfg.images) if r.image else (None, "")
-                        encoded.append(with_saliency_query(encode(processor, r, img, sha, max_length=max_length),
-                                                           cfg.saliency_query))
+                        enc = encode(processor, r, img, sha, max_length=max_length)
+                        if onp is not None:  # only the row's loss turns are response; the others are context
+                            enc = restrict_to_loss_turns(enc, onp.loss_turns(r.index))
+                        encoded.append(with_saliency_query(enc, cfg.saliency_query))
                     except DataError as err:
                         if not cfg.skip_bad:
                             raise DataError(err.sample, err.problem, err.fix + "; units already committed are "
@@ -257,11 +270,13 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                 for i in range(0, len(batched), cfg.batch_size):
                     chunk = batched[i:i + cfg.batch_size]
                     batch = collate([c.__dict__ for c in chunk], pad_id, type(adapter))
+                    if cfg.tpa_branches and onp is not None and onp.has_candidates:
+                        batch["student_cands"] = student_candidates(onp, chunk, cfg.tpa_branches)
                     res = teacher_batch(adapter, to_device(batch, device), params)
                     jobs.append((chunk, batch, res))
                     bar.advance(len(chunk))
                 bar.advance((e - s) - len(encoded))
-                pending.append(writer.submit(_write_unit, part, jobs, skipped, lock))
+                pending.append(writer.submit(_write_unit, part, jobs, skipped, lock, onp))
                 while len(pending) > 2:  # backpressure: at most two units wait for the writer
                     pending.pop(0).result()
                 for f in [f for f in pending if f.done()]:
@@ -281,7 +296,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         return write_manifest(out, plan, markers,
                               extra={"irs": irs, "saliency_layer": layer, "images": plan["images"],
                                      "data": plan["data"], "dump_config": {k: v for k, v in asdict(cfg).items()
-                                                                           if k != "progress"}})
+                                                                           if k != "progress"},
+                                     **onpolicy_manifest(onp, params)})
 
     manifest = _on_main(env, finish)
     manifest["timing"] = {"load_s": t_loaded - t_load, "irs_s": t_loop - t_loaded if irs else 0.0,
@@ -292,7 +308,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     return manifest
 
 
-def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock) -> None:
+def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock, onp=None) -> None:
     """Writer thread: results to host, samples (and skips) into the part in dataset order, commit."""
     rows = {}
     for chunk, batch, res in jobs:
@@ -311,6 +327,8 @@ def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock) -> None:
                     instr_spans=[v for sp in enc.instr_spans for v in sp],
                     image_spans=[v for sp in enc.image_spans for v in sp],
                     resp_spans=[v for sp in enc.resp_spans for v in sp], n_turns=len(enc.resp_spans))
+        if onp is not None:
+            meta.update(onp.provenance(enc.index), tpa_student_rows=int(arrays.get("tpa_student", np.zeros(0)).sum()))
         part.add(meta, arrays)
     with lock:
         part.commit()
