@@ -57,6 +57,9 @@ CONVERSATIONS_TYPE = pa.list_(pa.struct([("from", pa.string()), ("value", pa.str
 EMBEDDED_IMAGE_TYPE = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
 PATH_IMAGE_TYPE = pa.list_(pa.string())
 
+ROLLOUT_PLAN = "plan.json"         # a rollout folder's plan, written first
+ROLLOUT_MANIFEST = "rollout.json"  # written last: the rollout is finished
+
 ROLE_OUT = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
@@ -166,6 +169,7 @@ class RolloutColumns:
     @classmethod
     def of(cls, source) -> "RolloutColumns | None":
         """The source's rollout columns, or None when it has none (JSON, or a table without ``loss_turns``)."""
+        check_finished(getattr(source, "location", ""))
         files = getattr(source, "files", None)
         if not files:
             return None
@@ -218,6 +222,20 @@ class RolloutColumns:
         if self.has_candidates:
             out["students"] = [{"weights_sha256": w, "tokenizer_sha256": t} for w, t in self.students]
         return out
+
+
+def check_finished(location: str) -> None:
+    """A local rollout folder must be finished (``rollout.json`` written) before anything reads it as data."""
+    p = Path(str(location))
+    if "://" in str(location) or not p.is_dir() or not (p / ROLLOUT_PLAN).is_file():
+        return
+    try:
+        plan = json.loads((p / ROLLOUT_PLAN).read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if "student" in plan and "settings" in plan and not (p / ROLLOUT_MANIFEST).is_file():
+        raise DataError(str(p), "an unfinished rollout (no rollout.json): some work units are missing",
+                        "re-run the same alignti rollout command to finish it, then dump")
 
 
 def row_conversations(turns: list[tuple[str, str]], image_turns: dict[int, int]) -> list[dict]:

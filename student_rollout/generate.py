@@ -87,10 +87,11 @@ def _eos_ids(model) -> list[int]:
 
 @torch.no_grad()
 def generate_rows(model, prompts: list, seeds: list[int], *, temperature: float, top_p: float, max_new_tokens: int,
-                  top_b: int, pad_id: int, image_token_id: int | None, eos_ids: list[int] | None = None) -> list[Generated]:
+                  top_b: int, pad_id: int, image_token_id: int | None, eos_ids: list[int] | None = None,
+                  min_new_tokens: int | None = None) -> list[Generated]:
     """One ``generate`` call for the encoded prompts (``Encoded`` with ``generation_prompt=True``; left-padded), one
     seed per prompt. Returns, per prompt, its tokens (through the first end-of-sequence token) and the student's
-    top-B candidates before each of them."""
+    top-B candidates before each of them. ``min_new_tokens``: no end-of-sequence before that many (benchmarks)."""
     device = next(model.parameters()).device
     eos = _eos_ids(model) if eos_ids is None else list(eos_ids)
     s = max(len(p.input_ids) for p in prompts)
@@ -108,6 +109,7 @@ def generate_rows(model, prompts: list, seeds: list[int], *, temperature: float,
         out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, repetition_penalty=1.0, eos_token_id=eos or None,
                              pad_token_id=pad_id, logits_processor=processors,
+                             **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
                              **{k: v.to(device) for k, v in image_inputs.items()})
     finally:
         hook.remove()

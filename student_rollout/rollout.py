@@ -38,7 +38,7 @@ from alignti.common.errors import CacheError, DataError
 from alignti.common.faults import crash_point
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
 from alignti.common.models import load_vlm
-from alignti.common.onpolicy import (candidate_count, row_conversations, rollout_schema, sampling_json, seed_for,
+from alignti.common.onpolicy import (ROLLOUT_MANIFEST, ROLLOUT_PLAN, candidate_count, row_conversations, rollout_schema, sampling_json, seed_for,
                                      weights_sha256)
 from alignti.common.progress import progress_bar
 from alignti.common.records import Record, Skipped, parse_record
@@ -48,8 +48,7 @@ from .generate import generate_rows, teacher_forced_candidates
 
 log = logging.getLogger("alignti.rollout")
 
-PLAN = "plan.json"
-MANIFEST = "rollout.json"
+PLAN, MANIFEST = ROLLOUT_PLAN, ROLLOUT_MANIFEST
 DATA_DIR = "data"
 PARTS_DIR = "parts"
 

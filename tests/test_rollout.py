@@ -22,6 +22,7 @@ import torch
 
 from alignti.common.cache import CacheReader
 from alignti.common.conversation import encode
+from alignti.common.errors import DataError
 from alignti.common.models import load_vlm
 from alignti.common.onpolicy import candidate_count, restrict_to_loss_turns
 from alignti.common.sources import load_image, open_source
@@ -136,6 +137,9 @@ def test_kill9_then_same_command_gives_the_same_rows(kit, tmp_path, crash):
     dead = _cli(*args, "--out", tmp_path / "r", crash=crash)
     assert dead.returncode == -9
     assert not (tmp_path / "r/rollout.json").exists()
+    with pytest.raises(DataError, match="unfinished rollout"):  # an unfinished rollout is not data yet
+        dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(tmp_path / "r"),
+                                images=str(kit / "data/images"), out=str(tmp_path / "c"), progress=False))
     again = _cli(*args, "--out", tmp_path / "r")
     assert again.returncode == 0, again.stderr[-3000:]
     a, b = rows_of(tmp_path / "ref"), rows_of(tmp_path / "r")
