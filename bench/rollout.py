@@ -70,6 +70,8 @@ def main() -> None:
             ids[b, s - n:] = torch.as_tensor(p.input_ids, dtype=torch.long)
             att[b, s - n:] = 1
         image_inputs = adapter.collate_image_inputs([p.image_inputs for p in chunk])
+        if "image_grid_thw" in image_inputs:  # as generate_rows passes them (M-RoPE positions of the image tokens)
+            image_inputs["mm_token_type_ids"] = (ids == adapter.image_token_id).int()
         return ids.to(device), att.to(device), {k: v.to(device) for k, v in image_inputs.items()}
 
     n = args.new_tokens

@@ -102,6 +102,9 @@ def generate_rows(model, prompts: list, seeds: list[int], *, temperature: float,
         ids[b, s - n:] = torch.as_tensor(p.input_ids, dtype=torch.long)
         att[b, s - n:] = 1
     image_inputs = ModelAdapter.collate_image_inputs([p.image_inputs for p in prompts])
+    if "image_grid_thw" in image_inputs and image_token_id is not None:  # M-RoPE (Qwen2-VL): the image tokens'
+        # type ids, as the processor returns them; without them generate would give the image tokens text positions
+        image_inputs["mm_token_type_ids"] = (ids == image_token_id).int()
     capture = CandidateCapture(top_b, image_token_id)
     processors = LogitsProcessorList([SeededSampler(seeds, temperature, top_p)] if temperature > 0 else [])
     hook = model.register_forward_hook(capture)

@@ -218,14 +218,12 @@ def rollout(cfg: RolloutConfig) -> dict:
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     schema = rollout_schema(embedded)
     n_rows_todo = sum(_rows_per_record(r, cfg) for u in todo for r in records[units[u][0]:units[u][1]])
-    t0, n_tokens = time.perf_counter(), 0
+    speed = {"t0": time.perf_counter(), "tokens": 0}  # generated tokens / s, shown on the bar
     with progress_bar("rollout", total=n_rows_todo, unit="rows", enabled=cfg.progress and env.is_main) as bar:
         for u in todo:
             s, e = units[u]
-            rows, dropped, tokens = _unit(cfg, model, processor, adapter, source, records[s:e], fp, embedded, pad_id,
-                                          max_length, bar)
-            n_tokens += tokens
-            bar.update(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s")
+            rows, dropped = _unit(cfg, model, processor, adapter, source, records[s:e], fp, embedded, pad_id,
+                                  max_length, bar, speed)
             _write_unit(out, u, rows, dropped, schema)
     dist.barrier(env)
 
@@ -251,9 +249,9 @@ def rollout(cfg: RolloutConfig) -> dict:
 
     manifest = dist.on_main(env, finish)
     c = manifest["counts"]
-    log.info("rollout written to %s: %d rows from %d samples (%d dropped), %d generated tokens, %.1f tok/s",
-             out, c["rows"], c["source_samples"], c["dropped"], c["generated_tokens"],
-             n_tokens / max(time.perf_counter() - t0, 1e-9))
+    log.info("rollout written to %s: %d rows from %d samples (%d dropped), %d generated tokens; this process "
+             "%.1f tok/s", out, c["rows"], c["source_samples"], c["dropped"], c["generated_tokens"],
+             speed["tokens"] / max(time.perf_counter() - speed["t0"], 1e-9))
     return manifest
 
 
@@ -278,7 +276,7 @@ def _write_unit(out: Path, u: int, rows: list[dict], dropped: list[dict], schema
     os.replace(tmp, out / DATA_DIR / f"{name}.parquet")
 
 
-def _unit(cfg, model, processor, adapter, source, records, fp, embedded, pad_id, max_length, bar):
+def _unit(cfg, model, processor, adapter, source, records, fp, embedded, pad_id, max_length, bar, speed):
     """Rows of one work unit, in (sample, turn, k) order whatever the batching; rows dropped and why."""
     jobs, dropped = [], []  # job: (record, images loaded, assistant turn ordinal, turn index, k)
     for r in records:
@@ -304,7 +302,6 @@ def _unit(cfg, model, processor, adapter, source, records, fp, embedded, pad_id,
     sampling = sampling_json(**{k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "seed",
                                                              "samples_per_prompt", "top_b", "teacher_forced")})
     rows: dict[tuple, dict] = {}
-    tokens = 0
     run = _teacher_forced_jobs if cfg.teacher_forced else _generated_jobs
     for key, row in run(cfg, model, processor, adapter, jobs, pad_id, max_length, bar, dropped):
         r = key[0]
@@ -314,8 +311,9 @@ def _unit(cfg, model, processor, adapter, source, records, fp, embedded, pad_id,
         refs = r.images[:row.pop("_n_img")]
         row["image"] = _image_cell(source, r, refs, embedded)
         rows[(r.index, key[1], key[3])] = row
-        tokens += len(row["student_token_ids"]) if row["turn"] >= 0 else 0
-    return [rows[k] for k in sorted(rows)], dropped, tokens
+        speed["tokens"] += len(row["student_token_ids"]) if row["turn"] >= 0 else 0
+        bar.update(speed=f"{speed['tokens'] / max(time.perf_counter() - speed['t0'], 1e-9):.1f} tok/s")
+    return [rows[k] for k in sorted(rows)], dropped
 
 
 def _prompt(processor, rec: Record, loaded, i: int, max_length):

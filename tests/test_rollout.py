@@ -148,12 +148,20 @@ def test_kill9_then_same_command_gives_the_same_rows(kit, tmp_path, crash):
     assert {r["round"] for r in b} == {3}
 
 
+def _hf_logits(model, ids: torch.Tensor, image_inputs: dict) -> torch.Tensor:
+    """Plain transformers forward of one sequence [1, S] (M-RoPE families get their image-token type ids)."""
+    extra = {}
+    if "image_grid_thw" in image_inputs:
+        extra["mm_token_type_ids"] = (ids == int(model.config.image_token_id)).int()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), **image_inputs, **extra).logits[0]
+
+
 def _reference_candidates(model, enc, gen_ids, top_b, image_token_id):
     """The student's top-B at each generated position from one teacher-forced forward of prompt + generation
     (plain transformers forward, softmax of the raw logits, image token skipped)."""
     ids = torch.as_tensor(np.concatenate([enc.input_ids, np.asarray(gen_ids, np.int32)]), dtype=torch.long)[None]
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **enc.image_inputs).logits[0].double()
+    logits = _hf_logits(model, ids, enc.image_inputs).double()
     s = len(enc.input_ids)
     probs = torch.softmax(logits[s - 1:s - 1 + len(gen_ids)], -1)
     probs[:, image_token_id] = -1.0
@@ -190,8 +198,7 @@ def test_candidates_are_the_students_top_b(kit, qwen_kit, tmp_path):
 def _direct_next_step(model, enc_ids, image_inputs, pos, cand, k2):
     """The teacher run directly on the prefix (tokens before sequence position ``pos``) + the candidate."""
     ids = torch.as_tensor(np.concatenate([enc_ids[:pos], [cand]]), dtype=torch.long)[None]
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **image_inputs).logits[0, -1]
+    logits = _hf_logits(model, ids, image_inputs)[-1]
     lp = torch.log_softmax(logits.double(), -1)
     v, j = lp.topk(k2)
     return j.numpy(), v.numpy()
