@@ -267,7 +267,7 @@ def test_loss_on_the_students_turn_only(kit, tmp_path):
         assert len(x["resp_spans"]) == 1  # one loss turn: KD, TPA, saliency / IVA for it alone
         (s, e), = x["resp_spans"]
         assert x["response_mask"].sum() == e - s and x["response_mask"][s:e].all()
-        assert x["saliency"].shape[0] == x["n_image_tokens"]  # one turn's saliency
+        assert x["saliency"].size == x["n_image_tokens"]  # one turn's saliency
     # an ordinary dataset keeps every assistant turn, and its provenance columns are empty
     dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(data), images=str(kit / "data/images"),
                             out=str(tmp_path / "c0"), saliency_layer="1", progress=False))
