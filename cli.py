@@ -1,4 +1,4 @@
-"""alignti command line: a thin typer layer over teacher_dump/, student_train/ and common/."""
+"""alignti command line: a thin typer layer over teacher_dump/, student_train/, student_rollout/ and common/."""
 
 from __future__ import annotations
 
@@ -168,6 +168,41 @@ def dump_teacher(ctx: typer.Context,
     """Run the teacher once over the data and write the cache (resumable)."""
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher as run
     manifest = _run(run, _stage_config(ctx, config, DumpConfig))
+    _echo_main(json.dumps(manifest["counts"]))
+
+
+@app.command("rollout")
+def rollout(ctx: typer.Context,
+            student: Optional[str] = typer.Option(None, help="Student checkpoint (local path or hub id). Required."),
+            data: Optional[str] = typer.Option(None, help="Samples: LLaVA JSON/JSONL, parquet, or a datasets folder; "
+                                                          "local or fsspec URL. Required."),
+            images: Optional[str] = typer.Option(None, help="Directory the data's image paths are relative to."),
+            out: Optional[Path] = typer.Option(None, help="Rollout directory to write (a parquet dataset that "
+                                                          "dump-teacher --data reads). Required."),
+            temperature: float = typer.Option(1.0, help="Sampling temperature; 0: greedy."),
+            top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the most likely tokens up to this mass."),
+            max_new_tokens: int = typer.Option(128, help="Most tokens per answer."),
+            samples_per_prompt: int = typer.Option(1, help="Answers per assistant turn (each with its own seed)."),
+            seed: int = typer.Option(0, help="Seed; each row's own seed comes from (seed, sample, turn, k)."),
+            round: int = typer.Option(0, "--round", help="Round number recorded with every row (provenance)."),
+            top_b: int = typer.Option(4, help="Student candidates kept per generated token (>= dump-teacher's "
+                                              "--tpa-branches)."),
+            teacher_forced: bool = typer.Option(False, help="Generate nothing: the student's top-B candidates on "
+                                                            "the reference answers (one forward per sample)."),
+            batch_size: int = typer.Option(8, help="Prompts per generate call."),
+            unit_size: int = typer.Option(64, help="Source samples per work unit (one parquet file each)."),
+            device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+            dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
+            limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
+            skip_bad: bool = typer.Option(False, help="Leave bad samples out (listed in rollout.json) instead of "
+                                                      "stopping."),
+            max_length: Optional[int] = typer.Option(None, help="Refuse prompts longer than this."),
+            nproc: int = typer.Option(1, help="Student replicas: re-runs this command under torchrun (one per GPU); "
+                                              "ranks split the work units."),
+            config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
+    """The student answers every assistant turn of every sample (on-policy rows for dump-teacher; resumable)."""
+    from alignti.student_rollout.rollout import RolloutConfig, rollout as run
+    manifest = _run(run, _stage_config(ctx, config, RolloutConfig))
     _echo_main(json.dumps(manifest["counts"]))
 
 
@@ -390,7 +425,8 @@ def config_template(command: str = typer.Argument(..., help="dump-teacher, train
                                      "given on the command line override these values.", comments=comments), nl=False)
 
 
-_REQUIRED = {"dump-teacher": ("teacher", "data", "out"), "train-student": ("student", "cache", "out")}
+_REQUIRED = {"dump-teacher": ("teacher", "data", "out"), "train-student": ("student", "cache", "out"),
+             "rollout": ("student", "data", "out")}
 
 
 def _config_from(command: str, source: str) -> str:

@@ -120,3 +120,17 @@ def strip_nproc(argv: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def on_main(env: DistEnv, fn):
+    """Run ``fn`` on rank 0 and hand its result (or its error) to every rank."""
+    res = None
+    if env.is_main:
+        try:
+            res = ("ok", fn())
+        except Exception as e:  # every rank raises it, none waits forever
+            res = ("error", e)
+    res = broadcast(env, res)
+    if res[0] == "error":
+        raise res[1]
+    return res[1]

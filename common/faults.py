@@ -4,7 +4,8 @@ n-th time (default first) it reaches ``point``, exactly like ``kill -9`` at that
 Points: ``shard-flush`` (a part's zarr array created, its shards not yet written), ``part-move``
 (a part's zarr moved into place, its parquet not), ``marker`` (a commit marker written under its
 temporary name, not yet renamed), ``manifest`` (the manifest likewise), ``train-step`` (an optimizer
-step taken, before its checkpoint). Unset, this costs one dict lookup.
+step taken, before its checkpoint), ``rollout-part`` (a rollout unit's parquet written under its temporary name,
+not yet renamed), ``rollout-manifest`` (rollout.json likewise). Unset, this costs one dict lookup.
 """
 
 from __future__ import annotations

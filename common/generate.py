@@ -34,6 +34,8 @@ def greedy_answers(model, processor, prompts: list, max_new_tokens: int = 8, bat
             ids[b, s - n:] = torch.as_tensor(p.input_ids, dtype=torch.long)
             att[b, s - n:] = 1
         image_inputs = ModelAdapter.collate_image_inputs([p.image_inputs for p in chunk])
+        if "image_grid_thw" in image_inputs:  # M-RoPE: without the image tokens' type ids generate gives them text positions
+            image_inputs["mm_token_type_ids"] = (ids == int(model.config.image_token_id)).int()
         out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos, pad_token_id=pad,
                              **{k: v.to(device) for k, v in image_inputs.items()})

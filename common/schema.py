@@ -18,11 +18,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 5  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs;
+SCHEMA_VERSION = 6  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs;
 #                    4: TPA statistics on their own CSR axis ("tpa") for a chosen subset of response positions;
 #                    5: several images per sample (image_spans; image / image_sha256 then JSON lists); IVA's
-#                       token-KL statistics on their own axis "ivak" (dump-teacher --iva-token-kl)
-READABLE_VERSIONS = (2, 3, 4, 5)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
+#                       token-KL statistics on their own axis "ivak" (dump-teacher --iva-token-kl);
+#                    6: on-policy rows (alignti rollout): params.tpa_candidates "teacher" | "student" (TPA after the
+#                       student's own candidates), sample columns for the rows' provenance, loss turns and how many
+#                       TPA rows carry the student's candidates
+READABLE_VERSIONS = (2, 3, 4, 5, 6)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
 
 # Log-prob encodings (params["logprob_encoding"]; absent = float16). "uint8": q = round(-logp * 16) clipped
 # to 0..255, i.e. 1/16-nat steps down to -15.94 nats; decoded as -q/16 (exact in float16). The rest mass
@@ -94,6 +97,14 @@ SAMPLE_SCHEMA = pa.schema([
     ("image_spans", pa.list_(pa.int32())),  # v5: [start, end) pairs, one per image (saliency covers them in order)
     ("ivak_start", pa.int64()),       # v5: offset into the ivak arrays of this part (--iva-token-kl)
     ("ivak_len", pa.int32()),         # v5: n_turns * r rows
+    # v6, rows of an `alignti rollout` dataset (null for any other data): provenance and loss turns
+    ("source_id", pa.string()),       # v6: the source sample the row answers
+    ("source_turn", pa.int32()),      # v6: the assistant turn the student answered (-1: teacher-forced row)
+    ("sample_index", pa.int32()),     # v6: k of the rollout's --samples-per-prompt
+    ("round", pa.int32()),            # v6: the rollout's --round
+    ("student_sha256", pa.string()),  # v6: sha256 of the rolling-out student's weights
+    ("loss_turns", pa.list_(pa.int32())),  # v6: the assistant turns (indices among the row's) that are response
+    ("tpa_student_rows", pa.int32()),  # v6: TPA rows whose candidates are the student's (the rest: the teacher's)
 ])
 
 

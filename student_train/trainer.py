@@ -257,6 +257,12 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio,
                           cfg.tpa_weighting, cfg.iva_form)
+    if not sources and spec.tpa and mixture.tpa_candidates(reader) == "student" and cfg.tpa_weighting != "student":
+        # the paper's TPA: the student's sampled alternatives, weighed by the student (the teacher's top-k need not
+        # hold them); several caches do the same per batch (mixture.batch_spec)
+        log.info("the cache's TPA candidates are a student's (alignti rollout): TPA weighs them by the student's own "
+                 "probabilities")
+        weights = replace(weights, tpa_weighting="student")
     schedule = mix = None
     if sources:  # each micro-batch from one cache, drawn by weight (mixture.py: the stream, epochs, normalisation)
         dataset = mixture.MixedDataset([CacheDataset(r, processor, cfg.images, data=cfg.data) for r in readers])

@@ -83,6 +83,11 @@ def teacher_batch(adapter, batch: dict, params: dict) -> dict[str, torch.Tensor]
         sel = select_tpa_positions(ent, counts, fraction)
         rows, pos = tpa_layout(batch["resp_pos"], sel)
         cands = candidates(ids.index_select(0, rows.to(ids.device)), n_branch, adapter.image_token_id)
+        if batch.get("student_cands") is not None:  # on-policy rows: the student's candidates where they apply
+            student = batch["student_cands"].to(ids.device).index_select(0, rows.to(ids.device))
+            use = student[:, 0] >= 0
+            cands = torch.where(use[:, None], student, cands)
+            res["tpa_student"] = use
         tpa_counts = [len(s) for s in sel]
         bh = branch_pass(adapter, batch, out, list(torch.split(cands, tpa_counts)), branch_pos=pos)
         b_ids, b_lps, b_tail, _, _ = topk_fold_hidden(bh.reshape(-1, bh.shape[-1]), head, k2)
@@ -125,7 +130,7 @@ def token_kl_stats(adapter, batch: dict, main, saliency: torch.Tensor, group_bat
             "ivak_logprobs": lps, "ivak_tail": tail, "ivak_counts": torch.tensor(counts)}
 
 
-TPA_ROW_ARRAYS = ("tpa_pos", "tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail")
+TPA_ROW_ARRAYS = ("tpa_pos", "tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail", "tpa_student")
 
 
 def split_per_sample(res: dict[str, torch.Tensor], batch: dict) -> list[dict[str, np.ndarray]]:

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from alignti.common import distributed as dist
@@ -31,11 +32,13 @@ from alignti.common.records import Record, Skipped, image_column
 from alignti.common.errors import CacheError, DataError, ResourceError
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_config, load_model, load_processor, text_vocab_size
+from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
 from alignti.common.sources import DECODE_VERSION, image_sizes, is_embedded, load_image, open_source
 
 from .compute import split_per_sample, teacher_batch
+from .onpolicy import check_rollout, onpolicy_manifest, student_candidates
 from .select_layer import select_layer
 
 log = logging.getLogger("alignti.dump")
@@ -151,25 +154,28 @@ def _mib(n: float) -> str:
 
 
 def _teacher_unit(adapter, encoded: list, batch_size: int, length_sorted: bool, pad_id: int, device, params,
-                  advance=lambda n: None) -> list:
+                  advance=lambda n: None, student_cands=None) -> list:
     """The teacher over one work unit's encoded samples: [(chunk, batch, result)] per batch, batches of similar
-    token length (the writer puts every sample back in dataset order)."""
+    token length (the writer puts every sample back in dataset order). ``student_cands(chunk)``: on-policy rows'
+    TPA candidates for a batch (teacher_dump.onpolicy.student_candidates), None for the teacher's own."""
     jobs = []
     batched = sorted(encoded, key=lambda x: -len(x.input_ids)) if length_sorted else encoded
     for i in range(0, len(batched), batch_size):
         chunk = batched[i:i + batch_size]
         batch = collate([c.__dict__ for c in chunk], pad_id, type(adapter))
+        if student_cands is not None:
+            batch["student_cands"] = student_cands(chunk)
         jobs.append((chunk, batch, teacher_batch(adapter, to_device(batch, device), params)))
         advance(len(chunk))
     return jobs
 
 
-def _failing_samples(adapter, encoded: list, pad_id: int, device, params) -> list[tuple]:
+def _failing_samples(adapter, encoded: list, pad_id: int, device, params, student_cands=None) -> list[tuple]:
     """After a batch failed: each sample run alone, [(sample, exception)] for those that fail on their own."""
     bad = []
     for enc in encoded:
         try:
-            _teacher_unit(adapter, [enc], 1, False, pad_id, device, params)
+            _teacher_unit(adapter, [enc], 1, False, pad_id, device, params, student_cands=student_cands)
         except (torch.OutOfMemoryError, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - this sample's own failure
@@ -226,7 +232,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         if vocab is not None and k > vocab:
             raise ValueError(f"{name} {k} is larger than the teacher's vocabulary of {vocab} tokens "
                              f"({cfg.teacher}); choose {name} {vocab} or less")
-    records = open_source(cfg.data, cfg.images).records()
+    source = open_source(cfg.data, cfg.images)
+    records = source.records()
+    onp = RolloutColumns.of(source)  # on-policy rows (alignti rollout): loss turns, the student's TPA candidates
     if cfg.limit is not None:
         records = records[:cfg.limit]
     if not records:
@@ -266,12 +274,17 @@ def dump_teacher(cfg: DumpConfig) -> dict:
               "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query,
               "encoding_version": ENCODING_VERSION, "image_decode": DECODE_VERSION}
     if cfg.tpa_branches:
-        params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy")
+        params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy",
+                      tpa_candidates="student" if onp is not None and onp.has_candidates else "teacher")
+        if params["tpa_candidates"] == "student":
+            params["tpa_students"] = onp.summary()["students"]
     if cfg.iva_token_kl:
         if layer is None:
             raise ValueError("--iva-token-kl needs the teacher's saliency: drop --saliency-layer none")
         params.update(iva_token_kl=True, iva_token_ratio=cfg.iva_token_ratio)
     fingerprint = make_fingerprint(model.config, processor, params)
+    if cfg.tpa_branches and onp is not None and onp.has_candidates:
+        check_rollout(onp, fingerprint["tokenizer"]["hash"], cfg.tpa_branches, cfg.data)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
     plan = {"fingerprint": fingerprint, "units": units, "irs": irs,
             "data": str(cfg.data) if "://" in str(cfg.data) else str(Path(cfg.data).resolve()),
@@ -290,7 +303,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     try:
         return _dump_units(cfg, env, out, plan, params, units, records, prepare, adapter, processor, device,
-                           max_length, irs, layer, t_load, t_loaded)
+                           max_length, irs, layer, t_load, t_loaded, onp)
     except (OSError, torch.OutOfMemoryError, MemoryError) as e:
         problem = _resource_error(e, out, device, cfg.batch_size,
                                   len(units) - len(committed_parts(out)) if out.exists() else len(units))
@@ -300,8 +313,10 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
 
 def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units: list, records: list, prepare,
-                adapter, processor, device, max_length, irs, layer, t_load: float, t_loaded: float) -> dict:
-    """The plan written, this rank's uncommitted units dumped and committed, rank 0's manifest last."""
+                adapter, processor, device, max_length, irs, layer, t_load: float, t_loaded: float,
+                onp: RolloutColumns | None = None) -> dict:
+    """The plan written, this rank's uncommitted units dumped and committed, rank 0's manifest last. ``onp``: the
+    data's on-policy columns (loss turns, the student's TPA candidates), None for ordinary data."""
     if _on_main(env, prepare):
         log.info("%s is already complete; nothing to do", out)
         return json.loads((out / MANIFEST_FILE).read_text())
@@ -332,20 +347,25 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
                         continue
                     try:
                         img, sha = load_image(r, cfg.images) if r.image else (None, "")
-                        encoded.append(with_saliency_query(encode(processor, r, img, sha, max_length=max_length),
-                                                           cfg.saliency_query))
+                        enc = encode(processor, r, img, sha, max_length=max_length)
+                        if onp is not None:  # only the row's loss turns are response; the others are context
+                            enc = restrict_to_loss_turns(enc, onp.loss_turns(r.index))
+                        encoded.append(with_saliency_query(enc, cfg.saliency_query))
                     except DataError as err:
                         if not cfg.skip_bad:
                             raise DataError(err.sample, err.problem, err.fix + resume) from None
                         skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
+                cands = (lambda chunk: student_candidates(onp, chunk, cfg.tpa_branches)) if (
+                    cfg.tpa_branches and onp is not None and onp.has_candidates) else None
                 run = (lambda samples, advance=lambda n: None: _teacher_unit(
-                    adapter, samples, cfg.batch_size, cfg.length_sorted_batches, pad_id, device, params, advance))
+                    adapter, samples, cfg.batch_size, cfg.length_sorted_batches, pad_id, device, params, advance,
+                    cands))
                 try:
                     jobs = run(encoded, bar.advance)
                 except (torch.OutOfMemoryError, MemoryError):
                     raise
                 except Exception:  # noqa: BLE001 - a sample the model fails on is named; anything else re-raised
-                    bad = _failing_samples(adapter, encoded, pad_id, device, params)
+                    bad = _failing_samples(adapter, encoded, pad_id, device, params, cands)
                     if not bad or len(bad) == len(encoded):
                         raise
                     for enc, err in bad:
@@ -359,7 +379,7 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
                     encoded = [x for x in encoded if id(x) not in failed]  # batched as if skipped before
                     jobs = run(encoded)
                 bar.advance((e - s) - len(encoded))
-                pending.append(writer.submit(_write_unit, part, jobs, skipped, lock))
+                pending.append(writer.submit(_write_unit, part, jobs, skipped, lock, onp))
                 while len(pending) > 2:  # backpressure: at most two units wait for the writer
                     pending.pop(0).result()
                 for f in [f for f in pending if f.done()]:
@@ -379,7 +399,8 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
         return write_manifest(out, plan, markers,
                               extra={"irs": irs, "saliency_layer": layer, "images": plan["images"],
                                      "data": plan["data"], "dump_config": {k: v for k, v in asdict(cfg).items()
-                                                                           if k != "progress"}})
+                                                                           if k != "progress"},
+                                     **onpolicy_manifest(onp, params)})
 
     manifest = _on_main(env, finish)
     manifest["timing"] = {"load_s": t_loaded - t_load, "irs_s": t_loop - t_loaded if irs else 0.0,
@@ -390,7 +411,7 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
     return manifest
 
 
-def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock) -> None:
+def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock, onp=None) -> None:
     """Writer thread: results to host, samples (and skips) into the part in dataset order, commit."""
     rows = {}
     for chunk, batch, res in jobs:
@@ -409,6 +430,8 @@ def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock) -> None:
                     instr_spans=[v for sp in enc.instr_spans for v in sp],
                     image_spans=[v for sp in enc.image_spans for v in sp],
                     resp_spans=[v for sp in enc.resp_spans for v in sp], n_turns=len(enc.resp_spans))
+        if onp is not None:
+            meta.update(onp.provenance(enc.index), tpa_student_rows=int(arrays.get("tpa_student", np.zeros(0)).sum()))
         part.add(meta, arrays)
     with lock:
         part.commit()
