@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignti.common import distributed as dist
+from alignti.common.config import check_ranges
 from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import collate
 from alignti.common.conversation import encode
@@ -78,21 +79,12 @@ class RolloutConfig:
 
 
 def _check(cfg: RolloutConfig) -> None:
-    if cfg.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0: greedy), not {cfg.temperature}")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], not {cfg.top_p}")
-    if cfg.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, not {cfg.max_new_tokens}")
-    if cfg.samples_per_prompt < 1:
-        raise ValueError(f"--samples-per-prompt must be >= 1, not {cfg.samples_per_prompt}")
+    """Every numeric setting within its range (common.config.OPTION_RANGES["rollout"]), and settings that
+    contradict each other. Raises OptionRangeError / ValueError naming the option."""
+    check_ranges("rollout", cfg)
     if cfg.samples_per_prompt > 1 and cfg.temperature == 0 and not cfg.teacher_forced:
         raise ValueError("--samples-per-prompt > 1 at --temperature 0 gives identical copies of each greedy answer; "
                          "sample with --temperature > 0, or keep one sample per prompt")
-    if cfg.top_b < 1:
-        raise ValueError(f"--top-b must be >= 1, not {cfg.top_b}")
-    if cfg.unit_size < 1 or cfg.batch_size < 1:
-        raise ValueError("--unit-size and --batch-size must be >= 1")
 
 
 def _assistant_turns(rec: Record) -> list[int]:

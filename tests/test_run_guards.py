@@ -184,6 +184,7 @@ _REQUIRED_ARGS = {
                                                                           "{tmp}/r"],
     "evaluate": ["--model", "M", "--data", "D"], "show-saliency": ["C", "--sample", "s", "--out", "{tmp}/x.png"],
     "quickstart": ["--workdir", "{tmp}/q"],
+    "rollout": ["--student", "S", "--data", "D", "--out", "{tmp}/ro"],
 }
 
 
