@@ -238,7 +238,7 @@ def test_dump_ranges_hold_in_the_python_api(tmp_path):
 @pytest.mark.parametrize("option", ["--top-k", "--tpa-top-k"])
 def test_top_k_above_the_vocabulary_is_refused_in_the_preflight(kit, tmp_path, option, monkeypatch):
     import alignti.teacher_dump.dump as dump
-    monkeypatch.setattr(dump, "load_vlm", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(dump, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
     vocab = json.loads((kit / "teacher/config.json").read_text())["text_config"]["vocab_size"]
     res = runner.invoke(app, ["dump-teacher", "--teacher", str(kit / "teacher"), "--data", str(kit / "data/train.json"),
                               "--images", str(kit / "data/images"), "--out", str(tmp_path / "c"), option, "1000"])
