@@ -1,3 +1,18 @@
+"""Exactness policy. Bit-for-bit equality is asserted only where the arithmetic guarantees it on any CPU: the same
+computation re-run on the same shapes, batches and intra-op thread count (a dump resumed after kill -9 or after an
+interruption, a redone part, 1 vs 2 dump processes with one thread each, training resumed from a checkpoint, a
+checkpointed recompute against its forward), stored bytes read back (cache round trips, pushes to a URL, other data
+sources giving the same samples), ids, integer data, token ids, pixels of the same image processor, a seeded RNG.
+Where the two sides come from different arithmetic (another batching or padding, micro-batch split, ranks or thread
+count, kernel path: batched vs single forward, cached branch pass vs tree layout, HF's attention vs ours) the tests
+hold values to what that arithmetic guarantees, with the reason beside each bound (helpers in tests/exactness.py):
+fp16 arrays whose fp32 sources may move by a few ulp: one fp16 ulp per element, at few elements; fp32 values of a
+padded vs unpadded forward (or HF's own forward): 1e-5 (log-probs); top-k ids: equal up to near-ties
+(candidates within that bound may trade places); fp32 gradients summed in another order: 1e-5 of the tensor's
+largest element (sqrt(n) * eps32 growth over the step's ~1,000 tokens), plus eps32 of the step's largest
+gradient for gradients that are zero in exact arithmetic. Each such test also shows it still fails on the
+regression it guards (a wrong normalisation, a wrong id, branches at the wrong positions)."""
+
 import logging
 import os
 from pathlib import Path

@@ -10,6 +10,8 @@ import torch
 from grad_probe import step_gradients
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.exactness import EPS32
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,21 @@ def _close(a: dict, b: dict, rtol: float, atol: float) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _reorder_close(want: dict, got: dict) -> None:
+    """Gradients of the same step summed in another order (other micro-batches, their padding, ranks and their
+    thread count): each element is a fp32 sum over the step's ~1,000 response tokens and their backward, whose
+    rounding grows like sqrt(n) * eps32 (~4e-6) of its largest terms, so elementwise 1e-6 relative is not what fp32
+    gives (an element near zero moves by its neighbours' rounding). Held to 1e-5 of the tensor's largest element
+    (as test_loss_head's _fp32_reorder_tol), plus eps32 of the step's largest gradient for tensors whose gradient
+    is zero in exact arithmetic (attention key biases: softmax ignores them; ~1e-11 of rounding noise either way).
+    Seen here: 3.2e-7 of a tensor's largest element at most; per-micro-batch normalisation moves them by ~1e-2."""
+    assert want.keys() == got.keys()
+    floor = EPS32 * max(float(g.abs().max()) for g in want.values())
+    for k in want:
+        atol = 1e-5 * float(want[k].abs().max()) + floor
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def _torchrun(kit, cache, out, loss, per_micro, *extra):
@@ -30,15 +47,15 @@ def _torchrun(kit, cache, out, loss, per_micro, *extra):
 
 def test_same_gradient_for_any_micro_batch_and_rank_split(kit, cache, tmp_path):
     """Batch 8 in one micro-batch, 2 x grad-accum 4, and 2 ranks x batch 4 (DDP, gloo): same gradients
-    (fp32, 1e-6), on samples whose response lengths differ."""
+    (to fp32 reordering, _reorder_close), on samples whose response lengths differ."""
     one = step_gradients(str(kit / "student"), str(cache), "alignti", per_micro=8)
     accum = step_gradients(str(kit / "student"), str(cache), "alignti", per_micro=2)
-    _close(one, accum, rtol=1e-6, atol=1e-7)
+    _reorder_close(one, accum)
     ranks = _torchrun(kit, cache, tmp_path / "g.pt", "alignti", 4)
-    _close(one, ranks, rtol=1e-6, atol=1e-7)
+    _reorder_close(one, ranks)
     for mode in ("gc", "gc-reentrant"):  # DDP + gradient checkpointing, both modes
         ranks_gc = _torchrun(kit, cache, tmp_path / f"{mode}.pt", "alignti", 4, mode)
-        _close(one, ranks_gc, rtol=1e-6, atol=1e-7)
+        _reorder_close(one, ranks_gc)
     # DDP under bf16 autocast: the recompute's lent weight casts give the same gradients as casting again, in both
     # modes (a reentrant recompute reaches the fp32 weights through the casts its no-grad forward made)
     lent, recast, reentrant = (_torchrun(kit, cache, tmp_path / f"{m}-amp.pt", "alignti", 4, m, "amp")
