@@ -13,7 +13,11 @@ import typer
 from alignti.common.errors import AlignTIError
 from alignti.common.progress import setup_logging
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's plain help. typer's rich panels squeeze the option column to the terminal and cut
+# names ("--gradient-checkpo…"), and size themselves from TERMINAL_WIDTH or the terminal, not from click's
+# terminal_width; click's formatter wraps help text at min(terminal, 80) columns and puts a long option name on a
+# line of its own, so every name stays whole in an 80-column terminal and when piped (tests/test_help.py)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Offline knowledge distillation for vision-language models (Align-TI).")
 log = logging.getLogger("alignti")
 
