@@ -18,32 +18,10 @@ from alignti.common.errors import AlignTIError
 from alignti.common.saving import save_checkpoint
 from alignti.demo import kit, shapes
 from alignti.student_build.compose import compose_student
-from alignti.student_build.prune import parse_layers, prune_student
+from alignti.student_build.prune import parse_layers
+from tests.helpers import generate_once
 
 LM = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-
-
-def _generate_once(folder) -> torch.Tensor:
-    """Plain transformers: the Auto classes load the folder; one greedy generate through its processor (the
-    library's own where it can build it: the video part of Qwen2-VL's needs torchvision)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
-
-    from alignti.common.models import load_processor
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    gen = GenerationConfig.from_pretrained(folder)
-    try:
-        proc = AutoProcessor.from_pretrained(folder)
-    except ImportError as e:  # the folder is complete; this machine lacks the library the video processor needs
-        assert "torchvision" in str(e).lower(), e
-        proc = load_processor(folder)
-    from PIL import Image
-    image = Image.new("RGB", (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE), (200, 30, 30))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}]
-    text = proc.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = proc(text=[text], images=[image], return_tensors="pt")
-    out = model.generate(**inputs, generation_config=gen, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] > inputs["input_ids"].shape[1]
-    return out
 
 
 def _parts(tmp_path, family: str, patch: int | None = None):
@@ -110,8 +88,8 @@ def test_composed_student_holds_the_parts_trains_on_the_teachers_cache_and_loads
     from alignti.student_train.trainer import TrainConfig, train_student
     run = train_student(TrainConfig(student=str(out), cache=str(_dump(teacher, tmp_path)), out=str(tmp_path / "run"),
                                     loss="alignti", max_steps=3, batch_size=4, progress=False))
-    _generate_once(run["final"])
-    _generate_once(out)
+    generate_once(run["final"])
+    generate_once(out)
 
 
 def test_what_cannot_fit_is_named(tmp_path):
@@ -167,4 +145,4 @@ def test_pruned_student_keeps_the_teachers_tensors_bit_for_bit(family, tmp_path)
     assert set(renamed) == set(s)
     unequal = [k for k in s if not torch.equal(s[k], renamed[k])]
     assert not unequal, unequal[:5]
-    _generate_once(tmp_path / "s")
+    generate_once(tmp_path / "s")
