@@ -103,7 +103,10 @@ def test_what_cannot_fit_is_named(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_layer_specs():
+def test_layer_specs(tmp_path):
+    for args in ([], ["--vision", "V", "--lm", "L"], ["--from-teacher", "T", "--keep-layers", "0", "--like", "T"]):
+        res = CliRunner().invoke(app, ["make-student", "--out", str(tmp_path / "s"), *args])
+        assert res.exit_code == 2 and "either --vision, --lm and --like" in " ".join(res.output.split()), res.output
     assert parse_layers("0-3,8,15", 16) == [0, 1, 2, 3, 8, 15]
     assert parse_layers("every 2", 7) == [0, 2, 4, 6] and parse_layers("every 3", 8) == [0, 3, 6, 7]
     assert parse_layers("0,-1", 4) == [0, 3]

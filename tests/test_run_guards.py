@@ -184,6 +184,7 @@ _REQUIRED_ARGS = {
                                                                           "{tmp}/r"],
     "evaluate": ["--model", "M", "--data", "D"], "show-saliency": ["C", "--sample", "s", "--out", "{tmp}/x.png"],
     "quickstart": ["--workdir", "{tmp}/q"],
+    "make-student": ["--from-teacher", "T", "--keep-layers", "0", "--out", "{tmp}/s"],
 }
 
 
