@@ -13,7 +13,11 @@ import typer
 from alignti.common.errors import AlignTIError
 from alignti.common.progress import setup_logging
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's plain help. typer's rich panels squeeze the option column to the terminal and cut
+# names ("--gradient-checkpo…"), and size themselves from TERMINAL_WIDTH or the terminal, not from click's
+# terminal_width; click's formatter wraps help text at min(terminal, 80) columns and puts a long option name on a
+# line of its own, so every name stays whole in an 80-column terminal and when piped (tests/test_help.py)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Offline knowledge distillation for vision-language models (Align-TI).")
 log = logging.getLogger("alignti")
 
@@ -388,6 +392,42 @@ def show_saliency(ctx: typer.Context, cache: str = typer.Argument(...), sample: 
     _check_options(ctx)
     from alignti.student_train.show_saliency import show_saliency as run
     typer.echo(json.dumps(_run(run, cache, sample, out, student=student, turn=turn, images=images, data=data)))
+
+
+@app.command("make-student")
+def make_student(ctx: typer.Context,
+                 out: Path = typer.Option(..., help="Folder for the student (save_pretrained: model, processor, "
+                                          "chat template, generation config)."),
+                 vision: Optional[str] = typer.Option(None, help="Composed: the vision tower (a vision model, CLIP/SigLIP, "
+                                                      "or a VLM's tower; Qwen2-VL: a Qwen2-VL checkpoint's visual "
+                                                      "tower, its merger made fresh)."),
+                 lm: Optional[str] = typer.Option(None, help="Composed: the language model (of the teacher's "
+                                                  "tokenizer)."),
+                 like: Optional[str] = typer.Option(None, help="Composed: the teacher whose family, processor and "
+                                                    "caches the student fits."),
+                 from_teacher: Optional[str] = typer.Option(None, help="Pruned: the teacher to take layers from."),
+                 keep_layers: Optional[str] = typer.Option(None, help="Pruned: decoder layers to keep, e.g. '0-3,8,15' "
+                                                           "or 'every 2' (0, 2, 4, ... and the last)."),
+                 keep_vision_layers: Optional[str] = typer.Option(None, help="Pruned: vision layers to keep (same "
+                                                                  "form); default all."),
+                 seed: int = typer.Option(0, help="Composed: seed of the fresh projector's initialisation.")):
+    """Build a student: --vision V --lm L --like TEACHER (pretrained parts, fresh projector), or --from-teacher T
+    --keep-layers SPEC (the teacher's layers, bit for bit). Prints its parameter count."""
+    _check_options(ctx)
+    composed, pruned = (vision, lm, like), (from_teacher, keep_layers)
+    if any(v is not None for v in composed) == any(v is not None for v in pruned) or (
+            any(v is not None for v in composed) and None in composed) or (
+            any(v is not None for v in pruned) and None in pruned):
+        log.error("make-student needs either --vision, --lm and --like (a student from parts) or --from-teacher and "
+                  "--keep-layers (a pruned teacher)")
+        raise typer.Exit(2)
+    if from_teacher is not None:
+        from alignti.student_build.prune import prune_student
+        info = _run(prune_student, from_teacher, keep_layers, out, keep_vision_layers=keep_vision_layers)
+    else:
+        from alignti.student_build.compose import compose_student
+        info = _run(compose_student, vision, lm, like, out, seed=seed)
+    typer.echo(json.dumps(info, indent=2))
 
 
 CONFIGURABLE = ("dump-teacher", "train-student", "quickstart")

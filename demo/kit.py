@@ -223,9 +223,9 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
         teacher.cpu()
     student = build_student(family, tokenizer, teacher, seed + 1, patch)
     result["student_params"] = sum(p.numel() for p in student.parameters())
+    from alignti.common.saving import save_checkpoint
     for name, model in (("teacher", teacher), ("student", student)):
-        model.save_pretrained(out / name)
-        processor.save_pretrained(out / name)
+        save_checkpoint(model, processor, out / name)  # loads with the plain Auto classes (tests/test_handoff.py)
     log.info("demo kit in %s: teacher %.2fM params, student %.2fM params", out, result["teacher_params"] / 1e6,
              result["student_params"] / 1e6)
     return result

@@ -65,11 +65,12 @@ def _student_for_seed(kit_dir: Path, seed: int) -> Path:
     path = kit_dir / f"student-seed{seed}"
     if not (path / "config.json").exists():
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from alignti.common.saving import save_checkpoint
         proc = AutoProcessor.from_pretrained(kit_dir / "student")
         teacher = AutoModelForImageTextToText.from_pretrained(kit_dir / "teacher")
         model = kit.build_student("llava", proc.tokenizer, teacher, 1000 + seed)
-        model.save_pretrained(path)
-        proc.save_pretrained(path)
+        save_checkpoint(model, proc, path)
     return path
 
 

@@ -35,6 +35,7 @@ from alignti.common.records import image_refs
 from alignti.common.fingerprint import cache_identity, check_encoding, check_student, model_identity
 from alignti.common.losses import IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means, step_counts
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
+from alignti.common.saving import save_checkpoint
 from alignti.common.progress import progress_bar
 
 from . import parallel
@@ -442,12 +443,10 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         if env.is_main:
             plain, _ = load_vlm(cfg.student, torch.device("cpu"))
             plain.load_state_dict(parallel.plain_model_state(full))
-            plain.save_pretrained(final)
-            processor.save_pretrained(final)
+            save_checkpoint(plain, processor, final)
         dist.barrier(env)
     else:
-        model.save_pretrained(final)
-        processor.save_pretrained(final)
+        save_checkpoint(model, processor, final)  # complete processor: plain AutoProcessor loads it
     log.info("student saved to %s", final)
     return {"steps": step, "final": str(final), "last": last, "student_layer": layer}
 

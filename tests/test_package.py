@@ -31,7 +31,8 @@ def test_wheel_installs_one_top_level_package(tmp_path):
     import alignti
     assert {n.split("/")[0] for n in names} == {"alignti", f"alignti-{alignti.__version__}.dist-info"}
     for module in ["alignti/__init__.py", "alignti/__main__.py", "alignti/cli.py", "alignti/common/losses.py",
-                   "alignti/teacher_dump/dump.py", "alignti/student_train/trainer.py", "alignti/demo/quickstart.py"]:
+                   "alignti/teacher_dump/dump.py", "alignti/student_train/trainer.py", "alignti/demo/quickstart.py",
+                   "alignti/student_build/compose.py", "alignti/common/saving.py"]:
         assert module in names, module
     assert not any(n.startswith(("alignti/tests/", "alignti/bench/")) for n in names)
 

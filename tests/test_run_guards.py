@@ -185,6 +185,7 @@ _REQUIRED_ARGS = {
     "evaluate": ["--model", "M", "--data", "D"], "show-saliency": ["C", "--sample", "s", "--out", "{tmp}/x.png"],
     "quickstart": ["--workdir", "{tmp}/q"],
     "rollout": ["--student", "S", "--data", "D", "--out", "{tmp}/ro"],
+    "make-student": ["--from-teacher", "T", "--keep-layers", "0", "--out", "{tmp}/s"],
 }
 
 

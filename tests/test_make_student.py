@@ -1,0 +1,151 @@
+"""make-student, both ways, for LLaVA and Qwen2-VL: tiny config-built vision towers, LMs and teachers.
+
+Composed (--vision --lm --like): the parts' weights are the student's, the teacher's processor and generation config
+come along, it trains a few steps on a cache the teacher dumped and its RUN/final loads and generates with the plain
+Auto classes; an LM of another tokenizer and a tower of another grid are refused by name. Pruned (--from-teacher
+--keep-layers): every kept tensor equals the teacher's bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from alignti.cli import app
+from alignti.common.errors import AlignTIError
+from alignti.common.saving import save_checkpoint
+from alignti.demo import kit, shapes
+from alignti.student_build.compose import compose_student
+from alignti.student_build.prune import parse_layers
+from tests.helpers import generate_once
+
+LM = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _parts(tmp_path, family: str, patch: int | None = None):
+    """Teacher (the kit's), a pretrained-looking vision tower and LM of the teacher's tokenizer, saved."""
+    tok = kit.build_tokenizer(family)
+    proc = kit.build_processor(tok, family)
+    teacher = kit.build_model(family, tok, kit.TEACHER, 0)
+    save_checkpoint(teacher, proc, tmp_path / "teacher")
+    torch.manual_seed(5)
+    if family == "llava":
+        from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+        vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, image_size=shapes.IMAGE_SIZE,
+                                                  patch_size=patch or kit.PATCH))
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, **LM))
+    else:  # Qwen2-VL: the vision tower comes from a Qwen2-VL checkpoint (another width of LM: the merger is fresh)
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        vision = kit.build_model(family, tok, dict(LM, hidden_size=64), 7)
+        lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), max_position_embeddings=512, **LM))
+    vision.save_pretrained(tmp_path / "vision")
+    if family != "llava":
+        proc.save_pretrained(tmp_path / "vision")
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    return tmp_path / "teacher", tmp_path / "vision", tmp_path / "lm"
+
+
+def _dump(teacher, tmp_path):
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    paths = shapes.write_dataset(tmp_path / "data", n_train=6, n_val=1, n_test=1, questions_per_image=2)
+    dump_teacher(DumpConfig(teacher=str(teacher), data=str(paths["train"]), images=str(tmp_path / "data/images"),
+                            out=str(tmp_path / "cache"), saliency_layer="1", top_k=8, progress=False))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_composed_student_holds_the_parts_trains_on_the_teachers_cache_and_loads_plain(family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    teacher, vision, lm = _parts(tmp_path, family)
+    out = tmp_path / "student"
+    res = CliRunner().invoke(app, ["make-student", "--vision", str(vision), "--lm", str(lm), "--like", str(teacher),
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output[res.output.index("{"):])
+    assert info["family"] == family and info["student_params"] > 0
+    student = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(student).__name__ == type(AutoModelForImageTextToText.from_pretrained(teacher)).__name__
+    lm_sd = AutoModelForCausalLM.from_pretrained(lm).state_dict()
+    st = student.state_dict()
+    for k, v in lm_sd.items():
+        if k.startswith("model."):
+            assert torch.equal(st["model.language_model." + k[len("model."):]], v), k
+    assert torch.equal(st["lm_head.weight"], lm_sd["lm_head.weight"])
+    if family == "llava":
+        from transformers import CLIPVisionModel
+        for k, v in CLIPVisionModel.from_pretrained(vision).state_dict().items():
+            assert torch.equal(st["model.vision_tower." + k], v), k
+    else:
+        src = AutoModelForImageTextToText.from_pretrained(vision).state_dict()
+        taken = [k for k in src if k.startswith("model.visual.") and ".merger." not in k]
+        assert taken and all(torch.equal(st[k], src[k]) for k in taken)
+        assert st["model.visual.merger.mlp.2.weight"].shape[0] == LM["hidden_size"]  # fresh, sized to the LM
+    # the teacher's caches fit it: train a few steps, then the run's final folder is plain transformers'
+    from alignti.student_train.trainer import TrainConfig, train_student
+    run = train_student(TrainConfig(student=str(out), cache=str(_dump(teacher, tmp_path)), out=str(tmp_path / "run"),
+                                    loss="alignti", max_steps=3, batch_size=4, progress=False))
+    generate_once(run["final"])
+    generate_once(out)
+
+
+def test_what_cannot_fit_is_named(tmp_path):
+    teacher, vision, lm = _parts(tmp_path, "llava", patch=8)
+    with pytest.raises(AlignTIError, match=r"8-px patches.*6x6.*16-px.*3x3.*patch_size 16"):
+        compose_student(str(vision), str(lm), str(teacher), tmp_path / "s")
+    other = kit.build_tokenizer("qwen2_vl")  # other special tokens: other ids
+    other.save_pretrained(lm)
+    with pytest.raises(AlignTIError, match=r"another tokenizer than the teacher: \d+ of its"):
+        compose_student(str(vision), str(lm), str(teacher), tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_layer_specs(tmp_path):
+    for args in ([], ["--vision", "V", "--lm", "L"], ["--from-teacher", "T", "--keep-layers", "0", "--like", "T"]):
+        res = CliRunner().invoke(app, ["make-student", "--out", str(tmp_path / "s"), *args])
+        assert res.exit_code == 2 and "either --vision, --lm and --like" in " ".join(res.output.split()), res.output
+    assert parse_layers("0-3,8,15", 16) == [0, 1, 2, 3, 8, 15]
+    assert parse_layers("every 2", 7) == [0, 2, 4, 6] and parse_layers("every 3", 8) == [0, 3, 6, 7]
+    assert parse_layers("0,-1", 4) == [0, 3]
+    for bad, msg in [("0-4", "outside the teacher's 4"), ("1,1", r"more than once"), ("a", "unreadable"),
+                     ("", "keeps none")]:
+        with pytest.raises(AlignTIError, match=msg):
+            parse_layers(bad, 4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_pruned_student_keeps_the_teachers_tensors_bit_for_bit(family, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    tok = kit.build_tokenizer(family)
+    teacher = kit.build_model(family, tok, dict(kit.TEACHER, num_hidden_layers=4), 0)
+    save_checkpoint(teacher, kit.build_processor(tok, family), tmp_path / "teacher")
+    res = CliRunner().invoke(app, ["make-student", "--from-teacher", str(tmp_path / "teacher"), "--keep-layers", "0,2-3",
+                                   "--keep-vision-layers", "1", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output[res.output.index("{"):])
+    assert info["kept_layers"] == [0, 2, 3] and info["student_params"] < info["teacher_params"]
+    student = AutoModelForImageTextToText.from_pretrained(tmp_path / "s")
+    assert student.config.text_config.num_hidden_layers == 3
+    t, s = teacher.state_dict(), student.state_dict()
+    prefix = "model.language_model.layers."
+    vision = next(p for p in ("model.visual.blocks.", "model.vision_tower.encoder.layers.",
+                              "model.vision_tower.vision_model.encoder.layers.") if any(k.startswith(p) for k in t))
+    renamed = {}
+    for k in t:
+        if k.startswith(prefix):
+            i, rest = k[len(prefix):].split(".", 1)
+            if int(i) in (0, 2, 3):
+                renamed[f"{prefix}{[0, 2, 3].index(int(i))}.{rest}"] = t[k]
+        elif k.startswith(vision):
+            i, rest = k[len(vision):].split(".", 1)
+            if int(i) == 1:
+                renamed[f"{vision}0.{rest}"] = t[k]
+        else:
+            renamed[k] = t[k]
+    assert set(renamed) == set(s)
+    unequal = [k for k in s if not torch.equal(s[k], renamed[k])]
+    assert not unequal, unequal[:5]
+    generate_once(tmp_path / "s")
