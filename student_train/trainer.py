@@ -343,6 +343,10 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             break
     if stop_after is not None and step < total_steps:
         return {"stopped_at": step}
+    if not last and step >= total_steps:  # --resume of a run that had already finished: report its last step
+        last = _last_metrics(metrics_path)
+        log.info("%s: the run had already finished (step %d of %d); its last metrics are reported, nothing trained",
+                 out, step, total_steps)
     final = out / "final"
     if env.distributed:
         full, _ = parallel.full_state(step_module, opt)
@@ -357,6 +361,12 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         processor.save_pretrained(final)
     log.info("student saved to %s", final)
     return {"steps": step, "final": str(final), "last": last, "student_layer": layer}
+
+
+def _last_metrics(path: Path) -> dict:
+    """The last step's line of metrics.jsonl, marked ``already_finished`` (empty when there is none)."""
+    lines = [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return {**json.loads(lines[-1]), "already_finished": True} if lines else {"already_finished": True}
 
 
 def _save_checkpoint(path: Path, env, step_module, model, opt, sched, run_info, step, epoch, position) -> None:
