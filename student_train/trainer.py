@@ -197,6 +197,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     model, processor = load_vlm(cfg.student, device, "float32")
     check_student(reader.fingerprint, processor, cfg.student)
     check_encoding(params, processor, cfg.cache, reader.manifest.get("schema_version"))
+    check_savable(model, cfg.student)  # before any step: a run that cannot save its result must not train
     adapter = adapter_for(model)
     multi = next(((n, x["sample_id"]) for x in reader.samples if (n := len(image_refs(x["image"]))) > 1), None)
     if multi is not None:  # a multi-image cache for a student family that takes one image per sample
@@ -361,6 +362,34 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         processor.save_pretrained(final)
     log.info("student saved to %s", final)
     return {"steps": step, "final": str(final), "last": last, "student_layer": layer}
+
+
+def check_savable(model, student: str) -> None:
+    """Refuse, before the first step, a student that ``save_pretrained`` would refuse after the last one.
+
+    transformers refuses to save a model whose quantizer is not serializable (``hf_quantizer.is_serializable``):
+    e.g. a student loaded from a folder whose config.json still carries ``quantization_config`` with
+    ``quant_method: gguf`` (a model dequantised from a GGUF file, saved, then pruned). The config must also turn
+    into JSON. Raises AlignTIError naming the reason and the fix."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    serializable = quantizer is None or getattr(model, "_hf_peft_config_loaded", False)
+    if not serializable:  # the condition of transformers' save_pretrained (modeling_utils, transformers 5.x)
+        test = getattr(quantizer, "is_serializable", None)
+        serializable = bool(test()) if callable(test) else bool(test)
+    if not serializable:
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "?")
+        method = getattr(method, "value", method)
+        raise AlignTIError(
+            f"the student {student} would not save after training, so it is refused before the first step: it is "
+            f"quantised with '{method}', which transformers cannot save (save_pretrained refuses it). Its weights "
+            "are already plain floats if it came from a GGUF file: drop the entry and save it once, e.g. `m = "
+            "AutoModel...from_pretrained(S); m.hf_quantizer = None; del m.config.quantization_config; "
+            "m.save_pretrained(S2)`, and train --student S2")
+    try:
+        model.config.to_json_string()
+    except (TypeError, ValueError) as e:
+        raise AlignTIError(f"the student {student} would not save after training (refused before the first step): "
+                           f"its config does not turn into JSON ({e}); fix config.json and run again") from None
 
 
 def _last_metrics(path: Path) -> dict:
