@@ -99,7 +99,8 @@ class TopkIdsCodec(Codec):
 
     Within a chunk, ids are first mapped to their rank in a chunk dictionary (the chunk's distinct ids by how
     often they occur, most frequent first, ties by id), so frequent tokens get small numbers: a tail set is
-    coded as the gaps between its sorted ranks, a head id as its rank. The dictionary is stored by count
+    coded as the gaps (>= 0) between its sorted ranks, a head id as its rank; zarr fills rows past the end of a
+    partial chunk with 0, so a tail may repeat an id. The dictionary is stored by count
     group (the group's count and size, then its ids ascending as gaps). Decoding maps ranks back to ids and
     sorts each tail by id, the order the log-probs were stored in."""
 
@@ -117,17 +118,18 @@ class TopkIdsCodec(Codec):
         h = min(self.head, k)
         if n and (rows.min() < 0 or rows.max() >= 2 ** 32):
             raise ValueError("alignti.topk_ids: token ids must lie in [0, 2**32)")
-        if k - h > 1 and (np.diff(rows[:, h:], axis=1) <= 0).any():
-            bad = int(np.nonzero((np.diff(rows[:, h:], axis=1) <= 0).any(1))[0][0])
-            raise ValueError(f"alignti.topk_ids: row {bad} has a tail (entries {h}..{k - 1}) that is not strictly "
-                             "ascending; put rows in canonical order first (alignti.common.codecs.canonical_order)")
+        # non-decreasing, not strictly: zarr fills the rows past the end of a partial chunk with 0 (all equal)
+        if k - h > 1 and (np.diff(rows[:, h:], axis=1) < 0).any():
+            bad = int(np.nonzero((np.diff(rows[:, h:], axis=1) < 0).any(1))[0][0])
+            raise ValueError(f"alignti.topk_ids: row {bad} has a tail (entries {h}..{k - 1}) that is not ascending; "
+                             "put rows in canonical order first (alignti.common.codecs.canonical_order)")
         used, inv, cnt = np.unique(rows, return_inverse=True, return_counts=True)
         order = np.lexsort((used, -cnt))                      # dictionary: count descending, then id ascending
         rank_of = np.empty(len(used), np.int64)
         rank_of[order] = np.arange(len(used))
         ranks = rank_of[inv.reshape(n, k)]
         tail = np.sort(ranks[:, h:], axis=1)
-        gaps = np.diff(tail, axis=1) - 1 if k - h > 1 else np.zeros((n, 0), np.int64)
+        gaps = np.diff(tail, axis=1) if k - h > 1 else np.zeros((n, 0), np.int64)
         counts = cnt[order]
         bounds = np.flatnonzero(np.diff(counts)) + 1 if len(counts) else np.zeros(0, np.int64)
         starts = np.concatenate([[0], bounds]).astype(np.int64) if len(counts) else np.zeros(0, np.int64)
@@ -170,7 +172,7 @@ class TopkIdsCodec(Codec):
             if k > h:
                 tr = np.empty((n, k - h), np.int64)
                 tr[:, 0] = first
-                tr[:, 1:] = gaps.reshape(n, k - h - 1) + 1
+                tr[:, 1:] = gaps.reshape(n, k - h - 1)
                 res[:, h:] = np.sort(dict_ids[np.cumsum(tr, axis=1)], axis=1)
         res = res.astype(np.int32)
         if out is not None:

@@ -22,13 +22,17 @@ QWEN2_VOCAB = 151_936
 def topk_rows(rng, n, vocab, k, peaked: bool):
     """n rows of a real top-k: ids by probability descending, their log-probs and the exact log rest mass,
     from full-vocabulary softmaxes (float64)."""
-    z = rng.standard_normal((n, vocab)) * (8.0 if peaked else 1.0)
-    if peaked:
-        z[np.arange(n), rng.integers(0, vocab, n)] += 25.0  # one token near probability 1
-    lp = torch.from_numpy(z).log_softmax(-1)
-    vals, ids = lp.topk(k, -1)
-    tail = lp.scatter(-1, ids, float("-inf")).logsumexp(-1)
-    return ids.int().numpy(), vals.numpy(), tail.numpy()
+    out = []
+    for at in range(0, n, 128):  # 128 rows at a time: [rows, 151,936] float64 is 156 MB per 128 rows
+        m = min(128, n - at)
+        z = rng.standard_normal((m, vocab)) * (8.0 if peaked else 1.0)
+        if peaked:
+            z[np.arange(m), rng.integers(0, vocab, m)] += 25.0  # one token near probability 1
+        lp = torch.from_numpy(z).log_softmax(-1)
+        vals, ids = lp.topk(k, -1)
+        tail = lp.scatter_(-1, ids, float("-inf")).logsumexp(-1)
+        out.append((ids.int().numpy(), vals.numpy(), tail.numpy()))
+    return tuple(np.concatenate(x) for x in zip(*out))
 
 
 def check_bound(codec: TopkLogprobsCodec, exact: np.ndarray, got: np.ndarray) -> None:
@@ -93,7 +97,7 @@ def test_the_loss_does_not_depend_on_the_order_of_the_top_k():
 
 def test_zarr_arrays_decode_in_a_process_that_only_imports_the_codecs(tmp_path):
     rng = np.random.default_rng(1)
-    ids, lps, _ = topk_rows(rng, 5000, QWEN2_VOCAB, 8, False)        # two chunks of rows
+    ids, lps, _ = topk_rows(rng, 5000, 4096, 8, False)               # two chunks of rows
     ids, lps = canonical_order(ids, lps, 1)
     tpa_ids = ids[:, :6].reshape(-1, 2, 3).copy()
     tpa_ids.sort(-1)                                                  # [M, B, k2] with head 0: sorted rows
