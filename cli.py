@@ -159,8 +159,9 @@ def dump_teacher(ctx: typer.Context,
                  max_length: Optional[int] = typer.Option(None, help="Refuse samples longer than this."),
                  dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
                  logprob_encoding: str = typer.Option("float16", "--logprob-dtype", "--logprob-encoding",
-                                                      help="Stored top-k log-probs: float16, or uint8 (1/16-nat "
-                                                           "log-space steps, ~27% smaller cache)."),
+                                                      help="Stored top-k: float16 log-probs; uint8 (1/16-nat "
+                                                           "log-space steps); packed (v6: id sets + sqrt-probability "
+                                                           "codes, docs/cache-format.md)."),
                  saliency_query: str = typer.Option("instruction", help="Saliency query positions: instruction "
                                                     "(the turn's instruction tokens) or answer (the position "
                                                     "predicting the first answer token)."),

@@ -24,13 +24,38 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from . import codecs as packed_codecs  # registers the packed encoding's codecs with numcodecs and zarr
 from .errors import CacheError
 from .faults import crash_point
-from .schema import (CHUNK_TOKENS, IVAK_ARRAYS, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, QUANTISED, READABLE_VERSIONS,
-                     SAMPLE_SCHEMA, SCHEMA_VERSION, SHARD_CHUNKS, TPA_ARRAYS, array_dtype, array_shape_tail,
-                     arrays_for, decode_logprobs, encode_logprobs, tpa_positions_layout)
+from .schema import (CHUNK_TOKENS, IVAK_ARRAYS, MANIFEST_FILE, PACKED_PAIRS, PARTS_DIR, PLAN_FILE, QUANTISED,
+                     READABLE_VERSIONS, SAMPLE_SCHEMA, SHARD_CHUNKS, TPA_ARRAYS, array_dtype, array_shape_tail,
+                     arrays_for, decode_logprobs, encode_logprobs, is_packed, schema_version_for,
+                     tpa_positions_layout)
 
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
+# the packed codecs lay their output out in byte planes themselves: zstd without blosc's shuffle
+PACKED_COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle"), Crc32cCodec())
+
+
+def packed_settings(params: dict) -> dict:
+    """The packed encoding's codec settings (``params["packed"]``, defaults from common/codecs.py)."""
+    got = dict(params.get("packed") or {})
+    return {"head": int(got.get("head", packed_codecs.DEFAULT_HEAD)),
+            "head_step": float(got.get("head_step", packed_codecs.DEFAULT_HEAD_STEP)),
+            "tail_step": float(got.get("tail_step", packed_codecs.DEFAULT_TAIL_STEP))}
+
+
+def serializer_for(name: str, params: dict):
+    """The zarr array -> bytes codec of an array (None: zarr's plain ``bytes``)."""
+    if not is_packed(params):
+        return None
+    st = packed_settings(params)
+    for ids, lps in PACKED_PAIRS:
+        if name == ids:
+            return packed_codecs.ZarrTopkIds(head=st["head"])
+        if name == lps:
+            return packed_codecs.ZarrTopkLogprobs(**st)
+    return None
 
 
 def part_name(i: int) -> str:
@@ -54,12 +79,17 @@ def _atomic_write_json(path: Path, obj, point: str = "") -> None:
     os.replace(tmp, path)
 
 
-def write_array(group, name: str, data: np.ndarray) -> None:
+def write_array(group, name: str, data: np.ndarray, serializer=None) -> None:
+    """One array of a part, written in one go (every shard whole). ``serializer``: a packed top-k codec
+    (``serializer_for``), else zarr's ``bytes`` with blosc's byte shuffle."""
     rows = max(1, data.shape[0])
     chunk = min(CHUNK_TOKENS, rows)
     shard = chunk * min(SHARD_CHUNKS, -(-rows // chunk))
+    extra = {"serializer": serializer} if serializer is not None else {}
     group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(chunk, *data.shape[1:]),
-                       shards=(shard, *data.shape[1:]), compressors=COMPRESSORS, fill_value=0)
+                       shards=(shard, *data.shape[1:]),
+                       compressors=PACKED_COMPRESSORS if serializer is not None else COMPRESSORS, fill_value=0,
+                       **extra)
     crash_point("shard-flush")
     group[name][...] = data
 
@@ -90,6 +120,13 @@ class PartWriter:
         if int(arrays["response_mask"].sum()) != n_resp:
             raise CacheError(f"sample {meta['sample_id']}: {n_resp} teacher rows for "
                              f"{int(arrays['response_mask'].sum())} response tokens")
+        if is_packed(self.params):  # canonical order: the head in rank order, the rest of each row sorted by id
+            arrays = dict(arrays)
+            head = packed_settings(self.params)["head"]
+            for ids, lps in PACKED_PAIRS:
+                if ids in self.names and ids in arrays:
+                    arrays[ids], arrays[lps] = packed_codecs.canonical_order(np.asarray(arrays[ids]),
+                                                                             np.asarray(arrays[lps]), head)
         for name in self.names:
             want = array_dtype(name, self.params)
             a = arrays[name]
@@ -126,11 +163,11 @@ class PartWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         group = zarr.open_group(str(tmp / f"{name}.zarr"), mode="w", zarr_format=3)
-        group.attrs.update({"schema_version": SCHEMA_VERSION, "part": self.index})
+        group.attrs.update({"schema_version": schema_version_for(self.params), "part": self.index})
         for n in self.names:
             tail = array_shape_tail(n, self.params)
             data = np.concatenate(self.buffers[n]) if self.buffers[n] else np.zeros((0, *tail), array_dtype(n, self.params))
-            write_array(group, n, data)
+            write_array(group, n, data, serializer_for(n, self.params))
         table = pa.Table.from_pylist(self.rows, schema=SAMPLE_SCHEMA)
         pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -145,7 +182,7 @@ class PartWriter:
             crash_point("part-move")
         shutil.rmtree(tmp, ignore_errors=True)
         ok = [r for r in self.rows if r["status"] == "ok"]
-        marker = {"part": self.index, "schema_version": SCHEMA_VERSION, "samples": len(self.rows), "ok": len(ok),
+        marker = {"part": self.index, "schema_version": schema_version_for(self.params), "samples": len(self.rows), "ok": len(ok),
                   "tokens": self.offsets["tok"], "response_tokens": self.offsets["resp"],
                   "tpa_rows": self.offsets["tpa"],
                   "files": {f"{PARTS_DIR}/{k}": v for k, v in files.items()}}
@@ -182,7 +219,7 @@ def write_manifest(root: Path, plan: dict, markers: dict[int, dict], extra: dict
         parts.append({"name": part_name(i), "samples": m["samples"], "ok": m["ok"], "tokens": m["tokens"],
                       "response_tokens": m["response_tokens"]})
     manifest = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version_for(plan["fingerprint"]["params"]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprint": plan["fingerprint"],
         "units": plan["units"],

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .errors import FingerprintMismatch
-from .schema import SCHEMA_VERSION
+from .schema import schema_version_for
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation", "_attn_implementation_internal",
                          "dtype", "torch_dtype", "architectures", "_commit_hash"}
@@ -64,7 +64,7 @@ def chat_template_of(processor) -> str | None:
 def make_fingerprint(model_config, processor, params: dict) -> dict:
     """JSON-normalised (tuples become lists), so a fingerprint read back from plan.json compares equal."""
     return json.loads(json.dumps({
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version_for(params),
         "code_version": __version__,
         "teacher_config_hash": config_hash(model_config),
         "tokenizer": tokenizer_info(processor.tokenizer, chat_template_of(processor)),

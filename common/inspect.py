@@ -37,7 +37,9 @@ def cache_summary(url: str) -> dict:
         "top_k": reader.params["top_k"], "tpa_branches": reader.params["tpa_branches"],
         "tpa_top_k": reader.params["tpa_top_k"], "saliency_layer": reader.params["saliency_layer"],
         "irs_curve": (m.get("irs") or {}).get("curve"), "vocab_size": vocab,
+        "logprob_encoding": reader.params.get("logprob_encoding", "float16"),
         "bytes_on_disk": total, "bytes_by_array": {k: v for k, v in sizes.items() if v},
+        "bytes_per_token_by_array": {k: v / n_resp for k, v in sizes.items() if v},
         "bytes_per_token": total / n_resp, "topk_bytes_per_token": topk_bytes / n_resp,
         "full_vocab_fp16_bytes_per_token": full_fp16,
         "compression_vs_full_fp16": full_fp16 / (total / n_resp),
@@ -53,6 +55,7 @@ def render_summary(info: dict) -> str:
         f"cache            {info['url']} (schema v{info['schema_version']})",
         f"samples          {c['samples']} ({c['ok']} ok, {c['skipped']} skipped)",
         f"tokens           {c['tokens']} input, {c['response_tokens']} response",
+        f"encoding         {info['logprob_encoding']}",
         f"k                {info['top_k']} (TPA: {info['tpa_branches']} branches x top-{info['tpa_top_k']}; "
         f"saliency layer {info['saliency_layer']})",
         f"on disk          {info['bytes_on_disk']:,} bytes",
@@ -63,4 +66,5 @@ def render_summary(info: dict) -> str:
         f"{info['fingerprint']['tokenizer_hash'][:12]}  processor {info['fingerprint']['processor_hash'][:12]}",
     ]
     lines.append("per array        " + ", ".join(f"{k} {v:,}" for k, v in info["bytes_by_array"].items()))
+    lines.append("B/token by field " + ", ".join(f"{k} {v:.1f}" for k, v in info["bytes_per_token_by_array"].items()))
     return "\n".join(lines)

@@ -24,15 +24,22 @@ SCHEMA_VERSION = 6  # 1: top-k only; 2: + TPA transition statistics, saliency, s
 #                       token-KL statistics on their own axis "ivak" (dump-teacher --iva-token-kl);
 #                    6: on-policy rows (alignti rollout): params.tpa_candidates "teacher" | "student" (TPA after the
 #                       student's own candidates), sample columns for the rows' provenance, loss turns and how many
-#                       TPA rows carry the student's candidates
+#                       TPA rows carry the student's candidates; and the "packed" top-k encoding
+#                       (params["logprob_encoding"] = "packed", common/codecs.py), which a v5 reader refuses by version
+#                       instead of failing on an unknown codec
+PACKED_SCHEMA_VERSION = SCHEMA_VERSION  # the first version that reads packed caches (6)
 READABLE_VERSIONS = (2, 3, 4, 5, 6)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
 
 # Log-prob encodings (params["logprob_encoding"]; absent = float16). "uint8": q = round(-logp * 16) clipped
 # to 0..255, i.e. 1/16-nat steps down to -15.94 nats; decoded as -q/16 (exact in float16). The rest mass
 # (tail_logmass, tpa_tail) stays float32, and the loss renormalises the (k+1)-way fold.
-LOGPROB_ENCODINGS = ("float16", "uint8")
+# "packed" (v6): every top-k (main, TPA, IVA token-KL) stored by the codecs of common/codecs.py: the first
+# params["packed"]["head"] entries in rank order, the rest as an id-sorted set; ids exact, log-probs within the
+# codec's stated bound (head: head_step / 2 nats; tail: tail_step / 2 in sqrt(probability)); decoded float32.
+LOGPROB_ENCODINGS = ("float16", "uint8", "packed")
 UINT8_SCALE = 16.0
 QUANTISED = ("topk_logprobs", "tpa_logprobs")
+PACKED_PAIRS = (("topk_ids", "topk_logprobs"), ("tpa_ids", "tpa_logprobs"), ("ivak_ids", "ivak_logprobs"))
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
@@ -108,13 +115,26 @@ SAMPLE_SCHEMA = pa.schema([
 ])
 
 
+def is_packed(params: dict) -> bool:
+    return params.get("logprob_encoding") == "packed"
+
+
+def schema_version_for(params: dict) -> int:
+    """The schema version a cache made with these parameters is written as."""
+    return PACKED_SCHEMA_VERSION if is_packed(params) else SCHEMA_VERSION
+
+
 def array_dtype(name: str, params: dict) -> np.dtype:
+    if is_packed(params) and name in {lp for _, lp in PACKED_PAIRS}:
+        return np.dtype("float32")
     if name in QUANTISED and params.get("logprob_encoding", "float16") == "uint8":
         return np.dtype("uint8")
     return ARRAYS[name][1]
 
 
 def encode_logprobs(a: np.ndarray, params: dict) -> np.ndarray:
+    if is_packed(params):  # the zarr codec quantises (common/codecs.py)
+        return a.astype(np.float32)
     if params.get("logprob_encoding", "float16") == "uint8":
         return np.clip(np.rint(-a.astype(np.float32) * UINT8_SCALE), 0, 255).astype(np.uint8)
     return a.astype(np.float16)

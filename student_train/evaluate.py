@@ -32,15 +32,22 @@ def _meta(data: str) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_size: int = 16) -> float | None:
-    """Mean per-token KL(teacher || model) on the cache's top-k+rest, teacher-forced."""
+def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_size: int = 16,
+             stats: dict | None = None) -> float | None:
+    """Mean per-token KL(teacher || model) on the cache's top-k+rest, teacher-forced.
+
+    This is the *folded* (k+1)-way KL: both distributions collapsed onto the teacher's top-k ids plus one rest
+    bucket. By the chain rule it is a lower bound on the full-vocabulary KL, short by P_T(rest) * KL(P_T(.|rest) ||
+    P_S(.|rest)) per token (common/losses.py), so it says little where the teacher's rest mass is large. With
+    ``stats`` (a dict), also fills ``stats["rest_mass"]``: the mean over the same tokens of the teacher's rest
+    mass exp(tail_logmass), the share of the distribution the bound cannot see."""
     reader = CacheReader(cache)
     adapter = adapter_for(model)
     ds = CacheDataset(reader, processor)
     idx = [i for i, s in enumerate(reader.samples) if ids is None or s["sample_id"] in ids]
     coll = StudentCollator(processor, type(adapter))
     device = next(model.parameters()).device
-    total, n = 0.0, 0
+    total, n, rest = 0.0, 0, 0.0
     for i in range(0, len(idx), batch_size):
         batch = batch_to_device(coll([ds[j] for j in idx[i:i + batch_size]]), device)
         out = forward(adapter, batch)
@@ -48,7 +55,10 @@ def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_si
         ls = fold_student(lm_logits(adapter, out.resp_hidden), batch["topk_ids"])
         d = kl(lt, ls)
         total += float(d.sum())
+        rest += float(batch["tail_logmass"].float().exp().sum())
         n += len(d)
+    if stats is not None:
+        stats["rest_mass"] = rest / n if n else None
     return total / n if n else None  # None: no sample of the data is in the cache
 
 
@@ -102,7 +112,11 @@ def evaluate(model_path: str, data: str, images: str, teacher_answers: str | Pat
         common = [sid for sid in answers if sid in ta]
         res["teacher_agreement"] = sum(exact_match(answers[s], ta[s]) for s in common) / max(1, len(common))
     if cache:
-        res["kl_to_teacher"] = cache_kl(model, processor, cache, {r.sample_id for r in recs})
+        stats = {}
+        res["kl_to_teacher"] = cache_kl(model, processor, cache, {r.sample_id for r in recs}, stats=stats)
+        res["kl_to_teacher_is"] = ("the folded (k+1)-way KL on the cache's top-k + rest: a lower bound on the "
+                                   "full-vocabulary KL, blind inside the rest bucket")
+        res["teacher_rest_mass"] = stats.get("rest_mass")
     if answers_out:
         Path(answers_out).write_text(json.dumps(answers, indent=1))
     return res

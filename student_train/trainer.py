@@ -237,6 +237,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     check_student(reader.fingerprint, processor, cfg.student)
     for r, url in zip(readers, caches):
         check_encoding(r.params, processor, url, r.manifest.get("schema_version"))
+    check_savable(model, cfg.student)  # before any step: a run that cannot save its result must not train
     adapter = adapter_for(model)
     multi = next(((n, x["sample_id"]) for r in readers for x in r.samples if (n := len(image_refs(x["image"]))) > 1),
                  None)
@@ -432,6 +433,10 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             break
     if stop_after is not None and step < total_steps:
         return {"stopped_at": step}
+    if not last and step >= total_steps:  # --resume of a run that had already finished: report its last step
+        last = _last_metrics(metrics_path)
+        log.info("%s: the run had already finished (step %d of %d); its last metrics are reported, nothing trained",
+                 out, step, total_steps)
     final = out / "final"
     broken = [n for names in dist.all_gather(env, nonfinite_parameters(step_module)) for n in names]
     if broken:  # the guard keeps non-finite updates out; a finite update can still overflow a weight
@@ -449,6 +454,40 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         save_checkpoint(model, processor, final)  # complete processor: plain AutoProcessor loads it
     log.info("student saved to %s", final)
     return {"steps": step, "final": str(final), "last": last, "student_layer": layer}
+
+
+def check_savable(model, student: str) -> None:
+    """Refuse, before the first step, a student that ``save_pretrained`` would refuse after the last one.
+
+    transformers refuses to save a model whose quantizer is not serializable (``hf_quantizer.is_serializable``):
+    e.g. a student loaded from a folder whose config.json still carries ``quantization_config`` with
+    ``quant_method: gguf`` (a model dequantised from a GGUF file, saved, then pruned). The config must also turn
+    into JSON. Raises AlignTIError naming the reason and the fix."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    serializable = quantizer is None or getattr(model, "_hf_peft_config_loaded", False)
+    if not serializable:  # the condition of transformers' save_pretrained (modeling_utils, transformers 5.x)
+        test = getattr(quantizer, "is_serializable", None)
+        serializable = bool(test()) if callable(test) else bool(test)
+    if not serializable:
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "?")
+        method = getattr(method, "value", method)
+        raise AlignTIError(
+            f"the student {student} would not save after training, so it is refused before the first step: it is "
+            f"quantised with '{method}', which transformers cannot save (save_pretrained refuses it). Its weights "
+            "are already plain floats if it came from a GGUF file: drop the entry and save it once, e.g. `m = "
+            "AutoModel...from_pretrained(S); m.hf_quantizer = None; del m.config.quantization_config; "
+            "m.save_pretrained(S2)`, and train --student S2")
+    try:
+        model.config.to_json_string()
+    except (TypeError, ValueError) as e:
+        raise AlignTIError(f"the student {student} would not save after training (refused before the first step): "
+                           f"its config does not turn into JSON ({e}); fix config.json and run again") from None
+
+
+def _last_metrics(path: Path) -> dict:
+    """The last step's line of metrics.jsonl, marked ``already_finished`` (empty when there is none)."""
+    lines = [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return {**json.loads(lines[-1]), "already_finished": True} if lines else {"already_finished": True}
 
 
 def _save_checkpoint(path: Path, env, step_module, model, opt, sched, run_info, step, epoch, position) -> None:

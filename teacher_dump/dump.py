@@ -25,7 +25,7 @@ import torch
 from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_class, adapter_for, check_images_per_sample
 from alignti.common.batch import collate, to_device
-from alignti.common.cache import PartWriter, committed_parts, read_plan, write_manifest, write_plan
+from alignti.common.cache import PartWriter, committed_parts, packed_settings, read_plan, write_manifest, write_plan
 from alignti.common.config import check_ranges
 from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
@@ -62,7 +62,7 @@ class DumpConfig:
     unit_size: int = 256
     max_length: int | None = None
     dtype: str = "auto"
-    logprob_encoding: str = "float16"  # or "uint8" (1/16-nat log-space steps; see common/schema.py)
+    logprob_encoding: str = "float16"  # or "uint8" (1/16-nat log-space steps) or "packed" (common/codecs.py)
     saliency_query: str = "instruction"  # or "answer" (common/conversation.py: with_saliency_query)
     tpa_positions: float = 1.0  # fraction of each sample's response positions that get TPA statistics
     iva_token_kl: bool = False  # also cache IVA's token-KL statistics (train-student --iva-form token-kl)
@@ -273,6 +273,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query,
               "encoding_version": ENCODING_VERSION, "image_decode": DECODE_VERSION}
+    if cfg.logprob_encoding == "packed":
+        params["packed"] = packed_settings({})
     if cfg.tpa_branches:
         params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy",
                       tpa_candidates="student" if onp is not None and onp.has_candidates else "teacher")
