@@ -39,6 +39,7 @@ def main() -> None:
 
     from alignti.common.adapters import adapter_for
     from alignti.common.conversation import encode
+    from alignti.common.generate import left_padded
     from alignti.common.models import resolve_device
     from alignti.common.records import parse_record
     from alignti.common.sources import load_image
@@ -62,16 +63,7 @@ def main() -> None:
     batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
 
     def padded(chunk):
-        s = max(len(p.input_ids) for p in chunk)
-        ids = torch.full((len(chunk), s), pad, dtype=torch.long)
-        att = torch.zeros(len(chunk), s, dtype=torch.long)
-        for b, p in enumerate(chunk):
-            n = len(p.input_ids)
-            ids[b, s - n:] = torch.as_tensor(p.input_ids, dtype=torch.long)
-            att[b, s - n:] = 1
-        image_inputs = adapter.collate_image_inputs([p.image_inputs for p in chunk])
-        if "image_grid_thw" in image_inputs:  # as generate_rows passes them (M-RoPE positions of the image tokens)
-            image_inputs["mm_token_type_ids"] = (ids == adapter.image_token_id).int()
+        ids, att, image_inputs = left_padded(chunk, pad, adapter.image_token_id)  # as generate_rows batches them
         return ids.to(device), att.to(device), {k: v.to(device) for k, v in image_inputs.items()}
 
     n = args.new_tokens

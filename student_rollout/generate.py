@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from alignti.common.adapters import ModelAdapter
+from alignti.common.generate import left_padded
 from alignti.common.onpolicy import top_candidates
 
 
@@ -94,17 +94,8 @@ def generate_rows(model, prompts: list, seeds: list[int], *, temperature: float,
     top-B candidates before each of them. ``min_new_tokens``: no end-of-sequence before that many (benchmarks)."""
     device = next(model.parameters()).device
     eos = _eos_ids(model) if eos_ids is None else list(eos_ids)
-    s = max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), s), pad_id, dtype=torch.long)
-    att = torch.zeros(len(prompts), s, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        n = len(p.input_ids)
-        ids[b, s - n:] = torch.as_tensor(p.input_ids, dtype=torch.long)
-        att[b, s - n:] = 1
-    image_inputs = ModelAdapter.collate_image_inputs([p.image_inputs for p in prompts])
-    if "image_grid_thw" in image_inputs and image_token_id is not None:  # M-RoPE (Qwen2-VL): the image tokens'
-        # type ids, as the processor returns them; without them generate would give the image tokens text positions
-        image_inputs["mm_token_type_ids"] = (ids == image_token_id).int()
+    ids, att, image_inputs = left_padded(prompts, pad_id, image_token_id)
+    s = ids.shape[1]
     capture = CandidateCapture(top_b, image_token_id)
     processors = LogitsProcessorList([SeededSampler(seeds, temperature, top_p)] if temperature > 0 else [])
     hook = model.register_forward_hook(capture)

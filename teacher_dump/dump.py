@@ -200,20 +200,6 @@ def _check_plan(out: Path, plan: dict) -> None:
                          f"Use a new --out, or delete {out} to start over.")
 
 
-def _on_main(env: dist.DistEnv, fn):
-    """Run ``fn`` on rank 0 and hand its result (or its error) to every rank."""
-    res = None
-    if env.is_main:
-        try:
-            res = ("ok", fn())
-        except Exception as e:  # every rank raises it, none waits forever
-            res = ("error", e)
-    res = dist.broadcast(env, res)
-    if res[0] == "error":
-        raise res[1]
-    return res[1]
-
-
 def dump_teacher(cfg: DumpConfig) -> dict:
     """Under torchrun every rank runs this: rank 0 fixes the plan (and the IRS layer), each rank
     dumps the uncommitted units ``u % world_size == rank``, and rank 0 writes the manifest last."""
@@ -258,7 +244,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         if old_plan and old_plan.get("irs"):
             irs = old_plan["irs"]
         else:
-            irs = _on_main(env, lambda: select_layer(
+            irs = dist.on_main(env, lambda: select_layer(
                 model, processor, [r for r in records if isinstance(r, Record)], cfg.images,
                 n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress,
                 query=cfg.saliency_query))
@@ -319,7 +305,7 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
                 onp: RolloutColumns | None = None) -> dict:
     """The plan written, this rank's uncommitted units dumped and committed, rank 0's manifest last. ``onp``: the
     data's on-policy columns (loss turns, the student's TPA candidates), None for ordinary data."""
-    if _on_main(env, prepare):
+    if dist.on_main(env, prepare):
         log.info("%s is already complete; nothing to do", out)
         return json.loads((out / MANIFEST_FILE).read_text())
 
@@ -404,7 +390,7 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
                                                                            if k != "progress"},
                                      **onpolicy_manifest(onp, params)})
 
-    manifest = _on_main(env, finish)
+    manifest = dist.on_main(env, finish)
     manifest["timing"] = {"load_s": t_loaded - t_load, "irs_s": t_loop - t_loaded if irs else 0.0,
                           "loop_s": t_ranks - t_loop, "wait_s": time.perf_counter() - t_ranks}  # not written
     c = manifest["counts"]
