@@ -71,6 +71,17 @@ def canonical_order(ids: np.ndarray, logprobs: np.ndarray, head: int) -> tuple[n
     return ids2, lps2
 
 
+def _frame(header: list[int], streams) -> bytes:
+    """A chunk's bytes: the header words, each stream's plane count appended, as little-endian uint32, then the
+    streams' planes (``_planes``) in order."""
+    body = []
+    for stream in streams:
+        nb, data = _planes(stream)
+        header.append(nb)
+        body.append(data)
+    return np.array(header, "<u4").tobytes() + b"".join(body)
+
+
 def _planes(values: np.ndarray) -> tuple[int, bytes]:
     """Non-negative integers -> (bytes per value, their byte planes low byte first)."""
     v = np.ascontiguousarray(values, dtype="<u4").reshape(-1)
@@ -139,13 +150,7 @@ class TopkIdsCodec(Codec):
             if len(counts) else np.zeros(0, np.int64)
         streams = [np.stack([counts[starts], sizes], 1) if len(counts) else np.zeros((0, 2), np.int64),
                    dict_gaps, ranks[:, :h], tail[:, :1], gaps]
-        header = [FORMAT_VERSION, n, k, h, len(sizes)]
-        body = []
-        for s in streams:
-            nb, data = _planes(s)
-            header.append(nb)
-            body.append(data)
-        return np.array(header, "<u4").tobytes() + b"".join(body)
+        return _frame([FORMAT_VERSION, n, k, h, len(sizes)], streams)
 
     def decode(self, buf, out=None):
         mv = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else memoryview(buf.view(np.uint8).reshape(-1))
@@ -230,14 +235,8 @@ class TopkLogprobsCodec(Codec):
         qh, qt = self.quantise(rows)
         h = qh.shape[1]
         dh = np.diff(qh, axis=1) if h > 1 else np.zeros((n, 0), np.int64)
-        header = [FORMAT_VERSION, n, k, h, int(round(-np.log2(self.head_step))),
-                  int(round(-np.log2(self.tail_step)))]
-        body = []
-        for s in (qh[:, :1], dh, qt):
-            nb, data = _planes(s)
-            header.append(nb)
-            body.append(data)
-        return np.array(header, "<u4").tobytes() + b"".join(body)
+        return _frame([FORMAT_VERSION, n, k, h, int(round(-np.log2(self.head_step))),
+                       int(round(-np.log2(self.tail_step)))], (qh[:, :1], dh, qt))
 
     def decode(self, buf, out=None):
         mv = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else memoryview(buf.view(np.uint8).reshape(-1))
