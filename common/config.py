@@ -101,6 +101,14 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "tpa_positions": SHARE, "iva_token_ratio": SHARE, "irs_samples": COUNT, "unit_size": COUNT,
         "max_length": OPT_COUNT, "nproc": COUNT,
     },
+    "rollout": {
+        "temperature": Range(0, 100),  # 0: greedy
+        "top_p": SHARE, "max_new_tokens": COUNT, "samples_per_prompt": COUNT, "seed": SEED, "round": COUNT0,
+        "top_b": COUNT, "batch_size": COUNT, "unit_size": COUNT, "limit": OPT_COUNT, "max_length": OPT_COUNT,
+        "nproc": COUNT,
+    },
+    # the top level of a rounds YAML (workflows/rounds.py); its rollout/dump/train sections use the stages' ranges
+    "rounds": {"rounds": COUNT, "lambda": SHARE, "replay": COUNT0},
     "quickstart": {"seeds": COUNT, "workers": OPT_COUNT},
     "make-demo": {
         "teacher_steps": COUNT0, "teacher_target": Range(0, 1, lo_open=True, optional=True), "teacher_batch": COUNT,

@@ -183,7 +183,7 @@ _REQUIRED_ARGS = {
     "select-layer": ["--teacher", "T", "--data", "D"], "train-student": ["--student", "S", "--cache", "C", "--out",
                                                                           "{tmp}/r"],
     "evaluate": ["--model", "M", "--data", "D"], "show-saliency": ["C", "--sample", "s", "--out", "{tmp}/x.png"],
-    "quickstart": ["--workdir", "{tmp}/q"],
+    "quickstart": ["--workdir", "{tmp}/q"], "rollout": ["--student", "S", "--data", "D", "--out", "{tmp}/r"],
 }
 
 
