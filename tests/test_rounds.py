@@ -100,6 +100,8 @@ def test_two_rounds_end_to_end_killed_and_resumed(tmp_path):
     state = json.loads((work / "rounds.json").read_text())["stages"]
     assert all(s["status"] == "done" for s in state.values()) and len(state) == 7
 
+    made = runner.invoke(app, ["config", "rounds", "--from", str(work)])
+    assert made.exit_code == 0 and yaml.safe_load(made.output)["lambda"] == 0.5
     # a third run does nothing; other settings are refused by name
     res = runner.invoke(app, ["rounds", "--config", str(path)], catch_exceptions=False)
     assert res.exit_code == 0 and _mtimes(work) == before
