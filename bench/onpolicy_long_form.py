@@ -13,7 +13,10 @@ per-field F1 (demo/shapes.py ``field_scores``), greedy with 48 new tokens; TPA c
 student's probability on the cache's TPA candidates) at step 1 and over the run, from ``metrics.jsonl``.
 
     alignti quickstart --workdir qs            # the kit, its long-form splits, the reference cache, arm (a)
-    python bench/onpolicy_long_form.py --quickstart qs --seeds 3 --lambdas 0.25,0.5 --json onpolicy.json
+    python bench/onpolicy_long_form.py --quickstart qs --seeds 3 --lambdas 0.25,0.5 \
+        --onpolicy-data qs/kit/data/train_long.json --json onpolicy.json
+
+Figures (14.3 min on a shared 2-core CPU): bench/README.md, "On-policy on the long-form questions".
 """
 
 from __future__ import annotations
