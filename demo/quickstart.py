@@ -3,6 +3,14 @@
 make-demo (trains the teacher) -> dump-teacher (IRS layer, saliency, TPA) -> train-student with
 sft, kd, kd+iva, kd+tpa and alignti for the same step budget and seeds -> evaluate each on the
 test split -> results.md / results.json / curves.png in the work directory.
+
+The long-form split (preset ``long_form``: {split: images}; ``long_form_rate``: the share of the teacher's
+batches that ask it): "Describe every shape in the picture." answered with every shape in reading order
+(demo/shapes.py ``long_form_answer``, 15-41 tokens). The cache is dumped on train + train_long, so every student
+trains on both; each is also tested on test_long, greedy with ``LONG_FORM_MAX_NEW_TOKENS`` tokens: exact match and
+``shapes.field_scores`` per-field F1 (position, colour, shape, and all fields together). Opt-in: ``LONG_FORM``'s
+settings in the overrides; the presets leave it off (``long_form: {}``), since with it the default run took 11 min
+27 s and its teacher no longer reached 90% short-question validation (docs/demo.md).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from alignti.student_train.evaluate import AccuracyProbe, cache_kl
 from alignti.student_train.trainer import TrainConfig, train_student
 from alignti.teacher_dump.dump import DumpConfig, dump_teacher
 
-from . import kit
+from . import kit, shapes
 
 log = logging.getLogger("alignti.quickstart")
 
@@ -40,12 +48,21 @@ PRESETS = {
     # the teacher trains until 90% validation exact match (at most teacher_steps steps)
     # 200 validation images (600 questions: where settings are chosen) and 500 test images (1,500 questions: where
     # methods are compared), so that paired differences of a few points are separable over 3 seeds
+    # long_form: images of the long-form splits (one question each; {}: none); long_form_rate: the teacher's
+    # long-form share. Off by default: with LONG_FORM on, the default run took 11 min 27 s, the teacher stalled at
+    # 82% short-question validation and the students learnt no long-form answer (README, docs/demo.md)
     "default": dict(n_train=300, n_val=200, n_test=500, teacher_steps=1500, teacher_target=0.9, student_steps=800,
-                    batch_size=16, lr=3e-3, eval_every=200, val_limit=60, train=dict(freeze_vision=True, **DEMO_TRAIN)),
+                    batch_size=16, lr=3e-3, eval_every=200, val_limit=60, train=dict(freeze_vision=True, **DEMO_TRAIN),
+                    long_form={}, long_form_rate=0.0),
     # mechanics only: a briefly trained teacher (no accuracy target), short student runs
     "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=150, teacher_target=None, student_steps=80,
-                 batch_size=16, lr=3e-3, eval_every=40, val_limit=30, train=dict(freeze_vision=True, **DEMO_TRAIN)),
+                 batch_size=16, lr=3e-3, eval_every=40, val_limit=30, train=dict(freeze_vision=True, **DEMO_TRAIN),
+                 long_form={}, long_form_rate=0.0),
 }
+# the long-form split as measured (quickstart --config F with `overrides: {long_form: {train: 150, val: 50,
+# test: 150}, long_form_rate: 0.2}`; --fast: {train: 30, val: 10, test: 20})
+LONG_FORM = dict(long_form={"train": 150, "val": 50, "test": 150}, long_form_rate=0.2)
+LONG_FORM_MAX_NEW_TOKENS = 48  # the longest long-form answer is 41 tokens with the demo tokenizer (tests/test_long_form.py)
 
 
 @dataclass
@@ -97,11 +114,19 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     kit_dir = work / "kit"
     if not (kit_dir / "teacher" / "config.json").exists():
         info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
-                             teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"], device=cfg.device)
+                             teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"], device=cfg.device,
+                             long_form=p.get("long_form") or None, long_form_rate=p.get("long_form_rate") or 0.0)
         (work / "kit.json").write_text(json.dumps(info, indent=2))
     info = json.loads((work / "kit.json").read_text())
     data, images = kit_dir / "data", str(kit_dir / "data" / "images")
-    dump_teacher(DumpConfig(teacher=str(kit_dir / "teacher"), data=str(data / "train.json"), images=images,
+    long_form = bool(p.get("long_form")) and (data / "test_long.json").is_file()
+    train_data = data / "train.json"
+    if long_form and (data / "train_long.json").is_file():  # the students train on train + train_long
+        train_data = data / "train_all.json"
+        if not train_data.is_file():
+            train_data.write_text(json.dumps(json.loads((data / "train.json").read_text())
+                                             + json.loads((data / "train_long.json").read_text()), indent=1))
+    dump_teacher(DumpConfig(teacher=str(kit_dir / "teacher"), data=str(train_data), images=images,
                             out=str(work / "cache"), device=cfg.device, progress=cfg.progress,
                             saliency_query="answer",  # where the demo teacher looks (docs/method.md)
                             tpa_positions=p.get("tpa_positions", 1.0), tpa_branches=p.get("tpa_branches", 4),
@@ -115,6 +140,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     test = AccuracyProbe(proc, str(data / "test.json"), images)
     teacher_answers = test.answers(teacher, proc)
     teacher_acc = test.score(teacher_answers)
+    teacher_long = long_form_scores(teacher, proc, data / "test_long.json", images) if long_form else None
     del teacher
 
     jobs, runs = [], {}
@@ -129,7 +155,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                 shutil.rmtree(out)
             jobs.append(dict(method=method, seed=seed, out=str(out), student=str(_student_for_seed(kit_dir, seed)),
                              cache=str(work / "cache"), data=str(data), images=images, p=p, device=cfg.device,
-                             teacher_answers=teacher_answers))
+                             teacher_answers=teacher_answers, long_form=long_form))
     workers = cfg.workers or (min(2, os.cpu_count() or 1) if device.type == "cpu" else 1)
     if workers > 1 and len(jobs) > 1:
         # CPU: two 1-thread runs side by side do twice the work of one 2-thread run on these tiny models
@@ -145,7 +171,12 @@ def quickstart(cfg: QuickstartConfig) -> dict:
 
     table = summarise(runs, cfg.methods)
     pairs = paired_table(runs, cfg.methods)
+    long_pairs = paired_table(runs, cfg.methods, key="long_form_fields") if long_form else []
     results = {"paired": pairs, "verdict": verdict(pairs), "test_questions": len(test.recs),
+               "long_form": ({"teacher": teacher_long, "methods": summarise_long(runs, cfg.methods),
+                              "paired_fields_f1": long_pairs, "verdict": verdict(long_pairs),
+                              "test_questions": teacher_long["n"], "max_new_tokens": LONG_FORM_MAX_NEW_TOKENS}
+                             if long_form else None),
                "preset": "fast" if cfg.fast else "default", "settings": p, "seeds": cfg.seeds,
                "teacher_test_accuracy": teacher_acc, "teacher_val_accuracy": info.get("teacher_val_accuracy"),
                "teacher_params": info["teacher_params"], "student_params": info["student_params"],
@@ -190,10 +221,37 @@ def _train_and_score(job: dict) -> dict:
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     run = {"method": job["method"], "seed": job["seed"], "test_accuracy": acc, "val_accuracy": val_acc,
            "teacher_agreement": agree,
+           "long_form": (long_form_scores(model, sproc, Path(job["data"]) / "test_long.json", job["images"])
+                         if job.get("long_form") else None),
            "train_kl_to_teacher": kl, "seconds": round(time.perf_counter() - t0, 1), "curve": metrics}
     (out / "result.json").write_text(json.dumps(run))
     log.info("%s seed %d: test accuracy %.3f (teacher agreement %.3f)", job["method"], job["seed"], acc, agree)
     return run
+
+
+def long_form_scores(model, processor, data: str | Path, images: str, limit: int | None = None) -> dict:
+    """Greedy answers (``LONG_FORM_MAX_NEW_TOKENS`` tokens) to a long-form split: {"exact": exact-match rate,
+    "position" / "colour" / "shape" / "fields": mean per-field F1 (``shapes.field_scores``) over the questions,
+    "n": questions}. Raises KeyError if a record's meta holds no "scene" (not a long-form split)."""
+    probe = AccuracyProbe(processor, str(data), images, limit=limit, max_new_tokens=LONG_FORM_MAX_NEW_TOKENS)
+    scenes = {r["id"]: shapes.scene_of(r["meta"]["scene"]) for r in json.loads(Path(data).read_text())}
+    answers = probe.answers(model, processor)
+    per = [shapes.field_scores(a, scenes[r.sample_id]) for a, r in zip(answers, probe.recs)]
+    out = {"exact": probe.score(answers), "n": len(per)}
+    out.update({f: statistics.mean(x[f] for x in per) if per else 0.0 for f in (*shapes.FIELDS, "fields")})
+    return out
+
+
+def summarise_long(runs: list[dict], methods) -> dict:
+    """Per method, the long-form scores' means over seeds (and the fields F1's spread)."""
+    out = {}
+    for m in methods:
+        rs = [r["long_form"] for r in runs if r["method"] == m and r.get("long_form")]
+        if rs:
+            out[m] = {k: statistics.mean(x[k] for x in rs) for k in ("exact", *shapes.FIELDS, "fields")}
+            out[m]["fields_std"] = statistics.pstdev(x["fields"] for x in rs)
+            out[m]["n"] = len(rs)
+    return out
 
 
 # two-sided 95% quantiles of Student's t, by degrees of freedom (1-30); beyond, the normal's 1.96
@@ -221,9 +279,12 @@ COMPARISONS = [("kd", "sft"), ("kd+iva", "sft"), ("kd+tpa", "sft"), ("alignti", 
                ("kd+tpa", "kd"), ("alignti", "kd"), ("alignti", "kd+iva"), ("alignti", "kd+tpa")]
 
 
-def paired_table(runs: list[dict], methods) -> list[dict]:
-    """Every comparison of COMPARISONS whose methods ran: per-seed test accuracy differences, paired by seed."""
-    acc = {(r["method"], r["seed"]): r["test_accuracy"] for r in runs}
+def paired_table(runs: list[dict], methods, key: str = "test_accuracy") -> list[dict]:
+    """Every comparison of COMPARISONS whose methods ran: per-seed differences of ``key`` (test accuracy; or
+    "long_form_fields": the long-form all-fields F1), paired by seed."""
+    def value(r):
+        return r["long_form"]["fields"] if key == "long_form_fields" else r[key]
+    acc = {(r["method"], r["seed"]): value(r) for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     out = []
     for a, b in COMPARISONS:
@@ -278,6 +339,24 @@ def render_table(results: dict) -> str:
             lines.append(f"| {p['a']} − {p['b']} | {100 * p['mean']:+.1f} | {interval_text(p)} | "
                          + ", ".join(f"{100 * d:+.1f}" for d in p["diffs"]) + " |")
         lines += ["", results["verdict"]]
+    lf = results.get("long_form")
+    if lf:
+        t = lf["teacher"]
+        lines += ["", f"Long-form questions (test_long, {lf['test_questions']} questions \"Describe every shape in the "
+                  f"picture.\", greedy, {lf['max_new_tokens']} new tokens): exact match and per-field F1", "",
+                  "| method | exact match | position F1 | colour F1 | shape F1 | all fields F1 |", "|---|---|---|---|---|---|",
+                  f"| teacher | {100 * t['exact']:.1f} | {100 * t['position']:.1f} | {100 * t['colour']:.1f} | "
+                  f"{100 * t['shape']:.1f} | {100 * t['fields']:.1f} |"]
+        for m, r in lf["methods"].items():
+            lines.append(f"| {m} | {100 * r['exact']:.1f} | {100 * r['position']:.1f} | {100 * r['colour']:.1f} | "
+                         f"{100 * r['shape']:.1f} | {100 * r['fields']:.1f} ± {100 * r['fields_std']:.1f} |")
+        if lf.get("paired_fields_f1"):
+            lines += ["", "Paired by seed: long-form all-fields F1 difference and its 95% interval", "",
+                      "| comparison | difference | 95% interval | per seed |", "|---|---|---|---|"]
+            for p in lf["paired_fields_f1"]:
+                lines.append(f"| {p['a']} − {p['b']} | {100 * p['mean']:+.1f} | {interval_text(p)} | "
+                             + ", ".join(f"{100 * d:+.1f}" for d in p["diffs"]) + " |")
+            lines += ["", lf["verdict"]]
     sal = results.get("teacher_saliency_region")
     if sal:
         lines += ["", "Teacher saliency (cached, layer l*): share of samples whose top image token lies in the region "

@@ -92,12 +92,20 @@ def test_show_saliency_writes_png(cache, kit, tmp_path):
 
 
 def test_quickstart_tiny_budget(tmp_path):
-    from alignti.demo.quickstart import QuickstartConfig, quickstart
+    from alignti.demo.quickstart import QuickstartConfig, quickstart, render_table
     over = dict(n_train=12, n_val=4, n_test=6, teacher_steps=5, student_steps=3, batch_size=4, eval_every=3,
-                val_limit=4)
+                val_limit=4, long_form={"train": 4, "val": 2, "test": 3})
     res = quickstart(QuickstartConfig(workdir=str(tmp_path), seeds=2, methods=("sft", "alignti"), overrides=over,
                                       progress=False))
     assert set(res["methods"]) == {"sft", "alignti"} and res["methods"]["sft"]["n"] == 2
+    # the long-form split: the students trained on train + train_long (one cache), tested on test_long
+    from alignti.common.cache import CacheReader
+    ids = CacheReader(str(tmp_path / "cache")).table.column("sample_id").to_pylist()
+    assert sum("-long-" in i for i in ids) == 4
+    lf = res["long_form"]
+    assert lf["test_questions"] == 3 and set(lf["methods"]) == {"sft", "alignti"}
+    assert {"exact", "position", "colour", "shape", "fields"} <= set(lf["teacher"])
+    assert [p["a"] for p in lf["paired_fields_f1"]] == ["alignti"] and "Long-form questions" in render_table(res)
     assert (tmp_path / "results.md").read_text().count("|") > 10
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == 2
     assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -1,0 +1,110 @@
+"""alignti rounds: the YAML checked up front, and 2 rounds of the demo end to end on a tiny kit, killed (kill -9 in
+round 1's training) and finished by the same command without redoing a finished stage."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from alignti.cli import app
+from alignti.common.cache import CacheReader
+from alignti.common.config import ConfigError, OptionRangeError
+from alignti.workflows.rounds import load_config, mixture_for_round, template
+
+runner = CliRunner()
+
+
+def _yaml(path, **over):
+    cfg = yaml.safe_load(template())
+    cfg.update(teacher="T", student="S", data="D")
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_template_loads_and_bad_configs_are_named(tmp_path):
+    res = runner.invoke(app, ["config", "rounds"])
+    assert res.exit_code == 0 and "lambda:" in res.output and "replay:" in res.output
+    cfg = load_config(_yaml(tmp_path / "ok.yaml", rollout={"temperature": [1.0, 0.7]}))
+    assert cfg["train"]["loss"] == "alignti" and cfg["rounds"] == 2
+    caches, weights = mixture_for_round({**cfg, "workdir": "W", "replay": 1}, 3, "REF")
+    assert caches == ["REF", "W/round-2/cache", "W/round-3/cache"] and weights == [0.5, 0.25, 0.25]
+    bad = {"lamda": 0.5}
+    with pytest.raises(ConfigError, match="'lamda'.*did you mean 'lambda'"):
+        load_config(_yaml(tmp_path / "a.yaml", **bad))
+    with pytest.raises(ConfigError, match="'temprature'.*'temperature'"):
+        load_config(_yaml(tmp_path / "b.yaml", rollout={"temprature": 1.0}))
+    with pytest.raises(ConfigError, match="one value per round"):
+        load_config(_yaml(tmp_path / "c.yaml", train={"max_steps": [1, 2, 3]}))
+    with pytest.raises(ConfigError, match="tpa_branches"):
+        load_config(_yaml(tmp_path / "d.yaml", dump={"tpa_branches": 8}))
+    with pytest.raises(OptionRangeError, match="lambda must be in \\(0, 1\\]"):
+        load_config(_yaml(tmp_path / "e.yaml", **{"lambda": 0}))
+    with pytest.raises(OptionRangeError, match="top-p"):
+        load_config(_yaml(tmp_path / "f.yaml", rollout={"top_p": [1.0, 1.5]}))
+    with pytest.raises(ConfigError, match="needs teacher"):
+        load_config(_yaml(tmp_path / "g.yaml", teacher=None))
+    res = runner.invoke(app, ["rounds", "--config", str(tmp_path / "a.yaml")])
+    assert res.exit_code == 2 and not (tmp_path / "rounds").exists()
+
+
+def _mtimes(work):
+    names = ["round-0/cache/manifest.json", "round-1/rollout/rollout.json", "round-1/cache/manifest.json"]
+    return {n: os.stat(work / n).st_mtime_ns for n in names}
+
+
+def test_two_rounds_end_to_end_killed_and_resumed(tmp_path):
+    from alignti.demo.kit import make_demo
+    kit = tmp_path / "kit"
+    make_demo(kit, n_train=2, n_val=1, n_test=1, train_teacher=False)
+    items = [it for it in json.loads((kit / "data/train.json").read_text()) if len(it["conversations"]) == 2][:4]
+    (tmp_path / "d.json").write_text(json.dumps(items))
+    work = tmp_path / "work"
+    path = _yaml(tmp_path / "rounds.yaml", workdir=str(work), teacher=str(kit / "teacher"),
+                 student=str(kit / "student"), data=str(tmp_path / "d.json"), images=str(kit / "data/images"),
+                 device="cpu", replay=1, **{"lambda": 0.5},
+                 rollout={"max_new_tokens": 4, "batch_size": 4, "top_b": 2, "temperature": [1.0, 0.7]},
+                 dump={"top_k": 8, "tpa_branches": 2, "tpa_top_k": 4, "irs_samples": 2, "batch_size": 4},
+                 train={"max_steps": 2, "batch_size": 2, "save_every": 1, "warmup_steps": 1})
+    # kill -9 after round 1's second optimizer step, before its checkpoint (step 1's is on disk)
+    env = {**os.environ, "ALIGNTI_CRASH_AT": "train-step:2"}
+    proc = subprocess.run([sys.executable, "-m", "alignti", "rounds", "--config", str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (work / "round-1/run/checkpoint/state.pt").is_file() and not (work / "round-1/run/final").exists()
+    before = _mtimes(work)
+
+    res = runner.invoke(app, ["rounds", "--config", str(path)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output[-2000:]
+    assert _mtimes(work) == before  # the finished rollout and dumps were not redone
+    out = json.loads(res.output[res.output.index("{"):])
+    assert out["final"] == str(work / "round-2/run/final") and (work / "round-2/run/final/config.json").is_file()
+    steps = [json.loads(x)["step"] for x in (work / "round-1/run/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # resumed from step 1's checkpoint; no step twice
+    r2 = out["rounds"][1]
+    assert r2["caches"] == [str(work / "round-0/cache"), str(work / "round-1/cache"), str(work / "round-2/cache")]
+    assert r2["weights"] == [0.5, 0.25, 0.25]
+    run2 = yaml.safe_load((work / "round-2/run/config.yaml").read_text())
+    assert run2["init"] == str(work / "round-1/run") and run2["cache_weights"] == [0.5, 0.25, 0.25]
+    roll2 = json.loads((work / "round-2/rollout/rollout.json").read_text())
+    assert roll2["round"] == 2 and roll2["settings"]["temperature"] == 0.7 and roll2["settings"]["seed"] == 1
+    assert CacheReader(str(work / "round-2/cache")).manifest["tpa_candidates"]["by"] == "student"
+    state = json.loads((work / "rounds.json").read_text())["stages"]
+    assert all(s["status"] == "done" for s in state.values()) and len(state) == 7
+
+    made = runner.invoke(app, ["config", "rounds", "--from", str(work)])
+    assert made.exit_code == 0 and yaml.safe_load(made.output)["lambda"] == 0.5
+    # a third run does nothing; other settings are refused by name
+    res = runner.invoke(app, ["rounds", "--config", str(path)], catch_exceptions=False)
+    assert res.exit_code == 0 and _mtimes(work) == before
+    other = _yaml(tmp_path / "other.yaml", **{**yaml.safe_load(path.read_text()), "replay": 0})
+    res = runner.invoke(app, ["rounds", "--config", str(other)])
+    assert res.exit_code == 2 and "replay" in res.output

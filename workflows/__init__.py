@@ -1,0 +1,1 @@
+"""Workflows that chain the stages (top layer): rounds of rollout -> dump-teacher -> train-student."""

@@ -1,0 +1,326 @@
+"""`alignti rounds --config rounds.yaml`: K on-policy rounds, each the ordinary stages in their own folders.
+
+Round 0 (only when the YAML names no ``reference_cache``) dumps the teacher on the reference answers into
+``WORK/round-0/cache``: the off-policy cache every round mixes in. Round r (1..K) then runs
+
+1. ``rollout``: the round's student answers every assistant turn (round 1: ``student``; round r > 1: round
+   r-1's ``run/final``), sampled with the round's settings, into ``WORK/round-r/rollout``;
+2. ``dump-teacher`` on those rows (loss on the student's turns, TPA after the student's candidates) into
+   ``WORK/round-r/cache``;
+3. ``train-student`` from ``student`` with ``--init`` round r-1's run (weights only, fresh optimizer) on the
+   mixture: the reference cache at weight 1 - lambda, and the latest on-policy cache plus up to ``replay`` earlier
+   ones sharing lambda equally (DistiLLM-style replay), into ``WORK/round-r/run``.
+
+Each stage is the stage's own Python API (``rollout``, ``dump_teacher``, ``train_student``), so every folder is
+exactly what the command writes and can be shared, inspected or re-used like any other. Resuming: the same
+command after an interruption (kill -9 anywhere) skips finished stages (a rollout's ``rollout.json``, a cache's
+``manifest.json``, a run's complete ``final/``), re-runs an unfinished rollout or dump (both finish only their
+missing units) and continues a half-trained run from its checkpoint (``resume=True``). ``WORK/rounds.yaml`` holds
+the configuration the work was started with; a later run with other settings is refused naming them (a larger
+``rounds`` is allowed: it adds rounds). ``WORK/rounds.json`` records each stage's state and seconds.
+
+Settings of the ``rollout`` and ``train`` sections may be given per round as a list of ``rounds`` values
+(``temperature: [1.0, 0.7]``); an integer rollout ``seed`` gives round r the seed ``seed + r - 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignti.common.config import ConfigError, check_keys, check_ranges, read_config
+from alignti.common.onpolicy import ROLLOUT_MANIFEST
+from alignti.common.schema import MANIFEST_FILE
+from alignti.student_rollout.rollout import RolloutConfig, rollout
+from alignti.student_train.trainer import TrainConfig, train_student
+from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+
+log = logging.getLogger("alignti.rounds")
+
+STATE_FILE = "rounds.json"
+FROZEN_FILE = "rounds.yaml"
+
+TOP_KEYS = ("workdir", "teacher", "student", "data", "images", "reference_cache", "rounds", "lambda", "replay",
+            "device", "rollout", "dump", "train")
+REQUIRED = ("workdir", "teacher", "student", "data")
+TOP_DEFAULTS: dict[str, Any] = {"images": None, "reference_cache": None, "rounds": 2, "lambda": 0.5, "replay": 1,
+                                "device": "auto"}
+# what rounds sets itself in each stage (the folders, the round, the chain of students)
+_OWNED = {"student", "teacher", "data", "images", "out", "round", "progress", "device", "cache", "cache_weights",
+          "init", "resume", "eval_every"}
+SECTION_KEYS = {
+    "rollout": [f.name for f in fields(RolloutConfig) if f.name not in _OWNED],
+    "dump": [f.name for f in fields(DumpConfig) if f.name not in _OWNED],
+    "train": [f.name for f in fields(TrainConfig) if f.name not in _OWNED],
+}
+SECTION_COMMAND = {"rollout": "rollout", "dump": "dump-teacher", "train": "train-student"}
+PER_ROUND = ("rollout", "train")  # sections whose settings may be lists, one value per round
+# the rounds defaults that differ from the stage's own (a round is short: the rollout's top-B is the dump's branches)
+SECTION_DEFAULTS = {"rollout": {}, "dump": {}, "train": {"loss": "alignti"}}
+
+TEMPLATE = """\
+# alignti rounds configuration: `alignti rounds --config THIS_FILE`.
+# K rounds of rollout -> dump-teacher -> train-student, each stage in its own folder under workdir
+# (round-R/rollout, round-R/cache, round-R/run); re-running the same command resumes where it stopped.
+
+# Folder of the rounds' work (required). Keeps rounds.yaml (the settings it was started with) and rounds.json.
+workdir: rounds
+# Teacher checkpoint, local path or hub id (required).
+teacher: null
+# The starting student (required): round 1 rolls it out; every round trains from it with --init of the round before.
+student: null
+# Samples: LLaVA JSON/JSONL, parquet, or a datasets folder; local or fsspec URL (required).
+data: null
+# Folder the data's image paths are relative to (null: the data embeds its images).
+images: null
+# The off-policy cache (teacher-forced on the references) mixed into every round; null: dumped in round 0 into
+# workdir/round-0/cache with the dump settings below.
+reference_cache: null
+# Number of on-policy rounds (more rounds later: raise it and run the same command).
+rounds: 2
+# The on-policy share of the training draws (GKD's lambda), in (0, 1]: the reference cache gets 1 - lambda (left
+# out at 1), the latest on-policy cache and the `replay` earlier ones share lambda equally.
+lambda: 0.5
+# How many earlier rounds' on-policy caches stay in the mixture besides the latest (0: the latest only).
+replay: 1
+# auto, cpu, cuda, cuda:N: every stage.
+device: auto
+# alignti rollout settings (any of its options but student/data/images/out/round). A list gives one value per
+# round (temperature: [1.0, 0.7]); an integer seed gives round R the seed seed + R - 1.
+rollout:
+  temperature: 1.0
+  top_p: 1.0
+  max_new_tokens: 128
+  samples_per_prompt: 1
+  seed: 0
+  top_b: 4
+  teacher_forced: false
+  batch_size: 8
+  unit_size: 64
+  limit: null
+  skip_bad: false
+# alignti dump-teacher settings (any of its options but teacher/data/images/out), for round 0's reference cache
+# and every on-policy cache. tpa_branches must not exceed the rollout's top_b.
+dump:
+  top_k: 32
+  tpa_branches: 4
+  tpa_top_k: 8
+  tpa_positions: 1.0
+  saliency_layer: auto
+  irs_samples: 256
+  batch_size: 8
+  unit_size: 256
+  skip_bad: false
+# alignti train-student settings per round (any of its options but student/cache/cache_weights/init/out/resume).
+# A list gives one value per round (max_steps: [200, 100]).
+train:
+  loss: alignti
+  max_steps: 100
+  lr: 0.001
+  batch_size: 8
+  seed: 0
+  save_every: 50
+"""
+
+
+def template() -> str:
+    """The commented YAML template ``alignti config rounds`` prints."""
+    return TEMPLATE
+
+
+def _round_value(value: Any, r: int, rounds: int, where: str) -> Any:
+    """A per-round setting's value for round ``r`` (1-based): a list holds one value per round."""
+    if isinstance(value, list):
+        if len(value) != rounds:
+            raise ConfigError(f"{where}: a per-round list needs one value per round ({rounds}), got {len(value)}")
+        return value[r - 1]
+    return value
+
+
+def section_for_round(cfg: dict, section: str, r: int) -> dict:
+    """The settings of ``section`` for round ``r`` (lists resolved; the rollout's integer seed offset by round)."""
+    values = dict(cfg[section])
+    if section in PER_ROUND:
+        values = {k: _round_value(v, r, cfg["rounds"], f"{section}.{k}") for k, v in values.items()}
+        if section == "rollout" and "seed" in values and not isinstance(cfg["rollout"]["seed"], list):
+            values["seed"] = values["seed"] + r - 1
+    return values
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and validate a rounds YAML before anything loads. Returns the resolved configuration (defaults filled).
+
+    Raises ConfigError: an unknown key (top level or in a section, naming the closest valid one), a missing required
+    key, a per-round list of the wrong length, a dump ``tpa_branches`` above the rollout's ``top_b``, or a numeric
+    setting out of its range (OptionRangeError, the stages' own ranges in common/config.py OPTION_RANGES)."""
+    src = str(path)
+    given = read_config(path)
+    return resolve(given, src)
+
+
+def resolve(given: dict, src: str = "rounds config") -> dict:
+    """``given`` (top-level keys, sections as mappings) checked and completed; see load_config."""
+    check_keys(given, TOP_KEYS, "rounds", src)
+    missing = [k for k in REQUIRED if given.get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"{src}: rounds needs {', '.join(missing)} (`alignti config rounds` prints a template)")
+    cfg = {**TOP_DEFAULTS, **{k: v for k, v in given.items() if k not in SECTION_KEYS}}
+    for k in ("workdir", "teacher", "student", "data", "images", "reference_cache", "device"):
+        if cfg.get(k) is not None:
+            cfg[k] = str(cfg[k])
+    check_ranges("rounds", cfg, src)
+    for section, valid in SECTION_KEYS.items():
+        values = given.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{src}: '{section}' must be a mapping of option: value (got {type(values).__name__})")
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        check_keys(values, valid, f"rounds {section}", src)
+        cfg[section] = {**SECTION_DEFAULTS[section], **values}
+        if section not in PER_ROUND:
+            for k, v in values.items():
+                if isinstance(v, list):
+                    raise ConfigError(f"{src}: {section}.{k} cannot be a per-round list (one dump setting serves "
+                                      "every round's cache)")
+    for r in range(1, cfg["rounds"] + 1):
+        for section in SECTION_KEYS:
+            check_ranges(SECTION_COMMAND[section], section_for_round(cfg, section, r), f"{src} ({section}, round {r})")
+        top_b = section_for_round(cfg, "rollout", r).get("top_b", 4)
+        branches = cfg["dump"].get("tpa_branches", 4)
+        if branches > top_b:
+            raise ConfigError(f"{src}: dump.tpa_branches ({branches}) is larger than round {r}'s rollout.top_b "
+                              f"({top_b}); the dump needs that many student candidates per token: raise top_b or "
+                              "lower tpa_branches")
+    if cfg["lambda"] < 1 and cfg["reference_cache"] is None and cfg["dump"].get("tpa_branches", 4) == 0 \
+            and "tpa" in str(cfg["train"].get("loss", "alignti")):
+        raise ConfigError(f"{src}: train loss {cfg['train']['loss']} needs TPA statistics; dump.tpa_branches is 0")
+    return cfg
+
+
+def mixture_for_round(cfg: dict, r: int, ref_cache: str | None) -> tuple[list[str], list[float]]:
+    """Round ``r``'s caches and weights: the reference (1 - lambda, left out at lambda 1) and the on-policy caches of
+    rounds max(1, r - replay)..r, lambda split equally."""
+    work = Path(cfg["workdir"])
+    onp = [str(work / f"round-{q}" / "cache") for q in range(max(1, r - cfg["replay"]), r + 1)]
+    lam = float(cfg["lambda"])
+    caches, weights = [], []
+    if lam < 1:
+        caches.append(ref_cache)
+        weights.append(1.0 - lam)
+    caches += onp
+    weights += [lam / len(onp)] * len(onp)
+    return caches, weights
+
+
+def _final_complete(final: Path) -> bool:
+    """A run's ``final/`` with its config, weights and tokenizer (save_pretrained + the processor, written last)."""
+    return ((final / "config.json").is_file() and any(final.glob("*.safetensors*"))
+            and (final / "tokenizer_config.json").is_file())
+
+
+class _State:
+    """``WORK/rounds.json``: each stage's state (done / skipped as done earlier) and seconds, written atomically."""
+
+    def __init__(self, work: Path):
+        self.path = work / STATE_FILE
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+
+    def record(self, name: str, **info) -> None:
+        self.data["stages"][name] = {**self.data["stages"].get(name, {}), **info}
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def _freeze(cfg: dict, work: Path, src: str) -> None:
+    """Write the configuration the work was started with, or refuse a different one (a larger ``rounds`` allowed)."""
+    frozen = work / FROZEN_FILE
+    if frozen.is_file():
+        old = yaml.safe_load(frozen.read_text(encoding="utf-8")) or {}
+        diffs = [k for k in sorted(set(old) | set(cfg)) if k != "rounds" and old.get(k) != cfg.get(k)]
+        if diffs:
+            raise ConfigError(f"{src}: {work} holds rounds started with other settings ({', '.join(diffs)}; see "
+                              f"{frozen}); run with those settings to resume, or choose a new workdir")
+        if cfg["rounds"] < old.get("rounds", 0):
+            log.info("%s was started for %d rounds; running only the first %d", work, old["rounds"], cfg["rounds"])
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = frozen.with_name(frozen.name + f".tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, frozen)
+
+
+def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> dict:
+    """Run (or resume) every round of a resolved rounds configuration (``resolve`` / ``load_config``).
+
+    Returns ``{"reference_cache", "rounds": [{"round", "rollout", "cache", "run", "final", "caches", "weights"}],
+    "final"}`` with the last round's ``final/`` as ``final``. Raises what the stages raise (their errors name the
+    stage's folder); a stage that fails leaves its folder resumable by the same command."""
+    work = Path(cfg["workdir"])
+    _freeze(cfg, work, src)
+    state = _State(work)
+    device = cfg["device"]
+
+    def stage(name: str, done, run) -> None:
+        if done():
+            log.info("%s: already done, skipped", name)
+            state.record(name, status="done")
+            return
+        log.info("%s: running", name)
+        t0 = time.perf_counter()
+        state.record(name, status="running")
+        run()
+        secs = time.perf_counter() - t0
+        state.record(name, status="done", seconds=round(secs, 1))
+        log.info("%s: done in %.1f s", name, secs)
+
+    ref = cfg["reference_cache"]
+    if ref is None:
+        ref = str(work / "round-0" / "cache")
+        dump_cfg = DumpConfig(teacher=cfg["teacher"], data=cfg["data"], images=cfg["images"], out=ref, device=device,
+                              progress=progress, **cfg["dump"])
+        stage("round 0 dump-teacher (reference)", lambda: (Path(ref) / MANIFEST_FILE).is_file(),
+              lambda: dump_teacher(dump_cfg))
+
+    results = []
+    student = cfg["student"]
+    prev_run = None
+    for r in range(1, cfg["rounds"] + 1):
+        rdir = work / f"round-{r}"
+        roll_dir, cache_dir, run_dir = rdir / "rollout", rdir / "cache", rdir / "run"
+        roll_student = student if prev_run is None else str(prev_run / "final")
+        roll_cfg = RolloutConfig(student=roll_student, data=cfg["data"], images=cfg["images"], out=str(roll_dir),
+                                 round=r, device=device, progress=progress, **section_for_round(cfg, "rollout", r))
+        stage(f"round {r} rollout", lambda: (roll_dir / ROLLOUT_MANIFEST).is_file(), lambda: rollout(roll_cfg))
+
+        dump_cfg = DumpConfig(teacher=cfg["teacher"], data=str(roll_dir), images=cfg["images"], out=str(cache_dir),
+                              device=device, progress=progress, **cfg["dump"])
+        stage(f"round {r} dump-teacher", lambda: (cache_dir / MANIFEST_FILE).is_file(), lambda: dump_teacher(dump_cfg))
+
+        caches, weights = mixture_for_round(cfg, r, ref)
+        train_values = section_for_round(cfg, "train", r)
+
+        def train(caches=caches, weights=weights, run_dir=run_dir, init=prev_run, values=train_values):
+            final = run_dir / "final"
+            if final.exists():  # written only partly (killed while saving): set aside, the checkpoint continues
+                aside = run_dir / f"final.incomplete-{int(time.time())}"
+                log.warning("%s is incomplete (interrupted while saving); moved to %s", final, aside)
+                final.rename(aside)
+            resume = (run_dir / "checkpoint" / "state.pt").is_file()
+            if resume:
+                log.info("round %d train-student: continuing %s from its checkpoint", r, run_dir)
+            train_student(TrainConfig(student=student, cache=caches if len(caches) > 1 else caches[0],
+                                      cache_weights=weights if len(caches) > 1 else None, out=str(run_dir),
+                                      init=str(init) if init is not None else None, resume=resume, device=device,
+                                      images=cfg["images"], progress=progress, **values))
+
+        stage(f"round {r} train-student", lambda: _final_complete(run_dir / "final"), train)
+        results.append({"round": r, "rollout": str(roll_dir), "cache": str(cache_dir), "run": str(run_dir),
+                        "final": str(run_dir / "final"), "caches": caches, "weights": weights})
+        prev_run = run_dir
+    return {"reference_cache": ref, "rounds": results, "final": results[-1]["final"]}
