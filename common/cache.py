@@ -71,12 +71,19 @@ def sha256_file(path, fs=None) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_json(path: Path, obj, point: str = "") -> None:
+def atomic_write_text(path: Path, text: str, point: str = "") -> None:
+    """Write ``text`` to ``path`` all or nothing: a temporary ``NAME.tmpPID`` beside it, renamed into place.
+    ``point``: the crash point (common.faults) between the two, for the kill -9 tests."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.write_text(text, encoding="utf-8")
     if point:
         crash_point(point)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj, point: str = "") -> None:
+    """``atomic_write_text`` of ``obj`` as indented JSON with sorted keys."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True), point)
 
 
 def write_array(group, name: str, data: np.ndarray, serializer=None) -> None:
@@ -186,7 +193,7 @@ class PartWriter:
                   "tokens": self.offsets["tok"], "response_tokens": self.offsets["resp"],
                   "tpa_rows": self.offsets["tpa"],
                   "files": {f"{PARTS_DIR}/{k}": v for k, v in files.items()}}
-        _atomic_write_json(parts / f"{name}.commit.json", marker, point="marker")
+        atomic_write_json(parts / f"{name}.commit.json", marker, point="marker")
         return marker
 
 
@@ -200,7 +207,7 @@ def committed_parts(root: Path) -> dict[int, dict]:
 
 def write_plan(root: Path, plan: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(root / PLAN_FILE, plan)
+    atomic_write_json(root / PLAN_FILE, plan)
 
 
 def read_plan(root: Path) -> dict | None:
@@ -230,7 +237,7 @@ def write_manifest(root: Path, plan: dict, markers: dict[int, dict], extra: dict
         "files": files,
         **(extra or {}),
     }
-    _atomic_write_json(root / MANIFEST_FILE, manifest, point="manifest")
+    atomic_write_json(root / MANIFEST_FILE, manifest, point="manifest")
     return manifest
 
 

@@ -31,6 +31,7 @@ import torch
 
 from .conversation import Encoded
 from .errors import DataError
+from .records import ROLE_OUT, join_placeholders
 
 # rollout dataset columns beyond id / conversations / image
 ROLLOUT_FIELDS = [
@@ -59,8 +60,6 @@ PATH_IMAGE_TYPE = pa.list_(pa.string())
 
 ROLLOUT_PLAN = "plan.json"         # a rollout folder's plan, written first
 ROLLOUT_MANIFEST = "rollout.json"  # written last: the rollout is finished
-
-ROLE_OUT = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
 def rollout_schema(embedded: bool) -> pa.Schema:
@@ -238,13 +237,8 @@ def check_finished(location: str) -> None:
                         "re-run the same alignti rollout command to finish it, then dump")
 
 
-def row_conversations(turns: list[tuple[str, str]], image_turns: dict[int, int]) -> list[dict]:
-    """LLaVA ``conversations`` of (role, text) turns, with ``image_turns[i]`` ``<image>`` tags before turn i's text."""
-    out = []
-    for i, (role, text) in enumerate(turns):
-        out.append({"from": ROLE_OUT[role], "value": "<image>\n" * image_turns.get(i, 0) + text})
-    return out
-
-
-def sampling_json(**settings) -> str:
-    return json.dumps(settings, sort_keys=True)
+def row_conversations(turns: list[tuple[str, str]], image_at: dict[int, list[int]]) -> list[dict]:
+    """LLaVA ``conversations`` of (role, text) turns, each turn's ``<image>`` placeholders back where they stood
+    (``image_at``: turn -> character offsets, as ``Record.image_at``; records.join_placeholders)."""
+    return [{"from": ROLE_OUT[role], "value": join_placeholders(text, image_at.get(i, []))}
+            for i, (role, text) in enumerate(turns)]

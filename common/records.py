@@ -19,6 +19,7 @@ PLACEHOLDER = "<image>"
 _PLACEHOLDER_RE = re.compile(r"<image>\n|\n<image>|<image>")
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLE_OUT = {"user": "human", "assistant": "gpt", "system": "system"}  # the LLaVA name of each role ROLE_MAP gives
 
 @dataclass
 class Record:
@@ -133,6 +134,27 @@ def split_placeholders(text: str) -> tuple[str, list[int]]:
         pos = m.end()
     out.append(text[pos:])
     return "".join(out), offsets
+
+
+def join_placeholders(text: str, offsets: list[int]) -> str:
+    """The inverse of ``split_placeholders``: ``text`` with an ``<image>`` placeholder at each offset (ascending),
+    written so that ``split_placeholders`` gives back exactly ``(text, offsets)``: at the start as ``"<image>\\n"``,
+    beside a line break of the text with a line break of its own (the regex takes one with the placeholder), else
+    bare."""
+    out, pos = [], 0
+    for o in offsets:
+        out.append(text[pos:o])
+        pos = o
+        if o == 0:
+            out.append(PLACEHOLDER + "\n")
+        elif text[o - 1] == "\n":
+            out.append("\n" + PLACEHOLDER)
+        elif o < len(text) and text[o] == "\n":
+            out.append(PLACEHOLDER + "\n")
+        else:
+            out.append(PLACEHOLDER)
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def parse_record(index: int, item: object) -> Record:

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignti.common import distributed as dist
+from alignti.common.cache import atomic_write_json
 from alignti.common.config import check_ranges
 from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import collate
@@ -39,7 +40,7 @@ from alignti.common.errors import CacheError, DataError
 from alignti.common.faults import crash_point
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
 from alignti.common.models import load_vlm
-from alignti.common.onpolicy import (ROLLOUT_MANIFEST, ROLLOUT_PLAN, candidate_count, row_conversations, rollout_schema, sampling_json, seed_for,
+from alignti.common.onpolicy import (ROLLOUT_MANIFEST, ROLLOUT_PLAN, candidate_count, row_conversations, rollout_schema, seed_for,
                                      weights_sha256)
 from alignti.common.progress import progress_bar
 from alignti.common.records import Record, Skipped, parse_record
@@ -91,21 +92,18 @@ def _assistant_turns(rec: Record) -> list[int]:
     return [i for i, (role, _) in enumerate(rec.turns) if role == "assistant"]
 
 
-def _image_placement(rec: Record) -> dict[int, int]:
-    """Turn index -> images before its text (one image: before the first user turn, LLaVA's convention)."""
-    if rec.image_turns:
-        return dict(rec.image_turns)
-    if rec.images:
-        return {next(i for i, (role, _) in enumerate(rec.turns) if role == "user"): 1}
-    return {}
+def _sampling_settings(cfg: RolloutConfig) -> dict:
+    """The settings that decide a rollout's rows: the plan's ``settings`` and each row's ``sampling``."""
+    return {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "samples_per_prompt", "seed",
+                                         "top_b", "teacher_forced")}
 
 
 def _row_item(rec: Record, upto: int, answer: str | None) -> tuple[dict, int]:
     """The LLaVA item of ``rec``'s turns before ``upto`` plus ``answer`` as the next assistant turn (``upto`` = the
     turn count and ``answer`` None: the whole conversation), and how many of its images it shows."""
     turns = list(rec.turns[:upto]) + ([("assistant", answer)] if answer is not None else [])
-    placement = {t: c for t, c in _image_placement(rec).items() if t < len(turns)}
-    n_img = sum(placement.values())
+    placement = {t: offs for t, offs in (rec.image_at or {}).items() if t < len(turns)}
+    n_img = sum(len(offs) for offs in placement.values())
     refs = rec.images[:n_img]
     item = {"id": rec.sample_id, "conversations": row_conversations(turns, placement)}
     if refs:
@@ -170,8 +168,7 @@ def rollout(cfg: RolloutConfig) -> dict:
     adapter = adapter_for(model)
     fp = student_fingerprint(cfg, model, processor)
     max_length = cfg.max_length or getattr(adapter.text_config, "max_position_embeddings", None)
-    settings = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "samples_per_prompt", "seed",
-                                             "top_b", "teacher_forced")}
+    settings = _sampling_settings(cfg)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
     plan = {"student": fp, "round": cfg.round, "settings": settings, "embedded_images": embedded, "units": units,
             "data": str(cfg.data) if "://" in str(cfg.data) else str(Path(cfg.data).resolve()),
@@ -186,9 +183,7 @@ def rollout(cfg: RolloutConfig) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             (out / DATA_DIR).mkdir(exist_ok=True)
             (out / PARTS_DIR).mkdir(exist_ok=True)
-            tmp = out / f"{PLAN}.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(plan, indent=2, sort_keys=True))
-            os.replace(tmp, out / PLAN)
+            atomic_write_json(out / PLAN, plan)
         else:
             diffs = [k for k in ("student", "round", "settings", "units", "unit_ids") if old.get(k) != json.loads(
                 json.dumps(plan[k]))]
@@ -233,10 +228,7 @@ def rollout(cfg: RolloutConfig) -> dict:
                                "retokenized_differs": sum(p["retokenized_differs"] for p in parts)},
                     "dropped": [d for p in parts for d in p["dropped"]],
                     "rollout_config": {k: v for k, v in asdict(cfg).items() if k != "progress"}}
-        tmp = out / f"{MANIFEST}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        crash_point("rollout-manifest")
-        os.replace(tmp, out / MANIFEST)
+        atomic_write_json(out / MANIFEST, manifest, point="rollout-manifest")
         return manifest
 
     manifest = dist.on_main(env, finish)
@@ -259,9 +251,7 @@ def _write_unit(out: Path, u: int, rows: list[dict], dropped: list[dict], schema
     meta = {"unit": u, "rows": len(rows), "dropped": dropped,
             "generated_tokens": sum(len(r["student_token_ids"]) for r in rows if r["turn"] >= 0),
             "retokenized_differs": sum(1 for r in rows if not r["retokenized_equal"])}
-    tmp = out / PARTS_DIR / f".{name}.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, out / PARTS_DIR / f"{name}.json")
+    atomic_write_json(out / PARTS_DIR / f"{name}.json", meta)
     tmp = out / DATA_DIR / f".{name}.tmp{os.getpid()}"
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
     crash_point("rollout-part")
@@ -291,8 +281,7 @@ def _unit(cfg, model, processor, adapter, source, records, fp, embedded, pad_id,
             for a, i in enumerate(_assistant_turns(r)):
                 for k in range(cfg.samples_per_prompt):
                     jobs.append((r, loaded, a, i, k))
-    sampling = sampling_json(**{k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "seed",
-                                                             "samples_per_prompt", "top_b", "teacher_forced")})
+    sampling = json.dumps(_sampling_settings(cfg), sort_keys=True)  # every row's "sampling" column
     rows: dict[tuple, dict] = {}
     run = _teacher_forced_jobs if cfg.teacher_forced else _generated_jobs
     for key, row in run(cfg, model, processor, adapter, jobs, pad_id, max_length, bar, dropped):

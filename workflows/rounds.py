@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from alignti.common.cache import atomic_write_json, atomic_write_text
 from alignti.common.config import ConfigError, check_keys, check_ranges, read_config
 from alignti.common.onpolicy import ROLLOUT_MANIFEST
 from alignti.common.schema import MANIFEST_FILE
@@ -233,9 +233,7 @@ class _State:
 
     def record(self, name: str, **info) -> None:
         self.data["stages"][name] = {**self.data["stages"].get(name, {}), **info}
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, self.data)
 
 
 def _freeze(cfg: dict, work: Path, src: str) -> None:
@@ -250,9 +248,7 @@ def _freeze(cfg: dict, work: Path, src: str) -> None:
         if cfg["rounds"] < old.get("rounds", 0):
             log.info("%s was started for %d rounds; running only the first %d", work, old["rounds"], cfg["rounds"])
     work.mkdir(parents=True, exist_ok=True)
-    tmp = frozen.with_name(frozen.name + f".tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, frozen)
+    atomic_write_text(frozen, yaml.safe_dump(cfg, sort_keys=False))
 
 
 def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> dict:
