@@ -64,6 +64,7 @@ def _resolve(ctx: typer.Context, config: Optional[Path], required: tuple[str, ..
     from alignti.common.config import ConfigError, check_keys, check_ranges, read_config
     values = {k: v for k, v in ctx.params.items() if k != "config"}
     extra = dict(file_only or {})
+    from_file: set[str] = set()  # the options whose value came from the file (its errors name the file)
     if config is not None:
         given = read_config(config)
         check_keys(given, [*values, *extra], ctx.info_name, str(config))
@@ -78,9 +79,10 @@ def _resolve(ctx: typer.Context, config: Optional[Path], required: tuple[str, ..
                     values[k] = None if v is None else params[k].process_value(ctx, v)
                 except Exception as e:  # the parameter type's own message (e.g. "'abc' is not a valid float")
                     raise ConfigError(f"{config}: option '{k}': {getattr(e, 'message', None) or e}") from None
-    file_keys = {k for k in given} if config is not None else set()
-    check_ranges(ctx.info_name, {k: v for k, v in values.items() if k in file_keys}, str(config))
-    check_ranges(ctx.info_name, values)  # flags: before any model loads or anything is written
+                from_file.add(k)
+    # every numeric value in its range before --nproc relaunches under torchrun, before anything loads or is written
+    check_ranges(ctx.info_name, {k: v for k, v in values.items() if k in from_file}, str(config))
+    check_ranges(ctx.info_name, {k: v for k, v in values.items() if k not in from_file})
     missing = [k for k in required if values.get(k) is None or values.get(k) in ([], ())]  # a repeatable flag: []
     if missing:
         raise ConfigError(f"{ctx.info_name} needs " + ", ".join("--" + k.replace("_", "-") for k in missing)
