@@ -116,8 +116,8 @@ class LlavaAdapter(ModelAdapter):
 class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision", "llava_next")
-    multi_image = True
-    media_token_keys = ("image_token_id", "video_token_id")  # several images of a sample: base resolution each (batch_num_images), as the model trains
+    multi_image = True  # several images of a sample: base resolution each (batch_num_images), as the model trains
+    media_token_keys = ("image_token_id", "video_token_id")
 
     @staticmethod
     def collate_image_inputs(items):

@@ -43,14 +43,9 @@ def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
     return load_model(path, device, dtype), processor
 
 
-def text_vocab_size(path: str) -> int | None:
-    """The language model's vocabulary size (rows of its LM head) from the checkpoint's config alone, without
-    loading any weights; None when the config cannot be read here (loading the model names that problem)."""
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError):
-        return None
+def text_vocab_size(config) -> int | None:
+    """The language model's vocabulary size (rows of its LM head) from a checkpoint's config (``load_config``), no
+    weights loaded; None when the config names none."""
     text = getattr(config, "text_config", None) or config
     size = getattr(text, "vocab_size", None)
     return int(size) if size else None

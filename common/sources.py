@@ -134,11 +134,6 @@ class DataSource:
             return self._embedded(int(row), sample_id, int(k) if k else None)
         return self._file(ref, sample_id)
 
-    def load_image(self, ref: str, sample_id: str):
-        """(PIL image, sha256 of its bytes)."""
-        data = self.image_bytes(ref, sample_id)
-        return decode_image(data, sample_id, f"'{ref}'"), hashlib.sha256(data).hexdigest()
-
     def _file(self, ref: str, sample_id: str) -> bytes:
         return file_bytes(self.images, ref, sample_id)
 

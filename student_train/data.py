@@ -214,3 +214,14 @@ def batch_to_device(batch: dict, device) -> dict:
         if k in batch:
             out[k] = [c.to(device) for c in batch[k]]
     return out
+
+
+def epoch_sample_order(reader, epoch: int, seed: int, batch_size: int, group_by_length: bool) -> list[int]:
+    """A cache's sample order for one epoch: block-shuffled by part (``epoch_order``), then with
+    ``group_by_length`` length-grouped so each batch of ``batch_size`` holds samples of similar token length (less
+    padding). A function of (seed, epoch) only, so --resume picks up the same order."""
+    order = epoch_order(reader, epoch, seed)
+    if not group_by_length:
+        return order
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
+    return length_grouped(order, [r["tok_len"] for r in reader.samples], batch_size, g)

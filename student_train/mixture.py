@@ -37,7 +37,7 @@ from alignti.common.cache import CacheReader
 from alignti.common.errors import FingerprintMismatch
 from alignti.common.losses import TERM_COUNT, LossWeights, means, step_counts
 
-from .data import batches_of, epoch_order, length_grouped
+from .data import batches_of, epoch_sample_order
 
 log = logging.getLogger("alignti.train")
 
@@ -288,10 +288,7 @@ class MixtureSchedule:
         if key not in self._orders:
             reader = self.sources[i].reader
             seed = self.seed + 7_907 * i  # source 0 keeps the run's seed
-            order = epoch_order(reader, epoch, seed)
-            if self.group:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
-                order = length_grouped(order, [r["tok_len"] for r in reader.samples], self.batch_size, gen)
+            order = epoch_sample_order(reader, epoch, seed, self.batch_size, self.group)
             if len(self._orders) > 64:
                 self._orders.clear()
             self._orders[key] = batches_of(order, self.batch_size)

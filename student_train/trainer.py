@@ -41,7 +41,7 @@ from alignti.common.progress import progress_bar
 from . import parallel
 from .step import StudentStep
 from .tracking import Tracker, parse_report_to
-from .data import CacheDataset, StudentCollator, batch_to_device, epoch_order, length_grouped, worker_init
+from .data import CacheDataset, StudentCollator, batch_to_device, epoch_sample_order, worker_init
 from . import mixture
 
 log = logging.getLogger("alignti.train")
@@ -160,18 +160,6 @@ def default_workers(workers: int | None, device: torch.device) -> int:
     return GPU_WORKERS if device.type == "cuda" else 0
 
 
-def epoch_batches_order(reader, epoch: int, cfg: TrainConfig) -> list[int]:
-    """The epoch's sample order: block-shuffled by part, then (--group-by-length) length-grouped so each
-    batch holds samples of similar token length (less padding). A function of (seed, epoch) only, so
-    --resume picks up the same order."""
-    order = epoch_order(reader, epoch, cfg.seed)
-    if not cfg.group_by_length:
-        return order
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 7_919)
-    lengths = [r["tok_len"] for r in reader.samples]
-    return length_grouped(order, lengths, cfg.batch_size, g)
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -254,7 +242,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    dataset = CacheDataset(reader, processor, cfg.images, data=cfg.data)
+    datasets = [CacheDataset(r, processor, cfg.images, data=cfg.data) for r in readers]
+    dataset = datasets[0]
     collator = StudentCollator(processor, type(adapter))
     micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio,
@@ -267,7 +256,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         weights = replace(weights, tpa_weighting="student")
     schedule = mix = None
     if sources:  # each micro-batch from one cache, drawn by weight (mixture.py: the stream, epochs, normalisation)
-        dataset = mixture.MixedDataset([CacheDataset(r, processor, cfg.images, data=cfg.data) for r in readers])
+        dataset = mixture.MixedDataset(datasets)
         collator = mixture.MixedCollator(collator, sources)
         shares = cfg.cache_weights or [len(r) / len(dataset) for r in readers]
         schedule = mixture.MixtureSchedule(sources, shares, cfg.batch_size, cfg.seed, cfg.group_by_length,
@@ -362,7 +351,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         bar.advance(step)
         while step < total_steps:
             order = (schedule.rank_batches(epoch, env, cfg.grad_accum) if schedule else
-                     parallel.rank_batches(epoch_batches_order(reader, epoch, cfg), cfg.batch_size, env))
+                     parallel.rank_batches(epoch_sample_order(reader, epoch, cfg.seed, cfg.batch_size,
+                                                               cfg.group_by_length), cfg.batch_size, env))
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=order[position:], collate_fn=collator,
                                                  num_workers=workers,
                                                  multiprocessing_context="spawn" if workers else None,
@@ -442,7 +432,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if broken:  # the guard keeps non-finite updates out; a finite update can still overflow a weight
         raise NonFiniteStep(f"after step {step}: {len(broken)} weight tensor(s) of the student are not finite "
                             f"({', '.join(sorted(set(broken))[:3])}); nothing was saved as {final}. "
-                            + _last_good_text(ckpt, last_good, cfg.save_every, out) + ".")
+                            + _last_good_text(ckpt, last_good, cfg.save_every) + ".")
     if env.distributed:
         full, _ = parallel.full_state(step_module, opt)
         if env.is_main:
@@ -612,7 +602,7 @@ def _what(bad: list[tuple[str, float]]) -> str:
     return ", ".join(f"{'gradient norm' if k == 'grad_norm' else k + ' term'} = {v}" for k, v in bad)
 
 
-def _last_good_text(ckpt: Path, last_good: int | None, save_every: int, out: Path) -> str:
+def _last_good_text(ckpt: Path, last_good: int | None, save_every: int) -> str:
     if last_good is None:
         return f"No checkpoint was written yet (the first is due at step {save_every})"
     return f"The last good checkpoint is {ckpt} (step {last_good})"
@@ -622,7 +612,7 @@ def _nonfinite_message(step: int, bad: list[tuple[str, float]], ckpt: Path, last
                        out: Path) -> str:
     resume = "" if last_good is None else "continue it with --resume --skip-nonfinite (skips such steps), or "
     return (f"step {step}: non-finite {_what(bad)}; the run is stopped before this update and nothing is saved as "
-            f"{out / 'final'}. {_last_good_text(ckpt, last_good, save_every, out)}: {resume}start a new run (another "
+            f"{out / 'final'}. {_last_good_text(ckpt, last_good, save_every)}: {resume}start a new run (another "
             "--out) with a lower --lr or --max-grad-norm, or with --skip-nonfinite")
 
 

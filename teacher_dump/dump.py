@@ -213,7 +213,11 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_ENCODINGS)}, not '{cfg.logprob_encoding}'")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
-    vocab = text_vocab_size(cfg.teacher)  # from its config: no weights loaded, nothing written yet
+    try:  # the config alone: no weights loaded, nothing written yet
+        config = load_config(cfg.teacher)
+    except (OSError, ValueError, KeyError):
+        config = None  # not readable here: loading the processor below names the problem
+    vocab = text_vocab_size(config) if config is not None else None
     for name, k in (("--top-k", cfg.top_k), ("--tpa-top-k", cfg.tpa_top_k if cfg.tpa_branches else 0)):
         if vocab is not None and k > vocab:
             raise ValueError(f"{name} {k} is larger than the teacher's vocabulary of {vocab} tokens "
@@ -221,12 +225,14 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     source = open_source(cfg.data, cfg.images)
     records = source.records()
     onp = RolloutColumns.of(source)  # on-policy rows (alignti rollout): loss turns, the student's TPA candidates
+    student_tpa = bool(cfg.tpa_branches) and onp is not None and onp.has_candidates  # TPA after student's
     if cfg.limit is not None:
         records = records[:cfg.limit]
     if not records:
         raise DataError(cfg.data, "no samples in the data file", "check --data")
     records = _preflight(records, cfg.images, cfg.skip_bad)
-    processor, config = load_processor(cfg.teacher), load_config(cfg.teacher)
+    processor = load_processor(cfg.teacher)
+    config = config if config is not None else load_config(cfg.teacher)
     records = _check_family(records, adapter_class(config.model_type), config, processor, cfg.images, cfg.skip_bad)
 
     t_load = time.perf_counter()
@@ -263,15 +269,15 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         params["packed"] = packed_settings({})
     if cfg.tpa_branches:
         params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy",
-                      tpa_candidates="student" if onp is not None and onp.has_candidates else "teacher")
-        if params["tpa_candidates"] == "student":
+                      tpa_candidates="student" if student_tpa else "teacher")
+        if student_tpa:
             params["tpa_students"] = onp.summary()["students"]
     if cfg.iva_token_kl:
         if layer is None:
             raise ValueError("--iva-token-kl needs the teacher's saliency: drop --saliency-layer none")
         params.update(iva_token_kl=True, iva_token_ratio=cfg.iva_token_ratio)
     fingerprint = make_fingerprint(model.config, processor, params)
-    if cfg.tpa_branches and onp is not None and onp.has_candidates:
+    if student_tpa:
         check_rollout(onp, fingerprint["tokenizer"]["hash"], cfg.tpa_branches, cfg.data)
     units = [[s, min(s + cfg.unit_size, len(records))] for s in range(0, len(records), cfg.unit_size)]
     plan = {"fingerprint": fingerprint, "units": units, "irs": irs,
@@ -319,6 +325,8 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
     t_loop = time.perf_counter()
     n_todo = sum(units[u][1] - units[u][0] for u in todo)
     resume = "; units already committed are kept: re-run the same command after fixing to resume"
+    cands = ((lambda chunk: student_candidates(onp, chunk, cfg.tpa_branches))
+             if params.get("tpa_candidates") == "student" else None)  # TPA after the student's candidates
 
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignti-writer")
     pending: list[Future] = []
@@ -343,8 +351,6 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
                         if not cfg.skip_bad:
                             raise DataError(err.sample, err.problem, err.fix + resume) from None
                         skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
-                cands = (lambda chunk: student_candidates(onp, chunk, cfg.tpa_branches)) if (
-                    cfg.tpa_branches and onp is not None and onp.has_candidates) else None
                 run = (lambda samples, advance=lambda n: None: _teacher_unit(
                     adapter, samples, cfg.batch_size, cfg.length_sorted_batches, pad_id, device, params, advance,
                     cands))
