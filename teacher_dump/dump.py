@@ -93,7 +93,7 @@ def _preflight(records: list, images: str, skip_bad: bool) -> list:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DataError(bad[0].sample_id, f"{len(bad)} bad sample(s) found before dumping, nothing was written: "
                         + "; ".join(b.error for b in bad[:3]) + more,
-                        "fix them, or pass --skip-bad to record them as skipped in samples.parquet")
+                        "fix them, or pass --skip-bad to record them as skipped in the cache's sample tables (parts/NNNNN.parquet)")
     bad_by_index = {b.index: b for b in bad}
     return [bad_by_index.get(r.index, r) for r in records]
 
@@ -118,7 +118,7 @@ def _check_family(records: list, adapter_cls, config, processor, images: str | N
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DataError(bad[0].sample_id, f"{len(bad)} bad sample(s) found before dumping, nothing was written: "
                         + "; ".join(b.error for b in bad[:3]) + more,
-                        "fix them, or pass --skip-bad to record them as skipped in samples.parquet")
+                        "fix them, or pass --skip-bad to record them as skipped in the cache's sample tables (parts/NNNNN.parquet)")
     return out
 
 
