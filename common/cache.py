@@ -430,7 +430,12 @@ def validate_cache(url: str | Path, storage_options: dict | None = None, damaged
         if fs.exists(f"{root}/{PLAN_FILE}"):  # not damaged: a dump that has not finished (the manifest comes last)
             raise CacheError(f"{url} is an unfinished dump (no {MANIFEST_FILE}): re-run the same dump-teacher "
                              f"command to finish it (nothing to validate or repair before that)") from None
-        return [f"{MANIFEST_FILE}: missing ({url} is not an alignti cache, or its manifest was deleted)"]
+        if not fs.exists(root):
+            raise CacheError(f"{url} does not exist: give the folder (or URL) that dump-teacher wrote") from None
+        if not fs.exists(f"{root}/{PARTS_DIR}"):  # nothing of a cache here: not a damaged one
+            raise CacheError(f"{url} is not an alignti cache (no {MANIFEST_FILE}, no {PARTS_DIR}/): give the "
+                             f"folder that dump-teacher --out wrote") from None
+        return [f"{MANIFEST_FILE}: missing (the cache's parts are there but its manifest was deleted)"]
     except json.JSONDecodeError as e:
         return [f"{MANIFEST_FILE}: damaged ({type(e).__name__})"]
     present = _listing(fs, root)

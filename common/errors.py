@@ -15,6 +15,19 @@ class DataError(AlignTIError):
         super().__init__(f"sample {sample}: {problem} ({fix})")
 
 
+class BadSamples(DataError):
+    """Several samples refused at once, before any work (a pre-flight check). The message lists the first three
+    samples' own messages (each already names its sample) and the count; ``sample`` is the first one's id."""
+
+    def __init__(self, bad: list[tuple[str, str]], before: str, fix: str):
+        """bad: [(sample id, its message "sample ID: problem (fix)")]; before: what did not start ("dumping")."""
+        self.sample, self.fix = bad[0][0], fix
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        self.problem = (f"{len(bad)} bad sample(s) found before {before}, nothing was written: "
+                        + "; ".join(m for _, m in bad[:3]) + more)
+        AlignTIError.__init__(self, f"{self.problem} ({fix})")
+
+
 class CacheError(AlignTIError):
     """The cache is incomplete, damaged, or does not fit the run."""
 

@@ -36,7 +36,7 @@ from alignti.common.config import check_ranges
 from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import collate
 from alignti.common.conversation import encode
-from alignti.common.errors import CacheError, DataError
+from alignti.common.errors import BadSamples, CacheError, DataError
 from alignti.common.faults import crash_point
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
 from alignti.common.models import load_vlm
@@ -158,9 +158,8 @@ def rollout(cfg: RolloutConfig) -> dict:
         raise DataError(cfg.data, "no samples in the data", "check --data")
     bad = [r for r in records if isinstance(r, Skipped)]
     if bad and not cfg.skip_bad:
-        raise DataError(bad[0].sample_id, f"{len(bad)} bad sample(s) found before generating, nothing was written: "
-                        + "; ".join(b.error for b in bad[:3]), "fix them, or pass --skip-bad to leave them out "
-                        "(listed in rollout.json)")
+        raise BadSamples([(b.sample_id, b.error) for b in bad], "generating",
+                         "fix them, or pass --skip-bad to leave them out (listed in rollout.json)")
     embedded = any(is_embedded(ref) for r in records if isinstance(r, Record) for ref in r.images)
 
     model, processor = load_vlm(cfg.student, device, cfg.dtype)

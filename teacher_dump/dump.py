@@ -29,7 +29,7 @@ from alignti.common.cache import PartWriter, committed_parts, packed_settings, r
 from alignti.common.config import check_ranges
 from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
-from alignti.common.errors import CacheError, DataError, ResourceError
+from alignti.common.errors import BadSamples, CacheError, DataError, ResourceError
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_config, load_model, load_processor, text_vocab_size
 from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
@@ -71,6 +71,9 @@ class DumpConfig:
     progress: bool = True
 
 
+SKIP_FIX = "fix them, or pass --skip-bad to record them as skipped in the cache's sample tables (parts/NNNNN.parquet)"
+
+
 def _preflight(records: list, images: str, skip_bad: bool) -> list:
     """Check what can be checked before any teacher time is spent (parse errors, missing images)."""
     bad = []
@@ -90,10 +93,7 @@ def _preflight(records: list, images: str, skip_bad: bool) -> list:
                     r.sample_id, f"image '{missing[0]}' not found under {images}",
                     "check --images and the sample's 'image' field, or pass --skip-bad"))))
     if bad and not skip_bad:
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise DataError(bad[0].sample_id, f"{len(bad)} bad sample(s) found before dumping, nothing was written: "
-                        + "; ".join(b.error for b in bad[:3]) + more,
-                        "fix them, or pass --skip-bad to record them as skipped in the cache's sample tables (parts/NNNNN.parquet)")
+        raise BadSamples([(b.sample_id, b.error) for b in bad], "dumping", SKIP_FIX)
     bad_by_index = {b.index: b for b in bad}
     return [bad_by_index.get(r.index, r) for r in records]
 
@@ -115,10 +115,7 @@ def _check_family(records: list, adapter_cls, config, processor, images: str | N
                 bad.append(r)
         out.append(r)
     if bad and not skip_bad:
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise DataError(bad[0].sample_id, f"{len(bad)} bad sample(s) found before dumping, nothing was written: "
-                        + "; ".join(b.error for b in bad[:3]) + more,
-                        "fix them, or pass --skip-bad to record them as skipped in the cache's sample tables (parts/NNNNN.parquet)")
+        raise BadSamples([(b.sample_id, b.error) for b in bad], "dumping", SKIP_FIX)
     return out
 
 

@@ -85,10 +85,11 @@ def calibration_subset(records: list[Record], n: int, seed: int = 0) -> list[Rec
     random.Random(seed).shuffle(groups)
     out = []
     for g in groups:
-        if len(out) >= n:
+        room = n - len(out)
+        if room <= 0 or (len(g) > 1 and room < 2):  # a lone sample of a shared image would be in no pair
             break
-        out += g[:max(2, n - len(out))]
-    return out[:n]
+        out += g[:room]
+    return out
 
 
 def select_layer(model, processor, records: list[Record], images: str, n_samples: int = 256, batch_size: int = 8,
@@ -112,6 +113,11 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
         log.warning("IRS compares only pairs of the same image grid: %d of %d pairs kept (the rest have images of "
                     "different sizes)", len(same), len(pairs))
     n_dropped, pairs = len(pairs) - len(same), same
+    unpaired = sorted(set(range(len(calib))) - {i for p in pairs for i in p})
+    if unpaired and not fallback:
+        log.warning("IRS: %d of %d calibration samples are in no compared pair (no other question about the same "
+                    "image with another instruction, or another image grid): %s", len(unpaired), len(calib),
+                    ", ".join(calib[i].sample_id for i in unpaired[:5]) + (" ..." if len(unpaired) > 5 else ""))
     if not pairs:
         raise ValueError("select-layer found no two calibration samples with images of the same grid (image "
                          "size), so no attention maps to compare: ask two questions about one image in the data, "
@@ -121,7 +127,7 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
         cos = [torch.nn.functional.cosine_similarity(maps[layer][i], maps[layer][j], dim=0) for i, j in pairs]
         curve.append(float(1 - torch.stack(cos).mean()))
     best = max(layers, key=lambda layer: curve[layer])
-    return {"layer": best, "curve": curve, "pairs": len(pairs), "samples": len(calib), "random_pairs": fallback,
+    return {"layer": best, "curve": curve, "pairs": len(pairs), "samples": len(calib) - len(unpaired) if not fallback else len(calib), "random_pairs": fallback,
             "grid_mismatched_pairs_dropped": n_dropped}
 
 

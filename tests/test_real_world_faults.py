@@ -275,6 +275,30 @@ def test_irs_with_no_pair_of_the_same_grid_says_what_to_do(qwen_kit, tmp_path):
         select_layer(model, proc, recs, str(qwen_kit / "data/images"), progress=False)
 
 
+def test_irs_calibration_never_holds_a_lone_sample_and_names_the_unpaired(qwen_kit, tmp_path, caplog):
+    """Sibling of row 4: the calibration subset is never cut inside an image's group so as to leave one sample of
+    it (that sample would be in no pair), and a sample in no compared pair is named, not dropped silently."""
+    from alignti.common.models import load_vlm
+    from alignti.teacher_dump.select_layer import calibration_subset
+    recs = [parse_record(i, {"id": f"s{i}", "image": f"im{i // 3}.png", "conversations": _conv(f"<image>\nQ{i}?")})
+            for i in range(9)]  # three images, three questions each
+    for n in range(2, 10):
+        sub = calibration_subset(recs, n)
+        per_image = {}
+        for r in sub:
+            per_image[r.image] = per_image.get(r.image, 0) + 1
+        assert len(sub) <= n and all(c >= 2 for c in per_image.values()), (n, per_image)
+    model, proc = load_vlm(str(qwen_kit / "teacher"), torch.device("cpu"))
+    recs = [parse_record(i, {"id": f"s{i}", "image": im, "conversations": _conv(q)})
+            for i, (im, q) in enumerate([("train_00000.png", "<image>\nWhat is it?"),
+                                         ("train_00000.png", "<image>\nWhat colour is it?"),
+                                         ("w96.png", "<image>\nWhat is it?"), ("w96.png", "<image>\nWhat is it?")])]
+    with caplog.at_level("WARNING", logger="alignti.irs"):
+        irs = select_layer(model, proc, recs, str(qwen_kit / "data/images"), progress=False)
+    assert irs["pairs"] == 1 and irs["samples"] == 2
+    assert any("2 of 4 calibration samples are in no compared pair" in m and "s2, s3" in m for m in caplog.messages)
+
+
 @pytest.mark.parametrize("turn, token", [(0, "<|image_pad|>"), (1, "<|vision_start|>"), (0, "<|video_pad|>"),
                                          (1, "<|vision_end|>")])
 def test_qwen_literal_special_tokens_are_named_before_teacher_time(qwen_kit, tmp_path, turn, token, monkeypatch):
@@ -423,3 +447,28 @@ def test_out_of_memory_is_one_line(kit, tmp_path, monkeypatch):
         dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(tmp_path / "d.json"),
                                 images=str(kit / "data/images"), out=str(tmp_path / "c"), saliency_layer="1",
                                 top_k=8, tpa_branches=2, progress=False))
+
+
+def test_several_bad_samples_are_listed_once_each(kit, tmp_path):
+    """Pre-flight refusals of several samples at once (dump and rollout): one message with the count, each sample's
+    own message once (its id not repeated in front of the list), nothing written."""
+    from alignti.student_rollout.rollout import RolloutConfig, rollout
+    recs = json.loads((kit / "data/train.json").read_text())[:6]
+    for i in (1, 4):
+        recs[i]["image"] = f"gone{i}.png"
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    with pytest.raises(DataError) as e:
+        dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(tmp_path / "d.json"),
+                                images=str(kit / "data/images"), out=str(tmp_path / "c"), progress=False))
+    msg = str(e.value)
+    assert msg.startswith("2 bad sample(s) found before dumping, nothing was written: ")
+    assert [msg.count(f"sample {recs[i]['id']}:") for i in (1, 4)] == [1, 1] and e.value.sample == recs[1]["id"]
+    assert not (tmp_path / "c").exists()
+    for i in (1, 4):  # the rollout's pre-flight is the records' own (images are read per work unit)
+        recs[i]["image"], recs[i]["conversations"] = f"train_{i:05d}.png", []
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    with pytest.raises(DataError) as e:
+        rollout(RolloutConfig(student=str(kit / "student"), data=str(tmp_path / "d.json"),
+                              images=str(kit / "data/images"), out=str(tmp_path / "r"), progress=False))
+    assert str(e.value).startswith("2 bad sample(s) found before generating")
+    assert [str(e.value).count(f"sample {recs[i]['id']}:") for i in (1, 4)] == [1, 1]

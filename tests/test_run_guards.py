@@ -313,6 +313,23 @@ def test_validate_on_an_unfinished_dump_says_re_run_the_dump(cache, tmp_path):
     assert (c / "plan.json").exists() and any((c / "parts").glob("*.commit.json"))  # nothing un-committed
 
 
+def test_validate_on_what_is_not_a_cache_says_so(cache, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray/notes.txt").write_text("x")
+    for where, says in ((tmp_path / "nowhere", "does not exist"), (empty, "is not an alignti cache"),
+                        (tmp_path / "stray", "is not an alignti cache (no manifest.json, no parts/)")):
+        res = runner.invoke(app, ["validate-cache", str(where)])
+        assert res.exit_code == 2 and "DAMAGED" not in res.output and _has(res, says), res.output
+    c = tmp_path / "c"  # sibling: a finished cache whose manifest and plan were deleted is damaged, exit 1
+    shutil.copytree(cache, c)
+    (c / "manifest.json").unlink()
+    (c / "plan.json").unlink()
+    res = runner.invoke(app, ["validate-cache", str(c)])
+    assert res.exit_code == 1 and "DAMAGED: manifest.json: missing" in res.output
+
+
 def test_push_to_an_unwritable_or_full_destination_is_one_line(cache, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
