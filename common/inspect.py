@@ -49,6 +49,12 @@ def cache_summary(url: str) -> dict:
     }
 
 
+def _times(ratio: float) -> str:
+    """A size ratio (full fp16 / cache) in words: "3.2x smaller", or "1.9x larger" when the cache is bigger (a tiny
+    vocabulary, where a k-row with its saliency and TPA fields can outweigh the whole fp16 distribution)."""
+    return f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.1f}x larger"
+
+
 def render_summary(info: dict) -> str:
     c = info["counts"]
     lines = [
@@ -61,7 +67,8 @@ def render_summary(info: dict) -> str:
         f"on disk          {info['bytes_on_disk']:,} bytes",
         f"bytes/token      {info['bytes_per_token']:.1f} all fields, {info['topk_bytes_per_token']:.1f} top-k fields",
         f"vs full fp16     {info['full_vocab_fp16_bytes_per_token']} B/token (vocab {info['vocab_size']}): "
-        f"{info['compression_vs_full_fp16']:.1f}x smaller (top-k fields alone {info['topk_compression_vs_full_fp16']:.1f}x)",
+        f"{_times(info['compression_vs_full_fp16'])} (top-k fields alone "
+        f"{_times(info['topk_compression_vs_full_fp16'])})",
         f"fingerprint      teacher {info['fingerprint']['teacher_config_hash'][:12]}  tokenizer "
         f"{info['fingerprint']['tokenizer_hash'][:12]}  processor {info['fingerprint']['processor_hash'][:12]}",
     ]

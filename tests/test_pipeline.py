@@ -104,6 +104,11 @@ def test_cli_inspect_validate_and_thin_layer(cache):
     assert info["counts"]["ok"] == 60 and info["top_k"] == 32
     assert info["compression_vs_full_fp16"] > 1 and info["topk_bytes_per_token"] > 0
     assert CliRunner().invoke(app, ["validate-cache", str(cache)]).exit_code == 0
+    from alignti.common.inspect import render_summary
+    for ratio, says in ((info["compression_vs_full_fp16"], f"{info['compression_vs_full_fp16']:.1f}x smaller"),
+                        (0.5, "2.0x larger"), (1.0, "1.0x smaller")):  # a cache larger than full fp16 says larger
+        text = render_summary(dict(info, compression_vs_full_fp16=ratio))
+        assert f"vs full fp16     {info['full_vocab_fp16_bytes_per_token']} B/token" in text and says in text
     r = CliRunner().invoke(app, ["train-student", "--student", "x", "--cache", "/nonexistent", "--out", "/tmp/x"])
     assert r.exit_code == 2
 
