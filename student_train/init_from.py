@@ -12,6 +12,21 @@ from alignti.common.errors import AlignTIError
 log = logging.getLogger("alignti.train")
 
 
+TRAINING_STATE_KEYS = {"model", "optimizer", "scheduler", "rng", "step"}
+
+
+def read_training_state(ckpt: Path) -> dict:
+    """A train-student checkpoint file (``RUN/checkpoint/state.pt``) as saved. Raises ValueError(why) when it cannot
+    be read (truncated, not a pickle) or is not an alignti training checkpoint; the caller names what to do."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated zip, a bad pickle, an unreadable file: all say the same to the user
+        raise ValueError(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or not TRAINING_STATE_KEYS <= set(state):
+        raise ValueError("not an alignti training checkpoint")
+    return state
+
+
 def init_state(run: str) -> tuple[dict, str]:
     """The student weights of an earlier train-student run directory: ``RUN/final`` (loaded with
     ``from_pretrained``, as evaluate loads it), else the model state of ``RUN/checkpoint/state.pt`` (a DDP /
@@ -21,11 +36,21 @@ def init_state(run: str) -> tuple[dict, str]:
     final = root / "final"
     if (final / "config.json").is_file():
         from alignti.common.models import load_vlm  # from_pretrained maps the saved key names to the model's
-        model, _ = load_vlm(str(final), torch.device("cpu"), "float32")
+        try:
+            model, _ = load_vlm(str(final), torch.device("cpu"), "float32")
+        except AlignTIError:
+            raise
+        except Exception as e:  # a truncated safetensors file, a bad config: named, not a traceback
+            raise AlignTIError(f"--init {run}: {final} cannot be loaded ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]}); pass another run, or restore {final}") from None
         return model.state_dict(), str(final)
     ckpt = root / "checkpoint" / "state.pt"
     if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        try:
+            saved = read_training_state(ckpt)
+        except ValueError as e:
+            raise AlignTIError(f"--init {run}: its checkpoint {ckpt} is damaged and cannot be read ({e}); pass "
+                               f"another run, or finish this one so that it writes {final}") from None
         state = saved["model"]
         if saved.get("run", {}).get("world_size", 1) > 1:  # the StudentStep wrapper's keys
             from .parallel import plain_model_state

@@ -41,6 +41,7 @@ from alignti.common.progress import progress_bar
 from . import parallel
 from .step import StudentStep
 from .tracking import Tracker, parse_report_to
+from .init_from import load_init, read_training_state
 from .data import CacheDataset, StudentCollator, batch_to_device, epoch_sample_order, worker_init
 from . import mixture
 
@@ -236,7 +237,6 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     layer = student_layer_for(cfg.student_layer, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
                               adapter.num_layers)
     if cfg.init:
-        from .init_from import load_init
         load_init(model, cfg.init)
 
     torch.manual_seed(cfg.seed)
@@ -579,12 +579,9 @@ def _load_checkpoint(ckpt: Path, out: Path, metrics_path: Path, save_every: int)
                 else "nothing was trained there yet")
         raise CheckpointError(f"--resume: no checkpoint in {out} ({when}); drop --resume to start over")
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated zip, a bad pickle, an unreadable file: all say the same to the user
-        raise CheckpointError(_damaged(ckpt, out, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")) from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "step"} <= set(state):
-        raise CheckpointError(_damaged(ckpt, out, "not an alignti training checkpoint"))
-    return state
+        return read_training_state(ckpt)
+    except ValueError as e:
+        raise CheckpointError(_damaged(ckpt, out, str(e))) from None
 
 
 def nonfinite(terms: dict[str, float], grad_norm: float) -> list[tuple[str, float]]:

@@ -279,6 +279,18 @@ def test_yaml_cache_list_and_init_from_an_earlier_run(kit, cache, other_caches, 
     shutil.rmtree(tmp_path / "a/final")
     ck, where = init_state(str(tmp_path / "a"))
     assert "checkpoint" in where and ck.keys() == fin.keys() and all(torch.equal(ck[k], fin[k]) for k in fin)
+    # a damaged checkpoint (truncated) or final (truncated weights) is named in one line, as --resume names it
+    from alignti.common.errors import AlignTIError
+    state = tmp_path / "a/checkpoint/state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(AlignTIError, match=rf"--init {tmp_path / 'a'}: its checkpoint {state} is damaged and cannot "
+                       r"be read \(.*\); pass another run"):
+        init_state(str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "j/final", tmp_path / "a/final")
+    w = tmp_path / "a/final/model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(AlignTIError, match=rf"{tmp_path / 'a/final'} cannot be loaded \(.*\); pass another run"):
+        init_state(str(tmp_path / "a"))
 
 
 def test_ddp_two_ranks_mix_as_one_process_and_resume_after_kill(kit, cache, other_caches, tmp_path):
