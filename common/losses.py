@@ -446,8 +446,11 @@ def total_loss(spec: LossSpec, w: LossWeights, out: dict) -> dict[str, torch.Ten
     if spec.tpa:
         rows = out.get("tpa_rows")
         pick = (lambda a: a) if rows is None else (lambda a: a.index_select(0, rows))
+        t_rows, top = out.get("xt_tpa_trows"), out["topk_ids"]  # across tokenizers: the teacher's rows, student ids
+        pick_t = pick if t_rows is None else (lambda a: a.index_select(0, t_rows))
+        top = top if t_rows is None else out["xt_ids"]
         terms["tpa"] = tpa_loss(out["branch_logits"], out["tpa_cand_ids"], out["tpa_ids"], out["tpa_logprobs"],
-                                out["tpa_tail"], pick(out["topk_ids"]), pick(out["topk_logprobs"]), w.temperature,
+                                out["tpa_tail"], pick_t(top), pick_t(out["topk_logprobs"]), w.temperature,
                                 w.tpa_weighting, pick(out["logits"]))
         total = total + w.tpa * terms["tpa"]
     terms["loss"] = total
@@ -848,7 +851,10 @@ def _branch_fn(t: dict, w: LossWeights, norm: StepNorm, shared: dict):
         weights_of = lambda: student_candidate_weights(shared["student_cand_logp"]).reshape(-1)  # noqa: E731
     else:
         rows = t.get("tpa_rows")
-        top_ids = t["topk_ids"] if rows is None else t["topk_ids"].index_select(0, rows)
+        top = t["topk_ids"]
+        if t.get("xt_tpa_trows") is not None:  # across tokenizers: the teacher's rows, its top-k in student ids
+            rows, top = t["xt_tpa_trows"], t["xt_ids"]
+        top_ids = top if rows is None else top.index_select(0, rows)
         top_lps = t["topk_logprobs"] if rows is None else t["topk_logprobs"].index_select(0, rows)
         teacher_w = candidate_weights(t["tpa_cand_ids"], top_ids, top_lps).reshape(-1)
         weights_of = lambda: teacher_w  # noqa: E731
