@@ -151,6 +151,12 @@ def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: boo
     return full, content, ends
 
 
+def rendered_text(processor, rec: Record, with_images: bool = True) -> str:
+    """The conversation as the processor's chat template renders it, checked to hold every message text verbatim
+    (DataError naming the sample otherwise); no tokenizer or image processor runs."""
+    return _rendered_spans(processor, rec, list(rec.turns), object() if with_images else None, False)[0]
+
+
 def piecewise_tokenization_differs(tokenizer) -> bool:
     """Whether tokenizing a message apart from the markup before it gives other ids than tokenizing the joined
     text (true for SentencePiece tokenizers with a dummy prefix, false for byte-level BPE)."""

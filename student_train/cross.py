@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from alignti.common.cache import CacheReader, read_teacher_tokens
-from alignti.common.conversation import encode, record_from_conversation, with_saliency_query
+from alignti.common.conversation import encode, record_from_conversation, rendered_text, with_saliency_query
 from alignti.common.errors import CacheError, DataError
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
 from alignti.common.losses import resample_saliency
@@ -68,6 +68,25 @@ class CrossTokenizer:
         self.iva, self.tpa = iva, tpa
         log.info("cross-tokenizer: %d of the teacher's %d text tokens have an identical student token (%.1f%%)",
                  int((self.map >= 0).sum()), n_text, 100 * self.overlap)
+
+    def preflight(self, reader: CacheReader) -> None:
+        """Before any step: every sample's conversation goes through the student's chat template verbatim (a
+        template that rewrites, trims or drops message text would give texts that cannot be aligned). Renders the
+        text only (no images, no tokenizer); raises one DataError naming the first bad samples and how many."""
+        bad = []
+        for row in reader.samples:
+            refs = image_refs(row["image"])
+            rec = record_from_conversation(row["index"], row["sample_id"], refs if len(refs) > 1 else
+                                           (refs[0] if refs else None), row["conversation"])
+            try:
+                rendered_text(self.processor, rec, with_images=bool(refs))
+            except DataError as e:
+                bad.append(e)
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise DataError(bad[0].sample, f"{len(bad)} sample(s) cannot be aligned across tokenizers, nothing was "
+                            "trained: " + "; ".join(f"sample {b.sample}: {b.problem}" for b in bad[:3]) + more,
+                            "use a student chat template that inserts message text verbatim")
 
     def student_view(self, x: dict) -> dict:
         """A cache sample (``CacheDataset`` item, with its decoded images) as the student sees it: its own ids,

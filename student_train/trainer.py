@@ -251,6 +251,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     cross = None
     if cfg.cross_tokenizer:  # the student encodes every sample itself: its own tokenizer and processor may differ
         cross = CrossTokenizer(reader, processor, caches[0], iva=spec.iva, tpa=spec.tpa)
+        cross.preflight(reader)  # a sample whose text the student's template rewrites is named before any step
     else:
         check_student(reader.fingerprint, processor, cfg.student)
         for r, url in zip(readers, caches):

@@ -12,7 +12,7 @@ import torch
 
 from alignti.common.cache import CacheReader
 from alignti.common.conversation import encode, record_from_conversation
-from alignti.common.errors import CacheError, FingerprintMismatch
+from alignti.common.errors import CacheError, DataError, FingerprintMismatch
 from alignti.common.models import load_processor
 from alignti.common.records import image_refs
 from alignti.common.schema import MANIFEST_FILE
@@ -151,3 +151,17 @@ def test_same_tokenizer_path_ignores_the_v7_fields(xkit, tmp_path):
         assert "xt_pair" not in json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
     assert finals[0].keys() == finals[1].keys()
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_student_template_that_rewrites_answers_is_named_before_training(xkit):
+    """A student chat template that changes message text (here: trims and upper-cases it) cannot be aligned: the
+    preflight names the samples before any step."""
+    reader = CacheReader(xkit / "cache")
+    proc = load_processor(str(xkit / "student_qwen2_vl"))
+    cross = CrossTokenizer(reader, proc)
+    cross.preflight(reader)  # the student's own template inserts text verbatim
+    proc.chat_template = proc.chat_template.replace("{{ c['text'] }}", "{{ c['text'] | trim | upper }}")
+    assert "upper" in proc.chat_template
+    with pytest.raises(DataError, match=rf"sample {reader.samples[0]['sample_id']}: {len(reader)} sample\(s\) "
+                                        r"cannot be aligned across tokenizers"):
+        cross.preflight(reader)
