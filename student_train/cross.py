@@ -63,6 +63,8 @@ class CrossTokenizer:
         student_hash = tokenizer_info(processor.tokenizer, chat_template_of(processor))["hash"]
         self.map = vocab_map(teacher_bytes, processor.tokenizer, student_hash)
         n_text = sum(b is not None for b in teacher_bytes)
+        # student tokens no teacher token maps to: TPA's stand-ins for next-step ids without a student token
+        self.spare = np.setdiff1d(np.arange(len(processor.tokenizer)), self.map[self.map >= 0])[:256]
         self.overlap = float((self.map >= 0).sum()) / max(n_text, 1)
         self.query = reader.params.get("saliency_query", "instruction")
         self.iva, self.tpa = iva, tpa
@@ -148,8 +150,11 @@ class CrossTokenizer:
     def tpa_rows(self, x: dict, al: dict) -> dict:
         """The cache's TPA rows carried over to the student: a row whose response token is a one-token chunk on
         both sides (the same text, one token each) and whose B candidates all have an identical student token;
-        its next-step top-k ids mapped, slots without a student token folded into the row's rest mass (their
-        log-prob set to -inf on a mapped id of the row). ``xt_tpa_kept``: how many of the sample's rows survive."""
+        its next-step top-k ids mapped, the mass of slots without a (distinct) student token folded into the
+        row's rest mass, each such slot then naming a student-only token with teacher probability 0. (The KL is
+        then taken on a finer partition than {mapped ids, rest}: the student's mass on those stand-ins sits in
+        their own bins, not in its rest; by the data-processing inequality it is >= the coarse KL, equal when the
+        student gives them no mass.) ``xt_tpa_kept``: how many of the sample's rows survive."""
         ct, cs = al["chunk_t"], al["chunk_s"]
         n_t = np.bincount(ct, minlength=al["n_chunks"])
         n_s = np.bincount(cs, minlength=al["n_chunks"])
@@ -161,12 +166,13 @@ class CrossTokenizer:
         lost = (ids < 0) | _duplicates(ids)  # no student token, or one a slot before already names
         c = ct[pos]
         keep = (n_t[c] == 1) & (n_s[c] == 1) & (cands >= 0).all(-1) & (~lost).any(-1).all(-1)
+        keep &= lost.sum(-1).max(-1, initial=0) <= len(self.spare)
         ids, lost = ids[keep], lost[keep]
         lps = np.asarray(x["tpa_logprobs"], np.float32)[keep]
         tail = _fold_into_tail(np.asarray(x["tpa_tail"], np.float32)[keep], lps, lost)
-        # a lost slot keeps a mapped id of its row with teacher probability 0 (KL's 0 * log 0 = 0)
-        first = np.where(lost, np.iinfo(np.int64).max, np.arange(ids.shape[-1])).argmin(-1)
-        ids = np.where(lost, np.take_along_axis(ids, first[..., None], -1), ids)
+        # a lost slot names a student-only token (no teacher token maps to it, so none of the row's) with teacher
+        # probability 0: the row's ids stay distinct, as the student's fold needs
+        ids = np.where(lost, self.spare[np.clip(np.cumsum(lost, -1) - 1, 0, len(self.spare) - 1)], ids)
         lps = np.where(lost, -np.inf, lps).astype(np.float32)
         return {"tpa_pos": s_of_chunk[c[keep]].astype(np.int32), "tpa_cand_ids": cands[keep].astype(np.int32),
                 "tpa_ids": ids.astype(np.int32), "tpa_logprobs": lps, "tpa_tail": tail.astype(np.float32),

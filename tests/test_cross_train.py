@@ -100,6 +100,8 @@ def test_batch_contract(xkit, fam):
         c = int(batch["xt_chunk_s"][s_row])
         assert (batch["xt_chunk_s"] == c).sum() == 1 and (batch["xt_chunk_t"] == c).sum() == 1
         assert int(batch["xt_chunk_t"][t_row]) == c and all(cid >= 0 for cid in cands)
+    for branch in batch["tpa_ids"].reshape(-1, batch["tpa_ids"].shape[-1]).tolist():  # distinct ids: the fold's need
+        assert len(set(branch)) == len(branch)
 
 
 @pytest.mark.parametrize("loss,fam", [("gold", "llava"), ("uld", "qwen2_vl"), ("alm", "qwen2_vl")])
@@ -165,3 +167,37 @@ def test_student_template_that_rewrites_answers_is_named_before_training(xkit):
     with pytest.raises(DataError, match=rf"sample {reader.samples[0]['sample_id']}: {len(reader)} sample\(s\) "
                                         r"cannot be aligned across tokenizers"):
         cross.preflight(reader)
+
+
+def test_cross_tpa_weights_come_from_the_teachers_rows(xkit):
+    """Across tokenizers TPA's candidate weights are the teacher's first-step probabilities at the *teacher's* row
+    (``xt_tpa_trows``, its top-k in student ids): in the chunked head as in the unchunked reference, and equal to
+    the weights computed on the teacher's own ids (the map is one-to-one on the candidates)."""
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import lm_head
+    from alignti.common.losses import LossWeights, candidate_weights, get_loss, head_loss, means, step_counts, total_loss
+    from alignti.common.models import load_vlm
+    from alignti.student_train.step import student_step_outputs
+    reader, proc, cross, samples, batch = _batch(xkit, "llava", iva=False)
+    assert batch["xt_tpa_kept"][0] > 0
+    # the weights on the student's ids equal those on the teacher's own ids at the teacher's rows
+    t_cands = np.concatenate([np.asarray(reader[i]["tpa_cand_ids"]) for i in range(len(reader))])
+    t_pos = np.concatenate([np.asarray(reader[i]["tpa_pos"]) + sum(len(reader[j]["topk_ids"]) for j in range(i))
+                            for i in range(len(reader))])
+    tr = batch["xt_tpa_trows"]
+    own = torch.from_numpy(t_cands[[int(np.nonzero(t_pos == r)[0][0]) for r in tr.tolist()]])
+    w_teacher = candidate_weights(own, batch["topk_ids"][tr], batch["topk_logprobs"][tr])
+    w_student = candidate_weights(batch["tpa_cand_ids"], batch["xt_ids"][tr], batch["topk_logprobs"][tr])
+    assert torch.equal(w_teacher, w_student) and (w_teacher.sum(-1) > 0).all()
+    model, _ = load_vlm(str(xkit / "student_llava"), torch.device("cpu"), "float32")
+    adapter = adapter_for(model)
+    spec, w = get_loss("kd+tpa"), LossWeights(tpa=1.3, cross_tokenizer="gold")
+    res = student_step_outputs(adapter, batch, spec, 0)
+    res.update({k: batch[k] for k in ("xt_tpa_trows",)})
+    head = lm_head(adapter)
+    got = means(head_loss(spec, w, head, res)["sums"], step_counts(batch), w)
+    with torch.no_grad():
+        ref = total_loss(spec, w, dict(res, logits=head(res["resp_hidden"]),
+                                       branch_logits=head(res["branch_hidden"])))
+    assert got["tpa"] == pytest.approx(ref["tpa"].item(), rel=1e-5) and got["gold"] == pytest.approx(
+        ref["gold"].item(), rel=1e-5)
