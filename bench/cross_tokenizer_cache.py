@@ -1,7 +1,8 @@
 """What cross-tokenizer training adds to a cache (schema v7), in bytes per response token on disk, beside the
 top-k fields and the whole cache, on two kinds of answers: the demo's short VQA answers (1-3 tokens: the turn
 texts are mostly question) and its long-form answers (every shape, 20-60 tokens). Also the per-batch cost of the
-student's side: re-encoding + alignment per sample against reading the cache sample alone.
+student's side: a batch of 8 as the DataLoader makes it (cache read, image decoding, the image processor, collation)
+with the student re-encoding and aligning each sample against today's same-tokenizer batch.
 
 The tiny demo teacher (untrained: the cross-tokenizer fields do not depend on its distributions), k = 32, float16,
 TPA 4 x 8, saliency; the student is the demo student with its own tokenizer (vocabulary 300 vs 320) and patch 8.
@@ -17,13 +18,14 @@ from pathlib import Path
 
 from _util import table
 
+from alignti.common.adapters import LlavaAdapter
 from alignti.common.cache import CacheReader
 from alignti.common.inspect import cache_summary
 from alignti.common.models import load_processor
 from alignti.common.saving import save_checkpoint
 from alignti.demo import kit
 from alignti.student_train.cross import CrossDataset, CrossTokenizer
-from alignti.student_train.data import CacheDataset
+from alignti.student_train.data import CacheDataset, StudentCollator
 from alignti.teacher_dump.dump import DumpConfig, dump_teacher
 
 TOPK = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob")
@@ -58,21 +60,23 @@ def main() -> None:
         # the student's side: re-encode + align per sample vs the cache read alone
         reader = CacheReader(out)
         proc = load_processor(str(work / "student_x"))
-        plain, cross = CacheDataset(reader, proc), CrossDataset(reader, proc, CrossTokenizer(reader, proc))
+        xt = CrossTokenizer(reader, proc)
+        plain, cross = CacheDataset(reader, proc), CrossDataset(reader, proc, xt)
+        coll_p, coll_x = StudentCollator(proc, LlavaAdapter), StudentCollator(proc, LlavaAdapter, xt)
         n = min(200, len(reader))
-        for ds in (plain, cross):
-            ds[0]
+        for ds, coll in ((plain, coll_p), (cross, coll_x)):
+            coll([ds[0]])
         t0 = time.perf_counter()
-        for i in range(n):
-            plain[i]
+        for i in range(0, n, 8):  # a batch of 8 samples, as the DataLoader's worker makes it
+            coll_p([plain[j] for j in range(i, min(i + 8, n))])
         t1 = time.perf_counter()
-        for i in range(n):
-            cross[i]
+        for i in range(0, n, 8):
+            coll_x([cross[j] for j in range(i, min(i + 8, n))])
         t2 = time.perf_counter()
         rows[-1] += [f"{(t1 - t0) / n * 1e3:.2f}", f"{(t2 - t1) / n * 1e3:.2f}"]
     print(table(rows, ["answers", "samples", "resp tok/sample", "char spans B/tok", "texts+grids B/tok",
                  "added B/tok", "top-k B/tok", "whole cache B/tok", "teacher_tokens.json B (once)",
-                 "read ms/sample", "read+encode+align ms/sample"]))
+                 "same-tok batch ms/sample", "cross batch ms/sample"]))
     print("RATIO added/top-k bytes: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
 
 
