@@ -68,6 +68,7 @@ class CrossTokenizer:
         self.overlap = float((self.map >= 0).sum()) / max(n_text, 1)
         self.query = reader.params.get("saliency_query", "instruction")
         self.iva, self.tpa = iva, tpa
+        self._memo: dict = {}  # (index, sample id) -> the sample's text side (``_encode``), per process
         log.info("cross-tokenizer: %d of the teacher's %d text tokens have an identical student token (%.1f%%)",
                  int((self.map >= 0).sum()), n_text, 100 * self.overlap)
 
@@ -96,12 +97,34 @@ class CrossTokenizer:
         if "conversation" not in x:
             raise CacheError(f"sample {x['sample_id']} of the cache has no conversation text: re-dump the cache with "
                              f"this alignti (schema v{ALIGN_SCHEMA_VERSION})")
+        key = (x["index"], x["sample_id"])
+        if key not in self._memo:  # the text side once per sample and process (an epoch re-reads it)
+            self._memo[key] = self._encode(x)
+        rec, enc, al = self._memo[key]
+        drop = set(TPA_KEYS) | {"saliency", "ivak_pos", "ivak_weight", "ivak_ids", "ivak_logprobs",
+                                "ivak_tail"}  # teacher-side positions; IVA and TPA carried over below
+        y = {k: v for k, v in x.items() if k not in drop}
+        # the pixels: StudentCollator's one image-processor call per batch over pil_images, as on the same-tokenizer
+        # path (the same image processor that expanded the student's image tokens in ``encode``)
+        y.update(input_ids=enc.input_ids, response_mask=enc.response_mask, image_inputs={},
+                 image_tok_start=enc.image_tok_start, n_image_tokens=enc.n_image_tokens, instr_spans=enc.instr_spans,
+                 resp_spans=enc.resp_spans, image_spans=enc.image_spans,
+                 xt_chunk_t=al["chunk_t"], xt_chunk_s=al["chunk_s"], xt_pair=al["pair"], xt_n_chunks=al["n_chunks"])
+        if self.iva and "saliency" in x:
+            y["saliency"] = self.resample(x, enc)
+        if self.tpa and "tpa_cand_ids" in x:
+            y.update(self.tpa_rows(x, al))
+        return y
+
+    def _encode(self, x: dict):
+        """(record, the student's Encoded without pixel inputs, the alignment) of a cache sample."""
         refs = image_refs(x["image"])
         rec = record_from_conversation(x["index"], x["sample_id"], refs if len(refs) > 1 else (refs[0] if refs
                                        else None), x["conversation"])
         imgs = x.get("pil_images") or []
         image = None if not imgs else (imgs if len(refs) > 1 else imgs[0])
         enc = with_saliency_query(encode(self.processor, rec, image, x["image_sha256"]), self.query)
+        enc.image_inputs = {}
         turns = x.get("resp_turns") or list(range(len(x["resp_spans"])))
         if turns != list(range(len(enc.resp_spans))):
             enc = restrict_to_loss_turns(enc, turns)
@@ -111,19 +134,7 @@ class CrossTokenizer:
             t_turns.append((answers[k], np.asarray(x["resp_char_start"][at:at + e - s])))
             at += e - s
         s_turns = [(enc.turn_texts[k], enc.char_start[s:e]) for k, (s, e) in zip(enc.resp_turns, enc.resp_spans)]
-        al = align_sample(x["sample_id"], t_turns, s_turns)
-        drop = set(TPA_KEYS) | {"pil_images", "saliency", "ivak_pos", "ivak_weight", "ivak_ids", "ivak_logprobs",
-                                "ivak_tail"}  # teacher-side positions; IVA and TPA carried over below
-        y = {k: v for k, v in x.items() if k not in drop}
-        y.update(input_ids=enc.input_ids, response_mask=enc.response_mask, image_inputs=enc.image_inputs,
-                 image_tok_start=enc.image_tok_start, n_image_tokens=enc.n_image_tokens, instr_spans=enc.instr_spans,
-                 resp_spans=enc.resp_spans, image_spans=enc.image_spans, pil_images=[],
-                 xt_chunk_t=al["chunk_t"], xt_chunk_s=al["chunk_s"], xt_pair=al["pair"], xt_n_chunks=al["n_chunks"])
-        if self.iva and "saliency" in x:
-            y["saliency"] = self.resample(x, enc)
-        if self.tpa and "tpa_cand_ids" in x:
-            y.update(self.tpa_rows(x, al))
-        return y
+        return rec, enc, align_sample(x["sample_id"], t_turns, s_turns)
 
     def resample(self, x: dict, enc) -> np.ndarray:
         """The teacher's saliency [n_turns, teacher image tokens] on the student's image tokens [n_turns, student
