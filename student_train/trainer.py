@@ -33,8 +33,8 @@ from alignti.common.faults import crash_point
 from alignti.common.config import check_ranges, config_values, write_config
 from alignti.common.records import image_refs
 from alignti.common.fingerprint import cache_identity, check_encoding, check_student, model_identity
-from alignti.common.losses import (CROSS_TOKENIZER, IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means,
-                                   step_counts)
+from alignti.common.losses import (CROSS_TOKENIZER, IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm,
+                                   check_cross_tokenizer, get_loss, means, step_counts)
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
 from alignti.common.saving import save_checkpoint
 from alignti.common.progress import progress_bar
@@ -230,12 +230,10 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         raise CacheError(f"loss '{cfg.loss}' needs teacher saliency, but the cache was dumped with "
                          f"--saliency-layer none; re-dump with --saliency-layer auto")
     if cfg.cross_tokenizer:
+        check_cross_tokenizer(spec, LossWeights(cross_tokenizer=cfg.cross_tokenizer))  # rkl / jsd: refused here
         if sources:
             raise ValueError("--cross-tokenizer takes one --cache (a mixture of caches across tokenizers is not "
                              "supported): pass one cache")
-        if not spec.divergence:
-            raise ValueError(f"--cross-tokenizer {cfg.cross_tokenizer} replaces the KD term, which --loss {cfg.loss} "
-                             f"does not have: use --loss kd, kd+iva, kd+tpa or alignti")
         if spec.iva and cfg.iva_form == "token-kl":
             raise ValueError("--iva-form token-kl reads the teacher's outputs at its own image tokens, which a "
                              "student with another processor does not have: use --iva-form attention with "
