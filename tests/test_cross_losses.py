@@ -88,6 +88,35 @@ def test_head_matches_pure(mode, tau, peaked):
     assert ref[mode].item() > 0.01  # the term is really there (not an empty selection)
 
 
+@pytest.mark.parametrize("mode", ["gold", "alm"])
+def test_step_normalisation_across_micro_batches(mode):
+    """The batch cut in two micro-batches at a chunk boundary, each normalised by the step's counts (StepNorm over
+    both: paired rows, aligned chunks) gives the one-batch gradient up to fp32 reordering (1e-5 of the largest
+    element, see test_loss_head); each micro-batch by its own counts (the regression) does not."""
+    from alignti.common.losses import StepNorm
+    head, hid, t = _batch(9)
+    w, spec = LossWeights(cross_tokenizer=mode), get_loss("kd")
+    whole = head_loss(spec, w, head, dict(t, resp_hidden=hid))
+    want = torch.autograd.grad(whole["loss"], head.weight)[0]
+    i_s = int(torch.nonzero(t["xt_chunk_s"] == 7)[0])
+    i_t = int(torch.nonzero(t["xt_chunk_t"] == 7)[0])
+    parts = []
+    for ss, ts in ((slice(0, i_s), slice(0, i_t)), (slice(i_s, None), slice(i_t, None))):
+        p = {k: (v[ts] if k in ("topk_logprobs", "tail_logmass", "topk_ids", "xt_ids", "xt_chunk_t",
+                                "xt_target_logprob") else v[ss]) if torch.is_tensor(v) else v for k, v in t.items()}
+        p["xt_pair"] = torch.where(p["xt_pair"] >= 0, p["xt_pair"] - ts.start, -1)
+        parts.append((p, hid[ss]))
+    counts = {}
+    for p, _ in parts:
+        for k, v in step_counts(p).items():
+            counts[k] = counts.get(k, 0.0) + v
+    for norm in (StepNorm.from_counts(counts), None):
+        got = sum(torch.autograd.grad(head_loss(spec, w, head, dict(p, resp_hidden=h), norm=norm)["loss"],
+                                      head.weight)[0] for p, h in parts)
+        close = torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+        assert close == (norm is not None)
+
+
 def test_head_gradient_fails_without_the_kd_term():
     """The regression the gradient check guards: dropping the cross-tokenizer term's gradient (SFT's alone) moves
     the gradients far outside the bound used above."""
