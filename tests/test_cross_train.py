@@ -115,6 +115,15 @@ def test_cross_tokenizer_training_runs(xkit, tmp_path, loss, fam):
     assert (tmp_path / "run/final").is_dir() and res["steps"] == 2
 
 
+def test_cross_student_sft_baseline(xkit, tmp_path):
+    """--loss sft with --cross-tokenizer: the student's own encoding, SFT on its own tokens, no KD term."""
+    train_student(TrainConfig(student=str(xkit / "student_qwen2_vl"), cache=str(xkit / "cache"),
+                              out=str(tmp_path / "run"), loss="sft", cross_tokenizer="gold", max_steps=1,
+                              batch_size=3, progress=False))
+    row = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(row["sft"]) and not {"gold", "kd", "tpa", "iva"} & set(row)
+
+
 def test_refusals(xkit, tmp_path):
     # without --cross-tokenizer another tokenizer is refused, and the message names the way across
     with pytest.raises(FingerprintMismatch, match="--cross-tokenizer"):
