@@ -92,8 +92,9 @@ class CrossTokenizer:
                             "use a student chat template that inserts message text verbatim")
 
     def student_view(self, x: dict) -> dict:
-        """A cache sample (``CacheDataset`` item, with its decoded images) as the student sees it: its own ids,
-        spans and image inputs, the teacher's rows untouched, the per-sample alignment (``xt_*``)."""
+        """A cache sample (``CacheDataset`` item, with its decoded images) as the student sees it: its own ids and
+        spans (its pixels are made per batch by ``StudentCollator``), the teacher's rows untouched, the per-sample
+        alignment (``xt_*``)."""
         if "conversation" not in x:
             raise CacheError(f"sample {x['sample_id']} of the cache has no conversation text: re-dump the cache with "
                              f"this alignti (schema v{ALIGN_SCHEMA_VERSION})")
@@ -202,14 +203,12 @@ class CrossTokenizer:
 
 def _duplicates(ids: np.ndarray) -> np.ndarray:
     """bool like ``ids`` [..., k]: a valid id that already occurs earlier in its row."""
+    order = np.argsort(ids, axis=-1, kind="stable")  # equal ids keep their order: the first stays unmarked
+    s = np.take_along_axis(ids, order, -1)
+    dup = np.zeros(ids.shape, bool)
+    dup[..., 1:] = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
     out = np.zeros(ids.shape, bool)
-    flat, dup = ids.reshape(-1, ids.shape[-1]), out.reshape(-1, ids.shape[-1])
-    for r in range(flat.shape[0]):
-        seen = set()
-        for j, v in enumerate(flat[r]):
-            if v >= 0 and v in seen:
-                dup[r, j] = True
-            seen.add(int(v))
+    np.put_along_axis(out, order, dup, -1)
     return out
 
 
