@@ -945,9 +945,11 @@ def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, 
               chunk_bytes: int | None = None) -> dict:
     """Every term of ``spec`` from the student's hidden states, through the LM head ``head`` (an nn.Linear),
     chunked. ``out`` holds ``resp_hidden`` [N, H] (and ``branch_hidden`` [M, B, H] for TPA) plus the batch's
-    teacher tensors (see student_train.trainer). Returns {"loss": the step-normalised, weighted sum of the
-    terms (differentiable, see StepNorm), "sums": {term: detached sum over this batch's items}}; ``means``
-    turns sums into per-item means."""
+    teacher tensors (see student_train.trainer). With ``w.cross_tokenizer`` ("uld", "gold", "alm") the KD term
+    is that cross-tokenizer term on the batch's ``xt_*`` tensors (``_xt_main_fn``; the contract above
+    CROSS_TOKENIZER); ValueError for a divergence other than forward KL or an unknown name. Returns {"loss": the
+    step-normalised, weighted sum of the terms (differentiable, see StepNorm), "sums": {term: detached sum over
+    this batch's items}}; ``means`` turns sums into per-item means."""
     norm = norm or StepNorm.of(out)
     shared: dict = {}  # what the main rows' pass hands the branch rows' pass (the student's candidate log-probs)
     xt = bool(w.cross_tokenizer) and bool(spec.divergence)
