@@ -301,6 +301,10 @@ def train_student(ctx: typer.Context,
                   skip_nonfinite: bool = typer.Option(False, help="Skip (and log) an optimizer step whose loss "
                                                       "or gradient norm is NaN or infinite; by default such a step "
                                                       "stops the run, naming it and the last good checkpoint."),
+                  cross_tokenizer: Optional[str] = typer.Option(None, help="uld, gold or alm: a student whose "
+                                                                "tokenizer or processor differs from the teacher's "
+                                                                "encodes each sample itself; the KD term aligns both "
+                                                                "by text (cache schema v7)."),
                   nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
                                                     "(DDP; gloo on CPU, nccl on GPU)."),
                   config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):

@@ -1,4 +1,5 @@
-"""Loss head at real shape: peak memory and time of one forward+backward of each loss's head, the
+"""Loss head at real shape: peak memory and time of one forward+backward of each loss's head (the cross-tokenizer
+terms uld, gold and alm too: SFT + the term on a synthetic aligned batch), the
 chunked path (common.losses.head_loss) against the unchunked reference (lm_head -> total_loss).
 
     python bench/loss_head.py [--hidden 896 --vocab 151936 --tokens 1024 --branches 4 --device cpu]
@@ -21,7 +22,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LOSSES = ["sft", "kd", "rkl", "jsd", "kd+tpa", "alignti"]
+LOSSES = ["sft", "kd", "rkl", "jsd", "kd+tpa", "alignti", "uld", "gold", "alm"]
+CROSS = ("uld", "gold", "alm")  # cross-tokenizer KD terms (issue 20): SFT + the term, --loss kd --cross-tokenizer X
+
+
+def cross_batch(t: dict, n: int, v: int, k: int, dev) -> dict:
+    """A cross-tokenizer batch beside the same-tokenizer one: the teacher's tokenizer is coarser (chunks of 1-2
+    student rows against 1-2 teacher rows, about 0.8 teacher rows per student row), about 70% of the teacher's
+    top-k slots have an identical student token."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    cs, ct, pair, n_t, c = [], [], [], 0, 0
+    while len(cs) < n:
+        ns = min(int(torch.randint(1, 3, (1,), generator=g)), n - len(cs))
+        nt = 1 if ns == 1 else int(torch.randint(1, 3, (1,), generator=g))
+        pair += [n_t] + [-1] * (ns - 1)
+        cs += [c] * ns
+        ct += [c] * nt
+        n_t, c = n_t + nt, c + 1
+    lp = torch.log_softmax(torch.randn(n_t, k + 1, generator=g), -1)
+    xt_ids = torch.randint(0, v, (n_t, k), generator=g)
+    xt_ids[torch.rand(n_t, k, generator=g) < 0.3] = -1
+    return dict(targets=t["targets"], topk_logprobs=lp[:, :k].sort(-1, descending=True).values.to(dev),
+                tail_logmass=lp[:, k].to(dev), xt_ids=xt_ids.to(dev), xt_pair=torch.tensor(pair, device=dev),
+                xt_chunk_s=torch.tensor(cs, device=dev), xt_chunk_t=torch.tensor(ct, device=dev), xt_n_chunks=c,
+                xt_target_logprob=-torch.rand(n_t, generator=g).to(dev))
 
 
 def _rss_peak_mib() -> float:
@@ -40,7 +65,7 @@ def child(args) -> dict:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     n, h, v, b, k, k2 = args.tokens, args.hidden, args.vocab, args.branches, 32, 8
-    spec = get_loss(args.loss)
+    spec = get_loss("kd" if args.loss in CROSS else args.loss)
     head = torch.nn.Linear(h, v, bias=False).to(dev)
     t = {"targets": torch.randint(0, v, (n,), device=dev),
          "topk_ids": torch.randint(0, v, (n, k), device=dev),
@@ -51,7 +76,9 @@ def child(args) -> dict:
         t["tpa_ids"] = torch.randint(0, v, (n, b, k2), device=dev)
         lp = torch.log_softmax(torch.randn(n, b, k2 + 1, device=dev), -1)
         t["tpa_logprobs"], t["tpa_tail"] = lp[..., :k2], lp[..., k2]
-    w = LossWeights(temperature=args.temperature)
+    w = LossWeights(temperature=args.temperature, cross_tokenizer=args.loss if args.loss in CROSS else None)
+    if args.loss in CROSS:
+        t = cross_batch(t, n, v, k, dev)
     hid = torch.randn(n, h, device=dev, requires_grad=True)
     bhid = torch.randn(n, b, h, device=dev, requires_grad=True) if spec.tpa else None
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")

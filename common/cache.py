@@ -28,7 +28,7 @@ from . import codecs as packed_codecs  # registers the packed encoding's codecs 
 from .errors import CacheError
 from .faults import crash_point
 from .schema import (CHUNK_TOKENS, IVAK_ARRAYS, MANIFEST_FILE, PACKED_PAIRS, PARTS_DIR, PLAN_FILE, QUANTISED,
-                     READABLE_VERSIONS, SAMPLE_SCHEMA, SHARD_CHUNKS, TPA_ARRAYS, array_dtype, array_shape_tail,
+                     READABLE_VERSIONS, SAMPLE_SCHEMA, SHARD_CHUNKS, TOKENS_FILE, TPA_ARRAYS, array_dtype, array_shape_tail,
                      arrays_for, decode_logprobs, encode_logprobs, is_packed, schema_version_for,
                      tpa_positions_layout)
 
@@ -118,7 +118,8 @@ class PartWriter:
                               image_sha256="", tok_start=self.offsets["tok"], tok_len=0,
                               resp_start=self.offsets["resp"], resp_len=0, image_tok_start=0, n_image_tokens=0,
                               instr_spans=[], resp_spans=[], image_spans=[], sal_start=self.offsets["sal"], n_turns=0,
-                              tpa_start=self.offsets["tpa"], tpa_len=0, ivak_start=self.offsets["ivak"], ivak_len=0))
+                              tpa_start=self.offsets["tpa"], tpa_len=0, ivak_start=self.offsets["ivak"], ivak_len=0,
+                              resp_turns=[], image_grids=[]))
 
     def add(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """meta: the sample's row fields (ids, spans); arrays: its slice of every array."""
@@ -217,6 +218,8 @@ def read_plan(root: Path) -> dict | None:
 
 def write_manifest(root: Path, plan: dict, markers: dict[int, dict], extra: dict | None = None) -> dict:
     files = {PLAN_FILE: sha256_file(root / PLAN_FILE)}
+    if (root / TOKENS_FILE).exists():  # v7: the teacher's token strings (cross-tokenizer training)
+        files[TOKENS_FILE] = sha256_file(root / TOKENS_FILE)
     parts = []
     for i in sorted(markers):
         m = markers[i]
@@ -301,6 +304,9 @@ class CacheReader:
                 st, n = t.column("image_tok_start").to_pylist(), t.column("n_image_tokens").to_pylist()
                 t = t.append_column("image_spans", pa.array([[a, a + b] if b else [] for a, b in zip(st, n)],
                                                             pa.list_(pa.int32())))
+            for col in ("conversation", "resp_turns", "image_grids"):  # v2-v6: no cross-tokenizer fields
+                if col not in t.column_names:
+                    t = t.append_column(col, pa.nulls(t.num_rows, SAMPLE_SCHEMA.field(col).type))
             tables.append(t.append_column("part", pa.array([j] * t.num_rows, pa.int32())))
         self.table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
         self.tpa_layout = tpa_positions_layout(self.params)
@@ -365,9 +371,14 @@ class CacheReader:
             "resp_spans": list(zip(row["resp_spans"][0::2], row["resp_spans"][1::2])),
             "input_ids": a["input_ids"][ts:ts + tl], "response_mask": a["response_mask"][ts:ts + tl],
         }
-        for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"):
+        for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "resp_char_start"):
             if name in a:
                 out[name] = a[name][rs:rs + rl]
+        if row.get("conversation"):  # v7: what cross-tokenizer training needs
+            out["conversation"] = row["conversation"]
+            out["resp_turns"] = list(row["resp_turns"] or [])
+            g = list(row["image_grids"] or [])
+            out["image_grids"] = list(zip(g[0::2], g[1::2]))
         if "tpa_cand_ids" in a:
             ps, pl = (row["tpa_start"], row["tpa_len"]) if self.tpa_layout else (rs, rl)
             for name in TPA_ARRAYS:
@@ -552,3 +563,13 @@ def push_cache(src: str | Path, url: str, storage_options: dict | None = None) -
         raise CacheError(f"{len(bad)} object(s) differ after upload to {url}: {', '.join(bad[:3])}")
     return {"url": url, "objects": len(manifest["files"]) + 1,
             "bytes": sum((src / rel).stat().st_size for rel in manifest["files"])}
+
+
+def read_teacher_tokens(reader: "CacheReader") -> list | None:
+    """The teacher's token strings a v7 cache holds (``TOKENS_FILE``: per id the hex of the bytes the token adds to
+    text, None for special tokens), or None when the cache has none."""
+    path = f"{reader.root}/{TOKENS_FILE}"
+    if TOKENS_FILE not in reader.manifest.get("files", {}) or not reader.fs.exists(path):
+        return None
+    with reader.fs.open(path, "r") as f:
+        return json.load(f)

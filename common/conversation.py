@@ -12,6 +12,7 @@ the processor with the image, which expands the placeholder into the family's im
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from .adapters import ModelAdapter
 from .errors import DataError
 from .records import Record, image_column
+from .token_align import turn_char_starts
 
 _SENTINEL = "\u2063ALIGNTI{}\u2063"
 
@@ -37,6 +39,15 @@ class Encoded:
     instr_spans: list[tuple[int, int]] = field(default_factory=list)
     resp_spans: list[tuple[int, int]] = field(default_factory=list)
     image_spans: list[tuple[int, int]] = field(default_factory=list)  # per image, [start, end) of its tokens
+    # cross-tokenizer alignment (schema v7, common/token_align.py): per token its start character in its assistant
+    # turn's text (-1 outside the responses), the text of each assistant turn, which assistant turns the
+    # resp_spans are (indices among all of them), the conversation as the template received it (JSON) and the
+    # image-token grid (rows, cols) of each image
+    char_start: np.ndarray | None = None  # int32 [S]
+    turn_texts: list[str] = field(default_factory=list)
+    resp_turns: list[int] = field(default_factory=list)
+    conversation: str = ""
+    image_grids: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def n_resp(self) -> int:
@@ -138,6 +149,12 @@ def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: boo
         raise DataError(rec.sample_id, "the chat template changes message text (it renders differently with the "
                         "real text than with placeholders)", "use a chat template that inserts message text verbatim")
     return full, content, ends
+
+
+def rendered_text(processor, rec: Record, with_images: bool = True) -> str:
+    """The conversation as the processor's chat template renders it, checked to hold every message text verbatim
+    (DataError naming the sample otherwise); no tokenizer or image processor runs."""
+    return _rendered_spans(processor, rec, list(rec.turns), object() if with_images else None, False)[0]
 
 
 def piecewise_tokenization_differs(tokenizer) -> bool:
@@ -279,11 +296,51 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     resp_mask = np.zeros(len(ids), np.uint8)
     for s, e in resp_spans:
         resp_mask[s:e] = 1
+    char_start = np.full(len(ids), -1, np.int32)
+    turn_texts = []
+    a_turns = [i for i, (role, _) in enumerate(turns) if role == "assistant"]
+    for (s, e), i in zip(resp_spans, a_turns):
+        if len(content[i]) != 1:
+            raise DataError(rec.sample_id, f"assistant turn {i} is cut into {len(content[i])} text parts",
+                            "an answer holds no <image>: move the image to a question")
+        turn_texts.append(full[content[i][0][0]:content[i][0][1]])
+        char_start[s:e] = turn_char_starts(offsets[s:e], content[i][0], ends[i][1] if i in ends else None)
     if max_length is not None and len(input_ids) > max_length:
         raise DataError(rec.sample_id, f"{len(input_ids)} tokens, longer than the limit of {max_length}",
                         "shorten the conversation, raise --max-length if the model allows it, or pass --skip-bad")
     return Encoded(rec.index, rec.sample_id, image_column(rec.image), image_sha, input_ids, resp_mask, image_inputs,
-                   int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans, spans)
+                   int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans, spans,
+                   char_start, turn_texts, list(range(len(resp_spans))), conversation_json(rec),
+                   image_grids(processor, image_inputs, spans))
+
+
+def conversation_json(rec: Record) -> str:
+    """The conversation as the template received it: every turn's (role, text) and where its images go (the
+    cache's ``conversation`` column, schema v7; ``record_from_conversation`` reads it back)."""
+    return json.dumps({"turns": [list(t) for t in rec.turns],
+                       "image_at": {str(k): list(v) for k, v in (rec.image_at or {}).items()}}, ensure_ascii=False)
+
+
+def record_from_conversation(index: int, sample_id: str, image, conversation: str) -> Record:
+    """The Record a cache row's ``conversation`` describes (the student encodes it with its own template)."""
+    c = json.loads(conversation)
+    return Record(index, sample_id, image, [(r, t) for r, t in c["turns"]],
+                  image_at={int(k): list(v) for k, v in c["image_at"].items()} or None)
+
+
+def image_grids(processor, image_inputs: dict, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each image's image-token grid (rows, cols) as the processor gives it: Qwen2-VL's ``image_grid_thw`` over
+    the merge size (t = 1 for an image); a square count of tokens (LLaVA-1.5: 576 = 24 x 24) as its square; else
+    (0, 0): no grid known (LLaVA-OneVision's any-res tiles with row-end tokens), which IVA across grids refuses."""
+    thw = image_inputs.get("image_grid_thw")
+    if thw is not None:
+        merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 2) or 1)
+        return [(int(h) // merge, int(w) // merge) for _, h, w in thw.tolist()]
+    out = []
+    for a, b in spans:
+        side = int(round((b - a) ** 0.5))
+        out.append((side, side) if side * side == b - a else (0, 0))
+    return out
 
 
 def _instruction_run(sel: np.ndarray) -> tuple[int, int] | None:

@@ -22,6 +22,37 @@ def array_bytes(reader: CacheReader) -> dict[str, int]:
     return sizes
 
 
+ALIGN_COLUMNS = ("conversation", "resp_turns", "image_grids")  # v7 sample-table columns (cross-tokenizer training)
+
+
+def align_bytes(reader: CacheReader) -> dict[str, int]:
+    """Bytes on disk of what cross-tokenizer training needs (schema v7): the per-token ``resp_char_start`` array,
+    the sample tables' conversation / resp_turns / image_grids columns (compressed, from the parquet footers) and
+    the teacher's token strings (TOKENS_FILE). Empty for an older cache."""
+    import pyarrow.parquet as pq
+
+    from .schema import TOKENS_FILE
+    if not reader.params.get("align_fields"):
+        return {}
+    out = {"resp_char_start": 0, "turn_texts_and_grids": 0, TOKENS_FILE: 0}
+    for rel in reader.manifest["files"]:
+        parts = rel.split("/")
+        if len(parts) >= 3 and parts[1].endswith(".zarr") and parts[2] == "resp_char_start":
+            out["resp_char_start"] += reader.fs.size(f"{reader.root}/{rel}")
+        elif rel.endswith(".parquet"):
+            with reader.fs.open(f"{reader.root}/{rel}", "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+                for g in range(meta.num_row_groups):
+                    rg = meta.row_group(g)
+                    for c in range(rg.num_columns):
+                        col = rg.column(c)
+                        if col.path_in_schema.split(".")[0] in ALIGN_COLUMNS:
+                            out["turn_texts_and_grids"] += col.total_compressed_size
+        elif rel == TOKENS_FILE:
+            out[TOKENS_FILE] += reader.fs.size(f"{reader.root}/{rel}")
+    return out
+
+
 def cache_summary(url: str) -> dict:
     reader = CacheReader(url)
     m = reader.manifest
@@ -32,6 +63,7 @@ def cache_summary(url: str) -> dict:
     total = sum(sizes.values())
     topk_bytes = sum(sizes[a] for a in TOPK_ARRAYS)
     full_fp16 = 2 * vocab
+    align = align_bytes(reader)
     return {
         "url": reader.url, "schema_version": m["schema_version"], "counts": m["counts"],
         "top_k": reader.params["top_k"], "tpa_branches": reader.params["tpa_branches"],
@@ -42,6 +74,7 @@ def cache_summary(url: str) -> dict:
         "bytes_per_token_by_array": {k: v / n_resp for k, v in sizes.items() if v},
         "bytes_per_token": total / n_resp, "topk_bytes_per_token": topk_bytes / n_resp,
         "full_vocab_fp16_bytes_per_token": full_fp16,
+        "cross_tokenizer_bytes_per_token": {k: v / n_resp for k, v in align.items()},
         "compression_vs_full_fp16": full_fp16 / (total / n_resp),
         "topk_compression_vs_full_fp16": full_fp16 / max(1e-9, topk_bytes / n_resp),
         "fingerprint": {"teacher_config_hash": fp["teacher_config_hash"], "tokenizer_hash": fp["tokenizer"]["hash"],
@@ -73,5 +106,8 @@ def render_summary(info: dict) -> str:
         f"{info['fingerprint']['tokenizer_hash'][:12]}  processor {info['fingerprint']['processor_hash'][:12]}",
     ]
     lines.append("per array        " + ", ".join(f"{k} {v:,}" for k, v in info["bytes_by_array"].items()))
+    xt = info.get("cross_tokenizer_bytes_per_token") or {}
+    lines.append("cross-tokenizer  " + (f"{sum(xt.values()):.1f} B/token (" + ", ".join(
+        f"{k} {v:.1f}" for k, v in xt.items()) + ")" if xt else "none (schema < 7: re-dump for --cross-tokenizer)"))
     lines.append("B/token by field " + ", ".join(f"{k} {v:.1f}" for k, v in info["bytes_per_token_by_array"].items()))
     return "\n".join(lines)

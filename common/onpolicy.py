@@ -118,6 +118,7 @@ def restrict_to_loss_turns(enc: Encoded, loss_turns: list[int] | None) -> Encode
                         "fix the row's loss_turns column (indices among its assistant turns), or re-run the rollout")
     keep = sorted(set(int(t) for t in loss_turns))
     enc.resp_spans = [enc.resp_spans[t] for t in keep]
+    enc.resp_turns = [enc.resp_turns[t] for t in keep] if enc.resp_turns else keep
     enc.instr_spans = [enc.instr_spans[t] for t in keep]
     mask = np.zeros_like(enc.response_mask)
     for s, e in enc.resp_spans:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 6  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs;
+SCHEMA_VERSION = 7  # 1: top-k only; 2: + TPA transition statistics, saliency, spans, IRS; 3: + uint8 log-probs;
 #                    4: TPA statistics on their own CSR axis ("tpa") for a chosen subset of response positions;
 #                    5: several images per sample (image_spans; image / image_sha256 then JSON lists); IVA's
 #                       token-KL statistics on their own axis "ivak" (dump-teacher --iva-token-kl);
@@ -27,8 +27,14 @@ SCHEMA_VERSION = 6  # 1: top-k only; 2: + TPA transition statistics, saliency, s
 #                       TPA rows carry the student's candidates; and the "packed" top-k encoding
 #                       (params["logprob_encoding"] = "packed", common/codecs.py), which a v5 reader refuses by version
 #                       instead of failing on an unknown codec
-PACKED_SCHEMA_VERSION = SCHEMA_VERSION  # the first version that reads packed caches (6)
-READABLE_VERSIONS = (2, 3, 4, 5, 6)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
+#                    7: what cross-tokenizer training needs (params["align_fields"], common/token_align.py): per
+#                       response token its start character in its turn's text ("resp_char_start"), per sample the
+#                       conversation as the template received it, which assistant turns are response
+#                       ("resp_turns") and each image's image-token grid ("image_grids"); the teacher's token
+#                       strings in TOKENS_FILE. The teacher's log-prob of its realised token is target_logprob (v1).
+PACKED_SCHEMA_VERSION = SCHEMA_VERSION  # packed caches are written at the current version (first read by v6)
+ALIGN_SCHEMA_VERSION = 7  # the first version whose caches carry the cross-tokenizer fields
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
 
 # Log-prob encodings (params["logprob_encoding"]; absent = float16). "uint8": q = round(-logp * 16) clipped
 # to 0..255, i.e. 1/16-nat steps down to -15.94 nats; decoded as -q/16 (exact in float16). The rest mass
@@ -42,6 +48,7 @@ QUANTISED = ("topk_logprobs", "tpa_logprobs")
 PACKED_PAIRS = (("topk_ids", "topk_logprobs"), ("tpa_ids", "tpa_logprobs"), ("ivak_ids", "ivak_logprobs"))
 
 PLAN_FILE = "plan.json"
+TOKENS_FILE = "teacher_tokens.json"  # v7: per teacher token id the bytes it adds to text (hex; null: special)
 MANIFEST_FILE = "manifest.json"
 PARTS_DIR = "parts"
 
@@ -56,6 +63,7 @@ ARRAYS: dict[str, tuple[str, np.dtype, tuple[str, ...]]] = {
     "topk_logprobs": ("resp", np.dtype("float16"), ("top_k",)),
     "tail_logmass": ("resp", np.dtype("float32"), ()),
     "target_logprob": ("resp", np.dtype("float32"), ()),
+    "resp_char_start": ("resp", np.dtype("int32"), ()),  # v7: the token's start character in its turn's text
     "tpa_pos": ("tpa", np.dtype("int32"), ()),  # v4: index of the TPA row's response token within its sample
     "tpa_cand_ids": ("tpa", np.dtype("int32"), ("tpa_branches",)),
     "tpa_ids": ("tpa", np.dtype("int32"), ("tpa_branches", "tpa_top_k")),
@@ -112,6 +120,9 @@ SAMPLE_SCHEMA = pa.schema([
     ("student_sha256", pa.string()),  # v6: sha256 of the rolling-out student's weights
     ("loss_turns", pa.list_(pa.int32())),  # v6: the assistant turns (indices among the row's) that are response
     ("tpa_student_rows", pa.int32()),  # v6: TPA rows whose candidates are the student's (the rest: the teacher's)
+    ("conversation", pa.string()),    # v7: JSON {"turns": [[role, text], ...], "image_at": {turn: [offsets]}}
+    ("resp_turns", pa.list_(pa.int32())),   # v7: per resp_spans entry, its assistant turn (among all of them)
+    ("image_grids", pa.list_(pa.int32())),  # v7: (rows, cols) per image of its image tokens; (0, 0): unknown
 ])
 
 
@@ -153,7 +164,10 @@ def array_shape_tail(name: str, params: dict) -> tuple[int, ...]:
 
 def arrays_for(params: dict) -> list[str]:
     """Arrays present in a cache made with these parameters."""
-    names = [n for n in ARRAYS if n not in TPA_ARRAYS and n not in IVAK_ARRAYS and n not in ("saliency", "tpa_pos")]
+    names = [n for n in ARRAYS if n not in TPA_ARRAYS and n not in IVAK_ARRAYS
+             and n not in ("saliency", "tpa_pos", "resp_char_start")]
+    if params.get("align_fields"):
+        names.append("resp_char_start")
     if params.get("tpa_branches", 0) > 0:
         names += (["tpa_pos"] if tpa_positions_layout(params) else []) + list(TPA_ARRAYS)
     if params.get("saliency_layer") is not None:
@@ -166,3 +180,8 @@ def arrays_for(params: dict) -> list[str]:
 def tpa_positions_layout(params: dict) -> bool:
     """True for v4 caches: TPA rows on their own axis with tpa_pos; False: one TPA row per response token."""
     return params.get("tpa_layout") == TPA_LAYOUT
+
+
+def has_align_fields(params: dict) -> bool:
+    """True for caches (v7+) that carry what cross-tokenizer training needs."""
+    return bool(params.get("align_fields"))

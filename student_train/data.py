@@ -147,10 +147,11 @@ class StudentCollator:
     """Pads a batch, runs the student's image processor once over its images, and stacks the
     teacher's tensors in response-token order."""
 
-    def __init__(self, processor, adapter_cls):
+    def __init__(self, processor, adapter_cls, cross=None):
         tok = processor.tokenizer
         self.processor, self.adapter_cls = processor, adapter_cls
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.cross = cross  # student_train.cross.CrossTokenizer: add the cross-tokenizer keys (xt_*)
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples, self.pad_id, self.adapter_cls)
@@ -196,12 +197,15 @@ class StudentCollator:
                     valid[at:at + r.shape[0], :r.shape[1]] = True
                     at += r.shape[0]
                 batch["teacher_sal"], batch["sal_valid"] = sal, valid
+        if self.cross is not None:
+            batch = self.cross.collate(batch, samples)
         return batch
 
 
 TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
                 "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid", "ivak_b", "ivak_p", "ivak_weight",
-                "ivak_ids", "ivak_logprobs", "ivak_tail")
+                "ivak_ids", "ivak_logprobs", "ivak_tail", "xt_pair", "xt_ids", "xt_chunk_s", "xt_chunk_t",
+                "xt_target_logprob", "xt_tpa_trows")
 
 
 def batch_to_device(batch: dict, device) -> dict:

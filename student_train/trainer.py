@@ -33,7 +33,8 @@ from alignti.common.faults import crash_point
 from alignti.common.config import check_ranges, config_values, write_config
 from alignti.common.records import image_refs
 from alignti.common.fingerprint import cache_identity, check_encoding, check_student, model_identity
-from alignti.common.losses import IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm, get_loss, means, step_counts
+from alignti.common.losses import (CROSS_TOKENIZER, IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm,
+                                   check_cross_tokenizer, get_loss, means, step_counts)
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
 from alignti.common.saving import save_checkpoint
 from alignti.common.progress import progress_bar
@@ -41,6 +42,7 @@ from alignti.common.progress import progress_bar
 from . import parallel
 from .step import StudentStep
 from .tracking import Tracker, parse_report_to
+from .cross import CrossDataset, CrossTokenizer, check_cross_cache
 from .init_from import load_init, read_training_state
 from .data import CacheDataset, StudentCollator, batch_to_device, epoch_sample_order, worker_init
 from . import mixture
@@ -98,6 +100,9 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length inside shuffled mega-batches (data.length_grouped)
     report_to: list[str] = field(default_factory=lambda: ["none"])  # none, tensorboard, wandb (student_train.tracking)
     skip_nonfinite: bool = False  # a step with a non-finite loss term or gradient norm is skipped (logged), not fatal
+    # uld | gold | alm: a student whose tokenizer or processor differs from the teacher's encodes every sample itself
+    # and the KD term aligns the two by text (student_train/cross.py, common/token_align.py); None: same tokenizer
+    cross_tokenizer: str | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -150,6 +155,13 @@ def accumulate_step(step_module, micro: list[dict], env, device, autocast, mix=N
     return counts, sums
 
 
+def tpa_coverage(micro: list[dict]) -> float | None:
+    """Across tokenizers: of this rank's step's cached TPA rows, the share whose position is one token for the same
+    text on both sides with candidates that all map (student_train/cross.py); None on the same-tokenizer path."""
+    kept = [b["xt_tpa_kept"] for b in micro if "xt_tpa_kept" in b]
+    return round(sum(a for a, _ in kept) / max(sum(n for _, n in kept), 1), 4) if kept else None
+
+
 GPU_WORKERS = 4  # H200 box: 4 workers feed 145 samples/s at 640x480 -> 336 px, 7.7x an 0.5B student's alignti step
 
 
@@ -188,6 +200,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     parse_report_to(cfg.report_to)
     if cfg.iva_form not in IVA_FORMS:
         raise ValueError(f"--iva-form must be one of {', '.join(IVA_FORMS)}, not '{cfg.iva_form}'")
+    if cfg.cross_tokenizer is not None and cfg.cross_tokenizer not in CROSS_TOKENIZER:
+        raise ValueError(f"--cross-tokenizer must be one of {', '.join(CROSS_TOKENIZER)}, not '{cfg.cross_tokenizer}'")
     if cfg.tpa_weighting not in TPA_WEIGHTINGS:
         raise ValueError(f"--tpa-weighting must be one of {', '.join(TPA_WEIGHTINGS)}, not '{cfg.tpa_weighting}'")
     env = dist.dist_env()
@@ -216,6 +230,16 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if spec.iva and params.get("saliency_layer") is None:
         raise CacheError(f"loss '{cfg.loss}' needs teacher saliency, but the cache was dumped with "
                          f"--saliency-layer none; re-dump with --saliency-layer auto")
+    if cfg.cross_tokenizer:
+        check_cross_tokenizer(spec, LossWeights(cross_tokenizer=cfg.cross_tokenizer))  # rkl / jsd: refused here
+        if sources:
+            raise ValueError("--cross-tokenizer takes one --cache (a mixture of caches across tokenizers is not "
+                             "supported): pass one cache")
+        if spec.iva and cfg.iva_form == "token-kl":
+            raise ValueError("--iva-form token-kl reads the teacher's outputs at its own image tokens, which a "
+                             "student with another processor does not have: use --iva-form attention with "
+                             "--cross-tokenizer")
+        check_cross_cache(reader, caches[0])
     if spec.iva and cfg.iva_form == "token-kl" and not params.get("iva_token_kl"):
         raise CacheError(f"--iva-form token-kl needs the teacher's output distributions at its salient image tokens, "
                          f"but the cache at {cfg.cache} has none; re-dump with --iva-token-kl")
@@ -223,9 +247,14 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     # fp32 master weights on every device; on GPU the forward runs under bf16 autocast (a bf16-loaded
     # student would take its AdamW updates in bf16: found by tests/test_gpu.py on an H100)
     model, processor = load_vlm(cfg.student, device, "float32")
-    check_student(reader.fingerprint, processor, cfg.student)
-    for r, url in zip(readers, caches):
-        check_encoding(r.params, processor, url, r.manifest.get("schema_version"))
+    cross = None
+    if cfg.cross_tokenizer:  # the student encodes every sample itself: its own tokenizer and processor may differ
+        cross = CrossTokenizer(reader, processor, caches[0], iva=spec.iva, tpa=spec.tpa)
+        cross.preflight(reader)  # a sample whose text the student's template rewrites is named before any step
+    else:
+        check_student(reader.fingerprint, processor, cfg.student)
+        for r, url in zip(readers, caches):
+            check_encoding(r.params, processor, url, r.manifest.get("schema_version"))
     check_savable(model, cfg.student)  # before any step: a run that cannot save its result must not train
     adapter = adapter_for(model)
     multi = next(((n, x["sample_id"]) for r in readers for x in r.samples if (n := len(image_refs(x["image"]))) > 1),
@@ -242,12 +271,15 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    datasets = [CacheDataset(r, processor, cfg.images, data=cfg.data) for r in readers]
+    if cross is not None:
+        datasets = [CrossDataset(reader, processor, cross, cfg.images, data=cfg.data)]
+    else:
+        datasets = [CacheDataset(r, processor, cfg.images, data=cfg.data) for r in readers]
     dataset = datasets[0]
-    collator = StudentCollator(processor, type(adapter))
+    collator = StudentCollator(processor, type(adapter), cross)
     micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio,
-                          cfg.tpa_weighting, cfg.iva_form)
+                          cfg.tpa_weighting, cfg.iva_form, cross_tokenizer=cfg.cross_tokenizer)
     if not sources and spec.tpa and mixture.tpa_candidates(reader) == "student" and cfg.tpa_weighting != "student":
         # the paper's TPA: the student's sampled alternatives, weighed by the student (the teacher's top-k need not
         # hold them); several caches do the same per batch (mixture.batch_spec)
@@ -366,6 +398,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                 if len(micro) < cfg.grad_accum and not end_of_epoch:
                     continue
                 counts, sums = accumulate_step(step_module, micro, env, device, autocast, mix)
+                tpa_cov = tpa_coverage(micro)  # cross-tokenizer TPA: the share of the cache's TPA rows that carry over
                 n_tok = int(counts["tokens"])
                 micro = []
                 grad_norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), cfg.max_grad_norm)
@@ -395,6 +428,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                     last = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
                             "grad_norm": round(float(grad_norm), 6), "lr": sched.get_last_lr()[0],
                             "tokens": n_tok, "sec": round(sec, 4), "tokens_per_s": round(n_tok / max(sec, 1e-9), 1)}
+                if tpa_cov is not None:
+                    last["tpa_xt_coverage"] = tpa_cov
                 if device.type == "cuda":
                     last["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
                 else:  # the process's peak resident memory

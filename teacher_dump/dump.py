@@ -25,7 +25,7 @@ import torch
 from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_class, adapter_for, check_images_per_sample
 from alignti.common.batch import collate, to_device
-from alignti.common.cache import PartWriter, committed_parts, packed_settings, read_plan, write_manifest, write_plan
+from alignti.common.cache import PartWriter, atomic_write_json, committed_parts, packed_settings, read_plan, write_manifest, write_plan
 from alignti.common.config import check_ranges
 from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
@@ -34,7 +34,8 @@ from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_config, load_model, load_processor, text_vocab_size
 from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
 from alignti.common.progress import progress_bar
-from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TPA_LAYOUT
+from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TOKENS_FILE, TPA_LAYOUT
+from alignti.common.token_align import encode_token_bytes, token_bytes
 from alignti.common.sources import DECODE_VERSION, image_sizes, is_embedded, load_image, open_source
 
 from .compute import split_per_sample, teacher_batch
@@ -261,7 +262,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query,
-              "encoding_version": ENCODING_VERSION, "image_decode": DECODE_VERSION}
+              "encoding_version": ENCODING_VERSION, "image_decode": DECODE_VERSION, "align_fields": True}
     if cfg.logprob_encoding == "packed":
         params["packed"] = packed_settings({})
     if cfg.tpa_branches:
@@ -287,6 +288,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         if (out / MANIFEST_FILE).exists():
             return True
         write_plan(out, plan)
+        atomic_write_json(out / TOKENS_FILE, encode_token_bytes(token_bytes(processor.tokenizer)))
         stale = list((out / PARTS_DIR).glob("*.tmp*")) if (out / PARTS_DIR).exists() else []
         for p in stale + list(out.glob("*.json.tmp*")):  # a part or a json file interrupted mid-write
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -416,11 +418,14 @@ def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock, onp=None) ->
         enc, arrays = rows[idx]
         arrays["input_ids"] = enc.input_ids
         arrays["response_mask"] = enc.response_mask
+        arrays["resp_char_start"] = enc.char_start[enc.response_mask.astype(bool)]
         meta = dict(sample_id=enc.sample_id, index=enc.index, image=enc.image, image_sha256=enc.image_sha256,
                     image_tok_start=enc.image_tok_start, n_image_tokens=enc.n_image_tokens,
                     instr_spans=[v for sp in enc.instr_spans for v in sp],
                     image_spans=[v for sp in enc.image_spans for v in sp],
-                    resp_spans=[v for sp in enc.resp_spans for v in sp], n_turns=len(enc.resp_spans))
+                    resp_spans=[v for sp in enc.resp_spans for v in sp], n_turns=len(enc.resp_spans),
+                    conversation=enc.conversation, resp_turns=list(enc.resp_turns),
+                    image_grids=[v for g in enc.image_grids for v in g])
         if onp is not None:
             meta.update(onp.provenance(enc.index), tpa_student_rows=int(arrays.get("tpa_student", np.zeros(0)).sum()))
         part.add(meta, arrays)

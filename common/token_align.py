@@ -1,0 +1,233 @@
+"""Cross-tokenizer alignment: character spans of response tokens, chunks of identical text, the vocabulary map.
+
+A teacher and a student with different tokenizers cut the same answer text into different tokens. Following GOLD
+(TRL, ``docs/source/gold_trainer.md``) and ALM (Minixhofer et al., NeurIPS 2025; ``bminixhofer/tokenkit``), both
+sides are aligned by the text itself: each response token gets the character span it covers in its turn's text,
+and the turn is cut into **chunks** at every character offset where *both* sides start a token. A chunk is then
+the same text on both sides, one or several tokens each; its first token on either side predicts the text that
+starts at the same character after the same text prefix.
+
+The span rule (``turn_char_starts``), on a turn's text of L characters plus one virtual character at index L that
+stands for the end of the turn (the template's end-of-turn markup, "</s>" on one side, "<|im_end|>\\n" on the
+other):
+
+* a token's raw span is its tokenizer offsets clipped to the turn text; a token that reaches into the end-of-turn
+  markup also covers L, a token wholly in the markup starts at L;
+* spans are made monotone: a token starts no earlier than the previous one ends, so a token that shares a
+  character with the one before it (byte-level BPE's bytes of one multi-byte character, SentencePiece's byte
+  fallback) is a *continuation*: its span is empty and it belongs to the chunk of the token before it;
+* the first token starts at 0 (SentencePiece's leading-space marker "▁" and byte-level BPE's "Ġ" sit on the
+  template's space before the answer, outside the turn text); every gap is closed by the token before it, and the
+  last token ends at L + 1.
+
+So the spans partition [0, L + 1): every character of every answer is covered exactly once on each side.
+
+The vocabulary map (``vocab_map``) sends a teacher id to the student id whose token adds the same bytes to the
+decoded text (SentencePiece "▁Red" and byte-level "ĠRed" are both b" Red"); special tokens map to nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+
+import numpy as np
+
+from .errors import DataError
+
+
+# --- token strings ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted (printable stand-in character -> byte)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _decoder_kind(tokenizer) -> str:
+    """"byte_level" (GPT-2 / Qwen2 byte-level BPE), "sentencepiece" (a "▁" word marker: Llama, Mistral) or "plain"."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return "sentencepiece" if any(t.startswith("\u2581") for t in list(tokenizer.get_vocab())[:2000]) else "plain"
+    spec = json.loads(backend.to_str()).get("decoder") or {}
+    flat = json.dumps(spec)
+    if '"ByteLevel"' in flat:
+        return "byte_level"
+    if "\u2581" in flat or "\\u2581" in flat or '"Metaspace"' in flat:
+        return "sentencepiece"
+    return "plain"
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """Per token id (0 .. the largest id), the bytes the token adds to decoded text: SentencePiece's "▁" is a space
+    and "<0xNN>" the byte NN; byte-level BPE's stand-in characters their bytes. ``None`` for special tokens (BOS,
+    EOS, image placeholders: markup, never text) and for ids the vocabulary skips."""
+    vocab = tokenizer.get_vocab()
+    size = max(vocab.values()) + 1
+    out: list[bytes | None] = [None] * size
+    special = set(tokenizer.all_special_ids)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special |= {i for i, t in added.items() if getattr(t, "special", False)}
+    kind = _decoder_kind(tokenizer)
+    dec = _byte_decoder()
+    for piece, i in vocab.items():
+        if i in special:
+            continue
+        if i in added:  # a non-special added token is inserted as its text
+            out[i] = piece.encode("utf-8")
+        elif kind == "byte_level":
+            out[i] = bytes(dec[c] for c in piece) if all(c in dec for c in piece) else piece.encode("utf-8")
+        elif kind == "sentencepiece" and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out[i] = bytes([int(piece[3:5], 16)])
+        elif kind == "sentencepiece":
+            out[i] = piece.replace("\u2581", " ").encode("utf-8")
+        else:
+            out[i] = piece.encode("utf-8")
+    return out
+
+
+def encode_token_bytes(tb: list[bytes | None]) -> list[str | None]:
+    """JSON-safe form of ``token_bytes`` (hex strings), as the cache stores the teacher's."""
+    return [None if b is None else b.hex() for b in tb]
+
+
+def decode_token_bytes(hexes: list[str | None]) -> list[bytes | None]:
+    return [None if h is None else bytes.fromhex(h) for h in hexes]
+
+
+def _is_byte_fallback(tokenizer, i: int) -> bool:
+    piece = tokenizer.convert_ids_to_tokens(i)
+    return isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+
+_MAP_MEMO: dict[tuple[str, str], np.ndarray] = {}
+
+
+def vocab_map(teacher_bytes: list[bytes | None], student_tokenizer, student_key: str | None = None) -> np.ndarray:
+    """int64 [V_teacher]: for each teacher id the student id whose token adds identical bytes to the text, -1 where
+    the student has none (or the teacher token is special). Where several student tokens have the same bytes, the
+    one that is not a SentencePiece byte-fallback piece ("<0x41>" vs "A"), else the lowest id. Memoised per
+    (teacher bytes, ``student_key``: the student tokenizer's fingerprint hash) in this process."""
+    tkey = hashlib.sha256(json.dumps(encode_token_bytes(teacher_bytes)).encode()).hexdigest()
+    key = (tkey, student_key) if student_key else None
+    if key is not None and key in _MAP_MEMO:
+        return _MAP_MEMO[key]
+    by_bytes: dict[bytes, int] = {}
+    fallback: set[int] = set()
+    for i, b in enumerate(token_bytes(student_tokenizer)):
+        if b is None:
+            continue
+        fb = _is_byte_fallback(student_tokenizer, i)
+        have = by_bytes.get(b)
+        if have is None or (have in fallback and not fb):
+            by_bytes[b] = i
+            if fb:
+                fallback.add(i)
+    out = np.array([by_bytes.get(b, -1) if b is not None else -1 for b in teacher_bytes], dtype=np.int64)
+    if key is not None:
+        _MAP_MEMO[key] = out
+    return out
+
+
+# --- character spans -------------------------------------------------------------------------------------------
+def turn_char_starts(offsets, content: tuple[int, int], end: int | None = None) -> np.ndarray:
+    """int32 [n]: the start character of each of one assistant turn's response tokens in the turn's text, by the
+    rule in the module docstring. ``offsets``: the tokens' [a, b) character offsets in the rendered text;
+    ``content``: the turn text's [s, e) in the rendered text (L = e - s); ``end``: where the turn's end-of-turn
+    markup ends in the rendered text (None: no markup in the response). A token's span is [start_j, start_{j+1})
+    and the last one's [start_{n-1}, L + 1); an empty span marks a continuation token."""
+    s, e = content
+    n_char = e - s
+    starts = np.zeros(len(offsets), np.int64)
+    prev_end = 0
+    for j, (a, b) in enumerate(offsets):
+        a, b = int(a), int(b)
+        lo = min(max(a - s, 0), n_char)
+        hi = n_char + 1 if b > e else min(max(b - s, 0), n_char)
+        if a >= e:
+            lo = n_char
+        if b <= a and a >= e:  # a special token in the markup (no characters of its own)
+            hi = n_char + 1
+        start = 0 if j == 0 else max(lo, prev_end)
+        starts[j] = start
+        prev_end = max(hi, start)
+    return np.minimum(starts, n_char + 1).astype(np.int32)
+
+
+def spans_from_starts(starts: np.ndarray, n_char: int) -> np.ndarray:
+    """int64 [n, 2]: each token's [start, end) from its start (``turn_char_starts``); the last ends at n_char + 1."""
+    starts = np.asarray(starts, np.int64)
+    ends = np.append(starts[1:], n_char + 1)
+    return np.stack([starts, ends], axis=1)
+
+
+def align_turn(t_starts: np.ndarray, s_starts: np.ndarray, n_char: int):
+    """The GOLD/ALM merge of one turn: chunk boundaries are the character offsets where both sides start a
+    (non-empty) token. Returns (chunk_t [n_t], chunk_s [n_s], n_chunks, first_t [n_chunks], first_s [n_chunks]):
+    each token's chunk (a continuation token joins the chunk of the token before it) and each chunk's first token
+    on either side. Raises ValueError when either side's spans do not partition [0, n_char + 1)."""
+    t_sp, s_sp = spans_from_starts(t_starts, n_char), spans_from_starts(s_starts, n_char)
+    for name, sp in (("teacher", t_sp), ("student", s_sp)):
+        if len(sp) == 0 or sp[0, 0] != 0 or (sp[:, 1] < sp[:, 0]).any():
+            raise ValueError(f"the {name}'s token spans do not cover the turn text from its first character")
+    real_t = t_sp[t_sp[:, 1] > t_sp[:, 0], 0]
+    real_s = s_sp[s_sp[:, 1] > s_sp[:, 0], 0]
+    bounds = np.intersect1d(real_t, real_s)  # sorted; holds 0 (both first tokens start there)
+
+    def chunks(sp):
+        c = np.searchsorted(bounds, sp[:, 0], side="right") - 1
+        for j in range(1, len(sp)):
+            if sp[j, 1] == sp[j, 0]:  # continuation: the chunk of the token before it
+                c[j] = c[j - 1]
+        return c
+
+    ct, cs = chunks(t_sp), chunks(s_sp)
+    n = len(bounds)
+    first_t = np.full(n, -1, np.int64)
+    first_s = np.full(n, -1, np.int64)
+    for j in range(len(ct) - 1, -1, -1):
+        first_t[ct[j]] = j
+    for j in range(len(cs) - 1, -1, -1):
+        first_s[cs[j]] = j
+    return ct, cs, n, first_t, first_s
+
+
+def align_sample(sample_id: str, teacher_turns: list[tuple[str, np.ndarray]],
+                 student_turns: list[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One sample's alignment over its response turns (in response order). ``*_turns``: per response turn (its text,
+    its tokens' character starts). Returns per-sample arrays: ``chunk_t`` [N_t], ``chunk_s`` [N_s] (chunk indices
+    counted over the sample's turns), ``pair`` [N_s] (the teacher row, within the sample, that starts the same chunk
+    as a student row that starts one; -1 otherwise), ``n_chunks``. Raises DataError naming the sample when the two
+    sides' turn texts differ (a template or tokenizer that rewrites the answer): never guessed."""
+    if len(teacher_turns) != len(student_turns):
+        raise DataError(sample_id, f"the teacher's cache has {len(teacher_turns)} response turn(s), the student's "
+                        f"encoding {len(student_turns)}", "use a student chat template that keeps every turn")
+    ct_all, cs_all, pair_all = [], [], []
+    n_chunks, t_at = 0, 0
+    for k, ((t_text, t_st), (s_text, s_st)) in enumerate(zip(teacher_turns, student_turns)):
+        if t_text != s_text:
+            raise DataError(sample_id, f"response turn {k} reads differently for the student's template than it did "
+                            f"for the teacher's ({t_text[:40]!r} vs {s_text[:40]!r}): cross-tokenizer alignment "
+                            "needs the same text on both sides", "use a student chat template that inserts message "
+                            "text verbatim, or drop the sample")
+        try:
+            ct, cs, n, first_t, first_s = align_turn(t_st, s_st, len(t_text))
+        except ValueError as e:
+            raise DataError(sample_id, f"response turn {k}: {e}", "report this tokenizer pair") from None
+        pair = np.full(len(cs), -1, np.int64)
+        pair[first_s] = first_t + t_at
+        ct_all.append(ct + n_chunks)
+        cs_all.append(cs + n_chunks)
+        pair_all.append(pair)
+        n_chunks += n
+        t_at += len(t_st)
+    cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return {"chunk_t": cat(ct_all), "chunk_s": cat(cs_all), "pair": cat(pair_all), "n_chunks": n_chunks}
