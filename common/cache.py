@@ -38,11 +38,21 @@ PACKED_COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle"), C
 
 
 def packed_settings(params: dict) -> dict:
-    """The packed encoding's codec settings (``params["packed"]``, defaults from common/codecs.py)."""
+    """The packed encoding's codec settings (the keyword arguments of ``TopkLogprobsCodec``) from
+    ``params["packed"]``. A recorded ``tail_step`` is used as it is (every packed cache records one); else the step
+    comes from ``tail_kl`` (nats, default ``codecs.DEFAULT_TAIL_KL``) and ``params["top_k"]`` by
+    ``codecs.tail_step_for``; without a top_k, ``codecs.DEFAULT_TAIL_STEP``."""
     got = dict(params.get("packed") or {})
-    return {"head": int(got.get("head", packed_codecs.DEFAULT_HEAD)),
-            "head_step": float(got.get("head_step", packed_codecs.DEFAULT_HEAD_STEP)),
-            "tail_step": float(got.get("tail_step", packed_codecs.DEFAULT_TAIL_STEP))}
+    head = int(got.get("head", packed_codecs.DEFAULT_HEAD))
+    if "tail_step" in got:
+        tail_step = float(got["tail_step"])
+    elif "top_k" in params:
+        tail_step = packed_codecs.tail_step_for(int(params["top_k"]), head,
+                                                float(got.get("tail_kl", packed_codecs.DEFAULT_TAIL_KL)))
+    else:
+        tail_step = packed_codecs.DEFAULT_TAIL_STEP
+    return {"head": head, "head_step": float(got.get("head_step", packed_codecs.DEFAULT_HEAD_STEP)),
+            "tail_step": tail_step}
 
 
 def serializer_for(name: str, params: dict):
@@ -86,16 +96,19 @@ def atomic_write_json(path: Path, obj, point: str = "") -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True), point)
 
 
-def write_array(group, name: str, data: np.ndarray, serializer=None) -> None:
+def write_array(group, name: str, data: np.ndarray, serializer=None, compressors=None) -> None:
     """One array of a part, written in one go (every shard whole). ``serializer``: a packed top-k codec
-    (``serializer_for``), else zarr's ``bytes`` with blosc's byte shuffle."""
+    (``serializer_for``), else zarr's ``bytes`` with blosc's byte shuffle. ``compressors``: the bytes -> bytes
+    codecs after it (default: PACKED_COMPRESSORS after a packed codec, else COMPRESSORS)."""
+    if compressors is None:
+        compressors = PACKED_COMPRESSORS if serializer is not None else COMPRESSORS
     rows = max(1, data.shape[0])
     chunk = min(CHUNK_TOKENS, rows)
     shard = chunk * min(SHARD_CHUNKS, -(-rows // chunk))
     extra = {"serializer": serializer} if serializer is not None else {}
     group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(chunk, *data.shape[1:]),
                        shards=(shard, *data.shape[1:]),
-                       compressors=PACKED_COMPRESSORS if serializer is not None else COMPRESSORS, fill_value=0,
+                       compressors=compressors, fill_value=0,
                        **extra)
     crash_point("shard-flush")
     group[name][...] = data
