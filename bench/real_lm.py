@@ -28,12 +28,15 @@ Run: python bench/real_lm.py [--max-answer 48]
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +53,22 @@ from alignti.common.losses import fold_teacher  # noqa: E402
 from alignti.common.schema import encode_logprobs  # noqa: E402
 
 log = logging.getLogger("real_lm")
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")  # LZMA through zarr's bridge
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KS = (8, 16, 32, 64, 128)
 KLS = (1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4)  # packed: the tail code's KL bound (tail_step_for), the curve's points
 LZMA = (numcodecs.zarr3.LZMA(preset=6), Crc32cCodec())  # stdlib LZMA (adaptive range coder) instead of blosc-zstd
 
 
-def encodings(k: int) -> list[tuple[str, dict, tuple | None]]:
-    """(label, params as the dump would record them, compressors: None = the cache's own) measured at this k."""
+def encodings(k: int, few: bool = False) -> list[tuple[str, dict, tuple | None]]:
+    """(label, params as the dump would record them, compressors: None = the cache's own) measured at this k;
+    ``few``: float16, packed v1 and the budgets 2e-5 ... 8e-5 only (the prose set: 12x the rows)."""
     out = [("float16", {"logprob_encoding": "float16"}, None), ("uint8", {"logprob_encoding": "uint8"}, None),
            ("packed v1 (tail 1/1024)", {"logprob_encoding": "packed", "packed": {"tail_step": 1 / 1024}}, None)]
+    if few:
+        return [out[0], out[2]] + [(f"packed kl {kl:.1e}", {"logprob_encoding": "packed", "packed": {"tail_kl": kl}},
+                                    None) for kl in (2e-5, 4e-5, 8e-5)] + [
+            ("packed kl 4.0e-05 + lzma", {"logprob_encoding": "packed", "packed": {"tail_kl": 4e-5}}, LZMA)]
     for kl in KLS:
         out.append((f"packed kl {kl:.1e}", {"logprob_encoding": "packed", "packed": {"tail_kl": kl}}, None))
     for kl in (4e-5, 8e-5):
@@ -250,10 +259,10 @@ def ids_dictionary_share(ids: np.ndarray, head: int = 1) -> float:
     return total
 
 
-def run(lp: torch.Tensor, refs: torch.Tensor, work: Path, label: str) -> list[dict]:
+def run(lp: torch.Tensor, refs: torch.Tensor, work: Path, label: str, ks=KS, few: bool = False) -> list[dict]:
     t, v = lp.shape
     rows = []
-    for k in KS:
+    for k in ks:
         vals, ids = lp.topk(k, -1)
         tail = lp.scatter(-1, ids, float("-inf")).logsumexp(-1)
         rest = tail.exp()
@@ -262,7 +271,7 @@ def run(lp: torch.Tensor, refs: torch.Tensor, work: Path, label: str) -> list[di
         exact_fold = fold_teacher(vals.double(), tail.double())
         trunc = fidelity(lp, ids, vals, tail).mean().item()
         dict_b = ids_dictionary_share(canonical_order(ids.numpy(), vals.numpy(), 1)[0]) / t
-        for enc, params, comp in encodings(k):
+        for enc, params, comp in encodings(k, few):
             sizes, got_ids, got_lps, step = stored_fields(
                 params, ids.numpy(), vals.numpy(), tail.numpy(), target.numpy(),
                 work / f"{label}-{k}-{enc.replace(' ', '_').replace('/', '_')}", comp)
@@ -304,6 +313,33 @@ def prose_logprobs(model, tok, n_tokens: int = 4608, window: int = 1152):
     return torch.cat(out), torch.cat(refs)
 
 
+def report(rows: list[dict], label: str, vocab: int) -> None:
+    sel = [r for r in rows if r["set"] == label]
+    print(f"\n{label} ({sel[0]['rows']} rows), vocabulary {vocab}")
+    print(table([[r["k"], r["encoding"], f"1/{1 / r['step']:.0f}" if r["step"] else "-", f"{r['ids']:.1f}",
+                  f"{r['logprobs']:.1f}", f"{r['rest']:.1f}", f"{r['topk_fields']:.1f}", f"{r['target']:.1f}",
+                  f"{r['fidelity']:.5f}", f"{r['fold_err']:.1e}", f"{r['predicted']:.1e}"] for r in sel],
+                ["k", "encoding", "tail step", "ids B/tok", "log-probs B/tok", "rest B/tok", "top-k fields B/tok",
+                 "target B/tok", "fidelity KL", "fold err", "predicted"]))
+    seen = set()
+    print(table([[r["k"], f"{r['rest_mean']:.3f} / {r['rest_median']:.3f} / {r['rest_p90']:.3f}",
+                  f"{100 * r['ref_in_topk']:.0f}%", f"{r['truncation_only']:.5f}", f"{r['ids_dict']:.1f}"]
+                 for r in sel if not (r["k"] in seen or seen.add(r["k"]))],
+                ["k", "rest mass mean / median / p90", "reference in top-k", "fidelity KL, exact top-k",
+                 "packed ids: dictionary B/tok"]))
+    get = {(r["k"], r["encoding"]): r for r in sel}
+    for k in sorted({r["k"] for r in sel} & {32, 128}):
+        f16 = get[(k, "float16")]
+        best = [r for r in sel if r["k"] == k and r["encoding"].startswith("packed")
+                and round(r["fidelity"], 4) <= round(f16["fidelity"], 4)]
+        if best:
+            r = min(best, key=lambda r: r["topk_fields"])
+            print(f"RATIO {label} k={k}: float16 {f16['topk_fields']:.1f} B/token fidelity {f16['fidelity']:.5f}; "
+                  f"smallest packed at float16's fidelity (4 digits): {r['encoding']} {r['topk_fields']:.1f} B/token "
+                  f"({r['topk_fields'] / f16['topk_fields']:.2f}x), fidelity {r['fidelity']:.5f}")
+    sys.stdout.flush()
+
+
 def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = argparse.ArgumentParser()
@@ -311,16 +347,16 @@ def main():
     ap.add_argument("--questions", type=int, default=None, help="first N questions only (a quick run)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the teacher's log-probs saved in --workdir by an earlier run (skips the forward)")
-    ap.add_argument("--no-prose", action="store_true", help="skip the 4,608-token prose set")
+    ap.add_argument("--sets", default="image,text,prose",
+                    help="image, text (the 26 questions with / without their image), prose (4,608 tokens of "
+                         "documentation, k = 32 and 128 and fewer encodings: more than one 4,096-row chunk)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sets = [("image", True), ("text", False)] + ([] if a.no_prose else [("prose", None)])
     model = None
-    rows = []
-    for label, with_image in sets:
+    for label in a.sets.split(","):
         saved = work / f"teacher-{label}-{len(QA) if label == 'prose' else a.questions or len(QA)}.pt"
         if a.reuse and saved.exists():
             lp, refs = torch.load(saved)
@@ -329,37 +365,14 @@ def main():
                 model, tok, proc, image_id = build_teacher()
                 log.info("teacher built in %.0f s (vocabulary %d)", time.perf_counter() - t0, len(tok))
             lp, refs = (prose_logprobs(model, tok) if label == "prose" else
-                        teacher_logprobs(model, tok, proc, image_id, with_image, a.questions))
+                        teacher_logprobs(model, tok, proc, image_id, label == "image", a.questions))
             torch.save((lp, refs), saved)
         log.info("%s: %d response tokens, forward done at %.0f s", label, len(refs), time.perf_counter() - t0)
-        V = lp.shape[1]
-        rows += run(lp, refs, work, label)
+        rows = run(lp, refs, work, label, (32, 128) if label == "prose" else KS, few=label == "prose")
+        (work / f"rows-{label}.json").write_text(json.dumps(rows, indent=1))
+        report(rows, label, lp.shape[1])
         del lp
         log.info("%s measured at %.0f s", label, time.perf_counter() - t0)
-    for label, _ in sets:
-        sel = [r for r in rows if r["set"] == label]
-        print(f"\n{label} ({sel[0]['rows']} rows), vocabulary {V}")
-        print(table([[r["k"], r["encoding"], f"1/{1 / r['step']:.0f}" if r["step"] else "-", f"{r['ids']:.1f}",
-                      f"{r['logprobs']:.1f}", f"{r['rest']:.1f}", f"{r['topk_fields']:.1f}", f"{r['target']:.1f}",
-                      f"{r['fidelity']:.5f}", f"{r['fold_err']:.1e}", f"{r['predicted']:.1e}"] for r in sel],
-                    ["k", "encoding", "tail step", "ids B/tok", "log-probs B/tok", "rest B/tok", "top-k fields B/tok",
-                     "target B/tok", "fidelity KL", "fold err", "predicted"]))
-        seen = set()
-        print(table([[r["k"], f"{r['rest_mean']:.3f} / {r['rest_median']:.3f} / {r['rest_p90']:.3f}",
-                      f"{100 * r['ref_in_topk']:.0f}%", f"{r['truncation_only']:.5f}", f"{r['ids_dict']:.1f}"]
-                     for r in sel if not (r["k"] in seen or seen.add(r["k"]))],
-                    ["k", "rest mass mean / median / p90", "reference in top-k", "fidelity KL, exact top-k",
-                     "packed ids: dictionary B/tok"]))
-    get = {(r["set"], r["k"], r["encoding"]): r for r in rows}
-    for s, _ in sets:
-        for k in (32, 128):
-            f16 = get[(s, k, "float16")]
-            best = [r for r in rows if r["set"] == s and r["k"] == k and r["encoding"].startswith("packed")
-                    and round(r["fidelity"], 4) <= round(f16["fidelity"], 4)]
-            r = min(best, key=lambda r: r["topk_fields"])
-            print(f"RATIO {s} k={k}: float16 {f16['topk_fields']:.1f} B/token fidelity {f16['fidelity']:.5f}; "
-                  f"smallest packed at float16's fidelity (4 digits): {r['encoding']} {r['topk_fields']:.1f} B/token "
-                  f"({r['topk_fields'] / f16['topk_fields']:.2f}x), fidelity {r['fidelity']:.5f}")
 
 
 if __name__ == "__main__":
