@@ -14,6 +14,12 @@ topobathy.npz and jacksboro_fault_dem.npz rendered with a terrain colormap) and 
 questions with hand-written reference answers; the teacher is forced on the reference answer (as dump-teacher
 is). Each question is asked with its image and without (text only).
 
+Encodings: float16, uint8, packed v1 (tail step 1/1024 at every k, the first packed default), packed at KL budgets
+1e-5 ... 3.2e-4 nats (``--packed-kl``: the tail step from ``codecs.tail_step_for``), and packed at 4e-5 / 8e-5 with
+stdlib LZMA instead of blosc-zstd after the codec: the curve of fidelity against bytes. A third set, "prose":
+4,608 tokens of Python's reference documentation (``pydoc_data.topics``) teacher-forced as plain text, at k = 32 and
+128 only: more rows than one 4,096-row chunk, so the packed ids' per-chunk dictionary is amortised as in a dump.
+
 Per (k, encoding), every field is written with the cache's own writer path (``common.cache.write_array`` with the
 encoding's serializer and compressors, chunks of up to 4,096 rows) and measured on disk. Fidelity is
 KL(P || Q) over the full vocabulary, P the teacher's full distribution, Q what the cache stores: the decoded
@@ -22,7 +28,8 @@ spread evenly over the other V - k tokens. The loss itself never sees inside the
 too), so the part of this KL due to truncation is the chain-rule gap of common/losses.py; the encoding adds the
 rest. ``fold err`` is KL(exact fold || decoded fold), the encoding's own error.
 
-Run: python bench/real_lm.py [--max-answer 48]
+Run: nice -n 5 python bench/real_lm.py [--sets image,text,prose] [--reuse] (--reuse: the teacher's log-probs saved in
+--workdir by an earlier run; each set's rows are also written there as rows-SET.json)
 """
 
 from __future__ import annotations
