@@ -121,6 +121,42 @@ def test_a_packed_cache_of_format_1_still_reads():
         assert np.frombuffer(frame, "<u4", count=1)[0] == 1
 
 
+def test_the_lzma_compressor_writes_arrays_plain_zarr_reads(tmp_path):
+    """dump-teacher --packed-compressor lzma: the packed codecs, then numcodecs' LZMA (not blosc-zstd), then crc32c;
+    fewer bytes than zstd on these rows, read back exactly by plain zarr; an unknown name is refused by the dump
+    before anything loads."""
+    from alignti.common.cache import PACKED_COMPRESSORS, packed_compressors
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    rng = np.random.default_rng(5)
+    ids, lps, _ = topk_rows(rng, 600, 49_152, 32, True)
+    ids, lps = canonical_order(ids, lps, 1)
+    lzma = packed_compressors({"packed": {"compressor": "lzma"}})
+    assert packed_compressors({"packed": {}}) == PACKED_COMPRESSORS and "lzma" in type(lzma[0]).__name__.lower()
+    sizes = {}
+    for name, comp in (("zstd", None), ("lzma", lzma)):
+        g = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        write_array(g, "topk_ids", ids, ZarrTopkIds(head=1), comp)
+        write_array(g, "topk_logprobs", lps.astype(np.float32), ZarrTopkLogprobs(head=1), comp)
+        sizes[name] = sum(p.stat().st_size for p in (tmp_path / f"{name}.zarr").rglob("c/*/*"))
+        assert np.array_equal(zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="r")["topk_ids"][...], ids)
+    assert sizes["lzma"] < sizes["zstd"], sizes
+    np.save(tmp_path / "ids.npy", ids)
+    code = f"""
+import zarr, numpy as np
+import alignti.common.codecs
+g = zarr.open_group('{tmp_path}/lzma.zarr', mode='r')
+assert np.array_equal(g['topk_ids'][...], np.load('{tmp_path}/ids.npy'))
+print(g['topk_logprobs'][...].shape)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and "(600, 32)" in out.stdout, out.stderr
+    with pytest.raises(ValueError, match="--packed-compressor must be one of zstd, lzma"):
+        dump_teacher(DumpConfig(teacher=str(tmp_path / "none"), data=str(tmp_path / "none.json"),
+                                images=str(tmp_path), out=str(tmp_path / "c"), logprob_encoding="packed",
+                                packed_compressor="gzip"))
+    assert not (tmp_path / "c").exists()
+
+
 def test_codecs_refuse_rows_out_of_order_and_handle_edge_rows():
     ci, cl = TopkIdsCodec(1), TopkLogprobsCodec(1)
     with pytest.raises(ValueError, match="canonical order"):
