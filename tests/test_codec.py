@@ -157,6 +157,46 @@ print(g['topk_logprobs'][...].shape)
     assert not (tmp_path / "c").exists()
 
 
+def test_a_part_written_packed_with_lzma_reads_back(tmp_path):
+    """PartWriter with params.packed as the dump records them (tail step from the KL budget, compressor lzma): the
+    part's top-k arrays carry the packed codecs then LZMA; CacheReader gives the ids exactly (canonical order), the
+    log-probs within the bound, the rest mass bit for bit."""
+    from alignti.common.cache import CacheReader, PartWriter, committed_parts, write_manifest, write_plan
+    from tests.test_cache import random_sample
+    params = {"top_k": 4, "tpa_branches": 2, "tpa_top_k": 3, "saliency_layer": 1, "logprob_encoding": "packed",
+              "packed": dict(packed_settings({"top_k": 4}), tail_kl=DEFAULT_TAIL_KL, compressor="lzma")}
+    rng = np.random.default_rng(7)
+    root = tmp_path / "c"
+    plan = {"fingerprint": {"params": params, "schema_version": PACKED_SCHEMA_VERSION}, "units": [[0, 3]]}
+    write_plan(root, plan)
+    pw, written = PartWriter(root, 0, params), []
+    for i in range(3):
+        meta, arrays = random_sample(rng, i, 30, 12)
+        for ids, lps, shape in (("topk_ids", "topk_logprobs", (12, 4)), ("tpa_ids", "tpa_logprobs", (12, 2, 3))):
+            z = rng.standard_normal((*shape[:-1], 50)) * 2
+            lp = torch.from_numpy(z).log_softmax(-1)
+            v, ix = lp.topk(shape[-1], -1)  # distinct ids by probability, log-probs descending
+            arrays[ids], arrays[lps] = ix.int().numpy(), v.float().numpy()
+        pw.add(meta, arrays)
+        written.append(arrays)
+    pw.commit()
+    write_manifest(root, plan, committed_parts(root))
+    meta = __import__("json").loads((root / "parts/00000.zarr/topk_ids/zarr.json").read_text())
+    inner = meta["codecs"][0]["configuration"]["codecs"]  # inside the shard
+    assert [c["name"] for c in inner] == ["numcodecs.alignti.topk_ids", "numcodecs.lzma", "crc32c"], inner
+    reader = CacheReader(root)
+    codec = TopkLogprobsCodec(**packed_settings(params))
+    assert codec.tail_step == tail_step_for(4)
+    for i, want in enumerate(written):
+        got = reader[i]
+        assert np.array_equal(got["tail_logmass"], want["tail_logmass"]) and np.array_equal(got["tpa_tail"],
+                                                                                            want["tpa_tail"])
+        for ids, lps in (("topk_ids", "topk_logprobs"), ("tpa_ids", "tpa_logprobs")):
+            wi, wl = canonical_order(want[ids], want[lps], 1)
+            assert np.array_equal(got[ids], wi), ids
+            check_bound(codec, wl, got[lps])
+
+
 def test_codecs_refuse_rows_out_of_order_and_handle_edge_rows():
     ci, cl = TopkIdsCodec(1), TopkLogprobsCodec(1)
     with pytest.raises(ValueError, match="canonical order"):
