@@ -128,7 +128,7 @@ def test_the_lzma_compressor_writes_arrays_plain_zarr_reads(tmp_path):
     from alignti.common.cache import PACKED_COMPRESSORS, packed_compressors
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     rng = np.random.default_rng(5)
-    ids, lps, _ = topk_rows(rng, 600, 49_152, 32, True)
+    ids, lps, _ = topk_rows(rng, 256, 49_152, 32, True)
     ids, lps = canonical_order(ids, lps, 1)
     lzma = packed_compressors({"packed": {"compressor": "lzma"}})
     assert packed_compressors({"packed": {}}) == PACKED_COMPRESSORS and "lzma" in type(lzma[0]).__name__.lower()
@@ -149,7 +149,7 @@ assert np.array_equal(g['topk_ids'][...], np.load('{tmp_path}/ids.npy'))
 print(g['topk_logprobs'][...].shape)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 0 and "(600, 32)" in out.stdout, out.stderr
+    assert out.returncode == 0 and "(256, 32)" in out.stdout, out.stderr
     with pytest.raises(ValueError, match="--packed-compressor must be one of zstd, lzma"):
         dump_teacher(DumpConfig(teacher=str(tmp_path / "none"), data=str(tmp_path / "none.json"),
                                 images=str(tmp_path), out=str(tmp_path / "c"), logprob_encoding="packed",
