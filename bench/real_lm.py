@@ -16,9 +16,10 @@ is). Each question is asked with its image and without (text only).
 
 Encodings: float16, uint8, packed v1 (tail step 1/1024 at every k, the first packed default), packed at KL budgets
 1e-5 ... 3.2e-4 nats (``--packed-kl``: the tail step from ``codecs.tail_step_for``), and packed at 4e-5 / 8e-5 with
-stdlib LZMA instead of blosc-zstd after the codec (``--packed-compressor lzma``): the curve of fidelity against bytes. A third set, "prose":
-5,440 tokens (five 1,152-token windows) of Python's reference documentation (``pydoc_data.topics``) teacher-forced as plain text, at k = 32 and
-128 only: more rows than one 4,096-row chunk, so the packed ids' per-chunk dictionary is amortised as in a dump.
+stdlib LZMA instead of blosc-zstd after the codec (``--packed-compressor lzma``): the curve of fidelity against
+bytes. A third set, "prose": 5,440 tokens (five 1,152-token windows) of Python's reference documentation
+(``pydoc_data.topics``) teacher-forced as plain text, at k = 32 and 128 only: more rows than one 4,096-row chunk, so
+the packed ids' per-chunk dictionary is amortised as in a dump.
 
 Per (k, encoding), every field is written with the cache's own writer path (``common.cache.write_array`` with the
 encoding's serializer and compressors, chunks of up to 4,096 rows) and measured on disk. Fidelity is
