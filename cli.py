@@ -164,6 +164,10 @@ def dump_teacher(ctx: typer.Context,
                                                       help="Stored top-k: float16 log-probs; uint8 (1/16-nat "
                                                            "log-space steps); packed (v6: id sets + sqrt-probability "
                                                            "codes, docs/cache-format.md)."),
+                 packed_kl: float = typer.Option(4e-5, help="packed: expected KL (nats per token) its rounding "
+                                                 "may add; sets the sqrt-probability step at this --top-k."),
+                 packed_compressor: str = typer.Option("zstd", help="packed: zstd, or lzma (3-5% smaller, ~20x "
+                                                        "slower to write)."),
                  saliency_query: str = typer.Option("instruction", help="Saliency query positions: instruction "
                                                     "(the turn's instruction tokens) or answer (the position "
                                                     "predicting the first answer token)."),

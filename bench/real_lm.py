@@ -14,6 +14,13 @@ topobathy.npz and jacksboro_fault_dem.npz rendered with a terrain colormap) and 
 questions with hand-written reference answers; the teacher is forced on the reference answer (as dump-teacher
 is). Each question is asked with its image and without (text only).
 
+Encodings: float16, uint8, packed v1 (tail step 1/1024 at every k, the first packed default), packed at KL budgets
+1e-5 ... 3.2e-4 nats (``--packed-kl``: the tail step from ``codecs.tail_step_for``), and packed at 4e-5 / 8e-5 with
+stdlib LZMA instead of blosc-zstd after the codec (``--packed-compressor lzma``): the curve of fidelity against
+bytes. A third set, "prose": 5,440 tokens (five 1,152-token windows) of Python's reference documentation
+(``pydoc_data.topics``) teacher-forced as plain text, at k = 32 and 128 only: more rows than one 4,096-row chunk, so
+the packed ids' per-chunk dictionary is amortised as in a dump.
+
 Per (k, encoding), every field is written with the cache's own writer path (``common.cache.write_array`` with the
 encoding's serializer and compressors, chunks of up to 4,096 rows) and measured on disk. Fidelity is
 KL(P || Q) over the full vocabulary, P the teacher's full distribution, Q what the cache stores: the decoded
@@ -22,18 +29,22 @@ spread evenly over the other V - k tokens. The loss itself never sees inside the
 too), so the part of this KL due to truncation is the chain-rule gap of common/losses.py; the encoding adds the
 rest. ``fold err`` is KL(exact fold || decoded fold), the encoding's own error.
 
-Run: python bench/real_lm.py [--max-answer 48]
+Run: nice -n 5 python bench/real_lm.py [--sets image,text,prose] [--reuse] (--reuse: the teacher's log-probs saved in
+--workdir by an earlier run; each set's rows are also written there as rows-SET.json)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,23 +53,34 @@ from _util import table
 import torch  # noqa: E402
 import zarr  # noqa: E402
 
-from alignti.common.cache import serializer_for, write_array  # noqa: E402
+from alignti.common.cache import packed_compressors, serializer_for, write_array  # noqa: E402
 from alignti.common.codecs import canonical_order  # noqa: E402
 from alignti.common.losses import fold_teacher  # noqa: E402
 from alignti.common.schema import encode_logprobs  # noqa: E402
 
 log = logging.getLogger("real_lm")
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")  # LZMA through zarr's bridge
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KS = (8, 16, 32, 64, 128)
-# (label, params as the dump would record them)
-ENCODINGS = [
-    ("float16", {"logprob_encoding": "float16"}),
-    ("uint8", {"logprob_encoding": "uint8"}),
-    ("packed (default)", {"logprob_encoding": "packed"}),
-    ("packed tail 1/512", {"logprob_encoding": "packed", "packed": {"tail_step": 1 / 512}}),
-    ("packed tail 1/256", {"logprob_encoding": "packed", "packed": {"tail_step": 1 / 256}}),
-    ("packed head 16", {"logprob_encoding": "packed", "packed": {"head": 16}}),
-]
+KLS = (1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4)  # packed: the tail code's KL bound (tail_step_for), the curve's points
+LZMA = packed_compressors({"packed": {"compressor": "lzma"}})  # --packed-compressor lzma: stdlib LZMA, not blosc-zstd
+
+
+def encodings(k: int, few: bool = False) -> list[tuple[str, dict, tuple | None]]:
+    """(label, params as the dump would record them, compressors: None = the cache's own) measured at this k;
+    ``few``: float16, packed v1 and the budgets 2e-5 ... 8e-5 only (the prose set: 12x the rows)."""
+    out = [("float16", {"logprob_encoding": "float16"}, None), ("uint8", {"logprob_encoding": "uint8"}, None),
+           ("packed v1 (tail 1/1024)", {"logprob_encoding": "packed", "packed": {"tail_step": 1 / 1024}}, None)]
+    if few:
+        return [out[0], out[2]] + [(f"packed kl {kl:.1e}", {"logprob_encoding": "packed", "packed": {"tail_kl": kl}},
+                                    None) for kl in (2e-5, 4e-5, 8e-5)] + [
+            ("packed kl 4.0e-05 + lzma", {"logprob_encoding": "packed", "packed": {"tail_kl": 4e-5}}, LZMA)]
+    for kl in KLS:
+        out.append((f"packed kl {kl:.1e}", {"logprob_encoding": "packed", "packed": {"tail_kl": kl}}, None))
+    for kl in (4e-5, 8e-5):
+        out.append((f"packed kl {kl:.1e} + lzma", {"logprob_encoding": "packed", "packed": {"tail_kl": kl}}, LZMA))
+    return out
+
 
 QA = [  # (image, question, reference answer)
     ("grace_hopper", "Who is the person in this photo?", "This is Grace Hopper, an American computer scientist and "
@@ -187,39 +209,66 @@ def teacher_logprobs(model, tok, proc, image_id, with_image: bool, max_q: int | 
     return torch.cat(out), torch.cat(refs)
 
 
-def stored_fields(name_params: dict, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray, target: np.ndarray,
-                  where: Path) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Write the top-k fields as PartWriter would for these params; returns (bytes per field, decoded ids, decoded
-    log-probs) read back with zarr."""
-    params = dict(name_params, top_k=ids.shape[1])
+def stored_fields(params: dict, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray, target: np.ndarray,
+                  where: Path, compressors=None) -> tuple[dict, np.ndarray, np.ndarray, float]:
+    """Write the top-k fields as PartWriter would for these params (chunks of up to 4,096 rows); returns (bytes per
+    field, decoded ids, decoded log-probs read back with zarr, the packed tail step or 0)."""
+    params = dict(params, top_k=ids.shape[1])
+    step = 0.0
     if params.get("logprob_encoding") == "packed":
         from alignti.common.cache import packed_settings
-        ids, lps = canonical_order(ids, lps, packed_settings(params)["head"])
+        st = packed_settings(params)
+        params["packed"] = st
+        step = st["tail_step"]
+        ids, lps = canonical_order(ids, lps, st["head"])
     fields = {"topk_ids": ids.astype(np.int32), "topk_logprobs": encode_logprobs(lps, params),
               "tail_logmass": tail.astype(np.float32), "target_logprob": target.astype(np.float32)}
     shutil.rmtree(where, ignore_errors=True)
     g = zarr.open_group(str(where), mode="w", zarr_format=3)
     sizes = {}
     for name, a in fields.items():
-        write_array(g, name, a, serializer_for(name, params))
+        ser = serializer_for(name, params)
+        write_array(g, name, a, ser, compressors if ser is not None else None)
         sizes[name] = sum(p.stat().st_size for p in (where / name).rglob("*") if p.is_file() and p.name != "zarr.json")
     from alignti.common.schema import decode_logprobs
-    return sizes, g["topk_ids"][...], decode_logprobs(g["topk_logprobs"][...]).astype(np.float32)
+    return sizes, g["topk_ids"][...], decode_logprobs(g["topk_logprobs"][...]).astype(np.float32), step
 
 
 def fidelity(lp: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q) per row: Q = fold_teacher(lps, tail) on the cached ids, its rest spread evenly over the others."""
+    """KL(P || Q) per row: Q = fold_teacher(lps, tail) on the cached ids, its rest spread evenly over the others
+    (float64, 512 rows at a time)."""
     v, k = lp.shape[1], ids.shape[1]
-    fold = fold_teacher(lps.double(), tail.double())
-    q = (fold[:, -1] - math.log(v - k))[:, None].expand(-1, v).clone().scatter(-1, ids.long(), fold[:, :-1])
-    p = lp.double().exp()
-    return (p * (lp.double() - q)).sum(-1)
+    out = []
+    for at in range(0, lp.shape[0], 512):
+        sl = slice(at, at + 512)
+        fold = fold_teacher(lps[sl].double(), tail[sl].double())
+        q = (fold[:, -1] - math.log(v - k))[:, None].expand(-1, v).clone().scatter(-1, ids[sl].long(), fold[:, :-1])
+        x = lp[sl].double()
+        out.append((x.exp() * (x - q)).sum(-1))
+    return torch.cat(out)
 
 
-def run(lp: torch.Tensor, refs: torch.Tensor, work: Path, label: str) -> list[dict]:
+def ids_dictionary_share(ids: np.ndarray, head: int = 1) -> float:
+    """Bytes of the packed ids that are the per-chunk dictionary (its streams compressed alone, as the cache's
+    compressor does), over all chunks of up to 4,096 rows."""
+    from numcodecs import Blosc
+
+    from alignti.common.codecs import TopkIdsCodec, _unplanes
+    z = Blosc(cname="zstd", clevel=5, shuffle=Blosc.NOSHUFFLE)
+    total = 0
+    for at in range(0, len(ids), 4096):
+        frame = TopkIdsCodec(head).encode(ids[at:at + 4096])
+        _, _, _, _, g, nb0, nb1 = (int(x) for x in np.frombuffer(frame, "<u4", count=7))
+        groups, end = _unplanes(memoryview(frame), 40, 2 * g, nb0)
+        end += int(groups.reshape(g, 2)[:, 1].sum()) * nb1  # the dictionary's ids (gaps), after its groups
+        total += len(z.encode(frame[40:end]))
+    return total
+
+
+def run(lp: torch.Tensor, refs: torch.Tensor, work: Path, label: str, ks=KS, few: bool = False) -> list[dict]:
     t, v = lp.shape
     rows = []
-    for k in KS:
+    for k in ks:
         vals, ids = lp.topk(k, -1)
         tail = lp.scatter(-1, ids, float("-inf")).logsumexp(-1)
         rest = tail.exp()
@@ -227,9 +276,11 @@ def run(lp: torch.Tensor, refs: torch.Tensor, work: Path, label: str) -> list[di
         target = lp.gather(-1, refs[:, None])[:, 0]
         exact_fold = fold_teacher(vals.double(), tail.double())
         trunc = fidelity(lp, ids, vals, tail).mean().item()
-        for enc, params in ENCODINGS:
-            sizes, got_ids, got_lps = stored_fields(params, ids.numpy(), vals.numpy(), tail.numpy(), target.numpy(),
-                                                    work / f"{label}-{k}-{enc.replace(' ', '_').replace('/', '_')}")
+        dict_b = ids_dictionary_share(canonical_order(ids.numpy(), vals.numpy(), 1)[0]) / t
+        for enc, params, comp in encodings(k, few):
+            sizes, got_ids, got_lps, step = stored_fields(
+                params, ids.numpy(), vals.numpy(), tail.numpy(), target.numpy(),
+                work / f"{label}-{k}-{enc.replace(' ', '_').replace('/', '_')}", comp)
             gi, gl = torch.from_numpy(got_ids), torch.from_numpy(got_lps)
             fid = fidelity(lp, gi, gl, tail).mean().item()
             # the decoded fold, put back in the teacher's order, against the exact fold
@@ -238,13 +289,63 @@ def run(lp: torch.Tensor, refs: torch.Tensor, work: Path, label: str) -> list[di
             got_fold = fold_teacher(back.double(), tail.double())
             ferr = (exact_fold.exp() * (exact_fold - got_fold)).sum(-1).mean().item()
             b = {f: s / t for f, s in sizes.items()}
-            rows.append({"set": label, "k": k, "encoding": enc, "ids": b["topk_ids"], "logprobs": b["topk_logprobs"],
-                         "rest": b["tail_logmass"], "target": b["target_logprob"],
+            rows.append({"set": label, "k": k, "encoding": enc, "step": step, "ids": b["topk_ids"],
+                         "logprobs": b["topk_logprobs"], "rest": b["tail_logmass"], "target": b["target_logprob"],
                          "topk_fields": b["topk_ids"] + b["topk_logprobs"] + b["tail_logmass"],
+                         "ids_dict": dict_b, "rows": t,
                          "rest_mean": rest.mean().item(), "rest_median": rest.median().item(),
                          "rest_p90": rest.quantile(0.9).item(), "ref_in_topk": in_topk, "fidelity": fid,
-                         "truncation_only": trunc, "fold_err": ferr})
+                         "truncation_only": trunc, "fold_err": ferr,
+                         "predicted": (k - 1) * step ** 2 / 6 if step else float("nan")})
     return rows
+
+
+@torch.no_grad()
+def prose_logprobs(model, tok, n_tokens: int = 4608, window: int = 1152):
+    """Full log-softmax [T, V] of the LM teacher-forced on English prose (Python's own reference documentation,
+    ``pydoc_data.topics``, topics in sorted order), in windows of ``window`` tokens, the first 64 of each window as
+    context only; T ~ n_tokens: more than one 4,096-row chunk, as a dump writes them."""
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    lm = model.model.language_model
+    out, refs, at = [], [], 0
+    while sum(len(r) for r in refs) < n_tokens and at + window <= len(ids):
+        x = torch.tensor([ids[at:at + window]])
+        h = lm(input_ids=x).last_hidden_state[0]
+        out.append(torch.log_softmax(model.lm_head(h[63:-1]).float(), -1))
+        refs.append(x[0, 64:])
+        at += window
+    return torch.cat(out), torch.cat(refs)
+
+
+def report(rows: list[dict], label: str, vocab: int) -> None:
+    sel = [r for r in rows if r["set"] == label]
+    print(f"\n{label} ({sel[0]['rows']} rows), vocabulary {vocab}")
+    print(table([[r["k"], r["encoding"], f"1/{1 / r['step']:.0f}" if r["step"] else "-", f"{r['ids']:.1f}",
+                  f"{r['logprobs']:.1f}", f"{r['rest']:.1f}", f"{r['topk_fields']:.1f}", f"{r['target']:.1f}",
+                  f"{r['fidelity']:.5f}", f"{r['fold_err']:.1e}", f"{r['predicted']:.1e}"] for r in sel],
+                ["k", "encoding", "tail step", "ids B/tok", "log-probs B/tok", "rest B/tok", "top-k fields B/tok",
+                 "target B/tok", "fidelity KL", "fold err", "predicted"]))
+    seen = set()
+    print(table([[r["k"], f"{r['rest_mean']:.3f} / {r['rest_median']:.3f} / {r['rest_p90']:.3f}",
+                  f"{100 * r['ref_in_topk']:.0f}%", f"{r['truncation_only']:.5f}", f"{r['ids_dict']:.1f}"]
+                 for r in sel if not (r["k"] in seen or seen.add(r["k"]))],
+                ["k", "rest mass mean / median / p90", "reference in top-k", "fidelity KL, exact top-k",
+                 "packed ids: dictionary B/tok"]))
+    get = {(r["k"], r["encoding"]): r for r in sel}
+    for k in sorted({r["k"] for r in sel} & {32, 128}):
+        f16 = get[(k, "float16")]
+        # "no worse than float16" read as: the encoding's excess over the exact top-k below half a unit of the 4th
+        # decimal (float16's own excess is 1-2e-7 nats)
+        best = [r for r in sel if r["k"] == k and r["encoding"].startswith("packed")
+                and r["fidelity"] - r["truncation_only"] < 5e-5]
+        if best:
+            r = min(best, key=lambda r: r["topk_fields"])
+            print(f"RATIO {label} k={k}: float16 {f16['topk_fields']:.1f} B/token fidelity {f16['fidelity']:.5f}; "
+                  f"smallest packed with excess < 5e-5 nats: {r['encoding']} {r['topk_fields']:.1f} B/token "
+                  f"({r['topk_fields'] / f16['topk_fields']:.2f}x), fidelity {r['fidelity']:.5f}")
+    sys.stdout.flush()
 
 
 def main():
@@ -252,38 +353,34 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-bench-real-lm"))
     ap.add_argument("--questions", type=int, default=None, help="first N questions only (a quick run)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the teacher's log-probs saved in --workdir by an earlier run (skips the forward)")
+    ap.add_argument("--sets", default="image,text,prose",
+                    help="image, text (the 26 questions with / without their image), prose (5,440 tokens of "
+                         "documentation, k = 32 and 128 and fewer encodings: more than one 4,096-row chunk)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, tok, proc, image_id = build_teacher()
-    log.info("teacher built in %.0f s (vocabulary %d)", time.perf_counter() - t0, len(tok))
-    rows = []
-    for label, with_image in (("image", True), ("text", False)):
-        lp, refs = teacher_logprobs(model, tok, proc, image_id, with_image, a.questions)
+    model = None
+    for label in a.sets.split(","):
+        saved = work / f"teacher-{label}-{len(QA) if label == 'prose' else a.questions or len(QA)}.pt"
+        if a.reuse and saved.exists():
+            lp, refs = torch.load(saved)
+        else:
+            if model is None:
+                model, tok, proc, image_id = build_teacher()
+                log.info("teacher built in %.0f s (vocabulary %d)", time.perf_counter() - t0, len(tok))
+            lp, refs = (prose_logprobs(model, tok) if label == "prose" else
+                        teacher_logprobs(model, tok, proc, image_id, label == "image", a.questions))
+            torch.save((lp, refs), saved)
         log.info("%s: %d response tokens, forward done at %.0f s", label, len(refs), time.perf_counter() - t0)
-        rows += run(lp, refs, work, label)
-    for label in ("image", "text"):
-        sel = [r for r in rows if r["set"] == label]
-        print(f"\n{label} questions ({len(QA[:a.questions])}), vocabulary {len(tok)}")
-        print(table([[r["k"], r["encoding"], f"{r['ids']:.1f}", f"{r['logprobs']:.1f}", f"{r['rest']:.1f}",
-                      f"{r['topk_fields']:.1f}", f"{r['target']:.1f}", f"{r['fidelity']:.4f}",
-                      f"{r['fold_err']:.1e}"] for r in sel],
-                    ["k", "encoding", "ids B/tok", "log-probs B/tok", "rest B/tok", "top-k fields B/tok",
-                     "target B/tok", "fidelity KL", "fold err"]))
-        seen = set()
-        print(table([[r["k"], f"{r['rest_mean']:.3f} / {r['rest_median']:.3f} / {r['rest_p90']:.3f}",
-                      f"{100 * r['ref_in_topk']:.0f}%", f"{r['truncation_only']:.4f}"]
-                     for r in sel if not (r["k"] in seen or seen.add(r["k"]))],
-                    ["k", "rest mass mean / median / p90", "reference in top-k", "fidelity KL, exact top-k"]))
-    get = {(r["set"], r["k"], r["encoding"]): r for r in rows}
-    for s in ("image", "text"):
-        p128, f128 = get[(s, 128, "packed (default)")], get[(s, 128, "float16")]
-        p32 = get[(s, 32, "packed (default)")]
-        print(f"RATIO {s}: k=128 packed {p128['topk_fields']:.1f} B/token (goal <= 200; float16 "
-              f"{f128['topk_fields']:.1f}), fidelity {p128['fidelity']:.5f} vs float16 {f128['fidelity']:.5f}; "
-              f"k=32 packed {p32['topk_fields']:.1f} B/token (goal <= 60)")
+        rows = run(lp, refs, work, label, (32, 128) if label == "prose" else KS, few=label == "prose")
+        (work / f"rows-{label}.json").write_text(json.dumps(rows, indent=1))
+        report(rows, label, lp.shape[1])
+        del lp
+        log.info("%s measured at %.0f s", label, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

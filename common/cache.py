@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -35,14 +36,41 @@ from .schema import (CHUNK_TOKENS, IVAK_ARRAYS, MANIFEST_FILE, PACKED_PAIRS, PAR
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
 # the packed codecs lay their output out in byte planes themselves: zstd without blosc's shuffle
 PACKED_COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle"), Crc32cCodec())
+PACKED_COMPRESSOR_NAMES = ("zstd", "lzma")  # params["packed"]["compressor"]; absent: zstd
+# zarr warns on every array whose metadata names a numcodecs codec (lzma here) that such codecs are outside the zarr v3
+# spec: known and documented (docs/cache-format.md), so not repeated on every read of a cache
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
+
+def packed_compressors(params: dict) -> tuple:
+    """The bytes -> bytes codecs after the packed codecs: blosc-zstd (``"zstd"``, the default) or the standard
+    library's LZMA through numcodecs (``"lzma"``: 3-5% fewer bytes, ~20x the compression time; bench/README.md,
+    "Real LM"), then crc32c. Plain zarr reads either (both are named in the array's metadata)."""
+    name = (params.get("packed") or {}).get("compressor", "zstd")
+    if name == "zstd":
+        return PACKED_COMPRESSORS
+    if name == "lzma":
+        from zarr.codecs.numcodecs import LZMA
+        return (LZMA(preset=6), Crc32cCodec())
+    raise CacheError(f"packed compressor '{name}' is not one of {', '.join(PACKED_COMPRESSOR_NAMES)}")
 
 
 def packed_settings(params: dict) -> dict:
-    """The packed encoding's codec settings (``params["packed"]``, defaults from common/codecs.py)."""
+    """The packed encoding's codec settings (the keyword arguments of ``TopkLogprobsCodec``) from
+    ``params["packed"]``. A recorded ``tail_step`` is used as it is (every packed cache records one); else the step
+    comes from ``tail_kl`` (nats, default ``codecs.DEFAULT_TAIL_KL``) and ``params["top_k"]`` by
+    ``codecs.tail_step_for``; without a top_k, ``codecs.DEFAULT_TAIL_STEP``."""
     got = dict(params.get("packed") or {})
-    return {"head": int(got.get("head", packed_codecs.DEFAULT_HEAD)),
-            "head_step": float(got.get("head_step", packed_codecs.DEFAULT_HEAD_STEP)),
-            "tail_step": float(got.get("tail_step", packed_codecs.DEFAULT_TAIL_STEP))}
+    head = int(got.get("head", packed_codecs.DEFAULT_HEAD))
+    if "tail_step" in got:
+        tail_step = float(got["tail_step"])
+    elif "top_k" in params:
+        tail_step = packed_codecs.tail_step_for(int(params["top_k"]), head,
+                                                float(got.get("tail_kl", packed_codecs.DEFAULT_TAIL_KL)))
+    else:
+        tail_step = packed_codecs.DEFAULT_TAIL_STEP
+    return {"head": head, "head_step": float(got.get("head_step", packed_codecs.DEFAULT_HEAD_STEP)),
+            "tail_step": tail_step}
 
 
 def serializer_for(name: str, params: dict):
@@ -86,16 +114,19 @@ def atomic_write_json(path: Path, obj, point: str = "") -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True), point)
 
 
-def write_array(group, name: str, data: np.ndarray, serializer=None) -> None:
+def write_array(group, name: str, data: np.ndarray, serializer=None, compressors=None) -> None:
     """One array of a part, written in one go (every shard whole). ``serializer``: a packed top-k codec
-    (``serializer_for``), else zarr's ``bytes`` with blosc's byte shuffle."""
+    (``serializer_for``), else zarr's ``bytes`` with blosc's byte shuffle. ``compressors``: the bytes -> bytes
+    codecs after it (default: PACKED_COMPRESSORS after a packed codec, else COMPRESSORS)."""
+    if compressors is None:
+        compressors = PACKED_COMPRESSORS if serializer is not None else COMPRESSORS
     rows = max(1, data.shape[0])
     chunk = min(CHUNK_TOKENS, rows)
     shard = chunk * min(SHARD_CHUNKS, -(-rows // chunk))
     extra = {"serializer": serializer} if serializer is not None else {}
     group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(chunk, *data.shape[1:]),
                        shards=(shard, *data.shape[1:]),
-                       compressors=PACKED_COMPRESSORS if serializer is not None else COMPRESSORS, fill_value=0,
+                       compressors=compressors, fill_value=0,
                        **extra)
     crash_point("shard-flush")
     group[name][...] = data
@@ -175,7 +206,8 @@ class PartWriter:
         for n in self.names:
             tail = array_shape_tail(n, self.params)
             data = np.concatenate(self.buffers[n]) if self.buffers[n] else np.zeros((0, *tail), array_dtype(n, self.params))
-            write_array(group, n, data, serializer_for(n, self.params))
+            ser = serializer_for(n, self.params)
+            write_array(group, n, data, ser, packed_compressors(self.params) if ser is not None else None)
         table = pa.Table.from_pylist(self.rows, schema=SAMPLE_SCHEMA)
         pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

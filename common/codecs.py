@@ -30,29 +30,53 @@ tail_step / 4). Why the square root: an error e in sqrt(p) costs about 2 e^2 of 
 get small codes. **Error bounds**: |decoded - exact| <= head_step / 2 nats on the head; |sqrt(p^) - sqrt(p)| <=
 tail_step / 2 on the tail, so the squared Hellinger distance between the exact and the decoded top-k entries is
 at most k * tail_step^2 / 8, and the expected KL added is about (k - head) * tail_step^2 / 6 (uniform rounding
-error, variance step^2 / 12). Log-probs below -LP_FLOOR nats are clipped there first. The rest mass
+error, variance step^2 / 12; it assumes step << sqrt(p), and flat rows at coarse steps measure up to 1.3x it).
+``tail_step_for(k, head, kl)`` inverts that: the dump sets the tail step from a KL budget per row (``--packed-kl``,
+default ``DEFAULT_TAIL_KL``), so one budget adds about the same KL at every k (bench/README.md, "Real LM",
+measures it). Log-probs below -LP_FLOOR nats are clipped there first. The rest mass
 (``tail_logmass``) is stored apart, float32, exactly; the loss renormalises the (k+1)-way fold as before.
 
 Both codecs write a small header (format version, rows, k, head, steps, byte widths), then each integer stream
 (head values, tail values) split into byte planes (all low bytes, then all second bytes, ...; only as many
 planes as the stream's largest value needs), so the downstream compressor (blosc-zstd without shuffle) sees
-long runs of small bytes. Errors: ``ValueError`` naming the row when the tail of an id row is not strictly
+long runs of small bytes. Log-prob format 2 (written now) stores the two steps as float64, so any step in (0, 1]
+(``tail_step_for`` gives 1/N); format 1 (the first packed caches) stored them as power-of-two exponents and still
+decodes. Errors: ``ValueError`` naming the row when the tail of an id row is not strictly
 ascending or a head is not descending (the writer calls ``canonical_order`` first).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numcodecs.abc import Codec
 from numcodecs.registry import register_codec
 
 LP_FLOOR = 1000.0     # nats: log-probs below -LP_FLOOR are stored as -LP_FLOOR (probability 0 in float32)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1           # alignti.topk_ids chunks
+LOGPROBS_FORMAT_VERSION = 2  # alignti.topk_logprobs chunks written now: steps stored as float64 (any step)
+LOGPROBS_READABLE = (1, 2)   # 1: steps stored as power-of-two exponents (caches written before the step-from-KL rule)
 IDS_CODEC_ID = "alignti.topk_ids"
 LOGPROBS_CODEC_ID = "alignti.topk_logprobs"
 DEFAULT_HEAD = 1            # entries kept in rank order (the top-1 stays first)
 DEFAULT_HEAD_STEP = 1 / 256  # nats of log-prob
-DEFAULT_TAIL_STEP = 1 / 1024  # of sqrt(probability)
+DEFAULT_TAIL_STEP = 1 / 1024  # of sqrt(probability): what params without a recorded step (none written) would mean
+DEFAULT_TAIL_KL = 4e-5       # nats per row: the expected fold KL the tail code may add (tail_step_for)
+
+
+def tail_step_for(k: int, head: int = DEFAULT_HEAD, kl: float = DEFAULT_TAIL_KL) -> float:
+    """The tail step of sqrt(probability) whose expected added KL per row is at most ``kl`` nats.
+
+    Each of the k - head tail entries is rounded to a multiple of the step s in sqrt(p); the error e is uniform
+    in [-s/2, s/2] (variance s^2 / 12) and costs about 2 e^2 of KL(exact fold || decoded fold) (module
+    docstring), so a row adds about (k - head) * s^2 / 6 nats. Returns s = 1 / ceil(sqrt((k - head) / (6 kl)))
+    (the reciprocal of an integer, so the step reads as 1/N), at most 1. Raises ``ValueError`` for kl <= 0.
+    bench/README.md ("Real LM") measures the KL against this estimate."""
+    if not kl > 0:
+        raise ValueError(f"the packed tail's KL bound must be > 0 nats, not {kl}")
+    n = max(1, int(k) - int(head))
+    return 1.0 / max(1, math.ceil(math.sqrt(n / (6.0 * kl)) - 1e-9))
 
 
 def canonical_order(ids: np.ndarray, logprobs: np.ndarray, head: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +216,7 @@ class TopkIdsCodec(Codec):
 class TopkLogprobsCodec(Codec):
     """Log-prob rows in canonical order (module docstring): the head in ``head_step``-nat steps of log-prob,
     coded by its non-negative differences; the tail in ``tail_step`` steps of the square root of the
-    probability. Decoded dtype float32. Steps must be powers of two."""
+    probability. Decoded dtype float32. Steps lie in (0, 1]; ``tail_step_for`` sets the tail step from a KL bound."""
 
     codec_id = LOGPROBS_CODEC_ID
 
@@ -202,8 +226,8 @@ class TopkLogprobsCodec(Codec):
         self.head_step = float(head_step)
         self.tail_step = float(tail_step)
         for name, s in (("head_step", self.head_step), ("tail_step", self.tail_step)):
-            if not (0 < s <= 1 and np.log2(s) == round(np.log2(s))):
-                raise ValueError(f"alignti.topk_logprobs: {name} must be a power of two <= 1 (e.g. 1/256), not {s}")
+            if not 0 < s <= 1:
+                raise ValueError(f"alignti.topk_logprobs: {name} must lie in (0, 1] (e.g. 1/256), not {s}")
 
     def quantise(self, rows: np.ndarray):
         """[rows, k] float log-probs -> (head codes [rows, h], tail codes [rows, k - h]) as int64."""
@@ -235,21 +259,28 @@ class TopkLogprobsCodec(Codec):
         qh, qt = self.quantise(rows)
         h = qh.shape[1]
         dh = np.diff(qh, axis=1) if h > 1 else np.zeros((n, 0), np.int64)
-        return _frame([FORMAT_VERSION, n, k, h, int(round(-np.log2(self.head_step))),
-                       int(round(-np.log2(self.tail_step)))], (qh[:, :1], dh, qt))
+        steps = np.array([self.head_step, self.tail_step], "<f8").view("<u4").tolist()  # 4 words
+        return _frame([LOGPROBS_FORMAT_VERSION, n, k, h, *steps], (qh[:, :1], dh, qt))
 
     def decode(self, buf, out=None):
         mv = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else memoryview(buf.view(np.uint8).reshape(-1))
-        version, n, k, h, eh, et, nb0, nb1, nb2 = (int(x) for x in np.frombuffer(mv, "<u4", count=9))
-        if version != FORMAT_VERSION:
+        version = int(np.frombuffer(mv, "<u4", count=1)[0])
+        if version == 1:  # steps as exponents: 2 ** -e
+            _, n, k, h, eh, et, nb0, nb1, nb2 = (int(x) for x in np.frombuffer(mv, "<u4", count=9))
+            head_step, tail_step, at = 2.0 ** -eh, 2.0 ** -et, 36
+        elif version == 2:
+            _, n, k, h = (int(x) for x in np.frombuffer(mv, "<u4", count=4))
+            head_step, tail_step = (float(x) for x in np.frombuffer(mv, "<f8", count=2, offset=16))
+            nb0, nb1, nb2 = (int(x) for x in np.frombuffer(mv, "<u4", count=3, offset=32))
+            at = 44
+        else:
             raise ValueError(f"alignti.topk_logprobs: format version {version} is not readable by this alignti "
-                             f"(reads {FORMAT_VERSION}); upgrade alignti")
-        at = 36
+                             f"(reads {', '.join(map(str, LOGPROBS_READABLE))}); upgrade alignti")
         q0, at = _unplanes(mv, at, n * min(1, h), nb0)
         dh, at = _unplanes(mv, at, n * max(0, h - 1), nb1)
         qt, at = _unplanes(mv, at, n * (k - h), nb2)
         qh = np.cumsum(np.concatenate([q0.reshape(n, min(1, h)), dh.reshape(n, max(0, h - 1))], axis=1), axis=1)
-        res = TopkLogprobsCodec(h, 2.0 ** -eh, 2.0 ** -et).dequantise(qh, qt.reshape(n, k - h))
+        res = TopkLogprobsCodec(h, head_step, tail_step).dequantise(qh, qt.reshape(n, k - h))
         if out is not None:
             np.copyto(np.asarray(out).reshape(res.shape), res)
             return out

@@ -100,6 +100,7 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "batch_size": COUNT, "limit": OPT_COUNT, "tpa_branches": COUNT0, "tpa_top_k": COUNT,
         "tpa_positions": SHARE, "iva_token_ratio": SHARE, "irs_samples": COUNT, "unit_size": COUNT,
         "max_length": OPT_COUNT, "nproc": COUNT,
+        "packed_kl": Range(0, 0.1, lo_open=True),  # nats per token; the truncation KL itself is ~0.1-1 (bench/README)
     },
     "rollout": {
         "temperature": Range(0, 10),  # 0: greedy

@@ -25,7 +25,9 @@ import torch
 from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_class, adapter_for, check_images_per_sample
 from alignti.common.batch import collate, to_device
-from alignti.common.cache import PartWriter, atomic_write_json, committed_parts, packed_settings, read_plan, write_manifest, write_plan
+from alignti.common.cache import (PACKED_COMPRESSOR_NAMES, PartWriter, atomic_write_json, committed_parts,
+                                  packed_settings, read_plan, write_manifest, write_plan)
+from alignti.common.codecs import DEFAULT_TAIL_KL
 from alignti.common.config import check_ranges
 from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
@@ -64,6 +66,8 @@ class DumpConfig:
     max_length: int | None = None
     dtype: str = "auto"
     logprob_encoding: str = "float16"  # or "uint8" (1/16-nat log-space steps) or "packed" (common/codecs.py)
+    packed_kl: float = DEFAULT_TAIL_KL  # packed: expected KL (nats per row) its tail code may add; sets its step
+    packed_compressor: str = "zstd"  # packed: the compressor after the codecs, zstd or lzma (common.cache)
     saliency_query: str = "instruction"  # or "answer" (common/conversation.py: with_saliency_query)
     tpa_positions: float = 1.0  # fraction of each sample's response positions that get TPA statistics
     iva_token_kl: bool = False  # also cache IVA's token-KL statistics (train-student --iva-form token-kl)
@@ -209,6 +213,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     check_saliency_query(cfg.saliency_query)  # before any teacher time is spent
     if cfg.logprob_encoding not in LOGPROB_ENCODINGS:
         raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_ENCODINGS)}, not '{cfg.logprob_encoding}'")
+    if cfg.packed_compressor not in PACKED_COMPRESSOR_NAMES:
+        raise ValueError(f"--packed-compressor must be one of {', '.join(PACKED_COMPRESSOR_NAMES)}, "
+                         f"not '{cfg.packed_compressor}'")
     if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
     try:  # the config alone: no weights loaded, nothing written yet
@@ -264,7 +271,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
               "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query,
               "encoding_version": ENCODING_VERSION, "image_decode": DECODE_VERSION, "align_fields": True}
     if cfg.logprob_encoding == "packed":
-        params["packed"] = packed_settings({})
+        # the tail step from the KL bound at this k (codecs.tail_step_for); TPA and IVA's top-k share it
+        params["packed"] = dict(packed_settings({"top_k": cfg.top_k, "packed": {"tail_kl": cfg.packed_kl}}),
+                                tail_kl=cfg.packed_kl, compressor=cfg.packed_compressor)
     if cfg.tpa_branches:
         params.update(tpa_layout=TPA_LAYOUT, tpa_positions=cfg.tpa_positions, tpa_select="entropy",
                       tpa_candidates="student" if student_tpa else "teacher")

@@ -34,6 +34,8 @@ def test_templates_list_every_option_with_its_default():
     assert tmpl["checkpoint_every"] == 1 and tmpl["max_grad_norm"] == 1.0
     dump = yaml.safe_load(_invoke("config", "dump-teacher").output)
     assert dump["top_k"] == 32 and dump["logprob_encoding"] == "float16"
+    from alignti.common.codecs import DEFAULT_TAIL_KL
+    assert dump["packed_kl"] == DEFAULT_TAIL_KL  # the flag's default is the codec's (cli.py avoids importing it)
     qs = yaml.safe_load(_invoke("config", "quickstart").output)
     assert qs["methods"] == ["sft", "kd", "kd+iva", "kd+tpa", "alignti"] and qs["overrides"] == {}
     assert "# Top-k log-probs kept per response token." in _invoke("config", "dump-teacher").output
