@@ -45,7 +45,7 @@ class ModelAdapter:
 
     # --- parameter groups (train-student --trainable) -------------------------------------------
     # name prefixes of the family's multimodal projector and vision encoder, as transformers 5.x names the
-    # parameters (model.named_parameters(), the keys of model.safetensors); the projector is matched first, so a
+    # parameters in memory (model.named_parameters()); the projector is matched first, so a
     # projector inside the vision module (Qwen2-VL's merger) is the projector's
     projector_prefixes: tuple[str, ...] = ("model.multi_modal_projector.",)
     vision_prefixes: tuple[str, ...] = ("model.vision_tower.",)

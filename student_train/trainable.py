@@ -9,8 +9,9 @@ and stays out of the optimizer (so it has no AdamW state either). SPEC is
   ``multi_modal_projector``, Qwen2-VL's ``visual.merger``; the LM is everything outside the vision encoder and
   the projector, LLaVA-NeXT's ``mm_tunable_parts`` rule). LLaVA's stage 1 (feature alignment) is ``projector``;
 - ``none`` (with LoRA only: the adapters alone train);
-- otherwise a regular expression, searched (``re.search``) in every parameter name as transformers names it,
-  which are the keys of ``model.safetensors`` (``model.language_model.layers.3.mlp.up_proj.weight``).
+- otherwise a regular expression, searched (``re.search``) in every parameter name as transformers 5 names it in
+  memory (``model.named_parameters()``: ``model.language_model.layers.3.mlp.up_proj.weight``; LLaVA's
+  ``model.safetensors`` keeps older key names, ``language_model.model.layers...``, mapped on load).
 
 ``--lora-r R`` adds LoRA adapters through peft (Hu et al. 2021, arXiv 2106.09685: a target linear layer computes
 ``W x + (alpha / r) B A x`` with A [r, in] (Kaiming-uniform) and B [out, r] (zeros at the start), W frozen) to
@@ -194,9 +195,13 @@ def apply_trainable(model: nn.Module, adapter, spec: str | None, freeze_vision: 
     if lora is None:
         set_trainable(model, full)
     else:
+        import warnings
+
         from peft import get_peft_model
         cfg, matched, saved = lora_config(model, adapter, lora, full)
-        peft_model = get_peft_model(model, cfg, adapter_name=LORA_ADAPTER)  # freezes all but adapters and saved
+        with warnings.catch_warnings():  # peft asks transformers 5 the deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, cfg, adapter_name=LORA_ADAPTER)  # freezes all but adapters and saved
         log.info("LoRA r=%d alpha=%g on %d modules%s", lora.r, lora.alpha, len(matched),
                  f"; trained fully: {', '.join(saved)}" if saved else "")
     n_train, n_all = count_parameters(model)

@@ -368,7 +368,11 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=order[position:], collate_fn=collator,
                                                  num_workers=workers,
                                                  multiprocessing_context="spawn" if workers else None,
-                                                 worker_init_fn=worker_init if workers else None)
+                                                 worker_init_fn=worker_init if workers else None,
+                                                 # its own generator: a loader takes its base seed from the global
+                                                 # RNG when it starts iterating, which a resumed run does mid-epoch,
+                                                 # shifting every later draw of the model's dropout
+                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             micro: list[dict] = []
             t0 = time.perf_counter()
             for batch in loader:
