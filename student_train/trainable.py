@@ -161,15 +161,15 @@ def lora_config(model: nn.Module, adapter, lora: LoraSettings, full_names: list[
                          if isinstance(m, nn.Linear)})
         targets = rf"{re.escape(prefix)}\..*\.(?:{'|'.join(map(re.escape, leaves))})"
     saved = _owner_modules(model, full_names)
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                     modules_to_save=saved or None, bias="none")
-    matched = [n for n, _ in model.named_modules() if n and check_target_module_exists(cfg, n)]
+    settings = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none")
+    # the targets as peft matches them (its own function), before modules_to_save hides the modules inside those
+    probe = LoraConfig(**settings)
+    matched = [n for n, _ in model.named_modules() if n and check_target_module_exists(probe, n)]
     shown = targets if isinstance(targets, str) else ",".join(targets)
     if not matched:
-        example = next((n for n, m in adapter.language_model.named_modules() if isinstance(m, nn.Linear)), "q_proj")
-        raise TrainableError(f"--lora-targets '{shown}' matches no module of the student (a list of names matches "
-                             f"names that end with one of them, e.g. q_proj,v_proj; a regex is matched against the "
-                             f"whole module name, e.g. .*\\.{example})")
+        raise TrainableError(f"--lora-targets '{shown}' matches no module of the student (names match the modules "
+                             "whose name ends with one of them, e.g. q_proj,v_proj; a regex must match a whole "
+                             "module name, e.g. .*language_model.*\\.(q_proj|v_proj))")
     head = next(n for n, m in model.named_modules() if m is adapter.model.lm_head)
     if head in matched:
         raise TrainableError(f"--lora-targets '{shown}' matches the LM head ({head}): the memory-flat loss head reads "
@@ -181,7 +181,7 @@ def lora_config(model: nn.Module, adapter, lora: LoraSettings, full_names: list[
             raise TrainableError(f"--trainable selects {m} fully and --lora-targets '{shown}' puts an adapter on "
                                  f"{inside[0]} inside it: a weight trains fully or through LoRA, not both; narrow "
                                  "one of them")
-    return cfg, matched, saved
+    return LoraConfig(**settings, modules_to_save=saved or None), matched, saved
 
 
 def apply_trainable(model: nn.Module, adapter, spec: str | None, freeze_vision: bool = False,
