@@ -222,3 +222,23 @@ def test_bad_options_are_refused_before_anything_loads(tmp_path):
     res = CliRunner().invoke(app, ["train-student", "--student", "S", "--cache", "C", "--out", str(tmp_path / "r"),
                                    "--lora-r", "0"])
     assert res.exit_code == 2 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("trainable, lora", [("projector", None), (None, (4, 0.0))])
+def test_checkpointing_gives_the_same_gradients_with_frozen_parts(kit, cache, trainable, lora):
+    """With the LM frozen (projector only) or adapted by LoRA, every checkpointing mode gives the gradients of the
+    plain step (the recompute's arithmetic is the forward's: rtol 1e-6, as tests/test_step.py), only on the
+    trainable parameters, none of them lost (a reentrant checkpoint whose inputs need no gradient would drop
+    them: transformers makes the embeddings' output require one)."""
+    from grad_probe import step_gradients
+    settings = lora_settings(lora[0], None, None, lora[1]) if lora else None
+    kw = dict(per_micro=4, trainable=trainable, lora=settings)
+    plain = step_gradients(str(kit / "student"), str(cache), "alignti", **kw)
+    names = set(plain)
+    assert names and all(("lora_" in n) or ("multi_modal_projector" in n) for n in names)
+    assert any(float(g.abs().max()) > 0 for n, g in plain.items() if "lora_B" in n) == bool(lora)
+    for mode in ("gc", "gc-reentrant"):
+        ckpt = step_gradients(str(kit / "student"), str(cache), "alignti", gc=mode, **kw)
+        assert ckpt.keys() == plain.keys()
+        for k in plain:
+            torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-6, atol=1e-8, msg=lambda m, k=k: f"{k}: {m}")
