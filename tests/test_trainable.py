@@ -110,6 +110,11 @@ def test_resume_is_bit_for_bit(kit, cache, tmp_path, extra):
     common = dict(max_steps=5, batch_size=4, **extra)
     _train(kit, cache, tmp_path / "a", **common)
     assert _train(kit, cache, tmp_path / "b", stop_after=3, **common) == {"stopped_at": 3}
+    if "lora_r" in extra:  # an unfinished LoRA run has no merged weights to start another run from
+        from alignti.common.errors import AlignTIError
+        from alignti.student_train.init_from import init_state
+        with pytest.raises(AlignTIError, match="holds unmerged LoRA adapters"):
+            init_state(str(tmp_path / "b"))
     _train(kit, cache, tmp_path / "b", resume=True, **common)
     a, b = load_file(tmp_path / "a/final/model.safetensors"), load_file(tmp_path / "b/final/model.safetensors")
     assert not changed(a, b)
