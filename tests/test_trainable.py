@@ -78,6 +78,8 @@ def test_only_the_selection_moves_and_the_optimizer_holds_only_it(kit, cache, tm
     assert selected and changed(before, after) == selected
     opt = torch.load(tmp_path / "r/checkpoint/state.pt", weights_only=False)["optimizer"]
     assert sum(len(g["params"]) for g in opt["param_groups"]) == len(opt["state"]) == len(selected)
+    import yaml  # the setting is the run's: RUN/config.yaml (and `alignti config train-student --from RUN`) holds it
+    assert yaml.safe_load((tmp_path / "r/config.yaml").read_text())["trainable"] == spec
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +148,10 @@ def test_lora_merged_save_equals_the_adapter_applied_at_load(kit, cache, tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
     _train(kit, cache, tmp_path / "r", max_steps=3, lora_r=4, trainable="projector", save_adapter=True)
+    state = torch.load(tmp_path / "r/checkpoint/state.pt", weights_only=False)
+    trained = [k for k in state["model"] if ".lora_" in k or ".modules_to_save." in k]
+    opt = state["optimizer"]  # the optimizer holds the adapters and the projector's trained copy, nothing else
+    assert trained and sum(len(g["params"]) for g in opt["param_groups"]) == len(opt["state"]) == len(trained)
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "r/final").eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     base = AutoModelForImageTextToText.from_pretrained(kit / "student")
