@@ -35,7 +35,6 @@ import logging
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from alignti.common.errors import AlignTIError
@@ -232,8 +231,3 @@ def has_lora(state: dict) -> bool:
     """Whether a model state dict holds LoRA adapters (peft's key names)."""
     return any(f".lora_A.{LORA_ADAPTER}." in k for k in state)
 
-
-def trainable_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors (AdamW: exp_avg and exp_avg_sq per trainable parameter)."""
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
