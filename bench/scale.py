@@ -8,7 +8,9 @@
   alignti (TPA at every response position) and alignti with a TPA position budget, each also with gradient
   checkpointing. Step time as a ratio to SFT, step memory above weights + gradients + optimizer state
   (activations and transients: the GPU allocator's peak on CUDA, peak RSS in a subprocess per variant on
-  CPU), response tokens/s.
+  CPU), response tokens/s. Then train-student's --trainable / LoRA settings beside full training
+  (``--trainable-variants``, one loss): parameters trainable, gradient + AdamW bytes at full depth (a meta-device
+  build: exact) and the step's memory and time at the run's depth.
 * dump: a teacher with Qwen2-7B's language model shape (hidden 3584, 28 heads / 4 KV heads, MLP 18,944;
   28 layers, or ``--layers``) on the same tower. tokens/s of the dump's compute (alignti.teacher_dump
   .compute.teacher_batch: top-k, saliency, TPA) against the stock transformers forward (``model(**inputs)``,
