@@ -289,6 +289,22 @@ def train_student(ctx: typer.Context,
                   workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: 4 on a GPU, 0 on CPU)."),
                   fsdp: bool = typer.Option(False, help="Shard the student with FSDP2 (fully_shard) instead of DDP."),
                   freeze_vision: bool = typer.Option(False, help="Keep the student's vision encoder fixed."),
+                  trainable: Optional[str] = typer.Option(None, help="What trains fully: all, projector, lm, vision "
+                                                          "(comma-separated for several), or a regex searched in "
+                                                          "parameter names; the rest is frozen. LLaVA's stage 1: "
+                                                          "projector. Default: all; with --lora-r: none (only the "
+                                                          "adapters)."),
+                  lora_r: Optional[int] = typer.Option(None, help="LoRA rank (peft) on the LM's linear layers; the "
+                                                       "base weights freeze. RUN/final is saved merged."),
+                  lora_alpha: Optional[float] = typer.Option(None, help="LoRA's alpha: updates scaled by alpha / r "
+                                                             "(default 2 r)."),
+                  lora_targets: Optional[str] = typer.Option(None, help="LoRA's modules: names (comma-separated, "
+                                                             "matching name ends, e.g. q_proj,v_proj) or a regex "
+                                                             "matched against whole module names. Default: every "
+                                                             "linear layer of the LM (never the LM head)."),
+                  lora_dropout: float = typer.Option(0.0, help="Dropout on LoRA's input."),
+                  save_adapter: bool = typer.Option(False, help="With --lora-r: also save peft's adapter folder "
+                                                    "RUN/adapter beside the merged RUN/final."),
                   gradient_checkpointing: bool = typer.Option(False, help="Recompute each decoder and vision layer "
                                                               "in backward (0.2x activation memory, 1.3-1.45x time on "
                                                               "an H200)."),

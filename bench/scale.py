@@ -8,7 +8,9 @@
   alignti (TPA at every response position) and alignti with a TPA position budget, each also with gradient
   checkpointing. Step time as a ratio to SFT, step memory above weights + gradients + optimizer state
   (activations and transients: the GPU allocator's peak on CUDA, peak RSS in a subprocess per variant on
-  CPU), response tokens/s.
+  CPU), response tokens/s. Then train-student's --trainable / LoRA settings beside full training
+  (``--trainable-variants``, one loss): parameters trainable, gradient + AdamW bytes at full depth (a meta-device
+  build: exact) and the step's memory and time at the run's depth.
 * dump: a teacher with Qwen2-7B's language model shape (hidden 3584, 28 heads / 4 KV heads, MLP 18,944;
   28 layers, or ``--layers``) on the same tower. tokens/s of the dump's compute (alignti.teacher_dump
   .compute.teacher_batch: top-k, saliency, TPA) against the stock transformers forward (``model(**inputs)``,
@@ -175,10 +177,24 @@ class PeakRSS:
 
 
 # --- student ----------------------------------------------------------------------------------------------
-def resident_student(args, device: torch.device):
+def trainable_setting(name: str) -> tuple[str | None, int | None]:
+    """A --trainable-variants entry as train-student's (--trainable, --lora-r): all, projector, lora16 (LoRA r 16 on
+    the LM's linear layers), lora16+projector (LLaVA-LoRA: the projector trained fully besides)."""
+    m = re.fullmatch(r"lora(\d+)(?:\+(.+))?", name)
+    return (m.group(2), int(m.group(1))) if m else (name, None)
+
+
+def apply_setting(model, adapter, trainable: str) -> None:
+    """train-student's --trainable / --lora-r on ``model`` (student_train.trainable), as the trainer applies them."""
+    from alignti.student_train.trainable import apply_trainable, lora_settings
+    spec, r = trainable_setting(trainable)
+    apply_trainable(model, adapter, spec, lora=lora_settings(r, None, None, 0.0))
+
+
+def resident_student(args, device: torch.device, trainable: str = "all"):
     """The student in training mode with its weights, gradients and AdamW state resident (a zero-lr step), the
     realistic batch's samples, and the autocast train-student uses: (model, adapter, layer, samples, opt,
-    autocast)."""
+    autocast). ``trainable``: a --trainable-variants entry (gradients and AdamW state for the trainable only)."""
     from alignti.common.adapters import adapter_for
 
     torch.manual_seed(0)
@@ -186,11 +202,14 @@ def resident_student(args, device: torch.device):
     if device.type == "cuda":  # train-student keeps fp32 master weights and runs under bf16 autocast
         model.float()
     adapter = adapter_for(model)
+    if trainable != "all":
+        apply_setting(model, adapter, trainable)
     model.train()
     samples = synthetic_samples(realistic_lengths(args.batch_size, seed=3), seed=3)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
     opt.step()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     return model, adapter, adapter.num_layers // 2, samples, opt, autocast
@@ -212,14 +231,16 @@ def step_memory_mib(step, device: torch.device) -> float:
     return probe.peak - base
 
 
-def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
+def student_variant(args, loss: str, tpa_positions: float, gc: bool, trainable: str = "all") -> dict:
     """One variant in this process: weights, gradients and AdamW state made resident first (a zero-lr
     step), then the step's own memory (activations and transients) and its time."""
     from alignti.common.losses import LossWeights, StepNorm, get_loss
     from alignti.student_train.step import StudentStep
 
     device = torch.device(args.device)
-    model, adapter, layer, samples, opt, autocast = resident_student(args, device)
+    t_rss = _rss_mib()
+    model, adapter, layer, samples, opt, autocast = resident_student(args, device, trainable)
+    resident = tensor_bytes(model, opt)
     set_checkpointing(model, gc)
     step_mod = StudentStep(model, adapter, get_loss(loss), layer, LossWeights())
     batch = student_batch(samples, tpa_positions, device)
@@ -251,7 +272,32 @@ def student_variant(args, loss: str, tpa_positions: float, gc: bool) -> dict:
             "fwd_sec": statistics.median(split["fwd"][1:]), "bwd_sec": statistics.median(split["bwd"][1:]),
             "tokens_per_s": n_tok / sec, "samples_per_s": args.batch_size / sec, "response_tokens": n_tok,
             "sequence": int(batch["input_ids"].shape[1]), "tpa_rows": len(batch["tpa_rows"]),
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "trainable": trainable,
+            "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+            **{f"{k}_mib": v / 2 ** 20 for k, v in resident.items()}, "rss_before_model_mib": t_rss}
+
+
+def tensor_bytes(model, opt) -> dict:
+    """Bytes of the weights, the gradients and the optimizer's state tensors (AdamW: exp_avg, exp_avg_sq, step)."""
+    params = list(model.parameters())
+    return {"weights": sum(p.numel() * p.element_size() for p in params),
+            "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+            "optimizer": sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                             if isinstance(v, torch.Tensor))}
+
+
+def full_depth_counts(trainable: str) -> dict:
+    """Parameters trainable and the fp32 gradient + AdamW state they need at full depth (24 + 24 layers), from the
+    model built on the meta device (shapes only, nothing allocated): exact arithmetic, 4 bytes per gradient
+    element, 8 per AdamW element (exp_avg, exp_avg_sq)."""
+    from alignti.common.adapters import adapter_for
+    model = build("student", None, None, torch.device("meta"))
+    if trainable != "all":
+        apply_setting(model, adapter_for(model), trainable)
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params if p.requires_grad)
+    return {"params_m": sum(p.numel() for p in params) / 1e6, "trainable_m": n / 1e6,
+            "grads_mib": 4 * n / 2 ** 20, "adamw_mib": 8 * n / 2 ** 20}
 
 
 def paired_variants(args, variants: list) -> dict:
@@ -487,7 +533,40 @@ def section_student(args) -> dict:
         print(f"RATIO gradient checkpointing ({mode}): sft step memory {g['step_mib'] / sft['step_mib']:.2f}x, time "
               f"{g['sec'] / sft['sec']:.2f}x (forward {sft['fwd_sec']:.3f} -> {g['fwd_sec']:.3f} s, "
               f"backward {sft['bwd_sec']:.3f} -> {g['bwd_sec']:.3f} s)")
-    return {"rows": rows}
+    return {"rows": rows, "trainable": section_trainable(args) if args.trainable_variants else []}
+
+
+def section_trainable(args) -> list[dict]:
+    """train-student --trainable / LoRA beside full training, one loss (--trainable-loss): parameters trainable,
+    gradient and AdamW bytes at full depth (meta build, exact) and, at the run's depth, the measured resident
+    gradient + optimizer bytes, the step's peak above weights + gradients + optimizer state, and its time."""
+    rows = []
+    for name in args.trainable_variants.split(","):
+        r = run_child(args, "student", loss=args.trainable_loss, tpa_positions=1.0, gc="", trainable=name)
+        r["full_depth"] = full_depth_counts(name)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return rows
+    ref = next((r for r in ok if r["trainable"] == "all"), ok[0])
+    out = [[r["trainable"], f"{r['full_depth']['trainable_m']:.2f}",
+            f"{r['full_depth']['trainable_m'] / r['full_depth']['params_m']:.2%}",
+            f"{r['full_depth']['grads_mib'] + r['full_depth']['adamw_mib']:,.0f}",
+            f"{r['trainable_m']:.2f}", f"{r['grads_mib'] + r['optimizer_mib']:,.0f}", f"{r['step_mib']:,.0f}",
+            f"{r['step_mib'] / ref['step_mib']:.2f}", f"{r['sec']:.2f}", f"{r['sec'] / ref['sec']:.2f}"]
+           for r in ok]
+    print(f"\n--trainable / LoRA, loss {args.trainable_loss}: full depth ({ok[0]['full_depth']['params_m']:.0f}M "
+          f"params; counted on the meta device) and measured at layers {args.layers or 'full'} / vision "
+          f"{args.vision_layers or 'full'} on {args.device_name}")
+    print(table(out, ["trainable", "full: M trainable", "share", "full: grad+AdamW MiB", "run: M trainable",
+                      "run: grad+AdamW MiB", "step MiB", "x all", "sec", "x all"]))
+    for r in ok:
+        if r is not ref:
+            print(f"RATIO {r['trainable']}: gradient + AdamW state {(r['full_depth']['grads_mib'] + r['full_depth']['adamw_mib']) / (ref['full_depth']['grads_mib'] + ref['full_depth']['adamw_mib']):.4f}x "
+                  f"at full depth; step memory {r['step_mib'] / ref['step_mib']:.2f}x, time {r['sec'] / ref['sec']:.2f}x "
+                  "at the run's depth")
+    return rows
 
 
 # --- dump -------------------------------------------------------------------------------------------------
@@ -679,6 +758,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds of the paired section")
     ap.add_argument("--ops-modes", default=",gc,gcx,gcr,gcrx,gc2", help="checkpointing modes of the ops section "
                     "(an empty entry: none)")
+    ap.add_argument("--trainable-variants", default="all,projector,lora16,lora16+projector",
+                    help="student section: train-student --trainable / LoRA settings beside full training (all; a "
+                    "--trainable value; loraR[+TRAINABLE]); empty: none")
+    ap.add_argument("--trainable-loss", default="kd", help="the loss of the --trainable rows")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -43,6 +43,24 @@ class ModelAdapter:
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
 
+    # --- parameter groups (train-student --trainable) -------------------------------------------
+    # name prefixes of the family's multimodal projector and vision encoder, as transformers 5.x names the
+    # parameters in memory (model.named_parameters()); the projector is matched first, so a
+    # projector inside the vision module (Qwen2-VL's merger) is the projector's
+    projector_prefixes: tuple[str, ...] = ("model.multi_modal_projector.",)
+    vision_prefixes: tuple[str, ...] = ("model.vision_tower.",)
+
+    def parameter_group(self, name: str) -> str:
+        """"projector", "vision" or "lm": the group of the parameter ``name`` (a ``model.named_parameters()`` name).
+        Everything outside the projector and the vision encoder is the language model (embeddings, decoder layers,
+        final norm, LM head, LLaVA-OneVision's ``image_newline``): LLaVA-NeXT's ``mm_tunable_parts`` rule, where
+        ``mm_language_model`` is every parameter not in the vision tower or the projector."""
+        if name.startswith(self.projector_prefixes):
+            return "projector"
+        if name.startswith(self.vision_prefixes):
+            return "vision"
+        return "lm"
+
     @property
     def num_layers(self) -> int:
         return len(self.decoder_layers())
@@ -139,6 +157,8 @@ class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     multi_image = True
     media_token_keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    projector_prefixes = ("model.visual.merger.",)  # the patch merger, LLaVA's projector in Qwen2-VL's terms
+    vision_prefixes = ("model.visual.",)
 
     @classmethod
     def check_image_size(cls, image_processor, sample_id, what, width, height):

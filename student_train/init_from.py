@@ -52,6 +52,11 @@ def init_state(run: str) -> tuple[dict, str]:
             raise AlignTIError(f"--init {run}: its checkpoint {ckpt} is damaged and cannot be read ({e}); pass "
                                f"another run, or finish this one so that it writes {final}") from None
         state = saved["model"]
+        from .trainable import has_lora
+        if has_lora(state):  # an unfinished LoRA run: its weights are the base plus unmerged adapters
+            raise AlignTIError(f"--init {run}: its checkpoint {ckpt} holds unmerged LoRA adapters (the run has no "
+                               f"{final} yet); finish that run (train-student --resume) so it writes the merged "
+                               f"{final}, and --init from it")
         if saved.get("run", {}).get("world_size", 1) > 1:  # the StudentStep wrapper's keys
             from .parallel import plain_model_state
             state = plain_model_state(state)

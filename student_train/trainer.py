@@ -41,6 +41,7 @@ from alignti.common.progress import progress_bar
 
 from . import parallel
 from .step import StudentStep
+from .trainable import apply_trainable, lora_settings, merge, save_adapter
 from .tracking import Tracker, parse_report_to
 from .cross import CrossDataset, CrossTokenizer, check_cross_cache
 from .init_from import load_init, read_training_state
@@ -56,7 +57,7 @@ log = logging.getLogger("alignti.train")
 # --skip-nonfinite may be added to get a resumed run past a step that stopped it.
 RESUME_MAY_CHANGE = ("student", "cache", "out", "resume", "device", "images", "data", "workers", "eval_every",
                      "progress", "report_to", "save_every", "gradient_checkpointing", "checkpoint_every",
-                     "checkpoint_reentrant", "skip_nonfinite")
+                     "checkpoint_reentrant", "skip_nonfinite", "save_adapter")
 
 
 @dataclass
@@ -94,6 +95,13 @@ class TrainConfig:
     eval_every: int = 0  # with an evaluator (python API): run it every N steps, logged as val_accuracy
     fsdp: bool = False   # under torchrun: FSDP2 (fully_shard per decoder layer) instead of DDP
     freeze_vision: bool = False  # keep the vision encoder fixed (LLaVA recipes' usual choice); projector and LM train
+    trainable: str | None = None  # all | projector | lm | vision (comma-separated) | none | a regex (trainable.py);
+    # None: all, with LoRA none (the adapters alone)
+    lora_r: int | None = None  # LoRA rank through peft (None: no LoRA); the LM's linear layers unless lora_targets
+    lora_alpha: float | None = None  # LoRA's scale numerator (update scaled by alpha / r); None: 2 r
+    lora_targets: str | None = None  # module names (comma-separated, suffix match) or a regex (full match)
+    lora_dropout: float = 0.0
+    save_adapter: bool = False  # with LoRA: also RUN/adapter (peft's save_pretrained) beside the merged RUN/final
     gradient_checkpointing: bool = False  # recompute decoder / vision layers in backward (common.models)
     checkpoint_every: int = 1  # checkpoint every N-th layer of each stack (2: about half the memory saving, less time)
     checkpoint_reentrant: bool = False  # reentrant checkpoints (no autograd graph in the forward; not with FSDP)
@@ -204,6 +212,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         raise ValueError(f"--cross-tokenizer must be one of {', '.join(CROSS_TOKENIZER)}, not '{cfg.cross_tokenizer}'")
     if cfg.tpa_weighting not in TPA_WEIGHTINGS:
         raise ValueError(f"--tpa-weighting must be one of {', '.join(TPA_WEIGHTINGS)}, not '{cfg.tpa_weighting}'")
+    lora = lora_settings(cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
+    if cfg.save_adapter and lora is None:
+        raise ValueError("--save-adapter saves LoRA adapters, but LoRA is off: add --lora-r R or drop --save-adapter")
     env = dist.dist_env()
     device = dist.device_for(cfg.device, env)
     dist.init(env, device)
@@ -299,8 +310,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
-    if cfg.freeze_vision:
-        adapter.vision_tower.requires_grad_(False)
+    # --trainable / --freeze-vision / LoRA: requires_grad set (and the adapters added) before DDP / FSDP2 wrap, which
+    # take the trainable set as it is then; the optimizer below holds the trainable parameters only
+    peft_model = apply_trainable(model, adapter, cfg.trainable, cfg.freeze_vision, lora)
     # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
     if cfg.gradient_checkpointing:
         # each recompute runs under the capture / attention settings of its forward and reuses its bf16 weight
@@ -388,7 +400,11 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=order[position:], collate_fn=collator,
                                                  num_workers=workers,
                                                  multiprocessing_context="spawn" if workers else None,
-                                                 worker_init_fn=worker_init if workers else None)
+                                                 worker_init_fn=worker_init if workers else None,
+                                                 # its own generator: a loader takes its base seed from the global
+                                                 # RNG when it starts iterating, which a resumed run does mid-epoch,
+                                                 # shifting every later draw of the model's dropout
+                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             micro: list[dict] = []
             t0 = time.perf_counter()
             for batch in loader:
@@ -472,13 +488,26 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         full, _ = parallel.full_state(step_module, opt)
         if env.is_main:
             plain, _ = load_vlm(cfg.student, torch.device("cpu"))
+            plain_peft = apply_trainable(plain, adapter_for(plain), cfg.trainable, cfg.freeze_vision, lora)
             plain.load_state_dict(parallel.plain_model_state(full))
-            save_checkpoint(plain, processor, final)
+            _save_final(plain, plain_peft, processor, out, cfg.save_adapter)
         dist.barrier(env)
     else:
-        save_checkpoint(model, processor, final)  # complete processor: plain AutoProcessor loads it
+        _save_final(model, peft_model, processor, out, cfg.save_adapter)
     log.info("student saved to %s", final)
     return {"steps": step, "final": str(final), "last": last, "student_layer": layer}
+
+
+def _save_final(model, peft_model, processor, out: Path, adapter: bool) -> None:
+    """RUN/final: save_pretrained with the complete processor (plain AutoProcessor loads it); with LoRA the merged
+    model (plain transformers loads it without peft) and, with ``adapter``, peft's adapter folder RUN/adapter first
+    (the merge changes the model in place)."""
+    if peft_model is not None:
+        if adapter:
+            save_adapter(peft_model, out / "adapter")
+            log.info("LoRA adapter saved to %s", out / "adapter")
+        model = merge(peft_model)
+    save_checkpoint(model, processor, out / "final")
 
 
 def check_savable(model, student: str) -> None:

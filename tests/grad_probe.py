@@ -33,9 +33,11 @@ def probe_samples(reader: CacheReader) -> list[int]:
 
 
 def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: str = "",
-                   weights: LossWeights | None = None, autocast: bool = False, probe=None) -> dict[str, torch.Tensor]:
+                   weights: LossWeights | None = None, autocast: bool = False, probe=None, trainable: str | None = None,
+                   lora=None) -> dict[str, torch.Tensor]:
     """``autocast``: the forward under CPU bf16 autocast (the GPU's precision, on this CPU). ``probe``: a context
-    manager factory entered around the step (e.g. counting the operations it runs)."""
+    manager factory entered around the step (e.g. counting the operations it runs). ``trainable`` / ``lora``
+    (a trainable.LoraSettings): train-student's --trainable and LoRA, applied before checkpointing as there."""
     env = dist.dist_env()
     device = torch.device("cpu")
     dist.init(env, device)
@@ -47,6 +49,9 @@ def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: str 
     params = reader.params
     layer = student_layer_for(None, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
                               adapter.num_layers)
+    if trainable is not None or lora is not None:
+        from alignti.student_train.trainable import apply_trainable
+        apply_trainable(model, adapter, trainable, lora=lora)
     if gc:  # "gc": non-reentrant, "gc-reentrant", "gc-every2": every other layer, "gc-recast": no cast reuse
         enable_gradient_checkpointing(model, reentrant="reentrant" in gc, every_n_layers=2 if "every2" in gc else 1,
                                       reuse_casts="recast" not in gc)
