@@ -18,21 +18,24 @@ the realistic mix (576 image tokens, 20-200 text tokens); every stage works on t
 * **train**: one `train-student` optimizer step (alignti loss: KD + IVA + TPA at every position, AdamW) per batch
   of the same samples, with teacher tensors of the cache's shapes.
 
-Each stage is timed as the median of ``--repeat`` runs over all the samples (after a warm-up) in this one process,
-and reported per sample and as a ratio to the train stage (the `x train` column): a round over N samples with E
-training epochs costs rollout + dump + E x train. Models are built one at a time (the teacher is freed before the
-student trains).
+The three stages run in ``--repeat`` interleaved rounds (rollout, dump, train, rollout, ...) after a warm-up, in
+this one process with both models resident, each over all the samples; a stage's seconds are its median, its
+`x train` the median of its per-round ratios to the train stage (so a slow spell of a shared machine cancels out). A
+round over N samples with E training epochs costs rollout + dump + E x train.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_name, table, timeit  # noqa: E402
+from _util import device_name, sync, table  # noqa: E402
 from scale import B, IMAGE_TOKEN, K, K2, build, realistic_lengths, student_batch  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -95,88 +98,95 @@ def main() -> None:
     prompts = prompts_of(n, seed=3)
     chunks = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
     figures = {"device": device_name(device), "layers": args.layers, "vision_layers": args.vision_layers,
-               "samples": n, "batch_size": bs, "new_tokens": new}
+               "samples": n, "batch_size": bs, "new_tokens": new, "rounds": args.repeat}
 
-    # --- rollout: the student generates (bf16 on CUDA, as rollout loads it) -------------------------------------
+    # the student: fp32 master weights with AdamW state resident (train-student); the rollout generates with a bf16
+    # copy on CUDA (rollout's dtype auto), with the same fp32 model on CPU
     torch.manual_seed(0)
-    student = build("student", args.layers, args.vision_layers, device).eval()
-    generated: list[list[int]] = [[] for _ in range(n)]
-
-    def rollout():
-        for c in chunks:
-            batch = [prompts[i] for i in c]
-            if device.type == "cuda":
-                for p in batch:
-                    p.image_inputs = {k: v.to(torch.bfloat16) for k, v in p.image_inputs.items()}
-            gens = generate_rows(student, batch, [1000 + i for i in c], temperature=1.0, top_p=1.0,
-                                 max_new_tokens=new, top_b=TOP_B, pad_id=0, image_token_id=IMAGE_TOKEN,
-                                 eos_ids=[], min_new_tokens=new)
-            for i, g in zip(c, gens):
-                generated[i] = g.token_ids
-    t_rollout = timeit(rollout, device, repeat=args.repeat, warmup=args.warmup)
-    assert all(len(g) == new for g in generated)
-    student_params = sum(p.numel() for p in student.parameters()) / 1e6
-    del student
-    samples = answered(prompts, generated)
-    for s in samples:
-        s["image_inputs"] = {k: v.float() for k, v in s["image_inputs"].items()}
-
-    # --- dump: the teacher scores the student's tokens ----------------------------------------------------------
-    torch.manual_seed(0)
+    student = build("student", args.layers, args.vision_layers, device)
+    if device.type == "cuda":
+        student.float()
+    gen_model = copy.deepcopy(student).to(torch.bfloat16).eval() if device.type == "cuda" else student
+    sadapter = adapter_for(student)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=0.0)  # lr 0: the same cost
+    step_mod = StudentStep(student, sadapter, get_loss("alignti"), sadapter.num_layers // 2, LossWeights())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    torch.manual_seed(1)
     teacher = build("teacher", args.layers, args.vision_layers, device).eval()
     adapter = adapter_for(teacher)
     dtype = next(teacher.parameters()).dtype
     params = {"top_k": K, "tpa_branches": B, "tpa_top_k": K2, "saliency_layer": adapter.num_layers // 2,
               "tpa_positions": 1.0, "tpa_layout": "positions"}
-    batches = []
+    generated: list[list[int]] = [[] for _ in range(n)]
+    gdtype = next(gen_model.parameters()).dtype
+
+    def rollout():
+        gen_model.eval()
+        for c in chunks:
+            batch = [copy.copy(prompts[i]) for i in c]
+            for p in batch:
+                p.image_inputs = {k: v.to(gdtype) for k, v in p.image_inputs.items()}
+            gens = generate_rows(gen_model, batch, [1000 + i for i in c], temperature=1.0, top_p=1.0,
+                                 max_new_tokens=new, top_b=TOP_B, pad_id=0, image_token_id=IMAGE_TOKEN,
+                                 eos_ids=[], min_new_tokens=new)
+            for i, g in zip(c, gens):
+                generated[i] = g.token_ids
+
+    rollout()  # warm-up; its tokens are the responses the dump scores and the student trains on
+    assert all(len(g) == new for g in generated)
+    samples = answered(prompts, generated)
+    dump_batches = []
     for c in chunks:
         b = to_device(collate([samples[i] for i in c], 0, LlavaAdapter), device)
         b["image_inputs"] = {k: v.to(dtype) for k, v in b["image_inputs"].items()}
-        batches.append(b)
+        dump_batches.append(b)
+    train_batches = [student_batch([samples[i] for i in c], 1.0, device) for c in chunks]
 
     def dump():
-        for b in batches:
-            teacher_batch(adapter, b, params)["topk_ids"].sum().item()
-    t_dump = timeit(dump, device, repeat=args.repeat, warmup=args.warmup)
-    teacher_params = sum(p.numel() for p in teacher.parameters()) / 1e6
-    del teacher, adapter, batches
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    # --- train: one alignti optimizer step per batch of the same samples --------------------------------------
-    torch.manual_seed(0)
-    student = build("student", args.layers, args.vision_layers, device)
-    if device.type == "cuda":
-        student.float()  # fp32 master weights under bf16 autocast, as train-student
-    student.train()
-    sadapter = adapter_for(student)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=0.0)  # lr 0: same cost
-    step_mod = StudentStep(student, sadapter, get_loss("alignti"), sadapter.num_layers // 2, LossWeights())
-    train_batches = [student_batch([samples[i] for i in c], 1.0, device) for c in chunks]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with torch.no_grad():
+            for b in dump_batches:
+                teacher_batch(adapter, b, params)["topk_ids"].sum().item()
 
     def train():
+        student.train()
         for batch in train_batches:
             with autocast:
                 out = step_mod(batch, StepNorm.of(batch))
             out["loss"].backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
-    t_train = timeit(train, device, repeat=args.repeat, warmup=args.warmup)
+            opt.zero_grad(set_to_none=False)
 
-    total = t_rollout + t_dump + t_train
+    for _ in range(args.warmup):
+        dump()
+        train()
+    times = {"rollout": [], "dump": [], "train": []}
+    for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits every stage of that round alike
+        for name, fn in (("rollout", rollout), ("dump", dump), ("train", train)):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    t_rollout, t_dump, t_train = (statistics.median(times[k]) for k in ("rollout", "dump", "train"))
+    x_rollout = statistics.median(a / b for a, b in zip(times["rollout"], times["train"]))
+    x_dump = statistics.median(a / b for a, b in zip(times["dump"], times["train"]))
+    student_params = sum(p.numel() for p in student.parameters()) / 1e6
+    teacher_params = sum(p.numel() for p in teacher.parameters()) / 1e6
+    figures["times"] = times
+    total = 1 + x_rollout + x_dump
     rows = []
-    for name, t in (("rollout (student generates)", t_rollout), ("dump-teacher (teacher scores, TPA all)", t_dump),
-                    ("train-student (1 alignti step / batch)", t_train)):
-        rows.append([name, f"{t:.2f}", f"{t / n:.3f}", f"{n * new / t:,.0f}", f"{t / t_train:.2f}", f"{t / total:.0%}"])
-        figures[name.split(" ")[0]] = {"sec": t, "sec_per_sample": t / n, "response_tokens_per_s": n * new / t,
-                                       "x_train": t / t_train, "share": t / total}
+    for key, name, t, x in (("rollout", "rollout (student generates)", t_rollout, x_rollout),
+                            ("dump", "dump-teacher (teacher scores, TPA all)", t_dump, x_dump),
+                            ("train", "train-student (1 alignti step / batch)", t_train, 1.0)):
+        rows.append([name, f"{t:.2f}", f"{t / n:.3f}", f"{n * new / t:,.0f}", f"{x:.2f}", f"{x / total:.0%}"])
+        figures[key] = {"sec": t, "sec_per_sample": t / n, "response_tokens_per_s": n * new / t, "x_train": x,
+                        "share": x / total}
     print(f"device: {figures['device']}; layers {args.layers or 'full'}, vision layers {args.vision_layers or 'full'}; "
           f"student {student_params:.0f}M params, teacher {teacher_params:.0f}M; {n} samples in batches of {bs}, "
           f"{new} response tokens each (prompts of the realistic mix, 576 image tokens)")
     print(table(rows, ["stage", "sec", "sec/sample", "resp tok/s", "x train", "share of round"]))
-    print(f"RATIO rollout/train {t_rollout / t_train:.2f}x, dump/train {t_dump / t_train:.2f}x "
-          f"(one epoch: the round is {total / t_train:.2f}x its training)")
+    print(f"RATIO rollout/train {x_rollout:.2f}x, dump/train {x_dump:.2f}x (medians of per-round ratios over "
+          f"{args.repeat} interleaved rounds; one epoch: the round costs {total:.2f}x its training)")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
 

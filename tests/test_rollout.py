@@ -286,3 +286,50 @@ def test_greedy_rollout_retokenizes(kit, tmp_path):
     rows = rows_of(out)
     assert rows and all(r["retokenized_equal"] for r in rows if r["finish"] == "eos"), m["counts"]
     assert all(r["student_cand_valid"] == len(r["student_token_ids"]) for r in rows if r["retokenized_equal"])
+
+
+def _text_safe_student(kit_dir: Path, out: Path) -> Path:
+    """The kit's student with the LM-head rows of every token that cannot stand as text on its own zeroed (special
+    tokens but the end-of-sequence token, byte pieces that are no whole UTF-8 character): its greedy answers are
+    then texts that spell its tokens exactly, yet its random weights still split words as the tokenizer would not."""
+    import shutil
+    shutil.copytree(kit_dir / "student", out)
+    model, proc = load_vlm(str(out), torch.device("cpu"))
+    tok = proc.tokenizer
+    eos = model.generation_config.eos_token_id
+    special = set(tok.all_special_ids) - {eos}
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        for t in range(head.shape[0]):
+            text = tok.decode([t]) if t < len(tok) else ""
+            if t in special or not text.strip() or "\ufffd" in text or "<" in text:
+                head[t] = 0.0
+    model.save_pretrained(out)
+    return out
+
+
+def test_dump_scores_the_students_own_tokens(kit, qwen_kit, tmp_path):
+    """A greedy rollout's generated ids are the cache's response ids (then the end-of-turn markup), although
+    re-encoding the answers' text gives other ids on some rows (the student splits words its own way)."""
+    for k, (kd, n) in enumerate(((kit, 4), (qwen_kit, 4))):
+        student = _text_safe_student(kd, tmp_path / f"s{k}")
+        data = multi_turn_data(kd, tmp_path / f"d{k}.json", n=n)
+        ro, c = tmp_path / f"r{k}", tmp_path / f"c{k}"
+        m = rollout(RolloutConfig(student=str(student), data=str(data), images=str(kd / "data/images"), out=str(ro),
+                                  temperature=0.0, max_new_tokens=10, top_b=2, progress=False))
+        rows = {r["id"]: r for r in rows_of(ro)}
+        assert m["counts"]["text_retokenized_differs"] >= 1, m["counts"]  # the text alone would lose the tokens
+        assert m["counts"]["retokenized_differs"] == 0 and m["counts"]["rows"] == len(rows) >= 4
+        dump_teacher(DumpConfig(teacher=str(kd / "teacher"), data=str(ro), images=str(kd / "data/images"), out=str(c),
+                                top_k=8, tpa_branches=2, tpa_top_k=4, saliency_layer="1", progress=False))
+        reader = CacheReader(str(c))
+        assert len(reader) == len(rows)
+        for i in range(len(reader)):
+            x = reader[i]
+            gen = rows[x["sample_id"]]["student_token_ids"]
+            resp = x["input_ids"][x["response_mask"].astype(bool)].tolist()
+            assert resp[:len(gen)] == gen, x["sample_id"]
+            assert 1 <= len(resp) - len(gen) <= 2  # the end-of-turn markup the teacher also scores ("<|end|>" "\n")
+            (s, e), = x["resp_spans"]
+            assert x["input_ids"][s:s + len(gen)].tolist() == gen
+            assert reader.table.column("tpa_student_rows")[i].as_py() == x["tpa_cand_ids"].shape[0] - (len(resp) - len(gen))
