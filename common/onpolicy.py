@@ -18,12 +18,12 @@ Conventions shared by both stages:
   (``candidate_count``); ``student_token_ids`` holds the tokens the student generated (or, teacher-forced, the
   reference tokens) so the dump re-checks that itself.
 * **The student's own tokens.** A row stores the student's answer as text, and re-encoding a text need not give back
-  the tokens that spelled it: a model can spell "red" as "r" + "ed" where the tokenizer says "red" (any
-  non-canonical split; an untrained student does it on nearly every row). The dump therefore scores the generated
+  the tokens that spelled it: a model can spell "red" as "r" + "ed" where the tokenizer says "red", or spell text in
+  byte pieces that are no whole UTF-8 character (an untrained student does it on every row). The dump therefore scores the generated
   ids themselves, in place of the re-encoded answer, wherever the texts allow it: the prompt re-encodes to what the
   student saw (``student_cand_valid`` > 0) and the generated ids decode to exactly the text the re-encoded answer
-  decodes to (``student_response_ids``). Where they do not (bytes that are not valid UTF-8, special tokens that the
-  row's text cannot hold), the re-encoded answer stays.
+  decodes to (``student_response_ids``). Where they do not (special or added tokens the student generated, which
+  the row's text cannot hold), the re-encoded answer stays.
 """
 
 from __future__ import annotations
