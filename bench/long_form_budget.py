@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _util  # noqa: E402,F401  (HF offline)
+import _util  # noqa: E402,F401  (sets HF_HUB_OFFLINE)
 import logging  # noqa: E402
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-import torch  # noqa: E402
 
 
 def main() -> None:
