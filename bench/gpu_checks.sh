@@ -5,6 +5,7 @@
 #              gcr, gcrx, gc2) timed against SFT on one model in interleaved rounds, batch 8, full depth
 #   student    the same per process, with a profile of each step; b16: the checkpointing modes at batch 16
 #   loss_head, rest   the loss head, and the padding, dump and reader sections
+#   round      bench/round_cost.py: one on-policy round's rollout / dump / train cost, full depth (issue 19)
 # Default: tests,paired, which fit one device call. Writes logs and JSON under $OUT (or ./gpu-out). Carry .whl
 # (zarr, numcodecs, crc32c, transformers 5.24) where the machine lacks them.
 set -uo pipefail
@@ -49,5 +50,10 @@ fi
 if has rest; then
   timeout 280 python3 bench/scale.py --device cuda --batch-size 8 --repeat 2 --reader-samples 32 \
     --sections padding,dump,reader --json "$OUT/scale_rest.json" 2>&1 | grep -v Warning | tee "$OUT/scale_rest.log"
+fi
+if has round; then  # rollout, dump-teacher and train-student of one round on the same samples, interleaved rounds
+  timeout 240 python3 bench/round_cost.py --device cuda --samples 16 --batch-size 8 --new-tokens 128 --repeat 3 \
+    --json "$OUT/round_cost.json" 2>&1 | grep -v Warning | tee "$OUT/round_cost.log"
+  echo "round: $(( $(date +%s) - t0 )) s"
 fi
 echo "total: $(( $(date +%s) - t0 )) s"

@@ -112,7 +112,7 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "batch_size": COUNT, "unit_size": COUNT, "limit": OPT_COUNT, "max_length": OPT_COUNT, "nproc": COUNT,
     },
     # the top level of a rounds YAML (workflows/rounds.py); its rollout/dump/train sections use the stages' ranges
-    "rounds": {"rounds": COUNT, "lambda": SHARE, "replay": COUNT0},
+    "rounds": {"rounds": COUNT, "lambda": SHARE, "replay": COUNT0, "nproc": COUNT},
     "quickstart": {"seeds": COUNT, "workers": OPT_COUNT},
     "make-demo": {
         "teacher_steps": COUNT0, "teacher_target": Range(0, 1, lo_open=True, optional=True), "teacher_batch": COUNT,

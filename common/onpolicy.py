@@ -17,6 +17,13 @@ Conventions shared by both stages:
   them apply: those whose context in the dump's re-encoding of the row equals the context the student saw
   (``candidate_count``); ``student_token_ids`` holds the tokens the student generated (or, teacher-forced, the
   reference tokens) so the dump re-checks that itself.
+* **The student's own tokens.** A row stores the student's answer as text, and re-encoding a text need not give back
+  the tokens that spelled it: a model can spell "red" as "r" + "ed" where the tokenizer says "red", or spell text in
+  byte pieces that are no whole UTF-8 character (an untrained student does it on every row). The dump therefore scores the generated
+  ids themselves, in place of the re-encoded answer, wherever the texts allow it: the prompt re-encodes to what the
+  student saw (``student_cand_valid`` > 0) and the generated ids decode to exactly the text the re-encoded answer
+  decodes to (``student_response_ids``). Where they do not (special or added tokens the student generated, which
+  the row's text cannot hold), the re-encoded answer stays.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ ROLLOUT_FIELDS = [
     ("student_cand_ids", pa.list_(pa.list_(pa.int32()))),
     ("student_cand_probs", pa.list_(pa.list_(pa.float32()))),
     ("student_cand_valid", pa.int32()),  # how many leading candidate rows apply after re-encoding
-    ("retokenized_equal", pa.bool_()),   # the re-encoded answer reproduces every generated token
+    ("retokenized_equal", pa.bool_()),   # the dump's encoding (own tokens where the texts allow) holds them all
 ]
 ROLLOUT_COLUMNS = [n for n, _ in ROLLOUT_FIELDS]
 CONVERSATIONS_TYPE = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
@@ -102,6 +109,47 @@ def candidate_count(resp_ids, student_ids, n_cands: int) -> int:
     with the student's tokens before j as context, so they hold while the re-encoded response tokens before j
     equal the student's (j <= common prefix), and only where a candidate row exists (j < n_cands)."""
     return min(common_prefix(resp_ids, student_ids) + 1, n_cands, len(resp_ids))
+
+
+MAX_END_MARKUP = 8  # most tokens of end-of-turn markup after an answer (`<|im_end|>` "\n": 2)
+
+
+def student_response_ids(resp_ids, student_ids, finish: str, tokenizer, image_token_id: int | None = None):
+    """The response span the dump scores for a generated answer: the student's own tokens (``student_ids``, without
+    its end-of-sequence token when ``finish`` is "eos") followed by the end-of-turn markup of the re-encoded span
+    ``resp_ids`` (answer tokens then markup tokens, as ``conversation.encode`` makes a response span). Returns that
+    int32 array, or None when the texts do not allow it: no split of ``resp_ids`` into answer + at most
+    MAX_END_MARKUP markup tokens has an answer that decodes (special tokens kept, no clean-up) to exactly the text the
+    student's tokens decode to, or the student's tokens hold the image token. Equal ids come back unchanged."""
+    body = list(student_ids[:-1] if finish == "eos" else student_ids)
+    resp = np.asarray(resp_ids, np.int32)
+    if not body or (image_token_id is not None and image_token_id in body):
+        return None
+    if len(resp) > len(body) and list(resp[:len(body)]) == body:
+        return resp  # the re-encoding holds the student's tokens already
+    text = tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    for m in range(0, min(MAX_END_MARKUP, len(resp) - 1) + 1):
+        k = len(resp) - m
+        if tokenizer.decode(resp[:k].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False) == text:
+            return np.concatenate([np.asarray(body, np.int32), resp[k:]])
+    return None
+
+
+def with_student_response(enc: Encoded, new_resp: np.ndarray, max_length: int | None = None) -> bool:
+    """Put ``new_resp`` (``student_response_ids``) in place of ``enc``'s last response span, in place: the ids, the
+    response mask and that span move; everything before the span (images, instructions) stays where it was. Returns
+    False (``enc`` unchanged) when the result would be longer than ``max_length``."""
+    s, e = enc.resp_spans[-1]
+    if len(new_resp) == e - s and np.array_equal(enc.input_ids[s:e], new_resp):
+        return True
+    ids = np.concatenate([enc.input_ids[:s], np.asarray(new_resp, np.int32), enc.input_ids[e:]]).astype(np.int32)
+    if max_length is not None and len(ids) > max_length:
+        return False
+    mask = np.concatenate([enc.response_mask[:s], np.ones(len(new_resp), np.uint8),
+                           enc.response_mask[e:]]).astype(np.uint8)
+    enc.input_ids, enc.response_mask = ids, mask
+    enc.resp_spans = [*enc.resp_spans[:-1], (s, s + len(new_resp))]
+    return True
 
 
 def restrict_to_loss_turns(enc: Encoded, loss_turns: list[int] | None) -> Encoded:
@@ -184,6 +232,23 @@ class RolloutColumns:
             for n in table.column_names:
                 parts.setdefault(n, []).extend(table.column(n).chunks)
         return cls({n: pa.chunked_array(c) for n, c in parts.items()})
+
+    def with_student_tokens(self, enc: Encoded, tokenizer, image_token_id: int | None,
+                            max_length: int | None = None) -> bool:
+        """For a generated row (its ``turn`` >= 0) whose prompt re-encodes to what the student saw
+        (``student_cand_valid`` > 0): its loss turn's response becomes the student's own tokens and the re-encoded
+        end-of-turn markup (``student_response_ids``, ``with_student_response``), in place. Call it after
+        ``restrict_to_loss_turns`` (the loss turn is the row's last assistant turn). Returns whether ``enc`` now holds
+        every generated token (already, or by the swap); False for other rows and where the texts do not allow it."""
+        row = enc.index
+        turn = self.provenance_rows.get("turn", [None] * (row + 1))[row]
+        if not self.has_candidates or turn is None or turn < 0 or not int(self.valid[row] or 0):
+            return False
+        student = self.cols["student_token_ids"][row].as_py() or []
+        finish = self.cols["finish"][row].as_py() if "finish" in self.cols else "length"
+        s, e = enc.resp_spans[-1]
+        new = student_response_ids(enc.input_ids[s:e], student, finish, tokenizer, image_token_id)
+        return new is not None and with_student_response(enc, new, max_length)
 
     def loss_turns(self, row: int) -> list[int] | None:
         v = self.loss[row]

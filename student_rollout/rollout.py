@@ -41,7 +41,7 @@ from alignti.common.faults import crash_point
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
 from alignti.common.models import load_vlm
 from alignti.common.onpolicy import (ROLLOUT_MANIFEST, ROLLOUT_PLAN, candidate_count, row_conversations, rollout_schema, seed_for,
-                                     weights_sha256)
+                                     student_response_ids, weights_sha256)
 from alignti.common.progress import progress_bar
 from alignti.common.records import Record, Skipped, parse_record
 from alignti.common.sources import is_embedded, load_image, open_source
@@ -224,7 +224,8 @@ def rollout(cfg: RolloutConfig) -> dict:
                     "counts": {"source_samples": len(records), "rows": sum(p["rows"] for p in parts),
                                "dropped": sum(len(p["dropped"]) for p in parts),
                                "generated_tokens": sum(p["generated_tokens"] for p in parts),
-                               "retokenized_differs": sum(p["retokenized_differs"] for p in parts)},
+                               "retokenized_differs": sum(p["retokenized_differs"] for p in parts),
+                               "text_retokenized_differs": sum(p.get("text_retokenized_differs", 0) for p in parts)},
                     "dropped": [d for p in parts for d in p["dropped"]],
                     "rollout_config": {k: v for k, v in asdict(cfg).items() if k != "progress"}}
         atomic_write_json(out / MANIFEST, manifest, point="rollout-manifest")
@@ -249,7 +250,8 @@ def _write_unit(out: Path, u: int, rows: list[dict], dropped: list[dict], schema
     name = f"{u:05d}"
     meta = {"unit": u, "rows": len(rows), "dropped": dropped,
             "generated_tokens": sum(len(r["student_token_ids"]) for r in rows if r["turn"] >= 0),
-            "retokenized_differs": sum(1 for r in rows if not r["retokenized_equal"])}
+            "retokenized_differs": sum(1 for r in rows if not r["retokenized_equal"]),
+            "text_retokenized_differs": sum(1 for r in rows if not r.pop("_text_equal", True))}
     atomic_write_json(out / PARTS_DIR / f"{name}.json", meta)
     tmp = out / DATA_DIR / f".{name}.tmp{os.getpid()}"
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
@@ -330,43 +332,52 @@ def _generated_jobs(cfg, model, processor, adapter, jobs, pad_id, max_length, ba
             r, loaded, a, i, k = job
             bar.advance(1)
             eos_free = g.token_ids[:-1] if g.finish == "eos" else g.token_ids
-            answer = tok.decode(eos_free, skip_special_tokens=True)
+            # no clean-up: it would rewrite the text the student's tokens spell (" ," -> ",")
+            answer = tok.decode(eos_free, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             if not answer.strip() or "<image>" in answer:
                 why = "an empty answer" if not answer.strip() else "an answer holding the text <image>"
                 dropped.append({"source_id": r.sample_id, "source_index": r.index, "turn": a, "sample_index": k,
                                 "seed": seed, "reason": f"the student generated {why} ({len(g.token_ids)} tokens)"})
                 continue
             item, _ = _row_item(r, i, answer)
-            valid, equal = _retokenized(processor, r, loaded, item, n_img, enc, g.token_ids, max_length)
+            valid, equal, text_equal = _retokenized(processor, adapter, r, loaded, item, n_img, enc, g, max_length)
             row = {"id": f"{r.sample_id}/t{a}/s{k}", "conversations": item["conversations"], "turn": a,
                    "loss_turns": [a], "seed": seed, "finish": g.finish, "student_token_ids": list(g.token_ids),
                    "student_cand_ids": g.cand_ids.tolist(), "student_cand_probs": g.cand_probs.tolist(),
-                   "student_cand_valid": valid, "retokenized_equal": equal, "_n_img": n_img}
+                   "student_cand_valid": valid, "retokenized_equal": equal, "_text_equal": text_equal,
+                   "_n_img": n_img}
             if not equal:
                 log.debug("sample %s turn %d: the re-encoded answer keeps %d of %d generated tokens' candidates",
                           r.sample_id, a, valid, len(g.token_ids))
             yield (r, a, i, k), row
 
 
-def _retokenized(processor, rec, loaded, item, n_img, prompt_enc, gen_ids, max_length) -> tuple[int, bool]:
-    """Encode the finished row as the dump will, and count the leading generated positions whose student
-    candidates apply to it (``common.onpolicy.candidate_count``; 0 when the prompt itself re-encodes differently),
-    and whether every generated token comes back."""
+def _retokenized(processor, adapter, rec, loaded, item, n_img, prompt_enc, gen, max_length) -> tuple[int, bool, bool]:
+    """Encode the finished row as the dump will, with the student's own tokens in place of the re-encoded answer
+    where the texts allow it (``common.onpolicy.student_response_ids``, as the dump does). Returns (the leading
+    generated positions whose student candidates apply to the dump's encoding: ``common.onpolicy.candidate_count``, 0
+    when the prompt itself re-encodes differently; whether that encoding holds every generated token; whether the
+    text alone re-encodes to them, before any swap)."""
     row = parse_record(rec.index, item)
     row.source = rec.source
     img, sha = _images_of(rec, loaded, n_img)
     try:
         full = encode(processor, row, img, sha, max_length=max_length)
     except DataError:
-        return 0, False
+        return 0, False, False
     s, e = full.resp_spans[-1]
     p = prompt_enc.input_ids
+    gen_ids = gen.token_ids
     if s != len(p) or not np.array_equal(full.input_ids[:s], p):
-        return 0, False
-    resp = full.input_ids[s:e]
-    valid = candidate_count(resp, gen_ids, len(gen_ids))
+        return 0, False, False
     n = len(gen_ids)
-    return valid, bool(len(resp) >= n and np.array_equal(resp[:n], gen_ids))
+    resp = full.input_ids[s:e]
+    text_equal = bool(len(resp) >= n and np.array_equal(resp[:n], gen_ids))
+    own = student_response_ids(resp, gen_ids, gen.finish, processor.tokenizer, adapter.image_token_id)
+    if own is not None and (max_length is None or len(full.input_ids) - len(resp) + len(own) <= max_length):
+        resp = own
+    valid = candidate_count(resp, gen_ids, n)
+    return valid, bool(len(resp) >= n and np.array_equal(resp[:n], gen_ids)), text_equal
 
 
 def _teacher_forced_jobs(cfg, model, processor, adapter, jobs, pad_id, max_length, bar, dropped):

@@ -354,6 +354,8 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
                         enc = encode(processor, r, img, sha, max_length=max_length)
                         if onp is not None:  # only the row's loss turns are response; the others are context
                             enc = restrict_to_loss_turns(enc, onp.loss_turns(r.index))
+                            # a generated answer: the student's own tokens, where the texts allow it
+                            onp.with_student_tokens(enc, processor.tokenizer, adapter.image_token_id, max_length)
                         encoded.append(with_saliency_query(enc, cfg.saliency_query))
                     except DataError as err:
                         if not cfg.skip_bad:

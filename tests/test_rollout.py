@@ -24,7 +24,8 @@ from alignti.common.cache import CacheReader
 from alignti.common.conversation import encode
 from alignti.common.errors import DataError
 from alignti.common.models import load_vlm
-from alignti.common.onpolicy import candidate_count, restrict_to_loss_turns
+from alignti.common.onpolicy import (candidate_count, restrict_to_loss_turns, student_response_ids,
+                                     with_student_response)
 from alignti.common.sources import load_image, open_source
 from alignti.student_rollout.generate import sample_tokens
 from alignti.student_rollout.rollout import RolloutConfig, rollout
@@ -222,6 +223,13 @@ def _check_tpa(kit_dir, rollout_dir, cache_dir, images):
         rec = recs[x["sample_id"]]
         img, sha = load_image(rec, images)
         enc = restrict_to_loss_turns(encode(proc, rec, img, sha), row["loss_turns"])
+        if row["turn"] >= 0 and row["student_cand_valid"] > 0:  # the student's own tokens where the texts allow
+            # (test_dump_scores_the_students_own_tokens checks that rule on its own)
+            s, e = enc.resp_spans[-1]
+            own = student_response_ids(enc.input_ids[s:e], row["student_token_ids"], row["finish"], proc.tokenizer,
+                                       int(teacher.config.image_token_id))
+            if own is not None:
+                with_student_response(enc, own)
         assert np.array_equal(x["input_ids"], enc.input_ids) and np.array_equal(x["response_mask"], enc.response_mask)
         resp_pos = np.nonzero(enc.response_mask)[0]
         n_valid = min(row["student_cand_valid"], candidate_count(x["input_ids"][resp_pos], row["student_token_ids"],
@@ -286,3 +294,71 @@ def test_greedy_rollout_retokenizes(kit, tmp_path):
     rows = rows_of(out)
     assert rows and all(r["retokenized_equal"] for r in rows if r["finish"] == "eos"), m["counts"]
     assert all(r["student_cand_valid"] == len(r["student_token_ids"]) for r in rows if r["retokenized_equal"])
+
+
+def _text_safe_student(kit_dir: Path, out: Path) -> Path:
+    """The kit's student with the LM-head rows of every token zeroed but the end-of-sequence token and the
+    one-letter tokens of "red", "circle" and "square", those scaled by 30: its greedy answers are letters (texts
+    that spell its tokens exactly); sampled, the zeroed tokens keep some probability."""
+    import shutil
+    shutil.copytree(kit_dir / "student", out)
+    model, proc = load_vlm(str(out), torch.device("cpu"))
+    tok = proc.tokenizer
+    keep = {model.generation_config.eos_token_id} | {t for t in range(len(tok)) if tok.decode([t]) in set("redcilsqua")}
+    assert len(keep) == 11
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        for t in range(head.shape[0]):
+            head[t] = head[t] * 30.0 if t in keep else 0.0
+    model.save_pretrained(out)
+    return out
+
+
+def _cache_responses(ro: Path, c: Path, kd: Path) -> list[tuple[dict, list[int], int]]:
+    """Dump the rollout ``ro`` into ``c``; per cache sample (its rollout row, the cache's response ids, its TPA rows
+    on the student's candidates)."""
+    dump_teacher(DumpConfig(teacher=str(kd / "teacher"), data=str(ro), images=str(kd / "data/images"), out=str(c),
+                            top_k=8, tpa_branches=2, tpa_top_k=4, saliency_layer="1", progress=False))
+    rows = {r["id"]: r for r in rows_of(ro)}
+    reader = CacheReader(str(c))
+    assert len(reader) == len(rows)
+    out = []
+    for i in range(len(reader)):
+        x = reader[i]
+        (s, e), = x["resp_spans"]
+        assert x["response_mask"].sum() == e - s and x["response_mask"][s:e].all()
+        out.append((rows[x["sample_id"]], x["input_ids"][s:e].tolist(), reader.table.column("tpa_student_rows")[i].as_py()))
+    return out
+
+
+def test_dump_scores_the_students_own_tokens(kit, qwen_kit, tmp_path):
+    """The cache's response ids are the student's generated ids (then the end-of-turn markup) on every row whose
+    answer text holds all its tokens, although re-encoding that text gives other ids on many rows (the student
+    spells text in byte pieces and splits the tokenizer would not make); on a row whose text dropped a special token
+    the re-encoded answer stays. Greedy: a student that writes only letters (every row kept); sampled: that
+    student's nucleus also reaches byte pieces and special tokens."""
+    kept = 0
+    for k, kd in enumerate((kit, qwen_kit)):
+        student = _text_safe_student(kd, tmp_path / f"s{k}")
+        tok = load_vlm(str(student), torch.device("cpu"))[1].tokenizer
+        data = multi_turn_data(kd, tmp_path / f"d{k}.json", n=4)
+        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0)):
+            ro = tmp_path / f"r{k}-{temperature}"
+            m = rollout(RolloutConfig(student=str(student), data=str(data), images=str(kd / "data/images"),
+                                      out=str(ro), temperature=temperature, top_p=top_p, max_new_tokens=10, top_b=2,
+                                      seed=3, progress=False))
+            assert m["counts"]["rows"] >= 4
+            for row, resp, tpa_student in _cache_responses(ro, tmp_path / f"c{k}-{temperature}", kd):
+                gen = row["student_token_ids"]
+                body = gen[:-1] if row["finish"] == "eos" else gen
+                whole = tok.decode(body, skip_special_tokens=True) == tok.decode(body, skip_special_tokens=False)
+                assert whole or temperature > 0  # the letters-only student at greedy
+                if whole:
+                    assert resp[:len(gen)] == gen, (row["id"], resp, gen)
+                    assert 1 <= len(resp) - len(gen) <= 2  # the end-of-turn markup the teacher also scores
+                    assert tpa_student == len(gen) and row["retokenized_equal"]  # TPA after the student's candidates
+                    text = tok(row["conversations"][-1]["value"], add_special_tokens=False)["input_ids"]
+                    kept += text[:len(body)] != body  # the text alone would have lost the student's tokens
+                else:
+                    assert resp[:len(gen)] != gen and not row["retokenized_equal"]
+    assert kept >= 1

@@ -108,3 +108,57 @@ def test_two_rounds_end_to_end_killed_and_resumed(tmp_path):
     other = _yaml(tmp_path / "other.yaml", **{**yaml.safe_load(path.read_text()), "replay": 0})
     res = runner.invoke(app, ["rounds", "--config", str(other)])
     assert res.exit_code == 2 and "replay" in res.output
+
+
+def test_nproc_runs_each_stage_as_its_command(tmp_path, monkeypatch):
+    """nproc 2: every stage is `python -m alignti COMMAND --config WORK/round-r/COMMAND.yaml --nproc 2`. Each command
+    line is parsed here by the CLI's own option handling (what the torchrun ranks would run) and that stage config is
+    run in this process, so the YAML round trip is checked end to end without paying for torchrun's launches."""
+    import typer
+
+    from alignti import cli
+    from alignti.demo.kit import make_demo
+    from alignti.student_rollout.rollout import RolloutConfig, rollout
+    from alignti.student_train.trainer import TrainConfig, train_student
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    from alignti.workflows import rounds as rounds_mod
+
+    kit = tmp_path / "kit"
+    make_demo(kit, n_train=2, n_val=1, n_test=1, train_teacher=False)
+    items = [it for it in json.loads((kit / "data/train.json").read_text()) if len(it["conversations"]) == 2][:3]
+    (tmp_path / "d.json").write_text(json.dumps(items))
+    work = tmp_path / "work"
+    cfg = load_config(_yaml(tmp_path / "rounds.yaml", workdir=str(work), teacher=str(kit / "teacher"),
+                            student=str(kit / "student"), data=str(tmp_path / "d.json"), images=str(kit / "data/images"),
+                            device="cpu", rounds=1, nproc=2,
+                            rollout={"max_new_tokens": 3, "batch_size": 4, "top_b": 2},
+                            dump={"top_k": 8, "tpa_branches": 2, "tpa_top_k": 4, "irs_samples": 2, "batch_size": 4},
+                            train={"max_steps": 1, "batch_size": 2, "save_every": 1, "warmup_steps": 1}))
+    assert cfg["nproc"] == 2
+    run = {"rollout": (RolloutConfig, rollout), "dump-teacher": (DumpConfig, dump_teacher),
+           "train-student": (TrainConfig, train_student)}
+    seen = []
+
+    def as_the_cli_runs_it(argv, name, folder):
+        assert argv[:3] == [sys.executable, "-m", "alignti"] and argv[-2:] == ["--nproc", "2"], argv
+        command = argv[3]
+        click_cmd = typer.main.get_command(cli.app).commands[command]
+        ctx = click_cmd.make_context(command, argv[4:])
+        values = cli._resolve(ctx, ctx.params["config"], required=cli._REQUIRED[command])
+        assert values.pop("nproc") == 2
+        cls, fn = run[command]
+        stage_cfg = cls(**{k: str(v) if isinstance(v, os.PathLike) else v for k, v in values.items()}, progress=False)
+        seen.append((command, argv[5], stage_cfg))
+        fn(stage_cfg)
+
+    monkeypatch.setattr(rounds_mod, "_run_command", as_the_cli_runs_it)
+    out = rounds_mod.run_rounds(cfg, progress=False)
+    assert [(c, p) for c, p, _ in seen] == [
+        ("dump-teacher", str(work / "round-0/dump-teacher.yaml")), ("rollout", str(work / "round-1/rollout.yaml")),
+        ("dump-teacher", str(work / "round-1/dump-teacher.yaml")), ("train-student", str(work / "round-1/train-student.yaml"))]
+    roll, train = seen[1][2], seen[3][2]
+    assert roll.round == 1 and roll.top_b == 2 and roll.max_new_tokens == 3 and roll.out == str(work / "round-1/rollout")
+    assert seen[2][2].data == str(work / "round-1/rollout") and seen[2][2].tpa_branches == 2
+    assert train.cache == [str(work / "round-0/cache"), str(work / "round-1/cache")]
+    assert [float(w) for w in train.cache_weights] == [0.5, 0.5] and train.loss == "alignti" and train.max_steps == 1
+    assert (work / "round-1/run/final/config.json").is_file() and out["final"] == str(work / "round-1/run/final")

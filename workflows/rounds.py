@@ -19,6 +19,12 @@ missing units) and continues a half-trained run from its checkpoint (``resume=Tr
 the configuration the work was started with; a later run with other settings is refused naming them (a larger
 ``rounds`` is allowed: it adds rounds). ``WORK/rounds.json`` records each stage's state and seconds.
 
+``nproc`` N > 1 runs every stage as its own command under torchrun with N processes: ``python -m alignti rollout |
+dump-teacher | train-student --config WORK/round-r/<command>.yaml --nproc N`` (``stage_command``; the YAML holds
+exactly the settings the in-process stage would get, so the folders are the same either way). Where the stages
+split the work: the rollout's and the dump's ranks take work units in turn, train-student runs DDP (``train.fsdp``:
+FSDP2).
+
 Settings of the ``rollout`` and ``train`` sections may be given per round as a list of ``rounds`` values
 (``temperature: [1.0, 0.7]``); an integer rollout ``seed`` gives round r the seed ``seed + r - 1``.
 """
@@ -27,8 +33,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,7 @@ import yaml
 
 from alignti.common.cache import atomic_write_json, atomic_write_text
 from alignti.common.config import ConfigError, check_keys, check_ranges, read_config
+from alignti.common.errors import AlignTIError
 from alignti.common.onpolicy import ROLLOUT_MANIFEST
 from alignti.common.schema import MANIFEST_FILE
 from alignti.student_rollout.rollout import RolloutConfig, rollout
@@ -48,10 +58,10 @@ STATE_FILE = "rounds.json"
 FROZEN_FILE = "rounds.yaml"
 
 TOP_KEYS = ("workdir", "teacher", "student", "data", "images", "reference_cache", "rounds", "lambda", "replay",
-            "device", "rollout", "dump", "train")
+            "device", "nproc", "rollout", "dump", "train")
 REQUIRED = ("workdir", "teacher", "student", "data")
 TOP_DEFAULTS: dict[str, Any] = {"images": None, "reference_cache": None, "rounds": 2, "lambda": 0.5, "replay": 1,
-                                "device": "auto"}
+                                "device": "auto", "nproc": 1}
 # what rounds sets itself in each stage (the folders, the round, the chain of students)
 _OWNED = {"student", "teacher", "data", "images", "out", "round", "progress", "device", "cache", "cache_weights",
           "init", "resume", "eval_every"}
@@ -61,6 +71,8 @@ SECTION_KEYS = {
     "train": [f.name for f in fields(TrainConfig) if f.name not in _OWNED],
 }
 SECTION_COMMAND = {"rollout": "rollout", "dump": "dump-teacher", "train": "train-student"}
+# the stage configs' fields that are no command-line option (python API only): left out of a stage's --config YAML
+_API_ONLY = ("progress", "eval_every")
 PER_ROUND = ("rollout", "train")  # sections whose settings may be lists, one value per round
 # the rounds defaults that differ from the stage's own (a round is short: the rollout's top-B is the dump's branches)
 SECTION_DEFAULTS = {"rollout": {}, "dump": {}, "train": {"loss": "alignti"}}
@@ -92,6 +104,10 @@ lambda: 0.5
 replay: 1
 # auto, cpu, cuda, cuda:N: every stage.
 device: auto
+# Processes per stage: N > 1 runs rollout, dump-teacher and train-student each as its command with --nproc N under
+# torchrun (one per GPU; gloo on CPU): the rollout's and the dump's ranks split the work units, training is DDP
+# (train.batch_size is per process).
+nproc: 1
 # alignti rollout settings (any of its options but student/data/images/out/round). A list gives one value per
 # round (temperature: [1.0, 0.7]); an integer seed gives round R the seed seed + R - 1.
 rollout:
@@ -241,7 +257,8 @@ def _freeze(cfg: dict, work: Path, src: str) -> None:
     frozen = work / FROZEN_FILE
     if frozen.is_file():
         old = yaml.safe_load(frozen.read_text(encoding="utf-8")) or {}
-        diffs = [k for k in sorted(set(old) | set(cfg)) if k != "rounds" and old.get(k) != cfg.get(k)]
+        diffs = [k for k in sorted(set(old) | set(cfg)) if k != "rounds"
+                 and old.get(k, TOP_DEFAULTS.get(k)) != cfg.get(k, TOP_DEFAULTS.get(k))]  # a key added later: default
         if diffs:
             raise ConfigError(f"{src}: {work} holds rounds started with other settings ({', '.join(diffs)}; see "
                               f"{frozen}); run with those settings to resume, or choose a new workdir")
@@ -249,6 +266,36 @@ def _freeze(cfg: dict, work: Path, src: str) -> None:
             log.info("%s was started for %d rounds; running only the first %d", work, old["rounds"], cfg["rounds"])
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(frozen, yaml.safe_dump(cfg, sort_keys=False))
+
+
+class StageFailed(AlignTIError):
+    """A stage run as its own command (``nproc`` > 1) exited non-zero; its own messages were printed above."""
+
+
+def stage_command(command: str, stage_cfg, config_path: Path, nproc: int) -> list[str]:
+    """Write ``stage_cfg`` (a RolloutConfig, DumpConfig or TrainConfig) to ``config_path`` as the command's --config
+    YAML (every field that is a flag; ``progress`` and ``eval_every`` are python-only) and return the command line that
+    runs it with ``nproc`` processes: ``[python, -m, alignti, COMMAND, --config, PATH, --nproc, N]`` (the command hands
+    itself to torchrun)."""
+    values = {k: v for k, v in asdict(stage_cfg).items() if k not in _API_ONLY}
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_path, f"# alignti rounds: the {command} stage, run as `alignti {command} --config "
+                      f"{config_path.name} --nproc {nproc}`\n" + yaml.safe_dump(values, sort_keys=False))
+    return [sys.executable, "-m", "alignti", command, "--config", str(config_path), "--nproc", str(nproc)]
+
+
+def _run_command(argv: list[str], name: str, folder: Path) -> None:
+    """Run a stage's command line with this alignti importable first (the same code as this process); raise
+    StageFailed naming the stage and its folder when it exits non-zero."""
+    import alignti
+    env = dict(os.environ)
+    root = str(Path(alignti.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    log.info("%s: %s", name, " ".join(argv[1:]))
+    code = subprocess.call(argv, env=env)
+    if code != 0:
+        raise StageFailed(f"{name} failed (exit code {code}; its messages are above); {folder} keeps what it "
+                          "finished: fix the cause and re-run the same alignti rounds command to resume")
 
 
 def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> dict:
@@ -261,6 +308,14 @@ def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> 
     _freeze(cfg, work, src)
     state = _State(work)
     device = cfg["device"]
+    nproc = int(cfg.get("nproc") or 1)
+
+    def launch(command: str, stage_cfg, fn, name: str, folder: Path, rdir: Path) -> None:
+        """The stage in this process (nproc 1), or as its own command under torchrun with nproc processes."""
+        if nproc == 1:
+            fn(stage_cfg)
+        else:
+            _run_command(stage_command(command, stage_cfg, rdir / f"{command}.yaml", nproc), name, folder)
 
     def stage(name: str, done, run) -> None:
         if done():
@@ -281,7 +336,8 @@ def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> 
         dump_cfg = DumpConfig(teacher=cfg["teacher"], data=cfg["data"], images=cfg["images"], out=ref, device=device,
                               progress=progress, **cfg["dump"])
         stage("round 0 dump-teacher (reference)", lambda: (Path(ref) / MANIFEST_FILE).is_file(),
-              lambda: dump_teacher(dump_cfg))
+              lambda: launch("dump-teacher", dump_cfg, dump_teacher, "round 0 dump-teacher", Path(ref),
+                             work / "round-0"))
 
     results = []
     student = cfg["student"]
@@ -292,11 +348,13 @@ def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> 
         roll_student = student if prev_run is None else str(prev_run / "final")
         roll_cfg = RolloutConfig(student=roll_student, data=cfg["data"], images=cfg["images"], out=str(roll_dir),
                                  round=r, device=device, progress=progress, **section_for_round(cfg, "rollout", r))
-        stage(f"round {r} rollout", lambda: (roll_dir / ROLLOUT_MANIFEST).is_file(), lambda: rollout(roll_cfg))
+        stage(f"round {r} rollout", lambda: (roll_dir / ROLLOUT_MANIFEST).is_file(),
+              lambda: launch("rollout", roll_cfg, rollout, f"round {r} rollout", roll_dir, rdir))
 
         dump_cfg = DumpConfig(teacher=cfg["teacher"], data=str(roll_dir), images=cfg["images"], out=str(cache_dir),
                               device=device, progress=progress, **cfg["dump"])
-        stage(f"round {r} dump-teacher", lambda: (cache_dir / MANIFEST_FILE).is_file(), lambda: dump_teacher(dump_cfg))
+        stage(f"round {r} dump-teacher", lambda: (cache_dir / MANIFEST_FILE).is_file(),
+              lambda: launch("dump-teacher", dump_cfg, dump_teacher, f"round {r} dump-teacher", cache_dir, rdir))
 
         caches, weights = mixture_for_round(cfg, r, ref)
         train_values = section_for_round(cfg, "train", r)
@@ -310,10 +368,11 @@ def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> 
             resume = (run_dir / "checkpoint" / "state.pt").is_file()
             if resume:
                 log.info("round %d train-student: continuing %s from its checkpoint", r, run_dir)
-            train_student(TrainConfig(student=student, cache=caches if len(caches) > 1 else caches[0],
-                                      cache_weights=weights if len(caches) > 1 else None, out=str(run_dir),
-                                      init=str(init) if init is not None else None, resume=resume, device=device,
-                                      images=cfg["images"], progress=progress, **values))
+            train_cfg = TrainConfig(student=student, cache=caches if len(caches) > 1 else caches[0],
+                                    cache_weights=weights if len(caches) > 1 else None, out=str(run_dir),
+                                    init=str(init) if init is not None else None, resume=resume, device=device,
+                                    images=cfg["images"], progress=progress, **values)
+            launch("train-student", train_cfg, train_student, f"round {r} train-student", run_dir, run_dir.parent)
 
         stage(f"round {r} train-student", lambda: _final_complete(run_dir / "final"), train)
         results.append({"round": r, "rollout": str(roll_dir), "cache": str(cache_dir), "run": str(run_dir),
