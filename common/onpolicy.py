@@ -39,6 +39,7 @@ import torch
 from .conversation import Encoded
 from .errors import DataError
 from .records import ROLE_OUT, join_placeholders
+from .token_align import turn_char_starts
 
 # rollout dataset columns beyond id / conversations / image
 ROLLOUT_FIELDS = [
@@ -135,16 +136,50 @@ def student_response_ids(resp_ids, student_ids, finish: str, tokenizer, image_to
     return None
 
 
-def with_student_response(enc: Encoded, new_resp: np.ndarray, max_length: int | None = None) -> bool:
+def response_char_starts(tokenizer, body, n_markup: int, text: str) -> np.ndarray | None:
+    """int32 [len(body) + n_markup]: each token's start character in the turn text ``text`` for a response span made
+    of the answer tokens ``body`` then ``n_markup`` end-of-turn markup tokens, by the span rule of
+    ``common.token_align`` (``turn_char_starts``; what ``conversation.encode`` stores as ``char_start``). A token's
+    offsets come from decoding the prefixes of ``body`` (no clean-up, special tokens kept); a prefix that ends inside
+    a character (byte pieces) is not a boundary, so the token after it is a continuation. None when ``body`` does
+    not decode to ``text`` (up to leading / trailing whitespace outside it)."""
+    dec = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False,  # noqa: E731
+                                       clean_up_tokenization_spaces=False)
+    full = dec(body)
+    core = text.strip()  # a decode may drop or add whitespace at the answer's edges (SentencePiece's dummy prefix)
+    at = full.find(core)
+    if at < 0 or full[:at].strip() or full[at + len(core):].strip():
+        return None
+    off = at - (len(text) - len(text.lstrip()))  # where the turn text's character 0 falls in the decoded text
+    n_char = len(text)
+    pos = [len(p) if full.startswith(p) else None for p in (dec(body[:j]) for j in range(len(body)))] + [len(full)]
+    for j in range(len(pos) - 2, -1, -1):  # a prefix ending inside a character: the next boundary stands in
+        if pos[j] is None:
+            pos[j] = pos[j + 1]
+    clip = lambda c: min(max(c - off, 0), n_char)  # noqa: E731
+    offsets = [(clip(pos[j]), clip(pos[j + 1])) for j in range(len(body))]
+    offsets += [(n_char + 1 + i, n_char + 2 + i) for i in range(n_markup)]  # wholly in the end-of-turn markup
+    return turn_char_starts(offsets, (0, n_char))
+
+
+def with_student_response(enc: Encoded, new_resp: np.ndarray, max_length: int | None = None,
+                          char_starts: np.ndarray | None = None) -> bool:
     """Put ``new_resp`` (``student_response_ids``) in place of ``enc``'s last response span, in place: the ids, the
-    response mask and that span move; everything before the span (images, instructions) stays where it was. Returns
-    False (``enc`` unchanged) when the result would be longer than ``max_length``."""
+    response mask and that span move (and ``enc.char_start``, with ``char_starts`` for the new span's tokens, see
+    ``response_char_starts``); everything before the span (images, instructions) stays where it was. Returns
+    False (``enc`` unchanged) when the result would be longer than ``max_length``, or when ``enc`` carries character
+    starts and ``char_starts`` is None (they could not be derived)."""
     s, e = enc.resp_spans[-1]
     if len(new_resp) == e - s and np.array_equal(enc.input_ids[s:e], new_resp):
         return True
     ids = np.concatenate([enc.input_ids[:s], np.asarray(new_resp, np.int32), enc.input_ids[e:]]).astype(np.int32)
     if max_length is not None and len(ids) > max_length:
         return False
+    if enc.char_start is not None:
+        if char_starts is None or len(char_starts) != len(new_resp):
+            return False
+        enc.char_start = np.concatenate([enc.char_start[:s], np.asarray(char_starts, np.int32),
+                                         enc.char_start[e:]]).astype(np.int32)
     mask = np.concatenate([enc.response_mask[:s], np.ones(len(new_resp), np.uint8),
                            enc.response_mask[e:]]).astype(np.uint8)
     enc.input_ids, enc.response_mask = ids, mask
@@ -248,7 +283,14 @@ class RolloutColumns:
         finish = self.cols["finish"][row].as_py() if "finish" in self.cols else "length"
         s, e = enc.resp_spans[-1]
         new = student_response_ids(enc.input_ids[s:e], student, finish, tokenizer, image_token_id)
-        return new is not None and with_student_response(enc, new, max_length)
+        if new is None:
+            return False
+        starts = None
+        if enc.char_start is not None and enc.turn_texts:
+            body = len(student) - (1 if finish == "eos" else 0)
+            text = enc.turn_texts[enc.resp_turns[-1] if enc.resp_turns else len(enc.resp_spans) - 1]
+            starts = response_char_starts(tokenizer, new[:body], len(new) - body, text)
+        return with_student_response(enc, new, max_length, starts)
 
     def loss_turns(self, row: int) -> list[int] | None:
         v = self.loss[row]

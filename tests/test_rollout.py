@@ -24,7 +24,8 @@ from alignti.common.cache import CacheReader
 from alignti.common.conversation import encode
 from alignti.common.errors import DataError
 from alignti.common.models import load_vlm
-from alignti.common.onpolicy import (candidate_count, restrict_to_loss_turns, student_response_ids,
+from alignti.common.onpolicy import (candidate_count, response_char_starts, restrict_to_loss_turns,
+                                     student_response_ids,
                                      with_student_response)
 from alignti.common.sources import load_image, open_source
 from alignti.student_rollout.generate import sample_tokens
@@ -228,8 +229,12 @@ def _check_tpa(kit_dir, rollout_dir, cache_dir, images):
             s, e = enc.resp_spans[-1]
             own = student_response_ids(enc.input_ids[s:e], row["student_token_ids"], row["finish"], proc.tokenizer,
                                        int(teacher.config.image_token_id))
-            if own is not None:
-                with_student_response(enc, own)
+            if own is not None:  # with the character starts the cache keeps for the student's tokens (schema v7)
+                body = len(row["student_token_ids"]) - (1 if row["finish"] == "eos" else 0)
+                starts = response_char_starts(proc.tokenizer, own[:body], len(own) - body,
+                                              enc.turn_texts[enc.resp_turns[-1]])
+                assert with_student_response(enc, own, char_starts=starts)
+                assert np.array_equal(x["resp_char_start"], enc.char_start[enc.response_mask.astype(bool)])
         assert np.array_equal(x["input_ids"], enc.input_ids) and np.array_equal(x["response_mask"], enc.response_mask)
         resp_pos = np.nonzero(enc.response_mask)[0]
         n_valid = min(row["student_cand_valid"], candidate_count(x["input_ids"][resp_pos], row["student_token_ids"],

@@ -169,3 +169,22 @@ def test_template_that_rewrites_the_answer_is_named(sp_tokenizer):
     img = Image.fromarray(np.full((96, 96, 3), 128, np.uint8))
     with pytest.raises(DataError, match="sample a.*chat template"):
         encode(proc, parse_record(0, ALL["single"]), img)
+
+
+@pytest.mark.parametrize("sample", list(ALL))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_character_starts_from_ids_equal_the_encoders(family, sample, sp_tokenizer):
+    """A rollout row whose answer the dump scores as the student's own ids (common.onpolicy.response_char_starts):
+    the character starts derived from decoding the ids equal those the encoder derived from the tokenizer's offsets,
+    for every response turn of every sample (SentencePiece byte fallback and byte-level BPE pieces included)."""
+    from alignti.common.onpolicy import response_char_starts
+    proc, enc = _encode(family, sample, sp_tokenizer)
+    tok = proc.tokenizer
+    for text, starts, ids in _turns(enc, proc):
+        # the answer tokens: the longest prefix that decodes to the turn text (the rest is end-of-turn markup)
+        body = max(k for k in range(1, len(ids) + 1)
+                   if tok.decode(list(ids[:k]), skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
+                   == text.strip())
+        got = response_char_starts(tok, ids[:body], len(ids) - body, text)
+        assert got is not None and np.array_equal(got, starts), (text, got, starts)
+    assert response_char_starts(tok, ids[:body], 0, text + " and more") is None
