@@ -21,9 +21,21 @@ class ModelAdapter:
     # the model config's ids of the family's image/video special tokens: typed literally in a message, each would
     # be read as (part of) an image by the processor and the model, so such text is refused (media_tokens)
     media_token_keys: tuple[str, ...] = ("image_token_id",)
+    # lmms-eval's own model class (its ``--model`` name) for each model type of the family: what
+    # ``alignti evaluate --lmms-eval`` runs a folder of this family with
+    lmms_eval_models: dict[str, str] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    @classmethod
+    def lmms_eval_model(cls, model_type: str) -> str:
+        """lmms-eval's model name for a checkpoint of ``model_type`` (e.g. ``llava_hf``); ValueError naming the
+        model types that have one otherwise."""
+        if model_type not in cls.lmms_eval_models:
+            known = ", ".join(t for c in ADAPTERS for t in c.lmms_eval_models)
+            raise ValueError(f"lmms-eval has no model class for model_type '{model_type}' (alignti maps {known})")
+        return cls.lmms_eval_models[model_type]
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -111,11 +123,15 @@ class ModelAdapter:
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_types = ("llava",)
+    lmms_eval_models = {"llava": "llava_hf"}
 
 
 class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision", "llava_next")
+    # transformers-format checkpoints: lmms-eval's llava_hf loads both (its `llava_onevision` class loads the
+    # LLaVA-NeXT repository's own checkpoint layout through that repository's `llava` package, not these folders)
+    lmms_eval_models = {"llava_onevision": "llava_hf", "llava_next": "llava_hf"}
     multi_image = True  # several images of a sample: base resolution each (batch_num_images), as the model trains
     media_token_keys = ("image_token_id", "video_token_id")
 
@@ -137,6 +153,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    lmms_eval_models = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
     multi_image = True
     media_token_keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
