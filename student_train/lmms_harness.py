@@ -105,7 +105,7 @@ def evaluate_lmms(model_path: str | Path, tasks: str | list[str], include_path: 
         raise AlignTIError(f"--lmms-eval: no lmms-eval task {', '.join(unknown)} in lmms-eval{where}; "
                            "`alignti export-task` makes one from a LLaVA-style split")
     t0 = time.perf_counter()
-    out = evaluator.simple_evaluate(model=model_name, model_args=f"pretrained={Path(model_path).resolve()},device={device}",
+    out = evaluator.simple_evaluate(model=model_name, model_args=f"pretrained={Path(model_path).resolve()},device_map={device}",
                                     tasks=names, batch_size=batch_size, device=device, limit=limit,
                                     task_manager=manager, log_samples=True)
     seconds = time.perf_counter() - t0
