@@ -114,9 +114,9 @@ def evaluate_lmms(model_path: str | Path, tasks: str | list[str], include_path: 
               for task, res in out["results"].items()}
     answers = {task: {str((s.get("doc") or {}).get("id", s.get("doc_id"))): _first(s.get("filtered_resps"))
                       for s in samples} for task, samples in (out.get("samples") or {}).items()}
-    import lmms_eval
-    res = {"model": str(model_path), "lmms_eval_model": model_name,
-           "lmms_eval_version": getattr(lmms_eval, "__version__", None), "tasks": names, "device": device,
+    from importlib.metadata import version
+    res = {"model": str(model_path), "lmms_eval_model": model_name, "lmms_eval_version": version("lmms_eval"),
+           "tasks": names, "device": device,
            "seconds": round(seconds, 1), "results": scores,
            "samples": {task: len(a) for task, a in answers.items()}, "answers": answers}
     run = run_dir(model_path)

@@ -115,8 +115,11 @@ def test_the_two_normalisations_as_documented(demo, tmp_path):
 @needs_lmms
 def test_lmms_eval_scores_the_student_as_alignti_evaluate_does(demo, tmp_path):
     """The same 12 questions through lmms-eval's llava_hf and through alignti evaluate: the same greedy answer to
-    each, so alignti_exact_match equals alignti's accuracy exactly; exact_match (the VQA normaliser) differs from
-    it only on answers where the two normalisations disagree. Scores land in RUN/eval/, metrics.jsonl."""
+    each (the untrained demo student's answers differ from image to image, so this checks prompts, pixels and
+    decoding), so alignti_exact_match equals alignti's accuracy exactly; exact_match (the VQA normaliser) differs
+    only on answers where the two normalisations disagree. The split's references are the student's own answer on
+    every other question (the rest kept), so both accuracies are 0.5, not a trivial 0. Scores land in RUN/eval/,
+    metrics.jsonl."""
     import shutil
 
     from alignti.common.generate import _norm
@@ -124,16 +127,29 @@ def test_lmms_eval_scores_the_student_as_alignti_evaluate_does(demo, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo / "student", run / "final")
     (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")
-    _export(demo, tmp_path, "--name", "shapes_test")
-    refs = {r.sample_id: r.turns[-1][1] for r in load_records(str(demo / "data/test.json")) if isinstance(r, Record)}
 
-    ours = runner.invoke(app, ["evaluate", "--model", str(run / "final"), "--data", str(demo / "data/test.json"),
-                               "--images", str(demo / "data/images"), "--device", "cpu", "--answers-out",
-                               str(tmp_path / "answers.json"), "--json"])
-    assert ours.exit_code == 0, ours.output
-    ours_acc = json.loads(ours.output[ours.output.index("{"):])["accuracy"]
-    ours_answers = json.loads((tmp_path / "answers.json").read_text())
+    def alignti_evaluate(split):
+        res = runner.invoke(app, ["evaluate", "--model", str(run / "final"), "--data", str(split), "--images",
+                                  str(demo / "data/images"), "--device", "cpu", "--answers-out",
+                                  str(tmp_path / "answers.json"), "--json"])
+        assert res.exit_code == 0, res.output
+        return (json.loads(res.output[res.output.index("{"):])["accuracy"],
+                json.loads((tmp_path / "answers.json").read_text()))
 
+    _, first = alignti_evaluate(demo / "data/test.json")
+    items = json.loads((demo / "data/test.json").read_text())
+    for i, item in enumerate(items):
+        if i % 2 == 0:
+            item["conversations"][-1]["value"] = first[item["id"]]
+    split = tmp_path / "test_half.json"
+    split.write_text(json.dumps(items))
+    ours_acc, ours_answers = alignti_evaluate(split)
+    assert ours_answers == first and ours_acc == 0.5
+    refs = {r.sample_id: r.turns[-1][1] for r in load_records(str(split)) if isinstance(r, Record)}
+
+    res = runner.invoke(app, ["export-task", "--data", str(split), "--images", str(demo / "data/images"), "--out",
+                              str(tmp_path / "task"), "--name", "shapes_test"])
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["evaluate", "--model", str(run / "final"), "--lmms-eval", "shapes_test",
                               "--include-path", str(tmp_path / "task"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
@@ -141,6 +157,7 @@ def test_lmms_eval_scores_the_student_as_alignti_evaluate_does(demo, tmp_path):
     assert saved["lmms_eval_model"] == "llava_hf" and saved["samples"]["shapes_test"] == 12
     theirs = saved["answers"]["shapes_test"]
     assert set(theirs) == set(ours_answers) == set(refs)
+    assert len(set(theirs.values())) > 1  # answers depend on the image and question
     for sid in refs:  # lmms-eval strips its answers' surrounding whitespace
         assert theirs[sid] == ours_answers[sid].strip(), (sid, theirs[sid], ours_answers[sid])
     scores = saved["results"]["shapes_test"]
