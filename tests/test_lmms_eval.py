@@ -127,6 +127,7 @@ def test_lmms_eval_scores_the_student_as_alignti_evaluate_does(demo, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo / "student", run / "final")
     (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    (run / "config.yaml").write_text("report_to: [tensorboard]\n")  # the run's trackers get the scores too
 
     def alignti_evaluate(split):
         res = runner.invoke(app, ["evaluate", "--model", str(run / "final"), "--data", str(split), "--images",
@@ -171,3 +172,7 @@ def test_lmms_eval_scores_the_student_as_alignti_evaluate_does(demo, tmp_path):
     line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["step"] == 5 and line["event"] == "lmms_eval"
     assert line["val_lmms_eval/shapes_test/alignti_exact_match"] == pytest.approx(ours_acc, abs=1e-12)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    logged = acc.Scalars("eval/lmms_eval/shapes_test/alignti_exact_match")
+    assert [(e.step, e.value) for e in logged] == [(5, pytest.approx(ours_acc, abs=1e-7))]
