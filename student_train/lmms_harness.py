@@ -83,8 +83,7 @@ def evaluate_lmms(model_path: str | Path, tasks: str | list[str], include_path: 
     {task: n}, "answers": {task: {doc id: answer}}, "file"}; the same is written to RUN/eval/lmms_eval-TASKS.json,
     the scores to RUN/metrics.jsonl and the run's trackers. Raises AlignTIError when lmms-eval is not installed
     or a task is unknown, ValueError for a family lmms-eval has no class for."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    _offline()
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
         raise AlignTIError("--lmms-eval: no task named (give e.g. --lmms-eval mytask,mme)")
@@ -126,6 +125,21 @@ def evaluate_lmms(model_path: str | Path, tasks: str | list[str], include_path: 
     res["file"] = str(path)
     _record_scores(run, scores)
     return res
+
+
+def _offline() -> None:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE default to 1; the libraries read them when first imported, so where they
+    are imported already their flags are set too."""
+    hub = os.environ.setdefault("HF_HUB_OFFLINE", "1") not in ("0", "false", "False", "")
+    data = os.environ.setdefault("HF_DATASETS_OFFLINE", "1") not in ("0", "false", "False", "")
+    import huggingface_hub.constants
+    huggingface_hub.constants.HF_HUB_OFFLINE = hub
+    try:
+        import datasets.config
+    except ImportError:  # lmms-eval requires datasets; require_lmms_eval names the install
+        return
+    datasets.config.HF_HUB_OFFLINE = hub
+    datasets.config.HF_DATASETS_OFFLINE = data or hub
 
 
 def _first(resps):
