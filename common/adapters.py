@@ -37,6 +37,12 @@ class ModelAdapter:
             raise ValueError(f"lmms-eval has no model class for model_type '{model_type}' (alignti maps {known})")
         return cls.lmms_eval_models[model_type]
 
+    @classmethod
+    def lmms_eval_args(cls, image_processor: dict) -> dict:
+        """Extra ``model_args`` for lmms-eval's class, from the checkpoint's saved image processor settings, so that
+        lmms-eval prepares images as the checkpoint's own processor does."""
+        return {}
+
     # --- structure -------------------------------------------------------------------------
     @property
     def text_config(self):
@@ -154,6 +160,15 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     lmms_eval_models = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+
+    @classmethod
+    def lmms_eval_args(cls, image_processor):
+        """lmms-eval's qwen2_vl / qwen2_5_vl resize every image between their own min_pixels / max_pixels (3136,
+        602112 by default), not the processor's: pass the processor's (``size`` shortest_edge / longest_edge)."""
+        size = image_processor.get("size") or {}
+        lo = image_processor.get("min_pixels") or size.get("shortest_edge")
+        hi = image_processor.get("max_pixels") or size.get("longest_edge")
+        return {k: int(v) for k, v in (("min_pixels", lo), ("max_pixels", hi)) if v}
     multi_image = True
     media_token_keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 

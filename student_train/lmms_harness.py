@@ -56,11 +56,20 @@ def require_lmms_eval():
     return evaluator
 
 
-def lmms_eval_model(model_path: str | Path) -> str:
-    """lmms-eval's model name (``--model``) for a checkpoint folder, from its config's ``model_type``."""
+def lmms_eval_model(model_path: str | Path) -> tuple[str, dict]:
+    """lmms-eval's model name (``--model``) for a checkpoint folder, from its config's ``model_type``, and the
+    extra ``model_args`` its family needs (``ModelAdapter.lmms_eval_args``: e.g. Qwen2-VL's pixel bounds)."""
     from transformers import AutoConfig
     model_type = AutoConfig.from_pretrained(str(model_path)).model_type
-    return adapter_class(model_type).lmms_eval_model(model_type)
+    cls = adapter_class(model_type)
+    image_processor = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = Path(model_path) / name
+        if f.exists():
+            saved = json.loads(f.read_text())
+            image_processor = saved.get("image_processor", saved)
+            break
+    return cls.lmms_eval_model(model_type), cls.lmms_eval_args(image_processor)
 
 
 def run_dir(model_path: str | Path) -> Path:
@@ -88,7 +97,7 @@ def evaluate_lmms(model_path: str | Path, tasks: str | list[str], include_path: 
     if not names:
         raise AlignTIError("--lmms-eval: no task named (give e.g. --lmms-eval mytask,mme)")
     evaluator = require_lmms_eval()
-    model_name = lmms_eval_model(model_path)
+    model_name, extra = lmms_eval_model(model_path)
     from lmms_eval.tasks import TaskManager
     manager = None
     if include_path is not None:  # only the local tasks: indexing lmms-eval's hundreds of task folders takes a while
@@ -103,8 +112,9 @@ def evaluate_lmms(model_path: str | Path, tasks: str | list[str], include_path: 
         where = f" or under --include-path {include_path}" if include_path else " (a local task needs --include-path)"
         raise AlignTIError(f"--lmms-eval: no lmms-eval task {', '.join(unknown)} in lmms-eval{where}; "
                            "`alignti export-task` makes one from a LLaVA-style split")
+    args = {"pretrained": Path(model_path).resolve(), "device_map": device, **extra}
     t0 = time.perf_counter()
-    out = evaluator.simple_evaluate(model=model_name, model_args=f"pretrained={Path(model_path).resolve()},device_map={device}",
+    out = evaluator.simple_evaluate(model=model_name, model_args=",".join(f"{k}={v}" for k, v in args.items()),
                                     tasks=names, batch_size=batch_size, device=device, limit=limit,
                                     task_manager=manager, log_samples=True)
     seconds = time.perf_counter() - t0
@@ -115,6 +125,7 @@ def evaluate_lmms(model_path: str | Path, tasks: str | list[str], include_path: 
                       for s in samples} for task, samples in (out.get("samples") or {}).items()}
     from importlib.metadata import version
     res = {"model": str(model_path), "lmms_eval_model": model_name, "lmms_eval_version": version("lmms_eval"),
+           "lmms_eval_model_args": {k: str(v) for k, v in args.items()},
            "tasks": names, "device": device,
            "seconds": round(seconds, 1), "results": scores,
            "samples": {task: len(a) for task, a in answers.items()}, "answers": answers}

@@ -176,3 +176,34 @@ def test_lmms_eval_scores_the_student_as_alignti_evaluate_does(demo, tmp_path):
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     logged = acc.Scalars("eval/lmms_eval/shapes_test/alignti_exact_match")
     assert [(e.step, e.value) for e in logged] == [(5, pytest.approx(ours_acc, abs=1e-7))]
+
+
+def test_each_family_has_lmms_eval_s_own_class():
+    """The family choice sits behind the adapters: llava_hf loads transformers-format LLaVA and LLaVA-OneVision
+    folders, qwen2_vl / qwen2_5_vl theirs, with the processor's pixel bounds (lmms-eval's own: 3136 / 602112)."""
+    from alignti.common.adapters import adapter_class
+    got = {t: adapter_class(t).lmms_eval_model(t) for t in ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl")}
+    assert got == {"llava": "llava_hf", "llava_onevision": "llava_hf", "qwen2_vl": "qwen2_vl",
+                   "qwen2_5_vl": "qwen2_5_vl"}
+    size = {"size": {"shortest_edge": 2304, "longest_edge": 2304}}
+    assert adapter_class("qwen2_vl").lmms_eval_args(size) == {"min_pixels": 2304, "max_pixels": 2304}
+    assert adapter_class("llava").lmms_eval_args(size) == {}
+
+
+@needs_lmms
+def test_qwen2_vl_runs_through_lmms_eval_s_qwen2_vl_class(tmp_path):
+    """lmms-eval's qwen2_vl class loads the demo's Qwen2-VL student and answers with the processor's pixel bounds.
+    Its answers are not compared with alignti's: that class always sends a system turn ("You are a helpful
+    assistant.", which real Qwen2-VL templates add by default and the demo's template does not)."""
+    from alignti.demo.kit import make_demo
+    make_demo(tmp_path, n_train=1, n_val=1, n_test=1, train_teacher=False, family="qwen2_vl")
+    res = runner.invoke(app, ["export-task", "--data", str(tmp_path / "data/test.json"), "--images",
+                              str(tmp_path / "data/images"), "--out", str(tmp_path / "task"), "--name", "q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "student"), "--lmms-eval", "q", "--include-path",
+                              str(tmp_path / "task"), "--device", "cpu", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "student/eval/lmms_eval-q.json").read_text())
+    assert saved["lmms_eval_model"] == "qwen2_vl" and saved["samples"]["q"] == 2
+    assert saved["lmms_eval_model_args"]["min_pixels"] == saved["lmms_eval_model_args"]["max_pixels"] == "2304"
+    assert set(saved["results"]["q"]) == {"exact_match", "alignti_exact_match"}
