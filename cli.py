@@ -371,7 +371,8 @@ def push_cache(cache: Path = typer.Argument(..., help="A finished local cache.")
 
 @app.command("evaluate")
 def evaluate(ctx: typer.Context, model: str = typer.Option(...),
-             data: str = typer.Option(..., help="Samples to answer: JSON/JSONL, parquet or a datasets folder."),
+             data: Optional[str] = typer.Option(None, help="Samples to answer: JSON/JSONL, parquet or a datasets "
+                                                "folder (or --lmms-eval)."),
              images: Optional[str] = typer.Option(None, help="The folder image paths are relative to."),
              teacher_answers: Optional[Path] = typer.Option(None, help="JSON {sample_id: answer} to compare with."),
              cache: Optional[str] = typer.Option(None, help="Report mean per-token KL to this teacher cache."),
@@ -379,14 +380,44 @@ def evaluate(ctx: typer.Context, model: str = typer.Option(...),
              answers_out: Optional[Path] = typer.Option(None, help="Write this model's answers as JSON."),
              max_new_tokens: int = typer.Option(8, help="Longest answer generated (tokens); the demo's "
                                                 "long-form split needs 48."),
+             lmms_eval: Optional[str] = typer.Option(None, "--lmms-eval", help="Score with lmms-eval instead: "
+                                                     "comma-separated task names (pip install 'alignti[eval]'; "
+                                                     "scores go to RUN/eval/, metrics.jsonl, the trackers)."),
+             include_path: Optional[Path] = typer.Option(None, help="With --lmms-eval: a folder of local tasks "
+                                                         "(alignti export-task)."),
              as_json: bool = typer.Option(False, "--json")):
-    """Greedy answers: exact-match accuracy, agreement with a teacher, KL to a cache."""
+    """Greedy answers: exact-match accuracy, agreement with a teacher, KL to a cache; or lmms-eval's scores."""
     _check_options(ctx)
+    if (data is None) == (lmms_eval is None):
+        log.error("evaluate needs either --data (alignti's exact match) or --lmms-eval TASKS (lmms-eval's scores), "
+                  "one per run")
+        raise typer.Exit(2)
+    if lmms_eval is not None:
+        from alignti.common.models import resolve_device
+        from alignti.student_train.lmms_harness import evaluate_lmms
+        res = _run(evaluate_lmms, model, lmms_eval, include_path=include_path, limit=limit,
+                   device=str(resolve_device(device)))
+        typer.echo(json.dumps({k: v for k, v in res.items() if k != "answers"}, indent=2))
+        return
     from alignti.student_train.evaluate import evaluate as run
     res = _run(run, model, data, images, teacher_answers=teacher_answers, cache=cache, limit=limit,
                device=device, answers_out=answers_out, max_new_tokens=max_new_tokens)
     typer.echo(json.dumps(res, indent=2) if as_json else
                "\n".join(f"{k}: {v}" for k, v in res.items() if k != "per_type"))
+
+
+@app.command("export-task")
+def export_task(ctx: typer.Context,
+                data: str = typer.Option(..., help="The split: LLaVA JSON/JSONL, parquet or a datasets folder."),
+                images: Optional[str] = typer.Option(None, help="The folder image paths are relative to."),
+                out: Path = typer.Option(..., help="Task folder (NAME.yaml, NAME.parquet, utils.py): pass it to "
+                                         "evaluate --include-path or lmms-eval's --include_path."),
+                name: Optional[str] = typer.Option(None, help="Task name (default alignti_<split file stem>)."),
+                max_new_tokens: int = typer.Option(8, help="The task's longest answer (tokens), as evaluate's.")):
+    """A LLaVA-style split as a local lmms-eval task (exact match, the split read from local files)."""
+    _check_options(ctx)
+    from alignti.student_train.lmms_harness import export_task as run
+    typer.echo(json.dumps(_run(run, data, images, out, name=name, max_new_tokens=max_new_tokens), indent=2))
 
 
 @app.command("quickstart")

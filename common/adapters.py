@@ -21,9 +21,27 @@ class ModelAdapter:
     # the model config's ids of the family's image/video special tokens: typed literally in a message, each would
     # be read as (part of) an image by the processor and the model, so such text is refused (media_tokens)
     media_token_keys: tuple[str, ...] = ("image_token_id",)
+    # lmms-eval's own model class (its ``--model`` name) for each model type of the family: what
+    # ``alignti evaluate --lmms-eval`` runs a folder of this family with
+    lmms_eval_models: dict[str, str] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    @classmethod
+    def lmms_eval_model(cls, model_type: str) -> str:
+        """lmms-eval's model name for a checkpoint of ``model_type`` (e.g. ``llava_hf``); ValueError naming the
+        model types that have one otherwise."""
+        if model_type not in cls.lmms_eval_models:
+            known = ", ".join(t for c in ADAPTERS for t in c.lmms_eval_models)
+            raise ValueError(f"lmms-eval has no model class for model_type '{model_type}' (alignti maps {known})")
+        return cls.lmms_eval_models[model_type]
+
+    @classmethod
+    def lmms_eval_args(cls, image_processor: dict) -> dict:
+        """Extra ``model_args`` for lmms-eval's class, from the checkpoint's saved image processor settings, so that
+        lmms-eval prepares images as the checkpoint's own processor does."""
+        return {}
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -129,11 +147,15 @@ class ModelAdapter:
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_types = ("llava",)
+    lmms_eval_models = {"llava": "llava_hf"}
 
 
 class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision", "llava_next")
+    # transformers-format checkpoints: lmms-eval's llava_hf loads both (its `llava_onevision` class loads the
+    # LLaVA-NeXT repository's own checkpoint layout through that repository's `llava` package, not these folders)
+    lmms_eval_models = {"llava_onevision": "llava_hf", "llava_next": "llava_hf"}
     multi_image = True  # several images of a sample: base resolution each (batch_num_images), as the model trains
     media_token_keys = ("image_token_id", "video_token_id")
 
@@ -155,6 +177,16 @@ class LlavaOnevisionAdapter(ModelAdapter):
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    lmms_eval_models = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+
+    @classmethod
+    def lmms_eval_args(cls, image_processor):
+        """lmms-eval's qwen2_vl / qwen2_5_vl resize every image between their own min_pixels / max_pixels (3136,
+        602112 by default), not the processor's: pass the processor's (``size`` shortest_edge / longest_edge)."""
+        size = image_processor.get("size") or {}
+        lo = image_processor.get("min_pixels") or size.get("shortest_edge")
+        hi = image_processor.get("max_pixels") or size.get("longest_edge")
+        return {k: int(v) for k, v in (("min_pixels", lo), ("max_pixels", hi)) if v}
     multi_image = True
     media_token_keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     projector_prefixes = ("model.visual.merger.",)  # the patch merger, LLaVA's projector in Qwen2-VL's terms

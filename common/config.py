@@ -121,6 +121,7 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
     },
     "select-layer": {"samples": COUNT, "batch_size": COUNT},
     "evaluate": {"limit": OPT_COUNT, "max_new_tokens": COUNT},
+    "export-task": {"max_new_tokens": COUNT},
     "show-saliency": {"turn": COUNT0},
     "make-student": {"seed": SEED},
 }

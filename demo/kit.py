@@ -60,7 +60,9 @@ def build_tokenizer(family: str = "llava", vocab_size: int = 320):
     if qwen:
         return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
                                        unk_token="<unk>", extra_special_tokens={"image_token": "<|image_pad|>"})
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+    # eos: the template's end of turn, where generation stops (as Qwen2-VL's <|im_end|>): harnesses that stop at the
+    # tokenizer's eos (lmms-eval's llava_hf) and not at generation_config's would otherwise run past the answer
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>",
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
     if family == "llava_onevision":
         fast.add_special_tokens({"additional_special_tokens": ["<video>"]})

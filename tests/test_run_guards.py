@@ -186,6 +186,7 @@ _REQUIRED_ARGS = {
     "quickstart": ["--workdir", "{tmp}/q"],
     "rollout": ["--student", "S", "--data", "D", "--out", "{tmp}/ro"],
     "make-student": ["--from-teacher", "T", "--keep-layers", "0", "--out", "{tmp}/s"],
+    "export-task": ["--data", "D", "--out", "{tmp}/task"],
 }
 
 
