@@ -59,7 +59,7 @@ def check_grids(work: Path, student: str) -> str:
             f"image tokens; saliency resampled on sample {reader[0]['sample_id']}")
 
 
-def students(work: Path, seed: int) -> dict[str, str]:
+def students(work: Path, seed: int, image_size: int = STUDENT_IMAGE_SIZE) -> dict[str, str]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from alignti.common.saving import save_checkpoint
@@ -74,8 +74,8 @@ def students(work: Path, seed: int) -> dict[str, str]:
                 tok = proc.tokenizer
             else:
                 tok = kit.build_tokenizer("llava", vocab_size=300)
-                proc = kit.build_processor(tok, "llava", image_size=STUDENT_IMAGE_SIZE)
-            size = None if kind == "same" else STUDENT_IMAGE_SIZE
+                proc = kit.build_processor(tok, "llava", image_size=image_size)
+            size = None if kind == "same" else image_size
             save_checkpoint(kit.build_student("llava", tok, teacher, 1000 + seed, image_size=size), proc, path)
         out[kind] = str(path)
     return out
@@ -112,6 +112,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kit", required=True)
     ap.add_argument("--work", required=True)
+    ap.add_argument("--student-image-size", type=int, default=STUDENT_IMAGE_SIZE,
+                    help="the cross student's input size in px (48: the teacher's 3x3 grid, only the tokenizer differs)")
     ap.add_argument("--cache", help="a finished schema-v7 cache of the --kit teacher (else dumped into --work)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
@@ -121,6 +123,7 @@ def main() -> None:
     import torch
 
     from alignti.common.models import load_vlm
+    from alignti.demo import kit
     from alignti.student_train.evaluate import AccuracyProbe
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     work = Path(args.work)
@@ -141,8 +144,8 @@ def main() -> None:
     del teacher
     jobs = []
     for seed in range(args.seeds):
-        st = students(work, seed)
-        if seed == 0:
+        st = students(work, seed, args.student_image_size)
+        if seed == 0 and args.student_image_size != kit.shapes.IMAGE_SIZE:
             print(check_grids(work, st["cross"]))
         for name, kind, xt in METHODS:
             jobs.append(dict(method=name, seed=seed, student=st[kind], xt=xt, cache=str(work / "cache"),
