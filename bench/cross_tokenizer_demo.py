@@ -176,6 +176,10 @@ def main() -> None:
     print(f"RATIO best cross loss on validation ({best}): its test gain over the cross student's SFT / the "
           f"same-tokenizer KD gain over SFT = {xgain:.1f} / {gain:.1f} = {xgain / gain if gain else float('nan'):.2f}"
           f" ({len(acc['kd'])} seeds)")
+    kd_only = max(("uld", "gold", "alm"), key=lambda m: mean(val[m]))  # the KD term alone, no IVA
+    kgain = 100 * (mean(acc[kd_only]) - mean(acc["sft-x"]))
+    print(f"RATIO best KD term alone on validation ({kd_only}): {kgain:.1f} / {gain:.1f} = "
+          f"{kgain / gain if gain else float('nan'):.2f}")
     (work / "results.json").write_text(json.dumps({"teacher_test_accuracy": teacher_acc, "runs": runs,
                                                    "best_cross_on_val": best, "recovered_share":
                                                    xgain / gain if gain else None}, indent=1))
