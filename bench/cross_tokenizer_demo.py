@@ -13,6 +13,7 @@ best cross loss (chosen on validation) recovers.
 The trained demo teacher and its cache come from an existing quickstart-recipe workdir (--kit; --cache reuses a
 schema-v7 cache of that teacher, else one is dumped here), which this script only reads.
 Run: python bench/cross_tokenizer_demo.py --kit QUICKSTART/kit --work /tmp/xt-demo [--cache C] [--seeds 3]
+     [--student-image-size 48]  (48: the tokenizer-only comparison on the teacher's grid)
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def run(job: dict) -> dict:
     val = AccuracyProbe(proc, job["val"], job["images"])
     test = AccuracyProbe(proc, job["test"], job["images"])
     answers = test.answers(model, proc)
-    r = {"method": job["method"], "seed": job["seed"], "val_accuracy": val(model, proc), "test_accuracy": test.score(answers),
+    r = {"method": job["method"], "seed": job["seed"], "val_accuracy": val(model, proc),
+         "test_accuracy": test.score(answers),
          "teacher_agreement": test.score(answers, job["teacher_answers"]), "seconds": round(time.perf_counter() - t0)}
     (out / "result.json").write_text(json.dumps(r))
     return r
@@ -113,7 +115,8 @@ def main() -> None:
     ap.add_argument("--kit", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--student-image-size", type=int, default=STUDENT_IMAGE_SIZE,
-                    help="the cross student's input size in px (48: the teacher's 3x3 grid, only the tokenizer differs)")
+                    help="the cross student's input size in px (48: the teacher's 3x3 grid, only the tokenizer "
+                         "differs)")
     ap.add_argument("--cache", help="a finished schema-v7 cache of the --kit teacher (else dumped into --work)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
@@ -149,7 +152,8 @@ def main() -> None:
             print(check_grids(work, st["cross"]))
         for name, kind, xt in METHODS:
             jobs.append(dict(method=name, seed=seed, student=st[kind], xt=xt, cache=str(work / "cache"),
-                             out=str(work / "runs" / f"{name}-seed{seed}"), test=str(data / "test.json"), val=str(data / "val.json"),
+                             out=str(work / "runs" / f"{name}-seed{seed}"), test=str(data / "test.json"),
+                             val=str(data / "val.json"),
                              images=images, teacher_answers=t_answers, steps=args.steps))
     jobs.sort(key=lambda j: (j["method"] == "gold+iva", j["seed"]))  # the core methods' seeds first
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as ex:
