@@ -69,9 +69,10 @@ def build_tokenizer(family: str = "llava", vocab_size: int = 320):
     return fast
 
 
-def build_processor(tokenizer, family: str = "llava", patch: int = PATCH):
+def build_processor(tokenizer, family: str = "llava", patch: int = PATCH, image_size: int | None = None):
     """``patch`` (LLaVA): vision patch size; 16 gives one image token per grid cell, 2 gives LLaVA-1.5's
-    576 image tokens per image (the benchmarks' realistic sequence make-up)."""
+    576 image tokens per image (the benchmarks' realistic sequence make-up). ``image_size`` (LLaVA, pixels;
+    default the scenes' 48): the size the image processor resizes to, so (image_size // patch)^2 image tokens."""
     from transformers import LlavaProcessor
 
     if family == "llava_onevision":
@@ -98,7 +99,7 @@ def build_processor(tokenizer, family: str = "llava", patch: int = PATCH):
         return image_only_processor_class(cls)(image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    size = shapes.IMAGE_SIZE
+    size = image_size or shapes.IMAGE_SIZE
     ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=patch,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -153,8 +154,10 @@ def build_onevision(tokenizer, text: dict, seed: int):
     return model
 
 
-def build_model(family: str, tokenizer, text: dict, seed: int, patch: int = PATCH):
-    builders = {"llava": lambda tok, text, seed: build_llava(tok, text, seed, patch),
+def build_model(family: str, tokenizer, text: dict, seed: int, patch: int = PATCH, image_size: int | None = None):
+    if image_size is not None and family != "llava":
+        raise ValueError(f"image_size is for the llava demo family only (got family '{family}')")
+    builders = {"llava": lambda tok, text, seed: build_llava(tok, text, seed, patch, image_size),
                 "qwen2_vl": build_qwen2vl, "llava_onevision": build_onevision,
                 "qwen2_5_vl": lambda tok, text, seed: build_qwen2vl(tok, text, seed, v25=True)}
     if family not in builders:
@@ -162,13 +165,14 @@ def build_model(family: str, tokenizer, text: dict, seed: int, patch: int = PATC
     return builders[family](tokenizer, text, seed)
 
 
-def build_llava(tokenizer, text: dict, seed: int, patch: int = PATCH):
+def build_llava(tokenizer, text: dict, seed: int, patch: int = PATCH, image_size: int | None = None):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
+    size = image_size or shapes.IMAGE_SIZE
     vc = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=shapes.IMAGE_SIZE, patch_size=patch, projection_dim=64)
-    n_image = (shapes.IMAGE_SIZE // patch) ** 2
+                          image_size=size, patch_size=patch, projection_dim=64)
+    n_image = (size // patch) ** 2
     tc = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512 if n_image < 256 else 1024,
                      tie_word_embeddings=False,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -185,12 +189,26 @@ def build_llava(tokenizer, text: dict, seed: int, patch: int = PATCH):
     return model
 
 
-def build_student(family: str, tokenizer, teacher, seed: int, patch: int = PATCH):
+def build_student(family: str, tokenizer, teacher, seed: int, patch: int = PATCH, image_size: int | None = None):
     """The student: a fresh small language model and projector on the teacher's (trained) vision tower, as
-    in VLM distillation practice, where student and teacher share the pretrained vision encoder."""
-    student = build_model(family, tokenizer, STUDENT, seed, patch)
-    if hasattr(student.model, "vision_tower"):  # LLaVA, OneVision (Qwen2-VL's merger is sized to the LM: own tower)
-        student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+    in VLM distillation practice, where student and teacher share the pretrained vision encoder.
+
+    ``image_size`` (LLaVA only, pixels): the student's tower runs at this input size instead of the teacher's, so
+    it has another patch grid, (image_size // patch)^2 image tokens per image: the teacher's weights with the patch
+    position embeddings resampled to the new grid by transformers' own ViT recipe
+    (``CLIPVisionEmbeddings.interpolate_pos_encoding``: bicubic, the class position kept; DINO / DINOv2)."""
+    student = build_model(family, tokenizer, STUDENT, seed, patch, image_size)
+    if not hasattr(student.model, "vision_tower"):  # Qwen2-VL's merger is sized to the LM: own tower
+        return student
+    state = teacher.model.vision_tower.state_dict()
+    key = "embeddings.position_embedding.weight"
+    if image_size is not None and student.config.vision_config.image_size != teacher.config.vision_config.image_size:
+        emb = teacher.model.vision_tower.embeddings
+        n = student.model.vision_tower.embeddings.num_positions
+        with torch.no_grad():
+            pos = emb.interpolate_pos_encoding(torch.zeros(1, n, emb.embed_dim), image_size, image_size)
+        state = {**state, key: pos[0].clone()}
+    student.model.vision_tower.load_state_dict(state)
     return student
 
 
