@@ -130,12 +130,7 @@ def test_refusals(xkit, tmp_path):
         train_student(TrainConfig(student=str(xkit / "student_llava"), cache=str(xkit / "cache"),
                                   out=str(tmp_path / "r0"), loss="kd", max_steps=1, progress=False))
     # a cache older than v7 (no turn texts / spans / token strings) is refused in one line naming the re-dump
-    old = tmp_path / "old"
-    shutil.copytree(xkit / "cache", old)
-    m = json.loads((old / MANIFEST_FILE).read_text())
-    m["schema_version"] = 6
-    del m["fingerprint"]["params"]["align_fields"]
-    (old / MANIFEST_FILE).write_text(json.dumps(m))
+    old = _as_v6(xkit / "cache", tmp_path / "old")
     with pytest.raises(CacheError, match=r"schema v6.*re-dump it with this alignti \(schema v7\)"):
         train_student(TrainConfig(student=str(xkit / "student_llava"), cache=str(old), out=str(tmp_path / "r1"),
                                   loss="kd", cross_tokenizer="gold", max_steps=1, progress=False))
@@ -144,15 +139,20 @@ def test_refusals(xkit, tmp_path):
                                   out=str(tmp_path / "r2"), cross_tokenizer="dskd", progress=False))
 
 
+
+def _as_v6(cache, out):
+    """A copy of ``cache`` whose manifest says schema v6: the v7 alignment fields are there but not declared."""
+    shutil.copytree(cache, out)
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    m["schema_version"] = 6
+    del m["fingerprint"]["params"]["align_fields"]
+    (out / MANIFEST_FILE).write_text(json.dumps(m))
+    return out
+
 def test_same_tokenizer_path_ignores_the_v7_fields(xkit, tmp_path):
     """Same tokenizer, no --cross-tokenizer: training on the v7 cache and on the same cache read as v6 (its
     cross-tokenizer fields invisible) gives the same weights bit for bit (same computation, same data)."""
-    old = tmp_path / "old"
-    shutil.copytree(xkit / "cache", old)
-    m = json.loads((old / MANIFEST_FILE).read_text())
-    m["schema_version"] = 6
-    del m["fingerprint"]["params"]["align_fields"]
-    (old / MANIFEST_FILE).write_text(json.dumps(m))
+    old = _as_v6(xkit / "cache", tmp_path / "old")
     finals = []
     for name, c in (("new", xkit / "cache"), ("old", old)):
         train_student(TrainConfig(student=str(xkit / "student"), cache=str(c), out=str(tmp_path / name),
