@@ -119,7 +119,8 @@ def make_demo(ctx: typer.Context,
               n_train: int = typer.Option(300, help="Training images (3 questions each)."),
               n_val: int = typer.Option(40), n_test: int = typer.Option(60),
               seed: int = typer.Option(0),
-              family: str = typer.Option("llava", help="Model family of the tiny checkpoints: llava, qwen2_vl or llava_onevision.")):
+              family: str = typer.Option("llava", help="Model family of the tiny checkpoints: llava, "
+                                         "llava_onevision, qwen2_vl or qwen2_5_vl.")):
     """Write a self-contained demo kit: tiny LLaVA teacher/student, tokenizer, shapes VQA data."""
     _check_options(ctx)
     from alignti.demo.kit import make_demo as run
@@ -370,22 +371,26 @@ def push_cache(cache: Path = typer.Argument(..., help="A finished local cache.")
 
 
 @app.command("evaluate")
-def evaluate(ctx: typer.Context, model: str = typer.Option(...),
+def evaluate(ctx: typer.Context, model: str = typer.Option(..., help="The model folder to score (a run's final/, "
+                                                                  "a teacher, any checkpoint of the four families)."),
              data: Optional[str] = typer.Option(None, help="Samples to answer: JSON/JSONL, parquet or a datasets "
                                                 "folder (or --lmms-eval)."),
              images: Optional[str] = typer.Option(None, help="The folder image paths are relative to."),
              teacher_answers: Optional[Path] = typer.Option(None, help="JSON {sample_id: answer} to compare with."),
              cache: Optional[str] = typer.Option(None, help="Report mean per-token KL to this teacher cache."),
-             limit: Optional[int] = typer.Option(None), device: str = typer.Option("auto"),
+             limit: Optional[int] = typer.Option(None, help="Score only the first N samples."),
+             device: str = typer.Option("auto", help="auto (cuda when there is one), cpu or cuda."),
              answers_out: Optional[Path] = typer.Option(None, help="Write this model's answers as JSON."),
              max_new_tokens: int = typer.Option(8, help="Longest answer generated (tokens); the demo's "
                                                 "long-form split needs 48."),
              lmms_eval: Optional[str] = typer.Option(None, "--lmms-eval", help="Score with lmms-eval instead: "
-                                                     "comma-separated task names (pip install 'alignti[eval]'; "
+                                                     "comma-separated task names (lmms-eval runs in its own env: README, "
+                                                     "'Evaluation with lmms-eval'; "
                                                      "scores go to RUN/eval/, metrics.jsonl, the trackers)."),
              include_path: Optional[Path] = typer.Option(None, help="With --lmms-eval: a folder of local tasks "
                                                          "(alignti export-task)."),
-             as_json: bool = typer.Option(False, "--json")):
+             as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON (per question "
+                                                                 "type accuracy included).")):
     """Greedy answers: exact-match accuracy, agreement with a teacher, KL to a cache; or lmms-eval's scores."""
     _check_options(ctx)
     if (data is None) == (lmms_eval is None):

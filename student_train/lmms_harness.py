@@ -43,7 +43,8 @@ log = logging.getLogger("alignti.eval")
 
 # the eval extra's working install on these machines: lmms-eval needs torchvision, whose PyPI build needs its own torch
 INSTALL = ('python -m venv .venv-eval && .venv-eval/bin/pip install torch==2.14.1 torchvision==0.29.1 && '
-           '.venv-eval/bin/pip install -e ".[eval]"')
+           '.venv-eval/bin/pip install "alignti[eval]"  (from an alignti checkout: -e ".[eval]"), then run '
+           '.venv-eval/bin/alignti evaluate ...')
 
 
 def require_lmms_eval():

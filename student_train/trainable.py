@@ -25,10 +25,14 @@ trains fully or through LoRA, not both), as is ``all``.
 ``RUN/final`` is always the merged model (peft's ``merge_and_unload``: ``W + (alpha / r) B A`` written into W),
 which plain transformers loads without peft; ``--save-adapter`` also writes ``RUN/adapter`` (peft's
 ``save_pretrained``: the adapter weights, the modules trained fully, ``adapter_config.json``), loaded with
-``PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(STUDENT), "RUN/adapter")``.
+``PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(BASE), "RUN/adapter")``, BASE being the
+weights the run started from (the --student folder, or with --init the earlier run's final/), as
+``adapter_config.json``'s ``base_model_name_or_path`` names it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import difflib
 import logging
@@ -221,10 +225,16 @@ def merge(peft_model) -> nn.Module:
     return peft_model.merge_and_unload(safe_merge=True)
 
 
-def save_adapter(peft_model, folder) -> None:
+def save_adapter(peft_model, folder, base: str) -> None:
     """peft's own adapter folder: adapter_model.safetensors (the A and B matrices and the modules trained fully)
-    and adapter_config.json."""
+    and adapter_config.json, whose ``base_model_name_or_path`` is ``base``: the weights the adapters were trained
+    on (the --student folder, or the --init run's final/ the run started from), the folder to load them onto."""
+    import json
     peft_model.save_pretrained(str(folder))
+    cfg_path = Path(folder) / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def has_lora(state: dict) -> bool:

@@ -490,21 +490,28 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             plain, _ = load_vlm(cfg.student, torch.device("cpu"))
             plain_peft = apply_trainable(plain, adapter_for(plain), cfg.trainable, cfg.freeze_vision, lora)
             plain.load_state_dict(parallel.plain_model_state(full))
-            _save_final(plain, plain_peft, processor, out, cfg.save_adapter)
+            _save_final(plain, plain_peft, processor, out, cfg.save_adapter, _adapter_base(cfg))
         dist.barrier(env)
     else:
-        _save_final(model, peft_model, processor, out, cfg.save_adapter)
+        _save_final(model, peft_model, processor, out, cfg.save_adapter, _adapter_base(cfg))
     log.info("student saved to %s", final)
     return {"steps": step, "final": str(final), "last": last, "student_layer": layer}
 
 
-def _save_final(model, peft_model, processor, out: Path, adapter: bool) -> None:
+def _adapter_base(cfg) -> str:
+    """The weights a LoRA run's adapters apply to: --init's final/ when it has one, else the --student."""
+    if cfg.init and (Path(cfg.init) / "final" / "config.json").is_file():
+        return str(Path(cfg.init) / "final")
+    return str(cfg.student)
+
+
+def _save_final(model, peft_model, processor, out: Path, adapter: bool, base: str = "") -> None:
     """RUN/final: save_pretrained with the complete processor (plain AutoProcessor loads it); with LoRA the merged
     model (plain transformers loads it without peft) and, with ``adapter``, peft's adapter folder RUN/adapter first
     (the merge changes the model in place)."""
     if peft_model is not None:
         if adapter:
-            save_adapter(peft_model, out / "adapter")
+            save_adapter(peft_model, out / "adapter", base)
             log.info("LoRA adapter saved to %s", out / "adapter")
         model = merge(peft_model)
     save_checkpoint(model, processor, out / "final")

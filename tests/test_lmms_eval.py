@@ -88,7 +88,8 @@ def test_evaluate_needs_data_or_lmms_eval_not_both(tmp_path):
 def test_without_lmms_eval_the_error_names_the_install_command(demo):
     res = runner.invoke(app, ["evaluate", "--model", str(demo / "student"), "--lmms-eval", "shapes_test"])
     assert res.exit_code == 2
-    assert "torchvision==0.29.1" in res.output and 'pip install -e ".[eval]"' in res.output
+    assert "torchvision==0.29.1" in res.output and 'pip install "alignti[eval]"' in res.output
+    assert ".venv-eval/bin/alignti evaluate" in res.output and "Traceback" not in res.output
 
 
 @needs_lmms

@@ -166,6 +166,19 @@ def test_lora_merged_save_equals_the_adapter_applied_at_load(kit, cache, tmp_pat
     moved = changed(before, after)
     assert proj <= moved and moved <= proj | lm_linear and len(moved & lm_linear) > len(lm_linear) // 2
     assert "lm_head.weight" not in moved
+    # the adapter names the weights it applies to: the student here; with --init, the earlier run's final/ (the
+    # student would give another model), and on that base it equals the merged final
+    import json
+    assert json.loads((tmp_path / "r/adapter/adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(kit / "student")
+    _train(kit, cache, tmp_path / "s", max_steps=2, lora_r=4, trainable="projector", save_adapter=True,
+           init=str(tmp_path / "r"))
+    named = json.loads((tmp_path / "s/adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str(tmp_path / "r/final")
+    applied = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(named), tmp_path / "s/adapter")
+    a = _logits(AutoModelForImageTextToText.from_pretrained(tmp_path / "s/final").eval(), kit)
+    b = _logits(applied.eval(), kit)
+    assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
 
 
 def test_lora_keeps_the_lm_head_a_plain_linear_and_trains_only_adapters(kit):
