@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .cache import CacheReader
-from .schema import ARRAYS, PARTS_DIR
+from .schema import ARRAYS, PARTS_DIR, has_align_fields
 
 TOPK_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob")
 
@@ -25,21 +25,19 @@ def array_bytes(reader: CacheReader) -> dict[str, int]:
 ALIGN_COLUMNS = ("conversation", "resp_turns", "image_grids")  # v7 sample-table columns (cross-tokenizer training)
 
 
-def align_bytes(reader: CacheReader) -> dict[str, int]:
-    """Bytes on disk of what cross-tokenizer training needs (schema v7): the per-token ``resp_char_start`` array,
-    the sample tables' conversation / resp_turns / image_grids columns (compressed, from the parquet footers) and
-    the teacher's token strings (TOKENS_FILE). Empty for an older cache."""
+def align_bytes(reader: CacheReader, sizes: dict[str, int]) -> dict[str, int]:
+    """Bytes on disk of what cross-tokenizer training needs (schema v7): the per-token ``resp_char_start`` array
+    (from ``sizes``, ``array_bytes``'s), the sample tables' conversation / resp_turns / image_grids columns
+    (compressed, from the parquet footers) and the teacher's token strings (TOKENS_FILE). Empty for an older
+    cache."""
     import pyarrow.parquet as pq
 
     from .schema import TOKENS_FILE
-    if not reader.params.get("align_fields"):
+    if not has_align_fields(reader.params):
         return {}
-    out = {"resp_char_start": 0, "turn_texts_and_grids": 0, TOKENS_FILE: 0}
+    out = {"resp_char_start": sizes["resp_char_start"], "turn_texts_and_grids": 0, TOKENS_FILE: 0}
     for rel in reader.manifest["files"]:
-        parts = rel.split("/")
-        if len(parts) >= 3 and parts[1].endswith(".zarr") and parts[2] == "resp_char_start":
-            out["resp_char_start"] += reader.fs.size(f"{reader.root}/{rel}")
-        elif rel.endswith(".parquet"):
+        if rel.endswith(".parquet"):
             with reader.fs.open(f"{reader.root}/{rel}", "rb") as f:
                 meta = pq.ParquetFile(f).metadata
                 for g in range(meta.num_row_groups):
@@ -63,7 +61,7 @@ def cache_summary(url: str) -> dict:
     total = sum(sizes.values())
     topk_bytes = sum(sizes[a] for a in TOPK_ARRAYS)
     full_fp16 = 2 * vocab
-    align = align_bytes(reader)
+    align = align_bytes(reader, sizes)
     return {
         "url": reader.url, "schema_version": m["schema_version"], "counts": m["counts"],
         "top_k": reader.params["top_k"], "tpa_branches": reader.params["tpa_branches"],

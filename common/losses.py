@@ -212,7 +212,7 @@ def uld_loss(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, tail_log
     q = F.softmax(_up(student_logits) / temperature, dim=-1)
     top_t = _sorted_desc(p[:, :k], k)
     qs = q.sort(-1, descending=True).values
-    top_s = _sorted_desc(qs, k)
+    top_s = F.pad(qs[:, :k], (0, max(0, k - qs.shape[-1])))  # sorted already: cut or zero-pad to k
     rest_s = qs[:, k:].sum(-1)
     return (top_s - top_t).abs().sum(-1) + (rest_s - p[:, k]).abs()
 

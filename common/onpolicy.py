@@ -162,6 +162,25 @@ def response_char_starts(tokenizer, body, n_markup: int, text: str) -> np.ndarra
     return turn_char_starts(offsets, (0, n_char))
 
 
+def swap_student_tokens(enc: Encoded, student_ids, finish: str, tokenizer, image_token_id: int | None,
+                        max_length: int | None = None) -> bool:
+    """The rule the dump scores a generated answer by, in place on ``enc`` (its last response span is the
+    generated turn): that span becomes the student's own tokens ``student_ids`` and the re-encoded end-of-turn
+    markup (``student_response_ids``), with their character starts (``response_char_starts``, where ``enc``
+    keeps them), within ``max_length`` (``with_student_response``). Returns whether ``enc`` now holds every
+    generated token (already, or by the swap); False (``enc`` unchanged) where the texts do not allow it."""
+    s, e = enc.resp_spans[-1]
+    new = student_response_ids(enc.input_ids[s:e], student_ids, finish, tokenizer, image_token_id)
+    if new is None:
+        return False
+    starts = None
+    if enc.char_start is not None and enc.turn_texts:
+        body = len(student_ids) - (1 if finish == "eos" else 0)
+        text = enc.turn_texts[enc.resp_turns[-1] if enc.resp_turns else len(enc.resp_spans) - 1]
+        starts = response_char_starts(tokenizer, new[:body], len(new) - body, text)
+    return with_student_response(enc, new, max_length, starts)
+
+
 def with_student_response(enc: Encoded, new_resp: np.ndarray, max_length: int | None = None,
                           char_starts: np.ndarray | None = None) -> bool:
     """Put ``new_resp`` (``student_response_ids``) in place of ``enc``'s last response span, in place: the ids, the
@@ -276,21 +295,13 @@ class RolloutColumns:
         ``restrict_to_loss_turns`` (the loss turn is the row's last assistant turn). Returns whether ``enc`` now holds
         every generated token (already, or by the swap); False for other rows and where the texts do not allow it."""
         row = enc.index
-        turn = self.provenance_rows.get("turn", [None] * (row + 1))[row]
+        turns = self.provenance_rows.get("turn")
+        turn = None if turns is None else turns[row]
         if not self.has_candidates or turn is None or turn < 0 or not int(self.valid[row] or 0):
             return False
         student = self.cols["student_token_ids"][row].as_py() or []
         finish = self.cols["finish"][row].as_py() if "finish" in self.cols else "length"
-        s, e = enc.resp_spans[-1]
-        new = student_response_ids(enc.input_ids[s:e], student, finish, tokenizer, image_token_id)
-        if new is None:
-            return False
-        starts = None
-        if enc.char_start is not None and enc.turn_texts:
-            body = len(student) - (1 if finish == "eos" else 0)
-            text = enc.turn_texts[enc.resp_turns[-1] if enc.resp_turns else len(enc.resp_spans) - 1]
-            starts = response_char_starts(tokenizer, new[:body], len(new) - body, text)
-        return with_student_response(enc, new, max_length, starts)
+        return swap_student_tokens(enc, student, finish, tokenizer, image_token_id, max_length)
 
     def loss_turns(self, row: int) -> list[int] | None:
         v = self.loss[row]

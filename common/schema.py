@@ -166,7 +166,7 @@ def arrays_for(params: dict) -> list[str]:
     """Arrays present in a cache made with these parameters."""
     names = [n for n in ARRAYS if n not in TPA_ARRAYS and n not in IVAK_ARRAYS
              and n not in ("saliency", "tpa_pos", "resp_char_start")]
-    if params.get("align_fields"):
+    if has_align_fields(params):
         names.append("resp_char_start")
     if params.get("tpa_branches", 0) > 0:
         names += (["tpa_pos"] if tpa_positions_layout(params) else []) + list(TPA_ARRAYS)

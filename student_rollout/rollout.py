@@ -40,8 +40,8 @@ from alignti.common.errors import BadSamples, CacheError, DataError
 from alignti.common.faults import crash_point
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
 from alignti.common.models import load_vlm
-from alignti.common.onpolicy import (ROLLOUT_MANIFEST, ROLLOUT_PLAN, candidate_count, row_conversations, rollout_schema, seed_for,
-                                     student_response_ids, weights_sha256)
+from alignti.common.onpolicy import (ROLLOUT_MANIFEST, ROLLOUT_PLAN, candidate_count, common_prefix, row_conversations,
+                                     rollout_schema, seed_for, swap_student_tokens, weights_sha256)
 from alignti.common.progress import progress_bar
 from alignti.common.records import Record, Skipped, parse_record
 from alignti.common.sources import is_embedded, load_image, open_source
@@ -354,7 +354,7 @@ def _generated_jobs(cfg, model, processor, adapter, jobs, pad_id, max_length, ba
 
 def _retokenized(processor, adapter, rec, loaded, item, n_img, prompt_enc, gen, max_length) -> tuple[int, bool, bool]:
     """Encode the finished row as the dump will, with the student's own tokens in place of the re-encoded answer
-    where the texts allow it (``common.onpolicy.student_response_ids``, as the dump does). Returns (the leading
+    where the texts allow it (``common.onpolicy.swap_student_tokens``, the dump's own rule). Returns (the leading
     generated positions whose student candidates apply to the dump's encoding: ``common.onpolicy.candidate_count``, 0
     when the prompt itself re-encodes differently; whether that encoding holds every generated token; whether the
     text alone re-encodes to them, before any swap)."""
@@ -371,13 +371,11 @@ def _retokenized(processor, adapter, rec, loaded, item, n_img, prompt_enc, gen, 
     if s != len(p) or not np.array_equal(full.input_ids[:s], p):
         return 0, False, False
     n = len(gen_ids)
+    text_equal = common_prefix(full.input_ids[s:e], gen_ids) == n
+    swap_student_tokens(full, gen_ids, gen.finish, processor.tokenizer, adapter.image_token_id, max_length)
+    s, e = full.resp_spans[-1]
     resp = full.input_ids[s:e]
-    text_equal = bool(len(resp) >= n and np.array_equal(resp[:n], gen_ids))
-    own = student_response_ids(resp, gen_ids, gen.finish, processor.tokenizer, adapter.image_token_id)
-    if own is not None and (max_length is None or len(full.input_ids) - len(resp) + len(own) <= max_length):
-        resp = own
-    valid = candidate_count(resp, gen_ids, n)
-    return valid, bool(len(resp) >= n and np.array_equal(resp[:n], gen_ids)), text_equal
+    return candidate_count(resp, gen_ids, n), common_prefix(resp, gen_ids) == n, text_equal
 
 
 def _teacher_forced_jobs(cfg, model, processor, adapter, jobs, pad_id, max_length, bar, dropped):

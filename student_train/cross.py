@@ -43,23 +43,30 @@ log = logging.getLogger("alignti.train")
 TPA_KEYS = ("tpa_pos", "tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail")
 
 
-def check_cross_cache(reader: CacheReader, url: str) -> None:
-    """Refuse, in one line naming the re-dump, a cache without what cross-tokenizer training needs (schema < 7)."""
-    if not has_align_fields(reader.params) or read_teacher_tokens(reader) is None:
+def check_cross_cache(reader: CacheReader, url: str) -> list:
+    """Refuse, in one line naming the re-dump, a cache without what cross-tokenizer training needs (schema < 7).
+    Returns the teacher's token strings as read (``read_teacher_tokens``), so they are read once."""
+    tokens = read_teacher_tokens(reader) if has_align_fields(reader.params) else None
+    if tokens is None:
         raise CacheError(f"the cache at {url} (schema v{reader.manifest.get('schema_version')}) holds no turn texts, "
                          f"character spans or teacher token strings, which --cross-tokenizer needs: re-dump it with "
                          f"this alignti (schema v{ALIGN_SCHEMA_VERSION}): alignti dump-teacher --teacher ... "
                          f"--out NEW_CACHE")
+    return tokens
 
 
 class CrossTokenizer:
     """One tokenizer pair: the teacher's (from the cache) and the student's processor. ``vocab_map`` is computed
     once per pair (memoised by both fingerprints in ``common.token_align``)."""
 
-    def __init__(self, reader: CacheReader, processor, url: str = "", iva: bool = False, tpa: bool = False):
-        check_cross_cache(reader, url or reader.url)
+    def __init__(self, reader: CacheReader, processor, url: str = "", iva: bool = False, tpa: bool = False,
+                 teacher_tokens: list | None = None):
+        """``teacher_tokens``: what ``check_cross_cache`` returned for this cache, when the caller checked it
+        already (read from the cache here otherwise)."""
         self.processor = processor
-        teacher_bytes = decode_token_bytes(read_teacher_tokens(reader))
+        if teacher_tokens is None:
+            teacher_tokens = check_cross_cache(reader, url or reader.url)
+        teacher_bytes = decode_token_bytes(teacher_tokens)
         student_hash = tokenizer_info(processor.tokenizer, chat_template_of(processor))["hash"]
         self.map = vocab_map(teacher_bytes, processor.tokenizer, student_hash)
         n_text = sum(b is not None for b in teacher_bytes)
@@ -195,10 +202,16 @@ class CrossTokenizer:
         return collate_cross(batch, samples, self.map, self.overlap)
 
     def map_ids(self, ids: np.ndarray) -> np.ndarray:
-        """Teacher ids -> student ids (-1: no identical student token, or an id outside the teacher's vocabulary)."""
-        ids = np.asarray(ids, np.int64)
-        inside = (ids >= 0) & (ids < len(self.map))
-        return np.where(inside, self.map[np.clip(ids, 0, len(self.map) - 1)], -1)
+        """Teacher ids -> student ids through this pair's map (``map_ids``)."""
+        return map_ids(self.map, ids)
+
+
+def map_ids(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Teacher ids -> student ids through ``vocab`` (``vocab_map``'s [V_t] array): int64 like ``ids``, -1 for no
+    identical student token, or an id outside the teacher's vocabulary."""
+    ids = np.asarray(ids, np.int64)
+    inside = (ids >= 0) & (ids < len(vocab))
+    return np.where(inside, vocab[np.clip(ids, 0, len(vocab) - 1)], -1)
 
 
 def _duplicates(ids: np.ndarray) -> np.ndarray:
@@ -245,9 +258,7 @@ def collate_cross(batch: dict, samples: list[dict], vocab: np.ndarray, overlap: 
     batch["xt_chunk_s"] = torch.from_numpy(np.concatenate([x["xt_chunk_s"] + c_off[b]
                                                            for b, x in enumerate(samples)]).astype(np.int64))
     batch["xt_n_chunks"] = int(c_off[-1])
-    ids = batch["topk_ids"].numpy().astype(np.int64)
-    inside = (ids >= 0) & (ids < len(vocab))
-    batch["xt_ids"] = torch.from_numpy(np.where(inside, vocab[np.clip(ids, 0, len(vocab) - 1)], -1))
+    batch["xt_ids"] = torch.from_numpy(map_ids(vocab, batch["topk_ids"].numpy()))
     batch["xt_target_logprob"] = batch["target_logprob"]
     batch["xt_overlap"] = overlap
     if len(batch["xt_pair"]) != len(batch["targets"]):

@@ -27,6 +27,12 @@ def read_training_state(ckpt: Path) -> dict:
     return state
 
 
+def final_folder(run: str) -> Path | None:
+    """An earlier run's ``RUN/final`` when it holds a saved model (config.json), else None."""
+    final = Path(run) / "final"
+    return final if (final / "config.json").is_file() else None
+
+
 def init_state(run: str) -> tuple[dict, str]:
     """The student weights of an earlier train-student run directory: ``RUN/final`` (loaded with
     ``from_pretrained``, as evaluate loads it), else the model state of ``RUN/checkpoint/state.pt`` (a DDP /
@@ -34,7 +40,7 @@ def init_state(run: str) -> tuple[dict, str]:
     holds neither."""
     root = Path(run)
     final = root / "final"
-    if (final / "config.json").is_file():
+    if final_folder(run) is not None:
         from alignti.common.models import load_vlm  # from_pretrained maps the saved key names to the model's
         try:
             model, _ = load_vlm(str(final), torch.device("cpu"), "float32")

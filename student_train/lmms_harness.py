@@ -36,6 +36,7 @@ from alignti.common.adapters import adapter_class
 from alignti.common.conversation import chat_messages
 from alignti.common.errors import AlignTIError, DataError
 from alignti.common.generate import _norm
+from alignti.common.models import IMAGE_PROCESSOR_FILES
 from alignti.common.records import Record
 from alignti.common.sources import load_image, load_records
 
@@ -64,7 +65,7 @@ def lmms_eval_model(model_path: str | Path) -> tuple[str, dict]:
     model_type = AutoConfig.from_pretrained(str(model_path)).model_type
     cls = adapter_class(model_type)
     image_processor = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
+    for name in reversed(IMAGE_PROCESSOR_FILES):  # processor_config.json first, then preprocessor_config.json
         f = Path(model_path) / name
         if f.exists():
             saved = json.loads(f.read_text())

@@ -44,7 +44,7 @@ from .step import StudentStep
 from .trainable import apply_trainable, lora_settings, merge, save_adapter
 from .tracking import Tracker, parse_report_to
 from .cross import CrossDataset, CrossTokenizer, check_cross_cache
-from .init_from import load_init, read_training_state
+from .init_from import final_folder, load_init, read_training_state
 from .data import CacheDataset, StudentCollator, batch_to_device, epoch_sample_order, worker_init
 from . import mixture
 
@@ -250,7 +250,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
             raise ValueError("--iva-form token-kl reads the teacher's outputs at its own image tokens, which a "
                              "student with another processor does not have: use --iva-form attention with "
                              "--cross-tokenizer")
-        check_cross_cache(reader, caches[0])
+        teacher_tokens = check_cross_cache(reader, caches[0])  # refused before the student loads; read once
     if spec.iva and cfg.iva_form == "token-kl" and not params.get("iva_token_kl"):
         raise CacheError(f"--iva-form token-kl needs the teacher's output distributions at its salient image tokens, "
                          f"but the cache at {cfg.cache} has none; re-dump with --iva-token-kl")
@@ -260,7 +260,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     model, processor = load_vlm(cfg.student, device, "float32")
     cross = None
     if cfg.cross_tokenizer:  # the student encodes every sample itself: its own tokenizer and processor may differ
-        cross = CrossTokenizer(reader, processor, caches[0], iva=spec.iva, tpa=spec.tpa)
+        cross = CrossTokenizer(reader, processor, caches[0], iva=spec.iva, tpa=spec.tpa,
+                               teacher_tokens=teacher_tokens)
         cross.preflight(reader)  # a sample whose text the student's template rewrites is named before any step
     else:
         check_student(reader.fingerprint, processor, cfg.student)
@@ -500,9 +501,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
 
 def _adapter_base(cfg) -> str:
     """The weights a LoRA run's adapters apply to: --init's final/ when it has one, else the --student."""
-    if cfg.init and (Path(cfg.init) / "final" / "config.json").is_file():
-        return str(Path(cfg.init) / "final")
-    return str(cfg.student)
+    final = final_folder(cfg.init) if cfg.init else None
+    return str(final) if final is not None else str(cfg.student)
 
 
 def _save_final(model, peft_model, processor, out: Path, adapter: bool, base: str = "") -> None:

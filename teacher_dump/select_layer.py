@@ -113,8 +113,8 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
         log.warning("IRS compares only pairs of the same image grid: %d of %d pairs kept (the rest have images of "
                     "different sizes)", len(same), len(pairs))
     n_dropped, pairs = len(pairs) - len(same), same
-    unpaired = sorted(set(range(len(calib))) - {i for p in pairs for i in p})
-    if unpaired and not fallback:
+    unpaired = [] if fallback else sorted(set(range(len(calib))) - {i for p in pairs for i in p})
+    if unpaired:
         log.warning("IRS: %d of %d calibration samples are in no compared pair (no other question about the same "
                     "image with another instruction, or another image grid): %s", len(unpaired), len(calib),
                     ", ".join(calib[i].sample_id for i in unpaired[:5]) + (" ..." if len(unpaired) > 5 else ""))
@@ -127,7 +127,8 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
         cos = [torch.nn.functional.cosine_similarity(maps[layer][i], maps[layer][j], dim=0) for i, j in pairs]
         curve.append(float(1 - torch.stack(cos).mean()))
     best = max(layers, key=lambda layer: curve[layer])
-    return {"layer": best, "curve": curve, "pairs": len(pairs), "samples": len(calib) - len(unpaired) if not fallback else len(calib), "random_pairs": fallback,
+    return {"layer": best, "curve": curve, "pairs": len(pairs), "samples": len(calib) - len(unpaired),
+            "random_pairs": fallback,
             "grid_mismatched_pairs_dropped": n_dropped}
 
 
