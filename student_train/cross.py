@@ -85,9 +85,7 @@ class CrossTokenizer:
         text only (no images, no tokenizer); raises one DataError naming the first bad samples and how many."""
         bad = []
         for row in reader.samples:
-            refs = image_refs(row["image"])
-            rec = record_from_conversation(row["index"], row["sample_id"], refs if len(refs) > 1 else
-                                           (refs[0] if refs else None), row["conversation"])
+            rec, refs = _record(row)
             try:
                 rendered_text(self.processor, rec, with_images=bool(refs))
             except DataError as e:
@@ -126,9 +124,7 @@ class CrossTokenizer:
 
     def _encode(self, x: dict):
         """(record, the student's Encoded without pixel inputs, the alignment) of a cache sample."""
-        refs = image_refs(x["image"])
-        rec = record_from_conversation(x["index"], x["sample_id"], refs if len(refs) > 1 else (refs[0] if refs
-                                       else None), x["conversation"])
+        rec, refs = _record(x)
         imgs = x.get("pil_images") or []
         image = None if not imgs else (imgs if len(refs) > 1 else imgs[0])
         enc = with_saliency_query(encode(self.processor, rec, image, x["image_sha256"]), self.query)
@@ -204,6 +200,14 @@ class CrossTokenizer:
     def map_ids(self, ids: np.ndarray) -> np.ndarray:
         """Teacher ids -> student ids through this pair's map (``map_ids``)."""
         return map_ids(self.map, ids)
+
+
+def _record(row: dict):
+    """(the sample's record, its image references) from a cache sample row (``samples`` table or a
+    ``CacheDataset`` item): the conversation as the teacher saw it."""
+    refs = image_refs(row["image"])
+    return record_from_conversation(row["index"], row["sample_id"], refs if len(refs) > 1 else
+                                    (refs[0] if refs else None), row["conversation"]), refs
 
 
 def map_ids(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
