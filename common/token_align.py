@@ -70,9 +70,16 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     """Per token id (0 .. the largest id), the bytes the token adds to decoded text: SentencePiece's "▁" is a space
     and "<0xNN>" the byte NN; byte-level BPE's stand-in characters their bytes. ``None`` for special tokens (BOS,
     EOS, image placeholders: markup, never text) and for ids the vocabulary skips."""
+    return _token_bytes(tokenizer)[0]
+
+
+def _token_bytes(tokenizer) -> tuple[list[bytes | None], set[int]]:
+    """(``token_bytes``, the ids that are SentencePiece byte-fallback pieces "<0xNN>"), in one pass over the
+    vocabulary."""
     vocab = tokenizer.get_vocab()
     size = max(vocab.values()) + 1
     out: list[bytes | None] = [None] * size
+    fallback: set[int] = set()
     special = set(tokenizer.all_special_ids)
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     special |= {i for i, t in added.items() if getattr(t, "special", False)}
@@ -87,11 +94,12 @@ def token_bytes(tokenizer) -> list[bytes | None]:
             out[i] = bytes(dec[c] for c in piece) if all(c in dec for c in piece) else piece.encode("utf-8")
         elif kind == "sentencepiece" and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             out[i] = bytes([int(piece[3:5], 16)])
+            fallback.add(i)
         elif kind == "sentencepiece":
             out[i] = piece.replace("\u2581", " ").encode("utf-8")
         else:
             out[i] = piece.encode("utf-8")
-    return out
+    return out, fallback
 
 
 def encode_token_bytes(tb: list[bytes | None]) -> list[str | None]:
@@ -103,11 +111,6 @@ def decode_token_bytes(hexes: list[str | None]) -> list[bytes | None]:
     return [None if h is None else bytes.fromhex(h) for h in hexes]
 
 
-def _is_byte_fallback(tokenizer, i: int) -> bool:
-    piece = tokenizer.convert_ids_to_tokens(i)
-    return isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
-
-
 _MAP_MEMO: dict[tuple[str, str], np.ndarray] = {}
 
 
@@ -116,21 +119,21 @@ def vocab_map(teacher_bytes: list[bytes | None], student_tokenizer, student_key:
     the student has none (or the teacher token is special). Where several student tokens have the same bytes, the
     one that is not a SentencePiece byte-fallback piece ("<0x41>" vs "A"), else the lowest id. Memoised per
     (teacher bytes, ``student_key``: the student tokenizer's fingerprint hash) in this process."""
-    tkey = hashlib.sha256(json.dumps(encode_token_bytes(teacher_bytes)).encode()).hexdigest()
+    h = hashlib.sha256()
+    for b in teacher_bytes:  # length-prefixed, so the concatenation names the list
+        h.update(b"\xff" if b is None else len(b).to_bytes(4, "little") + b)
+    tkey = h.hexdigest()
     key = (tkey, student_key) if student_key else None
     if key is not None and key in _MAP_MEMO:
         return _MAP_MEMO[key]
     by_bytes: dict[bytes, int] = {}
-    fallback: set[int] = set()
-    for i, b in enumerate(token_bytes(student_tokenizer)):
+    student_bytes, fallback = _token_bytes(student_tokenizer)
+    for i, b in enumerate(student_bytes):
         if b is None:
             continue
-        fb = _is_byte_fallback(student_tokenizer, i)
         have = by_bytes.get(b)
-        if have is None or (have in fallback and not fb):
+        if have is None or (have in fallback and i not in fallback):
             by_bytes[b] = i
-            if fb:
-                fallback.add(i)
     out = np.array([by_bytes.get(b, -1) if b is not None else -1 for b in teacher_bytes], dtype=np.int64)
     if key is not None:
         _MAP_MEMO[key] = out
