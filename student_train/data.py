@@ -211,9 +211,13 @@ TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "
 def batch_to_device(batch: dict, device) -> dict:
     from alignti.common.batch import to_device
     out = to_device(batch, device)
+    moved: dict[int, torch.Tensor] = {}  # one copy of a tensor held under two keys (xt_target_logprob)
     for k in TEACHER_KEYS:
         if k in batch:
-            out[k] = batch[k].to(device, non_blocking=True)
+            t = batch[k]
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device, non_blocking=True)
+            out[k] = moved[id(t)]
     for k in ("tpa_cand_list", "tpa_pos"):
         if k in batch:
             out[k] = [c.to(device) for c in batch[k]]

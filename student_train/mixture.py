@@ -341,19 +341,25 @@ class StepStats:
 
 
 def check_sources(spec, iva_form: str, sources: list[Source]) -> None:
-    """Refuse a loss whose TPA / IVA term no cache of the mixture can feed (CacheError naming the re-dump); log
-    which caches give which terms."""
+    """Refuse a loss whose TPA / IVA term no cache (one, or every cache of a mixture) can feed: CacheError naming
+    the cache(s) and the re-dump. Logs which caches give which terms."""
     from alignti.common.errors import CacheError
-    names = ", ".join(s.url for s in sources)
+
+    def refuse(needs: str, dumped: str, fix: str):
+        if len(sources) == 1:
+            where = f"the cache at {sources[0].url} was dumped with {dumped}; re-dump with {fix}"
+        else:
+            where = (f"none of the caches ({', '.join(s.url for s in sources)}) has them (all dumped with "
+                     f"{dumped}); re-dump one with {fix}")
+        raise CacheError(f"{needs}, but {where}")
+
     if spec.tpa and not any(s.has_tpa for s in sources):
-        raise CacheError(f"loss '{spec.name}' needs transition statistics, but none of the caches ({names}) has "
-                         "them (all dumped with --tpa-branches 0); re-dump one with --tpa-branches 4")
+        refuse(f"loss '{spec.name}' needs transition statistics", "--tpa-branches 0", "--tpa-branches 4")
     if spec.iva and iva_form == "token-kl" and not any(s.has_ivak for s in sources):
-        raise CacheError(f"--iva-form token-kl needs the teacher's output distributions at its salient image "
-                         f"tokens, but none of the caches ({names}) has them; re-dump one with --iva-token-kl")
+        refuse("--iva-form token-kl needs the teacher's output distributions at its salient image tokens",
+               "no --iva-token-kl", "--iva-token-kl")
     if spec.iva and not any(s.has_saliency for s in sources):
-        raise CacheError(f"loss '{spec.name}' needs teacher saliency, but none of the caches ({names}) has it "
-                         "(all dumped with --saliency-layer none); re-dump one with --saliency-layer auto")
+        refuse(f"loss '{spec.name}' needs teacher saliency", "--saliency-layer none", "--saliency-layer auto")
     for s in sources:
         p = s.reader.params
         log.info("cache%d %s: %d samples, k=%s, TPA %s%s, terms %s", s.index, s.url, len(s.reader), p.get("top_k"),

@@ -233,14 +233,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     sources = [mixture.Source.of(i, url, r) for i, (url, r) in enumerate(zip(caches, readers))] if len(caches) > 1 else []
     if sources:  # several caches: one tokenizer and processor; each loss term fed by at least one of them
         mixture.check_same_tokenizer(readers, caches)
-        mixture.check_sources(spec, cfg.iva_form, sources)
         params = mixture.merged_params(sources)
-    if spec.tpa and not params.get("tpa_branches"):
-        raise CacheError(f"loss '{cfg.loss}' needs transition statistics, but the cache was dumped with "
-                         f"--tpa-branches 0; re-dump with --tpa-branches 4")
-    if spec.iva and params.get("saliency_layer") is None:
-        raise CacheError(f"loss '{cfg.loss}' needs teacher saliency, but the cache was dumped with "
-                         f"--saliency-layer none; re-dump with --saliency-layer auto")
+    mixture.check_sources(spec, cfg.iva_form, sources or [mixture.Source.of(0, caches[0], reader)])
     if cfg.cross_tokenizer:
         check_cross_tokenizer(spec, LossWeights(cross_tokenizer=cfg.cross_tokenizer))  # rkl / jsd: refused here
         if sources:
@@ -251,9 +245,6 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
                              "student with another processor does not have: use --iva-form attention with "
                              "--cross-tokenizer")
         teacher_tokens = check_cross_cache(reader, caches[0])  # refused before the student loads; read once
-    if spec.iva and cfg.iva_form == "token-kl" and not params.get("iva_token_kl"):
-        raise CacheError(f"--iva-form token-kl needs the teacher's output distributions at its salient image tokens, "
-                         f"but the cache at {cfg.cache} has none; re-dump with --iva-token-kl")
 
     # fp32 master weights on every device; on GPU the forward runs under bf16 autocast (a bf16-loaded
     # student would take its AdamW updates in bf16: found by tests/test_gpu.py on an H100)
