@@ -187,20 +187,18 @@ def align_turn(t_starts: np.ndarray, s_starts: np.ndarray, n_char: int):
 
     def chunks(sp):
         c = np.searchsorted(bounds, sp[:, 0], side="right") - 1
-        for j in range(1, len(sp)):
-            if sp[j, 1] == sp[j, 0]:  # continuation: the chunk of the token before it
-                c[j] = c[j - 1]
-        return c
+        # continuation (empty span): the chunk of the last non-empty token before it (the first token is non-empty)
+        own = np.where(sp[:, 1] > sp[:, 0], np.arange(len(sp)), 0)
+        return c[np.maximum.accumulate(own)]
+
+    def first(c):  # each chunk's first token (-1 for none; every chunk starts a token on both sides)
+        out = np.full(len(bounds), -1, np.int64)
+        u, at = np.unique(c, return_index=True)
+        out[u] = at
+        return out
 
     ct, cs = chunks(t_sp), chunks(s_sp)
-    n = len(bounds)
-    first_t = np.full(n, -1, np.int64)
-    first_s = np.full(n, -1, np.int64)
-    for j in range(len(ct) - 1, -1, -1):
-        first_t[ct[j]] = j
-    for j in range(len(cs) - 1, -1, -1):
-        first_s[cs[j]] = j
-    return ct, cs, n, first_t, first_s
+    return ct, cs, len(bounds), first(ct), first(cs)
 
 
 def align_sample(sample_id: str, teacher_turns: list[tuple[str, np.ndarray]],
