@@ -309,10 +309,13 @@ def _prompt(processor, rec: Record, loaded, i: int, max_length):
 def _generated_jobs(cfg, model, processor, adapter, jobs, pad_id, max_length, bar, dropped):
     tok = processor.tokenizer
     prompts = []
+    encoded: dict[tuple[int, int], tuple] = {}  # (record, turn) -> its prompt: encoded once for all its samples
     for job in jobs:
         r, loaded, a, i, k = job
         try:
-            enc, n_img = _prompt(processor, r, loaded, i, max_length)
+            if (r.index, i) not in encoded:
+                encoded[(r.index, i)] = _prompt(processor, r, loaded, i, max_length)
+            enc, n_img = encoded[(r.index, i)]
         except DataError as err:
             if not cfg.skip_bad:
                 raise
