@@ -15,7 +15,8 @@ from alignti.common.cache import CacheReader, PartWriter, committed_parts, valid
 from alignti.common.errors import CacheError
 from alignti.common.schema import SCHEMA_VERSION
 from alignti.teacher_dump.dump import DumpConfig, dump_teacher
-from tests.exactness import assert_fp16_ids_equal_up_to_ties, assert_fp16_within_one_ulp, assert_topk_ids_of
+from tests.exactness import (assert_fp16_ids_equal_up_to_ties, assert_fp16_within_one_ulp, assert_packed_within_bound,
+                             assert_topk_ids_of)
 
 PARAMS = {"top_k": 4, "tpa_branches": 2, "tpa_top_k": 3, "saliency_layer": 1}
 
@@ -119,11 +120,7 @@ def check_dump_against_teacher(teacher_dir, data, images, cache, sample_index: i
         assert_topk_ids_of(ids, lp, 1e-5, "topk_ids", ordered=False)  # the top-k as a set
         assert_topk_ids_of(ids[:, :1], lp, 1e-5, "top-1")  # the head: the teacher's top-1 first
         assert np.all(np.diff(x["topk_ids"][:, 1:], axis=-1) > 0)  # the rest as a set, by id ascending
-        assert np.abs(got[:, 0] - at[:, 0]).max() <= codec.head_step / 2 + 1e-5
-        root = np.abs(np.exp(0.5 * got[:, 1:]) - np.exp(0.5 * at[:, 1:])).max()
-        assert root <= codec.tail_step / 2 + 1e-5, root  # the sqrt-probability code: half a step
-        # and the bound is tight enough to see a wrong value: every rest entry one step off breaks it
-        assert np.abs(np.exp(0.5 * got[:, 1:]) + codec.tail_step - np.exp(0.5 * at[:, 1:])).max() > codec.tail_step / 2
+        assert_packed_within_bound(got, at, codec.head, codec.head_step, codec.tail_step, 1e-5, "topk_logprobs")
     else:
         assert_topk_ids_of(ids, lp, 1e-5, "topk_ids")
         np.testing.assert_allclose(got, at, rtol=2 ** -11, atol=1e-5)  # float16: half an ulp of 2^-10 relative
