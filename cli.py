@@ -54,7 +54,7 @@ def _echo_main(text: str) -> None:
         typer.echo(text)
 
 
-CONFIG_HELP = "YAML file of options (keys as the flags, e.g. top_k: 32); flags given here override it."
+CONFIG_HELP = "YAML file of options (keys as the flags, e.g. top_k: 64); flags given here override it."
 
 
 def _resolve(ctx: typer.Context, config: Optional[Path], required: tuple[str, ...] = (),
@@ -140,13 +140,15 @@ def dump_teacher(ctx: typer.Context,
                  images: Optional[str] = typer.Option(None, help="Directory the data's image paths are relative "
                                                                  "to (not needed for embedded images)."),
                  out: Optional[Path] = typer.Option(None, help="Cache directory to write. Required."),
-                 top_k: int = typer.Option(32, help="Top-k log-probs kept per response token."),
+                 top_k: Optional[int] = typer.Option(None, help="Top-k log-probs kept per response token.  "
+                                                     "[default: 64, or the teacher's vocabulary if smaller]."),
                  batch_size: int = typer.Option(8, help="Samples per teacher forward."),
                  device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
                  limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
                  skip_bad: bool = typer.Option(False, help="Record bad samples as skipped instead of stopping."),
                  tpa_branches: int = typer.Option(4, help="TPA branch candidates per token (0: no TPA stats)."),
-                 tpa_top_k: int = typer.Option(8, help="Top-k kept per branch distribution."),
+                 tpa_top_k: Optional[int] = typer.Option(None, help="Top-k kept per branch distribution.  "
+                                                         "[default: 8, or the teacher's vocabulary if smaller]."),
                  tpa_positions: float = typer.Option(1.0, help="TPA position budget: the fraction of each sample's "
                                                      "response positions that get TPA statistics, chosen where the "
                                                      "teacher's next-token entropy is highest (1: all)."),
@@ -161,10 +163,10 @@ def dump_teacher(ctx: typer.Context,
                  unit_size: int = typer.Option(256, help="Samples per work unit (one committed part each)."),
                  max_length: Optional[int] = typer.Option(None, help="Refuse samples longer than this."),
                  dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
-                 logprob_encoding: str = typer.Option("float16", "--logprob-dtype", "--logprob-encoding",
-                                                      help="Stored top-k: float16 log-probs; uint8 (1/16-nat "
-                                                           "log-space steps); packed (v6: id sets + sqrt-probability "
-                                                           "codes, docs/cache-format.md)."),
+                 logprob_encoding: str = typer.Option("packed", "--logprob-dtype", "--logprob-encoding",
+                                                      help="Stored top-k: packed (id sets + sqrt-probability codes "
+                                                           "within --packed-kl, docs/cache-format.md); float16 "
+                                                           "log-probs; uint8 (1/16-nat log-space steps)."),
                  packed_kl: float = typer.Option(4e-5, help="packed: expected KL (nats per token) its rounding "
                                                  "may add; sets the sqrt-probability step at this --top-k."),
                  packed_compressor: str = typer.Option("zstd", help="packed: zstd, or lzma (3-5% smaller, ~20x "
@@ -532,6 +534,8 @@ def config_template(command: str = typer.Argument(..., help="dump-teacher, train
         values[p.name] = p.default() if callable(p.default) else p.default
         comments[p.name] = (p.help or "").replace(" Required.", "") + (" (required)" if p.name in _REQUIRED.get(command, ())
                                                                         else "")
+        if values[p.name] is None and "[default:" in comments[p.name]:  # a default resolved at run time (top_k)
+            comments[p.name] += " null: that default."
     if command == "quickstart":
         from alignti.demo.quickstart import METHODS, OVERRIDE_KEYS, PRESETS
         values["methods"] = list(METHODS)

@@ -3,7 +3,12 @@
 Plain forward = the HF model's own forward (sdpa, full logits) over pre-encoded batches: no top-k,
 no saliency, no writing. dump-teacher is timed from its first batch to its last committed part
 (model load and IRS excluded, encoding of the data included). Goal: <= 1.10x.
-Run: python bench/dump_overhead.py [--device cuda]
+
+Each dump runs once per ``--logprob-dtype`` (default: packed, then float16) at ``--top-k`` (default: the dump's
+default, 64): the ratio packed / float16 of the dump's wall time says what the packed encoding costs, and the
+writer thread's busy seconds (results to host, the codecs, compression, commit; it runs beside the teacher's
+forward loop) say whether it stays off the critical path (writer busy < dump wall time: it does).
+Run: python bench/dump_overhead.py [--device cuda] [--logprob-dtype packed,float16] [--top-k 64]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from alignti.common.adapters import ModelAdapter  # noqa: E402
 from alignti.common.conversation import encode  # noqa: E402
 from alignti.common.records import Record  # noqa: E402
 from alignti.common.sources import load_image, load_records  # noqa: E402
+import alignti.teacher_dump.dump as dump_module  # noqa: E402
 from alignti.teacher_dump.dump import DumpConfig, dump_teacher  # noqa: E402
 
 
@@ -49,7 +55,11 @@ def main():
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--image-tokens", type=int, default=576, help=IMAGE_TOKENS_HELP)
+    ap.add_argument("--logprob-dtype", default="packed,float16",
+                    help="Comma-separated encodings, each dump run once per encoding (packed, float16, uint8).")
+    ap.add_argument("--top-k", type=int, default=None, help="Top-k per response token (default: the dump's, 64).")
     a = ap.parse_args()
+    encodings = [e.strip() for e in a.logprob_dtype.split(",") if e.strip()]
     device = torch.device(a.device)
     work = Path(a.workdir)
     kit = demo_kit(work / f"kit-{a.image_tokens}", train_teacher=False, image_tokens=a.image_tokens)
@@ -89,25 +99,48 @@ def main():
     t_plain = time.perf_counter() - t0
     del model
 
-    rows, ratios = [], {}
-    configs = [("top-k only (k=32)", dict(tpa_branches=0, saliency_layer="none")),
+    writer_s = [0.0]
+    real_write = dump_module._write_unit
+
+    def timed_write(*args, **kwargs):  # the writer thread's busy time (it runs beside the forward loop)
+        t = time.perf_counter()
+        try:
+            return real_write(*args, **kwargs)
+        finally:
+            writer_s[0] += time.perf_counter() - t
+
+    dump_module._write_unit = timed_write
+    rows, ratios, walls = [], {}, {}
+    configs = [("top-k only", dict(tpa_branches=0, saliency_layer="none")),
                ("top-k + saliency", dict(tpa_branches=0, saliency_layer=str(a.layers // 2))),
                ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=str(a.layers // 2)))]
+    k_used = None
     for name, kw in configs:
-        out = work / "bench-cache"
-        shutil.rmtree(out, ignore_errors=True)
-        m = dump_teacher(DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out),
-                                    limit=a.samples, batch_size=a.batch_size, device=a.device, progress=False, **kw))
-        t = m["timing"]["loop_s"]
-        ratios[name] = t / t_plain
-        rows.append([name, f"{t:.2f}", f"{t / t_plain:.3f}", f"{t / (t_plain + t_encode):.3f}"])
+        for enc in encodings:
+            out = work / "bench-cache"
+            shutil.rmtree(out, ignore_errors=True)
+            writer_s[0] = 0.0
+            m = dump_teacher(DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out),
+                                        limit=a.samples, batch_size=a.batch_size, device=a.device, progress=False,
+                                        top_k=a.top_k, logprob_encoding=enc, **kw))
+            k_used = m["fingerprint"]["params"]["top_k"]
+            t = m["timing"]["loop_s"]
+            ratios[(name, enc)] = t / t_plain
+            walls[(name, enc)] = t
+            rows.append([name, enc, f"{t:.2f}", f"{t / t_plain:.3f}", f"{t / (t_plain + t_encode):.3f}",
+                         f"{writer_s[0]:.2f}"])
+    dump_module._write_unit = real_write
     print(f"device: {device_name(device)}; teacher LM {a.layers} x {a.hidden}; {a.samples} samples, "
-          f"batch {a.batch_size}")
-    print(table([["plain forward (HF, full logits)", f"{t_plain:.2f}", "1.000", "-"],
-                 ["encode data (tokenize + image processor)", f"{t_encode:.2f}", "-", "-"]] + rows,
-                ["run", "seconds", "x plain forward", "x (encode + plain forward)"]))
-    print(f"RATIO dump/plain forward: top-k {ratios[configs[0][0]]:.3f}, +saliency {ratios[configs[1][0]]:.3f}, "
-          f"+TPA {ratios[configs[2][0]]:.3f} (goal <= 1.10)")
+          f"batch {a.batch_size}; k = {k_used}")
+    print(table([["plain forward (HF, full logits)", "-", f"{t_plain:.2f}", "1.000", "-", "-"],
+                 ["encode data (tokenize + image processor)", "-", f"{t_encode:.2f}", "-", "-", "-"]] + rows,
+                ["run", "encoding", "seconds", "x plain forward", "x (encode + plain forward)", "writer busy s"]))
+    for enc in encodings:
+        print(f"RATIO dump/plain forward ({enc}): top-k {ratios[(configs[0][0], enc)]:.3f}, "
+              f"+saliency {ratios[(configs[1][0], enc)]:.3f}, +TPA {ratios[(configs[2][0], enc)]:.3f} (goal <= 1.10)")
+    if "packed" in encodings and "float16" in encodings:
+        print("RATIO packed/float16 dump wall time: " + ", ".join(
+            f"{name} {walls[(name, 'packed')] / walls[(name, 'float16')]:.3f}" for name, _ in configs))
 
 
 if __name__ == "__main__":

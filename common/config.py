@@ -99,8 +99,10 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "lora_dropout": Range(0, 1, hi_open=True),
     },
     "dump-teacher": {
-        "top_k": COUNT,  # also at most the teacher's vocabulary, checked from its config before it loads
-        "batch_size": COUNT, "limit": OPT_COUNT, "tpa_branches": COUNT0, "tpa_top_k": COUNT,
+        # unset: 64 / 8, or the teacher's vocabulary if smaller; a k given is at most the teacher's vocabulary,
+        # checked from its config before it loads (teacher_dump.dump.resolve_top_k)
+        "top_k": OPT_COUNT,
+        "batch_size": COUNT, "limit": OPT_COUNT, "tpa_branches": COUNT0, "tpa_top_k": OPT_COUNT,
         "tpa_positions": SHARE, "iva_token_ratio": SHARE, "irs_samples": COUNT, "unit_size": COUNT,
         "max_length": OPT_COUNT, "nproc": COUNT,
         "packed_kl": Range(0, 0.1, lo_open=True),  # nats per token; the truncation KL itself is ~0.1-1 (bench/README)

@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,26 +46,42 @@ from .select_layer import select_layer
 
 log = logging.getLogger("alignti.dump")
 
+# The defaults a real teacher gets, chosen from bench/README.md ("Real LM", "Choice"; SmolLM2-135M, V = 49,153): at
+# k = 64 the packed encoding stores 116-124 B/token, 1.2x float16 at k = 32, with 30-35% less truncation KL (the
+# packed tail adds 4e-5 nats per token, --packed-kl). A teacher whose vocabulary is smaller gets its whole vocabulary.
+DEFAULT_TOP_K = 64
+DEFAULT_LOGPROB_ENCODING = "packed"
+DEFAULT_TPA_TOP_K = 8  # per TPA branch distribution
+
 
 @dataclass
 class DumpConfig:
+    """The settings of one dump (``alignti dump-teacher``'s options; ``dump_teacher(DumpConfig(...))``).
+
+    Defaults for a real teacher (bench/README.md, "Real LM", "Choice"): ``top_k`` None keeps the top 64 log-probs
+    per response token (the teacher's whole vocabulary if it has fewer tokens), ``tpa_top_k`` None 8 per TPA branch
+    (same cap), stored in the ``packed`` encoding (common/codecs.py: ids exact as a set, the top-1 log-prob within
+    1/512 nat, the others within half a step of sqrt-probability set by ``packed_kl``, 4e-5 nats per token; the
+    rest mass exact). ``logprob_encoding="float16"`` stores the log-probs in rank order at float16's 2^-11
+    relative. The k's used are recorded in the manifest's ``params`` (and ``dump_config``)."""
     teacher: str
     data: str         # JSON/JSONL, parquet file(s) or folder, datasets save_to_disk folder; local or fsspec URL
     images: str | None  # the folder image paths are relative to (None: the data embeds its images)
     out: str
-    top_k: int = 32
+    top_k: int | None = None  # None: DEFAULT_TOP_K, or the teacher's vocabulary if smaller (resolve_top_k)
     batch_size: int = 8
     device: str = "auto"
     limit: int | None = None
     skip_bad: bool = False
     tpa_branches: int = 4
-    tpa_top_k: int = 8
+    tpa_top_k: int | None = None  # None: DEFAULT_TPA_TOP_K, or the teacher's vocabulary if smaller
     saliency_layer: str = "auto"   # "auto" (IRS), a layer index, or "none"
     irs_samples: int = 256
     unit_size: int = 256
     max_length: int | None = None
     dtype: str = "auto"
-    logprob_encoding: str = "float16"  # or "uint8" (1/16-nat log-space steps) or "packed" (common/codecs.py)
+    logprob_encoding: str = DEFAULT_LOGPROB_ENCODING  # "packed" (common/codecs.py), "float16", or "uint8" (1/16-nat
+    # log-space steps)
     packed_kl: float = DEFAULT_TAIL_KL  # packed: expected KL (nats per row) its tail code may add; sets its step
     packed_compressor: str = "zstd"  # packed: the compressor after the codecs, zstd or lzma (common.cache)
     saliency_query: str = "instruction"  # or "answer" (common/conversation.py: with_saliency_query)
@@ -202,6 +218,33 @@ def _check_plan(out: Path, plan: dict) -> None:
                          f"Use a new --out, or delete {out} to start over.")
 
 
+def resolve_top_k(cfg: DumpConfig, vocab: int) -> DumpConfig:
+    """``cfg`` with its k's fixed for a teacher of ``vocab`` text tokens: ``top_k`` None (the default) becomes
+    DEFAULT_TOP_K, or ``vocab`` if smaller, and ``tpa_top_k`` None becomes DEFAULT_TPA_TOP_K, or ``vocab`` if smaller
+    (logged when the vocabulary caps them; the manifest's params and dump_config record the k's used). A k given
+    explicitly is kept as it is. Raises ValueError naming the option when a given k is larger than ``vocab``, or when
+    --top-k (given or defaulted) is not larger than --tpa-branches (the TPA candidates are the top-k's first B)."""
+    top_k, tpa_top_k = cfg.top_k, cfg.tpa_top_k
+    for name, k in (("--top-k", top_k), ("--tpa-top-k", tpa_top_k if cfg.tpa_branches else None)):
+        if k is not None and k > vocab:
+            raise ValueError(f"{name} {k} is larger than the teacher's vocabulary of {vocab} tokens "
+                             f"({cfg.teacher}); choose {name} {vocab} or less")
+    if top_k is None:
+        top_k = min(DEFAULT_TOP_K, vocab)
+        if top_k < DEFAULT_TOP_K:
+            log.info("--top-k: the teacher's vocabulary has %d tokens, fewer than the default %d: keeping all %d",
+                     vocab, DEFAULT_TOP_K, top_k)
+        if cfg.tpa_branches and top_k <= cfg.tpa_branches:
+            raise ValueError(f"the teacher's vocabulary of {vocab} tokens ({cfg.teacher}) leaves --top-k at {top_k}, "
+                             f"not larger than --tpa-branches ({cfg.tpa_branches}): choose --tpa-branches "
+                             f"{top_k - 1} or less (0: no TPA statistics)")
+    if tpa_top_k is None:
+        tpa_top_k = min(DEFAULT_TPA_TOP_K, vocab)
+    log.info("keeping the top %d log-probs per response token%s", top_k,
+             f" (TPA: {cfg.tpa_branches} branches x top-{tpa_top_k})" if cfg.tpa_branches else "")
+    return replace(cfg, top_k=top_k, tpa_top_k=tpa_top_k)
+
+
 def dump_teacher(cfg: DumpConfig) -> dict:
     """Under torchrun every rank runs this: rank 0 fixes the plan (and the IRS layer), each rank
     dumps the uncommitted units ``u % world_size == rank``, and rank 0 writes the manifest last."""
@@ -216,17 +259,14 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     if cfg.packed_compressor not in PACKED_COMPRESSOR_NAMES:
         raise ValueError(f"--packed-compressor must be one of {', '.join(PACKED_COMPRESSOR_NAMES)}, "
                          f"not '{cfg.packed_compressor}'")
-    if cfg.tpa_branches and cfg.top_k <= cfg.tpa_branches:
+    if cfg.tpa_branches and cfg.top_k is not None and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
     try:  # the config alone: no weights loaded, nothing written yet
         config = load_config(cfg.teacher)
     except (OSError, ValueError, KeyError):
         config = None  # not readable here: loading the processor below names the problem
-    vocab = text_vocab_size(config) if config is not None else None
-    for name, k in (("--top-k", cfg.top_k), ("--tpa-top-k", cfg.tpa_top_k if cfg.tpa_branches else 0)):
-        if vocab is not None and k > vocab:
-            raise ValueError(f"{name} {k} is larger than the teacher's vocabulary of {vocab} tokens "
-                             f"({cfg.teacher}); choose {name} {vocab} or less")
+    if config is not None:
+        cfg = resolve_top_k(cfg, text_vocab_size(config))
     source = open_source(cfg.data, cfg.images)
     records = source.records()
     onp = RolloutColumns.of(source)  # on-policy rows (alignti rollout): loss turns, the student's TPA candidates
@@ -237,7 +277,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         raise DataError(cfg.data, "no samples in the data file", "check --data")
     records = _preflight(records, cfg.images, cfg.skip_bad)
     processor = load_processor(cfg.teacher)
-    config = config if config is not None else load_config(cfg.teacher)
+    if config is None:
+        config = load_config(cfg.teacher)
+        cfg = resolve_top_k(cfg, text_vocab_size(config))
     records = _check_family(records, adapter_class(config.model_type), config, processor, cfg.images, cfg.skip_bad)
 
     t_load = time.perf_counter()

@@ -38,9 +38,23 @@ def kit(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cache(kit, tmp_path_factory):
+    """A dump at the defaults a user gets: the packed encoding, k = 64 (the kit's vocabulary is 320)."""
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     out = tmp_path_factory.mktemp("cache") / "c"
     dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                             images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25,
                             irs_samples=32, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_fp16(kit, tmp_path_factory):
+    """The same dump with float16 log-probs in rank order: the reference for tests about the dump's arithmetic
+    (another batching, a TPA position budget, another encoding), whose two sides come from different fp32
+    arithmetic; float16 holds them to one ulp (tests/exactness.py), where the packed codes would flip a whole step."""
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    out = tmp_path_factory.mktemp("cache_fp16") / "c"
+    dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
+                            images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25,
+                            irs_samples=32, progress=False, logprob_encoding="float16"))
     return out

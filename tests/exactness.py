@@ -59,3 +59,21 @@ def assert_topk_ids_of(ids, lp: torch.Tensor, k_tol: float, name: str, ordered: 
     if not ordered:
         got = got.sort(-1, descending=True).values
     torch.testing.assert_close(got, want, rtol=0, atol=k_tol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_packed_within_bound(got: np.ndarray, exact: np.ndarray, head: int, head_step: float, tail_step: float,
+                               slack: float, name: str) -> None:
+    """Log-probs decoded from the packed encoding (common/codecs.py; [..., k], canonical order: the first ``head``
+    entries in rank order, the rest by id) against the exact log-probs of the same ids: the codec's stated bound,
+    |decoded - exact| <= head_step / 2 nats on the head and |sqrt(p^) - sqrt(p)| <= tail_step / 2 on the rest, plus
+    ``slack`` for the exact side's own arithmetic (1e-5 where it is another forward of the same model: a log-prob
+    moved by d moves sqrt(p) by at most d / 2, so 1e-5 covers both). Also checks that the bound is tight enough to
+    see a wrong value: the same values one tail step off fail it."""
+    g, e = np.asarray(got, np.float64), np.asarray(exact, np.float64)
+    head_err = np.abs(g[..., :head] - e[..., :head]).max(initial=0.0)
+    assert head_err <= head_step / 2 + slack, (name, "head", head_err)
+    root_g, root_e = np.exp(0.5 * g[..., head:]), np.exp(0.5 * e[..., head:])
+    root_err = np.abs(root_g - root_e).max(initial=0.0)
+    assert root_err <= tail_step / 2 + slack, (name, "tail", root_err)
+    if root_g.size:
+        assert np.abs(root_g + tail_step - root_e).max() > tail_step / 2 + slack, (name, "bound too loose")

@@ -15,7 +15,8 @@ from alignti.common.cache import CacheReader, PartWriter, committed_parts, valid
 from alignti.common.errors import CacheError
 from alignti.common.schema import SCHEMA_VERSION
 from alignti.teacher_dump.dump import DumpConfig, dump_teacher
-from tests.exactness import assert_fp16_ids_equal_up_to_ties, assert_fp16_within_one_ulp, assert_topk_ids_of
+from tests.exactness import (assert_fp16_ids_equal_up_to_ties, assert_fp16_within_one_ulp, assert_packed_within_bound,
+                             assert_topk_ids_of)
 
 PARAMS = {"top_k": 4, "tpa_branches": 2, "tpa_top_k": 3, "saliency_layer": 1}
 
@@ -82,36 +83,71 @@ print(len(t), g['topk_logprobs'].dtype, g['input_ids'].shape)
     assert np.array_equal(np.load(tmp_path / "plain.npy"), written[1]["topk_ids"])
 
 
-def test_dump_matches_teacher_forward(kit, cache):
+def check_dump_against_teacher(teacher_dir, data, images, cache, sample_index: int) -> None:
+    """One sample of ``cache`` against the teacher run on it directly (unbatched), per response token: the
+    top-k ids (as a set; in rank order for float16), their log-probs within the encoding's bound (float16: 2^-11
+    relative; packed: the codec's stated bound, common/codecs.py), the rest mass and the target's log-prob, and
+    the saliency rows. The dump forwards the sample in a padded batch: the fp32 log-probs move by up to 1e-5, so
+    near-tied candidates may trade places (any other id is wrong) and every value gets that 1e-5 on top."""
     from alignti.common.adapters import adapter_for
     from alignti.common.batch import collate, forward, lm_logits
+    from alignti.common.cache import packed_settings
+    from alignti.common.codecs import TopkLogprobsCodec
     from alignti.common.conversation import encode
-    from alignti.common.sources import load_image, load_records
     from alignti.common.models import load_vlm
+    from alignti.common.sources import load_image, load_records
 
-    model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
+    model, proc = load_vlm(str(teacher_dir), torch.device("cpu"))
     adapter = adapter_for(model)
     reader = CacheReader(cache)
-    rec = load_records(kit / "data/train.json")[5]
-    img, sha = load_image(rec, kit / "data/images")
+    rec = load_records(data)[sample_index]
+    img, sha = load_image(rec, images)
     enc = encode(proc, rec, img, sha)
     x = next(reader[i] for i in range(len(reader)) if reader[i]["sample_id"] == rec.sample_id)
     assert np.array_equal(x["input_ids"], enc.input_ids) and x["image_sha256"] == sha
     with torch.no_grad():
         out = forward(adapter, collate([enc.__dict__], proc.tokenizer.pad_token_id, type(adapter)))
         lp = torch.log_softmax(lm_logits(adapter, out.resp_hidden).float(), -1)
-    vals, ids = lp.topk(reader.params["top_k"], -1)
-    # the dump forwards the sample in a padded batch, this check alone: the fp32 log-probs move by up to 1e-5
-    # (target_logprob below), so near-tied candidates may trade places; any other id is wrong
-    assert_topk_ids_of(x["topk_ids"], lp, 1e-5, "topk_ids")
-    np.testing.assert_allclose(x["topk_logprobs"].astype(np.float32), vals.numpy(), rtol=1e-3, atol=1e-3)  # fp16
+    k = reader.params["top_k"]
+    ids = torch.as_tensor(x["topk_ids"]).long()
+    assert ids.shape == (lp.shape[0], k)
+    at = lp.gather(-1, ids).double().numpy()  # the teacher's own log-probs at the cached ids
+    got = x["topk_logprobs"].astype(np.float64)
+    if reader.params["logprob_encoding"] == "packed":
+        st = packed_settings(reader.params)
+        codec = TopkLogprobsCodec(**st)
+        assert st["head"] == 1 and x["topk_logprobs"].dtype == np.float32
+        assert_topk_ids_of(ids, lp, 1e-5, "topk_ids", ordered=False)  # the top-k as a set
+        assert_topk_ids_of(ids[:, :1], lp, 1e-5, "top-1")  # the head: the teacher's top-1 first
+        assert np.all(np.diff(x["topk_ids"][:, 1:], axis=-1) > 0)  # the rest as a set, by id ascending
+        assert_packed_within_bound(got, at, codec.head, codec.head_step, codec.tail_step, 1e-5, "topk_logprobs")
+    else:
+        assert_topk_ids_of(ids, lp, 1e-5, "topk_ids")
+        np.testing.assert_allclose(got, at, rtol=2 ** -11, atol=1e-5)  # float16: half an ulp of 2^-10 relative
+        np.testing.assert_allclose(got, lp.topk(k, -1).values.numpy(), rtol=1e-3, atol=1e-3)  # in rank order
+    # the rest mass is stored as the dump computed it (float32, whatever the encoding): everything but the cached ids
+    rest = lp.scatter(-1, ids, float("-inf")).logsumexp(-1).numpy()
+    np.testing.assert_allclose(x["tail_logmass"], rest, rtol=0, atol=1e-5)
+    assert x["tail_logmass"].dtype == np.float32
     tgt = torch.as_tensor(enc.input_ids[enc.response_mask.astype(bool)]).long()
     np.testing.assert_allclose(x["target_logprob"], lp.gather(-1, tgt[:, None])[:, 0].numpy(), atol=1e-5)
-    total = np.logaddexp(np.logaddexp.reduce(x["topk_logprobs"].astype(np.float64), -1), x["tail_logmass"])
-    np.testing.assert_allclose(total, 0.0, atol=2e-3)  # top-k + rest is a distribution
     assert x["saliency"].shape == (len(x["instr_spans"]), x["n_image_tokens"])
     np.testing.assert_allclose(x["saliency"].astype(np.float32).sum(-1), 1.0, atol=1e-2)
     assert reader.manifest["irs"]["layer"] == reader.params["saliency_layer"]
+
+
+@pytest.mark.parametrize("which", ["cache", "cache_fp16"])
+def test_dump_matches_teacher_forward(kit, which, request):
+    """The default dump (packed, k = 64 of the kit's 320 tokens) and a float16 one, against the teacher itself."""
+    cache = request.getfixturevalue(which)
+    params = CacheReader(cache).params
+    assert params["top_k"] == 64 and params["tpa_top_k"] == 8
+    assert params["logprob_encoding"] == ("packed" if which == "cache" else "float16")
+    check_dump_against_teacher(kit / "teacher", kit / "data/train.json", kit / "data/images", cache, 5)
+    if which == "cache_fp16":  # top-k + rest is a distribution (float16: 2^-11 relative on each log-prob)
+        x = CacheReader(cache)[5]
+        total = np.logaddexp(np.logaddexp.reduce(x["topk_logprobs"].astype(np.float64), -1), x["tail_logmass"])
+        np.testing.assert_allclose(total, 0.0, atol=2e-3)
 
 
 def _copy(cache, tmp_path):
@@ -264,7 +300,7 @@ def test_push_cache_and_read_from_url(cache, kit, tmp_path, scheme, request):
         push_cache(tmp_path, url)
 
 
-def test_uint8_logprob_encoding(kit, cache, tmp_path):
+def test_uint8_logprob_encoding(kit, cache_fp16, tmp_path):
     """--logprob-dtype uint8: 1/16-nat log-space steps, decoded to the fp16 dump's values within half a step
     (values below -15.94 nats clip), the rest mass untouched, fewer bytes, and a student trains on it."""
     from alignti.common.inspect import cache_summary
@@ -275,7 +311,7 @@ def test_uint8_logprob_encoding(kit, cache, tmp_path):
                             irs_samples=32, progress=False, logprob_encoding="uint8"))
     import zarr
     assert zarr.open_group(str(out / "parts/00000.zarr"), mode="r")["topk_logprobs"].dtype == np.uint8
-    a, b = CacheReader(cache), CacheReader(out)
+    a, b = CacheReader(cache_fp16), CacheReader(out)  # against the float16 dump: ids in the same rank order
     assert b.manifest["schema_version"] == SCHEMA_VERSION and b.params["logprob_encoding"] == "uint8"
     for i in range(len(a)):
         x, y = a[i], b[i]
@@ -284,7 +320,7 @@ def test_uint8_logprob_encoding(kit, cache, tmp_path):
             want = np.maximum(x[name].astype(np.float32), -255 / 16)
             assert y[name].dtype == np.float16
             assert np.abs(y[name].astype(np.float32) - want).max() <= 1 / 32 + 2e-3
-    sa, sb = cache_summary(str(cache)), cache_summary(str(out))
+    sa, sb = cache_summary(str(cache_fp16)), cache_summary(str(out))
     assert sb["topk_bytes_per_token"] < sa["topk_bytes_per_token"]  # ~27% at scale: bench/cache_size.py
     res = train_student(TrainConfig(student=str(kit / "student"), cache=str(out), out=str(tmp_path / "run"),
                                     loss="alignti", max_steps=2, progress=False))
@@ -292,25 +328,27 @@ def test_uint8_logprob_encoding(kit, cache, tmp_path):
     with pytest.raises(CacheError, match="different params"):  # never mixed with a float16 dump
         dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                                 images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25,
-                                irs_samples=32, progress=False))
+                                irs_samples=32, progress=False, logprob_encoding="float16"))
 
 
 FP32_ARRAYS = ("tail_logmass", "target_logprob", "tpa_tail")
 
 
-def test_length_sorted_batches_leave_the_cache_bit_for_bit(kit, cache, tmp_path):
+def test_length_sorted_batches_leave_the_cache_bit_for_bit(kit, cache_fp16, tmp_path):
     """The dump batches each work unit in token-length order; the cache is the one data-order batches give:
     the same samples in the same order, the same tables, ids and candidates bit for bit. The fp32 rest masses move by
     float32 rounding (a few ulp), and so may the fp32 sources of the fp16 log-probs and saliency: where such a
     value sits on an fp16 rounding edge it flips by one fp16 ulp (seen on an AMD EPYC / AVX2 box:
     tpa_logprobs), so those are held to one ulp at a few elements (assert_fp16_within_one_ulp): a sample's key padding depends on its
     batch, and PyTorch's sdpa does not sum over masked keys bit-invariantly (1.8e-7 on a toy case; the same
-    happens today between two --batch-size values)."""
+    happens today between two --batch-size values). float16 on both sides: this is about the dump's arithmetic, not
+    the encoding (the packed codes of a value on a rounding edge would flip a whole step; test_codec.py holds the
+    packed encoding to its bound against a float16 dump of the same batches)."""
     cfg = DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"), images=str(kit / "data/images"),
                      out=str(tmp_path / "plain"), limit=60, unit_size=25, irs_samples=32, progress=False,
-                     length_sorted_batches=False)
+                     length_sorted_batches=False, logprob_encoding="float16")
     dump_teacher(cfg)
-    a, b = CacheReader(cache), CacheReader(tmp_path / "plain")
+    a, b = CacheReader(cache_fp16), CacheReader(tmp_path / "plain")
     assert len({r["tok_len"] for r in a.samples}) > 3  # the batches really are formed differently
     assert a.table.to_pylist() == b.table.to_pylist()
     assert a.manifest["counts"] == b.manifest["counts"]
@@ -363,7 +401,7 @@ def test_the_tie_tolerances_catch_wrong_ids():
         assert_fp16_ids_equal_up_to_ties(i16, k16, v16, v16, "broken")
 
 
-def test_tpa_position_budget(kit, cache, tmp_path):
+def test_tpa_position_budget(kit, cache_fp16, tmp_path):
     """--tpa-positions 0.5: TPA statistics at ceil(n/2) positions per sample, the teacher's highest-entropy
     ones, equal to the full dump's statistics there; the student's branches follow the cache."""
     import math
@@ -378,8 +416,9 @@ def test_tpa_position_budget(kit, cache, tmp_path):
     out = tmp_path / "half"
     dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                             images=str(kit / "data/images"), out=str(out), limit=25, unit_size=25, irs_samples=32,
-                            progress=False, tpa_positions=0.5))
-    half, full = CacheReader(out), CacheReader(cache)
+                            progress=False, tpa_positions=0.5, logprob_encoding="float16"))  # the dump's
+    # arithmetic (another branch pass), not the encoding: float16 on both sides, held to one ulp
+    half, full = CacheReader(out), CacheReader(cache_fp16)
     assert half.params["tpa_positions"] == 0.5 and half.params["tpa_layout"] == "positions"
     model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
     adapter = adapter_for(model)

@@ -33,7 +33,14 @@ def test_templates_list_every_option_with_its_default():
     assert tmpl["loss"] == "kd" and tmpl["lr"] == 1e-3 and tmpl["group_by_length"] is True
     assert tmpl["checkpoint_every"] == 1 and tmpl["max_grad_norm"] == 1.0
     dump = yaml.safe_load(_invoke("config", "dump-teacher").output)
-    assert dump["top_k"] == 32 and dump["logprob_encoding"] == "float16"
+    # the defaults a real teacher gets (bench/README.md, "Real LM", "Choice"): k resolved against the teacher's
+    # vocabulary at run time (null here), the packed encoding; the flags' defaults are DumpConfig's
+    from alignti.teacher_dump.dump import DEFAULT_LOGPROB_ENCODING, DumpConfig
+    assert dump["top_k"] is None and dump["tpa_top_k"] is None and dump["logprob_encoding"] == "packed"
+    api = DumpConfig(teacher="T", data="D", images=None, out="O")
+    assert api.top_k is None and api.tpa_top_k is None and api.logprob_encoding == DEFAULT_LOGPROB_ENCODING
+    out = _invoke("config", "dump-teacher").output
+    assert "[default: 64, or the teacher's vocabulary if smaller].\n# null: that default.\ntop_k: null" in out
     from alignti.common.codecs import DEFAULT_TAIL_KL
     assert dump["packed_kl"] == DEFAULT_TAIL_KL  # the flag's default is the codec's (cli.py avoids importing it)
     qs = yaml.safe_load(_invoke("config", "quickstart").output)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from alignti.common.cache import CacheReader
+from alignti.common.cache import CacheReader, packed_settings
 from alignti.common.conversation import encode
 from alignti.common.sources import load_image, load_records
 from alignti.common.errors import CacheError
 from alignti.common.models import load_vlm
 from alignti.student_train.trainer import TrainConfig, train_student
 from alignti.teacher_dump.dump import DumpConfig, dump_teacher
-from tests.exactness import assert_topk_ids_of
+from tests.exactness import assert_packed_within_bound, assert_topk_ids_of
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,8 @@ def tkl_cache(kit, tmp_path_factory):
 
 
 def test_cached_token_kl_statistics_are_the_teachers(kit, tkl_cache):
-    reader = CacheReader(str(tkl_cache))
+    reader = CacheReader(str(tkl_cache))  # the default encoding (packed, k = 64)
+    assert reader.params["logprob_encoding"] == "packed" and reader.params["top_k"] == 64
     assert reader.params["iva_token_kl"] is True and reader.params["iva_token_ratio"] == 0.3
     model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"), "float32")
     recs = {r.sample_id: r for r in load_records(kit / "data/train.json")}
@@ -60,9 +61,15 @@ def test_cached_token_kl_statistics_are_the_teachers(kit, tkl_cache):
         # the dump's batched forward against HF's plain one: fp32 log-probs that may move by a few ulp (1e-5, as in
         # test_cache; 0.0 on this box), so ranks k and k + 1 may trade places where that close; any other id is wrong
         assert_topk_ids_of(x["ivak_ids"], lp[seq], 1e-5, "ivak_ids", ordered=False)
-        got = np.take_along_axis(x["ivak_logprobs"].astype(np.float32), np.argsort(x["ivak_ids"], 1), 1)
-        want = np.take_along_axis(top.values.numpy(), np.argsort(top.indices.numpy(), 1), 1)
-        np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-3)
+        if reader.params["logprob_encoding"] == "packed":  # the default: the codec's stated bound at the cached ids
+            st = packed_settings(reader.params)
+            at = lp[seq].gather(-1, torch.as_tensor(x["ivak_ids"]).long()).numpy()
+            assert_packed_within_bound(x["ivak_logprobs"], at, st["head"], st["head_step"], st["tail_step"], 1e-5,
+                                       "ivak_logprobs")
+        else:  # float16
+            got = np.take_along_axis(x["ivak_logprobs"].astype(np.float32), np.argsort(x["ivak_ids"], 1), 1)
+            want = np.take_along_axis(top.values.numpy(), np.argsort(top.indices.numpy(), 1), 1)
+            np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-3)
 
 
 def test_student_trains_with_either_form(kit, tkl_cache, cache, tmp_path):

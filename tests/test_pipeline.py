@@ -101,7 +101,7 @@ def test_cli_inspect_validate_and_thin_layer(cache):
     r = CliRunner().invoke(app, ["inspect-cache", str(cache), "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
-    assert info["counts"]["ok"] == 60 and info["top_k"] == 32
+    assert info["counts"]["ok"] == 60 and info["top_k"] == 64 and info["logprob_encoding"] == "packed"  # defaults
     assert info["compression_vs_full_fp16"] > 1 and info["topk_bytes_per_token"] > 0
     assert CliRunner().invoke(app, ["validate-cache", str(cache)]).exit_code == 0
     from alignti.common.inspect import render_summary
@@ -125,6 +125,13 @@ def test_qwen2_vl_end_to_end_every_term_falls(tmp_path):
                                 progress=False))
     from alignti.demo.kit import TEACHER
     assert m["irs"]["layer"] == m["saliency_layer"] and len(m["irs"]["curve"]) == TEACHER["num_hidden_layers"]
+    # the default dump (packed, k = 64) against the Qwen2-VL teacher itself: ids as a set, the codec's bound, the
+    # rest mass (tests/test_cache.py)
+    from alignti.common.cache import CacheReader
+    from tests.test_cache import check_dump_against_teacher
+    assert CacheReader(tmp_path / "cache").params["logprob_encoding"] == "packed"
+    assert CacheReader(tmp_path / "cache").params["top_k"] == 64
+    check_dump_against_teacher(kit / "teacher", kit / "data/train.json", kit / "data/images", tmp_path / "cache", 3)
     run = tmp_path / "run"
     train_student(TrainConfig(student=str(kit / "student"), cache=str(tmp_path / "cache"), out=str(run),
                               loss="alignti", max_steps=40, batch_size=8, lr=3e-3, iva_weight=5.0, progress=False))

@@ -260,8 +260,11 @@ def test_tpa_after_the_students_candidates(kit, qwen_kit, tmp_path, mode):
         data = multi_turn_data(kd, tmp_path / f"d{k}.json", n=n)
         ro, c = tmp_path / f"r{k}", tmp_path / f"c{k}"
         _rollout(kd, data, ro, temperature=0.0, teacher_forced=mode == "teacher-forced", top_b=4)
+        # float16, k = 32: this checks the dump's TPA arithmetic against the teacher run directly in rank order (the
+        # packed encoding's bound is checked in test_cache.py / test_codec.py); k does not matter to it
         dump_teacher(DumpConfig(teacher=str(kd / "teacher"), data=str(ro), images=str(kd / "data/images"), out=str(c),
-                                tpa_branches=3, tpa_top_k=5, saliency_layer="1", unit_size=2, progress=False))
+                                tpa_branches=3, tpa_top_k=5, saliency_layer="1", unit_size=2, progress=False,
+                                top_k=32, logprob_encoding="float16"))
         n_student = _check_tpa(kd, ro, c, str(kd / "data/images"))
         assert n_student >= (8 if mode == "teacher-forced" else 3)
 

@@ -8,7 +8,9 @@ import json
 import math
 import shutil
 import typing
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -247,6 +249,56 @@ def test_top_k_above_the_vocabulary_is_refused_in_the_preflight(kit, tmp_path, o
     assert res.exit_code == 2, res.output[-1000:]
     assert _has(res, f"{option} 1000") and _has(res, f"vocabulary of {vocab} tokens")
     assert not (tmp_path / "c").exists()  # no plan.json left behind
+
+
+def _small_vocab_teacher(kit, out, vocab: int = 48):
+    """A LLaVA teacher (the demo's shape, untrained) whose tokenizer has fewer than 64 tokens: character-level BPE on
+    the shapes corpus (no byte-level alphabet), so the default --top-k 64 is more than its vocabulary."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from alignti.common.saving import save_checkpoint
+    from alignti.demo import kit as demo_kit, shapes
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.train_from_iterator(shapes.corpus() * 20, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=demo_kit.SPECIAL_TOKENS, initial_alphabet=["\n"], show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    save_checkpoint(demo_kit.build_llava(fast, demo_kit.TEACHER, 0), demo_kit.build_processor(fast), out)
+    return len(fast)
+
+
+def test_the_default_top_k_is_capped_at_a_small_vocabulary(kit, tmp_path):
+    """The default k (64, and 8 per TPA branch) on a teacher of fewer tokens keeps its whole vocabulary (logged,
+    recorded in the params as the k used, the rest mass empty), checked against the teacher itself; a k given above
+    the vocabulary is still refused, and a vocabulary too small for --tpa-branches is named with the fix."""
+    from alignti.common.cache import CacheReader
+    from alignti.teacher_dump.dump import DEFAULT_TOP_K, DumpConfig, dump_teacher, resolve_top_k
+    from tests.test_cache import check_dump_against_teacher
+    teacher = tmp_path / "teacher"
+    vocab = _small_vocab_teacher(kit, teacher)
+    assert 8 < vocab < DEFAULT_TOP_K
+    args = ["dump-teacher", "--teacher", str(teacher), "--data", str(kit / "data/train.json"), "--images",
+            str(kit / "data/images"), "--limit", "6", "--irs-samples", "4", "--tpa-branches", "2"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output[-2000:]
+    assert _has(res, f"the teacher's vocabulary has {vocab} tokens, fewer than the default 64: keeping all {vocab}")
+    reader = CacheReader(tmp_path / "c")
+    assert reader.params["top_k"] == vocab and reader.params["tpa_top_k"] == 8
+    assert reader.params["logprob_encoding"] == "packed" and reader.manifest["dump_config"]["top_k"] == vocab
+    x = reader[0]
+    assert np.all(np.sort(x["topk_ids"], -1) == np.arange(vocab)) and np.all(x["tail_logmass"] == -np.inf)
+    check_dump_against_teacher(teacher, kit / "data/train.json", kit / "data/images", tmp_path / "c", 0)
+    for option, k in (("--top-k", DEFAULT_TOP_K), ("--top-k", vocab + 1), ("--tpa-top-k", vocab + 1)):
+        res = runner.invoke(app, [*args, "--out", str(tmp_path / "d"), option, str(k)])
+        assert res.exit_code == 2 and _has(res, f"{option} {k} is larger than the teacher's vocabulary of {vocab} "
+                                                f"tokens") and not (tmp_path / "d").exists(), res.output[-1000:]
+    cfg = DumpConfig(teacher="T", data="D", images=None, out="O")
+    assert (resolve_top_k(cfg, 5).top_k, resolve_top_k(cfg, 5).tpa_top_k) == (5, 5)
+    assert resolve_top_k(replace(cfg, tpa_branches=0), 4).top_k == 4
+    with pytest.raises(ValueError, match=r"vocabulary of 4 tokens \(T\) leaves --top-k at 4, not larger than "
+                                         r"--tpa-branches \(4\): choose --tpa-branches 3 or less"):
+        resolve_top_k(cfg, 4)
 
 
 # --- 3 and 4. --resume continues exactly its run, or refuses naming what differs ----------------------------------

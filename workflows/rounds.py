@@ -125,9 +125,10 @@ rollout:
 # alignti dump-teacher settings (any of its options but teacher/data/images/out), for round 0's reference cache
 # and every on-policy cache. tpa_branches must not exceed the rollout's top_b.
 dump:
-  top_k: 32
+  top_k: null              # null: 64, or the teacher's vocabulary if smaller
+  logprob_encoding: packed # or float16, uint8
   tpa_branches: 4
-  tpa_top_k: 8
+  tpa_top_k: null          # null: 8, or the teacher's vocabulary if smaller
   tpa_positions: 1.0
   saliency_layer: auto
   irs_samples: 256
