@@ -89,7 +89,8 @@ def main() -> None:
               f"exact {out[items]['exact']:.1f}%, all-fields F1 {out[items]['fields_f1']:.1f} after {args.steps} "
               f"steps ({secs:.0f} s); e.g. {preds[0]!r} for {out[items]['reference']!r}", flush=True)
     who = f"student {args.student}" if args.student else f"{args.dims} dims"
-    print(f"RESULT {who}, {args.steps} steps, {'fresh pictures' if args.train == 0 else f'{args.train} fixed pictures'}: "
+    pics = "fresh pictures" if args.train == 0 else f"{args.train} fixed pictures"
+    print(f"RESULT {who}, {args.steps} steps, {pics}: "
           + "; ".join(f"max {k} shapes: exact {v['exact']:.1f}%, F1 {v['fields_f1']:.1f}" for k, v in out.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -13,20 +13,21 @@ on initialisation); ``--student-from make-student:SPEC`` the teacher pruned to i
 written once to OUT/student-pruned-SPEC), ``--student-from DIR`` a saved student. Those have one initialisation, so
 the seeds pair on data order and sampling only (train ``seed``; rollout ``seed`` 1000 * S), and (b)'s teacher-forced
 rollout and its cache, the same for every seed, are made once (OUT/student-tpa/shared). Each arm trains with the
-quickstart's settings (alignti, lambda_TPA 0.5, frozen vision, lr, batch). Scored on val_long and test_long: exact match and
-per-field F1 (demo/shapes.py ``field_scores``), greedy with 48 new tokens; TPA coverage (``tpa_mass``: the
-student's probability on the cache's TPA candidates) at step 1 and over the run, from ``metrics.jsonl``; for (c), the
-share of each round's rollout rows whose cache holds the student's generated ids (``rollout.json``'s
-``retokenized_differs``: the rows where it does not).
+quickstart's settings (alignti, lambda_TPA 0.5, frozen vision, lr unless ``--lr``, batch). Scored on val_long and
+test_long: exact match and per-field F1 (demo/shapes.py ``field_scores``), greedy with 48 new tokens; TPA coverage
+(``tpa_mass``: the student's probability on the cache's TPA candidates) at step 1 and over the run, from
+``metrics.jsonl``; for (c), the share of each round's rollout rows whose cache holds the student's generated ids
+(``rollout.json``'s ``retokenized_differs``: the rows where it does not).
 
     alignti quickstart --workdir qs            # the kit, its long-form splits, the reference cache, arm (a)
     python bench/onpolicy_long_form.py --quickstart qs --seeds 3 --lambdas 0.25,0.5 \
         --onpolicy-data qs/kit/data/train_long.json --json onpolicy.json
     python bench/onpolicy_long_form.py --quickstart qs --out /tmp/op-pruned --student-from make-student:0 \
-        --seeds 3 --lambdas 0.25,0.5 --onpolicy-data qs/kit/data/train_long.json --json onpolicy-pruned.json
+        --seeds 3 --steps 1600 --lr 3e-4 --lambdas 0.25,0.5 --onpolicy-data qs/kit/data/train_long.json \
+        --json onpolicy-pruned.json
 
 Figures: bench/README.md, "On-policy on the long-form questions" (14.3 min on a shared 2-core CPU) and "... with a
-pruned student".
+pruned student" (48 min).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def main() -> None:
     arms_run = set(a.arms.split(","))
     device = resolve_device(a.device)
     lambdas = [float(x) for x in a.lambdas.split(",")]
-    res: dict = {"steps": steps, "lr": p["lr"], "seeds": a.seeds, "lambdas": lambdas, "student_from": a.student_from, "arms": {}}
+    res: dict = {"steps": steps, "lr": p["lr"], "seeds": a.seeds, "lambdas": lambdas, "student_from": a.student_from,
+                 "arms": {}}
 
     kept: dict = {}  # a rounds arm's rollouts: rows whose cache holds the generated ids
 
@@ -146,7 +148,8 @@ def main() -> None:
 
         def offpolicy(seed=seed, student=student):
             run = qs / "runs" / f"alignti-seed{seed}"
-            if not per_seed or not (run / "final" / "config.json").is_file() or steps != p["student_steps"]:
+            if not per_seed or a.lr is not None or not (run / "final" / "config.json").is_file() \
+                    or steps != p["student_steps"]:
                 run = out / "offpolicy" / f"run-seed{seed}"
                 train_student(TrainConfig(student=student, cache=ref, out=str(run), device=a.device,
                                           **train_settings(p, seed, steps)))
@@ -205,8 +208,8 @@ def main() -> None:
         rows.append([label, pct(rs, "exact", "val"), pct(rs, "fields", "val"), pct(rs, "exact"), pct(rs, "position"),
                      pct(rs, "colour"), pct(rs, "shape"),
                      pct(rs, "fields") + " (" + ", ".join(f"{100 * r['test']['fields']:.1f}" for r in rs) + ")",
-                     f"{100 * statistics.mean(m1):.1f}%" if m1 else "-", f"{100 * statistics.mean(mm):.1f}%" if mm else "-",
-                     kept_txt])
+                     f"{100 * statistics.mean(m1):.1f}%" if m1 else "-",
+                     f"{100 * statistics.mean(mm):.1f}%" if mm else "-", kept_txt])
     print(table(rows, ["arm", "val exact", "val fields F1", "test exact", "position F1", "colour F1", "shape F1",
                        "all fields F1 (per seed)", "tpa_mass step 1", "tpa_mass mean", "generated ids kept r1 / r2"]))
     res["paired"] = {}
