@@ -2,6 +2,7 @@
 budget where it can.)
 
     python bench/long_form_budget.py [--items 2,4] [--steps 800] [--train 150] [--val 50]
+    python bench/long_form_budget.py --student S --items 4 --steps 400    # a saved student (make-student's)
 
 For each maximum number of shapes per long-form picture (``--items``; the demo's long-form split uses 2 to 4,
 ``shapes.LONG_FORM_MAX_ITEMS``), the quickstart's student (``demo.kit.STUDENT``: hidden 48, 2 layers, same seed) is
@@ -11,6 +12,10 @@ or on fresh pictures every step (``--train 0``: the capacity with unbounded data
 (48 new tokens) on ``--val`` validation pictures of the same kind: exact match and all-fields F1
 (``shapes.field_scores``). The students of the quickstart see long-form questions in 1 of 7 of their draws; here
 in all of them, so this is an upper bound for what the quickstart's students can learn at that step budget.
+
+``--student S`` trains the checkpoint at S instead (``load_vlm``: its weights, its processor), e.g. the pruned
+student of ``alignti make-student --from-teacher KIT/teacher --keep-layers 0 --out S``; S's tokenizer must be the
+demo's (the kit's), and ``--dims`` / ``--seed``'s initialisation do not apply (``--seed`` still sets the data order).
 """
 
 from __future__ import annotations
@@ -39,10 +44,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dims", default="student", help="student or teacher (demo.kit dims)")
+    ap.add_argument("--student", default=None, help="a saved student folder to train instead of a fresh demo.kit "
+                                                    "model (e.g. make-student --from-teacher KIT/teacher)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    import torch
+
     from alignti.common.generate import exact_match, greedy_answers
+    from alignti.common.models import load_vlm
     from alignti.demo import kit, shapes
     from alignti.demo.teacher_sft import encode_all, train_sft
 
@@ -55,9 +65,13 @@ def main() -> None:
         val = tmp / "val_long.json"
         val_recs = shapes.generate_long_form_split(tmp, "val", args.val)
         val.write_text(json.dumps(val_recs))
-        tok = kit.build_tokenizer("llava")
-        proc = kit.build_processor(tok, "llava")
-        model = kit.build_model("llava", tok, kit.TEACHER if args.dims == "teacher" else kit.STUDENT, args.seed)
+        if args.student:
+            model, proc = load_vlm(args.student, torch.device("cpu"))
+            tok = proc.tokenizer
+        else:
+            tok = kit.build_tokenizer("llava")
+            proc = kit.build_processor(tok, "llava")
+            model = kit.build_model("llava", tok, kit.TEACHER if args.dims == "teacher" else kit.STUDENT, args.seed)
         lengths = [len(tok(r["conversations"][-1]["value"], add_special_tokens=False)["input_ids"]) for r in val_recs]
         t = time.perf_counter()
         # the stream's long-form batches (fresh pictures) or the fixed pictures (fresh=False); no accuracy target
@@ -74,7 +88,9 @@ def main() -> None:
         print(f"max {items} shapes (answers {min(lengths)}-{max(lengths)} tokens, mean {statistics.mean(lengths):.1f}): "
               f"exact {out[items]['exact']:.1f}%, all-fields F1 {out[items]['fields_f1']:.1f} after {args.steps} "
               f"steps ({secs:.0f} s); e.g. {preds[0]!r} for {out[items]['reference']!r}", flush=True)
-    print(f"RESULT {args.dims} dims, {args.steps} steps, {'fresh pictures' if args.train == 0 else f'{args.train} fixed pictures'}: "
+    who = f"student {args.student}" if args.student else f"{args.dims} dims"
+    pics = "fresh pictures" if args.train == 0 else f"{args.train} fixed pictures"
+    print(f"RESULT {who}, {args.steps} steps, {pics}: "
           + "; ".join(f"max {k} shapes: exact {v['exact']:.1f}%, F1 {v['fields_f1']:.1f}" for k, v in out.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
