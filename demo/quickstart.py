@@ -62,7 +62,7 @@ PRESETS = {
 # the long-form split as measured (quickstart --config F with `overrides: {long_form: {train: 150, val: 50,
 # test: 150}, long_form_rate: 0.2}`; --fast: {train: 30, val: 10, test: 20})
 LONG_FORM = dict(long_form={"train": 150, "val": 50, "test": 150}, long_form_rate=0.2)
-LONG_FORM_MAX_NEW_TOKENS = 48  # the longest long-form answer is 41 tokens with the demo tokenizer (tests/test_long_form.py)
+LONG_FORM_MAX_NEW_TOKENS = shapes.LONG_FORM_MAX_NEW_TOKENS
 
 
 @dataclass
@@ -115,8 +115,12 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     if not (kit_dir / "teacher" / "config.json").exists():
         info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
                              teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"], device=cfg.device,
-                             long_form=p.get("long_form") or None, long_form_rate=p.get("long_form_rate") or 0.0)
+                             long_form=p.get("long_form") or None, long_form_rate=p.get("long_form_rate") or 0.0,
+                             long_form_target=p.get("long_form_target"),
+                             long_form_grounding=p.get("long_form_grounding", "items"),
+                             teacher_eval_every=p.get("teacher_eval_every", 250))
         (work / "kit.json").write_text(json.dumps(info, indent=2))
+    t_kit = time.perf_counter()
     info = json.loads((work / "kit.json").read_text())
     data, images = kit_dir / "data", str(kit_dir / "data" / "images")
     long_form = bool(p.get("long_form")) and (data / "test_long.json").is_file()
@@ -142,6 +146,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     teacher_acc = test.score(teacher_answers)
     teacher_long = long_form_scores(teacher, proc, data / "test_long.json", images) if long_form else None
     del teacher
+    t_teacher_eval = time.perf_counter()
 
     jobs, runs = [], {}
     for method in cfg.methods:
@@ -168,6 +173,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         for job in jobs:
             runs[(job["method"], job["seed"])] = _train_and_score(dict(job, progress=cfg.progress))
     runs = [runs[(m, s)] for m in cfg.methods for s in range(cfg.seeds)]
+    t_students = time.perf_counter()
 
     table = summarise(runs, cfg.methods)
     pairs = paired_table(runs, cfg.methods)
@@ -181,6 +187,18 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                "teacher_test_accuracy": teacher_acc, "teacher_val_accuracy": info.get("teacher_val_accuracy"),
                "teacher_params": info["teacher_params"], "student_params": info["student_params"],
                "teacher_saliency_region": saliency, "methods": table, "dump_seconds": round(t_dump - t_start, 1),
+               "teacher_steps_run": info.get("teacher_steps_run"), "teacher_history": info.get("teacher_history"),
+               # wall seconds of each stage of this invocation (a stage reused from an earlier run: ~0); the
+               # students' sums are over runs (two run side by side on CPU), split into training and evaluation
+               "stage_seconds": {"make_demo": round(t_kit - t_start, 1),
+                                 "teacher_training": info.get("teacher_seconds"),
+                                 "teacher_validation": info.get("teacher_eval_seconds"),
+                                 "dump": round(t_dump - t_kit, 1), "teacher_test": round(t_teacher_eval - t_dump, 1),
+                                 "students_wall": round(t_students - t_teacher_eval, 1),
+                                 "students_train_sum": round(sum(r.get("train_seconds", 0) for r in runs), 1),
+                                 "students_eval_sum": round(sum(r.get("eval_seconds", 0) for r in runs), 1),
+                                 "students_long_form_eval_sum": round(sum(r.get("long_form_seconds", 0) for r in runs),
+                                                                      1)},
                "total_seconds": round(time.perf_counter() - t_start, 1),
                "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}
     (work / "results.json").write_text(json.dumps(results, indent=2))
@@ -210,6 +228,7 @@ def _train_and_score(job: dict) -> dict:
                                     save_every=p["student_steps"], progress=job.get("progress", False),
                                     workers=0,  # 96-px demo images: in-process loading, no per-epoch worker start
                                     **p.get("train", {})), evaluator=val)
+    t_train = time.perf_counter()
     model, sproc = load_vlm(res["final"], device)
     test = AccuracyProbe(sproc, str(Path(job["data"]) / "test.json"), job["images"])
     answers = test.answers(model, sproc)
@@ -219,11 +238,14 @@ def _train_and_score(job: dict) -> dict:
     agree = test.score(answers, job["teacher_answers"])
     kl = cache_kl(model, sproc, job["cache"], None)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    t_long = time.perf_counter()
+    long = (long_form_scores(model, sproc, Path(job["data"]) / "test_long.json", job["images"])
+            if job.get("long_form") else None)
+    t_end = time.perf_counter()
     run = {"method": job["method"], "seed": job["seed"], "test_accuracy": acc, "val_accuracy": val_acc,
-           "teacher_agreement": agree,
-           "long_form": (long_form_scores(model, sproc, Path(job["data"]) / "test_long.json", job["images"])
-                         if job.get("long_form") else None),
-           "train_kl_to_teacher": kl, "seconds": round(time.perf_counter() - t0, 1), "curve": metrics}
+           "teacher_agreement": agree, "long_form": long, "train_kl_to_teacher": kl,
+           "seconds": round(t_end - t0, 1), "train_seconds": round(t_train - t0, 1),
+           "eval_seconds": round(t_end - t_train, 1), "long_form_seconds": round(t_end - t_long, 1), "curve": metrics}
     (out / "result.json").write_text(json.dumps(run))
     log.info("%s seed %d: test accuracy %.3f (teacher agreement %.3f)", job["method"], job["seed"], acc, agree)
     return run
