@@ -218,7 +218,7 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
               caption_rate: float = 0.0, grounding: float = 1.0, device: str = "auto",
               long_form: dict[str, int] | None = None, long_form_rate: float = 0.0,
               long_form_target: float | None = None, long_form_grounding: str = "items",
-              teacher_eval_every: int = 250) -> dict:
+              long_form_after: bool = False, teacher_eval_every: int = 250, teacher_lr_schedule: str = "linear") -> dict:
     """Data splits, tokenizer, processor, teacher and student checkpoints under ``out``. With ``train_teacher``
     the teacher trains on fresh scenes (and ``caption_rate`` of "list the shapes" captions) for at most
     ``teacher_steps`` steps, stopping once validation exact match reaches ``teacher_target``; ``grounding``
@@ -226,7 +226,8 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
     long-form splits (``data/<split>_long.json``, shapes.generate_long_form_split) and ``long_form_rate`` the share
     of the teacher's batches that ask the long-form question; with a val_long split the early stop also needs its
     all-fields F1 to reach ``long_form_target`` (teacher_sft.train_sft; ``long_form_grounding``: how the grounding
-    loss reads long-form answers). The result holds the teacher's "teacher_steps_run", "teacher_seconds" and
+    loss reads long-form answers; ``long_form_after``: long-form batches only once the short questions reach the
+    target; ``teacher_lr_schedule``: teacher_sft.train_sft's ``lr_schedule``). The result holds the teacher's "teacher_steps_run", "teacher_seconds" and
     "teacher_history" (validation per evaluation, every ``teacher_eval_every`` steps)."""
     out = Path(out)
     data_dir = out / "data"
@@ -247,9 +248,10 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
                         caption_rate=caption_rate, grounding=grounding, long_form_rate=long_form_rate,
                         long_form_val_path=paths.get("val_long") if long_form_rate else None,
                         long_form_target=long_form_target, long_form_grounding=long_form_grounding,
-                        eval_every=teacher_eval_every, stats=stats)
+                        long_form_after=long_form_after, eval_every=teacher_eval_every,
+                        lr_schedule=teacher_lr_schedule, stats=stats)
         result["teacher_val_accuracy"] = acc
-        result.update(teacher_steps_run=stats["steps"], teacher_seconds=round(stats["seconds"], 1),
+        result.update(teacher_steps_run=stats["steps"], teacher_long_form_from=stats["long_form_from"], teacher_seconds=round(stats["seconds"], 1),
                       teacher_eval_seconds=round(stats["eval_seconds"], 1), teacher_history=stats["history"])
         teacher.cpu()
     student = build_student(family, tokenizer, teacher, seed + 1, patch)

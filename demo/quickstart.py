@@ -4,13 +4,13 @@ make-demo (trains the teacher) -> dump-teacher (IRS layer, saliency, TPA) -> tra
 sft, kd, kd+iva, kd+tpa and alignti for the same step budget and seeds -> evaluate each on the
 test split -> results.md / results.json / curves.png in the work directory.
 
-The long-form split (preset ``long_form``: {split: images}; ``long_form_rate``: the share of the teacher's
-batches that ask it): "Describe every shape in the picture." answered with every shape in reading order
-(demo/shapes.py ``long_form_answer``, 15-41 tokens). The cache is dumped on train + train_long, so every student
+The long-form split (preset ``long_form``: {split: images}; on in both presets since issue 19): "Describe every
+shape in the picture." answered with every shape in reading order (demo/shapes.py ``long_form_answer``, 15-41
+tokens). The teacher learns the short questions first, then both (``long_form_after``, ``long_form_rate``, stop on
+``teacher_target`` and ``long_form_target``: PRESETS). The cache is dumped on train + train_long, so every student
 trains on both; each is also tested on test_long, greedy with ``LONG_FORM_MAX_NEW_TOKENS`` tokens: exact match and
-``shapes.field_scores`` per-field F1 (position, colour, shape, and all fields together). Opt-in: ``LONG_FORM``'s
-settings in the overrides; the presets leave it off (``long_form: {}``), since with it the default run took 11 min
-27 s and its teacher no longer reached 90% short-question validation (docs/demo.md).
+``shapes.field_scores`` per-field F1 (position, colour, shape, and all fields together). ``SHORT_ONLY`` in the
+overrides gives the short questions alone. results.json's "stage_seconds" says where the time went.
 """
 
 from __future__ import annotations
@@ -48,20 +48,26 @@ PRESETS = {
     # the teacher trains until 90% validation exact match (at most teacher_steps steps)
     # 200 validation images (600 questions: where settings are chosen) and 500 test images (1,500 questions: where
     # methods are compared), so that paired differences of a few points are separable over 3 seeds
-    # long_form: images of the long-form splits (one question each; {}: none); long_form_rate: the teacher's
-    # long-form share. Off by default: with LONG_FORM on, the default run took 11 min 27 s, the teacher stalled at
-    # 82% short-question validation and the students learnt no long-form answer (README, docs/demo.md)
-    "default": dict(n_train=300, n_val=200, n_test=500, teacher_steps=1500, teacher_target=0.9, student_steps=800,
+    # long_form: images of the long-form splits (one question each; {}: none). The default teacher learns the short
+    # questions first and the long form after (long_form_after: no long-form batch until short-question validation
+    # reaches teacher_target; then long_form_rate of its batches are long-form), and stops once short validation is
+    # at teacher_target and the long-form validation's all-fields F1 at long_form_target (checked every
+    # teacher_eval_every steps); the grounding loss puts each listed shape's tokens on its own cell
+    # (long_form_grounding "items"). Measured one lever at a time (bench/teacher_long_form.py, docs/demo.md): mixed
+    # from the start at 0.2 the teacher needed 2,000 steps for 89.6% short validation, at 0.1 its long form lagged
+    "default": dict(n_train=300, n_val=200, n_test=500, teacher_steps=2000, teacher_target=0.9, student_steps=800,
                     batch_size=16, lr=3e-3, eval_every=200, val_limit=60, train=dict(freeze_vision=True, **DEMO_TRAIN),
-                    long_form={}, long_form_rate=0.0),
-    # mechanics only: a briefly trained teacher (no accuracy target), short student runs
+                    long_form=dict(train=150, val=50, test=150), long_form_rate=0.5, long_form_after=True,
+                    long_form_target=0.9, long_form_grounding="items", teacher_eval_every=125),
+    # mechanics only: a briefly trained teacher (no accuracy target, so long-form batches from the start), short
+    # student runs
     "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=150, teacher_target=None, student_steps=80,
                  batch_size=16, lr=3e-3, eval_every=40, val_limit=30, train=dict(freeze_vision=True, **DEMO_TRAIN),
-                 long_form={}, long_form_rate=0.0),
+                 long_form=dict(train=30, val=10, test=20), long_form_rate=0.2, long_form_after=False,
+                 long_form_target=None, long_form_grounding="items", teacher_eval_every=125),
 }
-# the long-form split as measured (quickstart --config F with `overrides: {long_form: {train: 150, val: 50,
-# test: 150}, long_form_rate: 0.2}`; --fast: {train: 30, val: 10, test: 20})
-LONG_FORM = dict(long_form={"train": 150, "val": 50, "test": 150}, long_form_rate=0.2)
+# the short questions alone, as before issue 19 (quickstart --config F with `overrides: {long_form: {}}`)
+SHORT_ONLY = dict(long_form={}, long_form_rate=0.0, long_form_after=False, teacher_steps=1500, teacher_eval_every=250)
 LONG_FORM_MAX_NEW_TOKENS = shapes.LONG_FORM_MAX_NEW_TOKENS
 
 
@@ -118,7 +124,9 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                              long_form=p.get("long_form") or None, long_form_rate=p.get("long_form_rate") or 0.0,
                              long_form_target=p.get("long_form_target"),
                              long_form_grounding=p.get("long_form_grounding", "items"),
-                             teacher_eval_every=p.get("teacher_eval_every", 250))
+                             long_form_after=p.get("long_form_after", False),
+                             teacher_eval_every=p.get("teacher_eval_every", 250),
+                             teacher_lr_schedule=p.get("teacher_lr_schedule", "linear"))
         (work / "kit.json").write_text(json.dumps(info, indent=2))
     t_kit = time.perf_counter()
     info = json.loads((work / "kit.json").read_text())
@@ -379,6 +387,14 @@ def render_table(results: dict) -> str:
                 lines.append(f"| {p['a']} − {p['b']} | {100 * p['mean']:+.1f} | {interval_text(p)} | "
                              + ", ".join(f"{100 * d:+.1f}" for d in p["diffs"]) + " |")
             lines += ["", lf["verdict"]]
+    st = results.get("stage_seconds")
+    if st:
+        teacher = (f" (teacher {results['teacher_steps_run']} steps: training {st['teacher_training']:.0f} s, "
+                   f"validation {st['teacher_validation']:.0f} s)" if results.get("teacher_steps_run") else "")
+        lines += ["", f"Time (s): make-demo {st['make_demo']:.0f}{teacher}, dump {st['dump']:.0f}, teacher test "
+                  f"{st['teacher_test']:.0f}, students {st['students_wall']:.0f} wall (summed over runs: training "
+                  f"{st['students_train_sum']:.0f}, evaluation {st['students_eval_sum']:.0f} of which long-form "
+                  f"{st['students_long_form_eval_sum']:.0f}); total {results['total_seconds']:.0f}"]
     sal = results.get("teacher_saliency_region")
     if sal:
         lines += ["", "Teacher saliency (cached, layer l*): share of samples whose top image token lies in the region "

@@ -108,18 +108,20 @@ class StreamEncoder:
 
 
 def _stream_batches(processor, seed: int, batch_size: int, caption_rate: float, long_form_rate: float = 0.0,
-                    long_form_grounding: str = "items"):
+                    long_form_grounding: str = "items", phase: dict | None = None):
     """Batches of fresh scenes; ``caption_rate`` of the batches are all captions and ``long_form_rate`` all
     long-form answers (a caption is twice as long as a question, a long-form answer ten times: mixing them
-    would pad every question batch to their length)."""
+    would pad every question batch to their length). ``phase`` (a dict the caller may change between batches):
+    while ``phase["long_form"]`` is False no long-form batch is drawn."""
     from .shapes import stream
     questions, captions = stream(seed, 0.0), stream(seed + 1, 1.0)
     long_form = stream(seed + 2, long_form_rate=1.0) if long_form_rate else None
     rng = random.Random(seed)
     enc = StreamEncoder(processor, long_form_grounding)
+    phase = {"long_form": True} if phase is None else phase
     while True:
         gen = captions if rng.random() < caption_rate else questions
-        if long_form is not None and rng.random() < long_form_rate:
+        if long_form is not None and rng.random() < long_form_rate and phase["long_form"]:
             gen = long_form
         yield [enc(item, img) for item, img in (next(gen) for _ in range(batch_size))]
 
@@ -171,7 +173,8 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
               seed: int = 0, fresh: bool = True, caption_rate: float = 0.0, target: float | None = None,
               eval_every: int = 250, grounding: float = 0.0, grounding_layer: int = 1,
               long_form_rate: float = 0.0, long_form_val_path=None, long_form_target: float | None = None,
-              long_form_grounding: str = "items", stats: dict | None = None) -> float:
+              long_form_grounding: str = "items", long_form_after: bool = False, lr_schedule: str = "linear",
+              stats: dict | None = None) -> float:
     """Train for at most ``steps`` steps, stopping early once the validation exact match reaches ``target``
     (checked every ``eval_every`` steps). ``fresh``: every step draws new scenes (the task's generator is
     unbounded), so the teacher learns to see instead of memorising the train split.
@@ -183,20 +186,29 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
     ``long_form_grounding`` how the grounding loss reads their answers (``StreamEncoder._ground``: "items", each
     shape's tokens on its own cell). With ``long_form_val_path`` (a long-form split, e.g. val_long.json) every
     evaluation also scores it greedily (``long_form_val``) and the early stop needs its all-fields F1 to reach
-    ``long_form_target`` as well. ``stats`` (a dict) receives "steps", "seconds" (training only, without the
-    evaluations), "eval_seconds" and "history" (per evaluation: step, val, and long_exact / long_fields)."""
+    ``long_form_target`` as well. ``long_form_after``: no long-form batch until short-question validation has
+    reached ``target`` (a curriculum: the short questions first, then both). ``lr_schedule``: after a 30-step
+    warm-up, "linear" decay to 5% at ``steps``, or "constant" (the early stop ends the run). ``stats`` (a dict)
+    receives "steps", "seconds" (training only, without the evaluations), "eval_seconds", "long_form_from" (the
+    first step with long-form batches) and "history" (per evaluation: step, val, and long_exact / long_fields).
+    Raises ValueError for an unknown ``lr_schedule`` or ``long_form_grounding``."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     adapter = adapter_for(model)
+    long_form_after = long_form_after and bool(long_form_rate)
+    phase = {"long_form": not long_form_after}
     if fresh:
         batches = _stream_batches(processor, 10_000 + seed, batch_size, caption_rate, long_form_rate,
-                                  long_form_grounding)
+                                  long_form_grounding, phase)
     else:
         data = [e.__dict__ for _, e in encode_all(processor, train_path, images)]
         batches = (rng.sample(data, batch_size) for _ in iter(int, 1))
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / steps))
+    if lr_schedule not in ("linear", "constant"):
+        raise ValueError(f"lr_schedule '{lr_schedule}': choose linear or constant")
+    decay = (lambda s: max(0.05, 1 - s / steps)) if lr_schedule == "linear" else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * decay(s))
     pad = processor.tokenizer.pad_token_id
     val_items = [(r, e) for r, e in encode_all(processor, val_path, images, generation_prompt=True)
                  if len(r.turns) == 2]
@@ -206,7 +218,7 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
         by_id = {str(d["id"]): d for d in json.loads(Path(long_form_val_path).read_text())}
         long_scenes = [shapes.scene_of(by_id[r.sample_id]["meta"]["scene"]) for r, _ in long_items]
     stats = {} if stats is None else stats
-    stats.update(history=[], eval_seconds=0.0)
+    stats.update(history=[], eval_seconds=0.0, long_form_from=None if long_form_after else 0)
     model.train()
     acc = None
     t0 = time.perf_counter()
@@ -246,8 +258,12 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
             log.info("teacher step %d: validation exact match %.1f%%%s", step + 1, 100 * acc,
                      f", long-form exact {100 * rec['long_exact']:.1f}% all-fields F1 {100 * rec['long_fields']:.1f}"
                      if long_items is not None else "")
-            if acc >= target and (long_items is None or long_form_target is None
-                                  or rec["long_fields"] >= long_form_target):
+            if acc >= target and not phase["long_form"]:  # the curriculum's second part: long-form batches too
+                phase["long_form"] = True
+                stats["long_form_from"] = step + 1
+                log.info("teacher step %d: short questions at target, long-form batches from here", step + 1)
+            elif acc >= target and (long_items is None or long_form_target is None
+                                    or rec["long_fields"] >= long_form_target):
                 break
             acc = None
     model.eval()
