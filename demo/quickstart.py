@@ -67,7 +67,7 @@ PRESETS = {
                  long_form_target=None, long_form_grounding="items", teacher_eval_every=125),
 }
 # the short questions alone, as before issue 19 (quickstart --config F with `overrides: {long_form: {}}`)
-SHORT_ONLY = dict(long_form={}, long_form_rate=0.0, long_form_after=False, teacher_steps=1500, teacher_eval_every=250)
+SHORT_ONLY = dict(long_form={}, teacher_steps=1500, teacher_eval_every=250)
 LONG_FORM_MAX_NEW_TOKENS = shapes.LONG_FORM_MAX_NEW_TOKENS
 
 
@@ -121,7 +121,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     if not (kit_dir / "teacher" / "config.json").exists():
         info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
                              teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"], device=cfg.device,
-                             long_form=p.get("long_form") or None, long_form_rate=p.get("long_form_rate") or 0.0,
+                             long_form=p.get("long_form") or None,  # no split, no long-form batches either
+                             long_form_rate=(p.get("long_form_rate") or 0.0) if p.get("long_form") else 0.0,
                              long_form_target=p.get("long_form_target"),
                              long_form_grounding=p.get("long_form_grounding", "items"),
                              long_form_after=p.get("long_form_after", False),
