@@ -58,15 +58,17 @@ PRESETS = {
     "default": dict(n_train=300, n_val=200, n_test=500, teacher_steps=2000, teacher_target=0.9, student_steps=800,
                     batch_size=16, lr=3e-3, eval_every=200, val_limit=60, train=dict(freeze_vision=True, **DEMO_TRAIN),
                     long_form=dict(train=150, val=50, test=150), long_form_rate=0.5, long_form_after=True,
-                    long_form_target=0.9, long_form_grounding="items", teacher_eval_every=125),
+                    long_form_target=0.9, long_form_grounding="items", teacher_eval_every=125,
+                    teacher_lr_schedule="linear"),
     # mechanics only: a briefly trained teacher (no accuracy target, so long-form batches from the start), short
     # student runs
     "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=150, teacher_target=None, student_steps=80,
                  batch_size=16, lr=3e-3, eval_every=40, val_limit=30, train=dict(freeze_vision=True, **DEMO_TRAIN),
                  long_form=dict(train=30, val=10, test=20), long_form_rate=0.2, long_form_after=False,
-                 long_form_target=None, long_form_grounding="items", teacher_eval_every=125),
+                 long_form_target=None, long_form_grounding="items", teacher_eval_every=125,
+                 teacher_lr_schedule="linear"),
 }
-# the short questions alone, as before issue 19 (quickstart --config F with `overrides: {long_form: {}}`)
+# the short questions alone, as before issue 19 (quickstart --config F with these as `overrides`)
 SHORT_ONLY = dict(long_form={}, teacher_steps=1500, teacher_eval_every=250)
 LONG_FORM_MAX_NEW_TOKENS = shapes.LONG_FORM_MAX_NEW_TOKENS
 
@@ -197,8 +199,9 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                "teacher_params": info["teacher_params"], "student_params": info["student_params"],
                "teacher_saliency_region": saliency, "methods": table, "dump_seconds": round(t_dump - t_start, 1),
                "teacher_steps_run": info.get("teacher_steps_run"), "teacher_history": info.get("teacher_history"),
-               # wall seconds of each stage of this invocation (a stage reused from an earlier run: ~0); the
-               # students' sums are over runs (two run side by side on CPU), split into training and evaluation
+               # wall seconds of each stage of this invocation (a stage reused from an earlier run: ~0; the teacher's
+               # training and validation as recorded when the kit was made); the students' sums are over runs (two
+               # run side by side on CPU), split into training and evaluation
                "stage_seconds": {"make_demo": round(t_kit - t_start, 1),
                                  "teacher_training": info.get("teacher_seconds"),
                                  "teacher_validation": info.get("teacher_eval_seconds"),

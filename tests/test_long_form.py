@@ -159,3 +159,25 @@ def test_grounding_groups_of_long_form_answers(mode):
                 (pos, _, _), = shapes.parse_long_form(text)
                 assert shapes.POSITIONS[cell] == pos
             assert it["instr_spans"][-1][1] <= e - 1  # never the end-of-turn token's prediction
+
+
+def test_long_form_batches_wait_for_the_phase():
+    """The teacher's curriculum (train_sft's long_form_after): while phase["long_form"] is False no batch is
+    long-form; once True, long-form batches come at the rate asked (binomial count over 200 batches, p = 0.5: within
+    5 standard deviations), each batch all of one kind."""
+    from alignti.demo import kit
+    from alignti.demo.teacher_sft import _stream_batches
+
+    proc = kit.build_processor(kit.build_tokenizer())
+    phase = {"long_form": False}
+    gen = _stream_batches(proc, 7, 2, 0.0, 0.5, "items", phase)
+
+    def is_long(batch):
+        kinds = {len(it["ground"]) > 1 or it["resp_spans"][0][1] - it["resp_spans"][0][0] > 8 for it in batch}
+        assert len(kinds) == 1  # long-form batches are kept apart
+        return kinds.pop()
+
+    assert not any(is_long(next(gen)) for _ in range(60))
+    phase["long_form"] = True
+    n = sum(is_long(next(gen)) for _ in range(200))
+    assert abs(n - 100) <= 5 * (200 * 0.25) ** 0.5
