@@ -216,13 +216,19 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
               teacher_steps: int = 3000, seed: int = 0, questions_per_image: int = 3, family: str = "llava",
               teacher_lr: float = 3e-4, patch: int = PATCH, teacher_batch: int = 64, teacher_target: float | None = 0.9,
               caption_rate: float = 0.0, grounding: float = 1.0, device: str = "auto",
-              long_form: dict[str, int] | None = None, long_form_rate: float = 0.0) -> dict:
+              long_form: dict[str, int] | None = None, long_form_rate: float = 0.0,
+              long_form_target: float | None = None, long_form_grounding: str = "items",
+              long_form_after: bool = False, teacher_eval_every: int = 250, teacher_lr_schedule: str = "linear") -> dict:
     """Data splits, tokenizer, processor, teacher and student checkpoints under ``out``. With ``train_teacher``
     the teacher trains on fresh scenes (and ``caption_rate`` of "list the shapes" captions) for at most
     ``teacher_steps`` steps, stopping once validation exact match reaches ``teacher_target``; ``grounding``
     weighs its auxiliary grounding loss (teacher_sft.grounding_loss). ``long_form`` ({split: images}) adds the
     long-form splits (``data/<split>_long.json``, shapes.generate_long_form_split) and ``long_form_rate`` the share
-    of the teacher's batches that ask the long-form question."""
+    of the teacher's batches that ask the long-form question; with a val_long split the early stop also needs its
+    all-fields F1 to reach ``long_form_target`` (teacher_sft.train_sft; ``long_form_grounding``: how the grounding
+    loss reads long-form answers; ``long_form_after``: long-form batches only once the short questions reach the
+    target; ``teacher_lr_schedule``: teacher_sft.train_sft's ``lr_schedule``). The result holds the teacher's "teacher_steps_run", "teacher_seconds" and
+    "teacher_history" (validation per evaluation, every ``teacher_eval_every`` steps)."""
     out = Path(out)
     data_dir = out / "data"
     paths = shapes.write_dataset(data_dir, n_train, n_val, n_test, questions_per_image, n_long=long_form)
@@ -236,10 +242,17 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
 
         from .teacher_sft import train_sft
         teacher.to(resolve_device(device))
+        stats: dict = {}
         acc = train_sft(teacher, processor, paths["train"], paths["val"], data_dir / "images", steps=teacher_steps,
                         seed=seed, lr=teacher_lr, batch_size=teacher_batch, target=teacher_target,
-                        caption_rate=caption_rate, grounding=grounding, long_form_rate=long_form_rate)
+                        caption_rate=caption_rate, grounding=grounding, long_form_rate=long_form_rate,
+                        long_form_val_path=paths.get("val_long") if long_form_rate else None,
+                        long_form_target=long_form_target, long_form_grounding=long_form_grounding,
+                        long_form_after=long_form_after, eval_every=teacher_eval_every,
+                        lr_schedule=teacher_lr_schedule, stats=stats)
         result["teacher_val_accuracy"] = acc
+        result.update(teacher_steps_run=stats["steps"], teacher_long_form_from=stats["long_form_from"], teacher_seconds=round(stats["seconds"], 1),
+                      teacher_eval_seconds=round(stats["eval_seconds"], 1), teacher_history=stats["history"])
         teacher.cpu()
     student = build_student(family, tokenizer, teacher, seed + 1, patch)
     result["student_params"] = sum(p.numel() for p in student.parameters())

@@ -4,13 +4,13 @@ make-demo (trains the teacher) -> dump-teacher (IRS layer, saliency, TPA) -> tra
 sft, kd, kd+iva, kd+tpa and alignti for the same step budget and seeds -> evaluate each on the
 test split -> results.md / results.json / curves.png in the work directory.
 
-The long-form split (preset ``long_form``: {split: images}; ``long_form_rate``: the share of the teacher's
-batches that ask it): "Describe every shape in the picture." answered with every shape in reading order
-(demo/shapes.py ``long_form_answer``, 15-41 tokens). The cache is dumped on train + train_long, so every student
+The long-form split (preset ``long_form``: {split: images}; on in both presets since issue 19): "Describe every
+shape in the picture." answered with every shape in reading order (demo/shapes.py ``long_form_answer``, 15-41
+tokens). The teacher learns the short questions first, then both (``long_form_after``, ``long_form_rate``, stop on
+``teacher_target`` and ``long_form_target``: PRESETS). The cache is dumped on train + train_long, so every student
 trains on both; each is also tested on test_long, greedy with ``LONG_FORM_MAX_NEW_TOKENS`` tokens: exact match and
-``shapes.field_scores`` per-field F1 (position, colour, shape, and all fields together). Opt-in: ``LONG_FORM``'s
-settings in the overrides; the presets leave it off (``long_form: {}``), since with it the default run took 11 min
-27 s and its teacher no longer reached 90% short-question validation (docs/demo.md).
+``shapes.field_scores`` per-field F1 (position, colour, shape, and all fields together). ``SHORT_ONLY`` in the
+overrides gives the short questions alone. results.json's "stage_seconds" says where the time went.
 """
 
 from __future__ import annotations
@@ -48,21 +48,29 @@ PRESETS = {
     # the teacher trains until 90% validation exact match (at most teacher_steps steps)
     # 200 validation images (600 questions: where settings are chosen) and 500 test images (1,500 questions: where
     # methods are compared), so that paired differences of a few points are separable over 3 seeds
-    # long_form: images of the long-form splits (one question each; {}: none); long_form_rate: the teacher's
-    # long-form share. Off by default: with LONG_FORM on, the default run took 11 min 27 s, the teacher stalled at
-    # 82% short-question validation and the students learnt no long-form answer (README, docs/demo.md)
-    "default": dict(n_train=300, n_val=200, n_test=500, teacher_steps=1500, teacher_target=0.9, student_steps=800,
+    # long_form: images of the long-form splits (one question each; {}: none). The default teacher learns the short
+    # questions first and the long form after (long_form_after: no long-form batch until short-question validation
+    # reaches teacher_target; then long_form_rate of its batches are long-form), and stops once short validation is
+    # at teacher_target and the long-form validation's all-fields F1 at long_form_target (checked every
+    # teacher_eval_every steps); the grounding loss puts each listed shape's tokens on its own cell
+    # (long_form_grounding "items"). Measured one lever at a time (bench/teacher_long_form.py, docs/demo.md): mixed
+    # from the start at 0.2 the teacher needed 2,000 steps for 89.6% short validation, at 0.1 its long form lagged
+    "default": dict(n_train=300, n_val=200, n_test=500, teacher_steps=2000, teacher_target=0.9, student_steps=800,
                     batch_size=16, lr=3e-3, eval_every=200, val_limit=60, train=dict(freeze_vision=True, **DEMO_TRAIN),
-                    long_form={}, long_form_rate=0.0),
-    # mechanics only: a briefly trained teacher (no accuracy target), short student runs
+                    long_form=dict(train=150, val=50, test=150), long_form_rate=0.5, long_form_after=True,
+                    long_form_target=0.9, long_form_grounding="items", teacher_eval_every=125,
+                    teacher_lr_schedule="linear"),
+    # mechanics only: a briefly trained teacher (no accuracy target, so long-form batches from the start), short
+    # student runs
     "fast": dict(n_train=120, n_val=20, n_test=40, teacher_steps=150, teacher_target=None, student_steps=80,
                  batch_size=16, lr=3e-3, eval_every=40, val_limit=30, train=dict(freeze_vision=True, **DEMO_TRAIN),
-                 long_form={}, long_form_rate=0.0),
+                 long_form=dict(train=30, val=10, test=20), long_form_rate=0.2, long_form_after=False,
+                 long_form_target=None, long_form_grounding="items", teacher_eval_every=125,
+                 teacher_lr_schedule="linear"),
 }
-# the long-form split as measured (quickstart --config F with `overrides: {long_form: {train: 150, val: 50,
-# test: 150}, long_form_rate: 0.2}`; --fast: {train: 30, val: 10, test: 20})
-LONG_FORM = dict(long_form={"train": 150, "val": 50, "test": 150}, long_form_rate=0.2)
-LONG_FORM_MAX_NEW_TOKENS = 48  # the longest long-form answer is 41 tokens with the demo tokenizer (tests/test_long_form.py)
+# the short questions alone, as before issue 19 (quickstart --config F with these as `overrides`)
+SHORT_ONLY = dict(long_form={}, teacher_steps=1500, teacher_eval_every=250)
+LONG_FORM_MAX_NEW_TOKENS = shapes.LONG_FORM_MAX_NEW_TOKENS
 
 
 @dataclass
@@ -115,8 +123,15 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     if not (kit_dir / "teacher" / "config.json").exists():
         info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
                              teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"], device=cfg.device,
-                             long_form=p.get("long_form") or None, long_form_rate=p.get("long_form_rate") or 0.0)
+                             long_form=p.get("long_form") or None,  # no split, no long-form batches either
+                             long_form_rate=(p.get("long_form_rate") or 0.0) if p.get("long_form") else 0.0,
+                             long_form_target=p.get("long_form_target"),
+                             long_form_grounding=p.get("long_form_grounding", "items"),
+                             long_form_after=p.get("long_form_after", False),
+                             teacher_eval_every=p.get("teacher_eval_every", 250),
+                             teacher_lr_schedule=p.get("teacher_lr_schedule", "linear"))
         (work / "kit.json").write_text(json.dumps(info, indent=2))
+    t_kit = time.perf_counter()
     info = json.loads((work / "kit.json").read_text())
     data, images = kit_dir / "data", str(kit_dir / "data" / "images")
     long_form = bool(p.get("long_form")) and (data / "test_long.json").is_file()
@@ -142,6 +157,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     teacher_acc = test.score(teacher_answers)
     teacher_long = long_form_scores(teacher, proc, data / "test_long.json", images) if long_form else None
     del teacher
+    t_teacher_eval = time.perf_counter()
 
     jobs, runs = [], {}
     for method in cfg.methods:
@@ -168,6 +184,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         for job in jobs:
             runs[(job["method"], job["seed"])] = _train_and_score(dict(job, progress=cfg.progress))
     runs = [runs[(m, s)] for m in cfg.methods for s in range(cfg.seeds)]
+    t_students = time.perf_counter()
 
     table = summarise(runs, cfg.methods)
     pairs = paired_table(runs, cfg.methods)
@@ -181,6 +198,19 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                "teacher_test_accuracy": teacher_acc, "teacher_val_accuracy": info.get("teacher_val_accuracy"),
                "teacher_params": info["teacher_params"], "student_params": info["student_params"],
                "teacher_saliency_region": saliency, "methods": table, "dump_seconds": round(t_dump - t_start, 1),
+               "teacher_steps_run": info.get("teacher_steps_run"), "teacher_history": info.get("teacher_history"),
+               # wall seconds of each stage of this invocation (a stage reused from an earlier run: ~0; the teacher's
+               # training and validation as recorded when the kit was made); the students' sums are over runs (two
+               # run side by side on CPU), split into training and evaluation
+               "stage_seconds": {"make_demo": round(t_kit - t_start, 1),
+                                 "teacher_training": info.get("teacher_seconds"),
+                                 "teacher_validation": info.get("teacher_eval_seconds"),
+                                 "dump": round(t_dump - t_kit, 1), "teacher_test": round(t_teacher_eval - t_dump, 1),
+                                 "students_wall": round(t_students - t_teacher_eval, 1),
+                                 "students_train_sum": round(sum(r.get("train_seconds", 0) for r in runs), 1),
+                                 "students_eval_sum": round(sum(r.get("eval_seconds", 0) for r in runs), 1),
+                                 "students_long_form_eval_sum": round(sum(r.get("long_form_seconds", 0) for r in runs),
+                                                                      1)},
                "total_seconds": round(time.perf_counter() - t_start, 1),
                "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}
     (work / "results.json").write_text(json.dumps(results, indent=2))
@@ -210,6 +240,7 @@ def _train_and_score(job: dict) -> dict:
                                     save_every=p["student_steps"], progress=job.get("progress", False),
                                     workers=0,  # 96-px demo images: in-process loading, no per-epoch worker start
                                     **p.get("train", {})), evaluator=val)
+    t_train = time.perf_counter()
     model, sproc = load_vlm(res["final"], device)
     test = AccuracyProbe(sproc, str(Path(job["data"]) / "test.json"), job["images"])
     answers = test.answers(model, sproc)
@@ -219,11 +250,14 @@ def _train_and_score(job: dict) -> dict:
     agree = test.score(answers, job["teacher_answers"])
     kl = cache_kl(model, sproc, job["cache"], None)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    t_long = time.perf_counter()
+    long = (long_form_scores(model, sproc, Path(job["data"]) / "test_long.json", job["images"])
+            if job.get("long_form") else None)
+    t_end = time.perf_counter()
     run = {"method": job["method"], "seed": job["seed"], "test_accuracy": acc, "val_accuracy": val_acc,
-           "teacher_agreement": agree,
-           "long_form": (long_form_scores(model, sproc, Path(job["data"]) / "test_long.json", job["images"])
-                         if job.get("long_form") else None),
-           "train_kl_to_teacher": kl, "seconds": round(time.perf_counter() - t0, 1), "curve": metrics}
+           "teacher_agreement": agree, "long_form": long, "train_kl_to_teacher": kl,
+           "seconds": round(t_end - t0, 1), "train_seconds": round(t_train - t0, 1),
+           "eval_seconds": round(t_end - t_train, 1), "long_form_seconds": round(t_end - t_long, 1), "curve": metrics}
     (out / "result.json").write_text(json.dumps(run))
     log.info("%s seed %d: test accuracy %.3f (teacher agreement %.3f)", job["method"], job["seed"], acc, agree)
     return run
@@ -357,6 +391,14 @@ def render_table(results: dict) -> str:
                 lines.append(f"| {p['a']} − {p['b']} | {100 * p['mean']:+.1f} | {interval_text(p)} | "
                              + ", ".join(f"{100 * d:+.1f}" for d in p["diffs"]) + " |")
             lines += ["", lf["verdict"]]
+    st = results.get("stage_seconds")
+    if st:
+        teacher = (f" (teacher {results['teacher_steps_run']} steps: training {st['teacher_training']:.0f} s, "
+                   f"validation {st['teacher_validation']:.0f} s)" if results.get("teacher_steps_run") else "")
+        lines += ["", f"Time (s): make-demo {st['make_demo']:.0f}{teacher}, dump {st['dump']:.0f}, teacher test "
+                  f"{st['teacher_test']:.0f}, students {st['students_wall']:.0f} wall (summed over runs: training "
+                  f"{st['students_train_sum']:.0f}, evaluation {st['students_eval_sum']:.0f} of which long-form "
+                  f"{st['students_long_form_eval_sum']:.0f}); total {results['total_seconds']:.0f}"]
     sal = results.get("teacher_saliency_region")
     if sal:
         lines += ["", "Teacher saliency (cached, layer l*): share of samples whose top image token lies in the region "

@@ -122,6 +122,7 @@ def long_form_answer(scene: list[Item]) -> str:
     return ", ".join(f"{it.colour} {it.shape} in the {POSITIONS[it.cell]}" for it in sorted(scene, key=lambda i: i.cell))
 
 
+LONG_FORM_MAX_NEW_TOKENS = 48  # greedy budget for a long-form answer: the longest is 41 tokens (tests/test_long_form.py)
 LONG_FORM_MAX_ITEMS = 4  # long-form scenes hold 2 to 4 shapes: 15 to 40 answer tokens with the demo tokenizer
 _ITEM = re.compile(r"(\w+) (\w+) in the ([\w-]+)")
 

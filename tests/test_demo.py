@@ -3,6 +3,7 @@
 import json
 import random
 
+import pytest
 from PIL import Image
 
 from alignti.demo import shapes
@@ -106,6 +107,15 @@ def test_quickstart_tiny_budget(tmp_path):
     assert lf["test_questions"] == 3 and set(lf["methods"]) == {"sft", "alignti"}
     assert {"exact", "position", "colour", "shape", "fields"} <= set(lf["teacher"])
     assert [p["a"] for p in lf["paired_fields_f1"]] == ["alignti"] and "Long-form questions" in render_table(res)
+    # where the time went: every stage timed, the students' sums add up over the runs
+    st = res["stage_seconds"]
+    assert set(st) == {"make_demo", "teacher_training", "teacher_validation", "dump", "teacher_test", "students_wall",
+                       "students_train_sum", "students_eval_sum", "students_long_form_eval_sum"}
+    assert res["teacher_steps_run"] == 5 and st["teacher_training"] > 0 and st["dump"] > 0
+    assert st["students_train_sum"] == pytest.approx(sum(r["train_seconds"] for r in res["runs"]), abs=0.3)
+    assert 0 <= st["students_long_form_eval_sum"] <= st["students_eval_sum"]
+    assert sum(st[k] for k in ("make_demo", "dump", "teacher_test", "students_wall")) <= res["total_seconds"] + 0.5
+    assert "Time (s): make-demo" in render_table(res)
     assert (tmp_path / "results.md").read_text().count("|") > 10
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == 2
     assert (tmp_path / "curves.png").stat().st_size > 1000

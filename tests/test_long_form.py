@@ -124,3 +124,60 @@ def test_stream_without_long_form_is_unchanged():
     assert hashlib.sha256(json.dumps(a, sort_keys=True).encode()).hexdigest() == STREAM_BEFORE
     c = [x for x, _ in itertools.islice(shapes.stream(5, 0.0, long_form_rate=1.0), 10)]
     assert all(x["meta"]["type"] == shapes.LONG_FORM for x in c)
+
+
+@pytest.mark.parametrize("mode", ["items", "scene", "off"])
+def test_grounding_groups_of_long_form_answers(mode):
+    """The teacher's grounding on a long-form answer ("items"): one group per listed shape, whose query positions
+    are exactly those that predict that shape's tokens ("red circle in the top-left", read back from the encoded
+    sample) and whose target is the shape's own cell; "scene": the answer's first position on every shape's cell
+    (one group); "off": none. Short questions: one group, the first answer position, the question's region."""
+    from alignti.demo import kit
+    from alignti.demo.teacher_sft import StreamEncoder, grounding_groups
+
+    proc = kit.build_processor(kit.build_tokenizer())
+    tok = proc.tokenizer
+    enc = StreamEncoder(proc, mode)
+    for item, img in itertools.islice(shapes.stream(11, 0.0, long_form_rate=0.5), 40):
+        it = enc(item, img)
+        groups = grounding_groups([it])
+        (s, e), = it["resp_spans"]
+        region = item["meta"]["region"]
+        if item["meta"]["type"] != shapes.LONG_FORM:
+            assert it["instr_spans"] == [(s - 1, s)] and groups == [{"region": region}]
+            continue
+        parts = item["conversations"][-1]["value"].split(", ")
+        if mode == "off":
+            assert it["instr_spans"] == [] and groups == []
+        elif mode == "scene":
+            assert it["instr_spans"] == [(s - 1, s)] and groups == [{"region": region}]
+        else:
+            assert len(groups) == len(parts) == len(region)
+            for (q0, q1), g, text, cell in zip(it["instr_spans"], groups, parts, region):
+                predicted = tok.decode(list(it["input_ids"][q0 + 1:q1 + 1]))
+                assert predicted.strip() == text and g == {"region": [cell]}
+                (pos, _, _), = shapes.parse_long_form(text)
+                assert shapes.POSITIONS[cell] == pos
+            assert it["instr_spans"][-1][1] <= e - 1  # never the end-of-turn token's prediction
+
+
+def test_long_form_batches_wait_for_the_phase():
+    """The teacher's curriculum (train_sft's long_form_after): while phase["long_form"] is False no batch is
+    long-form; once True, long-form batches come at the rate asked (binomial count over 200 batches, p = 0.5: within
+    5 standard deviations), each batch all of one kind."""
+    from alignti.demo import kit
+    from alignti.demo.teacher_sft import _stream_batches
+
+    proc = kit.build_processor(kit.build_tokenizer())
+    phase = {"long_form": False}
+    gen = _stream_batches(proc, 7, 2, 0.0, 0.5, "items", phase)
+
+    def is_long(batch):
+        kinds = {len(it["ground"]) > 1 or it["resp_spans"][0][1] - it["resp_spans"][0][0] > 8 for it in batch}
+        assert len(kinds) == 1  # long-form batches are kept apart
+        return kinds.pop()
+
+    assert not any(is_long(next(gen)) for _ in range(60))
+    phase["long_form"] = True
+    n = sum(is_long(next(gen)) for _ in range(200))
+    assert abs(n - 100) <= 5 * (200 * 0.25) ** 0.5
