@@ -245,15 +245,13 @@ def resolve_top_k(cfg: DumpConfig, vocab: int) -> DumpConfig:
     return replace(cfg, top_k=top_k, tpa_top_k=tpa_top_k)
 
 
-def dump_teacher(cfg: DumpConfig) -> dict:
-    """Under torchrun every rank runs this: rank 0 fixes the plan (and the IRS layer), each rank
-    dumps the uncommitted units ``u % world_size == rank``, and rank 0 writes the manifest last."""
-    check_ranges("dump-teacher", cfg)  # every numeric setting in its range, before anything loads
-    out = Path(cfg.out)
-    env = dist.dist_env()
-    device = dist.device_for(cfg.device, env)
-    dist.init(env, device)
-    check_saliency_query(cfg.saliency_query)  # before any teacher time is spent
+def check_dump_config(cfg: DumpConfig):
+    """The settings' own checks, before any data, weights or output are touched (``dump_teacher`` runs them first;
+    ``alignti rounds`` when it reads its YAML): the saliency query, the log-prob encoding and compressor names,
+    --top-k against --tpa-branches, and the k's against the teacher's vocabulary from its config alone
+    (``resolve_top_k``). Returns (``cfg`` with its k's resolved, the teacher's config or None when it cannot be read
+    here: loading the processor later names that problem). Raises ValueError naming the option and its choices."""
+    check_saliency_query(cfg.saliency_query)
     if cfg.logprob_encoding not in LOGPROB_ENCODINGS:
         raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_ENCODINGS)}, not '{cfg.logprob_encoding}'")
     if cfg.packed_compressor not in PACKED_COMPRESSOR_NAMES:
@@ -264,9 +262,21 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     try:  # the config alone: no weights loaded, nothing written yet
         config = load_config(cfg.teacher)
     except (OSError, ValueError, KeyError):
-        config = None  # not readable here: loading the processor below names the problem
+        config = None
     if config is not None:
         cfg = resolve_top_k(cfg, text_vocab_size(config))
+    return cfg, config
+
+
+def dump_teacher(cfg: DumpConfig) -> dict:
+    """Under torchrun every rank runs this: rank 0 fixes the plan (and the IRS layer), each rank
+    dumps the uncommitted units ``u % world_size == rank``, and rank 0 writes the manifest last."""
+    check_ranges("dump-teacher", cfg)  # every numeric setting in its range, before anything loads
+    out = Path(cfg.out)
+    env = dist.dist_env()
+    device = dist.device_for(cfg.device, env)
+    dist.init(env, device)
+    cfg, config = check_dump_config(cfg)  # before any teacher time is spent
     source = open_source(cfg.data, cfg.images)
     records = source.records()
     onp = RolloutColumns.of(source)  # on-policy rows (alignti rollout): loss turns, the student's TPA candidates

@@ -61,6 +61,40 @@ def _mtimes(work):
     return {n: os.stat(work / n).st_mtime_ns for n in names}
 
 
+def test_numbers_yaml_reads_as_strings_and_dump_typos_are_refused_up_front(tmp_path):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string: rounds takes it as the number the command line would. A dump
+    setting the dump itself would refuse (an encoding's name, a k above the teacher's vocabulary) is refused when the
+    YAML is read, naming the file, before a workdir is written."""
+    from alignti.demo import kit as demo_kit
+    from alignti.common.saving import save_checkpoint
+    tok = demo_kit.build_tokenizer()
+    teacher = tmp_path / "teacher"  # only its config is read
+    model = demo_kit.build_model("llava", tok, demo_kit.STUDENT, 0)
+    save_checkpoint(model, demo_kit.build_processor(tok), teacher)
+    text = _yaml(tmp_path / "n.yaml").read_text().replace("teacher: T", f"teacher: {teacher}")
+    path = tmp_path / "n.yaml"
+    path.write_text(text + "\n")
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["lr"], raw["dump"]["packed_kl"] = "3e-4", "4e-5"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert yaml.safe_load(path.read_text())["train"]["lr"] == "3e-4"  # what YAML gives
+    cfg = load_config(path)
+    assert cfg["train"]["lr"] == 3e-4 and cfg["dump"]["packed_kl"] == 4e-5
+    raw["train"]["lr"] = "fast"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"n.yaml: train.lr must be a number \(got 'fast'\)"):
+        load_config(path)
+    raw["train"]["lr"] = 3e-4
+    vocab = len(tok)
+    for dump, what in (({"logprob_encoding": "pakced"}, "--logprob-dtype must be one of"),
+                       ({"top_k": vocab + 1}, f"--top-k {vocab + 1} is larger than the teacher's vocabulary of {vocab} tokens")):
+        raw["dump"] = {**raw["dump"], **dump}
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        with pytest.raises(ConfigError, match=rf"n.yaml \(dump\): {what}"):
+            load_config(path)
+        raw["dump"] = {k: v for k, v in raw["dump"].items() if k not in dump}
+
+
 def test_two_rounds_end_to_end_killed_and_resumed(tmp_path):
     from alignti.demo.kit import make_demo
     kit = tmp_path / "kit"

@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from alignti.common.onpolicy import ROLLOUT_MANIFEST
 from alignti.common.schema import MANIFEST_FILE
 from alignti.student_rollout.rollout import RolloutConfig, rollout
 from alignti.student_train.trainer import TrainConfig, train_student
-from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+from alignti.teacher_dump.dump import DumpConfig, check_dump_config, dump_teacher
 
 log = logging.getLogger("alignti.rounds")
 
@@ -71,6 +72,7 @@ SECTION_KEYS = {
     "train": [f.name for f in fields(TrainConfig) if f.name not in _OWNED],
 }
 SECTION_COMMAND = {"rollout": "rollout", "dump": "dump-teacher", "train": "train-student"}
+SECTION_CLASS = {"rollout": RolloutConfig, "dump": DumpConfig, "train": TrainConfig}
 # the stage configs' fields that are no command-line option (python API only): left out of a stage's --config YAML
 _API_ONLY = ("progress", "eval_every")
 PER_ROUND = ("rollout", "train")  # sections whose settings may be lists, one value per round
@@ -171,6 +173,30 @@ def section_for_round(cfg: dict, section: str, r: int) -> dict:
     return values
 
 
+def _numbers(section: str, values: dict, src: str) -> dict:
+    """``values`` with each numeric setting given as a string made a number: YAML reads ``3e-4`` (no dot) as a
+    string, which the stage's command line would have taken as a float. Raises ConfigError naming the file, the
+    section and the key for a string that is no number."""
+    hints = typing.get_type_hints(SECTION_CLASS[section])
+    out = {}
+    for k, v in values.items():
+        kinds = set(typing.get_args(hints.get(k))) or {hints.get(k)}
+        if str in kinds or not kinds & {int, float}:
+            out[k] = v
+            continue
+
+        def num(x, k=k, kinds=kinds):
+            if not isinstance(x, str):
+                return x
+            try:
+                f = float(x)
+            except ValueError:
+                raise ConfigError(f"{src}: {section}.{k} must be a number (got {x!r})") from None
+            return int(f) if int in kinds and float not in kinds and f.is_integer() else f
+        out[k] = [num(x) for x in v] if isinstance(v, list) else num(v)
+    return out
+
+
 def load_config(path: str | Path) -> dict:
     """Read and validate a rounds YAML before anything loads. Returns the resolved configuration (defaults filled).
 
@@ -199,6 +225,7 @@ def resolve(given: dict, src: str = "rounds config") -> dict:
             raise ConfigError(f"{src}: '{section}' must be a mapping of option: value (got {type(values).__name__})")
         values = {k.replace("-", "_"): v for k, v in values.items()}
         check_keys(values, valid, f"rounds {section}", src)
+        values = _numbers(section, values, src)
         cfg[section] = {**SECTION_DEFAULTS[section], **values}
         if section not in PER_ROUND:
             for k, v in values.items():
@@ -214,6 +241,11 @@ def resolve(given: dict, src: str = "rounds config") -> dict:
             raise ConfigError(f"{src}: dump.tpa_branches ({branches}) is larger than round {r}'s rollout.top_b "
                               f"({top_b}); the dump needs that many student candidates per token: raise top_b or "
                               "lower tpa_branches")
+    try:  # the dump's own checks (names of encodings and compressors, k against the teacher's vocabulary)
+        check_dump_config(DumpConfig(teacher=cfg["teacher"], data=cfg["data"], images=cfg["images"], out="",
+                                     **cfg["dump"]))
+    except ValueError as e:
+        raise ConfigError(f"{src} (dump): {e}") from None
     if cfg["lambda"] < 1 and cfg["reference_cache"] is None and cfg["dump"].get("tpa_branches", 4) == 0 \
             and "tpa" in str(cfg["train"].get("loss", "alignti")):
         raise ConfigError(f"{src}: train loss {cfg['train']['loss']} needs TPA statistics; dump.tpa_branches is 0")
