@@ -103,6 +103,9 @@ def generate_rows(model, prompts: list, seeds: list[int], *, temperature: float,
         out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, repetition_penalty=1.0, eos_token_id=eos or None,
                              pad_token_id=pad_id, logits_processor=processors,
+                             # an image placeholder is no answer token (a prompt-only slot; its candidates are
+                             # skipped too): never sampled, so a generation re-runs as a plain forward
+                             suppress_tokens=[image_token_id] if image_token_id is not None else None,
                              **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
                              **{k: v.to(device) for k, v in image_inputs.items()})
     finally:

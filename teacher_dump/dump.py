@@ -209,7 +209,12 @@ def _check_plan(out: Path, plan: dict) -> None:
         return
     diffs = []
     for key in ("teacher_config_hash", "tokenizer", "processor", "params"):
-        if old["fingerprint"].get(key) != plan["fingerprint"].get(key):
+        was, now = old["fingerprint"].get(key), plan["fingerprint"].get(key)
+        if was != now and key == "params" and isinstance(was, dict) and isinstance(now, dict):
+            diffs.append("params (" + ", ".join(f"{k} {was.get(k)!r} there, {now.get(k)!r} now"
+                                                for k in sorted(set(was) | set(now), key=str)
+                                                if was.get(k) != now.get(k)) + ")")
+        elif was != now:
             diffs.append(key)
     if old["units"] != plan["units"] or old["unit_ids"] != plan["unit_ids"]:
         diffs.append("data (samples or work units)")
