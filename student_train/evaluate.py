@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from alignti.common.losses import fold_student, fold_teacher, kl
 from alignti.common.models import load_vlm, resolve_device
 
 from .data import CacheDataset, StudentCollator, batch_to_device
+
+log = logging.getLogger("alignti.evaluate")
 
 
 def _meta(data: str) -> dict[str, dict]:
@@ -117,6 +120,10 @@ def evaluate(model_path: str, data: str, images: str, teacher_answers: str | Pat
         res["kl_to_teacher_is"] = ("the folded (k+1)-way KL on the cache's top-k + rest: a lower bound on the "
                                    "full-vocabulary KL, blind inside the rest bucket")
         res["teacher_rest_mass"] = stats.get("rest_mass")
+        if res["kl_to_teacher"] is None:  # said, not a bare None: --cache scores the data's samples the cache holds
+            res["kl_to_teacher_is"] = (f"not measured: none of the {len(recs)} evaluated samples is in the cache "
+                                       f"({cache}); pass the cache dumped from this --data")
+            log.warning("evaluate --cache: %s", res["kl_to_teacher_is"])
     if answers_out:
         Path(answers_out).write_text(json.dumps(answers, indent=1))
     return res

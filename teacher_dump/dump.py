@@ -264,6 +264,9 @@ def check_dump_config(cfg: DumpConfig):
                          f"not '{cfg.packed_compressor}'")
     if cfg.tpa_branches and cfg.top_k is not None and cfg.top_k <= cfg.tpa_branches:
         raise ValueError(f"--top-k ({cfg.top_k}) must be larger than --tpa-branches ({cfg.tpa_branches})")
+    if cfg.logprob_encoding != "packed" and (cfg.packed_kl != DEFAULT_TAIL_KL or cfg.packed_compressor != "zstd"):
+        log.warning("--packed-kl / --packed-compressor apply to --logprob-dtype packed only: ignored with "
+                    "--logprob-dtype %s", cfg.logprob_encoding)
     try:  # the config alone: no weights loaded, nothing written yet
         config = load_config(cfg.teacher)
     except (OSError, ValueError, KeyError):

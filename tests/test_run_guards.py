@@ -416,3 +416,15 @@ def test_model_folder_without_processor_files_is_named(kit, cache, tmp_path):
     with pytest.raises(AlignTIError, match="has no processor files"):
         train_student(TrainConfig(student=str(weights_only), cache=str(cache), out=str(tmp_path / "r2")))
     assert not (tmp_path / "r2").exists()
+
+
+def test_packed_settings_without_the_packed_encoding_are_named(caplog):
+    """--packed-kl / --packed-compressor with another encoding do nothing: said, not silently dropped."""
+    from alignti.teacher_dump.dump import DumpConfig, check_dump_config
+    cfg = DumpConfig(teacher="no-such-teacher", data="D", images=None, out="O", logprob_encoding="float16")
+    with caplog.at_level("WARNING", logger="alignti.dump"):
+        check_dump_config(cfg)
+        assert not caplog.records  # the defaults: nothing to say
+        check_dump_config(replace(cfg, packed_kl=1e-3))
+    assert "--packed-kl / --packed-compressor apply to --logprob-dtype packed only: ignored with --logprob-dtype " \
+           "float16" in caplog.text

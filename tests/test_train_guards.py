@@ -61,3 +61,12 @@ def test_evaluate_reports_the_folded_bound_and_the_rest_mass(kit, cache):
     rest = np.concatenate([np.exp(reader[i]["tail_logmass"].astype(np.float64)) for i in range(len(reader))
                            if reader.samples[i]["sample_id"] in set(want_ids) & ids])
     assert res["teacher_rest_mass"] == pytest.approx(rest.mean(), rel=1e-5)
+
+
+def test_evaluate_on_data_the_cache_does_not_hold_says_so(kit, cache):
+    """--cache scores the evaluated samples the cache holds; none held: the KL is None and the reason is stated."""
+    from alignti.student_train.evaluate import evaluate
+    res = evaluate(str(kit / "student"), str(kit / "data/test.json"), str(kit / "data/images"), cache=str(cache),
+                   limit=2)
+    assert res["kl_to_teacher"] is None and res["teacher_rest_mass"] is None
+    assert res["kl_to_teacher_is"].startswith("not measured: none of the 2 evaluated samples is in the cache")
