@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -154,13 +155,28 @@ def _key(k: Any) -> str:
     return str(k).strip().replace("-", "_")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``3e-4`` and ``1e5`` are numbers (YAML 1.1, PyYAML's default,
+    wants a dot, ``3.0e-4``, and reads them as strings), as the command line takes them."""
+
+
+_Loader.add_implicit_resolver(  # the YAML 1.2 core schema's float (yaml.org/spec/1.2.2, 10.3.2), plus 1.1's forms
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def read_config(path: str | Path) -> dict:
     """A YAML mapping of option -> value, keys normalised to option names (dashes to underscores)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        values = yaml.safe_load(p.read_text(encoding="utf-8"))
+        values = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

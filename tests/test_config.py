@@ -121,3 +121,17 @@ def test_dump_settings_come_back_from_the_cache(kit, tmp_path):
     r1, r2 = CacheReader(str(tmp_path / "c1")), CacheReader(str(tmp_path / "c2"))
     assert r1.manifest["counts"] == r2.manifest["counts"] and r1.params == r2.params
     assert r1.manifest["dump_config"] == {**r2.manifest["dump_config"], "out": str(tmp_path / "c1")}
+
+
+def test_yaml_numbers_are_read_as_the_command_line_takes_them(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads 3e-4 and 1e5 as strings; config files read them as numbers (YAML 1.2), so
+    quickstart's overrides and rounds' sections, which no click parameter converts, get numbers too."""
+    from alignti.common.config import read_config
+    from alignti.workflows.rounds import _numbers
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 3e-4\nbig: 1e5\nplain: 0.5\ncount: 10\nquoted: '3e-4'\nversion: 1.0.2\n")
+    got = read_config(p)
+    assert got == {"lr": 3e-4, "big": 1e5, "plain": 0.5, "count": 10, "quoted": "3e-4", "version": "1.0.2"}
+    assert type(got["big"]) is float and type(got["count"]) is int
+    n = _numbers("train", {"lr": "3e-4", "max_steps": 1e5, "seed": [2.0, "3"], "loss": "kd"}, "f")
+    assert n == {"lr": 3e-4, "max_steps": 100000, "seed": [2, 3], "loss": "kd"} and type(n["max_steps"]) is int

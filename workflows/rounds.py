@@ -174,9 +174,10 @@ def section_for_round(cfg: dict, section: str, r: int) -> dict:
 
 
 def _numbers(section: str, values: dict, src: str) -> dict:
-    """``values`` with each numeric setting given as a string made a number: YAML reads ``3e-4`` (no dot) as a
-    string, which the stage's command line would have taken as a float. Raises ConfigError naming the file, the
-    section and the key for a string that is no number."""
+    """``values`` with each numeric setting as the stage's command line would take it (the sections have no click
+    parameters to convert them): a string (``'3e-4'``, quoted) made a number, a whole float (``1e5``) an int where
+    the setting is an int. Raises ConfigError naming the file, the section and the key for a string that is no
+    number."""
     hints = typing.get_type_hints(SECTION_CLASS[section])
     out = {}
     for k, v in values.items():
@@ -186,13 +187,13 @@ def _numbers(section: str, values: dict, src: str) -> dict:
             continue
 
         def num(x, k=k, kinds=kinds):
-            if not isinstance(x, str):
-                return x
-            try:
-                f = float(x)
-            except ValueError:
-                raise ConfigError(f"{src}: {section}.{k} must be a number (got {x!r})") from None
-            return int(f) if int in kinds and float not in kinds and f.is_integer() else f
+            if isinstance(x, str):
+                try:
+                    x = float(x)
+                except ValueError:
+                    raise ConfigError(f"{src}: {section}.{k} must be a number (got {x!r})") from None
+            whole = isinstance(x, float) and x.is_integer()
+            return int(x) if whole and int in kinds and float not in kinds else x
         out[k] = [num(x) for x in v] if isinstance(v, list) else num(v)
     return out
 
