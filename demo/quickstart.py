@@ -268,12 +268,10 @@ def long_form_scores(model, processor, data: str | Path, images: str, limit: int
     "position" / "colour" / "shape" / "fields": mean per-field F1 (``shapes.field_scores``) over the questions,
     "n": questions}. Raises KeyError if a record's meta holds no "scene" (not a long-form split)."""
     probe = AccuracyProbe(processor, str(data), images, limit=limit, max_new_tokens=LONG_FORM_MAX_NEW_TOKENS)
-    scenes = {r["id"]: shapes.scene_of(r["meta"]["scene"]) for r in json.loads(Path(data).read_text())}
+    scenes = shapes.long_form_scenes(data)
     answers = probe.answers(model, processor)
-    per = [shapes.field_scores(a, scenes[r.sample_id]) for a, r in zip(answers, probe.recs)]
-    out = {"exact": probe.score(answers), "n": len(per)}
-    out.update({f: statistics.mean(x[f] for x in per) if per else 0.0 for f in (*shapes.FIELDS, "fields")})
-    return out
+    return {"exact": probe.score(answers), "n": len(answers),
+            **shapes.mean_field_scores(answers, [scenes[r.sample_id] for r in probe.recs])}
 
 
 def summarise_long(runs: list[dict], methods) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,18 @@ def field_scores(pred: str, scene: list[Item]) -> dict[str, float]:
     out = {f: f1(pairs(ref, f), pairs(said, f)) for f in FIELDS}
     out["fields"] = f1(set().union(*(pairs(ref, f) for f in FIELDS)), set().union(*(pairs(said, f) for f in FIELDS)))
     return out
+
+
+def mean_field_scores(preds: list[str], scenes: list[list[Item]]) -> dict[str, float]:
+    """``field_scores`` averaged over answers: {"position", "colour", "shape", "fields"} (0.0 for no answers)."""
+    per = [field_scores(p, sc) for p, sc in zip(preds, scenes)]
+    return {f: statistics.mean(x[f] for x in per) if per else 0.0 for f in (*FIELDS, "fields")}
+
+
+def long_form_scenes(path: str | Path) -> dict[str, list[Item]]:
+    """Sample id -> scene of a long-form split's records (their meta's "scene"); KeyError for a record without one
+    (not a long-form split)."""
+    return {str(r["id"]): scene_of(r["meta"]["scene"]) for r in json.loads(Path(path).read_text())}
 
 
 def stream(seed: int, caption_rate: float = 0.0, long_form_rate: float = 0.0):

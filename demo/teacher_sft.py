@@ -6,13 +6,10 @@ plain cross-entropy on the train split until its validation exact-match accuracy
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
-import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -165,8 +162,7 @@ def long_form_val(model, processor, items: list, scenes: list) -> dict:
     rate, "fields": mean all-fields F1 (``shapes.field_scores``)} against the records' scenes."""
     preds = greedy_answers(model, processor, [e for _, e in items], max_new_tokens=shapes.LONG_FORM_MAX_NEW_TOKENS)
     return {"exact": sum(exact_match(p, r.turns[-1][1]) for p, (r, _) in zip(preds, items)) / max(1, len(items)),
-            "fields": statistics.mean(shapes.field_scores(p, sc)["fields"] for p, sc in zip(preds, scenes))
-            if preds else 0.0}
+            "fields": shapes.mean_field_scores(preds, scenes)["fields"]}
 
 
 def train_sft(model, processor, train_path, val_path, images, steps: int = 600, batch_size: int = 16, lr: float = 3e-4,
@@ -215,8 +211,8 @@ def train_sft(model, processor, train_path, val_path, images, steps: int = 600, 
     long_items = long_scenes = None
     if long_form_val_path is not None:
         long_items = encode_all(processor, long_form_val_path, images, generation_prompt=True)
-        by_id = {str(d["id"]): d for d in json.loads(Path(long_form_val_path).read_text())}
-        long_scenes = [shapes.scene_of(by_id[r.sample_id]["meta"]["scene"]) for r, _ in long_items]
+        by_id = shapes.long_form_scenes(long_form_val_path)
+        long_scenes = [by_id[r.sample_id] for r, _ in long_items]
     stats = {} if stats is None else stats
     stats.update(history=[], eval_seconds=0.0, long_form_from=None if long_form_after else 0)
     model.train()
