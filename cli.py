@@ -392,7 +392,10 @@ def evaluate(ctx: typer.Context, model: str = typer.Option(..., help="The model 
              include_path: Optional[Path] = typer.Option(None, help="With --lmms-eval: a folder of local tasks "
                                                          "(alignti export-task)."),
              as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON (per question "
-                                                                 "type accuracy included).")):
+                                                                 "type accuracy included)."),
+             skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out samples that do not parse or whose "
+                                           "image is missing (listed in the report's 'skipped') instead of refusing "
+                                           "them, as dump-teacher --skip-bad does.")):
     """Greedy answers: exact-match accuracy, agreement with a teacher, KL to a cache; or lmms-eval's scores."""
     _check_options(ctx)
     if (data is None) == (lmms_eval is None):
@@ -408,7 +411,7 @@ def evaluate(ctx: typer.Context, model: str = typer.Option(..., help="The model 
         return
     from alignti.student_train.evaluate import evaluate as run
     res = _run(run, model, data, images, teacher_answers=teacher_answers, cache=cache, limit=limit,
-               device=device, answers_out=answers_out, max_new_tokens=max_new_tokens)
+               device=device, answers_out=answers_out, max_new_tokens=max_new_tokens, skip_bad=skip_bad)
     typer.echo(json.dumps(res, indent=2) if as_json else
                "\n".join(f"{k}: {v}" for k, v in res.items() if k != "per_type"))
 
@@ -505,11 +508,12 @@ def make_student(ctx: typer.Context,
     typer.echo(json.dumps(info, indent=2))
 
 
-CONFIGURABLE = ("dump-teacher", "train-student", "quickstart", "rounds")
+CONFIGURABLE = ("dump-teacher", "rollout", "train-student", "quickstart", "rounds")  # every command with --config
 
 
 @app.command("config")
-def config_template(command: str = typer.Argument(..., help="dump-teacher, train-student, quickstart or rounds."),
+def config_template(command: str = typer.Argument(..., help="dump-teacher, rollout, train-student, quickstart or "
+                                                  "rounds."),
                     source: Optional[str] = typer.Option(None, "--from",
                                                          help="A cache (dump-teacher), a run directory (train-student, "
                                                               "quickstart) or a rounds workdir: print the "

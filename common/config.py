@@ -194,15 +194,18 @@ def read_config(path: str | Path) -> dict:
     return out
 
 
-def check_keys(values: Iterable[str], valid: Iterable[str], command: str, source: str) -> None:
-    """Every key must be one of ``valid``; else name it and the closest valid key."""
+def check_keys(values: Iterable[str], valid: Iterable[str], command: str, source: str,
+               lists: str | None = None) -> None:
+    """Every key must be one of ``valid``; else a ConfigError naming it, the closest valid key and a command that
+    lists the valid ones: ``lists`` (a command line, e.g. ``alignti config rollout``), by default ``alignti config
+    COMMAND`` (``alignti config`` prints every command that takes a --config file)."""
     valid = sorted(set(valid))
     for k in values:
         if k not in valid:
             close = difflib.get_close_matches(k, valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown option '{k}' for {command}{hint} "
-                              f"(`alignti config {command}` lists every option)")
+                              f"(`{lists or f'alignti config {command}'}` lists every option)")
 
 
 def plain(value: Any) -> Any:

@@ -151,6 +151,26 @@ def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: boo
     return full, content, ends
 
 
+def end_of_turn_ids(processor) -> list[int]:
+    """The token ids that end an assistant turn in the processor's chat template, where generation must stop: the
+    special (added) tokens of the markup the template renders right after an answer, in order (Qwen2-VL's
+    ``<|im_end|>`` of ``<|im_end|>\\n``, Phi-3's ``<|end|>``, Llama-3's ``<|eot_id|>``). The markup is found as
+    ``encode`` finds a response's end-of-turn markup (the rendering of a one-turn conversation cut after the
+    answer's sentinel). [] when the markup holds no such token (LLaVA-1.5's " ": its model's end-of-sequence
+    token, which the template does not render, ends its answers)."""
+    tok = processor.tokenizer
+    sent = [_SENTINEL.format(k) for k in range(2)]
+    msgs = [{"role": "user", "content": [{"type": "text", "text": sent[0]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": sent[1]}]}]
+    rendered = _render(processor, msgs)
+    if sent[1] not in rendered:
+        return []
+    end = rendered.split(sent[1], 1)[1]
+    special = set(tok.all_special_ids) | {int(i) for i in getattr(tok, "added_tokens_decoder", {})}
+    ids = tok(end, add_special_tokens=False)["input_ids"] if end else []
+    return [int(i) for i in dict.fromkeys(ids) if int(i) in special]
+
+
 def rendered_text(processor, rec: Record, with_images: bool = True) -> str:
     """The conversation as the processor's chat template renders it, checked to hold every message text verbatim
     (DataError naming the sample otherwise); no tokenizer or image processor runs."""

@@ -14,6 +14,19 @@ class DataError(AlignTIError):
         self.fix = fix
         super().__init__(f"sample {sample}: {problem} ({fix})")
 
+    def __reduce__(self):  # pickled whole (torchrun hands rank 0's error to every rank)
+        return type(self), (self.sample, self.problem, self.fix)
+
+
+class DataSourceError(DataError):
+    """The data source as a whole cannot be used (a file or folder: not found, not UTF-8, no samples, no usable row),
+    not one sample of it: the message names the location, ``LOCATION: problem (fix)``. A DataError, so whatever
+    handles data errors handles it; ``sample`` holds the location."""
+
+    def __init__(self, location: str, problem: str, fix: str = "check --data"):
+        self.sample, self.problem, self.fix = str(location), problem, fix
+        AlignTIError.__init__(self, f"{location}: {problem} ({fix})")
+
 
 class BadSamples(DataError):
     """Several samples refused at once, before any work (a pre-flight check). The message lists the first three
@@ -21,11 +34,14 @@ class BadSamples(DataError):
 
     def __init__(self, bad: list[tuple[str, str]], before: str, fix: str):
         """bad: [(sample id, its message "sample ID: problem (fix)")]; before: what did not start ("dumping")."""
-        self.sample, self.fix = bad[0][0], fix
+        self.sample, self.fix, self._init = bad[0][0], fix, (bad, before, fix)
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         self.problem = (f"{len(bad)} bad sample(s) found before {before}, nothing was written: "
                         + "; ".join(m for _, m in bad[:3]) + more)
         AlignTIError.__init__(self, f"{self.problem} ({fix})")
+
+    def __reduce__(self):
+        return type(self), self._init
 
 
 class CacheError(AlignTIError):

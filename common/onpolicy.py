@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 
 from .conversation import Encoded
-from .errors import DataError
+from .errors import DataError, DataSourceError
 from .records import ROLE_OUT, join_placeholders
 from .token_align import turn_char_starts
 
@@ -117,22 +117,25 @@ MAX_END_MARKUP = 8  # most tokens of end-of-turn markup after an answer (`<|im_e
 
 def student_response_ids(resp_ids, student_ids, finish: str, tokenizer, image_token_id: int | None = None):
     """The response span the dump scores for a generated answer: the student's own tokens (``student_ids``, without
-    its end-of-sequence token when ``finish`` is "eos") followed by the end-of-turn markup of the re-encoded span
-    ``resp_ids`` (answer tokens then markup tokens, as ``conversation.encode`` makes a response span). Returns that
-    int32 array, or None when the texts do not allow it: no split of ``resp_ids`` into answer + at most
-    MAX_END_MARKUP markup tokens has an answer that decodes (special tokens kept, no clean-up) to exactly the text the
-    student's tokens decode to, or the student's tokens hold the image token. Equal ids come back unchanged."""
+    its stop token when ``finish`` is "eos") followed by the end-of-turn markup of the re-encoded span ``resp_ids``
+    (answer tokens then markup tokens, as ``conversation.encode`` makes a response span). An answer cut at
+    --max-new-tokens (``finish`` "length") is scored as generated: its tokens alone, no end-of-turn markup (the
+    student did not end the turn, so ending it is no target). Returns that int32 array, or None when the texts do
+    not allow it: no split of ``resp_ids`` into answer + at most MAX_END_MARKUP markup tokens has an answer that
+    decodes (special tokens kept, no clean-up) to exactly the text the student's tokens decode to, or the student's
+    tokens hold the image token. Equal ids come back unchanged."""
     body = list(student_ids[:-1] if finish == "eos" else student_ids)
     resp = np.asarray(resp_ids, np.int32)
+    markup = finish != "length"
     if not body or (image_token_id is not None and image_token_id in body):
         return None
     if len(resp) > len(body) and list(resp[:len(body)]) == body:
-        return resp  # the re-encoding holds the student's tokens already
+        return resp if markup else resp[:len(body)]  # the re-encoding holds the student's tokens already
     text = tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     for m in range(0, min(MAX_END_MARKUP, len(resp) - 1) + 1):
         k = len(resp) - m
         if tokenizer.decode(resp[:k].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False) == text:
-            return np.concatenate([np.asarray(body, np.int32), resp[k:]])
+            return np.concatenate([np.asarray(body, np.int32), resp[k:] if markup else resp[:0]])
     return None
 
 
@@ -204,6 +207,22 @@ def with_student_response(enc: Encoded, new_resp: np.ndarray, max_length: int | 
     enc.input_ids, enc.response_mask = ids, mask
     enc.resp_spans = [*enc.resp_spans[:-1], (s, s + len(new_resp))]
     return True
+
+
+def without_end_markup(enc: Encoded) -> bool:
+    """``enc``'s last response span without its end-of-turn markup, in place: the span keeps its tokens that start
+    inside the turn's text (``char_start`` < the text's length; markup tokens start at or after it, the rule of
+    ``common.token_align.turn_char_starts``). For an answer cut at --max-new-tokens that is scored from its re-encoded
+    text. Returns False (``enc`` unchanged) where ``enc`` carries no character starts or no answer token would stay."""
+    if enc.char_start is None or not enc.turn_texts or not enc.resp_spans:
+        return False
+    s, e = enc.resp_spans[-1]
+    text = enc.turn_texts[enc.resp_turns[-1] if enc.resp_turns else len(enc.resp_spans) - 1]
+    starts = enc.char_start[s:e]
+    k = int((starts < len(text)).sum())
+    if k == 0:
+        return False
+    return with_student_response(enc, enc.input_ids[s:s + k].copy(), None, starts[:k].copy())
 
 
 def restrict_to_loss_turns(enc: Encoded, loss_turns: list[int] | None) -> Encoded:
@@ -290,18 +309,24 @@ class RolloutColumns:
     def with_student_tokens(self, enc: Encoded, tokenizer, image_token_id: int | None,
                             max_length: int | None = None) -> bool:
         """For a generated row (its ``turn`` >= 0) whose prompt re-encodes to what the student saw
-        (``student_cand_valid`` > 0): its loss turn's response becomes the student's own tokens and the re-encoded
-        end-of-turn markup (``student_response_ids``, ``with_student_response``), in place. Call it after
-        ``restrict_to_loss_turns`` (the loss turn is the row's last assistant turn). Returns whether ``enc`` now holds
-        every generated token (already, or by the swap); False for other rows and where the texts do not allow it."""
+        (``student_cand_valid`` > 0): its loss turn's response becomes the student's own tokens and, unless the
+        answer was cut at --max-new-tokens, the re-encoded end-of-turn markup (``student_response_ids``,
+        ``with_student_response``), in place. A cut answer whose tokens cannot be swapped in keeps its re-encoded
+        answer without the markup (``without_end_markup``). Call it after ``restrict_to_loss_turns`` (the loss turn is
+        the row's last assistant turn). Returns whether ``enc`` now holds every generated token (already, or by the
+        swap); False for other rows and where the texts do not allow it."""
         row = enc.index
         turns = self.provenance_rows.get("turn")
         turn = None if turns is None else turns[row]
-        if not self.has_candidates or turn is None or turn < 0 or not int(self.valid[row] or 0):
+        if not self.has_candidates or turn is None or turn < 0:
             return False
+        finish = self.cols["finish"][row].as_py() if "finish" in self.cols else ""  # unknown: ids kept, markup added
         student = self.cols["student_token_ids"][row].as_py() or []
-        finish = self.cols["finish"][row].as_py() if "finish" in self.cols else "length"
-        return swap_student_tokens(enc, student, finish, tokenizer, image_token_id, max_length)
+        held = bool(int(self.valid[row] or 0)) and swap_student_tokens(enc, student, finish, tokenizer,
+                                                                        image_token_id, max_length)
+        if finish == "length" and not held:
+            without_end_markup(enc)
+        return held
 
     def loss_turns(self, row: int) -> list[int] | None:
         v = self.loss[row]
@@ -352,8 +377,8 @@ def check_finished(location: str) -> None:
     except (OSError, json.JSONDecodeError):
         return
     if "student" in plan and "settings" in plan and not (p / ROLLOUT_MANIFEST).is_file():
-        raise DataError(str(p), "an unfinished rollout (no rollout.json): some work units are missing",
-                        "re-run the same alignti rollout command to finish it, then dump")
+        raise DataSourceError(str(p), "an unfinished rollout (no rollout.json): some work units are missing",
+                              "re-run the same alignti rollout command to finish it, then dump")
 
 
 def row_conversations(turns: list[tuple[str, str]], image_at: dict[int, list[int]]) -> list[dict]:

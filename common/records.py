@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, DataSourceError
 
 PLACEHOLDER = "<image>"
 # one placeholder with the line break that sets it apart from the text, if any ("<image>\\nQ", "Q\\n<image>")
@@ -86,22 +86,22 @@ def load_json_records(path: str | Path) -> list[Record | Skipped]:
     """Parse a LLaVA JSON list or JSONL file; a file that is not JSON at all raises."""
     path = Path(path)
     if not path.exists():
-        raise DataError(str(path), "data file not found", "check the --data path")
+        raise DataSourceError(str(path), "data file not found", "check the --data path")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors, pandas) is not data
     except UnicodeDecodeError as e:
-        raise DataError(str(path), f"the data file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                        f"{e.start} is not valid UTF-8)",
-                        f"convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}, "
-                        f"and pass the converted file as --data") from None
+        raise DataSourceError(str(path), f"the data file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start} is not valid UTF-8)",
+                              f"convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > "
+                              f"{path.stem}.utf8{path.suffix}, and pass the converted file as --data") from None
     raw: list[tuple[int, object]] = []
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(str(path), f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}",
-                            "fix the file (a JSON list of samples, or JSONL with one sample per line)") from None
+            raise DataSourceError(str(path), f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}",
+                                  "fix the file (a JSON list of samples, or JSONL with one sample per line)") from None
         raw = list(enumerate(items))
     else:
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -157,12 +157,14 @@ def join_placeholders(text: str, offsets: list[int]) -> str:
     return "".join(out)
 
 
-def parse_record(index: int, item: object) -> Record:
+def parse_record(index: int, item: object, generated_last: bool = False) -> Record:
     """One LLaVA-format sample, checked. Raises ``DataError`` (sample id, what, the fix) for: no conversations,
     a turn without ``from``/``value``, an unknown role, an empty answer, a human turn with no question text
     (empty or whitespace only), turns that do not alternate, an ``image`` that is not a path or list of paths,
     an ``<image>`` placeholder in an answer or system turn, a placeholder without an image, and placeholders that
-    do not match the images. Where the placeholders stand decides where the images go (``Record.image_at``)."""
+    do not match the images. Where the placeholders stand decides where the images go (``Record.image_at``).
+    ``generated_last``: the last turn is a student's generated answer (a rollout row, ``common.onpolicy``), which
+    may be empty: the student ended the turn at once, and its response is the end-of-turn markup alone."""
     if not isinstance(item, dict):
         raise DataError(f"#{index}", f"expected a JSON object, got {type(item).__name__}")
     sid = str(item.get("id", f"#{index}"))
@@ -187,7 +189,7 @@ def parse_record(index: int, item: object) -> Record:
                             "be read as an image placeholder by LLaVA-format tools and by the LLaVA families' "
                             "tokenizers)", "remove it from the answer (or write it another way, e.g. '<img>'), or "
                             "pass --skip-bad")
-        if role == "assistant" and not value.strip():
+        if role == "assistant" and not value.strip() and not (generated_last and j == len(convs) - 1):
             raise DataError(sid, f"assistant turn {j} has an empty answer")
         if role == "user" and not text.strip():
             raise DataError(sid, f"human turn {j} has no question text (empty or whitespace only"

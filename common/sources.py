@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import ExifTags, Image, ImageOps
 from transformers.image_transforms import convert_to_rgb
 
-from .errors import DataError
+from .errors import BadSamples, DataError, DataSourceError
 from .records import Record, Skipped, check_unique, load_json_records, parse_record
 
 EMBEDDED = "@"  # image reference prefix: "@12" = the image embedded in row 12 of the data source
@@ -197,21 +197,22 @@ class TableSource(DataSource):
             schema = self._schema(handle)
             names = set(schema.names)
             if "conversations" not in names:
-                raise DataError(f, f"no 'conversations' column (columns: {', '.join(schema.names)})",
-                                "use LLaVA-style rows: conversations [{from, value}], image, id")
+                raise DataSourceError(f, f"no 'conversations' column (columns: {', '.join(schema.names)})",
+                                      "use LLaVA-style rows: conversations [{from, value}], image, id")
             image_type = schema.field("image").type if "image" in names else None
             embedded = image_type is not None and (_is_struct(image_type) or _is_list_of_structs(image_type))
             cols = ["conversations"] + (["id"] if "id" in names else [])
             if image_type is not None:  # (a single struct: its path only; the bytes are read when needed)
                 cols.append("image.path" if _is_struct(image_type) and self.kind == "parquet" else "image")
             table = self._read(handle, cols)
+            generated = {"loss_turns", "finish"} <= names  # rows of alignti rollout: an answer may be empty
             offsets.append(row)
             for item in table.to_pylist():
                 item = _row_item(item, row, embedded)
                 try:
                     if "_error" in item:
                         raise DataError(str(item.get("id", f"#{row}")), item["_error"])
-                    rec = parse_record(row, item)
+                    rec = parse_record(row, item, generated_last=generated)
                     rec.source = self
                     out.append(rec)
                 except DataError as e:
@@ -327,33 +328,33 @@ def open_source(data: str | Path, images: str | Path | None = None) -> DataSourc
         elif path.endswith(".parquet"):
             files = [path]
         else:
-            raise DataError(data, "a remote --data must be parquet (a file, a folder of shards or a glob)",
-                            "export the data to parquet, or copy a JSON file locally")
+            raise DataSourceError(data, "a remote --data must be parquet (a file, a folder of shards or a glob)",
+                                  "export the data to parquet, or copy a JSON file locally")
         if not files:
-            raise DataError(data, "no parquet files there", "check the --data URL")
+            raise DataSourceError(data, "no parquet files there", "check the --data URL")
         return TableSource(data, images, [full(f) for f in files], "parquet")
     p = Path(data)
     if any(ch in data for ch in "*?["):
         files = sorted(glob.glob(data))
         if not files:
-            raise DataError(data, "no files match", "check the --data pattern")
+            raise DataSourceError(data, "no files match", "check the --data pattern")
         return TableSource(data, images, files, "parquet")
     if not p.exists():
-        raise DataError(data, "data file not found", "check the --data path")
+        raise DataSourceError(data, "data file not found", "check the --data path")
     if p.is_dir():
         if (p / "dataset_dict.json").exists():
             splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
-            raise DataError(data, f"a DatasetDict with splits {splits}", f"pass one split, e.g. --data {p / (splits or ['train'])[0]}")
+            raise DataSourceError(data, f"a DatasetDict with splits {splits}", f"pass one split, e.g. --data {p / (splits or ['train'])[0]}")
         if (p / "state.json").exists():
             state = json.loads((p / "state.json").read_text())
             files = [str(p / f["filename"]) for f in state.get("_data_files", [])]
             if not files:
-                raise DataError(data, "the datasets folder lists no data files", "re-save it with save_to_disk")
+                raise DataSourceError(data, "the datasets folder lists no data files", "re-save it with save_to_disk")
             return TableSource(data, images, files, "arrow")
         files = sorted(str(f) for f in p.rglob("*.parquet"))
         if not files:
-            raise DataError(data, "a folder with neither a datasets save_to_disk state.json nor parquet shards",
-                            "pass a JSON/JSONL file, a parquet file or folder, or a save_to_disk folder")
+            raise DataSourceError(data, "a folder with neither a datasets save_to_disk state.json nor parquet shards",
+                                  "pass a JSON/JSONL file, a parquet file or folder, or a save_to_disk folder")
         return TableSource(data, images, files, "parquet")
     if p.suffix == ".parquet":
         return TableSource(data, images, [str(p)], "parquet")
@@ -367,6 +368,34 @@ def load_records(data: str | Path) -> list[Record | Skipped]:
     (common.sources). Problems come back as `Skipped` entries (the caller raises or records them, depending on
     --skip-bad); a source that cannot be read at all raises."""
     return open_source(data).records()
+
+
+def preflight(records: list, images: str | Path | None, skip_bad: bool, before: str, fix: str) -> list:
+    """What can be checked of the samples before any model time is spent: those that do not parse (``Skipped``
+    records) and image paths that are not there (or no ``images`` folder for them). Without ``skip_bad``, all of
+    them at once are refused by name (``BadSamples``: "N bad sample(s) found before ``before``, nothing was written:
+    sample S: ... (``fix``)"); with it, each comes back as a ``Skipped`` in its place (its reason named), the rest
+    unchanged. dump-teacher, rollout and evaluate run it."""
+    bad = []
+    for r in records:
+        if isinstance(r, Skipped):
+            bad.append(r)
+            continue
+        paths = [ref for ref in r.images if not is_embedded(ref)]
+        if paths and images is None:
+            bad.append(Skipped(r.index, r.sample_id, str(DataError(
+                r.sample_id, f"image '{paths[0]}' is a path but no --images folder was given",
+                "pass --images (the folder the data's image paths are relative to)"))))
+            continue
+        missing = [ref for ref in paths if not (Path(images) / ref).is_file()]
+        if missing:
+            bad.append(Skipped(r.index, r.sample_id, str(DataError(
+                r.sample_id, f"image '{missing[0]}' not found under {images}",
+                "check --images and the sample's 'image' field, or pass --skip-bad"))))
+    if bad and not skip_bad:
+        raise BadSamples([(b.sample_id, b.error) for b in bad], before, fix)
+    bad_by_index = {b.index: b for b in bad}
+    return [bad_by_index.get(r.index, r) for r in records]
 
 
 def load_image(rec: Record, images_dir: str | Path | None):

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from alignti.common.generate import left_padded
+from alignti.common.generate import left_padded, stop_ids
 from alignti.common.onpolicy import top_candidates
 
 
 @dataclass
 class Generated:
-    token_ids: list[int]     # the student's tokens, up to and including the end-of-sequence token if it stopped
+    token_ids: list[int]     # the student's tokens, up to and including the stop id (end of sequence / turn) if it
+    #                          stopped
     cand_ids: np.ndarray     # int32 [n, B]: its top-B next tokens before each generated token
     cand_probs: np.ndarray   # float32 [n, B]
     finish: str              # "eos" or "length"
@@ -80,20 +81,18 @@ class CandidateCapture:
         self.probs.append(probs)
 
 
-def _eos_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-
-
 @torch.no_grad()
 def generate_rows(model, prompts: list, seeds: list[int], *, temperature: float, top_p: float, max_new_tokens: int,
                   top_b: int, pad_id: int, image_token_id: int | None, eos_ids: list[int] | None = None,
                   min_new_tokens: int | None = None) -> list[Generated]:
     """One ``generate`` call for the encoded prompts (``Encoded`` with ``generation_prompt=True``; left-padded), one
-    seed per prompt. Returns, per prompt, its tokens (through the first end-of-sequence token) and the student's
-    top-B candidates before each of them. ``min_new_tokens``: no end-of-sequence before that many (benchmarks)."""
+    seed per prompt. ``eos_ids``: the ids that end an answer (the rollout passes ``common.generate.stop_ids`` with
+    the processor: generation_config's end of sequence and the template's end of turn; None: generation_config's
+    alone). Returns, per prompt, its tokens (through the first of those ids: ``finish`` "eos"; else cut at
+    ``max_new_tokens``: "length") and the student's top-B candidates before each of them. ``min_new_tokens``: no
+    end-of-sequence before that many (benchmarks)."""
     device = next(model.parameters()).device
-    eos = _eos_ids(model) if eos_ids is None else list(eos_ids)
+    eos = stop_ids(model) if eos_ids is None else list(eos_ids)
     ids, att, image_inputs = left_padded(prompts, pad_id, image_token_id)
     s = ids.shape[1]
     capture = CandidateCapture(top_b, image_token_id)

@@ -36,15 +36,16 @@ from alignti.common.config import check_ranges
 from alignti.common.adapters import adapter_for, check_images_per_sample
 from alignti.common.batch import collate
 from alignti.common.conversation import encode
-from alignti.common.errors import BadSamples, CacheError, DataError
+from alignti.common.errors import CacheError, DataError, DataSourceError
 from alignti.common.faults import crash_point
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
+from alignti.common.generate import stop_ids
 from alignti.common.models import load_vlm
 from alignti.common.onpolicy import (ROLLOUT_MANIFEST, ROLLOUT_PLAN, candidate_count, common_prefix, row_conversations,
                                      rollout_schema, seed_for, swap_student_tokens, weights_sha256)
 from alignti.common.progress import progress_bar
 from alignti.common.records import Record, Skipped, parse_record
-from alignti.common.sources import is_embedded, load_image, open_source
+from alignti.common.sources import is_embedded, load_image, open_source, preflight
 
 from .generate import generate_rows, teacher_forced_candidates
 
@@ -155,11 +156,9 @@ def rollout(cfg: RolloutConfig) -> dict:
     if cfg.limit is not None:
         records = records[:cfg.limit]
     if not records:
-        raise DataError(cfg.data, "no samples in the data", "check --data")
-    bad = [r for r in records if isinstance(r, Skipped)]
-    if bad and not cfg.skip_bad:
-        raise BadSamples([(b.sample_id, b.error) for b in bad], "generating",
-                         "fix them, or pass --skip-bad to leave them out (listed in rollout.json)")
+        raise DataSourceError(cfg.data, "no samples in the data", "check --data")
+    records = preflight(records, cfg.images, cfg.skip_bad, "generating",
+                        "fix them, or pass --skip-bad to leave them out (listed in rollout.json)")
     embedded = any(is_embedded(ref) for r in records if isinstance(r, Record) for ref in r.images)
 
     model, processor = load_vlm(cfg.student, device, cfg.dtype)
@@ -219,11 +218,15 @@ def rollout(cfg: RolloutConfig) -> dict:
         if missing:
             raise CacheError(f"work units {missing[:5]} of {out} were not written; re-run the same command")
         parts = [json.loads((out / PARTS_DIR / f"{u:05d}.json").read_text()) for u in range(len(units))]
+        if not sum(p["rows"] for p in parts):
+            raise _no_usable_row(out, [d for p in parts for d in p["dropped"]], len(records))
         manifest = {"kind": "alignti-rollout", "plan": PLAN, "student": fp, "round": cfg.round, "settings": settings,
                     "data": plan["data"], "images": plan["images"], "embedded_images": embedded,
                     "counts": {"source_samples": len(records), "rows": sum(p["rows"] for p in parts),
                                "dropped": sum(len(p["dropped"]) for p in parts),
                                "generated_tokens": sum(p["generated_tokens"] for p in parts),
+                               "cut": sum(p.get("cut", 0) for p in parts),
+                               "empty": sum(p.get("empty", 0) for p in parts),
                                "retokenized_differs": sum(p["retokenized_differs"] for p in parts),
                                "text_retokenized_differs": sum(p.get("text_retokenized_differs", 0) for p in parts)},
                     "dropped": [d for p in parts for d in p["dropped"]],
@@ -233,10 +236,33 @@ def rollout(cfg: RolloutConfig) -> dict:
 
     manifest = dist.on_main(env, finish)
     c = manifest["counts"]
-    log.info("rollout written to %s: %d rows from %d samples (%d dropped), %d generated tokens; this process "
-             "%.1f tok/s", out, c["rows"], c["source_samples"], c["dropped"], c["generated_tokens"],
+    log.info("rollout written to %s: %d rows from %d samples (%d dropped), %d generated tokens, %d answers cut at "
+             "--max-new-tokens (scored as generated: no end of turn), %d empty; this process %.1f tok/s", out,
+             c["rows"], c["source_samples"], c["dropped"], c["generated_tokens"], c["cut"], c["empty"],
              speed["tokens"] / max(time.perf_counter() - speed["t0"], 1e-9))
+    if c["cut"] and c["cut"] * 2 >= c["rows"]:
+        log.warning("%d of %d answers were cut at --max-new-tokens %d: they are scored as generated (no end of turn "
+                    "is a target), so the student never learns where such answers end; raise --max-new-tokens if "
+                    "the answers are meant to end", c["cut"], c["rows"], cfg.max_new_tokens)
+    if c["empty"] and c["empty"] == c["rows"]:
+        log.warning("the student ended every answer at once (%d empty answers): each row's target is the teacher's "
+                    "view of that end of turn; if the student should answer, check its chat template and "
+                    "generation_config.eos_token_id", c["empty"])
     return manifest
+
+
+def _no_usable_row(out: Path, dropped: list[dict], n_samples: int) -> DataSourceError:
+    """The error of a rollout none of whose rows is usable: how many were left out, for which reasons (counted)."""
+    reasons: dict[str, int] = {}
+    for d in dropped:
+        why = d["reason"].split(" (")[0] if d["reason"].startswith("the student generated") else d["reason"]
+        reasons[why] = reasons.get(why, 0) + 1
+    listed = "; ".join(f"{n} x {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+    return DataSourceError(str(out), f"no usable row: every one of the {len(dropped)} rows from {n_samples} "
+                           f"sample(s) was left out ({listed}), so dump-teacher would have nothing to score",
+                           f"fix what the reasons name (a larger --max-new-tokens, other sampling settings, the "
+                           f"samples themselves), then roll out into a new --out (or delete {out}); no rollout.json "
+                           "was written, so nothing can dump this folder")
 
 
 def _rows_per_record(r, cfg: RolloutConfig) -> int:
@@ -248,8 +274,11 @@ def _rows_per_record(r, cfg: RolloutConfig) -> int:
 def _write_unit(out: Path, u: int, rows: list[dict], dropped: list[dict], schema: pa.Schema) -> None:
     """The unit's sidecar first, then its parquet under a temporary name, renamed into place (the commit)."""
     name = f"{u:05d}"
+    gen = [r for r in rows if r["turn"] >= 0]
     meta = {"unit": u, "rows": len(rows), "dropped": dropped,
-            "generated_tokens": sum(len(r["student_token_ids"]) for r in rows if r["turn"] >= 0),
+            "generated_tokens": sum(len(r["student_token_ids"]) for r in gen),
+            "cut": sum(1 for r in gen if r["finish"] == "length"),
+            "empty": sum(1 for r in gen if not r["conversations"][-1]["value"].strip()),
             "retokenized_differs": sum(1 for r in rows if not r["retokenized_equal"]),
             "text_retokenized_differs": sum(1 for r in rows if not r.pop("_text_equal", True))}
     atomic_write_json(out / PARTS_DIR / f"{name}.json", meta)
@@ -308,6 +337,7 @@ def _prompt(processor, rec: Record, loaded, i: int, max_length):
 
 def _generated_jobs(cfg, model, processor, adapter, jobs, pad_id, max_length, bar, dropped):
     tok = processor.tokenizer
+    stops = stop_ids(model, processor)  # generation_config's end of sequence and the template's end of turn
     prompts = []
     encoded: dict[tuple[int, int], tuple] = {}  # (record, turn) -> its prompt: encoded once for all its samples
     for job in jobs:
@@ -330,15 +360,19 @@ def _generated_jobs(cfg, model, processor, adapter, jobs, pad_id, max_length, ba
         seeds = [seed_for(cfg.seed, job[0].sample_id, job[2], job[4]) for job, _, _ in chunk]
         gens = generate_rows(model, [enc for _, enc, _ in chunk], seeds, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_new_tokens=cfg.max_new_tokens, top_b=cfg.top_b, pad_id=pad_id,
-                             image_token_id=adapter.image_token_id)
+                             image_token_id=adapter.image_token_id, eos_ids=stops)
         for (job, enc, n_img), g, seed in zip(chunk, gens, seeds):
             r, loaded, a, i, k = job
             bar.advance(1)
             eos_free = g.token_ids[:-1] if g.finish == "eos" else g.token_ids
             # no clean-up: it would rewrite the text the student's tokens spell (" ," -> ",")
             answer = tok.decode(eos_free, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            if not answer.strip() or "<image>" in answer:
-                why = "an empty answer" if not answer.strip() else "an answer holding the text <image>"
+            # an empty answer ended by the student (its stop token first) is kept: the end of turn alone is what
+            # the student did, and the teacher's view of it is the on-policy target (TRL's GKD trains on it too)
+            why = ("an answer holding the text <image>" if "<image>" in answer else
+                   f"no answer text in --max-new-tokens {cfg.max_new_tokens} tokens"
+                   if not answer.strip() and g.finish != "eos" else None)
+            if why:
                 dropped.append({"source_id": r.sample_id, "source_index": r.index, "turn": a, "sample_index": k,
                                 "seed": seed, "reason": f"the student generated {why} ({len(g.token_ids)} tokens)"})
                 continue
@@ -361,7 +395,7 @@ def _retokenized(processor, adapter, rec, loaded, item, n_img, prompt_enc, gen, 
     generated positions whose student candidates apply to the dump's encoding: ``common.onpolicy.candidate_count``, 0
     when the prompt itself re-encodes differently; whether that encoding holds every generated token; whether the
     text alone re-encodes to them, before any swap)."""
-    row = parse_record(rec.index, item)
+    row = parse_record(rec.index, item, generated_last=True)
     row.source = rec.source
     img, sha = _images_of(rec, loaded, n_img)
     try:

@@ -13,8 +13,8 @@ from alignti.common.adapters import adapter_for
 from alignti.common.batch import forward, lm_logits
 from alignti.common.cache import CacheReader
 from alignti.common.conversation import encode
-from alignti.common.records import Record
-from alignti.common.sources import load_image, load_records
+from alignti.common.records import Record, Skipped
+from alignti.common.sources import load_image, load_records, preflight
 from alignti.common.generate import exact_match, greedy_answers
 from alignti.common.losses import fold_student, fold_teacher, kl
 from alignti.common.models import load_vlm, resolve_device
@@ -68,9 +68,17 @@ def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_si
 class AccuracyProbe:
     """Exact-match accuracy on a fixed set of prompts, encoded once (for evaluation during training)."""
 
-    def __init__(self, processor, data: str, images: str, limit: int | None = None, max_new_tokens: int = 8):
+    def __init__(self, processor, data: str, images: str, limit: int | None = None, max_new_tokens: int = 8,
+                 skip_bad: bool = False):
+        """The first ``limit`` samples of ``data``, checked as dump-teacher checks its data (``preflight``): a
+        sample that does not parse (an empty answer, an ``<image>`` in an answer, ...) or whose image is missing is
+        refused by name (BadSamples), or with ``skip_bad`` left out and listed in ``self.skipped`` ([{"id",
+        "reason"}])."""
         self.max_new_tokens = max_new_tokens
-        self.recs = [r for r in load_records(data) if isinstance(r, Record)][:limit]
+        checked = preflight(load_records(data)[:limit], images, skip_bad, "evaluating",
+                            "fix them, or pass --skip-bad to leave them out (listed in the report's 'skipped')")
+        self.recs = [r for r in checked if isinstance(r, Record)]
+        self.skipped = [{"id": r.sample_id, "reason": r.error} for r in checked if isinstance(r, Skipped)]
         self.refs = [r.turns[-1][1] for r in self.recs]
         self.prompts = []
         for r in self.recs:
@@ -91,14 +99,17 @@ class AccuracyProbe:
 
 def evaluate(model_path: str, data: str, images: str, teacher_answers: str | Path | None = None,
              cache: str | None = None, limit: int | None = None, device: str = "auto",
-             answers_out: str | Path | None = None, model=None, processor=None, max_new_tokens: int = 8) -> dict:
+             answers_out: str | Path | None = None, model=None, processor=None, max_new_tokens: int = 8,
+             skip_bad: bool = False) -> dict:
     """Greedy answers of ``model_path`` (at most ``max_new_tokens`` each: raise it for long answers) to every
-    sample's last question: {"accuracy": exact-match rate, "per_type": by the demo's question types, and with
-    ``teacher_answers`` / ``cache`` the agreement with a teacher and the mean per-token KL to its cache}."""
+    sample's last question: {"accuracy": exact-match rate, "samples": how many were scored, "per_type": by the
+    demo's question types, and with ``teacher_answers`` / ``cache`` the agreement with a teacher and the mean
+    per-token KL to its cache}. Bad samples are refused by name as dump-teacher refuses them (BadSamples), or with
+    ``skip_bad`` left out, listed in "skipped" ([{"id", "reason"}])."""
     if model is None:
         model, processor = load_vlm(model_path, resolve_device(device))
     model.eval()
-    probe = AccuracyProbe(processor, data, images, limit, max_new_tokens)
+    probe = AccuracyProbe(processor, data, images, limit, max_new_tokens, skip_bad)
     recs = probe.recs
     meta = _meta(data)
     preds = probe.answers(model, processor)
@@ -109,6 +120,10 @@ def evaluate(model_path: str, data: str, images: str, teacher_answers: str | Pat
                  else (meta.get(r.sample_id) or {}).get("type", "all")].append(c)
     res = {"model": str(model_path), "samples": len(recs), "accuracy": sum(correct) / max(1, len(correct)),
            "per_type": {k: sum(v) / len(v) for k, v in sorted(per_type.items(), key=lambda kv: str(kv[0]))}}
+    if probe.skipped:
+        res["skipped"] = probe.skipped
+        log.warning("evaluate: %d sample(s) left out (--skip-bad), listed in the report's 'skipped': %s",
+                    len(probe.skipped), "; ".join(s["reason"] for s in probe.skipped[:3]))
     answers = {r.sample_id: p for r, p in zip(recs, preds)}
     if teacher_answers:
         ta = json.loads(Path(teacher_answers).read_text())

@@ -31,14 +31,14 @@ from alignti.common.codecs import DEFAULT_TAIL_KL
 from alignti.common.config import check_ranges
 from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
-from alignti.common.errors import BadSamples, CacheError, DataError, ResourceError
+from alignti.common.errors import BadSamples, CacheError, DataError, DataSourceError, ResourceError
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_config, load_model, load_processor, text_vocab_size
 from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TOKENS_FILE, TPA_LAYOUT
 from alignti.common.token_align import encode_token_bytes, token_bytes
-from alignti.common.sources import DECODE_VERSION, image_sizes, is_embedded, load_image, open_source
+from alignti.common.sources import DECODE_VERSION, image_sizes, load_image, open_source, preflight
 
 from .compute import split_per_sample, teacher_batch
 from .onpolicy import check_rollout, onpolicy_manifest, student_candidates
@@ -93,30 +93,6 @@ class DumpConfig:
 
 
 SKIP_FIX = "fix them, or pass --skip-bad to record them as skipped in the cache's sample tables (parts/NNNNN.parquet)"
-
-
-def _preflight(records: list, images: str, skip_bad: bool) -> list:
-    """Check what can be checked before any teacher time is spent (parse errors, missing images)."""
-    bad = []
-    for r in records:
-        if isinstance(r, Skipped):
-            bad.append(r)
-        else:
-            paths = [ref for ref in r.images if not is_embedded(ref)]
-            if paths and images is None:
-                bad.append(Skipped(r.index, r.sample_id, str(DataError(
-                    r.sample_id, f"image '{paths[0]}' is a path but no --images folder was given",
-                    "pass --images (the folder the data's image paths are relative to)"))))
-                continue
-            missing = [ref for ref in paths if not (Path(images) / ref).is_file()]
-            if missing:
-                bad.append(Skipped(r.index, r.sample_id, str(DataError(
-                    r.sample_id, f"image '{missing[0]}' not found under {images}",
-                    "check --images and the sample's 'image' field, or pass --skip-bad"))))
-    if bad and not skip_bad:
-        raise BadSamples([(b.sample_id, b.error) for b in bad], "dumping", SKIP_FIX)
-    bad_by_index = {b.index: b for b in bad}
-    return [bad_by_index.get(r.index, r) for r in records]
 
 
 def _check_family(records: list, adapter_cls, config, processor, images: str | None, skip_bad: bool) -> list:
@@ -292,8 +268,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     if cfg.limit is not None:
         records = records[:cfg.limit]
     if not records:
-        raise DataError(cfg.data, "no samples in the data file", "check --data")
-    records = _preflight(records, cfg.images, cfg.skip_bad)
+        raise DataSourceError(cfg.data, "no samples in the data", "check --data")
+    records = preflight(records, cfg.images, cfg.skip_bad, "dumping", SKIP_FIX)
     processor = load_processor(cfg.teacher)
     if config is None:
         config = load_config(cfg.teacher)

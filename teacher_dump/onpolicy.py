@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alignti.common.errors import DataError
+from alignti.common.errors import DataSourceError
 from alignti.common.onpolicy import RolloutColumns
 
 
@@ -22,14 +22,15 @@ def check_rollout(onp: RolloutColumns, teacher_tokenizer: str, n_branch: int, da
     """Before any teacher time: the student's candidate ids are token ids of its tokenizer, so it must be the
     teacher's; and the rollout must have kept at least ``n_branch`` (--tpa-branches) candidates per token."""
     if onp.top_b is not None and onp.top_b < n_branch:
-        raise DataError(str(data), f"the rollout kept {onp.top_b} student candidates per token, fewer than "
-                        f"--tpa-branches {n_branch}", f"dump with --tpa-branches {onp.top_b}, or re-run the rollout "
-                        f"with --top-b {n_branch}")
+        raise DataSourceError(str(data), f"the rollout kept {onp.top_b} student candidates per token, fewer "
+                              f"than --tpa-branches {n_branch}", f"dump with --tpa-branches {onp.top_b}, or re-run "
+                              f"the rollout with --top-b {n_branch}")
     other = sorted({t for _, t in onp.students if t != teacher_tokenizer})
     if other:
-        raise DataError(str(data), f"the rollout's student tokenizer ({other[0][:12]}) is not the teacher's "
-                        f"({teacher_tokenizer[:12]}): its TPA candidate ids would name other tokens",
-                        "roll out with a student that shares the teacher's tokenizer (train-student refuses any other)")
+        raise DataSourceError(str(data), f"the rollout's student tokenizer ({other[0][:12]}) is not the teacher's "
+                              f"({teacher_tokenizer[:12]}): its TPA candidate ids would name other tokens",
+                              "roll out with a student that shares the teacher's tokenizer (train-student refuses "
+                              "any other)")
 
 
 def onpolicy_manifest(onp: RolloutColumns | None, params: dict) -> dict:

@@ -225,7 +225,8 @@ def resolve(given: dict, src: str = "rounds config") -> dict:
         if not isinstance(values, dict):
             raise ConfigError(f"{src}: '{section}' must be a mapping of option: value (got {type(values).__name__})")
         values = {k.replace("-", "_"): v for k, v in values.items()}
-        check_keys(values, valid, f"rounds {section}", src)
+        check_keys(values, valid, f"rounds {section}", src,  # the stage's options, less those rounds sets itself
+                   lists=f"alignti config {SECTION_COMMAND[section]}")
         values = _numbers(section, values, src)
         cfg[section] = {**SECTION_DEFAULTS[section], **values}
         if section not in PER_ROUND:
