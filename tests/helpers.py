@@ -48,3 +48,49 @@ def generate_once(folder) -> torch.Tensor:
     out = model.generate(**inputs, generation_config=gen, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
     return out
+
+
+def scripted_student(src, out, moves: dict, eos: str | None = None):
+    """A copy of the checkpoint folder ``src`` in ``out`` whose next token depends on the current token alone, by
+    ``moves`` ({token: next token}, as token strings; "<prompt>" stands for the generation prompt's last token): every
+    decoder layer's attention and MLP output projections zeroed (the residual stream at a position is the token's own
+    embedding), each moved-from token's embedding a distinct basis vector, and the LM head's row of each target the
+    sum of its sources' basis vectors, all other rows zero: at a source token the target's logit is 10 sqrt(d) and
+    every other logit 0 (greedy and sampled alike: the target has probability 1 - V e^(-10 sqrt(d)) or more).
+    ``eos``: the token string saved as ``generation_config.eos_token_id`` (a base model's end of text). Returns
+    ``out``."""
+    import shutil
+    from pathlib import Path
+
+    from alignti.common.models import load_vlm
+    out = Path(out)
+    shutil.copytree(src, out)
+    model, proc = load_vlm(str(out), torch.device("cpu"))
+    tok = proc.tokenizer
+    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "q"}]}],
+                                      add_generation_prompt=True, tokenize=False)
+    last = tok(prompt, add_special_tokens=False)["input_ids"][-1]
+
+    def tid(t: str) -> int:
+        i = last if t == "<prompt>" else tok.convert_tokens_to_ids(t)
+        assert i is not None and i != tok.unk_token_id or t == tok.unk_token, t
+        return int(i)
+
+    lm = adapter_for(model).language_model
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    d = emb.shape[1]
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        lm.norm.weight.fill_(1.0)
+        head.zero_()
+        for k, (a, b) in enumerate(moves.items()):
+            basis = torch.zeros(d)
+            basis[k] = 1.0
+            emb[tid(a)] = basis
+            head[tid(b)] += basis * 10.0
+    if eos is not None:
+        model.generation_config.eos_token_id = tid(eos)
+    model.save_pretrained(out)
+    return out

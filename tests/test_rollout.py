@@ -25,8 +25,7 @@ from alignti.common.conversation import encode
 from alignti.common.errors import DataError
 from alignti.common.models import load_vlm
 from alignti.common.onpolicy import (candidate_count, response_char_starts, restrict_to_loss_turns,
-                                     student_response_ids,
-                                     with_student_response)
+                                     student_response_ids, with_student_response, without_end_markup)
 from alignti.common.sources import load_image, open_source
 from alignti.student_rollout.generate import sample_tokens
 from alignti.student_rollout.rollout import RolloutConfig, rollout
@@ -235,6 +234,10 @@ def _check_tpa(kit_dir, rollout_dir, cache_dir, images):
                                               enc.turn_texts[enc.resp_turns[-1]])
                 assert with_student_response(enc, own, char_starts=starts)
                 assert np.array_equal(x["resp_char_start"], enc.char_start[enc.response_mask.astype(bool)])
+        else:
+            own = None
+        if row["turn"] >= 0 and own is None and row["finish"] == "length":  # cut, re-encoded: no end of turn
+            assert without_end_markup(enc)
         assert np.array_equal(x["input_ids"], enc.input_ids) and np.array_equal(x["response_mask"], enc.response_mask)
         resp_pos = np.nonzero(enc.response_mask)[0]
         n_valid = min(row["student_cand_valid"], candidate_count(x["input_ids"][resp_pos], row["student_token_ids"],
@@ -340,11 +343,11 @@ def _cache_responses(ro: Path, c: Path, kd: Path) -> list[tuple[dict, list[int],
 
 
 def test_dump_scores_the_students_own_tokens(kit, qwen_kit, tmp_path):
-    """The cache's response ids are the student's generated ids (then the end-of-turn markup) on every row whose
-    answer text holds all its tokens, although re-encoding that text gives other ids on many rows (the student
-    spells text in byte pieces and splits the tokenizer would not make); on a row whose text dropped a special token
-    the re-encoded answer stays. Greedy: a student that writes only letters (every row kept); sampled: that
-    student's nucleus also reaches byte pieces and special tokens."""
+    """The cache's response ids are the student's generated ids (then, unless cut at --max-new-tokens, the end-of-turn
+    markup) on every row whose answer text holds all its tokens, although re-encoding that text gives other ids on many
+    rows (the student spells text in byte pieces and splits the tokenizer would not make); on a row whose text dropped
+    a special token the re-encoded answer stays. Greedy: a student that writes only letters (every row kept);
+    sampled: that student's nucleus also reaches byte pieces and special tokens."""
     kept = 0
     for k, kd in enumerate((kit, qwen_kit)):
         student = _text_safe_student(kd, tmp_path / f"s{k}")
@@ -363,7 +366,10 @@ def test_dump_scores_the_students_own_tokens(kit, qwen_kit, tmp_path):
                 assert whole or temperature > 0  # the letters-only student at greedy
                 if whole:
                     assert resp[:len(gen)] == gen, (row["id"], resp, gen)
-                    assert 1 <= len(resp) - len(gen) <= 2  # the end-of-turn markup the teacher also scores
+                    if row["finish"] == "length":  # cut at --max-new-tokens: scored as generated, no end of turn
+                        assert resp == gen
+                    else:
+                        assert 1 <= len(resp) - len(gen) <= 2  # the end-of-turn markup the teacher also scores
                     assert tpa_student == len(gen) and row["retokenized_equal"]  # TPA after the student's candidates
                     text = tok(row["conversations"][-1]["value"], add_special_tokens=False)["input_ids"]
                     kept += text[:len(body)] != body  # the text alone would have lost the student's tokens
