@@ -1,10 +1,12 @@
 """alignti rounds: the YAML checked up front, and 2 rounds of the demo end to end on a tiny kit, killed (kill -9 in
-round 1's training) and finished by the same command without redoing a finished stage."""
+round 1's training) and finished by the same command without redoing a finished stage; settings changed for stages
+not yet finished (a diverged round at a lower lr), finished stages kept, and the hint of a refused key runs."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -196,3 +198,103 @@ def test_nproc_runs_each_stage_as_its_command(tmp_path, monkeypatch):
     assert train.cache == [str(work / "round-0/cache"), str(work / "round-1/cache")]
     assert [float(w) for w in train.cache_weights] == [0.5, 0.5] and train.loss == "alignti" and train.max_steps == 1
     assert (work / "round-1/run/final/config.json").is_file() and out["final"] == str(work / "round-1/run/final")
+
+
+def _finish(folder, kind):
+    """Mark a stage folder finished as its stage does (rollout.json, a cache's manifest.json, a complete final/)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "train":
+        for f in ("final/config.json", "final/model.safetensors", "final/tokenizer_config.json"):
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            (folder / f).write_text("{}")
+    else:
+        (folder / ("rollout.json" if kind == "rollout" else "manifest.json")).write_text("{}")
+
+
+def test_settings_of_unfinished_stages_may_change_finished_stages_are_kept(tmp_path):
+    """After a round's training stopped (diverged, say), its settings may change: the stages the change reaches are
+    all unfinished, so it is taken, the stopped run's partial folder set aside and the change returned for
+    rounds.json; finished stages stay as they are. A change that reaches a finished stage is refused naming it, how
+    to redo it and how to keep the finished teacher work in a new workdir (reference_cache:)."""
+    from alignti.workflows.rounds import _freeze
+    work = tmp_path / "work"
+    cfg = load_config(_yaml(tmp_path / "a.yaml", workdir=str(work)))
+    assert _freeze(cfg, work, "a.yaml") is None
+    for r, kind, folder in ((0, "dump", "cache"), (1, "rollout", "rollout"), (1, "dump", "cache")):
+        _finish(work / f"round-{r}/{folder}", kind)
+    (work / "round-1/run/checkpoint").mkdir(parents=True)
+    (work / "round-1/run/checkpoint/state.pt").write_text("step 7, diverged")
+    lower = load_config(_yaml(tmp_path / "b.yaml", workdir=str(work), train={"lr": 1e-4}))
+    change = _freeze(lower, work, "b.yaml")
+    assert change["settings"] == {"train": {"was": cfg["train"], "now": lower["train"]}}
+    assert change["from_stage"] == "round 1 train-student" and not (work / "round-1/run").exists()
+    aside, = change["set_aside"]
+    assert aside.startswith(str(work / "round-1/run.before-")) and (Path(aside) / "checkpoint/state.pt").is_file()
+    assert yaml.safe_load((work / "rounds.yaml").read_text())["train"]["lr"] == 1e-4
+    assert all((work / f).is_file() for f in ("round-0/cache/manifest.json", "round-1/rollout/rollout.json"))
+    # round 2's rollout only (a per-round list whose round-1 value is unchanged): no stage of it has run
+    later = load_config(_yaml(tmp_path / "c.yaml", workdir=str(work), train={"lr": 1e-4},
+                              rollout={"temperature": [1.0, 0.5]}))
+    assert _freeze(later, work, "c.yaml")["from_stage"] == "round 2 rollout"
+    assert _freeze(dict(later, device="cpu"), work, "c.yaml") is None  # another device reaches no stage
+    _finish(work / "round-1/run", "train")
+    with pytest.raises(ConfigError, match=r"finished stages made with other settings \(train; .*reaches round 1 "
+                                          r"train-student\. .*delete .*round-1/run to redo .*reference_cache: "
+                                          r".*round-0/cache"):
+        _freeze(load_config(_yaml(tmp_path / "d.yaml", workdir=str(work), train={"lr": 1e-5},
+                                  rollout={"temperature": [1.0, 0.5]})), work, "d.yaml")
+    with pytest.raises(ConfigError, match=r"\(teacher; .*round 0 dump-teacher \(reference\), round 1 rollout.*"
+                                          r"choose a new workdir$"):  # the reference cache is the old teacher's
+        _freeze(dict(later, device="cpu", teacher="T2"), work, "e.yaml")
+
+
+def test_a_diverged_round_trains_again_at_a_lower_lr(tmp_path):
+    """The whole path: round 1's training diverges at lr 1e9 (train-student stops at the non-finite step); the user
+    lowers lr in rounds.yaml and runs the same command: round 0's dump and round 1's rollout and dump are not redone,
+    the diverged run is set aside, round 1 trains at the new lr, and rounds.json records the change."""
+    from alignti.demo.kit import make_demo
+    kit = tmp_path / "kit"
+    make_demo(kit, n_train=2, n_val=1, n_test=1, train_teacher=False)
+    items = [it for it in json.loads((kit / "data/train.json").read_text()) if len(it["conversations"]) == 2][:2]
+    (tmp_path / "d.json").write_text(json.dumps(items))
+    work = tmp_path / "work"
+    common = dict(workdir=str(work), teacher=str(kit / "teacher"), student=str(kit / "student"),
+                  data=str(tmp_path / "d.json"), images=str(kit / "data/images"), device="cpu", rounds=1,
+                  rollout={"max_new_tokens": 3, "batch_size": 4, "top_b": 2},
+                  dump={"top_k": 8, "tpa_branches": 2, "tpa_top_k": 4, "saliency_layer": "1", "batch_size": 4})
+    train = {"max_steps": 3, "batch_size": 2, "save_every": 1, "warmup_steps": 0}
+    path = _yaml(tmp_path / "rounds.yaml", **common, train={**train, "lr": 1e9})
+    res = runner.invoke(app, ["rounds", "--config", str(path)])
+    assert res.exit_code != 0 and "non-finite" in res.output, res.output[-2000:]
+    assert not (work / "round-1/run/final").exists()
+    before = _mtimes(work)
+    path = _yaml(tmp_path / "rounds.yaml", **common, train={**train, "lr": 1e-3})
+    res = runner.invoke(app, ["rounds", "--config", str(path)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output[-2000:]
+    assert _mtimes(work) == before and (work / "round-1/run/final/config.json").is_file()
+    assert yaml.safe_load((work / "round-1/run/config.yaml").read_text())["lr"] == 1e-3
+    change, = json.loads((work / "rounds.json").read_text())["changes"]
+    assert change["settings"]["train"]["was"]["lr"] == 1e9 and change["settings"]["train"]["now"]["lr"] == 1e-3
+    aside, = change["set_aside"]
+    assert (Path(aside) / "checkpoint").is_dir() or (Path(aside) / "metrics.jsonl").is_file()
+
+
+def test_the_hint_of_a_refused_key_is_a_command_that_runs(tmp_path):
+    """A typo in rounds.yaml (top level or a section) or in a stage's --config file is refused with the command that
+    lists the valid options; that command runs and lists the key meant (before: `alignti config rounds rollout`,
+    "unexpected extra argument")."""
+    import re
+    cases = [(_yaml(tmp_path / "a.yaml", lamda=0.5), "lambda:"),
+             (_yaml(tmp_path / "b.yaml", rollout={"temprature": 1.0}), "temperature:"),
+             (_yaml(tmp_path / "c.yaml", dump={"tpa_brances": 2}), "tpa_branches:"),
+             (_yaml(tmp_path / "d.yaml", train={"lrr": 0.1}), "lr:")]
+    stage = tmp_path / "rollout.yaml"
+    stage.write_text("student: S\ndata: D\nout: O\nmax_new_token: 4\n")
+    for path, key in cases + [(stage, "max_new_tokens:")]:
+        command = "rollout" if path == stage else "rounds"
+        res = runner.invoke(app, [command, "--config", str(path)])
+        assert res.exit_code == 2, res.output
+        hint = re.search(r"`alignti ([^`]+)` lists every option", " ".join(res.output.split()))
+        assert hint, res.output
+        listed = runner.invoke(app, hint.group(1).split())
+        assert listed.exit_code == 0 and key in listed.output, (hint.group(1), listed.output[-500:])

@@ -16,8 +16,12 @@ exactly what the command writes and can be shared, inspected or re-used like any
 command after an interruption (kill -9 anywhere) skips finished stages (a rollout's ``rollout.json``, a cache's
 ``manifest.json``, a run's complete ``final/``), re-runs an unfinished rollout or dump (both finish only their
 missing units) and continues a half-trained run from its checkpoint (``resume=True``). ``WORK/rounds.yaml`` holds
-the configuration the work was started with; a later run with other settings is refused naming them (a larger
-``rounds`` is allowed: it adds rounds). ``WORK/rounds.json`` records each stage's state and seconds.
+the configuration the work runs with. A later run may change any setting whose stages have not finished (a diverged
+round's ``train.lr``, a later round's rollout settings; ``rounds`` always): the change is taken from the first stage
+it reaches, partial work of those stages is set aside (``NAME.before-TIME``) and ``WORK/rounds.json`` records it
+under ``changes``; a change that reaches a finished stage is refused naming the stages, how to redo them (delete
+their folders) and how to keep the finished reference cache in a new workdir (``reference_cache:``).
+``WORK/rounds.json`` records each stage's state and seconds.
 
 ``nproc`` N > 1 runs every stage as its own command under torchrun with N processes: ``python -m alignti rollout |
 dump-teacher | train-student --config WORK/round-r/<command>.yaml --nproc N`` (``stage_command``; the YAML holds
