@@ -273,7 +273,7 @@ class RolloutColumns:
     """The rollout columns of a table data source (``common.sources.TableSource``), by the source's row index.
     Provenance and loss turns are read once; candidate columns stay Arrow arrays, read a row at a time."""
 
-    PROVENANCE = ("source_id", "turn", "sample_index", "round", "student_weights_sha256")
+    PROVENANCE = ("source_id", "turn", "sample_index", "round", "student_weights_sha256", "finish")
 
     def __init__(self, columns: dict[str, pa.ChunkedArray]):
         self.cols = columns
@@ -337,7 +337,7 @@ class RolloutColumns:
         p = {k: v[row] for k, v in self.provenance_rows.items()}
         return {"source_id": p.get("source_id"), "source_turn": p.get("turn"), "sample_index": p.get("sample_index"),
                 "round": p.get("round"), "student_sha256": p.get("student_weights_sha256"),
-                "loss_turns": self.loss_turns(row)}
+                "loss_turns": self.loss_turns(row), "finish": p.get("finish")}
 
     def candidates(self, enc: Encoded, n_branch: int) -> np.ndarray:
         """[n_resp, n_branch] int32: the student's candidates for each response token of ``enc`` (restricted to the

@@ -123,6 +123,9 @@ SAMPLE_SCHEMA = pa.schema([
     ("conversation", pa.string()),    # v7: JSON {"turns": [[role, text], ...], "image_at": {turn: [offsets]}}
     ("resp_turns", pa.list_(pa.int32())),   # v7: per resp_spans entry, its assistant turn (among all of them)
     ("image_grids", pa.list_(pa.int32())),  # v7: (rows, cols) per image of its image tokens; (0, 0): unknown
+    # a rollout row's ``finish`` ("eos", "length": cut at --max-new-tokens, so its loss turn has no end-of-turn
+    # markup; "teacher-forced"); null for other data and for caches made before it was kept
+    ("finish", pa.string()),
 ])
 
 

@@ -31,7 +31,7 @@ from alignti.common.conversation import encode, record_from_conversation, render
 from alignti.common.errors import CacheError, DataError
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
 from alignti.common.losses import resample_saliency
-from alignti.common.onpolicy import restrict_to_loss_turns
+from alignti.common.onpolicy import restrict_to_loss_turns, without_end_markup
 from alignti.common.records import image_refs
 from alignti.common.schema import ALIGN_SCHEMA_VERSION, has_align_fields
 from alignti.common.token_align import align_sample, decode_token_bytes, vocab_map
@@ -132,6 +132,8 @@ class CrossTokenizer:
         turns = x.get("resp_turns") or list(range(len(x["resp_spans"])))
         if turns != list(range(len(enc.resp_spans))):
             enc = restrict_to_loss_turns(enc, turns)
+        if x.get("finish") == "length":  # a rollout answer cut at --max-new-tokens: scored as generated on the
+            without_end_markup(enc)      # teacher's side, so the student's own end-of-turn markup is no target either
         answers = [t for role, t in rec.turns if role == "assistant"]
         t_turns, at = [], 0
         for k, (s, e) in zip(turns, x["resp_spans"]):

@@ -15,6 +15,7 @@ import json
 import logging
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -64,22 +65,56 @@ def _cached(kit, ro, c):
     return out
 
 
-def test_cut_answers_are_scored_as_generated(qkit, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def cut(qkit, tmp_path_factory):
+    """A student that never stops, rolled out at --max-new-tokens 4 (log kept) and dumped: (rollout.json, its log,
+    per cache sample (row, response ids, ids), the cache folder)."""
+    tmp = tmp_path_factory.mktemp("cut")
+    student = scripted_student(qkit / "student", tmp / "s", {"<prompt>": "red", "red": "Ġcircle",
+                                                             "Ġcircle": "Ġcircle"})
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: records.append(rec.getMessage())
+    log = logging.getLogger("alignti.rollout")
+    log.addHandler(handler)
+    level, log.level = log.level, logging.INFO
+    try:
+        m = _rollout(qkit, student, tmp / "r")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return m, "\n".join(records), _cached(qkit, tmp / "r", tmp / "c"), tmp / "c"
+
+
+def test_cut_answers_are_scored_as_generated(qkit, cut):
     """A student that never stops, at --max-new-tokens 4: every row is cut ("length", counted in rollout.json and
     the log) and the cache scores exactly its 4 tokens, the sequence ending there: no <|im_end|> target."""
     tok = load_vlm(str(qkit / "student"), torch.device("cpu"))[1].tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    student = scripted_student(qkit / "student", tmp_path / "s", {"<prompt>": "red", "red": "Ġcircle",
-                                                                   "Ġcircle": "Ġcircle"})
-    with caplog.at_level(logging.INFO, logger="alignti.rollout"):
-        m = _rollout(qkit, student, tmp_path / "r")
-    red, circle = tok.convert_tokens_to_ids(["red", "Ġcircle"])
+    im_end, red, circle = tok.convert_tokens_to_ids(["<|im_end|>", "red", "Ġcircle"])
+    m, logged, cached, _ = cut
     assert m["counts"]["rows"] == m["counts"]["cut"] >= 3 and m["counts"]["dropped"] == 0
-    assert "answers cut at --max-new-tokens" in caplog.text and "were cut at --max-new-tokens 4" in caplog.text
-    for row, resp, ids in _cached(qkit, tmp_path / "r", tmp_path / "c"):
+    assert "answers cut at --max-new-tokens" in logged and "were cut at --max-new-tokens 4" in logged
+    for row, resp, ids in cached:
         assert row["finish"] == "length" and row["student_token_ids"] == [red, circle, circle, circle]
         assert row["conversations"][-1]["value"] == "red circle circle circle"
         assert resp == row["student_token_ids"] and ids[-4:] == resp and im_end not in resp, (resp, row["id"])
+
+
+def test_a_cut_answer_has_no_end_of_turn_across_tokenizers(qkit, cut):
+    """Sibling through cross-tokenizer training: the cache keeps each row's finish, and a student with another
+    tokenizer and template (the LLaVA demo's, <|end|>) re-encodes a cut row without its own end-of-turn markup; its
+    response is the answer's text alone."""
+    from alignti.demo import kit
+    from alignti.student_train.cross import CrossDataset, CrossTokenizer
+    reader = CacheReader(str(cut[3]))
+    proc = kit.build_processor(kit.build_tokenizer("llava"), "llava")
+    ds = CrossDataset(reader, proc, CrossTokenizer(reader, proc), images_dir=str(qkit / "data/images"))
+    end = proc.tokenizer.convert_tokens_to_ids("<|end|>")
+    for i in range(len(ds)):
+        assert reader[i]["finish"] == "length"
+        y = ds[i]
+        resp = np.asarray(y["input_ids"])[np.asarray(y["response_mask"]).astype(bool)].tolist()
+        assert end not in resp and proc.tokenizer.decode(resp).strip() == "red circle circle circle", resp
 
 
 def test_a_cut_answer_whose_tokens_cannot_be_swapped_in_keeps_no_end_of_turn(qkit, tmp_path):
