@@ -10,6 +10,14 @@ student's top-B candidates and their probabilities (``student_rollout.generate``
 candidates. ``--teacher-forced`` generates nothing: one row per sample with its reference answers and the student's
 top-B candidates at every response token (one forward).
 
+Generation stops at the student's ``generation_config.eos_token_id`` and at the chat template's end-of-turn id
+(``common.generate.stop_ids``), whichever comes first. A row is scored as generated: an answer cut at
+``--max-new-tokens`` (``finish`` "length") gets no end-of-turn target at the dump (``common.onpolicy``), an answer the
+student ended at once is a row with an empty answer (its target the end of turn alone); ``rollout.json`` counts both
+(``cut``, ``empty``). Rows are left out (listed, with their seed) only where their text cannot stand for what was
+generated: the text ``<image>``, or no answer text at all in a cut answer; a rollout with no row left fails naming
+why (``DataSourceError``, no ``rollout.json``).
+
 Work is split into fixed units of source samples, planned in ``OUT/plan.json``; unit u becomes
 ``OUT/data/u.parquet`` (written under a temporary name, then renamed: the rename commits it) and
 ``OUT/parts/u.json`` (rows dropped and why, counts). Re-running the same command after a crash (kill -9 anywhere)
