@@ -423,11 +423,15 @@ def export_task(ctx: typer.Context,
                 out: Path = typer.Option(..., help="Task folder (NAME.yaml, NAME.parquet, utils.py): pass it to "
                                          "evaluate --include-path or lmms-eval's --include_path."),
                 name: Optional[str] = typer.Option(None, help="Task name (default alignti_<split file stem>)."),
-                max_new_tokens: int = typer.Option(8, help="The task's longest answer (tokens), as evaluate's.")):
+                max_new_tokens: int = typer.Option(8, help="The task's longest answer (tokens), as evaluate's."),
+                skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out samples that do not parse or "
+                                              "whose image is missing (named in the log) instead of refusing them, "
+                                              "as evaluate --skip-bad does.")):
     """A LLaVA-style split as a local lmms-eval task (exact match, the split read from local files)."""
     _check_options(ctx)
     from alignti.student_train.lmms_harness import export_task as run
-    typer.echo(json.dumps(_run(run, data, images, out, name=name, max_new_tokens=max_new_tokens), indent=2))
+    typer.echo(json.dumps(_run(run, data, images, out, name=name, max_new_tokens=max_new_tokens,
+                               skip_bad=skip_bad), indent=2))
 
 
 @app.command("quickstart")

@@ -38,7 +38,7 @@ from alignti.common.errors import AlignTIError, DataError
 from alignti.common.generate import _norm
 from alignti.common.models import IMAGE_PROCESSOR_FILES
 from alignti.common.records import Record
-from alignti.common.sources import load_image, load_records
+from alignti.common.sources import load_image, load_records, preflight
 
 log = logging.getLogger("alignti.eval")
 
@@ -262,11 +262,12 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def export_task(data: str, images: str | None, out: str | Path, name: str | None = None,
-                max_new_tokens: int = 8) -> dict:
+                max_new_tokens: int = 8, skip_bad: bool = False) -> dict:
     """Write ``data`` (LLaVA JSON/JSONL, parquet, a datasets folder) as the lmms-eval task ``name`` under ``out``.
 
     The questions are those ``alignti evaluate`` asks: each sample's last assistant turn is the reference, the
-    conversation before it the prompt (samples the reader skips are skipped here too, named in the log).
+    conversation before it the prompt. Samples ``alignti evaluate`` and dump-teacher refuse (``preflight``) are
+    refused by name (BadSamples), or with ``skip_bad`` left out and named in the log.
     ``max_new_tokens`` is the task's generation budget (``alignti evaluate``'s default: 8). Returns {"task",
     "yaml", "parquet", "samples"}. Raises DataError naming a sample whose last turn is not an answer or whose
     image does not load, AlignTIError for a name lmms-eval cannot take or a missing ``datasets`` package."""
@@ -280,10 +281,11 @@ def export_task(data: str, images: str | None, out: str | Path, name: str | None
         raise AlignTIError(f"export-task --name '{name}': a task name is letters, digits and _ (not starting "
                            "with a digit); e.g. --name shapes_test")
     rows = {"id": [], "messages": [], "question": [], "answer": [], "images": []}
-    skipped = []
-    for rec in load_records(data):
+    checked = preflight(load_records(data), images, skip_bad, "exporting",
+                        "fix them, or pass --skip-bad to leave them out (named in the log)")
+    skipped = [r for r in checked if not isinstance(r, Record)]
+    for rec in checked:
         if not isinstance(rec, Record):
-            skipped.append(rec.sample_id)
             continue
         if rec.turns[-1][0] != "assistant":
             raise DataError(rec.sample_id, "its last turn is not an answer (the reference an exact match needs)",
@@ -304,8 +306,8 @@ def export_task(data: str, images: str | None, out: str | Path, name: str | None
         rows["answer"].append(rec.turns[-1][1])
         rows["images"].append(pics)
     if skipped:
-        log.warning("export-task: %d sample(s) the reader refuses were left out (as alignti evaluate leaves them "
-                    "out): %s", len(skipped), ", ".join(skipped[:10]))
+        log.warning("export-task: %d sample(s) left out (--skip-bad, as alignti evaluate --skip-bad leaves them "
+                    "out): %s", len(skipped), "; ".join(r.error for r in skipped[:10]))
     if not rows["id"]:
         raise AlignTIError(f"export-task: {data} holds no usable sample")
     features = datasets.Features({"id": datasets.Value("string"), "messages": datasets.Value("string"),

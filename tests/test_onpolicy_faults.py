@@ -26,6 +26,7 @@ from alignti.common.errors import BadSamples, DataError, DataSourceError
 from alignti.common.models import load_vlm
 from alignti.student_rollout.rollout import RolloutConfig, rollout
 from alignti.student_train.evaluate import evaluate
+from alignti.student_train.lmms_harness import export_task
 from alignti.teacher_dump.dump import DumpConfig, dump_teacher
 
 from helpers import scripted_student
@@ -248,7 +249,8 @@ def test_a_data_source_is_named_as_a_source_not_a_sample(qkit, tmp_path):
 def test_evaluate_refuses_the_samples_the_dump_refuses(qkit, tmp_path):
     """evaluate on 4 samples, one with an <image> in its answer and one with an empty answer: refused by name as
     dump-teacher refuses them (before: "samples": 2, the two left out unnamed); with skip_bad (--skip-bad) scored on
-    the other 2, the two named and counted in "skipped". A missing image is the dump's refusal too."""
+    the other 2, the two named and counted in "skipped". A missing image is the dump's refusal too. export-task (the
+    same split as an lmms-eval task) refuses and skips them the same way."""
     items = json.loads((qkit / "data/test.json").read_text())[:2]
     items += [dict(items[0], id="img_in_answer", conversations=[items[0]["conversations"][0],
                                                                {"from": "gpt", "value": "see <image>"}]),
@@ -263,9 +265,12 @@ def test_evaluate_refuses_the_samples_the_dump_refuses(qkit, tmp_path):
     with pytest.raises(BadSamples, match="2 bad sample.*before dumping.*img_in_answer.*empty_answer"):  # the same
         dump_teacher(DumpConfig(teacher=str(qkit / "teacher"), data=str(data), images=proc, out=str(tmp_path / "c"),
                                 progress=False))
+    with pytest.raises(BadSamples, match="2 bad sample.*before exporting.*img_in_answer.*empty_answer"):  # sibling
+        export_task(str(data), proc, tmp_path / "task")
     res = evaluate(model, str(data), proc, skip_bad=True)
     assert res["samples"] == 2 and [s["id"] for s in res["skipped"]] == ["img_in_answer", "empty_answer"]
     assert "empty answer" in res["skipped"][1]["reason"]
+    assert export_task(str(data), proc, tmp_path / "task", skip_bad=True)["samples"] == 2
     items[0]["image"] = "gone.png"
     data.write_text(json.dumps(items[:2]))
     with pytest.raises(BadSamples, match="1 bad sample.*before evaluating.*image 'gone.png' not found"):
