@@ -290,21 +290,125 @@ class _State:
         self.data["stages"][name] = {**self.data["stages"].get(name, {}), **info}
         atomic_write_json(self.path, self.data)
 
+    def note_change(self, change: dict) -> None:
+        """A change of settings taken for stages not yet finished (``_freeze``), in ``changes``, oldest first."""
+        self.data.setdefault("changes", []).append(change)
+        atomic_write_json(self.path, self.data)
 
-def _freeze(cfg: dict, work: Path, src: str) -> None:
-    """Write the configuration the work was started with, or refuse a different one (a larger ``rounds`` allowed)."""
+
+STAGE_KINDS = ("rollout", "dump", "train")  # a round's stages, in order; round 0 has its reference "dump" alone
+_STAGE_COMMAND = {"rollout": "rollout", "dump": "dump-teacher", "train": "train-student"}
+_STAGE_FOLDER = {"rollout": "rollout", "dump": "cache", "train": "run"}
+
+
+def stage_name(r: int, kind: str) -> str:
+    """A stage's name in the log and ``rounds.json`` ("round 1 rollout", "round 0 dump-teacher (reference)")."""
+    return f"round {r} {_STAGE_COMMAND[kind]}" + (" (reference)" if r == 0 else "")
+
+
+def stage_folder(work: Path, r: int, kind: str) -> Path:
+    return Path(work) / f"round-{r}" / _STAGE_FOLDER[kind]
+
+
+def _order(r: int, kind: str) -> tuple[int, int]:
+    """Where a stage runs: (round, index in STAGE_KINDS); round 0's reference dump first, at (0, 0)."""
+    return (r, STAGE_KINDS.index(kind)) if r else (0, 0)
+
+
+def stage_done(folder: Path, kind: str) -> bool:
+    """Whether a stage's folder says it is finished: a rollout's ``rollout.json``, a cache's ``manifest.json``, a
+    run's complete ``final/``."""
+    if kind == "rollout":
+        return (folder / ROLLOUT_MANIFEST).is_file()
+    if kind == "dump":
+        return (folder / MANIFEST_FILE).is_file()
+    return _final_complete(folder / "final")
+
+
+def _reference(cfg: dict) -> str:
+    return str(Path(cfg["reference_cache"]).resolve()) if cfg.get("reference_cache") else \
+        str((Path(cfg["workdir"]) / "round-0" / "cache").resolve())
+
+
+def _changes(old: dict, cfg: dict) -> dict[str, tuple[int, int]]:
+    """Each setting that differs between the configuration a workdir was started with (``old``) and ``cfg``, with
+    the first stage it reaches (``_order``); every later stage depends on that one. ``device`` reaches none (the same
+    work on another device); ``rounds`` none by itself (its per-round values are compared round by round); a
+    per-round section setting reaches that round's stage first."""
+    get = lambda c, k: c.get(k, TOP_DEFAULTS.get(k))  # noqa: E731 - a key added later: its default
+    dumped_here = old.get("reference_cache") is None or cfg.get("reference_cache") is None
+    first = {"data": (0, 0), "images": (0, 0), "teacher": (0, 0) if dumped_here else (1, 1), "student": (1, 0),
+             "lambda": (1, 2), "replay": (1, 2), "nproc": (1, 2)}
+    out: dict[str, tuple[int, int]] = {}
+    for k, at in first.items():
+        if get(old, k) != get(cfg, k):
+            out[k] = at
+    if _reference(old) != _reference(cfg):
+        out["reference_cache"] = (1, 2)
+    if (old.get("dump") or {}) != cfg["dump"]:
+        out["dump"] = (0, 0) if dumped_here else (1, 1)
+    for section, kind in (("rollout", 0), ("train", 2)):
+        olds = {"rounds": old.get("rounds", 0), section: old.get(section) or {}}
+        for r in range(1, min(int(old.get("rounds", 0)), cfg["rounds"]) + 1):
+            try:
+                was = section_for_round(olds, section, r)
+            except ConfigError:
+                was = None
+            if was != section_for_round(cfg, section, r):
+                out[section] = (r, kind)
+                break
+    return out
+
+
+def _freeze(cfg: dict, work: Path, src: str) -> dict | None:
+    """Write the configuration the work is run with (``WORK/rounds.yaml``). Against the one it was started with,
+    a changed setting is taken when every stage it reaches is unfinished (``_changes``; a larger or smaller
+    ``rounds`` always): the folders of those stages that hold partial work made with the old settings are set aside
+    (renamed ``NAME.before-TIME``), and the change is returned ({"settings": {key: {"was", "now"}}, "from_stage",
+    "set_aside", "time"}) for ``rounds.json``. A change that reaches a finished stage raises ConfigError naming the
+    settings and the stages, and how to go on: the old settings, deleting those stages' folders, or a new workdir
+    that keeps the finished reference cache (``reference_cache:``) where the change leaves it valid."""
     frozen = work / FROZEN_FILE
+    change = None
     if frozen.is_file():
         old = yaml.safe_load(frozen.read_text(encoding="utf-8")) or {}
-        diffs = [k for k in sorted(set(old) | set(cfg)) if k != "rounds"
-                 and old.get(k, TOP_DEFAULTS.get(k)) != cfg.get(k, TOP_DEFAULTS.get(k))]  # a key added later: default
-        if diffs:
-            raise ConfigError(f"{src}: {work} holds rounds started with other settings ({', '.join(diffs)}; see "
-                              f"{frozen}); run with those settings to resume, or choose a new workdir")
+        changed = _changes(old, cfg)
+        if changed:
+            at = min(changed.values())
+            stages = ([(0, "dump")] if cfg["reference_cache"] is None or old.get("reference_cache") is None else [])
+            stages += [(r, k) for r in range(1, max(cfg["rounds"], int(old.get("rounds", 0))) + 1)
+                       for k in STAGE_KINDS]
+            reached = [(r, k) for r, k in stages if _order(r, k) >= at]
+            finished = [(r, k) for r, k in reached if stage_done(stage_folder(work, r, k), k)]
+            keys = ", ".join(sorted(changed))
+            if finished:
+                ref = stage_folder(work, 0, "dump")
+                keep = (f"; or start a new workdir that keeps the finished teacher work here: reference_cache: {ref}"
+                        if stage_done(ref, "dump") and not {"teacher", "data", "images", "dump"} & set(changed)
+                        else "; or choose a new workdir")
+                folders = ", ".join(str(stage_folder(work, r, k)) for r, k in finished)
+                raise ConfigError(f"{src}: {work} holds finished stages made with other settings ({keys}; see "
+                                  f"{frozen}): the change reaches {', '.join(stage_name(r, k) for r, k in finished)}. "
+                                  f"Run with the settings they were made with to resume; or delete {folders} to redo "
+                                  f"them with the new settings (stages before them are kept){keep}")
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            aside = []
+            for r, k in reached:
+                folder = stage_folder(work, r, k)
+                if folder.exists():  # partial work made with the old settings: kept, out of the way
+                    target = folder.with_name(f"{folder.name}.before-{stamp}")
+                    folder.rename(target)
+                    aside.append(str(target))
+            change = {"settings": {k: {"was": old.get(k, TOP_DEFAULTS.get(k)), "now": cfg.get(k)} for k in changed},
+                      "from_stage": stage_name(*reached[0]) if reached else None, "set_aside": aside, "time": stamp}
+            log.warning("%s: settings changed since %s was started (%s): taken from %s on, no stage of it had "
+                        "finished%s", src, work, keys, change["from_stage"],
+                        f"; partial work set aside: {', '.join(aside)}" if aside else "")
         if cfg["rounds"] < old.get("rounds", 0):
             log.info("%s was started for %d rounds; running only the first %d", work, old["rounds"], cfg["rounds"])
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(frozen, yaml.safe_dump(cfg, sort_keys=False))
+    return change
 
 
 class StageFailed(AlignTIError):
@@ -344,8 +448,10 @@ def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> 
     "final"}`` with the last round's ``final/`` as ``final``. Raises what the stages raise (their errors name the
     stage's folder); a stage that fails leaves its folder resumable by the same command."""
     work = Path(cfg["workdir"])
-    _freeze(cfg, work, src)
+    change = _freeze(cfg, work, src)
     state = _State(work)
+    if change:  # settings changed for stages not yet finished: recorded beside the stages' states
+        state.note_change(change)
     device = cfg["device"]
     nproc = int(cfg.get("nproc") or 1)
 
@@ -371,10 +477,10 @@ def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> 
 
     ref = cfg["reference_cache"]
     if ref is None:
-        ref = str(work / "round-0" / "cache")
+        ref = str(stage_folder(work, 0, "dump"))
         dump_cfg = DumpConfig(teacher=cfg["teacher"], data=cfg["data"], images=cfg["images"], out=ref, device=device,
                               progress=progress, **cfg["dump"])
-        stage("round 0 dump-teacher (reference)", lambda: (Path(ref) / MANIFEST_FILE).is_file(),
+        stage(stage_name(0, "dump"), lambda: stage_done(Path(ref), "dump"),
               lambda: launch("dump-teacher", dump_cfg, dump_teacher, "round 0 dump-teacher", Path(ref),
                              work / "round-0"))
 
@@ -383,16 +489,16 @@ def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> 
     prev_run = None
     for r in range(1, cfg["rounds"] + 1):
         rdir = work / f"round-{r}"
-        roll_dir, cache_dir, run_dir = rdir / "rollout", rdir / "cache", rdir / "run"
+        roll_dir, cache_dir, run_dir = (stage_folder(work, r, k) for k in STAGE_KINDS)
         roll_student = student if prev_run is None else str(prev_run / "final")
         roll_cfg = RolloutConfig(student=roll_student, data=cfg["data"], images=cfg["images"], out=str(roll_dir),
                                  round=r, device=device, progress=progress, **section_for_round(cfg, "rollout", r))
-        stage(f"round {r} rollout", lambda: (roll_dir / ROLLOUT_MANIFEST).is_file(),
+        stage(stage_name(r, "rollout"), lambda: stage_done(roll_dir, "rollout"),
               lambda: launch("rollout", roll_cfg, rollout, f"round {r} rollout", roll_dir, rdir))
 
         dump_cfg = DumpConfig(teacher=cfg["teacher"], data=str(roll_dir), images=cfg["images"], out=str(cache_dir),
                               device=device, progress=progress, **cfg["dump"])
-        stage(f"round {r} dump-teacher", lambda: (cache_dir / MANIFEST_FILE).is_file(),
+        stage(stage_name(r, "dump"), lambda: stage_done(cache_dir, "dump"),
               lambda: launch("dump-teacher", dump_cfg, dump_teacher, f"round {r} dump-teacher", cache_dir, rdir))
 
         caches, weights = mixture_for_round(cfg, r, ref)
@@ -413,7 +519,7 @@ def run_rounds(cfg: dict, src: str = "rounds config", progress: bool = True) -> 
                                     images=cfg["images"], progress=progress, **values)
             launch("train-student", train_cfg, train_student, f"round {r} train-student", run_dir, run_dir.parent)
 
-        stage(f"round {r} train-student", lambda: _final_complete(run_dir / "final"), train)
+        stage(stage_name(r, "train"), lambda: stage_done(run_dir, "train"), train)
         results.append({"round": r, "rollout": str(roll_dir), "cache": str(cache_dir), "run": str(run_dir),
                         "final": str(run_dir / "final"), "caches": caches, "weights": weights})
         prev_run = run_dir
