@@ -37,9 +37,8 @@ def left_padded(prompts: list, pad_id: int, image_token_id: int | None) -> tuple
 def stop_ids(model, processor=None) -> list[int]:
     """The ids generation stops at: the model's ``generation_config.eos_token_id`` (an int or a list) and the chat
     template's end-of-turn ids (``conversation.end_of_turn_ids``; without ``processor``, none), in that order, each
-    once. A base model's
-    generation config names its end-of-text token only (``<|endoftext|>``) while the template ends a turn with
-    another (``<|im_end|>``): stopping at the former alone would run past the end of the answer."""
+    once. A base model's generation config names its end-of-text token only (``<|endoftext|>``) while the template
+    ends a turn with another (``<|im_end|>``): stopping at the former alone would run past the end of the answer."""
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     turn = end_of_turn_ids(processor) if processor is not None else []
