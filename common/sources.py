@@ -344,7 +344,8 @@ def open_source(data: str | Path, images: str | Path | None = None) -> DataSourc
     if p.is_dir():
         if (p / "dataset_dict.json").exists():
             splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
-            raise DataSourceError(data, f"a DatasetDict with splits {splits}", f"pass one split, e.g. --data {p / (splits or ['train'])[0]}")
+            raise DataSourceError(data, f"a DatasetDict with splits {splits}",
+                                  f"pass one split, e.g. --data {p / (splits or ['train'])[0]}")
         if (p / "state.json").exists():
             state = json.loads((p / "state.json").read_text())
             files = [str(p / f["filename"]) for f in state.get("_data_files", [])]
