@@ -53,6 +53,9 @@ def processor_info(processor) -> dict:
                  "num_image_tokens"):
         if hasattr(processor, attr):
             settings[f"processor.{attr}"] = getattr(processor, attr)
+    # as a manifest holds them (JSON: tuples as lists), so that a comparison with a cache's settings names only the
+    # settings that differ in value (image_mean (0.5, ...) and [0.5, ...] are the same); the hash is unchanged
+    settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
     return {"hash": _sha(settings), "settings": settings}
 
 
