@@ -24,7 +24,7 @@ import torch
 
 from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_class, adapter_for, check_images_per_sample
-from alignti.common.batch import collate, to_device
+from alignti.common.batch import collate, lm_head, to_device
 from alignti.common.cache import (PACKED_COMPRESSOR_NAMES, PartWriter, atomic_write_json, committed_parts,
                                   packed_settings, read_plan, write_manifest, write_plan)
 from alignti.common.codecs import DEFAULT_TAIL_KL
@@ -88,6 +88,7 @@ class DumpConfig:
     tpa_positions: float = 1.0  # fraction of each sample's response positions that get TPA statistics
     iva_token_kl: bool = False  # also cache IVA's token-KL statistics (train-student --iva-form token-kl)
     iva_token_ratio: float = 0.25  # the share of each sample's image tokens those statistics cover
+    temperature: float = 1.0  # cache the teacher at this temperature: softmax(z / T), top-k and rest mass exact there
     length_sorted_batches: bool = True  # batch each work unit's samples in token-length order (less padding)
     progress: bool = True
 
@@ -250,6 +251,20 @@ def resolve_top_k(cfg: DumpConfig, vocab: int) -> DumpConfig:
     return replace(cfg, top_k=top_k, tpa_top_k=tpa_top_k)
 
 
+def token_id_range(adapter, processor, teacher: str) -> dict:
+    """The ids the cache may hold: {"lm_head_rows": the teacher's LM head rows, "tokenizer_ids": len(tokenizer),
+    "cached_ids_below": the smaller}. A head padded past its tokenizer (Qwen2.5-VL-7B: 152,064 rows for 151,665
+    ids; the 3B: 151,936) has rows no text maps to: the dump takes its top-k among the tokenizer's ids and leaves the
+    padded rows' mass in the rest bucket (``topk_fold_hidden``'s ``ids_below``), so a student whose head covers the
+    tokenizer reads every cached id. Recorded in the manifest (``vocabulary``; train-student checks it)."""
+    rows = int(lm_head(adapter).weight.shape[0])
+    n_ids = len(processor.tokenizer)
+    if n_ids < rows:
+        log.info("the teacher's LM head has %d rows, its tokenizer %d ids (%s): the %d padded rows are never cached "
+                 "as top-k ids, their mass stays in the rest bucket", rows, n_ids, teacher, rows - n_ids)
+    return {"lm_head_rows": rows, "tokenizer_ids": n_ids, "cached_ids_below": min(rows, n_ids)}
+
+
 def check_dump_config(cfg: DumpConfig):
     """The settings' own checks, before any data, weights or output are touched (``dump_teacher`` runs them first;
     ``alignti rounds`` when it reads its YAML): the saliency query, the log-prob encoding and compressor names,
@@ -339,6 +354,13 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                       tpa_candidates="student" if student_tpa else "teacher")
         if student_tpa:
             params["tpa_students"] = onp.summary()["students"]
+    if cfg.temperature != 1.0:  # recorded only when not 1, so the caches (and plans) of earlier dumps stay as they are
+        params["temperature"] = float(cfg.temperature)
+        log.info("caching the teacher at temperature %g (train-student --temperature %g uses it as it is)",
+                 cfg.temperature, cfg.temperature)
+    vocabulary = token_id_range(adapter, processor, cfg.teacher)
+    if vocabulary["cached_ids_below"] < vocabulary["lm_head_rows"]:
+        params["ids_below"] = vocabulary["cached_ids_below"]
     if cfg.iva_token_kl:
         if layer is None:
             raise ValueError("--iva-token-kl needs the teacher's saliency: drop --saliency-layer none")
@@ -365,7 +387,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     try:
         return _dump_units(cfg, env, out, plan, params, units, records, prepare, adapter, processor, device,
-                           max_length, irs, layer, t_load, t_loaded, onp)
+                           max_length, irs, layer, t_load, t_loaded, onp, vocabulary)
     except (OSError, torch.OutOfMemoryError, MemoryError) as e:
         problem = _resource_error(e, out, device, cfg.batch_size,
                                   len(units) - len(committed_parts(out)) if out.exists() else len(units))
@@ -376,7 +398,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
 def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units: list, records: list, prepare,
                 adapter, processor, device, max_length, irs, layer, t_load: float, t_loaded: float,
-                onp: RolloutColumns | None = None) -> dict:
+                onp: RolloutColumns | None = None, vocabulary: dict | None = None) -> dict:
     """The plan written, this rank's uncommitted units dumped and committed, rank 0's manifest last. ``onp``: the
     data's on-policy columns (loss turns, the student's TPA candidates), None for ordinary data."""
     if dist.on_main(env, prepare):
@@ -462,6 +484,7 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
             raise CacheError(f"work units {missing[:5]} of {out} were not committed; re-run the same command")
         return write_manifest(out, plan, markers,
                               extra={"irs": irs, "saliency_layer": layer, "images": plan["images"],
+                                     "vocabulary": vocabulary,
                                      "data": plan["data"], "dump_config": {k: v for k, v in asdict(cfg).items()
                                                                            if k != "progress"},
                                      **onpolicy_manifest(onp, params)})
