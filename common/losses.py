@@ -442,7 +442,6 @@ class LossWeights:
     iva: float = 1.0
     tpa: float = 1.0
     temperature: float = 1.0
-    cache_temperature: float = 1.0  # the temperature the cache holds the teacher at (its params.temperature)
     iva_ratio: float = 0.25
     tpa_weighting: str = "teacher"  # weights over the cached TPA candidates: the teacher's, or the student's own
     iva_form: str = "attention"  # IVA as attention alignment, or "token-kl" (outputs at the salient image tokens)
@@ -451,6 +450,7 @@ class LossWeights:
     gold_unmatched: float | None = None
     alm_distance: str = "binary_ce"      # tokenkit's chunk distance (alm_distance)
     alm_temperature: float = 100.0       # tokenkit's binarisation temperature
+    cache_temperature: float = 1.0       # the temperature the cache holds the teacher at (its params.temperature)
 
 
 def get_loss(name: str) -> LossSpec:

@@ -32,7 +32,8 @@ from alignti.common.errors import AlignTIError, CacheError
 from alignti.common.faults import crash_point
 from alignti.common.config import check_ranges, config_values, write_config
 from alignti.common.records import image_refs
-from alignti.common.fingerprint import cache_identity, check_encoding, check_student, model_identity
+from alignti.common.fingerprint import (cache_identity, check_encoding, check_student, check_token_ids,
+                                        model_identity)
 from alignti.common.losses import (CROSS_TOKENIZER, IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm,
                                    check_cross_tokenizer, get_loss, means, step_counts)
 from alignti.common.models import enable_gradient_checkpointing, load_vlm
@@ -319,6 +320,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         check_student(reader.fingerprint, processor, cfg.student)
         for r, url in zip(readers, caches):
             check_encoding(r.params, processor, url, r.manifest.get("schema_version"))
+            check_token_ids(r, int(model.get_output_embeddings().weight.shape[0]), cfg.student)
     check_savable(model, cfg.student)  # before any step: a run that cannot save its result must not train
     adapter = adapter_for(model)
     multi = next(((n, x["sample_id"]) for r in readers for x in r.samples if (n := len(image_refs(x["image"]))) > 1),

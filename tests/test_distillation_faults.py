@@ -104,9 +104,9 @@ def test_an_older_checkpoint_is_refused_and_converted_only_on_request(kit, cache
 
 
 # --- temperature: the target is the tempered teacher, or the range the cache allows is named ------------------------
-def _full_teacher(kit, reader, n=4):
-    """The teacher's full logits [T, V] at the response tokens of the cache's first n samples (its own forward, the
-    whole vocabulary), keyed by sample id."""
+def _full_teacher(teacher, kit, sample_ids):
+    """The teacher's full logits [T, V] at the response tokens of the kit's samples ``sample_ids`` (its own forward,
+    the whole LM head), keyed by sample id."""
     import torch
 
     from alignti.common.adapters import adapter_for
@@ -115,12 +115,11 @@ def _full_teacher(kit, reader, n=4):
     from alignti.common.models import load_vlm
     from alignti.common.records import Record
     from alignti.common.sources import load_image, load_records
-    model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"), "float32")
+    model, proc = load_vlm(str(teacher), torch.device("cpu"), "float32")
     adapter = adapter_for(model.eval())
-    want = [reader.samples[i]["sample_id"] for i in range(n)]
     recs = {r.sample_id: r for r in load_records(kit / "data/train.json") if isinstance(r, Record)}
     out = {}
-    for sid in want:
+    for sid in sample_ids:
         r = recs[sid]
         img, sha = load_image(r, kit / "data/images")
         enc = encode(proc, r, img, sha)
@@ -144,7 +143,7 @@ def tempered(kit, tmp_path_factory):
                                 progress=False))
         out[t] = root / f"t{t:g}"
     readers = {t: CacheReader(p) for t, p in out.items()}
-    return out, readers, _full_teacher(kit, readers[1.0])
+    return out, readers, _full_teacher(kit / "teacher", kit, [x["sample_id"] for x in readers[1.0].samples[:4]])
 
 
 def test_a_cache_dumped_at_a_temperature_is_the_tempered_teacher(tempered):
@@ -216,3 +215,83 @@ def test_training_at_another_temperature_is_refused_naming_the_range(kit, temper
     assert _train(kit, paths[1.0], tmp_path / "d", max_steps=1, temperature=2.0,
                   approximate_temperature=True)["steps"] == 1
     assert "--approximate-temperature" in caplog.text
+
+
+# --- an LM head padded past the tokenizer --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def padded(kit, tmp_path_factory):
+    """The kit's teacher with its LM head and embeddings resized from 320 rows to 352, past its tokenizer's 320 ids
+    (Qwen2.5-VL-7B vs 3B in small); the 32 new rows copy, x1.5, the rows of the tokens the teacher predicts on its
+    first samples, so without the fold they win top-k slots."""
+    import json
+
+    import torch
+
+    from alignti.common.models import load_vlm
+    from alignti.common.saving import save_checkpoint
+    first = [x["id"] for x in json.loads((kit / "data/train.json").read_text())[:2]]
+    full = _full_teacher(kit / "teacher", kit, first)
+    model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"), "float32")
+    model.resize_token_embeddings(352)
+    with torch.no_grad():
+        hot = torch.cat([z.argmax(-1) for z in full.values()]).unique()[:32]
+        w = model.get_output_embeddings().weight
+        w[320:320 + len(hot)] = 1.5 * w[hot]
+    out = tmp_path_factory.mktemp("padded") / "teacher"
+    save_checkpoint(model, proc, out)
+    return out
+
+
+def _padded_dump(kit, teacher, out, **kw):
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    return dump_teacher(DumpConfig(teacher=str(teacher), data=str(kit / "data/train.json"),
+                                   images=str(kit / "data/images"), out=str(out), limit=8, top_k=16, tpa_branches=2,
+                                   tpa_top_k=8, saliency_layer="none", logprob_encoding="float16", progress=False, **kw))
+
+
+def test_padded_head_ids_are_folded_into_the_rest_at_dump(kit, padded, tmp_path):
+    """A teacher head of 352 rows over a 320-id tokenizer: no cached id (top-k, TPA candidates, TPA top-k) is 320
+    or above, the padded rows' mass is in the rest bucket (brute force over the full head), the manifest records
+    both sizes, and the 320-row student trains on it."""
+    import torch
+
+    from alignti.common.cache import CacheReader
+    manifest = _padded_dump(kit, padded, tmp_path / "c")
+    assert manifest["vocabulary"] == {"lm_head_rows": 352, "tokenizer_ids": 320, "cached_ids_below": 320}
+    reader = CacheReader(tmp_path / "c")
+    assert reader.params["ids_below"] == 320
+    arrays = reader.part_arrays(0)
+    assert all(int(arrays[n].max()) < 320 for n in ("topk_ids", "tpa_cand_ids", "tpa_ids"))
+    full = _full_teacher(padded, kit, [x["sample_id"] for x in reader.samples[:2]])  # over its whole head
+    padded_mass = []
+    for i, (sid, z) in enumerate(full.items()):
+        x = reader[i]
+        p = torch.softmax(z, -1)
+        rest = 1 - p.gather(-1, torch.from_numpy(x["topk_ids"]).long()).sum(-1)
+        assert torch.allclose(torch.from_numpy(x["tail_logmass"]).double().exp(), rest, atol=1e-5)
+        padded_mass.append(float(p[:, 320:].sum(-1).max()))
+    assert max(padded_mass) > 0.01  # the padded rows hold mass the rest bucket now carries
+    assert _train(kit, tmp_path / "c", tmp_path / "r", max_steps=1)["steps"] == 1
+
+
+def test_cache_with_ids_past_the_students_head_is_refused_before_step_1(kit, padded, tmp_path, monkeypatch):
+    """A cache holding ids 320..351 (the padded head cached whole, as before) and a 320-row student: refused before
+    any step, naming both head sizes, for a cache that records its id range and for one that records none (an
+    earlier alignti's: scanned); before, the run died mid-way in fold_rows with an IndexError."""
+    import json
+
+    from alignti.common.errors import FingerprintMismatch
+    from alignti.teacher_dump import dump as dump_mod
+    monkeypatch.setattr(dump_mod, "token_id_range",
+                        lambda adapter, processor, teacher: {"lm_head_rows": 352, "tokenizer_ids": 352,
+                                                             "cached_ids_below": 352})
+    _padded_dump(kit, padded, tmp_path / "c")
+    with pytest.raises(FingerprintMismatch, match=r"holds token ids up to 351 \(its teacher's LM head has 352 rows.*"
+                                                  r"LM head has 320 rows"):
+        _train(kit, tmp_path / "c", tmp_path / "r", max_steps=1)
+    manifest = json.loads((tmp_path / "c/manifest.json").read_text())
+    del manifest["vocabulary"]
+    (tmp_path / "c/manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FingerprintMismatch, match=r"holds token ids up to 3[2-5]\d .*LM head has 320 rows"):
+        _train(kit, tmp_path / "c", tmp_path / "r2", max_steps=1)
+    assert not (tmp_path / "r/metrics.jsonl").exists() and not (tmp_path / "r2/metrics.jsonl").exists()
