@@ -36,7 +36,7 @@ from alignti.common.fingerprint import (cache_identity, check_encoding, check_st
                                         model_identity)
 from alignti.common.losses import (CROSS_TOKENIZER, IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm,
                                    check_cross_tokenizer, get_loss, means, step_counts)
-from alignti.common.models import enable_gradient_checkpointing, load_vlm
+from alignti.common.models import check_loaded_weights, enable_gradient_checkpointing, fresh_parts, load_vlm
 from alignti.common.saving import save_checkpoint
 from alignti.common.progress import progress_bar
 
@@ -311,6 +311,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     # fp32 master weights on every device; on GPU the forward runs under bf16 autocast (a bf16-loaded
     # student would take its AdamW updates in bf16: found by tests/test_gpu.py on an H100)
     model, processor = load_vlm(cfg.student, device, "float32")
+    fresh = [] if cfg.init else fresh_parts(cfg.student)  # --init replaces every weight (strictly, below)
+    if not cfg.init:
+        check_loaded_weights(model, cfg.student, "student", fresh)
     cross = None
     if cfg.cross_tokenizer:  # the student encodes every sample itself: its own tokenizer and processor may differ
         cross = CrossTokenizer(reader, processor, caches[0], iva=spec.iva, tpa=spec.tpa,
@@ -369,6 +372,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     # --trainable / --freeze-vision / LoRA: requires_grad set (and the adapters added) before DDP / FSDP2 wrap, which
     # take the trainable set as it is then; the optimizer below holds the trainable parameters only
     peft_model = apply_trainable(model, adapter, cfg.trainable, cfg.freeze_vision, lora)
+    check_fresh_parts_train(model, fresh, cfg.student)
     # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
     if cfg.gradient_checkpointing:
         # each recompute runs under the capture / attention settings of its forward and reuses its bf16 weight
@@ -570,6 +574,22 @@ def _save_final(model, peft_model, processor, out: Path, adapter: bool, base: st
             log.info("LoRA adapter saved to %s", out / "adapter")
         model = merge(peft_model)
     save_checkpoint(model, processor, out / "final")
+
+
+def check_fresh_parts_train(model, fresh: list[str], student: str) -> None:
+    """The parts a student folder names as fresh (make-student's projector: common.models.fresh_parts) start from
+    their initialisation: they must train. Logs them; raises AlignTIError when --trainable, --freeze-vision or LoRA
+    leave one of them frozen (it would stay random and be saved so)."""
+    for part in fresh:
+        params = [(n, p) for n, p in model.named_parameters() if n.startswith(part + ".") or f".{part}." in n]
+        if params and not any(p.requires_grad for _, p in params):
+            raise AlignTIError(f"the student {student} was composed by make-student with a fresh (untrained) {part}, "
+                               f"but the --trainable / --freeze-vision / LoRA settings freeze it, so it would stay "
+                               f"at its random initialisation: let it train (e.g. --trainable projector, or "
+                               f"projector,lm)")
+        if params:
+            log.info("the student's %s is fresh from make-student (%s): it trains from its initialisation", part,
+                     student)
 
 
 def check_savable(model, student: str) -> None:

@@ -166,3 +166,42 @@ def split_per_sample(res: dict[str, torch.Tensor], batch: dict) -> list[dict[str
             rows = host["saliency"][gb == b][:, :n_v]
             out[b]["saliency"] = rows.reshape(-1).numpy().astype(np.float16)
     return out
+
+
+BLIND_TOLERANCE = 1e-4  # nats: an fp32 forward with another image moves a seeing teacher's log-probs by far more
+
+
+@torch.no_grad()
+def image_dependence(adapter, processor, records: list, images: str | None, device, max_length: int | None = None,
+                     n: int = 2) -> list[tuple[str, float]]:
+    """Whether the teacher's outputs depend on the image at all: for the first ``n`` one-image samples, the largest
+    difference (nats) between its next-token log-probs at the response tokens with the sample's image and with a
+    blank (mid-grey) image of the same size. A teacher whose vision tower or projector is random, zeroed or
+    disconnected gives (near) 0 on every sample. Returns [(sample id, max |difference|)]; samples that cannot be
+    read are passed over (the dump names them itself)."""
+    from PIL import Image
+
+    from alignti.common.batch import collate, to_device
+    from alignti.common.conversation import encode
+    from alignti.common.records import Record
+    from alignti.common.sources import load_image
+    pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    out = []
+    for r in records:
+        if len(out) >= n:
+            break
+        if not isinstance(r, Record) or len(r.images) != 1 or isinstance(r.image, list):
+            continue
+        try:
+            img, sha = load_image(r, images)
+            blank = Image.new("RGB", img.size, (128, 128, 128))
+            encs = [encode(processor, r, im, sha, max_length=max_length) for im in (img, blank)]
+        except Exception:  # noqa: BLE001 - a bad sample is the dump's to name, not this check's
+            continue
+        lps = []
+        for enc in encs:
+            batch = to_device(collate([enc.__dict__], pad, type(adapter)), device)
+            hidden = forward(adapter, batch).resp_hidden
+            lps.append(torch.log_softmax(lm_head(adapter)(hidden).float(), -1))
+        out.append((r.sample_id, float((lps[0] - lps[1]).abs().max())))
+    return out

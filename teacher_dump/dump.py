@@ -33,14 +33,14 @@ from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, 
 from alignti.common.records import Record, Skipped, image_column
 from alignti.common.errors import BadSamples, CacheError, DataError, ResourceError
 from alignti.common.fingerprint import make_fingerprint
-from alignti.common.models import load_config, load_model, load_processor, text_vocab_size
+from alignti.common.models import check_loaded_weights, load_config, load_model, load_processor, text_vocab_size
 from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TOKENS_FILE, TPA_LAYOUT
 from alignti.common.token_align import encode_token_bytes, token_bytes
 from alignti.common.sources import DECODE_VERSION, image_sizes, is_embedded, load_image, open_source
 
-from .compute import split_per_sample, teacher_batch
+from .compute import BLIND_TOLERANCE, image_dependence, split_per_sample, teacher_batch
 from .onpolicy import check_rollout, onpolicy_manifest, student_candidates
 from .select_layer import select_layer
 
@@ -265,6 +265,20 @@ def token_id_range(adapter, processor, teacher: str) -> dict:
     return {"lm_head_rows": rows, "tokenizer_ids": n_ids, "cached_ids_below": min(rows, n_ids)}
 
 
+def warn_if_blind(adapter, processor, records: list, images: str | None, device, max_length, teacher: str) -> bool:
+    """Warn when the teacher's outputs do not depend on the image (``compute.image_dependence``: the sample's image
+    vs a blank one, on two samples): a cache from it would teach the student to ignore images. Returns True when it
+    warned."""
+    seen = image_dependence(adapter, processor, records, images, device, max_length)
+    if not seen or max(d for _, d in seen) > BLIND_TOLERANCE:
+        return False
+    log.warning("the teacher %s gives the same outputs with each sample's image as with a blank image (samples %s: "
+                "log-probs within %.1g nats): it does not see the images. Check that its vision tower and projector "
+                "loaded (the load report above), and that it is the vision-language checkpoint you meant",
+                teacher, ", ".join(s for s, _ in seen), max(d for _, d in seen))
+    return True
+
+
 def check_dump_config(cfg: DumpConfig):
     """The settings' own checks, before any data, weights or output are touched (``dump_teacher`` runs them first;
     ``alignti rounds`` when it reads its YAML): the saliency query, the log-prob encoding and compressor names,
@@ -317,6 +331,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     t_load = time.perf_counter()
     model = load_model(cfg.teacher, device, cfg.dtype)
+    check_loaded_weights(model, cfg.teacher, "teacher")  # no cache from a teacher with randomly initialised parts
     model.eval()
     t_loaded = time.perf_counter()
     adapter = adapter_for(model)
@@ -373,6 +388,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             "data": str(cfg.data) if "://" in str(cfg.data) else str(Path(cfg.data).resolve()),
             "images": str(Path(cfg.images).resolve()) if cfg.images else "",
             "unit_ids": [[r.sample_id for r in records[s:e]] for s, e in units]}
+
+    if not (out / MANIFEST_FILE).exists():
+        dist.on_main(env, lambda: warn_if_blind(adapter, processor, records, cfg.images, device, max_length, cfg.teacher))
 
     def prepare() -> bool:
         _check_plan(out, plan)

@@ -295,3 +295,75 @@ def test_cache_with_ids_past_the_students_head_is_refused_before_step_1(kit, pad
     with pytest.raises(FingerprintMismatch, match=r"holds token ids up to 3[2-5]\d .*LM head has 320 rows"):
         _train(kit, tmp_path / "c", tmp_path / "r2", max_steps=1)
     assert not (tmp_path / "r/metrics.jsonl").exists() and not (tmp_path / "r2/metrics.jsonl").exists()
+
+
+# --- weights newly initialised at load; a teacher blind to the image -----------------------------------------------
+def _without(src, out, drop: str):
+    """A copy of the model folder ``src`` whose model.safetensors lacks every tensor whose name contains ``drop``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, out)
+    sd = load_file(out / "model.safetensors")
+    kept = {k: v for k, v in sd.items() if drop not in k}
+    assert len(kept) < len(sd)
+    save_file(kept, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_teacher_with_newly_initialised_weights_is_refused_before_the_dump(kit, tmp_path):
+    from alignti.common.errors import AlignTIError
+    teacher = _without(kit / "teacher", tmp_path / "t", "vision_tower")
+    with pytest.raises(AlignTIError, match=r"the teacher .* lacks \d+ weight tensor\(s\) .*initialised at random.*"
+                                           r"vision_tower"):
+        _padded_dump(kit, teacher, tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("drop, extra", [("vision_tower", {}), ("vision_tower", {"freeze_vision": True}),
+                                         ("multi_modal_projector", {"trainable": "projector"})])
+def test_student_with_newly_initialised_weights_is_refused(kit, cache, tmp_path, drop, extra):
+    """The student trained and saved its random tower into final/ before, which then loaded with no report."""
+    from alignti.common.errors import AlignTIError
+    student = _without(kit / "student", tmp_path / "s", drop)
+    with pytest.raises(AlignTIError, match=rf"the student {student} lacks .*initialised at random.*{drop}"):
+        _train(kit, cache, tmp_path / "r", student=str(student), max_steps=1, **extra)
+    assert not (tmp_path / "r/final").exists()
+
+
+def test_a_projector_fresh_by_design_is_named_and_must_train(kit, cache, tmp_path, caplog):
+    """make-student's marker names its projector as fresh: the student trains (the projector logged as fresh), and
+    settings that would freeze it are refused; make-student writes the marker."""
+    import json
+    import shutil
+
+    from alignti.common.errors import AlignTIError
+    from alignti.common.models import FRESH_MARKER
+    student = tmp_path / "s"
+    shutil.copytree(kit / "student", student)
+    (student / FRESH_MARKER).write_text(json.dumps({"fresh": ["model.multi_modal_projector"]}))
+    with pytest.raises(AlignTIError, match=r"fresh \(untrained\) model.multi_modal_projector.*freeze it"):
+        _train(kit, cache, tmp_path / "r", student=str(student), max_steps=1, trainable="lm")
+    caplog.set_level("INFO", logger="alignti.train")
+    assert _train(kit, cache, tmp_path / "r2", student=str(student), max_steps=1, freeze_vision=True)["steps"] == 1
+    assert "model.multi_modal_projector is fresh from make-student" in caplog.text
+    assert not (tmp_path / "r2/final" / FRESH_MARKER).exists()  # the trained student is no longer fresh
+
+
+def test_a_teacher_blind_to_the_image_is_warned_about(kit, tmp_path, caplog):
+    """A teacher whose projector outputs nothing (zero weights: every image gives the same image tokens) dumps with a
+    warning naming the samples; the kit's seeing teacher dumps without it."""
+    import torch
+
+    from alignti.common.models import load_vlm
+    from alignti.common.saving import save_checkpoint
+    model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"), "float32")
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.parameters():
+            p.zero_()
+    save_checkpoint(model, proc, tmp_path / "blind")
+    caplog.set_level("WARNING", logger="alignti.dump")
+    _padded_dump(kit, kit / "teacher", tmp_path / "c0")
+    assert "does not see the images" not in caplog.text
+    _padded_dump(kit, tmp_path / "blind", tmp_path / "c1")
+    assert "gives the same outputs with each sample's image as with a blank image" in caplog.text
