@@ -367,3 +367,23 @@ def test_a_teacher_blind_to_the_image_is_warned_about(kit, tmp_path, caplog):
     assert "does not see the images" not in caplog.text
     _padded_dump(kit, tmp_path / "blind", tmp_path / "c1")
     assert "gives the same outputs with each sample's image as with a blank image" in caplog.text
+
+
+def test_rounds_refuse_a_train_temperature_the_dumps_do_not_hold_up_front(tmp_path):
+    """A rounds YAML training at temperature 2 from dumps at 1 is refused when the YAML is read (before any teacher
+    time), naming the setting that fixes it; dump.temperature 2 (or the approximation, asked for) is taken."""
+    import yaml
+
+    from alignti.common.config import ConfigError
+    from alignti.workflows.rounds import load_config, template
+    raw = yaml.safe_load(template())
+    raw.update(teacher="T", student="S", data="D")
+    path = tmp_path / "r.yaml"
+    raw["train"] = {**raw["train"], "temperature": 2.0}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"train.temperature \(2\) is not dump.temperature \(1\).*dump.temperature: 2"):
+        load_config(path)
+    for fix in ({"dump": {**raw["dump"], "temperature": 2.0}},
+                {"train": {**raw["train"], "approximate_temperature": True}}):
+        path.write_text(yaml.safe_dump({**raw, **fix}))
+        assert load_config(path)["train"]["temperature"] == 2.0
