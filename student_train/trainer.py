@@ -35,7 +35,7 @@ from alignti.common.records import image_refs
 from alignti.common.fingerprint import (cache_identity, check_encoding, check_student, check_token_ids,
                                         model_identity)
 from alignti.common.losses import (CROSS_TOKENIZER, IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm,
-                                   check_cross_tokenizer, get_loss, means, step_counts)
+                                   check_cross_tokenizer, get_loss, means, step_counts, temperature_bounds)
 from alignti.common.models import check_loaded_weights, enable_gradient_checkpointing, fresh_parts, load_vlm
 from alignti.common.saving import save_checkpoint
 from alignti.common.progress import progress_bar
@@ -163,10 +163,9 @@ def check_cache_temperature(readers: list, urls: list[str], temperature: float, 
     cached = temps[0]
     if math.isclose(temperature, cached, rel_tol=1e-9):
         return cached
-    from alignti.common.losses import temperature_bounds
     reader, url = readers[0], urls[0]
     vocab = (reader.manifest.get("vocabulary") or {}).get("lm_head_rows") or reader.fingerprint["tokenizer"]["vocab_size"]
-    widest, seen, lumps = None, 0, []
+    widest, seen = None, 0
     for i in range(len(reader)):
         x = reader[i]
         lp = torch.from_numpy(np.asarray(x["topk_logprobs"], np.float64))
@@ -177,7 +176,6 @@ def check_cache_temperature(readers: list, urls: list[str], temperature: float, 
         j = int((hi - lo).argmax())
         if widest is None or float(hi[j] - lo[j]) > widest[1] - widest[0]:
             widest = (float(lo[j]), float(hi[j]), float(lump[j]), x["sample_id"], j)
-        lumps.append(lump)
         seen += len(lp)
         if seen >= TEMPERATURE_PROBE_TOKENS:
             break

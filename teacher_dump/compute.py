@@ -35,7 +35,8 @@ def topk_fold_hidden(hidden: torch.Tensor, head: torch.nn.Module, k: int,
         lp = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
         if targets is not None:  # the model's own log-prob of its realised token, at temperature 1
             tgt = targets[i:i + chunk, None].long()
-            tgts.append((lp if temperature == 1.0 else z - z.logsumexp(-1, keepdim=True)).gather(-1, tgt).squeeze(-1))
+            tgts.append(lp.gather(-1, tgt).squeeze(-1) if temperature == 1.0 else
+                        z.gather(-1, tgt).squeeze(-1) - z.logsumexp(-1))
         del z
         v, j = (lp if ids_below is None or ids_below >= lp.shape[-1] else lp[:, :ids_below]).topk(k, dim=-1,
                                                                                                    sorted=True)
