@@ -159,6 +159,9 @@ def dump_teacher(ctx: typer.Context,
                                                    "train-student --iva-form token-kl)."),
                  iva_token_ratio: float = typer.Option(0.25, help="Share of each sample's image tokens the token-KL "
                                                        "statistics cover."),
+                 temperature: float = typer.Option(1.0, help="Cache the teacher at this temperature "
+                                                   "(softmax(logits / T): top-k and rest mass exact there); "
+                                                   "train-student --temperature T then distils from it as it is."),
                  irs_samples: int = typer.Option(256, help="Calibration samples for --saliency-layer auto."),
                  unit_size: int = typer.Option(256, help="Samples per work unit (one committed part each)."),
                  max_length: Optional[int] = typer.Option(None, help="Refuse samples longer than this."),
@@ -271,7 +274,13 @@ def train_student(ctx: typer.Context,
                                                "image attention matches the teacher's on its salient tokens) or "
                                                "token-kl (KL of the output distributions at those tokens, weighted "
                                                "by the teacher's saliency; dump with --iva-token-kl)."),
-                  temperature: float = typer.Option(1.0, help="Distillation temperature."),
+                  temperature: float = typer.Option(1.0, help="Distillation temperature; the cache's own "
+                                                    "(dump-teacher --temperature, 1 by default) unless "
+                                                    "--approximate-temperature."),
+                  approximate_temperature: bool = typer.Option(False, help="Allow a --temperature other than the "
+                                                               "cache's: its top-k + rest are tempered with the rest "
+                                                               "bucket as one lump (an approximation; refused "
+                                                               "without this flag, naming the exact range)."),
                   student_layer: Optional[int] = typer.Option(None, help="Default: teacher's l* by relative depth."),
                   max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
                   epochs: int = typer.Option(1, help="Passes over the cache (when --max-steps is not set)."),

@@ -107,6 +107,7 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "tpa_positions": SHARE, "iva_token_ratio": SHARE, "irs_samples": COUNT, "unit_size": COUNT,
         "max_length": OPT_COUNT, "nproc": COUNT,
         "packed_kl": Range(0, 0.1, lo_open=True),  # nats per token; the truncation KL itself is ~0.1-1 (bench/README)
+        "temperature": Range(TEMPERATURE_MIN, 10),  # the tempered teacher cached (train-student --temperature)
     },
     "rollout": {
         "temperature": Range(0, 10),  # 0: greedy

@@ -53,6 +53,9 @@ def processor_info(processor) -> dict:
                  "num_image_tokens"):
         if hasattr(processor, attr):
             settings[f"processor.{attr}"] = getattr(processor, attr)
+    # as a manifest holds them (JSON: tuples as lists), so that a comparison with a cache's settings names only the
+    # settings that differ in value (image_mean (0.5, ...) and [0.5, ...] are the same); the hash is unchanged
+    settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
     return {"hash": _sha(settings), "settings": settings}
 
 
@@ -92,6 +95,43 @@ def check_student(fingerprint: dict, processor, student_name: str) -> None:
             f"the student's processor ({student_name}) differs from the one the cache was made with in "
             f"{', '.join(diff)}: images would become different image tokens. Use the teacher's processor "
             f"settings for the student, re-dump, or train with --cross-tokenizer gold (uld, alm).")
+
+
+ID_ARRAYS = ("topk_ids", "tpa_cand_ids", "tpa_ids", "ivak_ids")  # every cached array of token ids
+
+
+def check_token_ids(reader, student_rows: int, student_name: str) -> None:
+    """Refuse, before step 1, a cache holding token ids the student's LM head (``student_rows`` rows) has no row
+    for: a teacher whose head is padded past the tokenizer (Qwen2.5-VL-7B, 152,064 rows) and a student whose head is
+    smaller (the 3B, 151,936) would otherwise fail mid-run on the first such id. A cache records the ids it may hold
+    (manifest ``vocabulary``: ``cached_ids_below``, the tokenizer's ids when the head is padded); an earlier cache,
+    which records nothing, is scanned once. Raises FingerprintMismatch naming both head sizes and the fix."""
+    vocab = reader.manifest.get("vocabulary") or {}
+    below = vocab.get("cached_ids_below")
+    if below is not None and below <= student_rows:
+        return
+    if below is None:  # an earlier cache: the largest id it holds
+        import logging
+        logging.getLogger("alignti.train").info("checking the token ids of %s against the student's LM head (%d "
+                                                "rows): the cache records no id range", reader.url, student_rows)
+        top = -1
+        for j in range(len(reader.part_names)):
+            arrays = reader.part_arrays(j)
+            top = max([top] + [int(arrays[n].max()) for n in ID_ARRAYS if n in arrays and arrays[n].size])
+        if top < student_rows:
+            return
+        held = f"token ids up to {top}"
+    else:
+        held = f"token ids up to {below - 1}"
+    rows = vocab.get("lm_head_rows")
+    teacher = (f"its teacher's LM head has {rows} rows for a tokenizer of {vocab.get('tokenizer_ids')} ids" if rows
+               else f"made by an alignti that cached the teacher's top-k over its whole LM head; its tokenizer has "
+                    f"{reader.fingerprint['tokenizer']['vocab_size']} tokens")
+    raise FingerprintMismatch(
+        f"the cache at {reader.url} holds {held} ({teacher}), but the student {student_name}'s LM head has "
+        f"{student_rows} rows: ids from {student_rows} on have no student logit. Re-dump it with this alignti "
+        f"(dump-teacher keeps the top-k among the ids the tokenizer produces; a padded head's other rows go to the "
+        f"rest mass), or use a student whose LM head has at least {(below or top + 1)} rows")
 
 
 def check_encoding(params: dict, processor, cache_url: str, schema_version) -> None:

@@ -35,14 +35,48 @@ def fold_student(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1
     return torch.cat([top, rest], dim=-1)
 
 
-def fold_teacher(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log-probs [..., k+1] of the teacher's cached top-k + rest, renormalised, at temperature tau.
+def fold_teacher(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, temperature: float = 1.0,
+                 cached_at: float = 1.0) -> torch.Tensor:
+    """log-probs [..., k+1] of the teacher's cached top-k [..., k] + rest log-mass [...], renormalised, at
+    temperature tau = ``temperature`` for a cache holding the teacher at ``cached_at`` (dump-teacher
+    --temperature, the manifest's ``params.temperature``, 1 when absent).
 
-    At tau = 1 this is the cached distribution (renormalising absorbs fp16 rounding of the top-k).
-    At tau != 1 the rest bucket is tempered as one atom (its members' logits are not cached), an
-    approximation that only touches the rest mass."""
+    At tau = cached_at this is the cached distribution, exact (renormalising absorbs the encoding's rounding of
+    the top-k). At any other tau the cached (k+1)-way distribution is tempered by tau / cached_at, its rest bucket
+    as one atom (its members' logits are not cached): an approximation of the rest mass, and of every top-k
+    probability through the normalisation, far off on a large vocabulary (docs/method.md "Temperature";
+    train-student refuses it unless --approximate-temperature, ``temperature_bounds`` gives the exact range)."""
     lt = torch.cat([_up(topk_logprobs), _up(tail_logmass).unsqueeze(-1)], dim=-1)
-    return F.log_softmax(lt / temperature, dim=-1)
+    rel = temperature / cached_at
+    return F.log_softmax(lt if rel == 1.0 else lt / rel, dim=-1)
+
+
+def temperature_bounds(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, n_rest: int, temperature: float,
+                       cached_at: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a top-k + rest cache says about the teacher's rest mass at another temperature: per row, the least and
+    the most it can be, and what tempering the rest bucket as one lump (``fold_teacher``) gives. Shapes: top-k
+    log-probs [..., k] and rest log-mass [...] at ``cached_at``; returns three [...] float64 tensors (rest masses).
+
+    With a = cached_at / temperature, the tempered teacher is p_i^a / Z. The rest bucket holds ``n_rest`` tokens
+    (the vocabulary less k) whose cached probabilities sum to r, each at most the k-th top-k probability p_k (they
+    are not in the top-k). Their tempered sum S = sum_j p_j^a is concave in the p_j for a < 1 (temperature above
+    the cache's): largest when the mass is spread evenly, n (r / n)^a, least when it is packed into as few tokens
+    as the bound p_k allows, m p_k^a + (r - m p_k)^a with m = floor(r / p_k) (approached as the other members go to
+    0); for a > 1 the two swap. The rest mass is then S / (sum_i p_i^a + S), monotone in S. The lump gives r^a,
+    below both bounds for a < 1 (x -> x^a is subadditive), so it is never the teacher's rest mass there."""
+    a = float(cached_at) / float(temperature)
+    lp = topk_logprobs.double()
+    r = tail_logmass.double().exp()
+    top = (lp * a).exp().sum(-1)
+    pk = lp.min(-1).values.exp().clamp_min(1e-300)
+    n = float(max(n_rest, 1))
+    even = n * (r / n) ** a
+    m = torch.minimum(torch.floor(r / pk), torch.full_like(r, n))
+    packed = m * pk ** a + (r - m * pk).clamp_min(0) ** a
+    lo, hi = (packed, even) if a < 1 else (even, packed)
+    lump = r ** a
+    mass = lambda s: s / (top + s)  # noqa: E731
+    return mass(lo), mass(hi), mass(lump)
 
 
 def kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
@@ -83,9 +117,10 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(_up(logits), targets.long())
 
 
-def distill_loss(logits, topk_ids, topk_logprobs, tail_logmass, divergence="fkl", temperature=1.0):
-    """Mean over response tokens of D(teacher || student) on the folded distributions, x tau^2."""
-    lt = fold_teacher(topk_logprobs, tail_logmass, temperature)
+def distill_loss(logits, topk_ids, topk_logprobs, tail_logmass, divergence="fkl", temperature=1.0, cached_at=1.0):
+    """Mean over response tokens of D(teacher || student) on the folded distributions, x tau^2 (``cached_at``: the
+    temperature the cache holds the teacher at, ``fold_teacher``)."""
+    lt = fold_teacher(topk_logprobs, tail_logmass, temperature, cached_at)
     ls = fold_student(logits, topk_ids, temperature)
     return DIVERGENCES[divergence](lt, ls).mean() * temperature ** 2
 
@@ -138,12 +173,12 @@ IVA_FORMS = ("attention", "token-kl")
 
 
 def iva_token_kl_loss(img_logits, ivak_ids, ivak_logprobs, ivak_tail, ivak_weight, n_groups: int,
-                      temperature: float = 1.0):
+                      temperature: float = 1.0, cached_at: float = 1.0):
     """IVA's token-KL reading (the survey's "teacher attention aggregated into visual-token KL weights"): at each
     (sample, turn) group's top-r salient image tokens, KL(fold(teacher's output) || fold(student's output)) on the
     teacher's top-k + rest, weighted by the teacher's saliency renormalised over the r; mean over groups, x tau^2.
     img_logits [R, V]: the student's LM head at those image tokens."""
-    lt = fold_teacher(ivak_logprobs, ivak_tail, temperature)
+    lt = fold_teacher(ivak_logprobs, ivak_tail, temperature, cached_at)
     ls = fold_student(img_logits, ivak_ids, temperature)
     return (_up(ivak_weight) * kl(lt, ls)).sum() / max(n_groups, 1) * temperature ** 2
 
@@ -157,7 +192,7 @@ def student_candidate_weights(cand_logp: torch.Tensor) -> torch.Tensor:
 
 
 def tpa_loss(branch_logits, cand_ids, tpa_ids, tpa_logprobs, tpa_tail, topk_ids, topk_logprobs, temperature=1.0,
-             weighting: str = "teacher", student_logits=None):
+             weighting: str = "teacher", student_logits=None, cached_at: float = 1.0):
     """METHOD.md section 4. branch_logits [N, B, V]: the student's output at each branch token (the
     teacher's candidate c_b put in place of y_t); tpa_* the teacher's cached next-step top-k2 per
     branch. Mean over response tokens of sum_b w(c_b) * KL(fold(q_T,b) || fold(q_S,b)), x tau^2, with w the
@@ -168,7 +203,7 @@ def tpa_loss(branch_logits, cand_ids, tpa_ids, tpa_logprobs, tpa_tail, topk_ids,
         weights = student_candidate_weights(lp).to(_up(branch_logits).dtype)
     else:
         weights = candidate_weights(cand_ids, topk_ids, topk_logprobs)
-    lt = fold_teacher(tpa_logprobs, tpa_tail, temperature)
+    lt = fold_teacher(tpa_logprobs, tpa_tail, temperature, cached_at)
     ls = fold_student(branch_logits, tpa_ids, temperature)
     per_row = (weights * kl(lt, ls)).sum(-1)
     return per_row.sum() / max(per_row.numel(), 1) * temperature ** 2  # no TPA row: 0, not the NaN of an empty mean
@@ -195,7 +230,7 @@ def _sorted_desc(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def uld_loss(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor,
-             temperature: float = 1.0) -> torch.Tensor:
+             temperature: float = 1.0, cached_at: float = 1.0) -> torch.Tensor:
     """Universal Logit Distillation (Boizard et al., 2024, arXiv 2402.12030; TRL's ``ULDLoss``): the L1 (1-D
     Wasserstein) distance between the two next-token distributions' probabilities sorted in decreasing order,
     the shorter vocabulary zero-padded, which needs no id mapping. Per paired row [P]; student_logits [P, V_s],
@@ -208,7 +243,7 @@ def uld_loss(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, tail_log
     misses only how the two rest masses are spread (equal to it when k covers the teacher's vocabulary). A
     student vocabulary smaller than k is zero-padded as ULD pads, so V_s enters only there."""
     k = topk_logprobs.shape[-1]
-    p = fold_teacher(topk_logprobs, tail_logmass, temperature).exp()
+    p = fold_teacher(topk_logprobs, tail_logmass, temperature, cached_at).exp()
     q = F.softmax(_up(student_logits) / temperature, dim=-1)
     top_t = _sorted_desc(p[:, :k], k)
     qs = q.sort(-1, descending=True).values
@@ -224,7 +259,8 @@ def _student_mask(ids: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.T
 
 
 def gold_parts(student_logits: torch.Tensor, xt_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-               tail_logmass: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               tail_logmass: torch.Tensor, temperature: float = 1.0,
+               cached_at: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The two parts of GOLD's hybrid loss (TRL ``ULDLoss._compute_hybrid_uld_loss``), per paired row [P] each:
 
     - matched: the teacher's top-k slots whose token string is also a student token (``xt_ids`` [P, k] >= 0,
@@ -240,7 +276,7 @@ def gold_parts(student_logits: torch.Tensor, xt_ids: torch.Tensor, topk_logprobs
       is per row (the ids this row's top-k maps to), not per vocabulary."""
     k = topk_logprobs.shape[-1]
     valid = xt_ids >= 0
-    lt = fold_teacher(topk_logprobs, tail_logmass, temperature)
+    lt = fold_teacher(topk_logprobs, tail_logmass, temperature, cached_at)
     lt_top = lt[:, :k].masked_fill(~valid, NEG_INF)
     lt_else = torch.cat([lt[:, :k].masked_fill(valid, NEG_INF), lt[:, k:]], -1).logsumexp(-1, keepdim=True)
     ls_all = F.log_softmax(_up(student_logits) / temperature, dim=-1)
@@ -259,11 +295,11 @@ def gold_parts(student_logits: torch.Tensor, xt_ids: torch.Tensor, topk_logprobs
 
 
 def gold_loss(student_logits, xt_ids, topk_logprobs, tail_logmass, temperature: float = 1.0,
-              matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> torch.Tensor:
+              matched_weight: float = 1.0, unmatched_weight: float = 1.0, cached_at: float = 1.0) -> torch.Tensor:
     """GOLD's hybrid (TRL ``uld_use_hybrid_loss``): matched_weight * matched + unmatched_weight * unmatched per
     paired row [P] (``gold_parts``). TRL's adaptive weights are matched_weight = the fraction of the teacher's
     vocabulary with an identical student token and unmatched_weight = 1 - that (``gold_weights``)."""
-    m, u = gold_parts(student_logits, xt_ids, topk_logprobs, tail_logmass, temperature)
+    m, u = gold_parts(student_logits, xt_ids, topk_logprobs, tail_logmass, temperature, cached_at)
     return matched_weight * m + unmatched_weight * u
 
 
@@ -338,9 +374,9 @@ def xt_terms(w: "LossWeights", out: dict) -> torch.Tensor:
     z = logits.index_select(0, rows)
     lp, tail = out["topk_logprobs"].index_select(0, tr), out["tail_logmass"].index_select(0, tr)
     if w.cross_tokenizer == "uld":
-        return uld_loss(z, lp, tail, w.temperature).sum()
+        return uld_loss(z, lp, tail, w.temperature, w.cache_temperature).sum()
     mw, uw = gold_weights(w, out.get("xt_overlap"))
-    return gold_loss(z, out["xt_ids"].index_select(0, tr), lp, tail, w.temperature, mw, uw).sum()
+    return gold_loss(z, out["xt_ids"].index_select(0, tr), lp, tail, w.temperature, mw, uw, w.cache_temperature).sum()
 
 
 def resample_saliency(sal: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:
@@ -414,6 +450,7 @@ class LossWeights:
     gold_unmatched: float | None = None
     alm_distance: str = "binary_ce"      # tokenkit's chunk distance (alm_distance)
     alm_temperature: float = 100.0       # tokenkit's binarisation temperature
+    cache_temperature: float = 1.0       # the temperature the cache holds the teacher at (its params.temperature)
 
 
 def get_loss(name: str) -> LossSpec:
@@ -434,11 +471,13 @@ def total_loss(spec: LossSpec, w: LossWeights, out: dict) -> dict[str, torch.Ten
         total = total + w.kd * d
     elif spec.divergence:
         terms[spec.kd_term] = d = distill_loss(
-            out["logits"], out["topk_ids"], out["topk_logprobs"], out["tail_logmass"], spec.divergence, w.temperature)
+            out["logits"], out["topk_ids"], out["topk_logprobs"], out["tail_logmass"], spec.divergence, w.temperature,
+            w.cache_temperature)
         total = total + w.kd * d
     if spec.iva and w.iva_form == "token-kl" and out.get("ivak_logits") is not None:
         terms["iva"] = iva_token_kl_loss(out["ivak_logits"], out["ivak_ids"], out["ivak_logprobs"], out["ivak_tail"],
-                                         out["ivak_weight"], int(out["n_groups"]), w.temperature)
+                                         out["ivak_weight"], int(out["n_groups"]), w.temperature,
+                                         w.cache_temperature)
         total = total + w.iva * terms["iva"]
     elif spec.iva and out.get("student_sal") is not None:
         terms["iva"] = iva_loss(out["teacher_sal"], out["student_sal"], out["sal_valid"], w.iva_ratio)
@@ -451,7 +490,7 @@ def total_loss(spec: LossSpec, w: LossWeights, out: dict) -> dict[str, torch.Ten
         top = top if t_rows is None else out["xt_ids"]
         terms["tpa"] = tpa_loss(out["branch_logits"], out["tpa_cand_ids"], out["tpa_ids"], out["tpa_logprobs"],
                                 out["tpa_tail"], pick_t(top), pick_t(out["topk_logprobs"]), w.temperature,
-                                w.tpa_weighting, pick(out["logits"]))
+                                w.tpa_weighting, pick(out["logits"]), w.cache_temperature)
         total = total + w.tpa * terms["tpa"]
     terms["loss"] = total
     return terms
@@ -579,7 +618,7 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, shared: 
         loss = c_sft * stats["sft"]
         if name:
             ids = t["topk_ids"][lo:hi]
-            lt = fold_teacher(t["topk_logprobs"][lo:hi], t["tail_logmass"][lo:hi], tau)
+            lt = fold_teacher(t["topk_logprobs"][lo:hi], t["tail_logmass"][lo:hi], tau, w.cache_temperature)
             with torch.enable_grad():
                 zz = z.detach().requires_grad_(need and div != "fkl")
                 zt = zz if tau == 1.0 else zz / tau
@@ -728,7 +767,8 @@ def _xt_main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, share
         else:
             rows = torch.nonzero(pair[lo:hi] >= 0).flatten()
             tr = pair[lo:hi].index_select(0, rows)
-            lt = fold_teacher(t["topk_logprobs"].index_select(0, tr), t["tail_logmass"].index_select(0, tr), tau)
+            lt = fold_teacher(t["topk_logprobs"].index_select(0, tr), t["tail_logmass"].index_select(0, tr), tau,
+                              w.cache_temperature)
             zt = z.index_select(0, rows)
             zt = zt if tau == 1.0 else zt.div_(tau)
             if mode == "uld":
@@ -836,7 +876,7 @@ def _ivak_fn(t: dict, w: LossWeights, norm: StepNorm):
     """IVA's token-KL rows (the student's outputs at the teacher's salient image tokens), saliency-weighted,
     divided by the step's (sample, turn) groups."""
     tau = w.temperature
-    lt_all = fold_teacher(t["ivak_logprobs"], t["ivak_tail"], tau)
+    lt_all = fold_teacher(t["ivak_logprobs"], t["ivak_tail"], tau, w.cache_temperature)
     return _weighted_fkl_rows(t["ivak_ids"], lt_all, lambda: t["ivak_weight"].float(),
                               norm.scale * w.iva * tau ** 2 / norm.groups, tau, "iva")
 
@@ -846,7 +886,8 @@ def _branch_fn(t: dict, w: LossWeights, norm: StepNorm, shared: dict):
     teacher (or, --tpa-weighting student, student) probabilities, divided by the step's TPA positions."""
     tau = w.temperature
     ids = t["tpa_ids"].reshape(-1, t["tpa_ids"].shape[-1])
-    lt_all = fold_teacher(t["tpa_logprobs"].reshape(-1, ids.shape[-1]), t["tpa_tail"].reshape(-1), tau)
+    lt_all = fold_teacher(t["tpa_logprobs"].reshape(-1, ids.shape[-1]), t["tpa_tail"].reshape(-1), tau,
+                          w.cache_temperature)
     if w.tpa_weighting == "student":
         weights_of = lambda: student_candidate_weights(shared["student_cand_logp"]).reshape(-1)  # noqa: E731
     else:

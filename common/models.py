@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from pathlib import Path
 
 import torch
 
 from .errors import AlignTIError
+
+log = logging.getLogger("alignti.models")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -26,8 +29,68 @@ def load_model(path: str, device: torch.device, dtype: str = "auto"):
     else:
         torch_dtype = getattr(torch, dtype)
     check_processor_files(path)  # first: a folder without processor files is named before the weights load
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
+    model, info = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+    # transformers' load report: parameters and buffers the checkpoint lacked (or held in another shape), which it
+    # initialised at random; tied weights and the model's own ignore-lists are already taken out of it
+    new = sorted(set(info.get("missing_keys") or ()) | {k[0] for k in info.get("mismatched_keys") or ()})
+    _NEW_WEIGHTS[model] = new
+    if new:
+        log.warning("%s: %d weight tensor(s) are not in the checkpoint and were newly initialised at load (%s)", path,
+                    len(new), summarise_names(new))
     return model.to(device)
+
+
+_NEW_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+FRESH_MARKER = "alignti_fresh.json"  # make-student: the parts of a composed student meant to start untrained
+
+
+def newly_initialised(model) -> list[str]:
+    """Names of the weights (parameters, buffers) of a model from ``load_model`` that its checkpoint lacked, so
+    transformers initialised them at random while loading (``from_pretrained(output_loading_info=True)``'s
+    ``missing_keys`` and ``mismatched_keys``). Empty for a model loaded complete (or not by ``load_model``)."""
+    return list(_NEW_WEIGHTS.get(model, ()))
+
+
+def summarise_names(names: list[str], limit: int = 3) -> str:
+    """Weight names for a message: grouped by the module holding them (the name less its last two parts), the first
+    ``limit`` groups, then how many more."""
+    groups: dict[str, int] = {}
+    for n in names:
+        parts = n.split(".")
+        key = ".".join(parts[:-2]) if len(parts) > 2 else n
+        groups[key] = groups.get(key, 0) + 1
+    shown = [f"{g} ({c} tensor{'s' if c > 1 else ''})" if c > 1 else g for g, c in list(groups.items())[:limit]]
+    more = len(groups) - limit
+    return ", ".join(shown) + (f" and {more} more module(s)" if more > 0 else "")
+
+
+def fresh_parts(path: str) -> list[str]:
+    """The parameter-name prefixes a model folder's ``FRESH_MARKER`` names as meant to start untrained (make-student's
+    projector); empty for any other folder."""
+    marker = Path(path) / FRESH_MARKER
+    if not marker.is_file():
+        return []
+    import json
+    return list(json.loads(marker.read_text()).get("fresh", []))
+
+
+def check_loaded_weights(model, path: str, role: str, fresh: list[str] = ()) -> None:
+    """Refuse a teacher or student whose checkpoint lacked weights that transformers then initialised at random
+    (``newly_initialised``), except those under a ``fresh`` prefix (make-student's projector, ``fresh_parts``). A
+    teacher in that state would write a cache from a model that never learnt those parts (a random vision tower
+    never sees the image); a student would train (or, frozen, keep) them random and save them into its final/,
+    after which the evidence is gone. Raises AlignTIError naming the folder, the weights and the fix."""
+    new = [n for n in newly_initialised(model) if not any(n == f or n.startswith(f + ".") for f in fresh)]
+    if not new:
+        return
+    raise AlignTIError(
+        f"the {role} {path} lacks {len(new)} weight tensor(s) its architecture needs, which transformers initialised "
+        f"at random when loading it: {summarise_names(new)}. A {role} with random parts "
+        + ("would write a cache from a model that never learnt them" if role == "teacher" else
+           "would train (or, frozen, keep) them random and save them as if trained")
+        + ". Use a checkpoint that holds every weight (check its model.safetensors(.index.json) against the model's "
+          "parameter names, e.g. a vision tower saved under another prefix), or convert it with the family's "
+          "transformers conversion script")
 
 
 def load_config(path: str):

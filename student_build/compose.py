@@ -20,6 +20,7 @@ initialisation of that module (the model built from its config under ``seed``), 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     from alignti.common.adapters import adapter_class
-    from alignti.common.models import load_processor
+    from alignti.common.models import FRESH_MARKER, load_processor
     from alignti.common.saving import save_checkpoint
 
     teacher_cfg = AutoConfig.from_pretrained(like)
@@ -208,6 +209,9 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
     except OSError:
         generation = None
     save_checkpoint(student, processor, out, generation_config=generation)
+    # the projector starts untrained by design: train-student names it and refuses settings that would freeze it
+    name = next(n for n, m in student.named_modules() if m is projector)
+    (Path(out) / FRESH_MARKER).write_text(json.dumps({"fresh": [name], "made_by": "alignti make-student"}, indent=2))
     count = (lambda m: sum(p.numel() for p in m.parameters()))
     info = {"out": str(out), "family": family, "student_params": count(student),
             "vision_params": count(vision_module) - (count(projector) if family in QWEN else 0),

@@ -37,7 +37,8 @@ def _meta(data: str) -> dict[str, dict]:
 @torch.no_grad()
 def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_size: int = 16,
              stats: dict | None = None) -> float | None:
-    """Mean per-token KL(teacher || model) on the cache's top-k+rest, teacher-forced.
+    """Mean per-token KL(teacher || model) on the cache's top-k+rest, teacher-forced; for a cache of the teacher at
+    temperature T (dump-teacher --temperature), the model's logits are divided by T too.
 
     This is the *folded* (k+1)-way KL: both distributions collapsed onto the teacher's top-k ids plus one rest
     bucket. By the chain rule it is a lower bound on the full-vocabulary KL, short by P_T(rest) * KL(P_T(.|rest) ||
@@ -51,11 +52,12 @@ def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_si
     coll = StudentCollator(processor, type(adapter))
     device = next(model.parameters()).device
     total, n, rest = 0.0, 0, 0.0
+    tau = float(reader.params.get("temperature", 1.0))  # a cache of the tempered teacher: the model at the same tau
     for i in range(0, len(idx), batch_size):
         batch = batch_to_device(coll([ds[j] for j in idx[i:i + batch_size]]), device)
         out = forward(adapter, batch)
-        lt = fold_teacher(batch["topk_logprobs"], batch["tail_logmass"])
-        ls = fold_student(lm_logits(adapter, out.resp_hidden), batch["topk_ids"])
+        lt = fold_teacher(batch["topk_logprobs"], batch["tail_logmass"], tau, tau)  # as cached
+        ls = fold_student(lm_logits(adapter, out.resp_hidden), batch["topk_ids"], tau)
         d = kl(lt, ls)
         total += float(d.sum())
         rest += float(batch["tail_logmass"].float().exp().sum())

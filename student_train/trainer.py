@@ -32,10 +32,11 @@ from alignti.common.errors import AlignTIError, CacheError
 from alignti.common.faults import crash_point
 from alignti.common.config import check_ranges, config_values, write_config
 from alignti.common.records import image_refs
-from alignti.common.fingerprint import cache_identity, check_encoding, check_student, model_identity
+from alignti.common.fingerprint import (cache_identity, check_encoding, check_student, check_token_ids,
+                                        model_identity)
 from alignti.common.losses import (CROSS_TOKENIZER, IVA_FORMS, TPA_WEIGHTINGS, LossWeights, StepNorm,
-                                   check_cross_tokenizer, get_loss, means, step_counts)
-from alignti.common.models import enable_gradient_checkpointing, load_vlm
+                                   check_cross_tokenizer, get_loss, means, step_counts, temperature_bounds)
+from alignti.common.models import check_loaded_weights, enable_gradient_checkpointing, fresh_parts, load_vlm
 from alignti.common.saving import save_checkpoint
 from alignti.common.progress import progress_bar
 
@@ -44,7 +45,7 @@ from .step import StudentStep
 from .trainable import apply_trainable, lora_settings, merge, save_adapter
 from .tracking import Tracker, parse_report_to
 from .cross import CrossDataset, CrossTokenizer, check_cross_cache
-from .init_from import final_folder, load_init, read_training_state
+from .init_from import UnsafeCheckpoint, final_folder, load_init, read_training_state
 from .data import CacheDataset, StudentCollator, batch_to_device, epoch_sample_order, worker_init
 from . import mixture
 
@@ -76,6 +77,9 @@ class TrainConfig:
     iva_ratio: float = 0.25
     iva_form: str = "attention"  # IVA as attention alignment, or token-kl (KL of outputs at salient image tokens)
     temperature: float = 1.0
+    # --temperature other than the cache's: temper the cached top-k + rest as it is, the rest bucket as one lump (an
+    # approximation; refused without this, naming the range the cache allows: check_cache_temperature)
+    approximate_temperature: bool = False
     student_layer: int | None = None
     max_steps: int | None = None
     epochs: int = 1
@@ -141,6 +145,56 @@ def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_
     return min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
 
 
+TEMPERATURE_PROBE_TOKENS = 4096  # response tokens the refusal's range is measured on (the cache's first samples)
+
+
+def check_cache_temperature(readers: list, urls: list[str], temperature: float, approximate: bool) -> float:
+    """The temperature the caches hold the teacher at (dump-teacher --temperature; 1 for a cache that records
+    none), which train-student's ``--temperature`` must equal: a top-k + rest cache cannot be re-tempered exactly
+    (the rest bucket's members are not cached). Otherwise raises ValueError naming the range the teacher's rest mass
+    can take at ``temperature`` on the cache's first tokens (common.losses.temperature_bounds), what the one-lump
+    approximation gives there, and the ways out; with ``approximate`` (--approximate-temperature) it warns and
+    training tempers the cached distribution as one lump. Caches at different temperatures are refused."""
+    temps = [float(r.params.get("temperature", 1.0)) for r in readers]
+    if len(set(temps)) > 1:
+        raise ValueError("the caches hold the teacher at different temperatures ("
+                         + ", ".join(f"{u}: {t:g}" for u, t in zip(urls, temps))
+                         + "): train from caches dumped at one --temperature")
+    cached = temps[0]
+    if math.isclose(temperature, cached, rel_tol=1e-9):
+        return cached
+    reader, url = readers[0], urls[0]
+    vocab = (reader.manifest.get("vocabulary") or {}).get("lm_head_rows") or reader.fingerprint["tokenizer"]["vocab_size"]
+    widest, seen = None, 0
+    for i in range(len(reader)):
+        x = reader[i]
+        lp = torch.from_numpy(np.asarray(x["topk_logprobs"], np.float64))
+        if not len(lp):
+            continue
+        lo, hi, lump = temperature_bounds(lp, torch.from_numpy(np.asarray(x["tail_logmass"], np.float64)),
+                                          vocab - lp.shape[-1], temperature, cached)
+        j = int((hi - lo).argmax())
+        if widest is None or float(hi[j] - lo[j]) > widest[1] - widest[0]:
+            widest = (float(lo[j]), float(hi[j]), float(lump[j]), x["sample_id"], j)
+        seen += len(lp)
+        if seen >= TEMPERATURE_PROBE_TOKENS:
+            break
+    where = ("" if widest is None else
+             f" At response token {widest[4]} of sample {widest[3]} the teacher's rest mass at temperature "
+             f"{temperature:g} can be anywhere from {widest[0]:.3f} to {widest[1]:.3f} (the most the cache's "
+             f"top-{reader.params.get('top_k')} and rest mass allow over a vocabulary of {vocab}); tempering the "
+             f"rest bucket as one lump gives {widest[2]:.3f}.")
+    text = (f"--temperature {temperature:g}, but the cache at {url} holds the teacher at temperature {cached:g} (its "
+            f"top-k log-probs and one rest bucket): the tempered teacher is not in it.{where}")
+    if not approximate:
+        raise ValueError(f"{text} Re-dump the cache at that temperature (dump-teacher --temperature {temperature:g}), "
+                         f"train at --temperature {cached:g}, or pass --approximate-temperature to temper the cached "
+                         f"distribution with its rest bucket as one lump")
+    log.warning("%s --approximate-temperature: the cached distribution is tempered by %g with its rest bucket as one "
+                "lump", text, temperature / cached)
+    return cached
+
+
 def accumulate_step(step_module, micro: list[dict], env, device, autocast, mix=None) -> tuple[dict, dict]:
     """Forward + backward of one optimizer step's micro-batches (gradients accumulate in .grad). One
     normalisation over the whole step: every micro-batch's terms are sums divided by the step's counts over
@@ -182,7 +236,11 @@ def default_workers(workers: int | None, device: torch.device) -> int:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state in types a checkpoint loads with ``torch.load(weights_only=True)``: tensors, ints, floats,
+    strings, tuples (numpy's MT19937 key array as an int64 tensor; init_from.read_training_state)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -191,7 +249,8 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -235,6 +294,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         mixture.check_same_tokenizer(readers, caches)
         params = mixture.merged_params(sources)
     mixture.check_sources(spec, cfg.iva_form, sources or [mixture.Source.of(0, caches[0], reader)])
+    cache_temperature = check_cache_temperature(readers, caches, cfg.temperature, cfg.approximate_temperature)
     if cfg.cross_tokenizer:
         check_cross_tokenizer(spec, LossWeights(cross_tokenizer=cfg.cross_tokenizer))  # rkl / jsd: refused here
         if sources:
@@ -249,6 +309,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     # fp32 master weights on every device; on GPU the forward runs under bf16 autocast (a bf16-loaded
     # student would take its AdamW updates in bf16: found by tests/test_gpu.py on an H100)
     model, processor = load_vlm(cfg.student, device, "float32")
+    fresh = [] if cfg.init else fresh_parts(cfg.student)  # --init replaces every weight (strictly, below)
+    if not cfg.init:
+        check_loaded_weights(model, cfg.student, "student", fresh)
     cross = None
     if cfg.cross_tokenizer:  # the student encodes every sample itself: its own tokenizer and processor may differ
         cross = CrossTokenizer(reader, processor, caches[0], iva=spec.iva, tpa=spec.tpa,
@@ -258,6 +321,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         check_student(reader.fingerprint, processor, cfg.student)
         for r, url in zip(readers, caches):
             check_encoding(r.params, processor, url, r.manifest.get("schema_version"))
+            check_token_ids(r, int(model.get_output_embeddings().weight.shape[0]), cfg.student)
     check_savable(model, cfg.student)  # before any step: a run that cannot save its result must not train
     adapter = adapter_for(model)
     multi = next(((n, x["sample_id"]) for r in readers for x in r.samples if (n := len(image_refs(x["image"]))) > 1),
@@ -281,8 +345,9 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     dataset = datasets[0]
     collator = StudentCollator(processor, type(adapter), cross)
     micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
-    weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio,
-                          cfg.tpa_weighting, cfg.iva_form, cross_tokenizer=cfg.cross_tokenizer)
+    weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature,
+                          cache_temperature=cache_temperature, iva_ratio=cfg.iva_ratio, tpa_weighting=cfg.tpa_weighting,
+                          iva_form=cfg.iva_form, cross_tokenizer=cfg.cross_tokenizer)
     if not sources and spec.tpa and mixture.tpa_candidates(reader) == "student" and cfg.tpa_weighting != "student":
         # the paper's TPA: the student's sampled alternatives, weighed by the student (the teacher's top-k need not
         # hold them); several caches do the same per batch (mixture.batch_spec)
@@ -305,6 +370,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     # --trainable / --freeze-vision / LoRA: requires_grad set (and the adapters added) before DDP / FSDP2 wrap, which
     # take the trainable set as it is then; the optimizer below holds the trainable parameters only
     peft_model = apply_trainable(model, adapter, cfg.trainable, cfg.freeze_vision, lora)
+    check_fresh_parts_train(model, fresh, cfg.student)
     # FSDP2 swaps the parameters for sharded DTensors: wrap first, then build the optimizer over them
     if cfg.gradient_checkpointing:
         # each recompute runs under the capture / attention settings of its forward and reuses its bf16 weight
@@ -508,6 +574,22 @@ def _save_final(model, peft_model, processor, out: Path, adapter: bool, base: st
     save_checkpoint(model, processor, out / "final")
 
 
+def check_fresh_parts_train(model, fresh: list[str], student: str) -> None:
+    """The parts a student folder names as fresh (make-student's projector: common.models.fresh_parts) start from
+    their initialisation: they must train. Logs them; raises AlignTIError when --trainable, --freeze-vision or LoRA
+    leave one of them frozen (it would stay random and be saved so)."""
+    for part in fresh:
+        params = [(n, p) for n, p in model.named_parameters() if n.startswith(part + ".") or f".{part}." in n]
+        if params and not any(p.requires_grad for _, p in params):
+            raise AlignTIError(f"the student {student} was composed by make-student with a fresh (untrained) {part}, "
+                               f"but the --trainable / --freeze-vision / LoRA settings freeze it, so it would stay "
+                               f"at its random initialisation: let it train (e.g. --trainable projector, or "
+                               f"projector,lm)")
+        if params:
+            log.info("the student's %s is fresh from make-student (%s): it trains from its initialisation", part,
+                     student)
+
+
 def check_savable(model, student: str) -> None:
     """Refuse, before the first step, a student that ``save_pretrained`` would refuse after the last one.
 
@@ -642,6 +724,8 @@ def _load_checkpoint(ckpt: Path, out: Path, metrics_path: Path, save_every: int)
         raise CheckpointError(f"--resume: no checkpoint in {out} ({when}); drop --resume to start over")
     try:
         return read_training_state(ckpt)
+    except UnsafeCheckpoint as e:
+        raise CheckpointError(f"--resume: {e}") from None
     except ValueError as e:
         raise CheckpointError(_damaged(ckpt, out, str(e))) from None
 

@@ -15,23 +15,33 @@ NEG_INF = float("-inf")
 
 
 def topk_fold_hidden(hidden: torch.Tensor, head: torch.nn.Module, k: int,
-                     targets: torch.Tensor | None = None, chunk: int | None = None, entropy: bool = False):
+                     targets: torch.Tensor | None = None, chunk: int | None = None, entropy: bool = False,
+                     temperature: float = 1.0, ids_below: int | None = None):
     """Top-k log-probs (sorted descending), log of the rest mass and the target's log-prob, straight from
-    hidden states through the LM head ``head``, one row chunk at a time, so [rows, V] logits never exist for
-    the whole batch (the same chunking as the student's loss head, common.losses.chunk_rows). Returns (ids,
-    log-probs, rest log-mass, target log-prob or None, full-vocabulary entropy or None)."""
+    hidden states [R, H] through the LM head ``head`` (V rows), one row chunk at a time, so [rows, V] logits never
+    exist for the whole batch (the same chunking as the student's loss head, common.losses.chunk_rows).
+
+    ``temperature`` tau: the distribution is softmax(z / tau) over the whole head (the tempered teacher, exact: its
+    rest mass sums every tempered member, docs/method.md "Temperature"); the target's log-prob stays the model's own
+    (tau = 1). ``ids_below`` N: the top-k is taken among ids < N only (the ids a tokenizer of N ids produces; an LM
+    head padded past it has rows no text maps to), and the mass of the ids >= N stays in the rest bucket. Returns
+    (ids [R, k] int64, log-probs [R, k], rest log-mass [R], target log-prob [R] or None, the tempered
+    distribution's entropy [R] in nats or None)."""
     if chunk is None:
         chunk = chunk_rows(head.weight.shape[0], None, hidden.device)
     ids, lps, tails, tgts, ents = [], [], [], [], []
     for i in range(0, hidden.shape[0], chunk):
-        z = head(hidden[i:i + chunk])
-        lp = torch.log_softmax(z.float(), dim=-1)
+        z = head(hidden[i:i + chunk]).float()
+        lp = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+        if targets is not None:  # the model's own log-prob of its realised token, at temperature 1
+            tgt = targets[i:i + chunk, None].long()
+            tgts.append(lp.gather(-1, tgt).squeeze(-1) if temperature == 1.0 else
+                        z.gather(-1, tgt).squeeze(-1) - z.logsumexp(-1))
         del z
-        v, j = lp.topk(k, dim=-1, sorted=True)
+        v, j = (lp if ids_below is None or ids_below >= lp.shape[-1] else lp[:, :ids_below]).topk(k, dim=-1,
+                                                                                                   sorted=True)
         ids.append(j)
         lps.append(v)
-        if targets is not None:
-            tgts.append(lp.gather(-1, targets[i:i + chunk, None].long()).squeeze(-1))
         if entropy:
             ents.append(-(lp.exp() * lp).nan_to_num(0.0).sum(-1))
         tails.append(lp.scatter_(-1, j, NEG_INF).logsumexp(-1))
@@ -75,8 +85,9 @@ def teacher_batch(adapter, batch: dict, params: dict) -> dict[str, torch.Tensor]
     out = forward(adapter, batch, capture_layers=[layer] if layer is not None else (), use_cache=n_branch > 0,
                   keep_hidden=bool(params.get("iva_token_kl")))
     head = lm_head(adapter)
+    fold = dict(temperature=float(params.get("temperature", 1.0)), ids_below=params.get("ids_below"))
     ids, lps, tail, target, ent = topk_fold_hidden(out.resp_hidden, head, k, batch["targets"],
-                                                   entropy=n_branch > 0 and fraction < 1.0)
+                                                   entropy=n_branch > 0 and fraction < 1.0, **fold)
     res = {"topk_ids": ids, "topk_logprobs": lps, "tail_logmass": tail, "target_logprob": target}
     if n_branch > 0:
         counts = [len(p) for p in batch["resp_pos"]]
@@ -90,7 +101,7 @@ def teacher_batch(adapter, batch: dict, params: dict) -> dict[str, torch.Tensor]
             res["tpa_student"] = use
         tpa_counts = [len(s) for s in sel]
         bh = branch_pass(adapter, batch, out, list(torch.split(cands, tpa_counts)), branch_pos=pos)
-        b_ids, b_lps, b_tail, _, _ = topk_fold_hidden(bh.reshape(-1, bh.shape[-1]), head, k2)
+        b_ids, b_lps, b_tail, _, _ = topk_fold_hidden(bh.reshape(-1, bh.shape[-1]), head, k2, **fold)
         res.update(tpa_cand_ids=cands, tpa_ids=b_ids.view(-1, n_branch, k2),
                    tpa_logprobs=b_lps.view(-1, n_branch, k2), tpa_tail=b_tail.view(-1, n_branch))
         if tpa_positions_layout(params):
@@ -101,12 +112,12 @@ def teacher_batch(adapter, batch: dict, params: dict) -> dict[str, torch.Tensor]
         res["sal_group_batch"] = out.sal_groups.group_batch
         if params.get("iva_token_kl"):
             res.update(token_kl_stats(adapter, batch, out, res["saliency"], res["sal_group_batch"], k,
-                                      float(params["iva_token_ratio"])))
+                                      float(params["iva_token_ratio"]), **fold))
     return res
 
 
 def token_kl_stats(adapter, batch: dict, main, saliency: torch.Tensor, group_batch: torch.Tensor, k: int,
-                   ratio: float) -> dict[str, torch.Tensor]:
+                   ratio: float, temperature: float = 1.0, ids_below: int | None = None) -> dict[str, torch.Tensor]:
     """IVA's token-KL reading: per (sample, turn) group, the r = ceil(ratio * n_image_tokens) image tokens the
     teacher's saliency ranks highest (in image-token order), their saliency renormalised over the r, and the
     teacher's output distribution at each (top-k + tail of the LM head on its final hidden state there, from the
@@ -125,7 +136,8 @@ def token_kl_stats(adapter, batch: dict, main, saliency: torch.Tensor, group_bat
         rows_p.append(image_token_positions(batch, b).to(dev)[idx])
         counts[b] += r
     hidden = main.hidden[torch.cat(rows_b), torch.cat(rows_p)]
-    ids, lps, tail, _, _ = topk_fold_hidden(hidden, lm_head(adapter), k)
+    ids, lps, tail, _, _ = topk_fold_hidden(hidden, lm_head(adapter), k, temperature=temperature,
+                                            ids_below=ids_below)
     return {"ivak_pos": torch.cat(pos).to(torch.int32), "ivak_weight": torch.cat(weight), "ivak_ids": ids,
             "ivak_logprobs": lps, "ivak_tail": tail, "ivak_counts": torch.tensor(counts)}
 
@@ -154,4 +166,43 @@ def split_per_sample(res: dict[str, torch.Tensor], batch: dict) -> list[dict[str
             n_v = batch["n_image_tokens"][b]
             rows = host["saliency"][gb == b][:, :n_v]
             out[b]["saliency"] = rows.reshape(-1).numpy().astype(np.float16)
+    return out
+
+
+BLIND_TOLERANCE = 1e-4  # nats: an fp32 forward with another image moves a seeing teacher's log-probs by far more
+
+
+@torch.no_grad()
+def image_dependence(adapter, processor, records: list, images: str | None, device, max_length: int | None = None,
+                     n: int = 2) -> list[tuple[str, float]]:
+    """Whether the teacher's outputs depend on the image at all: for the first ``n`` one-image samples, the largest
+    difference (nats) between its next-token log-probs at the response tokens with the sample's image and with a
+    blank (mid-grey) image of the same size. A teacher whose vision tower or projector is random, zeroed or
+    disconnected gives (near) 0 on every sample. Returns [(sample id, max |difference|)]; samples that cannot be
+    read are passed over (the dump names them itself)."""
+    from PIL import Image
+
+    from alignti.common.batch import collate, to_device
+    from alignti.common.conversation import encode
+    from alignti.common.records import Record
+    from alignti.common.sources import load_image
+    pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    out = []
+    for r in records:
+        if len(out) >= n:
+            break
+        if not isinstance(r, Record) or len(r.images) != 1 or isinstance(r.image, list):
+            continue
+        try:
+            img, sha = load_image(r, images)
+            blank = Image.new("RGB", img.size, (128, 128, 128))
+            encs = [encode(processor, r, im, sha, max_length=max_length) for im in (img, blank)]
+        except Exception:  # noqa: BLE001 - a bad sample is the dump's to name, not this check's
+            continue
+        lps = []
+        for enc in encs:
+            batch = to_device(collate([enc.__dict__], pad, type(adapter)), device)
+            hidden = forward(adapter, batch).resp_hidden
+            lps.append(torch.log_softmax(lm_head(adapter)(hidden).float(), -1))
+        out.append((r.sample_id, float((lps[0] - lps[1]).abs().max())))
     return out

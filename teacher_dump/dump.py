@@ -24,7 +24,7 @@ import torch
 
 from alignti.common import distributed as dist
 from alignti.common.adapters import adapter_class, adapter_for, check_images_per_sample
-from alignti.common.batch import collate, to_device
+from alignti.common.batch import collate, lm_head, to_device
 from alignti.common.cache import (PACKED_COMPRESSOR_NAMES, PartWriter, atomic_write_json, committed_parts,
                                   packed_settings, read_plan, write_manifest, write_plan)
 from alignti.common.codecs import DEFAULT_TAIL_KL
@@ -33,14 +33,14 @@ from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, 
 from alignti.common.records import Record, Skipped, image_column
 from alignti.common.errors import BadSamples, CacheError, DataError, DataSourceError, ResourceError
 from alignti.common.fingerprint import make_fingerprint
-from alignti.common.models import load_config, load_model, load_processor, text_vocab_size
+from alignti.common.models import check_loaded_weights, load_config, load_model, load_processor, text_vocab_size
 from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TOKENS_FILE, TPA_LAYOUT
 from alignti.common.token_align import encode_token_bytes, token_bytes
 from alignti.common.sources import DECODE_VERSION, image_sizes, load_image, open_source, preflight
 
-from .compute import split_per_sample, teacher_batch
+from .compute import BLIND_TOLERANCE, image_dependence, split_per_sample, teacher_batch
 from .onpolicy import check_rollout, onpolicy_manifest, student_candidates
 from .select_layer import select_layer
 
@@ -88,6 +88,7 @@ class DumpConfig:
     tpa_positions: float = 1.0  # fraction of each sample's response positions that get TPA statistics
     iva_token_kl: bool = False  # also cache IVA's token-KL statistics (train-student --iva-form token-kl)
     iva_token_ratio: float = 0.25  # the share of each sample's image tokens those statistics cover
+    temperature: float = 1.0  # cache the teacher at this temperature: softmax(z / T), top-k and rest mass exact there
     length_sorted_batches: bool = True  # batch each work unit's samples in token-length order (less padding)
     progress: bool = True
 
@@ -226,6 +227,34 @@ def resolve_top_k(cfg: DumpConfig, vocab: int) -> DumpConfig:
     return replace(cfg, top_k=top_k, tpa_top_k=tpa_top_k)
 
 
+def token_id_range(adapter, processor, teacher: str) -> dict:
+    """The ids the cache may hold: {"lm_head_rows": the teacher's LM head rows, "tokenizer_ids": len(tokenizer),
+    "cached_ids_below": the smaller}. A head padded past its tokenizer (Qwen2.5-VL-7B: 152,064 rows for 151,665
+    ids; the 3B: 151,936) has rows no text maps to: the dump takes its top-k among the tokenizer's ids and leaves the
+    padded rows' mass in the rest bucket (``topk_fold_hidden``'s ``ids_below``), so a student whose head covers the
+    tokenizer reads every cached id. Recorded in the manifest (``vocabulary``; train-student checks it)."""
+    rows = int(lm_head(adapter).weight.shape[0])
+    n_ids = len(processor.tokenizer)
+    if n_ids < rows:
+        log.info("the teacher's LM head has %d rows, its tokenizer %d ids (%s): the %d padded rows are never cached "
+                 "as top-k ids, their mass stays in the rest bucket", rows, n_ids, teacher, rows - n_ids)
+    return {"lm_head_rows": rows, "tokenizer_ids": n_ids, "cached_ids_below": min(rows, n_ids)}
+
+
+def warn_if_blind(adapter, processor, records: list, images: str | None, device, max_length, teacher: str) -> bool:
+    """Warn when the teacher's outputs do not depend on the image (``compute.image_dependence``: the sample's image
+    vs a blank one, on two samples): a cache from it would teach the student to ignore images. Returns True when it
+    warned."""
+    seen = image_dependence(adapter, processor, records, images, device, max_length)
+    if not seen or max(d for _, d in seen) > BLIND_TOLERANCE:
+        return False
+    log.warning("the teacher %s gives the same outputs with each sample's image as with a blank image (samples %s: "
+                "log-probs within %.1g nats): it does not see the images. Check that its vision tower and projector "
+                "loaded (the load report above), and that it is the vision-language checkpoint you meant",
+                teacher, ", ".join(s for s, _ in seen), max(d for _, d in seen))
+    return True
+
+
 def check_dump_config(cfg: DumpConfig):
     """The settings' own checks, before any data, weights or output are touched (``dump_teacher`` runs them first;
     ``alignti rounds`` when it reads its YAML): the saliency query, the log-prob encoding and compressor names,
@@ -278,6 +307,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     t_load = time.perf_counter()
     model = load_model(cfg.teacher, device, cfg.dtype)
+    check_loaded_weights(model, cfg.teacher, "teacher")  # no cache from a teacher with randomly initialised parts
     model.eval()
     t_loaded = time.perf_counter()
     adapter = adapter_for(model)
@@ -315,6 +345,13 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                       tpa_candidates="student" if student_tpa else "teacher")
         if student_tpa:
             params["tpa_students"] = onp.summary()["students"]
+    if cfg.temperature != 1.0:  # recorded only when not 1, so the caches (and plans) of earlier dumps stay as they are
+        params["temperature"] = float(cfg.temperature)
+        log.info("caching the teacher at temperature %g (train-student --temperature %g uses it as it is)",
+                 cfg.temperature, cfg.temperature)
+    vocabulary = token_id_range(adapter, processor, cfg.teacher)
+    if vocabulary["cached_ids_below"] < vocabulary["lm_head_rows"]:
+        params["ids_below"] = vocabulary["cached_ids_below"]
     if cfg.iva_token_kl:
         if layer is None:
             raise ValueError("--iva-token-kl needs the teacher's saliency: drop --saliency-layer none")
@@ -327,6 +364,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             "data": str(cfg.data) if "://" in str(cfg.data) else str(Path(cfg.data).resolve()),
             "images": str(Path(cfg.images).resolve()) if cfg.images else "",
             "unit_ids": [[r.sample_id for r in records[s:e]] for s, e in units]}
+
+    if not (out / MANIFEST_FILE).exists():
+        dist.on_main(env, lambda: warn_if_blind(adapter, processor, records, cfg.images, device, max_length, cfg.teacher))
 
     def prepare() -> bool:
         _check_plan(out, plan)
@@ -341,7 +381,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     try:
         return _dump_units(cfg, env, out, plan, params, units, records, prepare, adapter, processor, device,
-                           max_length, irs, layer, t_load, t_loaded, onp)
+                           max_length, irs, layer, t_load, t_loaded, onp, vocabulary)
     except (OSError, torch.OutOfMemoryError, MemoryError) as e:
         problem = _resource_error(e, out, device, cfg.batch_size,
                                   len(units) - len(committed_parts(out)) if out.exists() else len(units))
@@ -352,7 +392,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
 def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units: list, records: list, prepare,
                 adapter, processor, device, max_length, irs, layer, t_load: float, t_loaded: float,
-                onp: RolloutColumns | None = None) -> dict:
+                onp: RolloutColumns | None = None, vocabulary: dict | None = None) -> dict:
     """The plan written, this rank's uncommitted units dumped and committed, rank 0's manifest last. ``onp``: the
     data's on-policy columns (loss turns, the student's TPA candidates), None for ordinary data."""
     if dist.on_main(env, prepare):
@@ -438,6 +478,7 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
             raise CacheError(f"work units {missing[:5]} of {out} were not committed; re-run the same command")
         return write_manifest(out, plan, markers,
                               extra={"irs": irs, "saliency_layer": layer, "images": plan["images"],
+                                     "vocabulary": vocabulary,
                                      "data": plan["data"], "dump_config": {k: v for k, v in asdict(cfg).items()
                                                                            if k != "progress"},
                                      **onpolicy_manifest(onp, params)})

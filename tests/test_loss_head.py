@@ -59,9 +59,21 @@ def test_student_weighted_tpa_matches_unchunked(loss, tau, peaked):
     _check_against_unchunked(loss, tau, peaked, "student")
 
 
-def _check_against_unchunked(loss, tau, peaked, weighting):
+@pytest.mark.parametrize("loss", ["kd", "alignti"])
+@pytest.mark.parametrize("tau, cached", [(2.0, 2.0), (2.0, 0.5)])
+def test_a_cache_at_a_temperature_matches_unchunked(loss, tau, cached):
+    """A cache holding the teacher at temperature ``cached`` (dump-teacher --temperature): the chunked head folds the
+    teacher at tau / cached, as the unchunked reference does; at tau = cached the target is the cache as it is."""
+    from alignti.common.losses import fold_teacher
+    _check_against_unchunked(loss, tau, False, "teacher", cached)
+    lp, tail = torch.randn(5, 4).log_softmax(-1)[:, :3], torch.randn(5)
+    assert torch.allclose(fold_teacher(lp, tail, 2.0, 2.0), torch.cat([lp, tail[:, None]], -1).log_softmax(-1))
+
+
+def _check_against_unchunked(loss, tau, peaked, weighting, cached=1.0):
     spec = get_loss(loss)
-    w = LossWeights(kd=0.7, iva=0.9, tpa=1.3, temperature=tau, iva_ratio=0.3, tpa_weighting=weighting)
+    w = LossWeights(kd=0.7, iva=0.9, tpa=1.3, temperature=tau, iva_ratio=0.3, tpa_weighting=weighting,
+                    cache_temperature=cached)
     head, hid, bh, ssal, t = _case(3, peaked)
     leaves = [hid.requires_grad_(), bh.requires_grad_(), ssal.requires_grad_(), head.weight]
 

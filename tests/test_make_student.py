@@ -84,6 +84,10 @@ def test_composed_student_holds_the_parts_trains_on_the_teachers_cache_and_loads
         taken = [k for k in src if k.startswith("model.visual.") and ".merger." not in k]
         assert taken and all(torch.equal(st[k], src[k]) for k in taken)
         assert st["model.visual.merger.mlp.2.weight"].shape[0] == LM["hidden_size"]  # fresh, sized to the LM
+    # the projector is named as fresh by design: train-student trains it and refuses to freeze it
+    from alignti.common.models import FRESH_MARKER
+    assert json.loads((out / FRESH_MARKER).read_text())["fresh"] == [
+        "model.multi_modal_projector" if family == "llava" else "model.visual.merger"]
     # the teacher's caches fit it: train a few steps, then the run's final folder is plain transformers'
     from alignti.student_train.trainer import TrainConfig, train_student
     run = train_student(TrainConfig(student=str(out), cache=str(_dump(teacher, tmp_path)), out=str(tmp_path / "run"),

@@ -241,6 +241,12 @@ def resolve(given: dict, src: str = "rounds config") -> dict:
     for r in range(1, cfg["rounds"] + 1):
         for section in SECTION_KEYS:
             check_ranges(SECTION_COMMAND[section], section_for_round(cfg, section, r), f"{src} ({section}, round {r})")
+        train = section_for_round(cfg, "train", r)
+        t_train, t_dump = float(train.get("temperature", 1.0)), float(cfg["dump"].get("temperature", 1.0))
+        if t_train != t_dump and not train.get("approximate_temperature"):
+            raise ConfigError(f"{src}: round {r}'s train.temperature ({t_train:g}) is not dump.temperature "
+                              f"({t_dump:g}), the temperature the caches hold the teacher at: set dump.temperature: "
+                              f"{t_train:g} (or train.approximate_temperature: true to temper the caches as one lump)")
         top_b = section_for_round(cfg, "rollout", r).get("top_b", 4)
         branches = cfg["dump"].get("tpa_branches", 4)
         if branches > top_b:
