@@ -243,17 +243,21 @@ def rollout(ctx: typer.Context,
 def select_layer(ctx: typer.Context, teacher: str = typer.Option(...), data: str = typer.Option(...),
                  images: Optional[str] = typer.Option(None),
                  samples: int = typer.Option(256), batch_size: int = typer.Option(8), device: str = typer.Option("auto"),
-                 out: Optional[Path] = typer.Option(None, help="Write the IRS curve as JSON (and a PNG beside it).")):
+                 out: Optional[Path] = typer.Option(None, help="Write the IRS curve as JSON (and a PNG beside it)."),
+                 nproc: int = typer.Option(1, help="Processes (torchrun): with --tp-size, one tensor-parallel "
+                                                   "teacher over them."),
+                 tp_size: int = typer.Option(1, help="Ranks the teacher is tensor-parallel over (transformers' "
+                                                     "tp_plan); --nproc must equal it."),
+                 max_memory: Optional[str] = typer.Option(None, help="A rank's memory for the fit check before "
+                                                          "loading (e.g. 70GiB).")):
     """Instruction-Relevance Score of every teacher layer; names l*."""
     _check_options(ctx)
-    from alignti.common.records import Record
-    from alignti.common.sources import load_records
-    from alignti.common.models import load_vlm, resolve_device
-    from alignti.teacher_dump.select_layer import render_curve, save_plot, select_layer as run
+    _relaunch(nproc, tp_size)
+    from alignti.teacher_dump.select_layer import render_curve, save_plot, select_layer_command
 
-    model, processor = load_vlm(teacher, resolve_device(device))
-    records = [r for r in load_records(data) if isinstance(r, Record)]
-    irs = _run(run, model, processor, records, images, n_samples=samples, batch_size=batch_size)
+    irs = _run(select_layer_command, teacher, data, images, samples, batch_size, device, tp_size, max_memory)
+    if irs is None:  # a rank that is not rank 0 under torchrun
+        return
     typer.echo(render_curve(irs))
     if out:
         out.write_text(json.dumps(irs, indent=2))

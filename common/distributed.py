@@ -66,6 +66,14 @@ def dist_env(tp_size: int = 1) -> DistEnv:
     return env
 
 
+def claim_units(env: DistEnv, n_units: int, done=()) -> list[int]:
+    """The work units this rank runs: replica r of R takes the uncommitted units u with u % R == r (every rank of a
+    replica the same units, for its share of each forward; ``env.is_writer`` writes them). Without tensor
+    parallelism each rank is its own replica."""
+    done = set(done)
+    return [u for u in range(n_units) if u % env.replicas == env.replica and u not in done]
+
+
 def check_tp_size(world_size: int, tp_size: int) -> None:
     """``--tp-size`` against the number of processes: at least 1 and a divisor of it (ValueError naming both)."""
     if tp_size < 1 or world_size % tp_size:

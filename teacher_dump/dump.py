@@ -396,9 +396,7 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
         return json.loads((out / MANIFEST_FILE).read_text())
 
     done = committed_parts(out)
-    # replicas claim units as single ranks do without tensor parallelism; every rank of a replica runs the same
-    # batches (its share of each forward), its first rank writes them
-    todo = [u for u in range(len(units)) if u % env.replicas == env.replica and u not in done]
+    todo = dist.claim_units(env, len(units), done)  # a replica's ranks: the same units; its first rank writes
     if done:
         log.info("resuming: %d of %d work units already committed", len(done), len(units))
     if env.distributed:
