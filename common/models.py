@@ -49,8 +49,10 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", tp_size: in
             return AutoModelForImageTextToText.from_pretrained(
                 path, dtype=torch_dtype, distributed_config=DistributedConfig(tp_size=tp_size, ep_size=ep_size))
     if device_map is not None:
+        import tempfile  # layers the map sends to disk are kept here (accelerate's offload folder) while it runs
         return AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, device_map=device_map,
-                                                           max_memory=max_memory)
+                                                           max_memory=max_memory,
+                                                           offload_folder=tempfile.mkdtemp(prefix="alignti-offload-"))
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     return model.to(device)
 

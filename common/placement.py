@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ResourceError
+from .errors import ResourceError, human_bytes
 
 log = logging.getLogger("alignti.placement")
 
@@ -67,10 +67,6 @@ def accelerate_max_memory(limits: dict | None) -> dict | None:
     return out
 
 
-def gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
-
-
 @dataclass
 class TeacherPlan:
     """Bytes of a teacher's weights at a dtype: in all, per rank of a replica, and how they split."""
@@ -86,11 +82,11 @@ class TeacherPlan:
     heads: tuple[int, int]  # (attention heads, key/value heads) of the language model
 
     def describe(self) -> str:
-        split = f"{gib(self.tensor_parallel)} split over --tp-size {self.tp_size}"
+        split = f"{human_bytes(self.tensor_parallel)} split over --tp-size {self.tp_size}"
         if self.experts:
-            split += f", {gib(self.experts)} of experts over --ep-size {self.ep_size}"
-        return (f"the teacher ({self.model_type}, {self.dtype}) has {gib(self.total)} of weights; each rank holds "
-                f"{gib(self.per_rank)} ({split}, the rest on every rank)")
+            split += f", {human_bytes(self.experts)} of experts over --ep-size {self.ep_size}"
+        return (f"the teacher ({self.model_type}, {self.dtype}) has {human_bytes(self.total)} of weights; each rank holds "
+                f"{human_bytes(self.per_rank)} ({split}, the rest on every rank)")
 
 
 def plan_teacher(config, dtype: torch.dtype, tp_size: int = 1, ep_size: int = 1) -> TeacherPlan:
@@ -144,7 +140,7 @@ def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str) -> Non
                             f"{' or '.join(map(str, ok)) or 1}")
     budget = int(memory * WEIGHT_SHARE)
     if plan.per_rank <= budget:
-        log.info("%s; %s per rank (%s), %.0f%% kept for activations", plan.describe(), gib(memory), source,
+        log.info("%s; %s per rank (%s), %.0f%% kept for activations", plan.describe(), human_bytes(memory), source,
                  100 * (1 - WEIGHT_SHARE))
         return
     replicated = plan.total - plan.tensor_parallel - plan.experts
@@ -152,7 +148,7 @@ def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str) -> Non
     for t in (2, 4, 8, 16, 32, 64):
         if t > plan.tp_size and (not n_heads or (not n_heads % t and not n_kv % t)) and plan.has_tp_plan and \
                 replicated + plan.tensor_parallel // t + plan.experts // plan.ep_size <= budget:
-            fix.append(f"--tp-size {t} (about {gib(replicated + plan.tensor_parallel // t)} per rank)")
+            fix.append(f"--tp-size {t} (about {human_bytes(replicated + plan.tensor_parallel // t)} per rank)")
             break
     if plan.experts and plan.ep_size == 1:
         fix.append("--ep-size (shards the experts: the family's expert-parallel plan)")
@@ -160,7 +156,7 @@ def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str) -> Non
         fix.append("--dtype bfloat16 (half the bytes)")
     fix.append("--device-map auto with --max-memory (one process over several GPUs, the rest offloaded to CPU)")
     raise ResourceError(f"{teacher} does not fit: {plan.describe()}, more than {int(WEIGHT_SHARE * 100)}% of the "
-                        f"{gib(memory)} a rank has ({source}), which leaves the rest for activations; nothing was "
+                        f"{human_bytes(memory)} a rank has ({source}), which leaves the rest for activations; nothing was "
                         f"loaded. Use " + "; or ".join(fix))
 
 

@@ -31,7 +31,7 @@ from alignti.common.codecs import DEFAULT_TAIL_KL
 from alignti.common.config import check_ranges
 from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
-from alignti.common.errors import BadSamples, CacheError, DataError, ResourceError
+from alignti.common.errors import BadSamples, CacheError, DataError, ResourceError, human_bytes
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import input_device, load_config, load_model, load_processor, text_vocab_size
 from alignti.common.placement import check_placement, placement_options
@@ -154,9 +154,9 @@ def _resource_error(e: BaseException, out: Path, device, batch_size: int, units_
         used = sum(f.stat().st_size for f in parts.rglob("*") if f.is_file()) if parts.exists() else 0
         per_unit = used / len(markers) if markers else None
         free = shutil.disk_usage(out if out.exists() else out.parent).free
-        need = (f"about {_mib(per_unit * units_left)} more free space ({units_left} work unit(s) left, "
-                f"{_mib(per_unit)} each so far; {_mib(free)} free now)" if per_unit else
-                f"more free space than the {_mib(free)} free now (no work unit has been committed yet)")
+        need = (f"about {human_bytes(per_unit * units_left)} more free space ({units_left} work unit(s) left, "
+                f"{human_bytes(per_unit)} each so far; {human_bytes(free)} free now)" if per_unit else
+                f"more free space than the {human_bytes(free)} free now (no work unit has been committed yet)")
         return ResourceError(f"no space left on the device holding the cache {out} ({e.strerror}): it needs {need}; "
                              f"{resume}")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -166,14 +166,6 @@ def _resource_error(e: BaseException, out: Path, device, batch_size: int, units_
         return ResourceError(f"out of memory on {device} running the teacher on batches of {batch_size} samples "
                              f"({type(e).__name__}): lower --batch-size (or --max-length); {resume}")
     return None
-
-
-def _mib(n: float) -> str:
-    """A byte count for a person: KiB, MiB or GiB."""
-    for unit, k in (("GiB", 30), ("MiB", 20)):
-        if n >= 2 ** k:
-            return f"{n / 2 ** k:.1f} {unit}"
-    return f"{n / 2 ** 10:.1f} KiB"
 
 
 def _teacher_unit(adapter, encoded: list, batch_size: int, length_sorted: bool, pad_id: int, device, params,
