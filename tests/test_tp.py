@@ -69,17 +69,35 @@ def test_tp2_dump_matches_one_rank(one_rank, tp2):
     assert a["saliency"].size and np.abs(a["saliency"]).max() > 0.01  # a real saliency map, not zeros
 
 
-def test_two_replicas_of_tp2_write_every_unit_once(kit, tp2, tmp_path):
-    """4 ranks = 2 replicas x TP 2: replica r's ranks take the units u % 2 == r (both ranks of it the same units,
-    its first rank writes), and the cache is the 1-replica TP 2 cache bit for bit (the same per-rank arithmetic)."""
+COMMIT_LOG = """
+import os
+from alignti.common.cache import PartWriter
+_commit = PartWriter.commit
+def commit(self, *a, **k):  # every part a rank commits: "rank unit" (tests/test_tp.py)
+    with open(os.environ["ALIGNTI_TEST_COMMITS"], "a") as f:
+        f.write(f"{os.environ.get('RANK', 0)} {self.index}\\n")
+    return _commit(self, *a, **k)
+PartWriter.commit = commit
+"""
+
+
+def test_two_replicas_of_tp2_write_every_unit_once(kit, tp2, tmp_path, monkeypatch):
+    """4 ranks = 2 replicas x TP 2: replica r's ranks take the units u % 2 == r (both ranks of it the same units),
+    only its first rank commits them (every commit of every rank is logged through a sitecustomize hook), and the
+    cache is the 1-replica TP 2 cache bit for bit (the same per-rank arithmetic)."""
     from alignti.common.distributed import DistEnv, claim_units
     claims = {r: claim_units(DistEnv(r, 4, r, 2), 7, done={3}) for r in range(4)}
     assert claims[0] == claims[1] == [0, 2, 4, 6] and claims[2] == claims[3] == [1, 5]
-    writers = [u for r in range(4) if DistEnv(r, 4, r, 2).is_writer for u in claims[r]]
-    assert sorted(writers) == [0, 1, 2, 4, 5, 6]  # every uncommitted unit by exactly one writer
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(COMMIT_LOG)
+    monkeypatch.setenv("PYTHONPATH", str(hook))  # the runner puts the repository first, then this
+    monkeypatch.setenv("ALIGNTI_TEST_COMMITS", str(tmp_path / "commits"))
     out = tmp_path / "c"
     res = alignti(*tp_args(kit, out, "--nproc", 4, "--tp-size", 2))
     assert "replica 0 of 2, tensor-parallel rank 0 of 2): 2 work units" in " ".join(res.stderr.split())
+    commits = sorted(tuple(map(int, line.split())) for line in (tmp_path / "commits").read_text().splitlines())
+    assert commits == [(0, 0), (0, 2), (2, 1), (2, 3)]  # each unit once, by its replica's first rank
     assert_same_cache(tp2, out)
 
 
