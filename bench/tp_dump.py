@@ -73,7 +73,8 @@ def main():
         rows.append([f"TP {tp}", f"{tp} x {threads}", f"{r['load_s']:.1f}", f"{r['loop_s']:.2f}", str(r["tokens"]),
                      f"{rates[(tp, threads)]:,.0f}", f"{r['response_tokens'] / r['loop_s']:,.0f}"])
     print(f"teacher: llava, LM {a.layers} x {a.hidden} (8 heads), {a.image_tokens} image tokens; {a.samples} samples, "
-          f"batch {a.batch_size}; CPU, fp32, gloo; {os.cpu_count()} cores")
+          f"batch {a.batch_size}; CPU, fp32, gloo; {os.cpu_count()} cores, load average at the end "
+          f"{os.getloadavg()[0]:.1f} (other jobs on the machine)")
     print(table(rows, ["run", "ranks x threads", "load s", "dump loop s", "tokens", "tokens/s", "response tokens/s"]))
     print(f"RATIO tokens/s TP 2 / TP 1: {rates[(2, 1)] / rates[(1, 1)]:.3f} (1 thread), "
           f"{rates[(2, 1)] / rates[(1, 2)]:.3f} (TP 1 on 2 threads)")
