@@ -99,7 +99,7 @@ def plan_teacher(config, dtype: torch.dtype, tp_size: int = 1, ep_size: int = 1)
     with init_empty_weights():
         model = AutoModelForImageTextToText.from_config(config)
     tp_plan = dict(getattr(model, "tp_plan", None) or {})
-    ep_plan = dict(getattr(model, "ep_plan", None) or {}) if ep_size > 1 else {}
+    ep_plan = dict(getattr(model, "ep_plan", None) or {})  # the experts, held whole at ep_size 1
     total = sharded = experts = 0
     for name, p in model.named_parameters():
         size = p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())

@@ -185,3 +185,30 @@ def test_device_map_auto_with_layers_offloaded_to_disk_matches(kit, one_rank, tm
                             saliency_layer="1", logprob_encoding="float16", progress=False, device_map="auto",
                             max_memory="cpu=300KiB,disk=1GiB"))
     assert_same_cache(one_rank, out)
+
+
+def test_plan_of_a_moe_teacher_counts_its_experts():
+    """Qwen3-VL-MoE (a config, on the meta device): the experts are sized apart (brute force: the parameters under
+    ``.experts.``), held whole without --ep-size and split by it; a refusal names --ep-size."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForImageTextToText, Qwen3VLMoeConfig
+
+    from alignti.common.errors import ResourceError
+    from alignti.common.placement import check_fits, plan_teacher
+    cfg = Qwen3VLMoeConfig(text_config=dict(hidden_size=64, num_experts=8, num_experts_per_tok=2,
+                                            moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=128, vocab_size=300,
+                                            head_dim=16),
+                           vision_config=dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64,
+                                              num_heads=2, deepstack_visual_indexes=[0]))
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(cfg)
+    experts = sum(p.numel() * 2 for n, p in model.named_parameters() if ".experts." in n)
+    total = sum(p.numel() * 2 for p in model.parameters())
+    whole, split = (plan_teacher(cfg, torch.bfloat16, tp_size=2, ep_size=e) for e in (1, 2))
+    assert whole.total == split.total == total and whole.experts == split.experts == experts > 0
+    assert whole.per_rank - split.per_rank == experts // 2
+    with pytest.raises(ResourceError, match="--ep-size"):
+        check_fits(whole, int(split.per_rank / 0.85) + 1, "--max-memory", "M")
+    check_fits(split, int(split.per_rank / 0.85) + 1, "--max-memory", "M")
