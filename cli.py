@@ -185,8 +185,8 @@ def dump_teacher(ctx: typer.Context,
                  tp_size: int = typer.Option(1, help="Ranks per teacher replica: the teacher is tensor-parallel over "
                                                      "them (transformers' tp_plan; --nproc N gives N / tp-size "
                                                      "replicas that split the work units; docs/large-teachers.md)."),
-                 ep_size: int = typer.Option(1, help="MoE teachers: ranks the experts are split over (transformers' "
-                                                     "expert-parallel plan; a multiple of --tp-size)."),
+                 ep_size: int = typer.Option(1, help="MoE teachers: split the experts over the replica's ranks "
+                                                     "(transformers' expert-parallel plan; 1 or --tp-size)."),
                  device_map: Optional[str] = typer.Option(None, help="auto: one process places the teacher over its "
                                                           "GPUs, then CPU and disk (accelerate), within "
                                                           "--max-memory."),

@@ -5,16 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
 import weakref
 from pathlib import Path
 
 import torch
 
 from .errors import AlignTIError
-
-log = logging.getLogger("alignti.models")
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -35,8 +31,8 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", tp_size: in
 
     ``tp_size`` T > 1 (under torchrun, the process group initialised): transformers' own tensor parallelism
     (``DistributedConfig(tp_size=T)``, the family's ``base_model_tp_plan``) over the T ranks of this rank's replica
-    (consecutive ranks, common.distributed.DistEnv); ``ep_size`` E > 1 adds the family's expert-parallel plan
-    (``base_model_ep_plan``, MoE teachers; E a multiple of T dividing it, transformers' rule). ``device_map``
+    (consecutive ranks, common.distributed.DistEnv); ``ep_size`` = T adds the family's expert-parallel plan
+    (``base_model_ep_plan``, MoE teachers: the experts split over the same ranks). ``device_map``
     "auto": accelerate's placement over the visible GPUs, then the CPU, then disk, each within ``max_memory``
     ({0: "70GiB", "cpu": "200GiB"}, accelerate's format); the inputs go to ``input_device(model)``."""
     from transformers import AutoModelForImageTextToText

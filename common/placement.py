@@ -25,6 +25,13 @@ log = logging.getLogger("alignti.placement")
 # branch pass reads (a planning margin, not a measurement: --max-memory states the budget exactly)
 WEIGHT_SHARE = 0.85
 
+# model types whose expert-parallel loading fails in the transformers this release pins (tried on a tiny checkpoint
+# saved by the same transformers, gloo, 2 ranks): what goes wrong, for the refusal
+EXPERT_PARALLEL_FAILS = {
+    "qwen3_vl_moe": "transformers 5.25 cannot load qwen3_vl_moe's experts expert-parallel (each rank's share of "
+                    "experts.down_proj arrives transposed: a size mismatch, the weights re-initialised)",
+}
+
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
@@ -151,7 +158,8 @@ def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str) -> Non
             fix.append(f"--tp-size {t} (about {human_bytes(replicated + plan.tensor_parallel // t)} per rank)")
             break
     if plan.experts and plan.ep_size == 1:
-        fix.append("--ep-size (shards the experts: the family's expert-parallel plan)")
+        fix.append(f"--ep-size {max(2, plan.tp_size)} with --tp-size {max(2, plan.tp_size)} (the experts split over a "
+                   f"replica's ranks), where transformers can load the family so")
     if plan.dtype == "float32":
         fix.append("--dtype bfloat16 (half the bytes)")
     fix.append("--device-map auto with --max-memory (one process over several GPUs, the rest offloaded to CPU)")
@@ -179,9 +187,12 @@ def check_placement(config, teacher: str, device: torch.device, dtype: str, env,
     if device_map and (tp_size > 1 or ep_size > 1 or env.distributed):
         raise ValueError("--device-map auto places one process's teacher over its GPUs: use it without --nproc, "
                          "--tp-size and --ep-size (or use --tp-size under torchrun instead)")
-    if ep_size > 1 and (ep_size % tp_size or env.world_size % ep_size):
-        raise ValueError(f"--ep-size {ep_size} must be a multiple of --tp-size {tp_size} and divide the number of "
-                         f"processes ({env.world_size})")
+    if ep_size > 1 and ep_size != tp_size:
+        raise ValueError(f"--ep-size {ep_size}: transformers splits the experts over the ranks of a tensor-parallel "
+                         f"replica, so --ep-size must equal --tp-size ({tp_size}) (or be 1: every expert on every rank)")
+    if ep_size > 1 and config.model_type in EXPERT_PARALLEL_FAILS:
+        raise ValueError(f"--ep-size {ep_size}: {EXPERT_PARALLEL_FAILS[config.model_type]}; use --tp-size alone (the "
+                         f"experts whole on every rank of a replica; the fit check counts them) or --device-map auto")
     limits = parse_max_memory(max_memory)
     plan = plan_teacher(config, torch_dtype_for(dtype, device), tp_size, ep_size)
     if device_map:

@@ -321,7 +321,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         else:
             irs = dist.on_first_replica(env, lambda: select_layer(
                 model, processor, [r for r in records if isinstance(r, Record)], cfg.images,
-                n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress,
+                n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress and env.is_main,
                 query=cfg.saliency_query))
         layer = irs["layer"]
     else:

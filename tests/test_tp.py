@@ -168,7 +168,7 @@ def test_plan_check_sizes_and_refusal(kit, tmp_path):
 
 
 def test_device_map_auto_with_layers_offloaded_to_disk_matches(kit, one_rank, tmp_path):
-    """--device-map auto with a CPU budget of 300 KiB: accelerate maps most of the teacher to disk and streams it
+    """--device-map auto with a CPU budget of 300 KiB: accelerate maps the teacher to disk and streams it
     back for each forward; the same arithmetic on the same device, so the cache equals the unsplit one bit for
     bit."""
     import torch
@@ -178,7 +178,7 @@ def test_device_map_auto_with_layers_offloaded_to_disk_matches(kit, one_rank, tm
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     options = placement_options(device_map="auto", max_memory="cpu=300KiB,disk=1GiB")
     placed = load_model(str(kit / "teacher"), torch.device("cpu"), **options).hf_device_map
-    assert "disk" in placed.values() and "cpu" in placed.values()
+    assert "disk" in placed.values()  # accelerate offloads (here the whole teacher, at this budget)
     out = tmp_path / "c"
     dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                             images=str(kit / "data/images"), out=str(out), limit=12, unit_size=3, batch_size=4,
@@ -209,6 +209,11 @@ def test_plan_of_a_moe_teacher_counts_its_experts():
     whole, split = (plan_teacher(cfg, torch.bfloat16, tp_size=2, ep_size=e) for e in (1, 2))
     assert whole.total == split.total == total and whole.experts == split.experts == experts > 0
     assert whole.per_rank - split.per_rank == experts // 2
-    with pytest.raises(ResourceError, match="--ep-size"):
+    with pytest.raises(ResourceError, match="--ep-size 2 with --tp-size 2"):
         check_fits(whole, int(split.per_rank / 0.85) + 1, "--max-memory", "M")
     check_fits(split, int(split.per_rank / 0.85) + 1, "--max-memory", "M")
+    # transformers 5.25 cannot load this family expert-parallel: refused by name, before loading
+    from alignti.common.distributed import DistEnv
+    from alignti.common.placement import check_placement
+    with pytest.raises(ValueError, match="qwen3_vl_moe's experts expert-parallel.*use --tp-size alone"):
+        check_placement(cfg, "M", torch.device("cpu"), "bfloat16", DistEnv(0, 2, 0, 2), tp_size=2, ep_size=2)
