@@ -30,8 +30,8 @@ def topk_fold_hidden(hidden: torch.Tensor, head: torch.nn.Module, k: int,
         v, j = lp.topk(k, dim=-1, sorted=True)
         ids.append(j)
         lps.append(v)
-        if targets is not None:
-            tgts.append(lp.gather(-1, targets[i:i + chunk, None].long()).squeeze(-1))
+        if targets is not None:  # .to: with a device map the head may sit on another GPU than the batch
+            tgts.append(lp.gather(-1, targets[i:i + chunk, None].long().to(lp.device)).squeeze(-1))
         if entropy:
             ents.append(-(lp.exp() * lp).nan_to_num(0.0).sum(-1))
         tails.append(lp.scatter_(-1, j, NEG_INF).logsumexp(-1))
@@ -124,7 +124,8 @@ def token_kl_stats(adapter, batch: dict, main, saliency: torch.Tensor, group_bat
         rows_b.append(torch.full((r,), b, dtype=torch.long, device=dev))
         rows_p.append(image_token_positions(batch, b).to(dev)[idx])
         counts[b] += r
-    hidden = main.hidden[torch.cat(rows_b), torch.cat(rows_p)]
+    at = main.hidden.device  # with a device map, the last layer's GPU
+    hidden = main.hidden[torch.cat(rows_b).to(at), torch.cat(rows_p).to(at)]
     ids, lps, tail, _, _ = topk_fold_hidden(hidden, lm_head(adapter), k)
     return {"ivak_pos": torch.cat(pos).to(torch.int32), "ivak_weight": torch.cat(weight), "ivak_ids": ids,
             "ivak_logprobs": lps, "ivak_tail": tail, "ivak_counts": torch.tensor(counts)}
