@@ -92,8 +92,8 @@ class TeacherPlan:
         split = f"{human_bytes(self.tensor_parallel)} split over --tp-size {self.tp_size}"
         if self.experts:
             split += f", {human_bytes(self.experts)} of experts over --ep-size {self.ep_size}"
-        return (f"the teacher ({self.model_type}, {self.dtype}) has {human_bytes(self.total)} of weights; each rank holds "
-                f"{human_bytes(self.per_rank)} ({split}, the rest on every rank)")
+        return (f"the teacher ({self.model_type}, {self.dtype}) has {human_bytes(self.total)} of weights; each rank "
+                f"holds {human_bytes(self.per_rank)} ({split}, the rest on every rank)")
 
 
 def plan_teacher(config, dtype: torch.dtype, tp_size: int = 1, ep_size: int = 1) -> TeacherPlan:
@@ -155,7 +155,8 @@ def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str) -> Non
     for t in (2, 4, 8, 16, 32, 64):
         if t > plan.tp_size and (not n_heads or (not n_heads % t and not n_kv % t)) and plan.has_tp_plan and \
                 replicated + plan.tensor_parallel // t + plan.experts // plan.ep_size <= budget:
-            fix.append(f"--tp-size {t} (about {human_bytes(replicated + plan.tensor_parallel // t)} per rank)")
+            held = replicated + plan.tensor_parallel // t + plan.experts // plan.ep_size
+            fix.append(f"--tp-size {t} (about {human_bytes(held)} per rank)")
             break
     if plan.experts and plan.ep_size == 1:
         fix.append(f"--ep-size {max(2, plan.tp_size)} with --tp-size {max(2, plan.tp_size)} (the experts split over a "
@@ -164,8 +165,8 @@ def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str) -> Non
         fix.append("--dtype bfloat16 (half the bytes)")
     fix.append("--device-map auto with --max-memory (one process over several GPUs, the rest offloaded to CPU)")
     raise ResourceError(f"{teacher} does not fit: {plan.describe()}, more than {int(WEIGHT_SHARE * 100)}% of the "
-                        f"{human_bytes(memory)} a rank has ({source}), which leaves the rest for activations; nothing was "
-                        f"loaded. Use " + "; or ".join(fix))
+                        f"{human_bytes(memory)} a rank has ({source}), which leaves the rest for activations; "
+                        f"nothing was loaded. Use " + "; or ".join(fix))
 
 
 def placement_options(tp_size: int = 1, ep_size: int = 1, device_map: str | None = None,
@@ -189,7 +190,8 @@ def check_placement(config, teacher: str, device: torch.device, dtype: str, env,
                          "--tp-size and --ep-size (or use --tp-size under torchrun instead)")
     if ep_size > 1 and ep_size != tp_size:
         raise ValueError(f"--ep-size {ep_size}: transformers splits the experts over the ranks of a tensor-parallel "
-                         f"replica, so --ep-size must equal --tp-size ({tp_size}) (or be 1: every expert on every rank)")
+                         f"replica, so --ep-size must equal --tp-size ({tp_size}) (or be 1: every expert on every "
+                         f"rank)")
     if ep_size > 1 and config.model_type in EXPERT_PARALLEL_FAILS:
         raise ValueError(f"--ep-size {ep_size}: {EXPERT_PARALLEL_FAILS[config.model_type]}; use --tp-size alone (the "
                          f"experts whole on every rank of a replica; the fit check counts them) or --device-map auto")
