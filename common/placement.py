@@ -145,6 +145,10 @@ def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str) -> Non
         raise ResourceError(f"{teacher}: --tp-size {plan.tp_size} does not divide the teacher's {n_heads} attention "
                             f"heads and {n_kv} key/value heads (each rank takes whole heads); choose --tp-size "
                             f"{' or '.join(map(str, ok)) or 1}")
+    if plan.tp_size > 1 and plan.tensor_parallel < (plan.total - plan.experts) / 2:
+        log.warning("--tp-size %d splits only %s of the teacher's %s (transformers' tp_plan for %s covers little of "
+                    "the decoder): every rank holds the rest; --device-map auto may place it better", plan.tp_size,
+                    human_bytes(plan.tensor_parallel), human_bytes(plan.total), plan.model_type)
     budget = int(memory * WEIGHT_SHARE)
     if plan.per_rank <= budget:
         log.info("%s; %s per rank (%s), %.0f%% kept for activations", plan.describe(), human_bytes(memory), source,
