@@ -45,10 +45,14 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", tp_size: in
             return AutoModelForImageTextToText.from_pretrained(
                 path, dtype=torch_dtype, distributed_config=DistributedConfig(tp_size=tp_size, ep_size=ep_size))
     if device_map is not None:
-        import tempfile  # layers the map sends to disk are kept here (accelerate's offload folder) while it runs
+        import atexit
+        import shutil
+        import tempfile
+        # layers the map sends to disk live here (accelerate's offload folder) while the process runs
+        offload = tempfile.mkdtemp(prefix="alignti-offload-")
+        atexit.register(shutil.rmtree, offload, ignore_errors=True)
         return AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, device_map=device_map,
-                                                           max_memory=max_memory,
-                                                           offload_folder=tempfile.mkdtemp(prefix="alignti-offload-"))
+                                                           max_memory=max_memory, offload_folder=offload)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     return model.to(device)
 
