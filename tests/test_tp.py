@@ -104,7 +104,7 @@ def test_two_replicas_of_tp2_write_every_unit_once(kit, tp2, tmp_path, monkeypat
 def test_kill9_of_a_rank_then_resume_matches_uninterrupted(kit, tp2, tmp_path):
     """The writing rank SIGKILLs itself after its second unit's commit marker is written under its temporary name;
     torchrun takes the other rank down. The same command then finishes the dump, bit for bit the uninterrupted
-    TP run's."""
+    TP run's, and validate-cache finds nothing to report."""
     out = tmp_path / "c"
     res = alignti(*tp_args(kit, out, "--nproc", 2, "--tp-size", 2), crash="marker:2", check=False)
     assert res.returncode != 0 and not (out / "manifest.json").exists()
@@ -112,6 +112,8 @@ def test_kill9_of_a_rank_then_resume_matches_uninterrupted(kit, tp2, tmp_path):
     assert len(list((out / "parts").glob("*.commit.json"))) == 1  # one unit kept, one to redo
     alignti(*tp_args(kit, out, "--nproc", 2, "--tp-size", 2))
     assert_same_cache(tp2, out)
+    from alignti.common.cache import validate_cache
+    assert validate_cache(out) == []  # every sha256 and crc32c, as for a data-parallel dump
 
 
 def test_tp_size_must_divide_the_processes(kit, tmp_path):
