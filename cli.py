@@ -94,13 +94,16 @@ def _stage_config(ctx: typer.Context, config: Optional[Path], cls):
     """A stage's config object from its flags and --config file; with --nproc N > 1, this command re-runs under
     torchrun first."""
     o = _run(_resolve, ctx, config, required=_REQUIRED[ctx.info_name])
-    _relaunch(o.pop("nproc"))
+    _relaunch(o.pop("nproc"), o.get("tp_size", 1))
     return cls(**{k: str(v) if isinstance(v, Path) else v for k, v in o.items()})
 
 
-def _relaunch(nproc: int) -> None:
-    """``--nproc N`` (N > 1): hand this very command to torchrun with N processes, then exit with its code."""
-    from alignti.common.distributed import dist_env, run_under_torchrun, strip_nproc
+def _relaunch(nproc: int, tp_size: int = 1) -> None:
+    """``--nproc N`` (N > 1): hand this very command to torchrun with N processes, then exit with its code.
+    ``tp_size``: the processes per replica, which must divide N (checked before anything starts)."""
+    from alignti.common.distributed import check_tp_size, dist_env, run_under_torchrun, strip_nproc
+    if not dist_env().distributed:
+        _run(check_tp_size, nproc, tp_size)
     if nproc > 1 and not dist_env().distributed:
         raise typer.Exit(run_under_torchrun(nproc, strip_nproc(sys.argv[1:])))
 
@@ -179,8 +182,20 @@ def dump_teacher(ctx: typer.Context,
                                                     "predicting the first answer token)."),
                  length_sorted_batches: bool = typer.Option(True, help="Batch each work unit's samples in length "
                                                             "order (less padding; written in data order)."),
-                 nproc: int = typer.Option(1, help="Teacher replicas: re-runs this command under torchrun "
-                                                   "(one per GPU); ranks split the work units."),
+                 nproc: int = typer.Option(1, help="Teacher processes: re-runs this command under torchrun "
+                                                   "(one per GPU); replicas (--tp-size ranks each) split the work "
+                                                   "units."),
+                 tp_size: int = typer.Option(1, help="Ranks per teacher replica: the teacher is tensor-parallel over "
+                                                     "them (transformers' tp_plan; --nproc N gives N / tp-size "
+                                                     "replicas that split the work units; docs/large-teachers.md)."),
+                 ep_size: int = typer.Option(1, help="MoE teachers: split the experts over the replica's ranks "
+                                                     "(transformers' expert-parallel plan; 1 or --tp-size)."),
+                 device_map: Optional[str] = typer.Option(None, help="auto: one process places the teacher over its "
+                                                          "GPUs, then CPU and disk (accelerate), within "
+                                                          "--max-memory."),
+                 max_memory: Optional[str] = typer.Option(None, help="A rank's memory for the fit check before "
+                                                          "loading (e.g. 70GiB), or with --device-map per device "
+                                                          "(0=70GiB,1=70GiB,cpu=200GiB)."),
                  config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
     """Run the teacher once over the data and write the cache (resumable)."""
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher as run
@@ -214,8 +229,12 @@ def rollout(ctx: typer.Context,
             skip_bad: bool = typer.Option(False, help="Leave bad samples out (listed in rollout.json) instead of "
                                                       "stopping."),
             max_length: Optional[int] = typer.Option(None, help="Refuse prompts longer than this."),
-            nproc: int = typer.Option(1, help="Student replicas: re-runs this command under torchrun (one per GPU); "
-                                              "ranks split the work units."),
+            nproc: int = typer.Option(1, help="Student processes: re-runs this command under torchrun (one per GPU); "
+                                              "replicas (--tp-size ranks each) split the work units."),
+            tp_size: int = typer.Option(1, help="Ranks per student replica: the student is tensor-parallel over them "
+                                                "(transformers' tp_plan)."),
+            max_memory: Optional[str] = typer.Option(None, help="A rank's memory for the fit check before loading "
+                                                     "(e.g. 70GiB)."),
             config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
     """The student answers every assistant turn of every sample (on-policy rows for dump-teacher; resumable)."""
     from alignti.student_rollout.rollout import RolloutConfig, rollout as run
@@ -227,17 +246,21 @@ def rollout(ctx: typer.Context,
 def select_layer(ctx: typer.Context, teacher: str = typer.Option(...), data: str = typer.Option(...),
                  images: Optional[str] = typer.Option(None),
                  samples: int = typer.Option(256), batch_size: int = typer.Option(8), device: str = typer.Option("auto"),
-                 out: Optional[Path] = typer.Option(None, help="Write the IRS curve as JSON (and a PNG beside it).")):
+                 out: Optional[Path] = typer.Option(None, help="Write the IRS curve as JSON (and a PNG beside it)."),
+                 nproc: int = typer.Option(1, help="Processes (torchrun): with --tp-size, one tensor-parallel "
+                                                   "teacher over them."),
+                 tp_size: int = typer.Option(1, help="Ranks the teacher is tensor-parallel over (transformers' "
+                                                     "tp_plan); --nproc must equal it."),
+                 max_memory: Optional[str] = typer.Option(None, help="A rank's memory for the fit check before "
+                                                          "loading (e.g. 70GiB).")):
     """Instruction-Relevance Score of every teacher layer; names l*."""
     _check_options(ctx)
-    from alignti.common.records import Record
-    from alignti.common.sources import load_records
-    from alignti.common.models import load_vlm, resolve_device
-    from alignti.teacher_dump.select_layer import render_curve, save_plot, select_layer as run
+    _relaunch(nproc, tp_size)
+    from alignti.teacher_dump.select_layer import render_curve, save_plot, select_layer_command
 
-    model, processor = load_vlm(teacher, resolve_device(device))
-    records = [r for r in load_records(data) if isinstance(r, Record)]
-    irs = _run(run, model, processor, records, images, n_samples=samples, batch_size=batch_size)
+    irs = _run(select_layer_command, teacher, data, images, samples, batch_size, device, tp_size, max_memory)
+    if irs is None:  # a rank that is not rank 0 under torchrun
+        return
     typer.echo(render_curve(irs))
     if out:
         out.write_text(json.dumps(irs, indent=2))

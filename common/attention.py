@@ -59,11 +59,35 @@ def instruction_to_image_attention(module, query, key, attention_mask, scaling, 
         scores = scores + m.float()
     probs = torch.softmax(scores, dim=-1)
     img = probs.gather(-1, spec.k_idx[:, None, None, :].expand(-1, hq, probs.shape[2], -1))  # [G,H,Q,V]
-    per_q = img.mean(1)                                                                  # [G,Q,V]
+    per_q = head_mean(module, img)                                                       # [G,Q,V]
     w = spec.q_valid.to(per_q.dtype)
     alpha = (per_q * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
     alpha = alpha * spec.k_valid.to(alpha.dtype)
     return alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def head_group(module):
+    """The process group over which ``module``'s attention heads are sharded (transformers' tensor parallelism:
+    q_proj is a column-sharded DTensor, each rank computes its own heads), or None when this rank has them all."""
+    weight = getattr(getattr(module, "q_proj", None), "weight", None)
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is None or mesh.size() == 1:
+        return None
+    return mesh.get_group()
+
+
+def head_mean(module, per_head: torch.Tensor) -> torch.Tensor:
+    """The mean of ``per_head`` [G, H_local, ...] over all of the attention's heads: with the heads sharded over a
+    tensor-parallel group (the teacher's dump), this rank's sum is all-reduced over the group before dividing by
+    the total head count, so every rank of the replica gets the whole replica's average (the sum's order differs
+    from one rank's: within a few fp32 ulp)."""
+    group = head_group(module)
+    if group is None:
+        return per_head.mean(1)
+    import torch.distributed as tdist
+    from torch.distributed._functional_collectives import all_reduce
+    total = all_reduce(per_head.sum(1), "sum", group)
+    return total / (per_head.shape[1] * tdist.get_world_size(group))
 
 
 def alignti_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

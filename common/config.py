@@ -105,7 +105,7 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "top_k": OPT_COUNT,
         "batch_size": COUNT, "limit": OPT_COUNT, "tpa_branches": COUNT0, "tpa_top_k": OPT_COUNT,
         "tpa_positions": SHARE, "iva_token_ratio": SHARE, "irs_samples": COUNT, "unit_size": COUNT,
-        "max_length": OPT_COUNT, "nproc": COUNT,
+        "max_length": OPT_COUNT, "nproc": COUNT, "tp_size": COUNT, "ep_size": COUNT,
         "packed_kl": Range(0, 0.1, lo_open=True),  # nats per token; the truncation KL itself is ~0.1-1 (bench/README)
         "temperature": Range(TEMPERATURE_MIN, 10),  # the tempered teacher cached (train-student --temperature)
     },
@@ -114,6 +114,7 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "top_p": SHARE, "max_new_tokens": COUNT, "samples_per_prompt": COUNT, "seed": SEED, "round": COUNT0,
         "top_b": COUNT,  # also at least dump-teacher's --tpa-branches, checked when the dump reads the rollout
         "batch_size": COUNT, "unit_size": COUNT, "limit": OPT_COUNT, "max_length": OPT_COUNT, "nproc": COUNT,
+        "tp_size": COUNT,
     },
     # the top level of a rounds YAML (workflows/rounds.py); its rollout/dump/train sections use the stages' ranges
     "rounds": {"rounds": COUNT, "lambda": SHARE, "replay": COUNT0, "nproc": COUNT},
@@ -123,7 +124,7 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "teacher_lr": POSITIVE, "teacher_grounding": WEIGHT, "n_train": COUNT, "n_val": COUNT, "n_test": COUNT,
         "seed": SEED,
     },
-    "select-layer": {"samples": COUNT, "batch_size": COUNT},
+    "select-layer": {"samples": COUNT, "batch_size": COUNT, "nproc": COUNT, "tp_size": COUNT},
     "evaluate": {"limit": OPT_COUNT, "max_new_tokens": COUNT},
     "export-task": {"max_new_tokens": COUNT},
     "show-saliency": {"turn": COUNT0},

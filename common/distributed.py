@@ -22,9 +22,14 @@ log = logging.getLogger("alignti.dist")
 
 @dataclass(frozen=True)
 class DistEnv:
+    """This rank's place in the torchrun world. With ``tp_size`` T > 1 the world is cut into replicas of T
+    consecutive ranks (ranks r*T .. r*T+T-1 form replica r, so a replica stays on one node when T divides the
+    GPUs per node): the model is tensor-parallel inside a replica, and the replicas split the work units as
+    single ranks do without tensor parallelism. ``tp_rank`` 0 of each replica writes its results."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    tp_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -34,10 +39,48 @@ class DistEnv:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def replicas(self) -> int:
+        return self.world_size // self.tp_size
 
-def dist_env() -> DistEnv:
-    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+    @property
+    def replica(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this rank writes its replica's results (the replica's first rank)."""
+        return self.tp_rank == 0
+
+
+def dist_env(tp_size: int = 1) -> DistEnv:
+    """This rank's DistEnv from torchrun's variables; ``tp_size`` must divide WORLD_SIZE (ValueError naming
+    both otherwise)."""
+    env = DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                  int(os.environ.get("LOCAL_RANK", 0)), int(tp_size))
+    check_tp_size(env.world_size, env.tp_size)
+    return env
+
+
+def claim_units(env: DistEnv, n_units: int, done=()) -> list[int]:
+    """The work units this rank runs: replica r of R takes the uncommitted units u with u % R == r (every rank of a
+    replica the same units, for its share of each forward; ``env.is_writer`` writes them). Without tensor
+    parallelism each rank is its own replica."""
+    done = set(done)
+    return [u for u in range(n_units) if u % env.replicas == env.replica and u not in done]
+
+
+def check_tp_size(world_size: int, tp_size: int) -> None:
+    """``--tp-size`` against the number of processes: at least 1 and a divisor of it (ValueError naming both)."""
+    if tp_size < 1 or world_size % tp_size:
+        raise ValueError(f"--tp-size {tp_size} must divide the number of processes ({world_size}, --nproc or "
+                         f"torchrun's world): each replica of the teacher takes --tp-size processes; choose --nproc "
+                         f"{max(1, tp_size) * max(1, world_size // max(1, tp_size))} or a --tp-size dividing "
+                         f"{world_size}")
 
 
 def device_for(device: str, env: DistEnv) -> torch.device:
@@ -120,6 +163,21 @@ def strip_nproc(argv: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def on_first_replica(env: DistEnv, fn):
+    """Run ``fn`` on every rank of replica 0 (a tensor-parallel model needs all of its ranks in each forward) and
+    hand rank 0's result (or its error) to every rank; without tensor parallelism this is ``on_main``."""
+    res = None
+    if env.replica == 0:
+        try:
+            res = ("ok", fn())
+        except Exception as e:  # every rank raises it, none waits forever
+            res = ("error", e)
+    res = broadcast(env, res)
+    if res[0] == "error":
+        raise res[1]
+    return res[1]
 
 
 def on_main(env: DistEnv, fn):

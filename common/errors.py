@@ -1,6 +1,14 @@
 """Errors that carry a message meant for the user: what went wrong, on which sample, and the fix."""
 
 
+def human_bytes(n: float) -> str:
+    """A byte count for a person: KiB, MiB or GiB (binary units, one decimal)."""
+    for unit, k in (("GiB", 30), ("MiB", 20)):
+        if n >= 2 ** k:
+            return f"{n / 2 ** k:.1f} {unit}"
+    return f"{n / 2 ** 10:.1f} KiB"
+
+
 class AlignTIError(Exception):
     """Base class; the CLI prints these without a traceback and exits non-zero."""
 

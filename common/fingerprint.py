@@ -16,7 +16,8 @@ from .errors import FingerprintMismatch
 from .schema import schema_version_for
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation", "_attn_implementation_internal",
-                         "dtype", "torch_dtype", "architectures", "_commit_hash"}
+                         "dtype", "torch_dtype", "architectures", "_commit_hash",
+                         "distributed_config"}  # how the weights were placed (tensor parallelism), not what they are
 
 
 def _sha(obj: Any) -> str:

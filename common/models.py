@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import weakref
@@ -20,16 +22,45 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: str, device: torch.device, dtype: str = "auto"):
-    """The VLM at ``path`` (local folder or hub id) on ``device``; ``dtype`` "auto": bf16 on CUDA, fp32 on CPU."""
+def torch_dtype_for(dtype: str, device: torch.device) -> torch.dtype:
+    """``dtype`` "auto": bf16 on CUDA, fp32 elsewhere; else the torch dtype of that name."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(path: str, device: torch.device, dtype: str = "auto", tp_size: int = 1, ep_size: int = 1,
+               device_map: str | None = None, max_memory: dict | None = None):
+    """The VLM at ``path`` (local folder or hub id) on ``device``; ``dtype`` "auto": bf16 on CUDA, fp32 on CPU.
+
+    ``tp_size`` T > 1 (under torchrun, the process group initialised): transformers' own tensor parallelism
+    (``DistributedConfig(tp_size=T)``, the family's ``base_model_tp_plan``) over the T ranks of this rank's replica
+    (consecutive ranks, common.distributed.DistEnv); ``ep_size`` = T adds the family's expert-parallel plan
+    (``base_model_ep_plan``, MoE teachers: the experts split over the same ranks). ``device_map``
+    "auto": accelerate's placement over the visible GPUs, then the CPU, then disk, each within ``max_memory``
+    ({0: "70GiB", "cpu": "200GiB"}, accelerate's format); the inputs go to ``input_device(model)``."""
     from transformers import AutoModelForImageTextToText
 
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+    torch_dtype = torch_dtype_for(dtype, device)
     check_processor_files(path)  # first: a folder without processor files is named before the weights load
-    model, info = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+    if tp_size > 1 or ep_size > 1:
+        from transformers.distributed import DistributedConfig
+        placing = _replica_meshes()
+        options = {"distributed_config": DistributedConfig(tp_size=tp_size, ep_size=ep_size)}
+    elif device_map is not None:
+        import atexit
+        import shutil
+        import tempfile
+        # layers the map sends to disk live here (accelerate's offload folder) while the process runs
+        offload = tempfile.mkdtemp(prefix="alignti-offload-")
+        atexit.register(shutil.rmtree, offload, ignore_errors=True)
+        placing = contextlib.nullcontext()
+        options = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload}
+    else:
+        placing, options = contextlib.nullcontext(), {}
+    with placing:
+        model, info = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
+                                                                  **options)
     # transformers' load report: parameters and buffers the checkpoint lacked (or held in another shape), which it
     # initialised at random; tied weights and the model's own ignore-lists are already taken out of it
     new = sorted(set(info.get("missing_keys") or ()) | {k[0] for k in info.get("mismatched_keys") or ()})
@@ -37,7 +68,42 @@ def load_model(path: str, device: torch.device, dtype: str = "auto"):
     if new:
         log.warning("%s: %d weight tensor(s) are not in the checkpoint and were newly initialised at load (%s)", path,
                     len(new), summarise_names(new))
-    return model.to(device)
+    return model if options else model.to(device)
+
+
+@contextlib.contextmanager
+def _replica_meshes():
+    """transformers lays its device mesh over the whole world (``initialize_distributed_mesh``: pp x dp_replicate x
+    fsdp x tp ranks). Replicas of a tensor-parallel teacher are that mesh's dp_replicate axis without FSDP, which
+    its config cannot say (dp_replicate_size > 1 turns FSDP on): while loading, the mesh is built with the replicas
+    as dp_replicate (consecutive ranks share a tp group) and the model's config keeps dp_replicate_size 1, so only
+    the tensor (and expert) plans apply, each within its replica."""
+    import torch.distributed as tdist
+    import transformers.distributed.mixin as mixin
+    original = mixin.initialize_distributed_mesh
+
+    def per_replica(cfg):
+        group = cfg.pp_size * cfg.fsdp_size * cfg.tp_size
+        return original(dataclasses.replace(cfg, dp_replicate_size=tdist.get_world_size() // group))
+
+    mixin.initialize_distributed_mesh = per_replica
+    try:
+        yield
+    finally:
+        mixin.initialize_distributed_mesh = original
+
+
+def input_device(model, default: torch.device) -> torch.device:
+    """Where a batch goes: ``default``, or with an accelerate device map the first accelerator the map uses (its
+    hooks move activations between the other devices), the CPU when it uses none."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return default
+    gpus = [d for d in placed.values() if d not in ("cpu", "disk")]
+    if not gpus:
+        return torch.device("cpu")
+    d = gpus[0]
+    return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
 
 
 _NEW_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -99,11 +165,11 @@ def load_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def load_vlm(path: str, device: torch.device, dtype: str = "auto"):
+def load_vlm(path: str, device: torch.device, dtype: str = "auto", **placement):
     """(model, processor) of the checkpoint at ``path``; the processor first, so a folder without processor files
-    is named before any weight loads."""
+    is named before any weight loads. ``placement``: ``load_model``'s tp_size, ep_size, device_map, max_memory."""
     processor = load_processor(path)
-    return load_model(path, device, dtype), processor
+    return load_model(path, device, dtype, **placement), processor
 
 
 def text_vocab_size(config) -> int | None:

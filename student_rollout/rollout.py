@@ -48,9 +48,10 @@ from alignti.common.errors import CacheError, DataError, DataSourceError
 from alignti.common.faults import crash_point
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
 from alignti.common.generate import stop_ids
-from alignti.common.models import load_vlm
+from alignti.common.models import load_config, load_vlm
 from alignti.common.onpolicy import (ROLLOUT_MANIFEST, ROLLOUT_PLAN, candidate_count, common_prefix, row_conversations,
                                      rollout_schema, seed_for, swap_student_tokens, weights_sha256)
+from alignti.common.placement import check_placement
 from alignti.common.progress import progress_bar
 from alignti.common.records import Record, Skipped, parse_record
 from alignti.common.sources import is_embedded, load_image, open_source, preflight
@@ -85,6 +86,8 @@ class RolloutConfig:
     limit: int | None = None
     skip_bad: bool = False
     max_length: int | None = None
+    tp_size: int = 1  # ranks per student replica (tensor parallelism inside it; replicas split the work units)
+    max_memory: str | None = None  # a rank's memory for the plan check before loading ("70GiB")
     progress: bool = True
 
 
@@ -153,12 +156,19 @@ def student_fingerprint(cfg: RolloutConfig, model, processor) -> dict:
 
 def rollout(cfg: RolloutConfig) -> dict:
     """Under torchrun every rank runs this: rank 0 writes the plan, each rank generates the uncommitted units
-    ``u % world_size == rank``, rank 0 writes ``rollout.json`` last. Returns that manifest."""
+    ``u % replicas == replica`` (``--tp-size`` ranks per replica, common.distributed.claim_units; each replica's
+    first rank writes), rank 0 writes ``rollout.json`` last. Returns that manifest."""
     _check(cfg)
     out = Path(cfg.out)
-    env = dist.dist_env()
+    env = dist.dist_env(cfg.tp_size)
     device = dist.device_for(cfg.device, env)
     dist.init(env, device)
+    try:  # the config alone, before any weight loads; an unreadable one is named by the loader
+        config = load_config(cfg.student)
+    except (OSError, ValueError, KeyError):
+        config = None
+    if config is not None:
+        check_placement(config, cfg.student, device, cfg.dtype, env, cfg.tp_size, max_memory=cfg.max_memory)
     source = open_source(cfg.data, cfg.images)
     records = source.records()
     if cfg.limit is not None:
@@ -169,7 +179,7 @@ def rollout(cfg: RolloutConfig) -> dict:
                         "fix them, or pass --skip-bad to leave them out (listed in rollout.json)")
     embedded = any(is_embedded(ref) for r in records if isinstance(r, Record) for ref in r.images)
 
-    model, processor = load_vlm(cfg.student, device, cfg.dtype)
+    model, processor = load_vlm(cfg.student, device, cfg.dtype, tp_size=cfg.tp_size)
     model.eval()
     adapter = adapter_for(model)
     fp = student_fingerprint(cfg, model, processor)
@@ -205,7 +215,7 @@ def rollout(cfg: RolloutConfig) -> dict:
         return json.loads((out / MANIFEST).read_text())
 
     done = {int(p.stem) for p in (out / DATA_DIR).glob("*.parquet")}
-    todo = [u for u in range(len(units)) if u % env.world_size == env.rank and u not in done]
+    todo = dist.claim_units(env, len(units), done)  # a replica's ranks: the same units; its first rank writes
     if done:
         log.info("resuming: %d of %d work units already written", len(done), len(units))
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
@@ -217,7 +227,8 @@ def rollout(cfg: RolloutConfig) -> dict:
             s, e = units[u]
             rows, dropped = _unit(cfg, model, processor, adapter, source, records[s:e], fp, embedded, pad_id,
                                   max_length, bar, speed)
-            _write_unit(out, u, rows, dropped, schema)
+            if env.is_writer:
+                _write_unit(out, u, rows, dropped, schema)
     dist.barrier(env)
 
     def finish() -> dict:

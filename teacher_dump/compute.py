@@ -34,7 +34,7 @@ def topk_fold_hidden(hidden: torch.Tensor, head: torch.nn.Module, k: int,
         z = head(hidden[i:i + chunk]).float()
         lp = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
         if targets is not None:  # the model's own log-prob of its realised token, at temperature 1
-            tgt = targets[i:i + chunk, None].long()
+            tgt = targets[i:i + chunk, None].long().to(z.device)  # with a device map the head may sit on another GPU
             tgts.append(lp.gather(-1, tgt).squeeze(-1) if temperature == 1.0 else
                         z.gather(-1, tgt).squeeze(-1) - z.logsumexp(-1))
         del z
@@ -135,7 +135,8 @@ def token_kl_stats(adapter, batch: dict, main, saliency: torch.Tensor, group_bat
         rows_b.append(torch.full((r,), b, dtype=torch.long, device=dev))
         rows_p.append(image_token_positions(batch, b).to(dev)[idx])
         counts[b] += r
-    hidden = main.hidden[torch.cat(rows_b), torch.cat(rows_p)]
+    at = main.hidden.device  # with a device map, the last layer's GPU
+    hidden = main.hidden[torch.cat(rows_b).to(at), torch.cat(rows_p).to(at)]
     ids, lps, tail, _, _ = topk_fold_hidden(hidden, lm_head(adapter), k, temperature=temperature,
                                             ids_below=ids_below)
     return {"ivak_pos": torch.cat(pos).to(torch.int32), "ivak_weight": torch.cat(weight), "ivak_ids": ids,

@@ -31,9 +31,11 @@ from alignti.common.codecs import DEFAULT_TAIL_KL
 from alignti.common.config import check_ranges
 from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
-from alignti.common.errors import BadSamples, CacheError, DataError, DataSourceError, ResourceError
+from alignti.common.errors import BadSamples, CacheError, DataError, DataSourceError, ResourceError, human_bytes
 from alignti.common.fingerprint import make_fingerprint
-from alignti.common.models import check_loaded_weights, load_config, load_model, load_processor, text_vocab_size
+from alignti.common.models import (check_loaded_weights, input_device, load_config, load_model, load_processor,
+                                   text_vocab_size)
+from alignti.common.placement import check_placement, placement_options
 from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
 from alignti.common.progress import progress_bar
 from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TOKENS_FILE, TPA_LAYOUT
@@ -90,6 +92,10 @@ class DumpConfig:
     iva_token_ratio: float = 0.25  # the share of each sample's image tokens those statistics cover
     temperature: float = 1.0  # cache the teacher at this temperature: softmax(z / T), top-k and rest mass exact there
     length_sorted_batches: bool = True  # batch each work unit's samples in token-length order (less padding)
+    tp_size: int = 1  # ranks per teacher replica (tensor parallelism inside it; replicas split the work units)
+    ep_size: int = 1  # MoE teachers: ranks the experts are split over (transformers' expert-parallel plan)
+    device_map: str | None = None  # "auto": accelerate's placement over this process's GPUs, CPU, disk
+    max_memory: str | None = None  # a rank's memory for the plan check / device map ("70GiB", "0=70GiB,cpu=200GiB")
     progress: bool = True
 
 
@@ -126,9 +132,9 @@ def _resource_error(e: BaseException, out: Path, device, batch_size: int, units_
         used = sum(f.stat().st_size for f in parts.rglob("*") if f.is_file()) if parts.exists() else 0
         per_unit = used / len(markers) if markers else None
         free = shutil.disk_usage(out if out.exists() else out.parent).free
-        need = (f"about {_mib(per_unit * units_left)} more free space ({units_left} work unit(s) left, "
-                f"{_mib(per_unit)} each so far; {_mib(free)} free now)" if per_unit else
-                f"more free space than the {_mib(free)} free now (no work unit has been committed yet)")
+        need = (f"about {human_bytes(per_unit * units_left)} more free space ({units_left} work unit(s) left, "
+                f"{human_bytes(per_unit)} each so far; {human_bytes(free)} free now)" if per_unit else
+                f"more free space than the {human_bytes(free)} free now (no work unit has been committed yet)")
         return ResourceError(f"no space left on the device holding the cache {out} ({e.strerror}): it needs {need}; "
                              f"{resume}")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -138,14 +144,6 @@ def _resource_error(e: BaseException, out: Path, device, batch_size: int, units_
         return ResourceError(f"out of memory on {device} running the teacher on batches of {batch_size} samples "
                              f"({type(e).__name__}): lower --batch-size (or --max-length); {resume}")
     return None
-
-
-def _mib(n: float) -> str:
-    """A byte count for a person: KiB, MiB or GiB."""
-    for unit, k in (("GiB", 30), ("MiB", 20)):
-        if n >= 2 ** k:
-            return f"{n / 2 ** k:.1f} {unit}"
-    return f"{n / 2 ** 10:.1f} KiB"
 
 
 def _teacher_unit(adapter, encoded: list, batch_size: int, length_sorted: bool, pad_id: int, device, params,
@@ -286,10 +284,13 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     dumps the uncommitted units ``u % world_size == rank``, and rank 0 writes the manifest last."""
     check_ranges("dump-teacher", cfg)  # every numeric setting in its range, before anything loads
     out = Path(cfg.out)
-    env = dist.dist_env()
+    env = dist.dist_env(cfg.tp_size)
     device = dist.device_for(cfg.device, env)
     dist.init(env, device)
     cfg, config = check_dump_config(cfg)  # before any teacher time is spent
+    if config is not None:  # the teacher's size against a rank's memory, before any weight loads
+        check_placement(config, cfg.teacher, device, cfg.dtype, env, cfg.tp_size, cfg.ep_size, cfg.device_map,
+                        cfg.max_memory)
     source = open_source(cfg.data, cfg.images)
     records = source.records()
     onp = RolloutColumns.of(source)  # on-policy rows (alignti rollout): loss turns, the student's TPA candidates
@@ -303,12 +304,16 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     if config is None:
         config = load_config(cfg.teacher)
         cfg = resolve_top_k(cfg, text_vocab_size(config))
+        check_placement(config, cfg.teacher, device, cfg.dtype, env, cfg.tp_size, cfg.ep_size, cfg.device_map,
+                        cfg.max_memory)
     records = _check_family(records, adapter_class(config.model_type), config, processor, cfg.images, cfg.skip_bad)
 
     t_load = time.perf_counter()
-    model = load_model(cfg.teacher, device, cfg.dtype)
+    model = load_model(cfg.teacher, device, cfg.dtype, **placement_options(cfg.tp_size, cfg.ep_size, cfg.device_map,
+                                                                         cfg.max_memory))
     check_loaded_weights(model, cfg.teacher, "teacher")  # no cache from a teacher with randomly initialised parts
     model.eval()
+    device = input_device(model, device)
     t_loaded = time.perf_counter()
     adapter = adapter_for(model)
     max_length = cfg.max_length or getattr(adapter.text_config, "max_position_embeddings", None)
@@ -321,9 +326,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         if old_plan and old_plan.get("irs"):
             irs = old_plan["irs"]
         else:
-            irs = dist.on_main(env, lambda: select_layer(
+            irs = dist.on_first_replica(env, lambda: select_layer(
                 model, processor, [r for r in records if isinstance(r, Record)], cfg.images,
-                n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress,
+                n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress and env.is_main,
                 query=cfg.saliency_query))
         layer = irs["layer"]
     else:
@@ -400,11 +405,12 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
         return json.loads((out / MANIFEST_FILE).read_text())
 
     done = committed_parts(out)
-    todo = [u for u in range(len(units)) if u % env.world_size == env.rank and u not in done]
+    todo = dist.claim_units(env, len(units), done)  # a replica's ranks: the same units; its first rank writes
     if done:
         log.info("resuming: %d of %d work units already committed", len(done), len(units))
     if env.distributed:
-        log.info("rank %d/%d: %d work units to dump", env.rank, env.world_size, len(todo))
+        log.info("rank %d/%d (replica %d of %d, tensor-parallel rank %d of %d): %d work units to dump", env.rank,
+                 env.world_size, env.replica, env.replicas, env.tp_rank, env.tp_size, len(todo))
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     t_loop = time.perf_counter()
     n_todo = sum(units[u][1] - units[u][0] for u in todo)
@@ -459,6 +465,8 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
                     encoded = [x for x in encoded if id(x) not in failed]  # batched as if skipped before
                     jobs = run(encoded)
                 bar.advance((e - s) - len(encoded))
+                if not env.is_writer:
+                    continue  # the replica's first rank holds the same results and writes them
                 pending.append(writer.submit(_write_unit, part, jobs, skipped, lock, onp))
                 while len(pending) > 2:  # backpressure: at most two units wait for the writer
                     pending.pop(0).result()

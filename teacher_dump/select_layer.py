@@ -132,6 +132,27 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
             "grid_mismatched_pairs_dropped": n_dropped}
 
 
+def select_layer_command(teacher: str, data: str, images: str | None, samples: int = 256, batch_size: int = 8,
+                         device: str = "auto", tp_size: int = 1, max_memory: str | None = None) -> dict | None:
+    """``alignti select-layer``: the teacher at ``teacher`` (tensor-parallel over ``tp_size`` torchrun ranks, after
+    the plan-before-load check), IRS over the records of ``data``. Returns the IRS result on rank 0, None on the
+    other ranks (they take part in the teacher's forwards)."""
+    from alignti.common import distributed as dist
+    from alignti.common.models import load_config, load_vlm
+    from alignti.common.placement import check_placement
+    from alignti.common.sources import load_records
+
+    env = dist.dist_env(tp_size)
+    dev = dist.device_for(device, env)
+    dist.init(env, dev)
+    check_placement(load_config(teacher), teacher, dev, "auto", env, tp_size, max_memory=max_memory)
+    model, processor = load_vlm(teacher, dev, tp_size=tp_size)
+    records = [r for r in load_records(data) if isinstance(r, Record)]
+    irs = dist.on_first_replica(env, lambda: select_layer(model, processor, records, images, n_samples=samples,
+                                                          batch_size=batch_size, progress=env.is_main))
+    return irs if env.is_main else None
+
+
 def render_curve(irs: dict, width: int = 40) -> str:
     top = max(irs["curve"]) or 1.0
     lines = ["layer  IRS       ", "-----  --------"]
