@@ -371,7 +371,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             "unit_ids": [[r.sample_id for r in records[s:e]] for s, e in units]}
 
     if not (out / MANIFEST_FILE).exists():
-        dist.on_main(env, lambda: warn_if_blind(adapter, processor, records, cfg.images, device, max_length, cfg.teacher))
+        # every rank of a tensor-parallel replica takes part in each forward: on rank 0 alone the others would wait
+        dist.on_first_replica(env, lambda: warn_if_blind(adapter, processor, records, cfg.images, device, max_length,
+                                                         cfg.teacher))
 
     def prepare() -> bool:
         _check_plan(out, plan)
