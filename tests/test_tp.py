@@ -219,3 +219,41 @@ def test_plan_of_a_moe_teacher_counts_its_experts():
     from alignti.common.placement import check_placement
     with pytest.raises(ValueError, match="qwen3_vl_moe's experts expert-parallel.*use --tp-size alone"):
         check_placement(cfg, "M", torch.device("cpu"), "bfloat16", DistEnv(0, 2, 0, 2), tp_size=2, ep_size=2)
+
+
+def test_select_layer_tp2_gives_the_one_rank_curve(kit, tmp_path):
+    """select-layer with the teacher split over 2 ranks: the same IRS curve (the head average of the attention is
+    all-reduced over the replica; fp32 sums in another order: within 1e-5) and the same chosen layer."""
+    curves = {}
+    for name, extra in (("one", ()), ("tp2", ("--nproc", 2, "--tp-size", 2))):
+        alignti("select-layer", "--teacher", kit / "teacher", "--data", kit / "data/train.json", "--images",
+                kit / "data/images", "--samples", 8, "--device", "cpu", "--out", tmp_path / f"{name}.json", *extra)
+        curves[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert curves["one"]["layer"] == curves["tp2"]["layer"]
+    assert curves["one"]["pairs"] == curves["tp2"]["pairs"] > 0
+    np.testing.assert_allclose(curves["tp2"]["curve"], curves["one"]["curve"], rtol=0, atol=1e-5)
+
+
+def test_rollout_tp2_generates_the_one_rank_rows(kit, tmp_path):
+    """rollout with the student split over 2 ranks, greedy: the same generated tokens row for row, the candidates'
+    probabilities within 1e-5 (fp32 partial sums all-reduced in another order) and their ids equal wherever two
+    neighbouring candidates are not within that bound of each other (a near tie may swap them)."""
+    import pyarrow.parquet as pq
+    tables = {}
+    for name, extra in (("one", ()), ("tp2", ("--nproc", 2, "--tp-size", 2))):
+        alignti("rollout", "--student", kit / "student", "--data", kit / "data/train.json", "--images",
+                kit / "data/images", "--out", tmp_path / name, "--limit", 6, "--temperature", 0,
+                "--max-new-tokens", 8, "--device", "cpu", *extra)
+        tables[name] = pq.read_table(tmp_path / name / "data" / "00000.parquet").to_pylist()
+    one, tp2 = tables["one"], tables["tp2"]
+    assert [r["id"] for r in one] == [r["id"] for r in tp2] and len(one) == 6
+    for a, b in zip(one, tp2):
+        assert a["student_token_ids"] == b["student_token_ids"], a["id"]
+        pa, pb = np.asarray(a["student_cand_probs"], np.float64), np.asarray(b["student_cand_probs"], np.float64)
+        np.testing.assert_allclose(pb, pa, rtol=0, atol=1e-5, err_msg=a["id"])
+        ia, ib = np.asarray(a["student_cand_ids"]), np.asarray(b["student_cand_ids"])
+        gap = np.abs(np.diff(pa, axis=-1)) > 1e-5  # [T, B-1]: candidate j and j+1 apart
+        apart = np.ones_like(ia, dtype=bool)
+        apart[..., :-1] &= gap
+        apart[..., 1:] &= gap
+        assert np.array_equal(ia[apart], ib[apart]), a["id"]
