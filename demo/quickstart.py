@@ -361,7 +361,7 @@ def paired_table(runs: list[dict], methods, key: str = "test_accuracy") -> list[
     return out
 
 
-def verdict(pairs: list[dict], source: str = "student seeds, one teacher") -> str:
+def verdict(pairs: list[dict], source: str = "student seeds (one teacher)") -> str:
     """One sentence per comparison that the intervals decide; the rest named as not separable. ``source`` names
     what the intervals vary over: the quickstart's are paired t over student seeds for its one teacher, so they say
     nothing about a teacher trained on another machine (bench/teacher_variance.py varies the teacher too)."""
@@ -373,7 +373,7 @@ def verdict(pairs: list[dict], source: str = "student seeds, one teacher") -> st
     if above or below:
         parts.append(f"The 95% intervals over {source} support " + ", ".join(above + below) + ".")
     if open_:
-        parts.append(f"Not separable at {n} {source} (the interval holds 0): " + ", ".join(open_) + ".")
+        parts.append(f"Not separable (the interval holds 0) at {n} {source}: " + ", ".join(open_) + ".")
     return " ".join(parts)
 
 
