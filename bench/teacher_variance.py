@@ -50,6 +50,22 @@ METRICS = {
 }
 
 
+def check_settings(out: Path, fast: bool, overrides: dict) -> None:
+    """Record the preset and overrides in OUT/settings.json on the first call; a later call with others is refused
+    (SystemExit naming both and the fix), so one OUT never mixes students of two budgets. More teachers or student
+    seeds may be added to an OUT (they only add runs)."""
+    f = Path(out) / "settings.json"
+    now = {"preset": "fast" if fast else "default", "overrides": overrides}
+    if f.is_file():
+        was = json.loads(f.read_text())
+        if was != now:
+            raise SystemExit(f"{out} holds runs made with {json.dumps(was)}, not {json.dumps(now)}: re-run with "
+                             "those settings to resume, or give another --out")
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(now, indent=1))
+
+
 def teacher_dir(out: Path, teacher: int) -> Path:
     return Path(out) / f"teacher{teacher}"
 
@@ -187,6 +203,7 @@ def main(argv=None) -> None:
              "fast" if a.fast else "default", overrides.get("teacher_steps", preset["teacher_steps"]),
              overrides.get("student_steps", preset["student_steps"]), teachers, a.seeds)
     if not a.report_only:
+        check_settings(Path(a.out), a.fast, overrides)
         for t in teachers:
             run_teacher(Path(a.out), t, a.seeds, a.fast, overrides, a.workers, a.device)
             print(report(Path(a.out), teachers, a.seeds), flush=True)
