@@ -22,8 +22,11 @@ within-teacher (student-seed) standard deviations, so one sees which source domi
 Resumable: each teacher's work lies in OUT/teacher<seed>/ (kit.json once its teacher is trained, results.json once
 its 15 students are scored), each student run in OUT/teacher<seed>/runs/<method>-seed<s>/result.json as it
 finishes; re-running the same command skips what is done (the quickstart's own skip: a trained teacher, a
-committed cache and a finished run are kept) and goes on. After each teacher, and at the end, a line per
-comparison; OUT/summary.md and OUT/summary.json hold the table from every finished run.
+committed cache and a finished run are kept) and goes on; a teacher interrupted mid-training starts over (the demo
+teacher keeps no checkpoint: at most its ~4 min on a quiet 2-core box). OUT/settings.json pins the preset and
+overrides (another budget into the same OUT is refused); more teachers or student seeds may be added. After each
+teacher, and at the end, a line per comparison; OUT/summary.md and OUT/summary.json hold the table from every
+finished run.
 
     nice -n 19 python bench/teacher_variance.py --out /work/variance-run [--teachers 0,1,2] [--seeds 3] [--fast]
         [--overrides JSON] [--report-only] > /work/variance-run.log 2>&1 &
