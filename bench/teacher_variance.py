@@ -28,7 +28,7 @@ overrides (another budget into the same OUT is refused); more teachers or studen
 teacher, and at the end, a line per comparison; OUT/summary.md and OUT/summary.json hold the table from every
 finished run.
 
-    nice -n 19 python bench/teacher_variance.py --out /work/variance-run [--teachers 0,1,2] [--seeds 3] [--fast]
+    OMP_NUM_THREADS=1 nice -n 19 python bench/teacher_variance.py --out /work/variance-run [--teachers 0,1,2] [--seeds 3] [--fast]
         [--overrides JSON] [--report-only] > /work/variance-run.log 2>&1 &
 """
 
