@@ -28,8 +28,8 @@ overrides (another budget into the same OUT is refused); more teachers or studen
 teacher, and at the end, a line per comparison; OUT/summary.md and OUT/summary.json hold the table from every
 finished run.
 
-    OMP_NUM_THREADS=1 nice -n 19 python bench/teacher_variance.py --out /work/variance-run [--teachers 0,1,2] [--seeds 3] [--fast]
-        [--overrides JSON] [--report-only] > /work/variance-run.log 2>&1 &
+    OMP_NUM_THREADS=1 nice -n 19 python bench/teacher_variance.py --out /work/variance-run [--teachers 0,1,2] \
+        [--seeds 3] [--fast] [--overrides JSON] [--report-only] > /work/variance-run/run.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def report(out: Path, teachers: list[int], seeds: int) -> str:
         crow = [[f"{c['a']} - {c['b']}", _pts(c["mean"]), f"[{_pts(c['low'])}, {_pts(c['high'])}]", verdict(c),
                  ", ".join(_pts(m) for m in c["teacher_means"]),
                  f"{_pts(c['between_sd'])[1:] if c['between_sd'] is not None else '-'} / "
-                 f"{_pts(c['within_sd'])[1:] if c['within_sd'] is not None else '-'}", f"{c['n']} x {c['runs'] / c['n']:g}"]
+                 f"{_pts(c['within_sd'])[1:] if c['within_sd'] is not None else '-'}",
+                 f"{c['n']} x {c['runs'] / c['n']:g}"]
                 for c in cs]
         lines += [table(crow, ["comparison", "mean", "95% interval", "verdict", "per teacher",
                                "sd teacher / student seed", "teachers x seeds"]), ""]

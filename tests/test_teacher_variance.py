@@ -102,7 +102,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(tv, tmp_path, monkeypatch):
     monkeypatch.setattr(qs, "_train_and_score", _fake_train_and_score(calls, fail_after=3))
     with pytest.raises(KeyboardInterrupt):
         tv.run_teacher(tmp_path, 0, 2, overrides=over, workers=1)
-    assert len(list(tmp_path.glob("teacher0/runs/*/result.json"))) == 3 and kits == [(str(tmp_path / "teacher0/kit"), 0)]
+    assert len(list(tmp_path.glob("teacher0/runs/*/result.json"))) == 3
+    assert kits == [(str(tmp_path / "teacher0/kit"), 0)]
     assert not (tmp_path / "teacher0/results.json").exists()
 
     monkeypatch.setattr(qs, "_train_and_score", _fake_train_and_score(calls, fail_after=None))
