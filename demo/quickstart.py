@@ -99,7 +99,9 @@ def _student_for_seed(kit_dir: Path, seed: int) -> Path:
     return path
 
 
-OVERRIDE_KEYS = (*PRESETS["default"], "tpa_positions", "tpa_branches")
+# teacher_seed (default 0): the teacher's initialisation and batch stream (kit.make_demo's seed); the data splits
+# stay the same. bench/teacher_variance.py trains several teachers with it
+OVERRIDE_KEYS = (*PRESETS["default"], "tpa_positions", "tpa_branches", "teacher_seed")
 CONFIG_KEYS = ("workdir", "seeds", "fast", "device", "workers", "methods", "overrides")
 
 
@@ -122,6 +124,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     kit_dir = work / "kit"
     if not (kit_dir / "teacher" / "config.json").exists():
         info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
+                             seed=p.get("teacher_seed", 0),
                              teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"], device=cfg.device,
                              long_form=p.get("long_form") or None,  # no split, no long-form batches either
                              long_form_rate=(p.get("long_form_rate") or 0.0) if p.get("long_form") else 0.0,
@@ -302,6 +305,39 @@ def paired_interval(a: list[float], b: list[float]) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "diffs": d}
 
 
+def clustered_interval(diffs: dict) -> dict:
+    """A comparison's mean difference over teachers x student seeds and its 95% interval with the teacher as the
+    cluster, so that it holds the teacher's variance as well as the student seeds'.
+
+    ``diffs`` maps each teacher (e.g. its seed) to its paired differences a - b, one per student seed (fractions,
+    as paired_interval's). Each teacher's mean difference is one observation and the interval is paired_interval's
+    paired t over those means (n_teachers - 1 degrees of freedom). Under the random-effects model of a nested design,
+    d_ts = mu + T_t + S_ts (teacher effect T ~ N(0, sigma_T^2), student-seed effect S ~ N(0, sigma_S^2)), a teacher's
+    mean over n_s seeds has variance sigma_T^2 + sigma_S^2 / n_s, so the spread of the teacher means carries both
+    sources and with equal n_s the interval is exact (the one-way random-effects ANOVA's interval for mu, e.g.
+    Montgomery, Design and Analysis of Experiments, nested designs). Pooling all teacher x seed differences into one
+    paired t instead would count them as independent and understate the teacher's share.
+
+    Returns {"mean", "low", "high" (None under 2 teachers), "n" (teachers), "runs" (differences in all),
+    "teacher_means", "within_sd" (pooled sd of the differences about their teacher's mean; None without
+    replicate seeds), "between_sd" (the ANOVA estimate of sigma_T, clipped at 0; None under 2 teachers)}.
+    Raises ValueError for a teacher with no differences."""
+    empty = [t for t, d in diffs.items() if not d]
+    if empty:
+        raise ValueError(f"clustered_interval: teacher(s) {empty} have no paired differences")
+    means = [statistics.mean(d) for d in diffs.values()]
+    p = paired_interval(means, [0.0] * len(means))
+    df_w = sum(len(d) - 1 for d in diffs.values())
+    within = (sum((x - m) ** 2 for d, m in zip(diffs.values(), means) for x in d) / df_w) if df_w else None
+    between = None
+    if len(means) > 1:
+        n_h = statistics.harmonic_mean([len(d) for d in diffs.values()])
+        between = max(0.0, statistics.variance(means) - (within or 0.0) / n_h) ** 0.5
+    return {"mean": p["mean"], "low": p["low"], "high": p["high"], "n": len(means),
+            "runs": sum(len(d) for d in diffs.values()), "teacher_means": means,
+            "within_sd": within ** 0.5 if within is not None else None, "between_sd": between}
+
+
 def interval_text(p: dict) -> str:
     """A paired_interval's 95% interval in points, e.g. "[-0.0, +20.8]" ("-" with one seed)."""
     return f"[{100 * p['low']:+.1f}, {100 * p['high']:+.1f}]" if p["low"] is not None else "-"
@@ -325,17 +361,19 @@ def paired_table(runs: list[dict], methods, key: str = "test_accuracy") -> list[
     return out
 
 
-def verdict(pairs: list[dict]) -> str:
-    """One sentence per comparison that the intervals decide; the rest named as not separable."""
+def verdict(pairs: list[dict], source: str = "student seeds (one teacher)") -> str:
+    """One sentence per comparison that the intervals decide; the rest named as not separable. ``source`` names
+    what the intervals vary over: the quickstart's are paired t over student seeds for its one teacher, so they say
+    nothing about a teacher trained on another machine (bench/teacher_variance.py varies the teacher too)."""
     above = [f"{p['a']} > {p['b']}" for p in pairs if p["low"] is not None and p["low"] > 0]
     below = [f"{p['a']} < {p['b']}" for p in pairs if p["high"] is not None and p["high"] < 0]
     open_ = [f"{p['a']} vs {p['b']}" for p in pairs if p["low"] is None or p["low"] <= 0 <= p["high"]]
     n = pairs[0]["n"] if pairs else 0
     parts = []
     if above or below:
-        parts.append("The 95% intervals over seeds support " + ", ".join(above + below) + ".")
+        parts.append(f"The 95% intervals over {source} support " + ", ".join(above + below) + ".")
     if open_:
-        parts.append(f"Not separable at {n} seeds (the interval holds 0): " + ", ".join(open_) + ".")
+        parts.append(f"Not separable (the interval holds 0) at {n} {source}: " + ", ".join(open_) + ".")
     return " ".join(parts)
 
 
@@ -365,7 +403,8 @@ def render_table(results: dict) -> str:
                      f"{100 * r['agreement_mean']:.1f} | {kl} |")
     if results.get("paired"):
         lines += ["", f"Paired by seed (the same student initialisation): test accuracy difference, mean over "
-                  f"{results['seeds']} seeds and its 95% interval (paired t)", "",
+                  f"{results['seeds']} student seeds and its 95% interval (paired t over student seeds, one teacher: "
+                  "a teacher trained on another machine or seed varies too, bench/teacher_variance.py)", "",
                   "| comparison | difference | 95% interval | per seed |", "|---|---|---|---|"]
         for p in results["paired"]:
             lines.append(f"| {p['a']} − {p['b']} | {100 * p['mean']:+.1f} | {interval_text(p)} | "
@@ -383,7 +422,8 @@ def render_table(results: dict) -> str:
             lines.append(f"| {m} | {100 * r['exact']:.1f} | {100 * r['position']:.1f} | {100 * r['colour']:.1f} | "
                          f"{100 * r['shape']:.1f} | {100 * r['fields']:.1f} ± {100 * r['fields_std']:.1f} |")
         if lf.get("paired_fields_f1"):
-            lines += ["", "Paired by seed: long-form all-fields F1 difference and its 95% interval", "",
+            lines += ["", "Paired by seed: long-form all-fields F1 difference and its 95% interval (over student "
+                      "seeds, one teacher)", "",
                       "| comparison | difference | 95% interval | per seed |", "|---|---|---|---|"]
             for p in lf["paired_fields_f1"]:
                 lines.append(f"| {p['a']} − {p['b']} | {100 * p['mean']:+.1f} | {interval_text(p)} | "
