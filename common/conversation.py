@@ -151,9 +151,60 @@ def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: boo
     return full, content, ends
 
 
+def literal_specials(processor) -> list[str]:
+    """The text tokenizer's special tokens that a message must not hold as literal text ("</s>", "<|im_end|>",
+    "<|im_start|>", "<|endoftext|>", ...): the tokenizer would read each as its control token, not as the characters.
+    The image placeholder is left out (``encode`` refuses it by its own count check)."""
+    tok = processor.tokenizer
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    out = {str(t) for t in added.values() if getattr(t, "special", False)} | set(map(str, tok.all_special_tokens))
+    out.discard(getattr(processor, "image_token", None) or "<image>")
+    return sorted((t for t in out if t), key=lambda t: (-len(t), t))
+
+
+def check_literal_specials(processor, rec: Record) -> None:
+    """Raise DataError naming the sample, the turn and the token when a message text holds one of the text
+    tokenizer's special tokens (``literal_specials``) typed as text: it would become an end-of-sequence, end-of-turn
+    or role token silently. Skippable (``--skip-bad``) like a typed image token."""
+    specials = literal_specials(processor)
+    for i, (role, text) in enumerate(rec.turns):
+        hit = next((t for t in specials if t in text), None)
+        if hit is not None:
+            raise DataError(rec.sample_id, f"{role} turn {i} holds the tokenizer's special token {hit!r} typed as "
+                            "text: the model would read it as its control token (an end of sequence, end of turn "
+                            "or role marker), not as characters", "remove it or write it another way, or pass "
+                            "--skip-bad")
+
+
+def end_of_turn_ids(processor) -> list[int]:
+    """The special token ids that open the chat template's end-of-turn markup after an assistant message
+    (["<|im_end|>"] for ChatML, ["</s>"] for a template that ends answers with the end-of-sequence token); [] for a
+    template that ends a turn with plain text (LLaVA-1.5's " "). Found by rendering a one-turn conversation with
+    placeholder texts and tokenizing what follows the answer."""
+    tok = processor.tokenizer
+    rec = Record(0, "probe", None, [("user", "\u2063Q\u2063"), ("assistant", "\u2063A\u2063")])
+    try:
+        text = _render(processor, _messages(rec, rec.turns, False)[0])
+    except Exception:  # noqa: BLE001 - a template that needs more than a text turn: no markup known
+        return []
+    if "\u2063A\u2063" not in text:
+        return []
+    end = text.split("\u2063A\u2063", 1)[1]
+    special = set(tok.all_special_ids) | {i for i, t in (getattr(tok, "added_tokens_decoder", {}) or {}).items()
+                                          if getattr(t, "special", False)}
+    out = []
+    for i in tok(end, add_special_tokens=False)["input_ids"] if end else []:
+        if i not in special:
+            break
+        out.append(int(i))
+    return out
+
+
 def rendered_text(processor, rec: Record, with_images: bool = True) -> str:
     """The conversation as the processor's chat template renders it, checked to hold every message text verbatim
-    (DataError naming the sample otherwise); no tokenizer or image processor runs."""
+    (DataError naming the sample otherwise, and for a special token of the tokenizer typed in a message); no
+    tokenizer or image processor runs."""
+    check_literal_specials(processor, rec)
     return _rendered_spans(processor, rec, list(rec.turns), object() if with_images else None, False)[0]
 
 
@@ -215,6 +266,7 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
             turns.pop()
     full, content, ends = _rendered_spans(processor, rec, turns, image, generation_prompt)
 
+    check_literal_specials(processor, rec)
     bos = _prefix_special_ids(tok)
     add_special = bool(bos) and not full.startswith(tok.decode(bos))
     try:

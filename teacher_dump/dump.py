@@ -29,15 +29,15 @@ from alignti.common.cache import (PACKED_COMPRESSOR_NAMES, PartWriter, atomic_wr
                                   packed_settings, read_plan, write_manifest, write_plan)
 from alignti.common.codecs import DEFAULT_TAIL_KL
 from alignti.common.config import check_ranges
-from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
+from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, end_of_turn_ids, with_saliency_query
 from alignti.common.records import Record, Skipped, image_column
 from alignti.common.errors import BadSamples, CacheError, DataError, ResourceError
 from alignti.common.fingerprint import make_fingerprint
 from alignti.common.models import load_config, load_model, load_processor, text_vocab_size
 from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
 from alignti.common.progress import progress_bar
-from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TOKENS_FILE, TPA_LAYOUT
-from alignti.common.token_align import encode_token_bytes, token_bytes
+from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, SPECIALS_FILE, TOKENS_FILE, TPA_LAYOUT
+from alignti.common.token_align import encode_token_bytes, special_roles, token_bytes
 from alignti.common.sources import DECODE_VERSION, image_sizes, is_embedded, load_image, open_source
 
 from .compute import split_per_sample, teacher_batch
@@ -358,6 +358,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             return True
         write_plan(out, plan)
         atomic_write_json(out / TOKENS_FILE, encode_token_bytes(token_bytes(processor.tokenizer)))
+        atomic_write_json(out / SPECIALS_FILE, special_roles(processor.tokenizer, end_of_turn_ids(processor),
+                                                             getattr(processor, "image_token", None)))
         stale = list((out / PARTS_DIR).glob("*.tmp*")) if (out / PARTS_DIR).exists() else []
         for p in stale + list(out.glob("*.json.tmp*")):  # a part or a json file interrupted mid-write
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
