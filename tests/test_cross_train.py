@@ -217,3 +217,34 @@ def test_cross_tpa_weights_come_from_the_teachers_rows(xkit):
                                        branch_logits=head(res["branch_hidden"])))
     assert got["tpa"] == pytest.approx(ref["tpa"].item(), rel=1e-5) and got["gold"] == pytest.approx(
         ref["gold"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_gold_is_kd_with_the_teachers_own_tokenizer(xkit, tau):
+    """``--cross-tokenizer gold`` with the teacher's own tokenizer and template: the map is the identity (special
+    tokens, the end of turn included), every row is paired with its own teacher row, and at the same weights the
+    gold term equals kd to rounding (fp32 head, rel 1e-5), and so does the step's loss."""
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import lm_head
+    from alignti.common.losses import LossWeights, get_loss, head_loss, means, step_counts
+    from alignti.common.models import load_vlm
+    from alignti.student_train.data import CacheDataset
+    from alignti.student_train.step import student_step_outputs
+    reader = CacheReader(xkit / "cache")
+    proc = load_processor(str(xkit / "teacher"))
+    cross = CrossTokenizer(reader, proc)
+    assert cross.identity and cross.overlap == 1.0
+    model, _ = load_vlm(str(xkit / "teacher"), torch.device("cpu"), "float32")
+    adapter = adapter_for(model)
+    same = StudentCollator(proc, type(adapter))([CacheDataset(reader, proc)[i] for i in range(len(reader))])
+    xds = CrossDataset(reader, proc, cross)
+    xb = StudentCollator(proc, type(adapter), cross)([xds[i] for i in range(len(xds))])
+    assert torch.equal(xb["xt_pair"], torch.arange(len(xb["targets"]))) and torch.equal(xb["xt_ids"], xb["topk_ids"])
+    spec, head = get_loss("kd"), lm_head(adapter)
+    w_kd, w_gold = LossWeights(temperature=tau), LossWeights(temperature=tau, cross_tokenizer="gold")
+    with torch.no_grad():
+        kd = means(head_loss(spec, w_kd, head, student_step_outputs(adapter, same, spec, 0))["sums"],
+                   step_counts(same), w_kd)
+        gold = means(head_loss(spec, w_gold, head, student_step_outputs(adapter, xb, spec, 0))["sums"],
+                     step_counts(xb), w_gold)
+    assert gold["gold"] == pytest.approx(kd["kd"], rel=1e-5) and gold["loss"] == pytest.approx(kd["loss"], rel=1e-5)
