@@ -29,7 +29,8 @@ from alignti.common.cache import (PACKED_COMPRESSOR_NAMES, PartWriter, atomic_wr
                                   packed_settings, read_plan, write_manifest, write_plan)
 from alignti.common.codecs import DEFAULT_TAIL_KL
 from alignti.common.config import check_ranges
-from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, end_of_turn_ids, with_saliency_query
+from alignti.common.conversation import (ENCODING_VERSION, check_literal_specials, check_saliency_query, encode,
+                                         end_of_turn_ids, with_saliency_query)
 from alignti.common.records import Record, Skipped, image_column
 from alignti.common.errors import BadSamples, CacheError, DataError, ResourceError
 from alignti.common.fingerprint import make_fingerprint
@@ -121,7 +122,8 @@ def _preflight(records: list, images: str, skip_bad: bool) -> list:
 
 def _check_family(records: list, adapter_cls, config, processor, images: str | None, skip_bad: bool) -> list:
     """What the family's processor alone can find, before the teacher is loaded: several images for a family that
-    takes one, the family's image/video special tokens typed as text, an image size its image processor refuses
+    takes one, the family's image/video special tokens or the tokenizer's special tokens ("</s>", "<|im_end|>")
+    typed as text, an image size its image processor refuses
     (from each image's header). Refused by name (or, with --skip-bad, skipped), all of them at once."""
     out, bad = [], []
     for r in records:
@@ -129,6 +131,7 @@ def _check_family(records: list, adapter_cls, config, processor, images: str | N
             try:
                 check_images_per_sample(adapter_cls, r.sample_id, len(r.images))
                 adapter_cls.check_text(config, processor.tokenizer, r.sample_id, r.turns)
+                check_literal_specials(processor, r)
                 for ref, (w, h) in image_sizes(r, images):
                     adapter_cls.check_image_size(processor.image_processor, r.sample_id, f"'{ref}'", w, h)
             except DataError as e:
