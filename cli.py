@@ -477,7 +477,8 @@ def make_student(ctx: typer.Context,
                                                       "or a VLM's tower; Qwen2-VL: a Qwen2-VL checkpoint's visual "
                                                       "tower, its merger made fresh)."),
                  lm: Optional[str] = typer.Option(None, help="Composed: the language model (of the teacher's "
-                                                  "tokenizer)."),
+                                                  "tokenizer; LLaVA families: or of its own, which the student "
+                                                  "keeps and trains with --cross-tokenizer)."),
                  like: Optional[str] = typer.Option(None, help="Composed: the teacher whose family, processor and "
                                                     "caches the student fits."),
                  from_teacher: Optional[str] = typer.Option(None, help="Pruned: the teacher to take layers from."),
