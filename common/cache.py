@@ -29,8 +29,8 @@ from . import codecs as packed_codecs  # registers the packed encoding's codecs 
 from .errors import CacheError
 from .faults import crash_point
 from .schema import (CHUNK_TOKENS, IVAK_ARRAYS, MANIFEST_FILE, PACKED_PAIRS, PARTS_DIR, PLAN_FILE, QUANTISED,
-                     READABLE_VERSIONS, SAMPLE_SCHEMA, SHARD_CHUNKS, SPECIALS_FILE, TOKENS_FILE, TPA_ARRAYS, array_dtype, array_shape_tail,
-                     arrays_for, decode_logprobs, encode_logprobs, is_packed, schema_version_for,
+                     READABLE_VERSIONS, SAMPLE_SCHEMA, SHARD_CHUNKS, SPECIALS_FILE, TOKENS_FILE, TPA_ARRAYS, array_dtype,
+                     array_shape_tail, arrays_for, decode_logprobs, encode_logprobs, is_packed, schema_version_for,
                      tpa_positions_layout)
 
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())

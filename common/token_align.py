@@ -128,7 +128,7 @@ _MAP_MEMO: dict[tuple[str, str], np.ndarray] = {}
 
 
 # --- special tokens by role ------------------------------------------------------------------------------------
-ROLES = ("end", "bos", "pad", "unk", "image")  # "end": what ends an answer (end of sequence, the template's end of turn)
+ROLES = ("end", "bos", "pad", "unk", "image")  # "end": what ends an answer (end of sequence, template's end of turn)
 
 
 def special_roles(tokenizer, end_of_turn: list[int] = (), image_token: str | None = None) -> dict:

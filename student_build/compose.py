@@ -253,7 +253,7 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
     if family in QWEN and lm_cfg.model_type != "qwen2":
         raise AlignTIError(f"the language model at {lm} is a {lm_cfg.model_type}; a {family} student's language model is "
                            "Qwen2's architecture (q/k/v with bias, M-RoPE): pick a Qwen2 (Qwen2.5) checkpoint")
-    own = None
+    own_proc = None
     try:
         check_tokenizer(lm, lm_cfg, processor.tokenizer, int(teacher_cfg.text_config.vocab_size))
     except AlignTIError as e:
@@ -261,23 +261,23 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
         if lm_tok is None or family in QWEN:  # Qwen2-VL's template and vision tokens are its tokenizer's own
             raise AlignTIError(f"{e}; across tokenizers make-student builds LLaVA and LLaVA-OneVision students "
                                "(the LM's tokenizer saved beside it)") from None
-        own = student_processor(processor, lm_tok, lm)
+        own_proc = student_processor(processor, lm_tok, lm)
     tower, vcfg = _vision_model(vision, family)
     check_vision(vision, vcfg, teacher_cfg, family, processor.image_processor)
     language = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32)
-    vocab = int(teacher_cfg.text_config.vocab_size) if own is None else max(len(own.tokenizer),
+    vocab = int(teacher_cfg.text_config.vocab_size) if own_proc is None else max(len(own_proc.tokenizer),
                                                                             int(lm_cfg.vocab_size))
     language.resize_token_embeddings(vocab)
 
     torch.manual_seed(seed)
-    student = AutoModelForImageTextToText.from_config(_student_config(teacher_cfg, vcfg, lm_cfg, family, own),
+    student = AutoModelForImageTextToText.from_config(_student_config(teacher_cfg, vcfg, lm_cfg, family, own_proc),
                                                       dtype=torch.float32)
     with torch.no_grad():
         student.model.language_model.load_state_dict(language.model.state_dict())
         student.lm_head.weight.copy_(language.get_output_embeddings().weight)
         if family in QWEN:
-            own = tower.state_dict()
-            kept = {k: v for k, v in own.items() if not k.startswith("merger.")}
+            tower_sd = tower.state_dict()
+            kept = {k: v for k, v in tower_sd.items() if not k.startswith("merger.")}
             missing, unexpected = student.model.visual.load_state_dict(kept, strict=False)
             if unexpected or any(not k.startswith("merger.") for k in missing):
                 raise AlignTIError(f"the visual tower of {vision} does not fit a {family} tower of its own config "
@@ -289,29 +289,31 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
             projector = student.model.multi_modal_projector
             vision_module = student.model.vision_tower
     try:
-        generation = GenerationConfig.from_pretrained(like if own is None else lm)
+        generation = GenerationConfig.from_pretrained(like if own_proc is None else lm)
     except OSError:
-        generation = None if own is None else GenerationConfig()
-    if own is not None:  # the LM's stop ids and its template's end of turn
+        generation = None if own_proc is None else GenerationConfig()
+    if own_proc is not None:  # the LM's stop ids and its template's end of turn
         from alignti.common.conversation import end_of_turn_ids
         stops = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
         stops = [int(i) for i in stops if i is not None]
-        stops += [i for i in end_of_turn_ids(own) + [own.tokenizer.eos_token_id] if i is not None and i not in stops]
+        stops += [i for i in end_of_turn_ids(own_proc) + [own_proc.tokenizer.eos_token_id]
+                  if i is not None and i not in stops]
         generation.eos_token_id = stops or None
-        if own.tokenizer.pad_token_id is not None:
-            generation.pad_token_id = own.tokenizer.pad_token_id
-    save_checkpoint(student, processor if own is None else own, out, generation_config=generation)
+        if own_proc.tokenizer.pad_token_id is not None:
+            generation.pad_token_id = own_proc.tokenizer.pad_token_id
+    save_checkpoint(student, processor if own_proc is None else own_proc, out, generation_config=generation)
     count = (lambda m: sum(p.numel() for p in m.parameters()))
     info = {"out": str(out), "family": family, "student_params": count(student),
             "vision_params": count(vision_module) - (count(projector) if family in QWEN else 0),
             "lm_params": count(student.model.language_model) + count(student.lm_head),
             "projector_params": count(projector)}
-    if own is not None:
-        info.update(tokenizer="the LM's own", vocab=len(own.tokenizer), teacher_vocab=len(processor.tokenizer),
+    if own_proc is not None:
+        info.update(tokenizer="the LM's own", vocab=len(own_proc.tokenizer),
+                    teacher_vocab=len(processor.tokenizer),
                     train_with="--cross-tokenizer gold")
         log.warning("the student in %s reads its LM's own tokenizer (%d tokens; the teacher's has %d) and chat "
                     "template: the teacher's caches hold the teacher's token ids, so train it from them with "
-                    "alignti train-student ... --cross-tokenizer gold (or uld, alm)", out, len(own.tokenizer),
+                    "alignti train-student ... --cross-tokenizer gold (or uld, alm)", out, len(own_proc.tokenizer),
                     len(processor.tokenizer))
     log.info("composed student in %s (%s): vision %.2fM + LM %.2fM + fresh projector %.2fM = %.2fM parameters", out,
              family, info["vision_params"] / 1e6, info["lm_params"] / 1e6, info["projector_params"] / 1e6,

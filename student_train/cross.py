@@ -228,8 +228,8 @@ class CrossTokenizer:
         return batch
 
     def fix_rows(self, batch: dict, samples: list[dict]) -> None:
-        """``xt_ids`` refined at the rows ``token_align.turn_fixes`` names, then ``xt_logprobs``: the slots of a row that name
-        one student id merged (``merge_duplicates``)."""
+        """``xt_ids`` refined at the rows ``token_align.turn_fixes`` names, then ``xt_logprobs``: the slots of a row
+        that name one student id merged (``merge_duplicates``)."""
         ids = batch["xt_ids"].numpy().copy()
         topk = batch["topk_ids"].numpy()
         t_off = np.cumsum([0] + [len(x["topk_ids"]) for x in samples])

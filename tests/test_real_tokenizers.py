@@ -30,11 +30,13 @@ def procs(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     t_tok = load(LLAVA15, d)
-    teacher = LlavaProcessor(image_processor=ip, tokenizer=t_tok, patch_size=16, vision_feature_select_strategy="default",
+    teacher = LlavaProcessor(image_processor=ip, tokenizer=t_tok, patch_size=16,
+                             vision_feature_select_strategy="default",
                              num_additional_image_tokens=1, chat_template=t_tok.chat_template, image_token="<image>")
     s_tok = load(QWEN2, d)
     s_tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    student = LlavaProcessor(image_processor=ip, tokenizer=s_tok, patch_size=16, vision_feature_select_strategy="default",
+    student = LlavaProcessor(image_processor=ip, tokenizer=s_tok, patch_size=16,
+                             vision_feature_select_strategy="default",
                              num_additional_image_tokens=1, chat_template=CHATML_LLAVA, image_token="<image>")
     return teacher, student
 
