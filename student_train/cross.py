@@ -200,7 +200,13 @@ class CrossTokenizer:
         s_of_chunk = np.full(al["n_chunks"], -1, np.int64)
         s_of_chunk[cs[::-1]] = np.arange(len(cs))[::-1]
         pos = np.asarray(x["tpa_pos"], np.int64)
-        cands = self.map_ids(np.asarray(x["tpa_cand_ids"]))
+        raw = np.asarray(x["tpa_cand_ids"])
+        cands = self.map_ids(raw)
+        fixes = {int(f[0]): f for f in al.get("fix", ())}  # a turn's first row, its end of turn: by place
+        for j, p in enumerate(pos.tolist()):
+            if p in fixes:
+                _, lead_t, lead_s, end = fixes[p]
+                cands[j] = row_fix(raw[j], cands[j], self.teacher_bytes, self.by_bytes, lead_t, lead_s, end)
         ids = self.map_ids(np.asarray(x["tpa_ids"]))
         lost = (ids < 0) | _duplicates(ids)  # no student token, or one a slot before already names
         c = ct[pos]
