@@ -47,6 +47,19 @@ from .data import CacheDataset
 log = logging.getLogger("alignti.train")
 
 TPA_KEYS = ("tpa_pos", "tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail")
+# cross-tokenizer KD terms the train-student command does not offer, and why: measured on shipped tokenizers
+# (bench/cross_tokenizer_real.py: the llava-1.5-7b-hf tokenizer's teacher, a Qwen2-BPE student, against the same run
+# at --kd-weight 0; bench/README.md). The loss functions stay (common/losses.py) for the benches that measure them.
+NOT_OFFERED = {
+    "uld": "ULD compares the two distributions' probabilities sorted by rank, with no token identity, so it raises "
+           "whatever token the student already ranks first: on shipped tokenizers (LLaVA-1.5's Llama-2 teacher, a "
+           "Qwen2-BPE student) the student's argmax at the answer's first token was its own in 1 of 26 turns against 7 "
+           "of 26 without the term, and its greedy answers kept the reference's first word in 1 of 24 against 7 "
+           "('triangle' for every question shown). Use --cross-tokenizer gold",
+    "alm": "ALM matches only the likelihood of the realised chunks, which on a cache of reference answers is the "
+           "signal SFT on the student's own tokens already gives: on shipped tokenizers the student's KL to the "
+           "teacher stayed where the --kd-weight 0 run left it (1.0026 against 1.0034). Use --cross-tokenizer gold",
+}
 
 
 def check_cross_cache(reader: CacheReader, url: str) -> list:

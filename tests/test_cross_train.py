@@ -248,3 +248,18 @@ def test_gold_is_kd_with_the_teachers_own_tokenizer(xkit, tau):
         gold = means(head_loss(spec, w_gold, head, student_step_outputs(adapter, xb, spec, 0))["sums"],
                      step_counts(xb), w_gold)
     assert gold["gold"] == pytest.approx(kd["kd"], rel=1e-5) and gold["loss"] == pytest.approx(kd["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode,why", [("uld", "ULD compares the two distributions' probabilities sorted by rank"),
+                                      ("alm", "ALM matches only the likelihood of the realised chunks")])
+def test_losses_that_did_not_teach_on_shipped_tokenizers_are_not_offered(xkit, tmp_path, mode, why):
+    """train-student --cross-tokenizer uld / alm: refused before anything runs, naming why (measured on shipped
+    tokenizers, bench/cross_tokenizer_real.py) and pointing at gold; nothing is written."""
+    from typer.testing import CliRunner
+
+    from alignti.cli import app
+    res = CliRunner().invoke(app, ["train-student", "--student", str(xkit / "student_llava"), "--cache",
+                                   str(xkit / "cache"), "--out", str(tmp_path / "run"), "--cross-tokenizer", mode])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"--cross-tokenizer {mode} is not offered: {why}" in text
+    assert "Use --cross-tokenizer gold" in text and not (tmp_path / "run").exists()
