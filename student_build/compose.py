@@ -12,7 +12,7 @@ An LM of **another tokenizer** (LLaVA, LLaVA-OneVision teachers) gives a student
 with the family's image token added, the LM's chat template when it renders images (else, for a ChatML LM, the
 ChatML layout LLaVA-OneVision uses: ``<|im_start|>user\n<image>\nQ<|im_end|>\n``), the LM's generation config with
 the template's end of turn among its stop ids; the teacher's image processor. Such a student cannot read the
-teacher's caches' token ids: it trains from them with ``train-student --cross-tokenizer gold`` (or uld, alm), which
+teacher's caches' token ids: it trains from them with ``train-student --cross-tokenizer gold``, which
 the log and the returned ``train_with`` say.
 
 ``--vision`` is, for LLaVA and LLaVA-OneVision: a vision model checkpoint (``CLIPVisionModel``,
@@ -313,7 +313,7 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
                     train_with="--cross-tokenizer gold")
         log.warning("the student in %s reads its LM's own tokenizer (%d tokens; the teacher's has %d) and chat "
                     "template: the teacher's caches hold the teacher's token ids, so train it from them with "
-                    "alignti train-student ... --cross-tokenizer gold (or uld, alm)", out, len(own_proc.tokenizer),
+                    "alignti train-student ... --cross-tokenizer gold", out, len(own_proc.tokenizer),
                     len(processor.tokenizer))
     log.info("composed student in %s (%s): vision %.2fM + LM %.2fM + fresh projector %.2fM = %.2fM parameters", out,
              family, info["vision_params"] / 1e6, info["lm_params"] / 1e6, info["projector_params"] / 1e6,
