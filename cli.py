@@ -356,16 +356,22 @@ def train_student(ctx: typer.Context,
                   skip_nonfinite: bool = typer.Option(False, help="Skip (and log) an optimizer step whose loss "
                                                       "or gradient norm is NaN or infinite; by default such a step "
                                                       "stops the run, naming it and the last good checkpoint."),
-                  cross_tokenizer: Optional[str] = typer.Option(None, help="uld, gold or alm: a student whose "
-                                                                "tokenizer or processor differs from the teacher's "
-                                                                "encodes each sample itself; the KD term aligns both "
-                                                                "by text (cache schema v7)."),
+                  cross_tokenizer: Optional[str] = typer.Option(None, help="gold: a student whose tokenizer or "
+                                                                "processor differs from the teacher's encodes each "
+                                                                "sample itself; the KD term aligns both by text "
+                                                                "(cache schema v7). uld and alm are refused, naming "
+                                                                "why (they did not teach on shipped tokenizers)."),
                   nproc: int = typer.Option(1, help="Data-parallel processes: re-runs this command under torchrun "
                                                     "(DDP; gloo on CPU, nccl on GPU)."),
                   config: Optional[Path] = typer.Option(None, help=CONFIG_HELP)):
     """Train a student from the cache alone (under torchrun: DDP, or FSDP2 with --fsdp)."""
+    from alignti.student_train.cross import NOT_OFFERED
     from alignti.student_train.trainer import TrainConfig, train_student as run
-    _echo_main(json.dumps(_run(run, _stage_config(ctx, config, TrainConfig)), default=str))
+    cfg = _stage_config(ctx, config, TrainConfig)
+    if cfg.cross_tokenizer in NOT_OFFERED:
+        log.error("--cross-tokenizer %s is not offered: %s", cfg.cross_tokenizer, NOT_OFFERED[cfg.cross_tokenizer])
+        raise typer.Exit(2)
+    _echo_main(json.dumps(_run(run, cfg), default=str))
 
 
 @app.command("inspect-cache")
@@ -516,7 +522,8 @@ def make_student(ctx: typer.Context,
                                                       "or a VLM's tower; Qwen2-VL: a Qwen2-VL checkpoint's visual "
                                                       "tower, its merger made fresh)."),
                  lm: Optional[str] = typer.Option(None, help="Composed: the language model (of the teacher's "
-                                                  "tokenizer)."),
+                                                  "tokenizer; LLaVA families: or of its own, which the student "
+                                                  "keeps and trains with --cross-tokenizer)."),
                  like: Optional[str] = typer.Option(None, help="Composed: the teacher whose family, processor and "
                                                     "caches the student fits."),
                  from_teacher: Optional[str] = typer.Option(None, help="Pruned: the teacher to take layers from."),

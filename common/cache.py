@@ -29,8 +29,8 @@ from . import codecs as packed_codecs  # registers the packed encoding's codecs 
 from .errors import CacheError
 from .faults import crash_point
 from .schema import (CHUNK_TOKENS, IVAK_ARRAYS, MANIFEST_FILE, PACKED_PAIRS, PARTS_DIR, PLAN_FILE, QUANTISED,
-                     READABLE_VERSIONS, SAMPLE_SCHEMA, SHARD_CHUNKS, TOKENS_FILE, TPA_ARRAYS, array_dtype, array_shape_tail,
-                     arrays_for, decode_logprobs, encode_logprobs, is_packed, schema_version_for,
+                     READABLE_VERSIONS, SAMPLE_SCHEMA, SHARD_CHUNKS, SPECIALS_FILE, TOKENS_FILE, TPA_ARRAYS, array_dtype,
+                     array_shape_tail, arrays_for, decode_logprobs, encode_logprobs, is_packed, schema_version_for,
                      tpa_positions_layout)
 
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
@@ -250,8 +250,9 @@ def read_plan(root: Path) -> dict | None:
 
 def write_manifest(root: Path, plan: dict, markers: dict[int, dict], extra: dict | None = None) -> dict:
     files = {PLAN_FILE: sha256_file(root / PLAN_FILE)}
-    if (root / TOKENS_FILE).exists():  # v7: the teacher's token strings (cross-tokenizer training)
-        files[TOKENS_FILE] = sha256_file(root / TOKENS_FILE)
+    for name in (TOKENS_FILE, SPECIALS_FILE):  # v7: the teacher's token strings and specials (cross-tokenizer)
+        if (root / name).exists():
+            files[name] = sha256_file(root / name)
     parts = []
     for i in sorted(markers):
         m = markers[i]
@@ -604,6 +605,16 @@ def read_teacher_tokens(reader: "CacheReader") -> list | None:
     text, None for special tokens), or None when the cache has none."""
     path = f"{reader.root}/{TOKENS_FILE}"
     if TOKENS_FILE not in reader.manifest.get("files", {}) or not reader.fs.exists(path):
+        return None
+    with reader.fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def read_teacher_specials(reader: "CacheReader") -> dict | None:
+    """The teacher's special tokens and their roles (``SPECIALS_FILE``, ``token_align.special_roles``), or None for
+    a cache dumped before they were recorded (its specials then map only where the turn ends)."""
+    path = f"{reader.root}/{SPECIALS_FILE}"
+    if SPECIALS_FILE not in reader.manifest.get("files", {}) or not reader.fs.exists(path):
         return None
     with reader.fs.open(path, "r") as f:
         return json.load(f)

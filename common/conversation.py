@@ -151,6 +151,31 @@ def _rendered_spans(processor, rec: Record, turns, image, generation_prompt: boo
     return full, content, ends
 
 
+def literal_specials(processor) -> list[str]:
+    """The text tokenizer's special tokens that a message must not hold as literal text ("</s>", "<|im_end|>",
+    "<|im_start|>", "<|endoftext|>", ...): the tokenizer would read each as its control token, not as the characters.
+    The image placeholder is left out (``encode`` refuses it by its own count check)."""
+    tok = processor.tokenizer
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    out = {str(t) for t in added.values() if getattr(t, "special", False)} | set(map(str, tok.all_special_tokens))
+    out.discard(getattr(processor, "image_token", None) or "<image>")
+    return sorted((t for t in out if t), key=lambda t: (-len(t), t))
+
+
+def check_literal_specials(processor, rec: Record) -> None:
+    """Raise DataError naming the sample, the turn and the token when a message text holds one of the text
+    tokenizer's special tokens (``literal_specials``) typed as text: it would become an end-of-sequence, end-of-turn
+    or role token silently. Skippable (``--skip-bad``) like a typed image token."""
+    specials = literal_specials(processor)
+    for i, (role, text) in enumerate(rec.turns):
+        hit = next((t for t in specials if t in text), None)
+        if hit is not None:
+            raise DataError(rec.sample_id, f"{role} turn {i} holds the tokenizer's special token {hit!r} typed as "
+                            "text: the model would read it as its control token (an end of sequence, end of turn "
+                            "or role marker), not as characters", "remove it or write it another way, or pass "
+                            "--skip-bad")
+
+
 def end_of_turn_ids(processor) -> list[int]:
     """The token ids that end an assistant turn in the processor's chat template, where generation must stop: the
     special (added) tokens of the markup the template renders right after an answer, in order (Qwen2-VL's
@@ -162,7 +187,10 @@ def end_of_turn_ids(processor) -> list[int]:
     sent = [_SENTINEL.format(k) for k in range(2)]
     msgs = [{"role": "user", "content": [{"type": "text", "text": sent[0]}]},
             {"role": "assistant", "content": [{"type": "text", "text": sent[1]}]}]
-    rendered = _render(processor, msgs)
+    try:
+        rendered = _render(processor, msgs)
+    except Exception:  # noqa: BLE001 - a template that needs more than a text turn: no markup known
+        return []
     if sent[1] not in rendered:
         return []
     end = rendered.split(sent[1], 1)[1]
@@ -173,7 +201,9 @@ def end_of_turn_ids(processor) -> list[int]:
 
 def rendered_text(processor, rec: Record, with_images: bool = True) -> str:
     """The conversation as the processor's chat template renders it, checked to hold every message text verbatim
-    (DataError naming the sample otherwise); no tokenizer or image processor runs."""
+    (DataError naming the sample otherwise, and for a special token of the tokenizer typed in a message); no
+    tokenizer or image processor runs."""
+    check_literal_specials(processor, rec)
     return _rendered_spans(processor, rec, list(rec.turns), object() if with_images else None, False)[0]
 
 
@@ -235,6 +265,7 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
             turns.pop()
     full, content, ends = _rendered_spans(processor, rec, turns, image, generation_prompt)
 
+    check_literal_specials(processor, rec)
     bos = _prefix_special_ids(tok)
     add_special = bool(bos) and not full.startswith(tok.decode(bos))
     try:

@@ -87,7 +87,7 @@ def check_student(fingerprint: dict, processor, student_name: str) -> None:
             f"{want['hash'][:12]} with {want['vocab_size']} tokens, student tokenizer {tok['hash'][:12]} with "
             f"{tok['vocab_size']} tokens (vocab, special tokens or chat template differ). Token ids would not line "
             f"up. Re-run dump-teacher with a teacher that shares the student's tokenizer, or pick a student that "
-            f"shares the teacher's, or train across tokenizers with --cross-tokenizer gold (uld, alm).")
+            f"shares the teacher's, or train across tokenizers with --cross-tokenizer gold.")
     proc = processor_info(processor)
     if proc["hash"] != fingerprint["processor"]["hash"]:
         ours, theirs = proc["settings"], fingerprint["processor"]["settings"]
@@ -95,7 +95,7 @@ def check_student(fingerprint: dict, processor, student_name: str) -> None:
         raise FingerprintMismatch(
             f"the student's processor ({student_name}) differs from the one the cache was made with in "
             f"{', '.join(diff)}: images would become different image tokens. Use the teacher's processor "
-            f"settings for the student, re-dump, or train with --cross-tokenizer gold (uld, alm).")
+            f"settings for the student, re-dump, or train with --cross-tokenizer gold.")
 
 
 ID_ARRAYS = ("topk_ids", "tpa_cand_ids", "tpa_ids", "ivak_ids")  # every cached array of token ids

@@ -376,6 +376,8 @@ def xt_terms(w: "LossWeights", out: dict) -> torch.Tensor:
     if w.cross_tokenizer == "uld":
         return uld_loss(z, lp, tail, w.temperature, w.cache_temperature).sum()
     mw, uw = gold_weights(w, out.get("xt_overlap"))
+    if out.get("xt_logprobs") is not None:  # slots that name one student id merged (token_align.merge_duplicates)
+        lp = out["xt_logprobs"].index_select(0, tr)
     return gold_loss(z, out["xt_ids"].index_select(0, tr), lp, tail, w.temperature, mw, uw, w.cache_temperature).sum()
 
 
@@ -767,7 +769,8 @@ def _xt_main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, share
         else:
             rows = torch.nonzero(pair[lo:hi] >= 0).flatten()
             tr = pair[lo:hi].index_select(0, rows)
-            lt = fold_teacher(t["topk_logprobs"].index_select(0, tr), t["tail_logmass"].index_select(0, tr), tau,
+            lp_key = "xt_logprobs" if mode == "gold" and t.get("xt_logprobs") is not None else "topk_logprobs"
+            lt = fold_teacher(t[lp_key].index_select(0, tr), t["tail_logmass"].index_select(0, tr), tau,
                               w.cache_temperature)
             zt = z.index_select(0, rows)
             zt = zt if tau == 1.0 else zt.div_(tau)

@@ -49,6 +49,8 @@ PACKED_PAIRS = (("topk_ids", "topk_logprobs"), ("tpa_ids", "tpa_logprobs"), ("iv
 
 PLAN_FILE = "plan.json"
 TOKENS_FILE = "teacher_tokens.json"  # v7: per teacher token id the bytes it adds to text (hex; null: special)
+# v7, since the cross-tokenizer role map: the teacher's special tokens and their roles (token_align.special_roles)
+SPECIALS_FILE = "teacher_specials.json"
 MANIFEST_FILE = "manifest.json"
 PARTS_DIR = "parts"
 

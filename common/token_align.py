@@ -23,7 +23,20 @@ other):
 So the spans partition [0, L + 1): every character of every answer is covered exactly once on each side.
 
 The vocabulary map (``vocab_map``) sends a teacher id to the student id whose token adds the same bytes to the
-decoded text (SentencePiece "▁Red" and byte-level "ĠRed" are both b" Red"); special tokens map to nothing.
+decoded text (SentencePiece "▁Red" and byte-level "ĠRed" are both b" Red"); special tokens map by their role
+(``special_roles``: the end of a turn to the end of a turn, padding to padding, ...) or, failing a role, by
+identical content. With one tokenizer on both sides the map is the identity.
+
+Where a token stands changes what it means, so two rows refine the map (``row_fix``, applied per paired row):
+
+* a turn's **first** token may carry template markup with it: LLaVA-1.5 renders "ASSISTANT: A.", and
+  SentencePiece's first answer token "▁A" holds the template's space, while ChatML's "assistant\n" + "A." gives the
+  student "A". Each side's *lead* (``first_token_lead``: the bytes its realised first token adds before the answer
+  text) is swapped: a teacher candidate b" X" at that row is the student's b"X" (a candidate without the teacher's
+  lead continues other text than the answer's and maps to nothing);
+* the **end of turn** (the row whose token starts at the virtual character L on both sides) maps the teacher's
+  realised end-of-turn token ("</s>", "<|im_end|>", or LLaVA-1.5's trailing "▁") and its end-of-sequence tokens to
+  the student's realised end-of-turn token, so the mass the teacher gives to stopping goes to the student's stop.
 """
 
 from __future__ import annotations
@@ -57,8 +70,8 @@ def _decoder_kind(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return "sentencepiece" if any(t.startswith("\u2581") for t in list(tokenizer.get_vocab())[:2000]) else "plain"
-    spec = json.loads(backend.to_str()).get("decoder") or {}
-    flat = json.dumps(spec)
+    dec = backend.decoder  # its JSON alone (the whole tokenizer's JSON is megabytes for a 150k vocabulary)
+    flat = json.dumps(json.loads(dec.__getstate__())) if dec is not None else "{}"
     if '"ByteLevel"' in flat:
         return "byte_level"
     if "\u2581" in flat or "\\u2581" in flat or '"Metaspace"' in flat:
@@ -114,18 +127,36 @@ def decode_token_bytes(hexes: list[str | None]) -> list[bytes | None]:
 _MAP_MEMO: dict[tuple[str, str], np.ndarray] = {}
 
 
-def vocab_map(teacher_bytes: list[bytes | None], student_tokenizer, student_key: str | None = None) -> np.ndarray:
-    """int64 [V_teacher]: for each teacher id the student id whose token adds identical bytes to the text, -1 where
-    the student has none (or the teacher token is special). Where several student tokens have the same bytes, the
-    one that is not a SentencePiece byte-fallback piece ("<0x41>" vs "A"), else the lowest id. Memoised per
-    (teacher bytes, ``student_key``: the student tokenizer's fingerprint hash) in this process."""
-    h = hashlib.sha256()
-    for b in teacher_bytes:  # length-prefixed, so the concatenation names the list
-        h.update(b"\xff" if b is None else len(b).to_bytes(4, "little") + b)
-    tkey = h.hexdigest()
-    key = (tkey, student_key) if student_key else None
-    if key is not None and key in _MAP_MEMO:
-        return _MAP_MEMO[key]
+# --- special tokens by role ------------------------------------------------------------------------------------
+ROLES = ("end", "bos", "pad", "unk", "image")  # "end": what ends an answer (end of sequence, template's end of turn)
+
+
+def special_roles(tokenizer, end_of_turn: list[int] = (), image_token: str | None = None) -> dict:
+    """The tokenizer's special tokens and their roles, JSON-ready: ``{"tokens": {id: content}, "roles": {role:
+    [ids]}}``. Role "end" lists the template's end-of-turn ids (``end_of_turn``, from
+    ``common.conversation.end_of_turn_ids``: "<|im_end|>" for ChatML) first, then the end-of-sequence token; "bos",
+    "pad", "unk" the tokenizer's own; "image" the processor's image placeholder (``image_token``)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens = {int(i): str(t) for i, t in added.items() if getattr(t, "special", False)}
+    for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids):
+        tokens.setdefault(int(i), str(t))
+    roles: dict[str, list[int]] = {r: [] for r in ROLES}
+    roles["end"] = [int(i) for i in end_of_turn]
+    for role, attr in (("end", "eos_token_id"), ("bos", "bos_token_id"), ("pad", "pad_token_id"),
+                       ("unk", "unk_token_id")):
+        i = getattr(tokenizer, attr, None)
+        if i is not None and int(i) not in roles[role]:
+            roles[role].append(int(i))
+    if image_token:
+        i = tokenizer.convert_tokens_to_ids(image_token)
+        if i is not None and i != getattr(tokenizer, "unk_token_id", None):
+            roles["image"] = [int(i)]
+    return {"tokens": {str(k): v for k, v in sorted(tokens.items())}, "roles": roles}
+
+
+def student_index(student_tokenizer) -> tuple[list[bytes | None], dict[bytes, int]]:
+    """(the student's ``token_bytes``, bytes -> student id): where several student tokens have the same bytes, the
+    one that is not a SentencePiece byte-fallback piece ("<0x41>" vs "A"), else the lowest id."""
     by_bytes: dict[bytes, int] = {}
     student_bytes, fallback = _token_bytes(student_tokenizer)
     for i, b in enumerate(student_bytes):
@@ -134,10 +165,132 @@ def vocab_map(teacher_bytes: list[bytes | None], student_tokenizer, student_key:
         have = by_bytes.get(b)
         if have is None or (have in fallback and i not in fallback):
             by_bytes[b] = i
-    out = np.array([by_bytes.get(b, -1) if b is not None else -1 for b in teacher_bytes], dtype=np.int64)
+    return student_bytes, by_bytes
+
+
+def vocab_map(teacher_bytes: list[bytes | None], student_tokenizer, student_key: str | None = None,
+              teacher_specials: dict | None = None, student_specials: dict | None = None) -> np.ndarray:
+    """int64 [V_teacher]: for each teacher id the student id whose token adds identical bytes to the text, -1 where
+    the student has none. Special tokens (``*_specials``: ``special_roles`` of each side) map by role - the first
+    student id of the same role, "end" to the student's end of turn - else to the student special of identical
+    content, else to nothing. When the student's tokens and specials are the teacher's, the identity. Memoised per
+    (teacher bytes and specials, ``student_key``: the student tokenizer's fingerprint hash) in this process."""
+    h = hashlib.sha256()
+    for b in teacher_bytes:  # length-prefixed, so the concatenation names the list
+        h.update(b"\xff" if b is None else len(b).to_bytes(4, "little") + b)
+    h.update(json.dumps([teacher_specials, student_specials], sort_keys=True).encode())
+    key = (h.hexdigest(), student_key) if student_key else None
+    if key is not None and key in _MAP_MEMO:
+        return _MAP_MEMO[key]
+    student_bytes, by_bytes = student_index(student_tokenizer)
+    t_tok = (teacher_specials or {}).get("tokens", {})
+    s_tok = (student_specials or {}).get("tokens", {})
+    if student_bytes == list(teacher_bytes) and t_tok == s_tok:
+        out = np.arange(len(teacher_bytes), dtype=np.int64)
+    else:
+        out = np.array([by_bytes.get(b, -1) if b is not None else -1 for b in teacher_bytes], dtype=np.int64)
+        s_by_content = {v: int(k) for k, v in s_tok.items()}
+        for k, v in t_tok.items():  # identical special content ("<image>", "<|im_end|>" in two Qwen tokenizers)
+            if int(k) < len(out) and v in s_by_content:
+                out[int(k)] = s_by_content[v]
+        s_roles = (student_specials or {}).get("roles", {})
+        for role, ids in ((teacher_specials or {}).get("roles", {})).items():
+            target = s_roles.get(role) or []
+            for i in ids:
+                if target and 0 <= int(i) < len(out):
+                    out[int(i)] = target[0]
     if key is not None:
         _MAP_MEMO[key] = out
     return out
+
+
+def first_token_lead(token: bytes | None, text: str, n_chars: int) -> bytes:
+    """The bytes a turn's first response token adds before the turn's text: ``token`` (its ``token_bytes``) covers
+    the template markup before the answer plus the answer's first ``n_chars`` characters (b" A" for SentencePiece's
+    "▁A" after "ASSISTANT:", b"" for "A" after ChatML's "assistant\\n"). b"" where the token does not end with those
+    characters (a byte piece of a longer character, a special token)."""
+    if not token:
+        return b""
+    own = text[:n_chars].encode("utf-8")
+    if own and not token.endswith(own):
+        return b""
+    return token[:len(token) - len(own)]
+
+
+def row_fix(ids: np.ndarray, mapped: np.ndarray, teacher_bytes: list[bytes | None], by_bytes: dict[bytes, int],
+            t_lead: bytes = b"", s_lead: bytes = b"", end: tuple[list[int], int] | None = None) -> np.ndarray:
+    """One paired row's teacher top-k ``ids`` [k] in the student's vocabulary, where the global map (``mapped`` [k],
+    ``vocab_map``) does not tell where the token stands. ``t_lead`` / ``s_lead``: the row starts a turn and each
+    side's first token carries these lead bytes (``first_token_lead``): a teacher token b = t_lead + rest maps to the
+    student token s_lead + rest, one without the teacher's lead to nothing. ``end`` = (teacher ids, student id): the
+    row is the end of the turn on both sides and those teacher ids (its realised end-of-turn token, its "end" role
+    ids) are the student's end-of-turn token. Returns int64 [k], -1 for none."""
+    out = np.asarray(mapped, np.int64).copy()
+    if t_lead != s_lead:
+        for j, i in enumerate(ids):
+            b = teacher_bytes[int(i)] if 0 <= int(i) < len(teacher_bytes) else None
+            if b is None:
+                continue
+            out[j] = by_bytes.get(s_lead + b[len(t_lead):], -1) if b.startswith(t_lead) else -1
+    if end is not None:
+        t_end, s_end = end
+        out[np.isin(ids, np.asarray(list(t_end), np.int64))] = s_end
+    return out
+
+
+def turn_fixes(t_turns, s_turns, t_ids, s_ids, pair, teacher_bytes: list[bytes | None],
+               student_bytes: list[bytes | None], t_end: list[int] = ()) -> list[tuple]:
+    """The paired rows of one sample where a token's place matters (``row_fix``), as (teacher row in the sample,
+    teacher lead, student lead, end or None): each turn's first row when the two sides' lead bytes differ
+    (``first_token_lead`` of each side's realised first token), and each turn's end-of-turn row (the first token
+    starting at the turn's virtual end character L on each side, when the two start the same chunk), with end =
+    (the teacher's realised token there plus its "end" role ids ``t_end``, the student's realised token there).
+    ``*_turns``: per response turn (text, token starts) as ``align_sample`` takes them; ``t_ids`` [N_t] / ``s_ids``
+    [N_s]: each side's realised response ids; ``pair`` [N_s]: ``align_sample``'s."""
+    out, t_at, s_at = [], 0, 0
+    for (text, t_st), (_, s_st) in zip(t_turns, s_turns):
+        n = len(text)
+        if len(t_st) and len(s_st) and pair[s_at] == t_at:
+            t_sp, s_sp = spans_from_starts(t_st, n), spans_from_starts(s_st, n)
+            t0, s0 = int(t_ids[t_at]), int(s_ids[s_at])
+            lead_t = first_token_lead(teacher_bytes[t0] if t0 < len(teacher_bytes) else None, text,
+                                      int(min(t_sp[0, 1], n)))
+            lead_s = first_token_lead(student_bytes[s0] if s0 < len(student_bytes) else None, text,
+                                      int(min(s_sp[0, 1], n)))
+            if lead_t != lead_s:
+                out.append((t_at, lead_t, lead_s, None))
+        t_eot = np.nonzero(np.asarray(t_st) >= n)[0]
+        s_eot = np.nonzero(np.asarray(s_st) >= n)[0]
+        if len(t_eot) and len(s_eot) and pair[s_at + s_eot[0]] == t_at + t_eot[0]:
+            i, j = t_at + int(t_eot[0]), s_at + int(s_eot[0])
+            out.append((i, b"", b"", (sorted({int(t_ids[i])} | {int(e) for e in t_end}), int(s_ids[j]))))
+        t_at += len(t_st)
+        s_at += len(s_st)
+    return out
+
+
+def merge_duplicates(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of mapped ids [P, k] (-1: none) and the teacher's log-probs [P, k]: where several slots of a row map to
+    one student id (a role and a realised end of turn, "<0x41>" and "A"), their probabilities are summed into the
+    first slot and the others become -1 with log-prob -inf, so each student id is named once per row and the
+    teacher's mass is kept."""
+    ids = np.asarray(ids, np.int64).copy()
+    lp = np.asarray(logprobs, np.float32).copy()
+    srt = np.sort(ids, -1)
+    rows = np.nonzero(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(-1))[0] if ids.shape[-1] > 1 else []
+    for r in rows:
+        row = ids[r]
+        first: dict[int, int] = {}
+        for j, i in enumerate(row.tolist()):
+            if i < 0:
+                continue
+            if i in first:
+                lp[r, first[i]] = np.logaddexp(lp[r, first[i]], lp[r, j])
+                lp[r, j] = -np.inf
+                ids[r, j] = -1
+            else:
+                first[i] = j
+    return ids, lp
 
 
 # --- character spans -------------------------------------------------------------------------------------------

@@ -6,7 +6,14 @@ them) with the teacher's multimodal settings (image token id, feature layer and 
 tower's vision config and the LM's text config. It takes the teacher's processor (tokenizer with its image token,
 image processor, chat template) and generation config, so the teacher's caches fit it: the same token ids and the
 same number of image tokens per image. What cannot fit is refused before anything is written, naming what differs:
-an LM whose tokenizer gives other ids than the teacher's, a tower whose patch grid gives another image-token count.
+a tower whose patch grid gives another image-token count.
+
+An LM of **another tokenizer** (LLaVA, LLaVA-OneVision teachers) gives a student that keeps it: the LM's tokenizer
+with the family's image token added, the LM's chat template when it renders images (else, for a ChatML LM, the
+ChatML layout LLaVA-OneVision uses: ``<|im_start|>user\n<image>\nQ<|im_end|>\n``), the LM's generation config with
+the template's end of turn among its stop ids; the teacher's image processor. Such a student cannot read the
+teacher's caches' token ids: it trains from them with ``train-student --cross-tokenizer gold``, which
+the log and the returned ``train_with`` say.
 
 ``--vision`` is, for LLaVA and LLaVA-OneVision: a vision model checkpoint (``CLIPVisionModel``,
 ``SiglipVisionModel``), a dual encoder (CLIP, SigLIP: its vision half) or a VLM (its ``vision_tower``). For
@@ -35,6 +42,14 @@ QWEN = ("qwen2_vl", "qwen2_5_vl")
 QWEN_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "rms_norm_eps", "max_position_embeddings", "hidden_act", "tie_word_embeddings", "attention_dropout",
                   "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "initializer_range")
+
+
+# the ChatML layout of LLaVA-OneVision's template, for an LM whose own ChatML template renders no image
+CHATML_VLM = ("{{% for message in messages %}}{{{{ '<|im_start|>' + message['role'] + '\\n' }}}}"
+              "{{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}}{{{{ '{image}\\n' }}}}"
+              "{{% endfor %}}{{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}}"
+              "{{{{ content['text'] }}}}{{% endfor %}}{{{{ '<|im_end|>\\n' }}}}{{% endfor %}}"
+              "{{% if add_generation_prompt %}}{{{{ '<|im_start|>assistant\\n' }}}}{{% endif %}}")
 
 
 def _tokenizer_or_none(path: str):
@@ -67,6 +82,56 @@ def check_tokenizer(lm: str, lm_config, teacher_tokenizer, teacher_vocab: int) -
             f"tokens have other ids ({shown}). The teacher's caches hold the teacher's token ids, so the student must "
             "read them as the teacher does: pick an LM of the teacher's tokenizer (e.g. a smaller model of the same "
             "series)")
+
+
+def _renders_images(template: str | None, tokenizer, image_token: str) -> bool:
+    """Whether ``template`` renders a conversation of image and text parts with the image placeholder and every text
+    verbatim (a template written for string contents fails or prints the parts' repr)."""
+    if not template:
+        return False
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q\u2063"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A\u2063"}]}]
+    try:
+        text = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False)
+    except Exception:  # noqa: BLE001 - jinja's error for list contents: this template renders strings only
+        return False
+    return text.count(image_token) == 1 and "Q\u2063" in text and "A\u2063" in text and "'type'" not in text
+
+
+def student_processor(teacher_processor, tokenizer, lm: str):
+    """The teacher's processor with ``tokenizer`` (an LM's own) in place of the teacher's: the family's image (and
+    video) placeholder added to it as special tokens, the LM's chat template if it renders images, else the ChatML
+    layout (``CHATML_VLM``) for a ChatML LM. Raises AlignTIError for an LM template that renders no image and is
+    not ChatML."""
+    import copy
+
+    from tokenizers import AddedToken
+    proc = copy.deepcopy(teacher_processor)
+    marks = [t for t in (getattr(proc, "image_token", None), getattr(proc, "video_token", None)) if t]
+    new = [AddedToken(t, special=True, normalized=False) for t in marks if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
+    image = proc.image_token
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if not _renders_images(template, tokenizer, image):
+        if template and "<|im_start|>" in template:
+            template = CHATML_VLM.format(image=image)
+        else:
+            raise AlignTIError(f"the language model at {lm} has another tokenizer than the teacher and its chat "
+                               "template renders no image (nor is it ChatML): save a chat template that renders "
+                               f"{{'type': 'image'}} parts as '{image}' with the LM's tokenizer, or pick an LM of the "
+                               "teacher's tokenizer")
+    tokenizer.chat_template = template
+    for attr in ("image_token", "video_token"):  # a tokenizer naming its own family's placeholder (Qwen2-VL's
+        # <|image_pad|>): the processor reads the placeholder from the tokenizer when loaded
+        if getattr(tokenizer, attr, None) not in (None, getattr(proc, attr, None)) and getattr(proc, attr, None):
+            setattr(tokenizer, attr, getattr(proc, attr))
+    proc.tokenizer, proc.chat_template = tokenizer, template
+    for attr, tok in (("image_token_id", getattr(proc, "image_token", None)),
+                      ("video_token_id", getattr(proc, "video_token", None))):
+        if tok and hasattr(proc, attr):
+            setattr(proc, attr, tokenizer.convert_tokens_to_ids(tok))
+    return proc
 
 
 def _vision_model(vision: str, family: str):
@@ -130,8 +195,10 @@ def _mrope_section(head_dim: int, teacher: list[int] | None) -> list[int]:
     return [half - 2 * third, third, third]
 
 
-def _student_config(teacher_cfg, vcfg, lm_cfg, family: str):
-    """The teacher's config class and multimodal settings with the tower's vision config and the LM's text config."""
+def _student_config(teacher_cfg, vcfg, lm_cfg, family: str, own=None):
+    """The teacher's config class and multimodal settings with the tower's vision config and the LM's text config.
+    ``own``: the student's own processor (an LM of another tokenizer): its vocabulary size, image / video token ids
+    and the LM's special ids instead of the teacher's."""
     d = teacher_cfg.to_dict()
     t_text = teacher_cfg.text_config
     if family in QWEN:
@@ -150,8 +217,13 @@ def _student_config(teacher_cfg, vcfg, lm_cfg, family: str):
         text = lm_cfg.to_dict()
         vision = vcfg.to_dict()
         for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            text[k] = getattr(t_text, k, text.get(k))
-    text["vocab_size"] = int(t_text.vocab_size)
+            text[k] = getattr(t_text, k, text.get(k)) if own is None else text.get(k)
+    text["vocab_size"] = int(t_text.vocab_size) if own is None else max(len(own.tokenizer), int(lm_cfg.vocab_size))
+    if own is not None:
+        for key, attr in (("image_token_id", "image_token"), ("image_token_index", "image_token"),
+                          ("video_token_id", "video_token"), ("video_token_index", "video_token")):
+            if key in d and getattr(own, attr, None):
+                d[key] = int(own.tokenizer.convert_tokens_to_ids(getattr(own, attr)))
     d["text_config"], d["vision_config"] = text, vision
     d["tie_word_embeddings"] = bool(getattr(lm_cfg, "tie_word_embeddings", False))
     for k in ("architectures", "transformers_version", "_name_or_path"):
@@ -164,7 +236,10 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
     processor (complete, ``common/saving.py``) and generation config; loads with the plain Auto classes.
 
     Returns {"out", "family", "student_params", "vision_params", "lm_params", "projector_params"}.
-    Raises AlignTIError when the LM's tokenizer or the tower's image grid does not fit the teacher's."""
+    With an LM of another tokenizer (LLaVA families) the student keeps it (``student_processor``) and the returned
+    dict adds "tokenizer", "vocab", "teacher_vocab" and "train_with" ("--cross-tokenizer gold").
+    Raises AlignTIError when the tower's image grid does not fit the teacher's, or an LM of another tokenizer cannot
+    be given an image-rendering chat template (or is for a Qwen2-VL teacher)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     from alignti.common.adapters import adapter_class
@@ -179,21 +254,31 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
     if family in QWEN and lm_cfg.model_type != "qwen2":
         raise AlignTIError(f"the language model at {lm} is a {lm_cfg.model_type}; a {family} student's language model is "
                            "Qwen2's architecture (q/k/v with bias, M-RoPE): pick a Qwen2 (Qwen2.5) checkpoint")
-    check_tokenizer(lm, lm_cfg, processor.tokenizer, int(teacher_cfg.text_config.vocab_size))
+    own_proc = None
+    try:
+        check_tokenizer(lm, lm_cfg, processor.tokenizer, int(teacher_cfg.text_config.vocab_size))
+    except AlignTIError as e:
+        lm_tok = _tokenizer_or_none(lm)
+        if lm_tok is None or family in QWEN:  # Qwen2-VL's template and vision tokens are its tokenizer's own
+            raise AlignTIError(f"{e}; across tokenizers make-student builds LLaVA and LLaVA-OneVision students "
+                               "(the LM's tokenizer saved beside it)") from None
+        own_proc = student_processor(processor, lm_tok, lm)
     tower, vcfg = _vision_model(vision, family)
     check_vision(vision, vcfg, teacher_cfg, family, processor.image_processor)
     language = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32)
-    language.resize_token_embeddings(int(teacher_cfg.text_config.vocab_size))
+    vocab = int(teacher_cfg.text_config.vocab_size) if own_proc is None else max(len(own_proc.tokenizer),
+                                                                            int(lm_cfg.vocab_size))
+    language.resize_token_embeddings(vocab)
 
     torch.manual_seed(seed)
-    student = AutoModelForImageTextToText.from_config(_student_config(teacher_cfg, vcfg, lm_cfg, family),
+    student = AutoModelForImageTextToText.from_config(_student_config(teacher_cfg, vcfg, lm_cfg, family, own_proc),
                                                       dtype=torch.float32)
     with torch.no_grad():
         student.model.language_model.load_state_dict(language.model.state_dict())
         student.lm_head.weight.copy_(language.get_output_embeddings().weight)
         if family in QWEN:
-            own = tower.state_dict()
-            kept = {k: v for k, v in own.items() if not k.startswith("merger.")}
+            tower_sd = tower.state_dict()
+            kept = {k: v for k, v in tower_sd.items() if not k.startswith("merger.")}
             missing, unexpected = student.model.visual.load_state_dict(kept, strict=False)
             if unexpected or any(not k.startswith("merger.") for k in missing):
                 raise AlignTIError(f"the visual tower of {vision} does not fit a {family} tower of its own config "
@@ -205,10 +290,19 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
             projector = student.model.multi_modal_projector
             vision_module = student.model.vision_tower
     try:
-        generation = GenerationConfig.from_pretrained(like)
+        generation = GenerationConfig.from_pretrained(like if own_proc is None else lm)
     except OSError:
-        generation = None
-    save_checkpoint(student, processor, out, generation_config=generation)
+        generation = None if own_proc is None else GenerationConfig()
+    if own_proc is not None:  # the LM's stop ids and its template's end of turn
+        from alignti.common.conversation import end_of_turn_ids
+        stops = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+        stops = [int(i) for i in stops if i is not None]
+        stops += [i for i in end_of_turn_ids(own_proc) + [own_proc.tokenizer.eos_token_id]
+                  if i is not None and i not in stops]
+        generation.eos_token_id = stops or None
+        if own_proc.tokenizer.pad_token_id is not None:
+            generation.pad_token_id = own_proc.tokenizer.pad_token_id
+    save_checkpoint(student, processor if own_proc is None else own_proc, out, generation_config=generation)
     # the projector starts untrained by design: train-student names it and refuses settings that would freeze it
     name = next(n for n, m in student.named_modules() if m is projector)
     (Path(out) / FRESH_MARKER).write_text(json.dumps({"fresh": [name], "made_by": "alignti make-student"}, indent=2))
@@ -217,6 +311,14 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
             "vision_params": count(vision_module) - (count(projector) if family in QWEN else 0),
             "lm_params": count(student.model.language_model) + count(student.lm_head),
             "projector_params": count(projector)}
+    if own_proc is not None:
+        info.update(tokenizer="the LM's own", vocab=len(own_proc.tokenizer),
+                    teacher_vocab=len(processor.tokenizer),
+                    train_with="--cross-tokenizer gold")
+        log.warning("the student in %s reads its LM's own tokenizer (%d tokens; the teacher's has %d) and chat "
+                    "template: the teacher's caches hold the teacher's token ids, so train it from them with "
+                    "alignti train-student ... --cross-tokenizer gold", out, len(own_proc.tokenizer),
+                    len(processor.tokenizer))
     log.info("composed student in %s (%s): vision %.2fM + LM %.2fM + fresh projector %.2fM = %.2fM parameters", out,
              family, info["vision_params"] / 1e6, info["lm_params"] / 1e6, info["projector_params"] / 1e6,
              info["student_params"] / 1e6)

@@ -205,7 +205,7 @@ class StudentCollator:
 TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
                 "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid", "ivak_b", "ivak_p", "ivak_weight",
                 "ivak_ids", "ivak_logprobs", "ivak_tail", "xt_pair", "xt_ids", "xt_chunk_s", "xt_chunk_t",
-                "xt_target_logprob", "xt_tpa_trows")
+                "xt_target_logprob", "xt_tpa_trows", "xt_logprobs")
 
 
 def batch_to_device(batch: dict, device) -> dict:

@@ -27,7 +27,8 @@ def student_step_outputs(adapter, batch: dict, spec, layer: int, iva_form: str =
     res = {k: batch[k] for k in ("targets", "topk_ids", "topk_logprobs", "tail_logmass", "tpa_cand_ids", "tpa_ids",
                                  "tpa_logprobs", "tpa_tail", "tpa_rows", "teacher_sal", "sal_valid", "ivak_weight",
                                  "ivak_ids", "ivak_logprobs", "ivak_tail", "xt_pair", "xt_ids", "xt_chunk_s",
-                                 "xt_chunk_t", "xt_n_chunks", "xt_target_logprob", "xt_overlap", "xt_tpa_trows")
+                                 "xt_chunk_t", "xt_n_chunks", "xt_target_logprob", "xt_overlap", "xt_tpa_trows",
+                                 "xt_logprobs")
            if k in batch}
     res["resp_hidden"] = out.resp_hidden
     if spec.tpa:

@@ -29,7 +29,8 @@ from alignti.common.cache import (PACKED_COMPRESSOR_NAMES, PartWriter, atomic_wr
                                   packed_settings, read_plan, write_manifest, write_plan)
 from alignti.common.codecs import DEFAULT_TAIL_KL
 from alignti.common.config import check_ranges
-from alignti.common.conversation import ENCODING_VERSION, check_saliency_query, encode, with_saliency_query
+from alignti.common.conversation import (ENCODING_VERSION, check_literal_specials, check_saliency_query, encode,
+                                         end_of_turn_ids, with_saliency_query)
 from alignti.common.records import Record, Skipped, image_column
 from alignti.common.errors import BadSamples, CacheError, DataError, DataSourceError, ResourceError, human_bytes
 from alignti.common.fingerprint import make_fingerprint
@@ -38,8 +39,8 @@ from alignti.common.models import (check_loaded_weights, input_device, load_conf
 from alignti.common.placement import check_placement, placement_options
 from alignti.common.onpolicy import RolloutColumns, restrict_to_loss_turns
 from alignti.common.progress import progress_bar
-from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, TOKENS_FILE, TPA_LAYOUT
-from alignti.common.token_align import encode_token_bytes, token_bytes
+from alignti.common.schema import LOGPROB_ENCODINGS, MANIFEST_FILE, PARTS_DIR, SPECIALS_FILE, TOKENS_FILE, TPA_LAYOUT
+from alignti.common.token_align import encode_token_bytes, special_roles, token_bytes
 from alignti.common.sources import DECODE_VERSION, image_sizes, load_image, open_source, preflight
 
 from .compute import BLIND_TOLERANCE, image_dependence, split_per_sample, teacher_batch
@@ -104,7 +105,8 @@ SKIP_FIX = "fix them, or pass --skip-bad to record them as skipped in the cache'
 
 def _check_family(records: list, adapter_cls, config, processor, images: str | None, skip_bad: bool) -> list:
     """What the family's processor alone can find, before the teacher is loaded: several images for a family that
-    takes one, the family's image/video special tokens typed as text, an image size its image processor refuses
+    takes one, the family's image/video special tokens or the tokenizer's special tokens ("</s>", "<|im_end|>")
+    typed as text, an image size its image processor refuses
     (from each image's header). Refused by name (or, with --skip-bad, skipped), all of them at once."""
     out, bad = [], []
     for r in records:
@@ -112,6 +114,7 @@ def _check_family(records: list, adapter_cls, config, processor, images: str | N
             try:
                 check_images_per_sample(adapter_cls, r.sample_id, len(r.images))
                 adapter_cls.check_text(config, processor.tokenizer, r.sample_id, r.turns)
+                check_literal_specials(processor, r)
                 for ref, (w, h) in image_sizes(r, images):
                     adapter_cls.check_image_size(processor.image_processor, r.sample_id, f"'{ref}'", w, h)
             except DataError as e:
@@ -381,6 +384,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             return True
         write_plan(out, plan)
         atomic_write_json(out / TOKENS_FILE, encode_token_bytes(token_bytes(processor.tokenizer)))
+        atomic_write_json(out / SPECIALS_FILE, special_roles(processor.tokenizer, end_of_turn_ids(processor),
+                                                             getattr(processor, "image_token", None)))
         stale = list((out / PARTS_DIR).glob("*.tmp*")) if (out / PARTS_DIR).exists() else []
         for p in stale + list(out.glob("*.json.tmp*")):  # a part or a json file interrupted mid-write
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 Composed (--vision --lm --like): the parts' weights are the student's, the teacher's processor and generation config
 come along, it trains a few steps on a cache the teacher dumped and its RUN/final loads and generates with the plain
-Auto classes; an LM of another tokenizer and a tower of another grid are refused by name. Pruned (--from-teacher
+Auto classes; a tower of another grid is refused by name, an LM of another tokenizer gives a student that keeps it
+(trained with --cross-tokenizer). Pruned (--from-teacher
 --keep-layers): every kept tensor equals the teacher's bit for bit."""
 
 from __future__ import annotations
@@ -100,11 +101,54 @@ def test_what_cannot_fit_is_named(tmp_path):
     teacher, vision, lm = _parts(tmp_path, "llava", patch=8)
     with pytest.raises(AlignTIError, match=r"8-px patches.*6x6.*16-px.*3x3.*patch_size 16"):
         compose_student(str(vision), str(lm), str(teacher), tmp_path / "s")
-    other = kit.build_tokenizer("qwen2_vl")  # other special tokens: other ids
+    assert not (tmp_path / "s").exists()
+    other = kit.build_tokenizer("qwen2_vl")  # other ids, and no chat template that renders an image
     other.save_pretrained(lm)
-    with pytest.raises(AlignTIError, match=r"another tokenizer than the teacher: \d+ of its"):
+    with pytest.raises(AlignTIError, match=r"another tokenizer than the teacher and its chat template renders no "
+                                           r"image \(nor is it ChatML\)"):
         compose_student(str(vision), str(lm), str(teacher), tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_an_lm_of_another_tokenizer_gives_a_student_that_keeps_it(tmp_path, caplog):
+    """--lm with a byte-level BPE tokenizer of other ids and Qwen2-VL's ChatML template (which renders no <image>)
+    under a LLaVA teacher: the student keeps the LM's tokenizer with <image> added and a ChatML template that
+    renders it, its config names that image token and vocabulary, generation stops at <|im_end|>; make-student says
+    training needs --cross-tokenizer, training without it is refused naming it, with gold it runs."""
+    from transformers import AutoConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from alignti.common.errors import FingerprintMismatch
+    from alignti.common.models import load_processor
+    from alignti.student_train.trainer import TrainConfig, train_student
+    from tests.test_real_templates import QWEN2VL
+    teacher, vision, _ = _parts(tmp_path, "llava")
+    qtok = kit.build_tokenizer("qwen2_vl")
+    qtok.chat_template = QWEN2VL
+    lm = tmp_path / "lm_q"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(qtok), max_position_embeddings=512, **LM)).save_pretrained(lm)
+    qtok.save_pretrained(lm)
+    out = tmp_path / "student"
+    with caplog.at_level("WARNING", logger="alignti.student_build"):
+        info = compose_student(str(vision), str(lm), str(teacher), out)
+    assert info["train_with"] == "--cross-tokenizer gold" and info["vocab"] == len(qtok) + 1
+    assert any("--cross-tokenizer gold" in m for m in caplog.messages)
+    proc = load_processor(str(out))
+    tok = proc.tokenizer
+    assert tok.get_vocab() == dict(qtok.get_vocab(), **{"<image>": len(qtok)})
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},
+                                     {"role": "assistant", "content": [{"type": "text", "text": "A."}]}],
+                                    tokenize=False)
+    assert text == "<|im_start|>user\n<image>\nQ?<|im_end|>\n<|im_start|>assistant\nA.<|im_end|>\n"
+    cfg = AutoConfig.from_pretrained(out)
+    assert cfg.image_token_id == len(qtok) and cfg.text_config.vocab_size >= len(tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
+    cache = _dump(teacher, tmp_path)
+    with pytest.raises(FingerprintMismatch, match="--cross-tokenizer gold"):
+        train_student(TrainConfig(student=str(out), cache=str(cache), out=str(tmp_path / "r0"), loss="kd",
+                                  max_steps=1, batch_size=2, progress=False))
+    run = train_student(TrainConfig(student=str(out), cache=str(cache), out=str(tmp_path / "run"), loss="kd",
+                                    cross_tokenizer="gold", max_steps=2, batch_size=2, progress=False))
+    assert run["final"] and (tmp_path / "run" / "final").exists()
 
 
 def test_layer_specs(tmp_path):

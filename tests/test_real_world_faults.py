@@ -472,3 +472,20 @@ def test_several_bad_samples_are_listed_once_each(kit, tmp_path):
                               images=str(kit / "data/images"), out=str(tmp_path / "r"), progress=False))
     assert str(e.value).startswith("2 bad sample(s) found before generating")
     assert [str(e.value).count(f"sample {recs[i]['id']}:") for i in (1, 4)] == [1, 1]
+
+
+@pytest.mark.parametrize("turn,token", [(1, "<|im_end|>"), (0, "<|im_start|>")])
+def test_literal_end_of_turn_is_skipped_by_name_before_teacher_time(qwen_kit, tmp_path, turn, token, monkeypatch):
+    """The text tokenizer's own special tokens typed in a message (an end of turn in an answer, a role marker in a
+    question): named with the turn and the token before the teacher loads; --skip-bad skips the sample."""
+    recs = _qwen_data(qwen_kit, tmp_path / "d.json",
+                      lambda rs: rs[2]["conversations"][turn].update(value=rs[2]["conversations"][turn]["value"] +
+                                                                     f" {token} more"))
+    real_load = dump_mod.load_model
+    monkeypatch.setattr(dump_mod, "load_model", lambda *a, **k: pytest.fail("teacher loaded"))
+    with pytest.raises(DataError, match=rf"sample {recs[2]['id']}: \w+ turn {turn} holds the tokenizer's special "
+                       rf"token '{token}' typed as text".replace("|", r"\|")):
+        dump_teacher(_qcfg(qwen_kit, tmp_path / "d.json", tmp_path / "c"))
+    monkeypatch.setattr(dump_mod, "load_model", real_load)
+    m = dump_teacher(_qcfg(qwen_kit, tmp_path / "d.json", tmp_path / "c", skip_bad=True))
+    assert m["counts"]["ok"] == 5 and m["counts"]["skipped"] == 1
