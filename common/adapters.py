@@ -7,23 +7,23 @@ image into model inputs, and how position ids are built (1-D for LLaVA, 3-D M-Ro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
+from .kit_recipes import LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, KitRecipe
 
 
 class ModelAdapter:
     family = "base"
-    model_types: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()  # filled from FAMILIES (the registry at the end of this module)
     multi_image = False  # whether the family's processor and model take several images in one sample
     # the model config's ids of the family's image/video special tokens: typed literally in a message, each would
     # be read as (part of) an image by the processor and the model, so such text is refused (media_tokens)
     media_token_keys: tuple[str, ...] = ("image_token_id",)
-    # lmms-eval's own model class (its ``--model`` name) for each model type of the family: what
-    # ``alignti evaluate --lmms-eval`` runs a folder of this family with
-    lmms_eval_models: dict[str, str] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -32,10 +32,11 @@ class ModelAdapter:
     def lmms_eval_model(cls, model_type: str) -> str:
         """lmms-eval's model name for a checkpoint of ``model_type`` (e.g. ``llava_hf``); ValueError naming the
         model types that have one otherwise."""
-        if model_type not in cls.lmms_eval_models:
-            known = ", ".join(t for c in ADAPTERS for t in c.lmms_eval_models)
+        fam = FAMILIES.get(model_type)
+        if fam is None or fam.lmms_eval_model is None:
+            known = ", ".join(t for t, f in FAMILIES.items() if f.lmms_eval_model)
             raise ValueError(f"lmms-eval has no model class for model_type '{model_type}' (alignti maps {known})")
-        return cls.lmms_eval_models[model_type]
+        return fam.lmms_eval_model
 
     @classmethod
     def lmms_eval_args(cls, image_processor: dict) -> dict:
@@ -146,16 +147,10 @@ class ModelAdapter:
 
 class LlavaAdapter(ModelAdapter):
     family = "llava"
-    model_types = ("llava",)
-    lmms_eval_models = {"llava": "llava_hf"}
 
 
 class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
-    model_types = ("llava_onevision", "llava_next")
-    # transformers-format checkpoints: lmms-eval's llava_hf loads both (its `llava_onevision` class loads the
-    # LLaVA-NeXT repository's own checkpoint layout through that repository's `llava` package, not these folders)
-    lmms_eval_models = {"llava_onevision": "llava_hf", "llava_next": "llava_hf"}
     multi_image = True  # several images of a sample: base resolution each (batch_num_images), as the model trains
     media_token_keys = ("image_token_id", "video_token_id")
 
@@ -176,8 +171,6 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
-    model_types = ("qwen2_vl", "qwen2_5_vl")
-    lmms_eval_models = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
 
     @classmethod
     def lmms_eval_args(cls, image_processor):
@@ -215,7 +208,42 @@ class Qwen2VLAdapter(ModelAdapter):
         return pos * valid.unsqueeze(0)
 
 
-ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter]
+@dataclass(frozen=True)
+class Family:
+    """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
+    where it has a kit), the adapter that runs it, its demo-kit recipe (common/kit_recipes.py; None: no demo kit),
+    and lmms-eval's model class for its transformers-format folders (``evaluate --lmms-eval``; None: lmms-eval has
+    none). Its ``--trainable`` groups are the adapter's ``projector_prefixes`` / ``vision_prefixes``."""
+    model_type: str
+    adapter: type[ModelAdapter]
+    kit: KitRecipe | None = None
+    lmms_eval_model: str | None = None
+
+    @property
+    def projector_prefixes(self) -> tuple[str, ...]:
+        return self.adapter.projector_prefixes
+
+    @property
+    def vision_prefixes(self) -> tuple[str, ...]:
+        return self.adapter.vision_prefixes
+
+
+# The one list of the families alignti runs: every family test parametrises over it (tests/test_conformance.py),
+# make-demo --family takes the rows with a kit, the README's table is held equal to it (tests/test_conformance.py).
+# lmms-eval: llava_hf loads transformers-format LLaVA, LLaVA-NeXT and OneVision folders (its `llava_onevision` class
+# loads the LLaVA-NeXT repository's own layout through that repository's `llava` package, not these folders).
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llava", LlavaAdapter, LLAVA_KIT, "llava_hf"),
+    Family("llava_next", LlavaOnevisionAdapter, None, "llava_hf"),
+    Family("llava_onevision", LlavaOnevisionAdapter, ONEVISION_KIT, "llava_hf"),
+    Family("qwen2_vl", Qwen2VLAdapter, QWEN2_VL_KIT, "qwen2_vl"),
+    Family("qwen2_5_vl", Qwen2VLAdapter, QWEN2_5_VL_KIT, "qwen2_5_vl"),
+)}
+# the model types with a demo kit (make-demo --family), in the registry's order
+DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)
+ADAPTERS: list[type[ModelAdapter]] = list(dict.fromkeys(f.adapter for f in FAMILIES.values()))
+for _cls in ADAPTERS:
+    _cls.model_types = tuple(t for t, f in FAMILIES.items() if f.adapter is _cls)
 
 
 def check_images_per_sample(adapter: ModelAdapter | type[ModelAdapter], sample_id: str, n_images: int) -> None:
@@ -229,10 +257,9 @@ def check_images_per_sample(adapter: ModelAdapter | type[ModelAdapter], sample_i
 def adapter_class(model_type: str) -> type[ModelAdapter]:
     """The adapter class of a model type (a config's ``model_type``); NotImplementedError naming the supported
     ones otherwise."""
-    for cls in ADAPTERS:
-        if model_type in cls.model_types:
-            return cls
-    supported = ", ".join(t for c in ADAPTERS for t in c.model_types)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type].adapter
+    supported = ", ".join(FAMILIES)
     raise NotImplementedError(f"no alignti adapter for model_type '{model_type}' (supported: {supported})")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from alignti.common.adapters import FAMILIES
 from alignti.common.cache import CacheReader
 from alignti.common.conversation import encode
 from alignti.common.records import parse_record
@@ -41,7 +42,7 @@ def _two_image_data(kit, path):
     return data
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+@pytest.fixture(scope="module", params=[t for t in FAMILIES if FAMILIES[t].kit and FAMILIES[t].adapter.multi_image])
 def family_kit(request, tmp_path_factory):
     from alignti.demo.kit import make_demo
     out = tmp_path_factory.mktemp(request.param)
