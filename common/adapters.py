@@ -134,6 +134,12 @@ class ModelAdapter:
             return {}
         return {k: torch.cat([it[k] for it in items], dim=0) for k in items[0]}
 
+    @classmethod
+    def generation_inputs(cls, input_ids: torch.Tensor, image_inputs: dict, image_token_id: int | None) -> dict:
+        """The image inputs of a ``generate`` batch (input_ids [B, S]) with whatever else the family's ``generate``
+        takes from its processor beside them; the base families need nothing more."""
+        return image_inputs
+
     def position_ids(self, input_ids: torch.Tensor, valid: torch.Tensor, image_inputs: dict) -> torch.Tensor:
         """[B, S] (or [3, B, S]) position ids of the real tokens; padding gets 0."""
         pos = valid.long().cumsum(-1) - 1
@@ -199,6 +205,14 @@ class Qwen2VLAdapter(ModelAdapter):
             raise DataError(sample_id, f"image {what} is {width}x{height} pixels, which the {cls.family} image "
                             f"processor refuses ({e})", "crop or pad the image (its longer side at most 200 times "
                             "its shorter), or pass --skip-bad") from None
+
+    @classmethod
+    def generation_inputs(cls, input_ids, image_inputs, image_token_id):
+        """The image tokens' ``mm_token_type_ids`` [B, S], as the processor returns them: without them ``generate``
+        gives the image tokens text positions (its get_rope_index reads them)."""
+        if image_token_id is None:
+            return image_inputs
+        return {**image_inputs, "mm_token_type_ids": (input_ids == image_token_id).int()}
 
     def position_ids(self, input_ids, valid, image_inputs):
         mm = (input_ids == self.image_token_id).int()
