@@ -260,6 +260,21 @@ for _cls in ADAPTERS:
     _cls.model_types = tuple(t for t, f in FAMILIES.items() if f.adapter is _cls)
 
 
+def families_table() -> str:
+    """The README's supported-families table (markdown), one row per model type of FAMILIES; tests/test_conformance.py
+    holds the README's copy equal to it (regenerate: ``python -c "from alignti.common.adapters import families_table;
+    print(families_table())"``)."""
+    rows = ["| model type | adapter | `make-demo --family` | images per sample | `evaluate --lmms-eval` model | "
+            "`--trainable projector` / `vision` |", "|---|---|---|---|---|---|"]
+    for t, f in FAMILIES.items():
+        prefixes = " ".join(f"`{p}`" for p in f.projector_prefixes) + " / " + " ".join(
+            f"`{p}`" for p in f.vision_prefixes)
+        rows.append(f"| `{t}` | `{f.adapter.__name__}` | {'yes' if f.kit else '-'} | "
+                    f"{'several' if f.adapter.multi_image else 'one'} | {f'`{f.lmms_eval_model}`' if f.lmms_eval_model else '-'} "
+                    f"| {prefixes} |")
+    return "\n".join(rows)
+
+
 def check_images_per_sample(adapter: ModelAdapter | type[ModelAdapter], sample_id: str, n_images: int) -> None:
     """A multi-image sample for a family that takes one image per sample: a DataError naming the sample."""
     if n_images > 1 and not adapter.multi_image:

@@ -5,9 +5,8 @@ import torch
 
 from alignti.common.attention import additive, causal_allowed
 from alignti.common.batch import branch_pass, forward, lm_logits
+from alignti.common.adapters import DEMO_FAMILIES as FAMILIES
 from tests.helpers import batch_of, tiny
-
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -299,3 +299,11 @@ def test_every_model_type_of_the_registry_has_its_adapter_and_transformers_class
         if fam.kit is not None:
             assert fam.kit.chat_template and fam.kit.image_tokens > 0
 
+
+
+def test_the_readme_table_is_the_registry():
+    from alignti.common.adapters import families_table
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("<!-- families-table")
+    block = text[text.index("\n", start) + 1:text.index("<!-- /families-table -->")].strip()
+    assert block == families_table(), "README's families table differs from the registry: paste families_table()"
