@@ -14,7 +14,7 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, KitRecipe
+from .kit_recipes import LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_VL_KIT, KitRecipe
 
 
 class ModelAdapter:
@@ -61,6 +61,13 @@ class ModelAdapter:
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
+
+    @classmethod
+    def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
+        """Family-specific settings after make-student --from-teacher kept the decoder layers ``keep`` (and vision
+        layers ``keep_vision``) of ``model``, in place; returns notes on what the pruning dropped beyond the layers
+        (logged). The base families have nothing more."""
+        return []
 
     # --- parameter groups (train-student --trainable) -------------------------------------------
     # name prefixes of the family's multimodal projector and vision encoder, as transformers 5.x names the
@@ -222,6 +229,46 @@ class Qwen2VLAdapter(ModelAdapter):
         return pos * valid.unsqueeze(0)
 
 
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL: Qwen2-VL's inputs and M-RoPE index (its own ``get_rope_index``, interleaved sections), plus
+    **deepstack**: the tower's blocks ``vision_config.deepstack_visual_indexes`` each feed, through their own merger
+    (``visual.deepstack_merger_list``), the hidden states of the image tokens at the input of LM layer j (the j-th
+    of them into layer j; ``Qwen3VLTextModel._deepstack_process``). The deepstack mergers are projectors (they map
+    vision features into the LM) for ``--trainable``."""
+    family = "qwen3_vl"
+    projector_prefixes = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+
+    @classmethod
+    def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
+        """Deepstack after pruning (make-student --from-teacher): the j-th deepstack feature goes to the pruned
+        model's layer j, which is the teacher's layer ``keep[j]``. Kept while ``keep`` starts 0, 1, ..., j (the
+        layers deepstack writes to); the features past the first layer it does not keep are dropped with their
+        mergers (``deepstack_visual_indexes`` shortened), and the notes say which. With ``keep_vision`` the kept
+        features' source blocks are renumbered; a dropped source block is an AlignTIError naming it."""
+        vision = model.config.vision_config
+        idx = list(vision.deepstack_visual_indexes)
+        n = 0
+        while n < len(idx) and n < len(keep) and keep[n] == n:
+            n += 1
+        notes = []
+        if n < len(idx):
+            notes.append(f"deepstack features from vision blocks {idx[n:]} into LM layers {list(range(n, len(idx)))} "
+                         f"dropped: the kept layers {keep} do not start with layers 0..{len(idx) - 1}, which deepstack "
+                         "writes to")
+            model.model.visual.deepstack_merger_list = nn.ModuleList(list(model.model.visual.deepstack_merger_list)[:n])
+            idx = idx[:n]
+        if keep_vision is not None:
+            lost = [i for i in idx if i not in keep_vision]
+            if lost:
+                from .errors import AlignTIError
+                raise AlignTIError(f"--keep-vision-layers drops vision blocks {lost}, which feed deepstack features "
+                                   f"into LM layers {[idx.index(i) for i in lost]}: keep them")
+            idx = [keep_vision.index(i) for i in idx]
+        vision.deepstack_visual_indexes = idx
+        model.model.visual.deepstack_visual_indexes = idx
+        return notes
+
+
 @dataclass(frozen=True)
 class Family:
     """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
@@ -252,6 +299,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llava_onevision", LlavaOnevisionAdapter, ONEVISION_KIT, "llava_hf"),
     Family("qwen2_vl", Qwen2VLAdapter, QWEN2_VL_KIT, "qwen2_vl"),
     Family("qwen2_5_vl", Qwen2VLAdapter, QWEN2_5_VL_KIT, "qwen2_5_vl"),
+    Family("qwen3_vl", Qwen3VLAdapter, QWEN3_VL_KIT, "qwen3_vl"),
 )}
 # the model types with a demo kit (make-demo --family), in the registry's order
 DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)

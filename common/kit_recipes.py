@@ -176,7 +176,34 @@ QWEN_TOKENS = dict(pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>",
                    extra_special_tokens={"image_token": "<|image_pad|>"})
 QWEN2_VL_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
                          config=_qwen2_vl_config, processor=_qwen_processor("Qwen2VLProcessor"), image_tokens=9)
-QWEN2_5_VL_KIT = KitRecipe(
-    special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
-    config=lambda tok, text, image_size, patch=PATCH: _qwen2_vl_config(tok, text, image_size, patch, v25=True),
-    processor=_qwen_processor("Qwen2_5_VLProcessor"), image_tokens=9)
+def _qwen2_5_vl_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    return _qwen2_vl_config(tokenizer, text, image_size, patch, v25=True)
+
+
+QWEN2_5_VL_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
+                           config=_qwen2_5_vl_config, processor=_qwen_processor("Qwen2_5_VLProcessor"), image_tokens=9)
+
+
+# ---- Qwen3-VL (own tower with patch merger and deepstack mergers, interleaved M-RoPE, Qwen3 LM) -----------------
+def _qwen3_vl_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    """Deepstack: the tower's block 0 feeds the LM's layer 0 (``deepstack_visual_indexes`` [0]); its patch position
+    table is the 6x6 grid of a 48-px scene in 8-px patches (``num_position_embeddings`` 36, interpolated to other
+    grids by the tower itself)."""
+    from transformers import Qwen3VLConfig
+
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=text["hidden_size"],
+                  patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=(image_size // QWEN_PATCH) ** 2, deepstack_visual_indexes=[0])
+    return Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, eos_token_id=eos, head_dim=head_dim,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                                          "mrope_section": _mrope_section(text)},
+                         **text),
+        vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tokenizer))
+
+
+QWEN3_VL_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
+                         config=_qwen3_vl_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9)

@@ -48,12 +48,13 @@ def test_groups_are_the_families_modules(family):
     the rest of the vision encoder, the LM everything else; together every parameter, once."""
     model, adapter = tiny_model(family)
     inner = model.model
-    # transformers' modules: the projector applied to the vision features and the vision encoder it belongs to
-    # (Qwen-VL's merger lives inside its `visual` module)
+    # transformers' modules: the projectors, which map vision features into the LM, and the vision encoder they
+    # belong to (Qwen-VL's merger lives inside its `visual` module; Qwen3-VL's deepstack mergers beside it)
     tower = inner.visual if hasattr(inner, "visual") else inner.vision_tower
-    projector = tower.merger if hasattr(tower, "merger") else inner.multi_modal_projector
+    projectors = ([tower.merger, *getattr(tower, "deepstack_merger_list", [])] if hasattr(tower, "merger")
+                  else [inner.multi_modal_projector])
     ids = {id(p): n for n, p in model.named_parameters()}
-    want = {"projector": {ids[id(p)] for p in projector.parameters()}}
+    want = {"projector": {ids[id(p)] for m in projectors for p in m.parameters()}}
     want["vision"] = {ids[id(p)] for p in tower.parameters()} - want["projector"]
     want["lm"] = set(ids.values()) - want["projector"] - want["vision"]
     assert all(want.values())
