@@ -14,7 +14,8 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_VL_KIT, KitRecipe
+from .kit_recipes import (LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT,
+                          KitRecipe)
 
 
 class ModelAdapter:
@@ -157,6 +158,18 @@ class ModelAdapter:
         return self.model.model(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids,
                                 cache=cache, use_cache=use_cache, **image_inputs)
 
+    # --- mixture-of-experts decoders ---------------------------------------------------------------------
+    @property
+    def router_aux_coef(self) -> float:
+        """The weight of the decoder's load-balancing loss in training (the model config's own
+        ``router_aux_loss_coef``); 0 for dense decoders."""
+        return 0.0
+
+    def router_aux_loss(self, out, rows_valid: torch.Tensor) -> torch.Tensor | None:
+        """The decoder's load-balancing loss over the rows ``rows_valid`` [B, S] (True: a real token) of the forward
+        ``out`` (``forward``'s result); None for dense decoders."""
+        return None
+
 
 class LlavaAdapter(ModelAdapter):
     family = "llava"
@@ -269,6 +282,30 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return notes
 
 
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    """Qwen3-VL-MoE: Qwen3-VL with sparse mixture-of-experts MLPs. In training the base model also returns each
+    layer's router logits, and ``router_aux_loss`` is the library's own Switch-Transformer load-balancing loss
+    (``load_balancing_loss_func`` of the family's modeling file, Fedus et al. 2021 eqs. 4-6) over the batch's real
+    tokens, weighed by the config's ``router_aux_loss_coef`` as the model's own training loss does."""
+    family = "qwen3_vl_moe"
+
+    def forward(self, input_ids, image_inputs, mask4d, position_ids, cache=None, use_cache=False):
+        return self.model.model(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids, cache=cache,
+                                use_cache=use_cache, output_router_logits=self.model.training, **image_inputs)
+
+    @property
+    def router_aux_coef(self) -> float:
+        return float(self.text_config.router_aux_loss_coef)
+
+    def router_aux_loss(self, out, rows_valid):
+        logits = getattr(out, "router_logits", None)
+        if not logits:
+            return None
+        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+        cfg = self.text_config
+        return load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok, rows_valid.long())
+
+
 @dataclass(frozen=True)
 class Family:
     """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
@@ -300,6 +337,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen2_vl", Qwen2VLAdapter, QWEN2_VL_KIT, "qwen2_vl"),
     Family("qwen2_5_vl", Qwen2VLAdapter, QWEN2_5_VL_KIT, "qwen2_5_vl"),
     Family("qwen3_vl", Qwen3VLAdapter, QWEN3_VL_KIT, "qwen3_vl"),
+    Family("qwen3_vl_moe", Qwen3VLMoeAdapter, QWEN3_VL_MOE_KIT, "qwen3_vl"),
 )}
 # the model types with a demo kit (make-demo --family), in the registry's order
 DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)

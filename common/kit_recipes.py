@@ -207,3 +207,23 @@ def _qwen3_vl_config(tokenizer, text: dict, image_size: int, patch: int = PATCH)
 
 QWEN3_VL_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
                          config=_qwen3_vl_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9)
+
+
+# ---- Qwen3-VL-MoE (Qwen3-VL with a mixture-of-experts decoder) --------------------------------------------------
+def _qwen3_vl_moe_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    """Qwen3-VL's recipe with every decoder MLP a sparse MoE block: 4 experts of width intermediate_size / 4, 2 per
+    token (``num_experts_per_tok``), the load-balancing coefficient left at the library's default."""
+    from transformers import Qwen3VLMoeConfig
+
+    dense = _qwen3_vl_config(tokenizer, text, image_size, patch).to_dict()
+    dense["text_config"].update(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                                moe_intermediate_size=max(text["intermediate_size"] // 4, 8))
+    for k in ("model_type", "architectures", "transformers_version"):
+        dense.pop(k, None)
+        dense["text_config"].pop(k, None)
+        dense["vision_config"].pop(k, None)
+    return Qwen3VLMoeConfig(**dense)
+
+
+QWEN3_VL_MOE_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
+                             config=_qwen3_vl_moe_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9)

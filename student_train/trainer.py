@@ -282,7 +282,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     collator = StudentCollator(processor, type(adapter), cross)
     micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature, cfg.iva_ratio,
-                          cfg.tpa_weighting, cfg.iva_form, cross_tokenizer=cfg.cross_tokenizer)
+                          cfg.tpa_weighting, cfg.iva_form, cross_tokenizer=cfg.cross_tokenizer,
+                          router_aux=adapter.router_aux_coef)  # a MoE student's load-balancing loss, logged
     if not sources and spec.tpa and mixture.tpa_candidates(reader) == "student" and cfg.tpa_weighting != "student":
         # the paper's TPA: the student's sampled alternatives, weighed by the student (the teacher's top-k need not
         # hold them); several caches do the same per batch (mixture.batch_spec)

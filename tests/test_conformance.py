@@ -244,25 +244,36 @@ def test_saliency_is_the_eager_attention_of_the_chosen_layer(fkit):
 
 def test_kd_step_gradients_are_plain_autograd(fkit):
     """alignti's step (loss kd, memory-flat head, its own masks and positions) against autograd of SFT + forward
-    KL(teacher top-k + rest || student on the same buckets) through the student's own forward."""
+    KL(teacher top-k + rest || student on the same buckets) through the student's own forward; a MoE student adds
+    its load-balancing loss as the model's own training loss does (the library's ``load_balancing_loss_func`` over
+    the step's tokens, times the config's ``router_aux_loss_coef``)."""
+    import sys
     from tests.grad_probe import step_gradients
     student = fkit.root / "kit/student"
     got = step_gradients(str(student), str(fkit.root / "cache"), "kd", per_micro=8)
     model, proc = _auto(student)
     model.train()
+    moe = getattr(model.config.text_config, "num_experts", None)
     n_tokens = sum(int(_row(fkit, it["id"])["response_mask"].sum()) for it in fkit.data)
+    total, routers = 0.0, []
     for item in fkit.data:
         x = _row(fkit, item["id"])
-        ls = torch.log_softmax(model(**own_inputs(proc, item, fkit.images)).logits[0].float(), -1)
+        out = model(**own_inputs(proc, item, fkit.images), **({"output_router_logits": True} if moe else {}))
+        routers.append(out.router_logits if moe else None)
         pos = np.flatnonzero(x["response_mask"])
-        ls = ls[pos - 1]
+        ls = torch.log_softmax(out.logits[0].float(), -1)[pos - 1]
         ids = torch.as_tensor(x["topk_ids"]).long()
         sft = -ls.gather(-1, torch.as_tensor(x["input_ids"][pos]).long()[:, None]).sum()
         lt = torch.log_softmax(torch.cat([torch.as_tensor(x["topk_logprobs"]).float(),
                                           torch.as_tensor(x["tail_logmass"]).float()[:, None]], -1), -1)
         lsb = torch.cat([ls.gather(-1, ids), ls.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)], -1)
-        kd = (lt.exp() * (lt - lsb)).sum()
-        ((sft + kd) / n_tokens).backward()
+        total = total + ((lt.exp() * (lt - lsb)).sum() + sft) / n_tokens
+    if moe:  # one micro-batch: the load-balancing loss over all its tokens
+        balance = sys.modules[type(model).__module__].load_balancing_loss_func
+        layers = tuple(torch.cat(per_layer) for per_layer in zip(*routers))
+        cfg = model.config.text_config
+        total = total + cfg.router_aux_loss_coef * balance(layers, cfg.num_experts, cfg.num_experts_per_tok)
+    total.backward()
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(got) <= set(want) and len(got) > 0
     for n, g in got.items():
