@@ -14,8 +14,8 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import (LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT,
-                          KitRecipe)
+from .kit_recipes import (GEMMA3_KIT, LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_VL_KIT,
+                          QWEN3_VL_MOE_KIT, KitRecipe)
 
 
 class ModelAdapter:
@@ -91,6 +91,16 @@ class ModelAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.decoder_layers())
+
+    def saliency_layers(self) -> list[int]:
+        """The decoder layers IVA's saliency may come from (select-layer's choice, an explicit --saliency-layer):
+        those whose attention reaches every earlier token. All layers, except a sliding-window layer, whose window
+        may leave the image out of an instruction's sight (Gemma 3's ``layer_types``); empty when every layer is one."""
+        types = getattr(self.text_config, "layer_types", None)
+        n = self.num_layers
+        if not isinstance(types, list) or len(types) != n:
+            return list(range(n))
+        return [i for i, t in enumerate(types) if t != "sliding_attention"]
 
     def attention_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.decoder_layers()]
@@ -306,6 +316,65 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
         return load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok, rows_valid.long())
 
 
+class Gemma3Adapter(ModelAdapter):
+    """Gemma 3: SigLIP tower, average-pooled projector, a decoder of sliding-window and global layers
+    (``text_config.layer_types``) whose image tokens attend to each other bidirectionally within an image.
+
+    The model builds its own per-layer-type masks from ``token_type_ids`` (``create_masks_for_vision_model``: global
+    layers OR(causal, same image block), sliding layers AND(q - kv < sliding_window, that)); alignti's masks
+    (padding, causal, TPA trees) are one additive 4-D mask, so ``forward`` turns it into the model's
+    ``{"full_attention", "sliding_attention"}`` mapping by the same rules: the image blocks (the model's own
+    ``get_block_sequence_ids_for_mask`` on the image-token positions) opened both ways, and the sliding window
+    measured in position ids, so a TPA branch token appended after the sequence is windowed from the position of the
+    token it replaces. A KV cache that alignti asks for keeps every layer's keys (the sliding layers' own cache
+    would drop those the branch pass's mask indexes)."""
+    family = "gemma3"
+    multi_image = True
+    media_token_keys = ("image_token_id", "boi_token_id", "eoi_token_id")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        if cap is not None:
+            raise NotImplementedError(f"a {self.family} checkpoint with final_logit_softcapping={cap}: alignti's loss "
+                                      "head applies the LM head alone (Gemma 3's released checkpoints have none)")
+
+    @classmethod
+    def generation_inputs(cls, input_ids, image_inputs, image_token_id):
+        """The image tokens' ``token_type_ids`` [B, S], as the processor returns them: ``generate`` gives the image
+        tokens their bidirectional mask from them."""
+        if image_token_id is None:
+            return image_inputs
+        return {**image_inputs, "token_type_ids": (input_ids == image_token_id).long()}
+
+    def layer_masks(self, input_ids: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """{"full_attention", "sliding_attention"} additive masks [B, 1, Q, K] from alignti's ``mask4d`` for the
+        queries ``input_ids`` [B, Q] at ``position_ids`` [B, Q]: the keys are the queries when Q = K, else (a
+        branch pass on a cache) the cached sequence's K - Q right-padded tokens at positions 0.. K - Q - 1, then
+        the queries."""
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+        bsz, q = input_ids.shape
+        kv = mask4d.shape[-1]
+        full = mask4d
+        if q == kv:  # the queries hold the images: each image's tokens see each other
+            blocks = get_block_sequence_ids_for_mask((input_ids == self.image_token_id).long())
+            same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+            full = mask4d.masked_fill(same[:, None], 0.0)
+            kpos = position_ids
+        else:
+            kpos = torch.cat([torch.arange(kv - q, device=position_ids.device).expand(bsz, -1), position_ids], 1)
+        outside = position_ids[:, :, None] - kpos[:, None, :] >= int(self.text_config.sliding_window)
+        sliding = full.masked_fill(outside[:, None], torch.finfo(full.dtype).min)
+        return {"full_attention": full, "sliding_attention": sliding}
+
+    def forward(self, input_ids, image_inputs, mask4d, position_ids, cache=None, use_cache=False):
+        if use_cache and cache is None:
+            from transformers import DynamicCache
+            cache = DynamicCache()
+        return self.model.model(input_ids=input_ids, attention_mask=self.layer_masks(input_ids, mask4d, position_ids),
+                                position_ids=position_ids, cache=cache, use_cache=use_cache, **image_inputs)
+
+
 @dataclass(frozen=True)
 class Family:
     """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
@@ -338,6 +407,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen2_5_vl", Qwen2VLAdapter, QWEN2_5_VL_KIT, "qwen2_5_vl"),
     Family("qwen3_vl", Qwen3VLAdapter, QWEN3_VL_KIT, "qwen3_vl"),
     Family("qwen3_vl_moe", Qwen3VLMoeAdapter, QWEN3_VL_MOE_KIT, "qwen3_vl"),
+    Family("gemma3", Gemma3Adapter, GEMMA3_KIT, "gemma3"),
 )}
 # the model types with a demo kit (make-demo --family), in the registry's order
 DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)

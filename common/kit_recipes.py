@@ -227,3 +227,55 @@ def _qwen3_vl_moe_config(tokenizer, text: dict, image_size: int, patch: int = PA
 
 QWEN3_VL_MOE_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
                              config=_qwen3_vl_moe_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9)
+
+
+# ---- Gemma 3 (SigLIP tower, avg-pooled projector, Gemma 3 LM: sliding-window and global layers, bidirectional
+# attention among each image's tokens) -------------------------------------------------------------------------
+GEMMA_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                        "<end_of_image>", "<image_soft_token>")
+# Gemma 3's template (the shipped one's structure: <bos>, <start_of_turn>user / model, <end_of_turn>, an image as
+# <start_of_image>, which the processor expands to "\n\n<start_of_image>" + soft tokens + "<end_of_image>\n\n")
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<start_of_image>' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GEMMA_TOKENS = dict(pad_token="<pad>", bos_token="<bos>", eos_token="<end_of_turn>", unk_token="<unk>",
+                    extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                                          "eoi_token": "<end_of_image>"})
+GEMMA_SLIDING_WINDOW = 8  # shorter than every demo sequence: the sliding layers' window is exercised
+
+
+def _gemma3_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    """Layer 0 sliding-window (8 tokens), layer 1 global, as Gemma 3 interleaves them (5:1 at real size); a 6x6 patch
+    grid average-pooled to 3x3 = 9 image tokens (``mm_tokens_per_image``)."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    cid = tokenizer.convert_tokens_to_ids
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    n = text["num_hidden_layers"]
+    vc = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=image_size, patch_size=QWEN_PATCH)
+    tc = dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=cid("<end_of_turn>"), head_dim=head_dim,
+              query_pre_attn_scalar=head_dim, sliding_window=GEMMA_SLIDING_WINDOW,
+              layer_types=["full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(n)],
+              tie_word_embeddings=True, **text)
+    return Gemma3Config(text_config=tc, vision_config=vc.to_dict(), mm_tokens_per_image=9,
+                        boi_token_index=cid("<start_of_image>"), eoi_token_index=cid("<end_of_image>"),
+                        image_token_index=cid("<image_soft_token>"), tie_word_embeddings=True)
+
+
+def _gemma3_processor(tokenizer, image_size: int, patch: int = PATCH):
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    ip = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=ip, tokenizer=tokenizer, chat_template=GEMMA_CHAT_TEMPLATE,
+                           image_seq_length=9)
+
+
+GEMMA3_KIT = KitRecipe(special_tokens=GEMMA_SPECIAL_TOKENS, tokens=GEMMA_TOKENS, chat_template=GEMMA_CHAT_TEMPLATE,
+                       config=_gemma3_config, processor=_gemma3_processor, image_tokens=9)

@@ -133,12 +133,24 @@ MEASURED = ("sec", "tokens_per_s", "peak_mem_gib", "peak_rss_gib")
 CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("eval_every", "progress"))
 
 
-def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_layers: int, student_layers: int) -> int:
+def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_layers: int, student_layers: int,
+                      allowed: list[int] | None = None) -> int:
+    """The student layer whose saliency IVA aligns: ``--student-layer``, else the teacher's layer at the same relative
+    depth, moved to the nearest of ``allowed`` (the student adapter's ``saliency_layers()``: Gemma 3's global
+    layers; None: any). ValueError for a layer outside the student or not allowed, or no allowed layer at all."""
+    if allowed is not None and not allowed:
+        raise ValueError("the student has no global-attention layer for IVA's saliency (every kept layer is a "
+                         "sliding-window one): keep one (make-student --keep-layers), or train without IVA (--loss kd "
+                         "or kd+tpa)")
     if cfg_layer is not None:
         if not 0 <= cfg_layer < student_layers:
             raise ValueError(f"--student-layer {cfg_layer} is outside the student's {student_layers} layers")
+        if allowed is not None and cfg_layer not in allowed:
+            raise ValueError(f"--student-layer {cfg_layer} is a sliding-window layer of the student: name one of its "
+                             f"global layers {allowed}")
         return cfg_layer
-    return min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
+    layer = min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
+    return layer if allowed is None else min(allowed, key=lambda a: (abs(a - layer), a))
 
 
 def accumulate_step(step_module, micro: list[dict], env, device, autocast, mix=None) -> tuple[dict, dict]:
@@ -267,7 +279,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if sources:
         mixture.check_student_layers(sources, cfg.student_layer, adapter.num_layers, student_layer_for)
     layer = student_layer_for(cfg.student_layer, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
-                              adapter.num_layers)
+                              adapter.num_layers, adapter.saliency_layers() if spec.iva else None)
     if cfg.init:
         load_init(model, cfg.init)
 

@@ -231,9 +231,11 @@ def test_saliency_is_the_eager_attention_of_the_chosen_layer(fkit):
     layer = int(fkit.cache.params["saliency_layer"])
     for item in fkit.data:
         x = _row(fkit, item["id"])
+        inputs = own_inputs(proc, item, fkit.images)
         with torch.no_grad():
-            att = model(**own_inputs(proc, item, fkit.images), output_attentions=True).attentions[layer][0]
-        cols = np.concatenate([np.arange(s, e) for s, e in x["image_spans"]])
+            att = model(**inputs, output_attentions=True).attentions[layer][0]
+        cols = np.flatnonzero(inputs["input_ids"][0].numpy() == int(model.config.image_token_id))  # the model's
+        assert np.array_equal(cols, np.concatenate([np.arange(s, e) for s, e in x["image_spans"]]))  # the cache's
         rows = []
         for qs, qe in x["instr_spans"]:
             a = att[:, qs:qe][:, :, cols].mean(0).mean(0).double()
@@ -292,7 +294,10 @@ def test_pruned_student_trains_and_its_run_loads_with_the_auto_classes(fkit, tmp
     from alignti.student_build.prune import prune_student
     from alignti.student_train.trainer import TrainConfig, train_student
     from tests.helpers import generate_once
-    info = prune_student(str(fkit.root / "kit/teacher"), "0", tmp_path / "student")
+    from transformers import AutoConfig
+    types = getattr(AutoConfig.from_pretrained(fkit.root / "kit/teacher").text_config, "layer_types", None) or []
+    keep = next((i for i, t in enumerate(types) if t != "sliding_attention"), 0)  # IVA needs a global layer
+    info = prune_student(str(fkit.root / "kit/teacher"), str(keep), tmp_path / "student")
     assert info["student_params"] < info.get("teacher_params", float("inf"))
     run = train_student(TrainConfig(student=str(tmp_path / "student"), cache=str(fkit.root / "cache"),
                                     out=str(tmp_path / "run"), loss="alignti", max_steps=2, batch_size=4,
@@ -318,3 +323,28 @@ def test_the_readme_table_is_the_registry():
     start = text.index("<!-- families-table")
     block = text[text.index("\n", start) + 1:text.index("<!-- /families-table -->")].strip()
     assert block == families_table(), "README's families table differs from the registry: paste families_table()"
+
+
+def test_sliding_layers_are_refused_for_saliency():
+    """IVA's saliency comes from a layer whose attention reaches every earlier token: a Gemma 3 sliding-window layer
+    is refused by name, a student without a global layer too, and the proportional choice lands on a global one."""
+    from alignti.student_train.trainer import student_layer_for
+    assert student_layer_for(None, 1, 2, 4, allowed=[1, 3]) == 1
+    assert student_layer_for(None, 0, 2, 2, allowed=[1]) == 1
+    with pytest.raises(ValueError, match="sliding-window layer of the student"):
+        student_layer_for(0, 1, 2, 2, allowed=[1])
+    with pytest.raises(ValueError, match="no global-attention layer"):
+        student_layer_for(None, 1, 2, 1, allowed=[])
+
+
+def test_dump_refuses_a_sliding_saliency_layer(tmp_path):
+    from alignti.demo.kit import make_demo
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    if "gemma3" not in DEMO_FAMILIES:
+        pytest.skip("no sliding-window family in the registry")
+    make_demo(tmp_path / "kit", n_train=2, n_val=1, n_test=1, train_teacher=False, family="gemma3")
+    with pytest.raises(ValueError, match=r"--saliency-layer 0 is a sliding-window layer of the gemma3 teacher.*\[1\]"):
+        dump_teacher(DumpConfig(teacher=str(tmp_path / "kit/teacher"), data=str(tmp_path / "kit/data/train.json"),
+                                images=str(tmp_path / "kit/data/images"), out=str(tmp_path / "c"), saliency_layer="0",
+                                progress=False))
+    assert not (tmp_path / "c" / "manifest.json").exists()
