@@ -181,3 +181,13 @@ def test_pruned_qwen3_vl_keeps_deepstack_only_where_its_layers_are_kept(tmp_path
     with pytest.raises(AlignTIError, match=r"drops vision blocks \[0\], which feed deepstack features into LM "
                                            r"layers \[0\]"):
         prune_student(str(tmp_path / "t"), "0,1", tmp_path / "v", keep_vision_layers="1")
+
+
+def test_composing_a_family_the_recipe_does_not_cover_is_named(tmp_path):
+    """make-student --vision/--lm for a teacher family outside the composition recipe: refused by name, pointing to
+    --from-teacher, before anything is written."""
+    tok = kit.build_tokenizer("gemma3")
+    save_checkpoint(kit.build_model("gemma3", tok, kit.TEACHER, 0), kit.build_processor(tok, "gemma3"), tmp_path / "t")
+    with pytest.raises(AlignTIError, match=r"teacher at .* is a gemma3: build its student with --from-teacher"):
+        compose_student(str(tmp_path / "v"), str(tmp_path / "l"), str(tmp_path / "t"), tmp_path / "s")
+    assert not (tmp_path / "s").exists()
