@@ -39,15 +39,16 @@ def big_teacher(kit: Path, out: Path, hidden: int, layers: int, patch: int, fami
     """The demo teacher's family and processor with a larger language model (realistic forward cost)."""
     if (out / "config.json").exists():
         return out
-    from transformers import AutoProcessor
+    from alignti.common.models import load_processor
+    from alignti.common.saving import save_processor
     from alignti.demo.kit import build_model
-    proc = AutoProcessor.from_pretrained(kit / "teacher")
+    proc = load_processor(str(kit / "teacher"))  # image-only: the video half of some needs torchvision
     model = build_model(family, proc.tokenizer, dict(hidden_size=hidden, intermediate_size=4 * hidden,
                                                        num_hidden_layers=layers, num_attention_heads=8,
                                                        num_key_value_heads=8), 0,
                         patch if family == "llava" else None)
     model.save_pretrained(out)
-    proc.save_pretrained(out)
+    save_processor(proc, out)
     return out
 
 
