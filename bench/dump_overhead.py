@@ -112,6 +112,8 @@ def main():
     plain()
     sync(device)
     t_plain = time.perf_counter() - t0
+    allowed = adapter_class(model.config.model_type)(model).saliency_layers() or [a.layers // 2]
+    sal_layer = str(min(allowed, key=lambda x: (abs(x - a.layers // 2), x)))  # a global layer (Gemma 3)
     del model
 
     writer_s = [0.0]
@@ -127,8 +129,8 @@ def main():
     dump_module._write_unit = timed_write
     rows, ratios, walls = [], {}, {}
     configs = [("top-k only", dict(tpa_branches=0, saliency_layer="none")),
-               ("top-k + saliency", dict(tpa_branches=0, saliency_layer=str(a.layers // 2))),
-               ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=str(a.layers // 2)))]
+               ("top-k + saliency", dict(tpa_branches=0, saliency_layer=sal_layer)),
+               ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=sal_layer))]
     k_used = None
     for name, kw in configs:
         for enc in encodings:
