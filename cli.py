@@ -122,9 +122,9 @@ def make_demo(ctx: typer.Context,
               n_train: int = typer.Option(300, help="Training images (3 questions each)."),
               n_val: int = typer.Option(40), n_test: int = typer.Option(60),
               seed: int = typer.Option(0),
-              family: str = typer.Option("llava", help="Model family of the tiny checkpoints: llava, "
-                                         "llava_onevision, qwen2_vl or qwen2_5_vl.")):
-    """Write a self-contained demo kit: tiny LLaVA teacher/student, tokenizer, shapes VQA data."""
+              family: str = typer.Option("llava", help="Model family of the tiny checkpoints: a model type "
+                                         "of the family registry with a demo kit (see the README's families table).")):
+    """Write a self-contained demo kit: tiny teacher/student of the family, tokenizer, shapes VQA data."""
     _check_options(ctx)
     from alignti.demo.kit import make_demo as run
     info = _run(run, out, n_train=n_train, n_val=n_val, n_test=n_test, train_teacher=train_teacher,

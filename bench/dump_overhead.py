@@ -8,7 +8,11 @@ Each dump runs once per ``--logprob-dtype`` (default: packed, then float16) at `
 default, 64): the ratio packed / float16 of the dump's wall time says what the packed encoding costs, and the
 writer thread's busy seconds (results to host, the codecs, compression, commit; it runs beside the teacher's
 forward loop) say whether it stays off the critical path (writer busy < dump wall time: it does).
-Run: python bench/dump_overhead.py [--device cuda] [--logprob-dtype packed,float16] [--top-k 64]
+Run: python bench/dump_overhead.py [--device cuda] [--logprob-dtype packed,float16] [--top-k 64] [--family F]
+
+``--family`` (default llava): the demo kit's family (a registry model type with a kit); the big teacher is that
+family's recipe with the larger LM. The plain forward gets the image-token type ids the family's processor returns
+(``ModelAdapter.generation_inputs``: Qwen-VL's ``mm_token_type_ids``, Gemma 3's ``token_type_ids``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from _util import IMAGE_TOKENS_HELP, demo_kit, device_name, patch_for, sync, tab
 
 import torch  # noqa: E402
 
-from alignti.common.adapters import ModelAdapter  # noqa: E402
+from alignti.common.adapters import adapter_class  # noqa: E402
 from alignti.common.conversation import encode  # noqa: E402
 from alignti.common.records import Record  # noqa: E402
 from alignti.common.sources import load_image, load_records  # noqa: E402
@@ -31,18 +35,20 @@ import alignti.teacher_dump.dump as dump_module  # noqa: E402
 from alignti.teacher_dump.dump import DumpConfig, dump_teacher  # noqa: E402
 
 
-def big_teacher(kit: Path, out: Path, hidden: int, layers: int, patch: int) -> Path:
+def big_teacher(kit: Path, out: Path, hidden: int, layers: int, patch: int, family: str = "llava") -> Path:
     """The demo teacher's family and processor with a larger language model (realistic forward cost)."""
     if (out / "config.json").exists():
         return out
-    from transformers import AutoProcessor
+    from alignti.common.models import load_processor
+    from alignti.common.saving import save_processor
     from alignti.demo.kit import build_model
-    proc = AutoProcessor.from_pretrained(kit / "teacher")
-    model = build_model("llava", proc.tokenizer, dict(hidden_size=hidden, intermediate_size=4 * hidden,
+    proc = load_processor(str(kit / "teacher"))  # image-only: the video half of some needs torchvision
+    model = build_model(family, proc.tokenizer, dict(hidden_size=hidden, intermediate_size=4 * hidden,
                                                        num_hidden_layers=layers, num_attention_heads=8,
-                                                       num_key_value_heads=8), 0, patch)
+                                                       num_key_value_heads=8), 0,
+                        patch if family == "llava" else None)
     model.save_pretrained(out)
-    proc.save_pretrained(out)
+    save_processor(proc, out)
     return out
 
 
@@ -58,13 +64,20 @@ def main():
     ap.add_argument("--logprob-dtype", default="packed,float16",
                     help="Comma-separated encodings, each dump run once per encoding (packed, float16, uint8).")
     ap.add_argument("--top-k", type=int, default=None, help="Top-k per response token (default: the dump's, 64).")
+    ap.add_argument("--family", default="llava", help="The demo kit's family (a registry model type with a kit).")
     a = ap.parse_args()
     encodings = [e.strip() for e in a.logprob_dtype.split(",") if e.strip()]
     device = torch.device(a.device)
     work = Path(a.workdir)
-    kit = demo_kit(work / f"kit-{a.image_tokens}", train_teacher=False, image_tokens=a.image_tokens)
-    teacher = big_teacher(kit, work / f"teacher-{a.hidden}x{a.layers}-{a.image_tokens}", a.hidden, a.layers,
-                          patch_for(a.image_tokens))
+    if a.family == "llava":
+        kit = demo_kit(work / f"kit-{a.image_tokens}", train_teacher=False, image_tokens=a.image_tokens)
+    else:  # the family's own image geometry (9 image tokens per 48-px scene)
+        kit = work / f"kit-{a.family}"
+        if not (kit / "teacher" / "config.json").exists():
+            from alignti.demo.kit import make_demo
+            make_demo(kit, n_train=100, n_val=20, n_test=20, train_teacher=False, family=a.family)
+    teacher = big_teacher(kit, work / f"teacher-{a.family}-{a.hidden}x{a.layers}-{a.image_tokens}", a.hidden,
+                          a.layers, patch_for(a.image_tokens), a.family)
     data, images = kit / "data" / "train.json", kit / "data" / "images"
 
     from alignti.common.models import load_vlm
@@ -83,7 +96,9 @@ def main():
         for b, e in enumerate(chunk):
             ids[b, :len(e.input_ids)] = torch.as_tensor(e.input_ids)
             att[b, :len(e.input_ids)] = 1
-        img = ModelAdapter.collate_image_inputs([e.image_inputs for e in chunk])
+        adapter = adapter_class(model.config.model_type)
+        img = adapter.generation_inputs(ids, adapter.collate_image_inputs([e.image_inputs for e in chunk]),
+                                        int(model.config.image_token_id))
         batches.append((ids.to(device), att.to(device), {k: v.to(device) for k, v in img.items()}))
 
     @torch.no_grad()
@@ -97,6 +112,8 @@ def main():
     plain()
     sync(device)
     t_plain = time.perf_counter() - t0
+    allowed = adapter_class(model.config.model_type)(model).saliency_layers() or [a.layers // 2]
+    sal_layer = str(min(allowed, key=lambda x: (abs(x - a.layers // 2), x)))  # a global layer (Gemma 3)
     del model
 
     writer_s = [0.0]
@@ -112,8 +129,8 @@ def main():
     dump_module._write_unit = timed_write
     rows, ratios, walls = [], {}, {}
     configs = [("top-k only", dict(tpa_branches=0, saliency_layer="none")),
-               ("top-k + saliency", dict(tpa_branches=0, saliency_layer=str(a.layers // 2))),
-               ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=str(a.layers // 2)))]
+               ("top-k + saliency", dict(tpa_branches=0, saliency_layer=sal_layer)),
+               ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=sal_layer))]
     k_used = None
     for name, kw in configs:
         for enc in encodings:
@@ -130,7 +147,7 @@ def main():
             rows.append([name, enc, f"{t:.2f}", f"{t / t_plain:.3f}", f"{t / (t_plain + t_encode):.3f}",
                          f"{writer_s[0]:.2f}"])
     dump_module._write_unit = real_write
-    print(f"device: {device_name(device)}; teacher LM {a.layers} x {a.hidden}; {a.samples} samples, "
+    print(f"device: {device_name(device)}; {a.family} teacher LM {a.layers} x {a.hidden}; {a.samples} samples, "
           f"batch {a.batch_size}; k = {k_used}")
     print(table([["plain forward (HF, full logits)", "-", f"{t_plain:.2f}", "1.000", "-", "-"],
                  ["encode data (tokenize + image processor)", "-", f"{t_encode:.2f}", "-", "-", "-"]] + rows,

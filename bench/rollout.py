@@ -63,7 +63,7 @@ def main() -> None:
     batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
 
     def padded(chunk):
-        ids, att, image_inputs = left_padded(chunk, pad, adapter.image_token_id)  # as generate_rows batches them
+        ids, att, image_inputs = left_padded(chunk, pad, adapter.image_token_id, type(adapter))  # as generate_rows batches them
         return ids.to(device), att.to(device), {k: v.to(device) for k, v in image_inputs.items()}
 
     n = args.new_tokens

@@ -7,23 +7,24 @@ image into model inputs, and how position ids are built (1-D for LLaVA, 3-D M-Ro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
+from .kit_recipes import (GEMMA3_KIT, LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_VL_KIT,
+                          QWEN3_VL_MOE_KIT, KitRecipe)
 
 
 class ModelAdapter:
     family = "base"
-    model_types: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()  # filled from FAMILIES (the registry at the end of this module)
     multi_image = False  # whether the family's processor and model take several images in one sample
     # the model config's ids of the family's image/video special tokens: typed literally in a message, each would
     # be read as (part of) an image by the processor and the model, so such text is refused (media_tokens)
     media_token_keys: tuple[str, ...] = ("image_token_id",)
-    # lmms-eval's own model class (its ``--model`` name) for each model type of the family: what
-    # ``alignti evaluate --lmms-eval`` runs a folder of this family with
-    lmms_eval_models: dict[str, str] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -32,10 +33,11 @@ class ModelAdapter:
     def lmms_eval_model(cls, model_type: str) -> str:
         """lmms-eval's model name for a checkpoint of ``model_type`` (e.g. ``llava_hf``); ValueError naming the
         model types that have one otherwise."""
-        if model_type not in cls.lmms_eval_models:
-            known = ", ".join(t for c in ADAPTERS for t in c.lmms_eval_models)
+        fam = FAMILIES.get(model_type)
+        if fam is None or fam.lmms_eval_model is None:
+            known = ", ".join(t for t, f in FAMILIES.items() if f.lmms_eval_model)
             raise ValueError(f"lmms-eval has no model class for model_type '{model_type}' (alignti maps {known})")
-        return cls.lmms_eval_models[model_type]
+        return fam.lmms_eval_model
 
     @classmethod
     def lmms_eval_args(cls, image_processor: dict) -> dict:
@@ -61,6 +63,13 @@ class ModelAdapter:
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
 
+    @classmethod
+    def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
+        """Family-specific settings after make-student --from-teacher kept the decoder layers ``keep`` (and vision
+        layers ``keep_vision``) of ``model``, in place; returns notes on what the pruning dropped beyond the layers
+        (logged). The base families have nothing more."""
+        return []
+
     # --- parameter groups (train-student --trainable) -------------------------------------------
     # name prefixes of the family's multimodal projector and vision encoder, as transformers 5.x names the
     # parameters in memory (model.named_parameters()); the projector is matched first, so a
@@ -82,6 +91,16 @@ class ModelAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.decoder_layers())
+
+    def saliency_layers(self) -> list[int]:
+        """The decoder layers IVA's saliency may come from (select-layer's choice, an explicit --saliency-layer):
+        those whose attention reaches every earlier token. All layers, except a sliding-window layer, whose window
+        may leave the image out of an instruction's sight (Gemma 3's ``layer_types``); empty when every layer is one."""
+        types = getattr(self.text_config, "layer_types", None)
+        n = self.num_layers
+        if not isinstance(types, list) or len(types) != n:
+            return list(range(n))
+        return [i for i, t in enumerate(types) if t != "sliding_attention"]
 
     def attention_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.decoder_layers()]
@@ -133,6 +152,12 @@ class ModelAdapter:
             return {}
         return {k: torch.cat([it[k] for it in items], dim=0) for k in items[0]}
 
+    @classmethod
+    def generation_inputs(cls, input_ids: torch.Tensor, image_inputs: dict, image_token_id: int | None) -> dict:
+        """The image inputs of a ``generate`` batch (input_ids [B, S]) with whatever else the family's ``generate``
+        takes from its processor beside them; the base families need nothing more."""
+        return image_inputs
+
     def position_ids(self, input_ids: torch.Tensor, valid: torch.Tensor, image_inputs: dict) -> torch.Tensor:
         """[B, S] (or [3, B, S]) position ids of the real tokens; padding gets 0."""
         pos = valid.long().cumsum(-1) - 1
@@ -143,19 +168,25 @@ class ModelAdapter:
         return self.model.model(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids,
                                 cache=cache, use_cache=use_cache, **image_inputs)
 
+    # --- mixture-of-experts decoders ---------------------------------------------------------------------
+    @property
+    def router_aux_coef(self) -> float:
+        """The weight of the decoder's load-balancing loss in training (the model config's own
+        ``router_aux_loss_coef``); 0 for dense decoders."""
+        return 0.0
+
+    def router_aux_loss(self, out, rows_valid: torch.Tensor) -> torch.Tensor | None:
+        """The decoder's load-balancing loss over the rows ``rows_valid`` [B, S] (True: a real token) of the forward
+        ``out`` (``forward``'s result); None for dense decoders."""
+        return None
+
 
 class LlavaAdapter(ModelAdapter):
     family = "llava"
-    model_types = ("llava",)
-    lmms_eval_models = {"llava": "llava_hf"}
 
 
 class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
-    model_types = ("llava_onevision", "llava_next")
-    # transformers-format checkpoints: lmms-eval's llava_hf loads both (its `llava_onevision` class loads the
-    # LLaVA-NeXT repository's own checkpoint layout through that repository's `llava` package, not these folders)
-    lmms_eval_models = {"llava_onevision": "llava_hf", "llava_next": "llava_hf"}
     multi_image = True  # several images of a sample: base resolution each (batch_num_images), as the model trains
     media_token_keys = ("image_token_id", "video_token_id")
 
@@ -176,8 +207,6 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
-    model_types = ("qwen2_vl", "qwen2_5_vl")
-    lmms_eval_models = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
 
     @classmethod
     def lmms_eval_args(cls, image_processor):
@@ -207,6 +236,14 @@ class Qwen2VLAdapter(ModelAdapter):
                             f"processor refuses ({e})", "crop or pad the image (its longer side at most 200 times "
                             "its shorter), or pass --skip-bad") from None
 
+    @classmethod
+    def generation_inputs(cls, input_ids, image_inputs, image_token_id):
+        """The image tokens' ``mm_token_type_ids`` [B, S], as the processor returns them: without them ``generate``
+        gives the image tokens text positions (its get_rope_index reads them)."""
+        if image_token_id is None:
+            return image_inputs
+        return {**image_inputs, "mm_token_type_ids": (input_ids == image_token_id).int()}
+
     def position_ids(self, input_ids, valid, image_inputs):
         mm = (input_ids == self.image_token_id).int()
         pos, _ = self.model.model.get_rope_index(
@@ -215,7 +252,183 @@ class Qwen2VLAdapter(ModelAdapter):
         return pos * valid.unsqueeze(0)
 
 
-ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter]
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL: Qwen2-VL's inputs and M-RoPE index (its own ``get_rope_index``, interleaved sections), plus
+    **deepstack**: the tower's blocks ``vision_config.deepstack_visual_indexes`` each feed, through their own merger
+    (``visual.deepstack_merger_list``), the hidden states of the image tokens at the input of LM layer j (the j-th
+    of them into layer j; ``Qwen3VLTextModel._deepstack_process``). The deepstack mergers are projectors (they map
+    vision features into the LM) for ``--trainable``."""
+    family = "qwen3_vl"
+    projector_prefixes = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+
+    @classmethod
+    def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
+        """Deepstack after pruning (make-student --from-teacher): the j-th deepstack feature goes to the pruned
+        model's layer j, which is the teacher's layer ``keep[j]``. Kept while ``keep`` starts 0, 1, ..., j (the
+        layers deepstack writes to); the features past the first layer it does not keep are dropped with their
+        mergers (``deepstack_visual_indexes`` shortened), and the notes say which. With ``keep_vision`` the kept
+        features' source blocks are renumbered; a dropped source block is an AlignTIError naming it."""
+        vision = model.config.vision_config
+        idx = list(vision.deepstack_visual_indexes)
+        n = 0
+        while n < len(idx) and n < len(keep) and keep[n] == n:
+            n += 1
+        notes = []
+        if n < len(idx):
+            notes.append(f"deepstack features from vision blocks {idx[n:]} into LM layers {list(range(n, len(idx)))} "
+                         f"dropped: the kept layers {keep} do not start with layers 0..{len(idx) - 1}, which deepstack "
+                         "writes to")
+            model.model.visual.deepstack_merger_list = nn.ModuleList(list(model.model.visual.deepstack_merger_list)[:n])
+            idx = idx[:n]
+        if keep_vision is not None:
+            lost = [i for i in idx if i not in keep_vision]
+            if lost:
+                from .errors import AlignTIError
+                raise AlignTIError(f"--keep-vision-layers drops vision blocks {lost}, which feed deepstack features "
+                                   f"into LM layers {[idx.index(i) for i in lost]}: keep them")
+            idx = [keep_vision.index(i) for i in idx]
+        vision.deepstack_visual_indexes = idx
+        model.model.visual.deepstack_visual_indexes = idx
+        return notes
+
+
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    """Qwen3-VL-MoE: Qwen3-VL with sparse mixture-of-experts MLPs. In training the base model also returns each
+    layer's router logits, and ``router_aux_loss`` is the library's own Switch-Transformer load-balancing loss
+    (``load_balancing_loss_func`` of the family's modeling file, Fedus et al. 2021 eqs. 4-6) over the batch's real
+    tokens, weighed by the config's ``router_aux_loss_coef`` as the model's own training loss does."""
+    family = "qwen3_vl_moe"
+
+    def forward(self, input_ids, image_inputs, mask4d, position_ids, cache=None, use_cache=False):
+        return self.model.model(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids, cache=cache,
+                                use_cache=use_cache, output_router_logits=self.model.training, **image_inputs)
+
+    @property
+    def router_aux_coef(self) -> float:
+        return float(self.text_config.router_aux_loss_coef)
+
+    def router_aux_loss(self, out, rows_valid):
+        logits = getattr(out, "router_logits", None)
+        if not logits:
+            return None
+        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+        cfg = self.text_config
+        return load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok, rows_valid.long())
+
+
+class Gemma3Adapter(ModelAdapter):
+    """Gemma 3: SigLIP tower, average-pooled projector, a decoder of sliding-window and global layers
+    (``text_config.layer_types``) whose image tokens attend to each other bidirectionally within an image.
+
+    The model builds its own per-layer-type masks from ``token_type_ids`` (``create_masks_for_vision_model``: global
+    layers OR(causal, same image block), sliding layers AND(q - kv < sliding_window, that)); alignti's masks
+    (padding, causal, TPA trees) are one additive 4-D mask, so ``forward`` turns it into the model's
+    ``{"full_attention", "sliding_attention"}`` mapping by the same rules: the image blocks (the model's own
+    ``get_block_sequence_ids_for_mask`` on the image-token positions) opened both ways, and the sliding window
+    measured in position ids, so a TPA branch token appended after the sequence is windowed from the position of the
+    token it replaces. A KV cache that alignti asks for keeps every layer's keys (the sliding layers' own cache
+    would drop those the branch pass's mask indexes)."""
+    family = "gemma3"
+    multi_image = True
+    media_token_keys = ("image_token_id", "boi_token_id", "eoi_token_id")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        if cap is not None:
+            raise NotImplementedError(f"a {self.family} checkpoint with final_logit_softcapping={cap}: alignti's loss "
+                                      "head applies the LM head alone (Gemma 3's released checkpoints have none)")
+
+    @classmethod
+    def generation_inputs(cls, input_ids, image_inputs, image_token_id):
+        """The image tokens' ``token_type_ids`` [B, S], as the processor returns them: ``generate`` gives the image
+        tokens their bidirectional mask from them."""
+        if image_token_id is None:
+            return image_inputs
+        return {**image_inputs, "token_type_ids": (input_ids == image_token_id).long()}
+
+    def layer_masks(self, input_ids: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """{"full_attention", "sliding_attention"} additive masks [B, 1, Q, K] from alignti's ``mask4d`` for the
+        queries ``input_ids`` [B, Q] at ``position_ids`` [B, Q]: the keys are the queries when Q = K, else (a
+        branch pass on a cache) the cached sequence's K - Q right-padded tokens at positions 0.. K - Q - 1, then
+        the queries."""
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+        bsz, q = input_ids.shape
+        kv = mask4d.shape[-1]
+        full = mask4d
+        if q == kv:  # the queries hold the images: each image's tokens see each other
+            blocks = get_block_sequence_ids_for_mask((input_ids == self.image_token_id).long())
+            same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+            full = mask4d.masked_fill(same[:, None], 0.0)
+            kpos = position_ids
+        else:
+            kpos = torch.cat([torch.arange(kv - q, device=position_ids.device).expand(bsz, -1), position_ids], 1)
+        outside = position_ids[:, :, None] - kpos[:, None, :] >= int(self.text_config.sliding_window)
+        sliding = full.masked_fill(outside[:, None], torch.finfo(full.dtype).min)
+        return {"full_attention": full, "sliding_attention": sliding}
+
+    def forward(self, input_ids, image_inputs, mask4d, position_ids, cache=None, use_cache=False):
+        if use_cache and cache is None:
+            from transformers import DynamicCache
+            cache = DynamicCache()
+        return self.model.model(input_ids=input_ids, attention_mask=self.layer_masks(input_ids, mask4d, position_ids),
+                                position_ids=position_ids, cache=cache, use_cache=use_cache, **image_inputs)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
+    where it has a kit), the adapter that runs it, its demo-kit recipe (common/kit_recipes.py; None: no demo kit),
+    and lmms-eval's model class for its transformers-format folders (``evaluate --lmms-eval``; None: lmms-eval has
+    none). Its ``--trainable`` groups are the adapter's ``projector_prefixes`` / ``vision_prefixes``."""
+    model_type: str
+    adapter: type[ModelAdapter]
+    kit: KitRecipe | None = None
+    lmms_eval_model: str | None = None
+
+    @property
+    def projector_prefixes(self) -> tuple[str, ...]:
+        return self.adapter.projector_prefixes
+
+    @property
+    def vision_prefixes(self) -> tuple[str, ...]:
+        return self.adapter.vision_prefixes
+
+
+# The one list of the families alignti runs: every family test parametrises over it (tests/test_conformance.py),
+# make-demo --family takes the rows with a kit, the README's table is held equal to it (tests/test_conformance.py).
+# lmms-eval: llava_hf loads transformers-format LLaVA, LLaVA-NeXT and OneVision folders (its `llava_onevision` class
+# loads the LLaVA-NeXT repository's own layout through that repository's `llava` package, not these folders).
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llava", LlavaAdapter, LLAVA_KIT, "llava_hf"),
+    Family("llava_next", LlavaOnevisionAdapter, None, "llava_hf"),
+    Family("llava_onevision", LlavaOnevisionAdapter, ONEVISION_KIT, "llava_hf"),
+    Family("qwen2_vl", Qwen2VLAdapter, QWEN2_VL_KIT, "qwen2_vl"),
+    Family("qwen2_5_vl", Qwen2VLAdapter, QWEN2_5_VL_KIT, "qwen2_5_vl"),
+    Family("qwen3_vl", Qwen3VLAdapter, QWEN3_VL_KIT, "qwen3_vl"),
+    Family("qwen3_vl_moe", Qwen3VLMoeAdapter, QWEN3_VL_MOE_KIT, "qwen3_vl"),
+    Family("gemma3", Gemma3Adapter, GEMMA3_KIT, "gemma3"),
+)}
+# the model types with a demo kit (make-demo --family), in the registry's order
+DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)
+ADAPTERS: list[type[ModelAdapter]] = list(dict.fromkeys(f.adapter for f in FAMILIES.values()))
+for _cls in ADAPTERS:
+    _cls.model_types = tuple(t for t, f in FAMILIES.items() if f.adapter is _cls)
+
+
+def families_table() -> str:
+    """The README's supported-families table (markdown), one row per model type of FAMILIES; tests/test_conformance.py
+    holds the README's copy equal to it (regenerate: ``python -c "from alignti.common.adapters import families_table;
+    print(families_table())"``)."""
+    rows = ["| model type | adapter | `make-demo --family` | images per sample | `evaluate --lmms-eval` model | "
+            "`--trainable projector` / `vision` |", "|---|---|---|---|---|---|"]
+    for t, f in FAMILIES.items():
+        prefixes = " ".join(f"`{p}`" for p in f.projector_prefixes) + " / " + " ".join(
+            f"`{p}`" for p in f.vision_prefixes)
+        rows.append(f"| `{t}` | `{f.adapter.__name__}` | {'yes' if f.kit else '-'} | "
+                    f"{'several' if f.adapter.multi_image else 'one'} | {f'`{f.lmms_eval_model}`' if f.lmms_eval_model else '-'} "
+                    f"| {prefixes} |")
+    return "\n".join(rows)
 
 
 def check_images_per_sample(adapter: ModelAdapter | type[ModelAdapter], sample_id: str, n_images: int) -> None:
@@ -229,10 +442,9 @@ def check_images_per_sample(adapter: ModelAdapter | type[ModelAdapter], sample_i
 def adapter_class(model_type: str) -> type[ModelAdapter]:
     """The adapter class of a model type (a config's ``model_type``); NotImplementedError naming the supported
     ones otherwise."""
-    for cls in ADAPTERS:
-        if model_type in cls.model_types:
-            return cls
-    supported = ", ".join(t for c in ADAPTERS for t in c.model_types)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type].adapter
+    supported = ", ".join(FAMILIES)
     raise NotImplementedError(f"no alignti adapter for model_type '{model_type}' (supported: {supported})")
 
 

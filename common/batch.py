@@ -103,6 +103,7 @@ class ForwardOut:
     cache: object | None                      # KV cache of the main pass (teacher's branch pass)
     position_ids: torch.Tensor | None = None
     hidden: torch.Tensor | None = None        # [B, S, H] every final hidden state (``keep_hidden``)
+    router_aux: torch.Tensor | None = None    # MoE decoders in training: the load-balancing loss (adapter)
 
 
 def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Tensor] | None = None,
@@ -134,9 +135,10 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     branch_hidden = None
     if br is not None:
         branch_hidden = h[:, s:][br.valid].view(-1, br.n_branch, h.shape[-1])
+    rows = valid if br is None else torch.cat([valid, br.valid], 1)
     return ForwardOut(resp_hidden, branch_hidden, spec.results if spec else {}, spec,
                       getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos,
-                      h[:, :s] if keep_hidden else None)
+                      h[:, :s] if keep_hidden else None, adapter.router_aux_loss(out, rows))
 
 
 def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor],

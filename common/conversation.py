@@ -247,6 +247,36 @@ def _expand_offsets(ids: list[int], text_ids: list[int], offsets: list, image_to
     return out
 
 
+def _replaced_offsets(processor, full: str, image, ids: list[int], add_special: bool, sample_id: str):
+    """Offsets in ``full`` for the processor's ids where its image expansion is more than repeated image tokens
+    (Gemma 3: each placeholder becomes "\\n\\n<start_of_image>" + image tokens + "<end_of_image>\\n\\n", whose
+    line breaks the tokenizer merges with the text around them). The processor's own replacement strings
+    (``_process_images`` / ``get_text_with_replacements``, transformers' placeholder expansion) give the expanded
+    text; the tokenizer's offsets on it are mapped back to ``full``, a character inside a replacement to the
+    placeholder it replaced. DataError when the tokenizer's ids of that text are not the processor's."""
+    images = image if isinstance(image, list) else [image]
+    try:
+        _, reps = processor._process_images(images)
+        texts, spans = processor.get_text_with_replacements([full], images_replacements=reps)
+    except (AttributeError, NotImplementedError, TypeError, StopIteration):
+        texts, spans = None, None
+    if texts is not None:
+        pieces, at = [], 0  # expanded character -> character of ``full``
+        for r in spans[0]:
+            (s, e), (ns, ne) = r["span"], r["new_span"]
+            pieces.append(np.arange(at, s))
+            pieces.append(np.full(ne - ns, s))
+            at = e
+        pieces.append(np.arange(at, len(full) + 1))
+        back = np.concatenate(pieces)
+        enc = processor.tokenizer(texts[0], add_special_tokens=add_special, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == ids:
+            return [(int(back[a]), int(back[max(b - 1, a)]) + (1 if b > a else 0)) for a, b in enc["offset_mapping"]]
+    raise DataError(sample_id, "the processor's token ids differ from the tokenizer's ids of the same text "
+                    "beyond the image-token expansion", "report this processor/tokenizer pair; alignti needs "
+                    "them to agree")
+
+
 def encode(processor, rec: Record, image, image_sha: str = "", max_length: int | None = None,
            generation_prompt: bool = False) -> Encoded:
     """Tokenize a record exactly as the model sees it at inference: the family's chat template renders the
@@ -294,7 +324,10 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
                             f"({type(e).__name__}: {e})", "fix or drop its image(s), or pass --skip-bad") from None
         ids = out["input_ids"][0].tolist()
         image_inputs = ModelAdapter.image_inputs(out)
-        offsets = _expand_offsets(ids, text_ids, offsets, image_token_id, rec.sample_id)
+        try:
+            offsets = _expand_offsets(ids, text_ids, offsets, image_token_id, rec.sample_id)
+        except DataError:  # an expansion with more than image tokens in it (Gemma 3)
+            offsets = _replaced_offsets(processor, full, image, ids, add_special, rec.sample_id)
     else:
         ids = text_ids
 
@@ -320,7 +353,11 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
         kinds[j], turn_a[j] = kind_of[k], turn_of_char[k]
 
     input_ids = np.asarray(ids, dtype=np.int32)
-    img_pos = np.nonzero(input_ids == image_token_id)[0]
+    # the token the processor expands each placeholder into: the placeholder itself for most families; Gemma 3's
+    # processor keeps its placeholder <start_of_image> and expands it into the tokenizer's image_token
+    expanded = getattr(tok, "image_token", None)
+    expanded_id = tok.convert_tokens_to_ids(expanded) if expanded and expanded in tok.get_vocab() else image_token_id
+    img_pos = np.nonzero(input_ids == expanded_id)[0]
     spans: list[tuple[int, int]] = []
     if image is not None:
         if len(img_pos) == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import ModelAdapter
+from .adapters import ModelAdapter, adapter_class
 from .conversation import end_of_turn_ids
 
 
@@ -16,11 +16,13 @@ def exact_match(pred: str, ref: str) -> bool:
     return _norm(pred) == _norm(ref)
 
 
-def left_padded(prompts: list, pad_id: int, image_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def left_padded(prompts: list, pad_id: int, image_token_id: int | None,
+                adapter: type[ModelAdapter]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """A ``generate`` batch of encoded prompts (``Encoded`` made with ``generation_prompt=True``), on CPU:
-    (input_ids [B, S] int64 left-padded with ``pad_id``, attention_mask [B, S] int64, the image inputs). For M-RoPE
-    families (Qwen2-VL, Qwen2.5-VL: ``image_grid_thw`` among the inputs) the image tokens' ``mm_token_type_ids``
-    [B, S] are added, as their processor returns them: without them ``generate`` gives image tokens text positions."""
+    (input_ids [B, S] int64 left-padded with ``pad_id``, attention_mask [B, S] int64, the image inputs collated by
+    the family's ``adapter`` (LLaVA-OneVision pads the patch axis when a one-image and a several-image prompt share
+    the batch) plus what the family's ``generate`` needs beside them (``adapter.generation_inputs``: M-RoPE
+    families' image-token type ids))."""
     s = max(len(p.input_ids) for p in prompts)
     ids = torch.full((len(prompts), s), pad_id, dtype=torch.long)
     att = torch.zeros(len(prompts), s, dtype=torch.long)
@@ -28,10 +30,8 @@ def left_padded(prompts: list, pad_id: int, image_token_id: int | None) -> tuple
         n = len(p.input_ids)
         ids[b, s - n:] = torch.as_tensor(p.input_ids, dtype=torch.long)
         att[b, s - n:] = 1
-    image_inputs = ModelAdapter.collate_image_inputs([p.image_inputs for p in prompts])
-    if "image_grid_thw" in image_inputs and image_token_id is not None:
-        image_inputs["mm_token_type_ids"] = (ids == image_token_id).int()
-    return ids, att, image_inputs
+    image_inputs = adapter.collate_image_inputs([p.image_inputs for p in prompts])
+    return ids, att, adapter.generation_inputs(ids, image_inputs, image_token_id)
 
 
 def stop_ids(model, processor=None) -> list[int]:
@@ -58,7 +58,8 @@ def greedy_answers(model, processor, prompts: list, max_new_tokens: int = 8, bat
     model.eval()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        ids, att, image_inputs = left_padded(chunk, pad, getattr(model.config, "image_token_id", None))
+        ids, att, image_inputs = left_padded(chunk, pad, getattr(model.config, "image_token_id", None),
+                                             adapter_class(model.config.model_type))
         s = ids.shape[1]
         out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos or None, pad_token_id=pad,

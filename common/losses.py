@@ -453,6 +453,8 @@ class LossWeights:
     alm_distance: str = "binary_ce"      # tokenkit's chunk distance (alm_distance)
     alm_temperature: float = 100.0       # tokenkit's binarisation temperature
     cache_temperature: float = 1.0       # the temperature the cache holds the teacher at (its params.temperature)
+    router_aux: float | None = None      # MoE student: its load-balancing loss's weight (None: the model config's
+    #                                      router_aux_loss_coef, ModelAdapter.router_aux_coef; 0: off)
 
 
 def get_loss(name: str) -> LossSpec:
@@ -1019,13 +1021,13 @@ def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, 
 
 TERM_COUNT = {"sft": "tokens", "kd": "tokens", "rkl": "tokens", "jsd": "tokens", "tpa": "tpa_rows", "iva": "groups",
               "tpa_mass": "tpa_rows", "tpa_topb": "tpa_rows", "uld": "xt_pairs", "gold": "xt_pairs",
-              "gold_matched": "xt_pairs", "gold_unmatched": "xt_pairs", "alm": "xt_chunks"}
+              "gold_matched": "xt_pairs", "gold_unmatched": "xt_pairs", "alm": "xt_chunks", "router_aux": "tokens"}
 
 
 def means(sums: dict[str, float], counts: dict[str, float], w: LossWeights) -> dict[str, float]:
     """Per-item means of the term sums over ``counts`` (see step_counts), and 'loss', their weighted sum."""
     out = {k: float(v) / max(counts[TERM_COUNT[k]], 1.0) for k, v in sums.items()}
     weight = {"sft": 1.0, "kd": w.kd, "rkl": w.kd, "jsd": w.kd, "tpa": w.tpa, "iva": w.iva,
-              "uld": w.kd, "gold": w.kd, "alm": w.kd}
+              "uld": w.kd, "gold": w.kd, "alm": w.kd, "router_aux": w.router_aux or 0.0}
     out["loss"] = sum(weight[k] * v for k, v in out.items() if k in weight)  # coverage is a diagnostic
     return out

@@ -1,7 +1,8 @@
 """`alignti make-demo DIR`: a self-contained kit, no network.
 
-DIR/teacher/, DIR/student/  tiny LlavaForConditionalGeneration checkpoints + processor (tokenizer
-                            trained here with the `tokenizers` library), saved with save_pretrained
+DIR/teacher/, DIR/student/  tiny checkpoints of the chosen family (``--family``: a model type of the registry
+                            with a kit recipe, common/adapters.py FAMILIES and common/kit_recipes.py) + processor
+                            (tokenizer trained here with the `tokenizers` library), saved with save_pretrained
 DIR/data/{train,val,test}.json, DIR/data/images/   the shapes VQA task (demo/shapes.py)
 
 Teacher and student share the tokenizer, the processor and the vision geometry (same number of
@@ -20,172 +21,71 @@ from . import shapes
 
 log = logging.getLogger("alignti.demo")
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|user|>", "<|assistant|>", "<|end|>"]
-QWEN_SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|vision_start|>", "<|vision_end|>",
-                       "<|image_pad|>", "<|video_pad|>"]
-QWEN_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% else %}{{ c['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
-GRID_PINPOINTS = [[48, 48], [48, 96], [96, 48], [96, 96]]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-PATCH = 16  # one image token per grid cell (LLaVA, OneVision); Qwen2-VL merges 2x2 patches of 8 px
-QWEN_PATCH = 8
+# the kit's configurations live with the family registry (common/kit_recipes.py, common/adapters.py FAMILIES)
+from alignti.common.adapters import DEMO_FAMILIES as FAMILIES  # noqa: E402
+from alignti.common.adapters import FAMILIES as REGISTRY  # noqa: E402
+from alignti.common.kit_recipes import (CHAT_TEMPLATE, GRID_PINPOINTS, LLAVA_SPECIAL_TOKENS,  # noqa: E402,F401
+                                        PATCH, QWEN_CHAT_TEMPLATE, QWEN_PATCH, QWEN_SPECIAL_TOKENS, KitRecipe)
+
+SPECIAL_TOKENS = list(LLAVA_SPECIAL_TOKENS)
 
 TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 STUDENT = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
+def recipe(family: str) -> KitRecipe:
+    """The demo-kit recipe of ``family`` (a model type of the registry with a kit); ValueError naming the choices."""
+    fam = REGISTRY.get(family)
+    if fam is None or fam.kit is None:
+        raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
+    return fam.kit
+
+
 def build_tokenizer(family: str = "llava", vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on the shapes corpus, opening with the family's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    kit = recipe(family)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    qwen = family in ("qwen2_vl", "qwen2_5_vl")
-    specials = QWEN_SPECIAL_TOKENS if qwen else SPECIAL_TOKENS
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(kit.special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(shapes.corpus() * 20, trainer)
-    if qwen:
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
-                                       unk_token="<unk>", extra_special_tokens={"image_token": "<|image_pad|>"})
-    # eos: the template's end of turn, where generation stops (as Qwen2-VL's <|im_end|>): harnesses that stop at the
-    # tokenizer's eos (lmms-eval's llava_hf) and not at generation_config's would otherwise run past the answer
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    if family == "llava_onevision":
-        fast.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kit.tokens)
+    if kit.added_tokens:
+        fast.add_special_tokens({"additional_special_tokens": list(kit.added_tokens)})
     return fast
 
 
 def build_processor(tokenizer, family: str = "llava", patch: int = PATCH, image_size: int | None = None):
-    """``patch`` (LLaVA): vision patch size; 16 gives one image token per grid cell, 2 gives LLaVA-1.5's
-    576 image tokens per image (the benchmarks' realistic sequence make-up). ``image_size`` (LLaVA, pixels;
-    default the scenes' 48): the size the image processor resizes to, so (image_size // patch)^2 image tokens."""
-    from transformers import LlavaProcessor
-
-    if family == "llava_onevision":
-        from transformers import LlavaOnevisionProcessor
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil)
-
-        from alignti.common.models import image_only_processor_class
-        size = shapes.IMAGE_SIZE
-        ip = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_grid_pinpoints=GRID_PINPOINTS,
-                                             do_pad=True)
-        return image_only_processor_class(LlavaOnevisionProcessor)(
-            image_processor=ip, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, image_token="<image>",
-            video_token="<video>", num_image_tokens=(size // PATCH) ** 2, vision_feature_select_strategy="full")
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        from alignti.common.models import image_only_processor_class
-        n = shapes.IMAGE_SIZE ** 2
-        ip = Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=QWEN_PATCH, merge_size=2,
-                                      temporal_patch_size=2)
-        cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
-        return image_only_processor_class(cls)(image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    size = image_size or shapes.IMAGE_SIZE
-    ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=patch,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE, image_token="<image>")
-
-
-def build_qwen2vl(tokenizer, text: dict, seed: int, v25: bool = False):
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
-
-    torch.manual_seed(seed)
-    cid = tokenizer.convert_tokens_to_ids
-    head_half = text["hidden_size"] // text["num_attention_heads"] // 2
-    section = [head_half - 2 * (head_half // 3), head_half // 3, head_half // 3]
-    eos = cid("<|im_end|>")
-    vision = (dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=text["hidden_size"], num_heads=4,
-                   patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                   fullatt_block_indexes=[1]) if v25 else
-              dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=4, patch_size=QWEN_PATCH,
-                   spatial_merge_size=2, temporal_patch_size=2))
-    cfg = (Qwen2_5_VLConfig if v25 else Qwen2VLConfig)(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, eos_token_id=eos, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-                         **text),
-        vision_config=vision,
-        image_token_id=cid("<|image_pad|>"), video_token_id=cid("<|video_pad|>"),
-        vision_start_token_id=cid("<|vision_start|>"), vision_end_token_id=cid("<|vision_end|>"))
-    model = (Qwen2_5_VLForConditionalGeneration if v25 else Qwen2VLForConditionalGeneration)(cfg)
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def build_onevision(tokenizer, text: dict, seed: int):
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
-                              SiglipVisionConfig)
-
-    torch.manual_seed(seed)
-    vc = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=shapes.IMAGE_SIZE, patch_size=PATCH)
-    eos = tokenizer.convert_tokens_to_ids("<|end|>")
-    tc = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=False,
-                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **text)
-    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                               video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-                               vision_feature_select_strategy="full", vision_feature_layer=-1,
-                               image_grid_pinpoints=GRID_PINPOINTS)
-    model = LlavaOnevisionForConditionalGeneration(cfg)
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    """The family's processor on ``tokenizer``. ``patch`` (LLaVA): vision patch size; 16 gives one image token per
+    grid cell, 2 gives LLaVA-1.5's 576 image tokens per image (the benchmarks' realistic sequence make-up).
+    ``image_size`` (LLaVA, pixels; default the scenes' 48): the size the image processor resizes to, so
+    (image_size // patch)^2 image tokens."""
+    return recipe(family).processor(tokenizer, image_size or shapes.IMAGE_SIZE, patch)
 
 
 def build_model(family: str, tokenizer, text: dict, seed: int, patch: int = PATCH, image_size: int | None = None):
-    if image_size is not None and family != "llava":
+    """A freshly initialised (seeded) model of ``family`` from its recipe's config, with ``text`` the language
+    model's dimensions; its generation config stops at the template's end of turn."""
+    from transformers import AutoModelForImageTextToText
+
+    kit = recipe(family)
+    if image_size is not None and not kit.resizable:
         raise ValueError(f"image_size is for the llava demo family only (got family '{family}')")
-    builders = {"llava": lambda tok, text, seed: build_llava(tok, text, seed, patch, image_size),
-                "qwen2_vl": build_qwen2vl, "llava_onevision": build_onevision,
-                "qwen2_5_vl": lambda tok, text, seed: build_qwen2vl(tok, text, seed, v25=True)}
-    if family not in builders:
-        raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
-    return builders[family](tokenizer, text, seed)
-
-
-def build_llava(tokenizer, text: dict, seed: int, patch: int = PATCH, image_size: int | None = None):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     torch.manual_seed(seed)
-    size = image_size or shapes.IMAGE_SIZE
-    vc = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=size, patch_size=patch, projection_dim=64)
-    n_image = (size // patch) ** 2
-    tc = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512 if n_image < 256 else 1024,
-                     tie_word_embeddings=False,
-                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"), **text)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    model = LlavaForConditionalGeneration(cfg)
-    # Position embeddings on the scale of the patch embeddings, so each image token says which grid cell it
-    # is: with the default 0.02 init the cell signature is ~4% of the token and the tiny teacher stays at
-    # the answer prior (31% val); with this and lr 3e-4 it reached 43% (colour 72%) in 1,000 steps.
-    torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=1.0)
-    model.generation_config.eos_token_id = tc.eos_token_id
-    model.generation_config.pad_token_id = tc.pad_token_id
+    cfg = kit.config(tokenizer, text, image_size or shapes.IMAGE_SIZE, patch)
+    model = AutoModelForImageTextToText.from_config(cfg)
+    if kit.position_embedding_std is not None:
+        # Position embeddings on the scale of the patch embeddings, so each image token says which grid cell it
+        # is: with the default 0.02 init the cell signature is ~4% of the token and the tiny teacher stays at
+        # the answer prior (31% val); with this and lr 3e-4 it reached 43% (colour 72%) in 1,000 steps.
+        torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight,
+                              std=kit.position_embedding_std)
+    model.generation_config.eos_token_id = cfg.text_config.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 

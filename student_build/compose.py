@@ -38,6 +38,7 @@ from alignti.common.errors import AlignTIError
 log = logging.getLogger("alignti.student_build")
 
 QWEN = ("qwen2_vl", "qwen2_5_vl")
+COMPOSED = ("llava", "llava_onevision", "qwen2_vl")  # the adapter families whose students this recipe composes
 # text-config fields that describe the language model's architecture (copied from the LM into Qwen2-VL's text config)
 QWEN_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "rms_norm_eps", "max_position_embeddings", "hidden_act", "tie_word_embeddings", "attention_dropout",
@@ -248,6 +249,10 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
 
     teacher_cfg = AutoConfig.from_pretrained(like)
     family = adapter_class(teacher_cfg.model_type).family
+    if family not in COMPOSED:
+        raise AlignTIError(f"make-student --vision/--lm composes students of the {', '.join(COMPOSED)} families; the "
+                           f"teacher at {like} is a {teacher_cfg.model_type}: build its student with --from-teacher "
+                           "--keep-layers (a pruned teacher) instead")
     processor = load_processor(like)
     lm_cfg = AutoConfig.from_pretrained(lm)
     lm_cfg = getattr(lm_cfg, "text_config", None) or lm_cfg

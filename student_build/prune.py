@@ -64,9 +64,16 @@ def _vision_stack(model) -> tuple[nn.Module, str, str, nn.ModuleList]:
     return encoder, "layers", "num_hidden_layers", encoder.layers
 
 
-def prune_model(model, keep: list[int], keep_vision: list[int] | None = None) -> None:
+def prune_model(model, keep: list[int], keep_vision: list[int] | None = None) -> list[str]:
     """Keep only the decoder layers ``keep`` (and vision layers ``keep_vision``) of ``model`` in place, with
-    the config and each attention layer's cache index renumbered."""
+    the config and each attention layer's cache index renumbered, then the family's own settings
+    (``ModelAdapter.prune_layers``: Qwen3-VL's deepstack). Returns the family's notes on what else was dropped."""
+    from alignti.common.adapters import adapter_class
+    notes = _prune_stacks(model, keep, keep_vision)
+    return notes + adapter_class(model.config.model_type).prune_layers(model, keep, keep_vision)
+
+
+def _prune_stacks(model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
     lm = model.model.language_model
     lm.layers = nn.ModuleList([lm.layers[i] for i in keep])
     for new, layer in enumerate(lm.layers):
@@ -78,7 +85,7 @@ def prune_model(model, keep: list[int], keep_vision: list[int] | None = None) ->
     if isinstance(getattr(text, "layer_types", None), list):
         text.layer_types = [text.layer_types[i] for i in keep]
     if keep_vision is None:
-        return
+        return []
     holder, attr, key, layers = _vision_stack(model)
     setattr(holder, attr, nn.ModuleList([layers[i] for i in keep_vision]))
     vision = model.config.vision_config
@@ -92,6 +99,7 @@ def prune_model(model, keep: list[int], keep_vision: list[int] | None = None) ->
             raise AlignTIError(f"the teacher's projector reads vision hidden state {f} (vision_feature_layer), which "
                                f"a tower of {len(keep_vision)} kept layers does not have: keep at least "
                                f"{f if f >= 0 else -f - 1} vision layers")
+    return []
 
 
 def prune_student(teacher: str, keep_layers: str, out: str | Path, keep_vision_layers: str | None = None) -> dict:
@@ -99,7 +107,8 @@ def prune_student(teacher: str, keep_layers: str, out: str | Path, keep_vision_l
     decoder layers of ``keep_layers`` (and the vision layers of ``keep_vision_layers``), its processor (complete,
     ``common/saving.py``) and generation config; loads with the plain Auto classes.
 
-    Returns {"out", "family", "teacher_params", "student_params", "kept_layers", "kept_vision_layers"}.
+    Returns {"out", "family", "teacher_params", "student_params", "kept_layers", "kept_vision_layers", "dropped"
+    (the family's notes on what else the pruning dropped, e.g. Qwen3-VL deepstack features)}.
     Raises AlignTIError for a spec that does not fit the teacher's layers."""
     import torch
     from transformers import AutoModelForImageTextToText
@@ -117,11 +126,13 @@ def prune_student(teacher: str, keep_layers: str, out: str | Path, keep_vision_l
     if keep_vision_layers:
         keep_vision = parse_layers(keep_vision_layers, len(_vision_stack(model)[3]), "vision layers")
     with torch.no_grad():
-        prune_model(model, keep, keep_vision)
+        notes = prune_model(model, keep, keep_vision)
+    for note in notes:
+        log.warning("pruned student: %s", note)
     n_student = sum(p.numel() for p in model.parameters())
     save_checkpoint(model, processor, out)
     log.info("pruned student in %s: decoder layers %s of %d kept%s; %.2fM parameters (teacher %.2fM, %.0f%%)", out,
              keep, adapter.num_layers, f", vision layers {keep_vision}" if keep_vision else "", n_student / 1e6,
              n_teacher / 1e6, 100 * n_student / n_teacher)
     return {"out": str(out), "family": adapter.family, "teacher_params": n_teacher, "student_params": n_student,
-            "kept_layers": keep, "kept_vision_layers": keep_vision}
+            "kept_layers": keep, "kept_vision_layers": keep_vision, "dropped": notes}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from alignti.common.adapters import adapter_class
 from alignti.common.generate import left_padded, stop_ids
 from alignti.common.onpolicy import top_candidates
 
@@ -93,7 +94,7 @@ def generate_rows(model, prompts: list, seeds: list[int], *, temperature: float,
     end-of-sequence before that many (benchmarks)."""
     device = next(model.parameters()).device
     eos = stop_ids(model) if eos_ids is None else list(eos_ids)
-    ids, att, image_inputs = left_padded(prompts, pad_id, image_token_id)
+    ids, att, image_inputs = left_padded(prompts, pad_id, image_token_id, adapter_class(model.config.model_type))
     s = ids.shape[1]
     capture = CandidateCapture(top_b, image_token_id)
     processors = LogitsProcessorList([SeededSampler(seeds, temperature, top_p)] if temperature > 0 else [])

@@ -1,8 +1,8 @@
 """A student scored by lmms-eval, the harness the field reports with: ``alignti evaluate --lmms-eval TASKS`` and
 ``alignti export-task``.
 
-``evaluate_lmms`` runs lmms-eval's own model class for the checkpoint's family (``common.adapters``:
-``ModelAdapter.lmms_eval_models``: llava_hf for LLaVA and LLaVA-OneVision folders, qwen2_vl, qwen2_5_vl) through
+``evaluate_lmms`` runs lmms-eval's own model class for the checkpoint's family (the registry,
+``common.adapters.FAMILIES``: llava_hf for LLaVA and LLaVA-OneVision folders, qwen2_vl, qwen2_5_vl) through
 its Python API (``lmms_eval.evaluator.simple_evaluate``), offline and on the CPU unless told otherwise, and writes
 the scores into the run: ``RUN/eval/lmms_eval-TASKS.json``, one line of ``RUN/metrics.jsonl`` and the run's trackers
 (``--report-to`` of its config.yaml) under ``eval/lmms_eval/TASK/METRIC``.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from alignti.common.batch import forward, lm_head
-from alignti.common.losses import head_loss
+from alignti.common.losses import StepNorm, head_loss
 
 from .mixture import batch_spec
 
@@ -31,6 +31,8 @@ def student_step_outputs(adapter, batch: dict, spec, layer: int, iva_form: str =
                                  "xt_logprobs")
            if k in batch}
     res["resp_hidden"] = out.resp_hidden
+    if out.router_aux is not None:
+        res["router_aux"] = out.router_aux
     if spec.tpa:
         res["branch_hidden"] = out.branch_hidden
     if token_kl:
@@ -53,4 +55,14 @@ class StudentStep(nn.Module):
         runs in here, inside DDP's / FSDP2's forward, where FSDP2 holds the unsharded lm_head weight."""
         spec, weights = batch_spec(self.spec, self.weights, batch)  # terms a (mixed-in) cache lacks are absent
         res = student_step_outputs(self.adapter, batch, spec, self.layer, weights.iva_form)
-        return head_loss(spec, weights, lm_head(self.adapter), res, norm)
+        out = head_loss(spec, weights, lm_head(self.adapter), res, norm)
+        aux = res.get("router_aux")
+        coef = self.adapter.router_aux_coef if weights.router_aux is None else weights.router_aux
+        if aux is not None and coef:
+            # a MoE student's load-balancing loss (this micro-batch's, over its real tokens), weighed by the
+            # micro-batch's share of the step's response tokens, so the step's term is their token-weighted mean
+            norm = norm or StepNorm.of(res)
+            n = float(len(res["targets"]))
+            out["loss"] = out["loss"] + norm.scale * coef * aux * n / norm.tokens
+            out["sums"]["router_aux"] = aux.detach() * n
+        return out

@@ -137,12 +137,24 @@ MEASURED = ("sec", "tokens_per_s", "peak_mem_gib", "peak_rss_gib")
 CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("eval_every", "progress"))
 
 
-def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_layers: int, student_layers: int) -> int:
+def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_layers: int, student_layers: int,
+                      allowed: list[int] | None = None) -> int:
+    """The student layer whose saliency IVA aligns: ``--student-layer``, else the teacher's layer at the same relative
+    depth, moved to the nearest of ``allowed`` (the student adapter's ``saliency_layers()``: Gemma 3's global
+    layers; None: any). ValueError for a layer outside the student or not allowed, or no allowed layer at all."""
+    if allowed is not None and not allowed:
+        raise ValueError("the student has no global-attention layer for IVA's saliency (every kept layer is a "
+                         "sliding-window one): keep one (make-student --keep-layers), or train without IVA (--loss kd "
+                         "or kd+tpa)")
     if cfg_layer is not None:
         if not 0 <= cfg_layer < student_layers:
             raise ValueError(f"--student-layer {cfg_layer} is outside the student's {student_layers} layers")
+        if allowed is not None and cfg_layer not in allowed:
+            raise ValueError(f"--student-layer {cfg_layer} is a sliding-window layer of the student: name one of its "
+                             f"global layers {allowed}")
         return cfg_layer
-    return min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
+    layer = min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
+    return layer if allowed is None else min(allowed, key=lambda a: (abs(a - layer), a))
 
 
 TEMPERATURE_PROBE_TOKENS = 4096  # response tokens the refusal's range is measured on (the cache's first samples)
@@ -331,7 +343,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     if sources:
         mixture.check_student_layers(sources, cfg.student_layer, adapter.num_layers, student_layer_for)
     layer = student_layer_for(cfg.student_layer, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
-                              adapter.num_layers)
+                              adapter.num_layers, adapter.saliency_layers() if spec.iva else None)
     if cfg.init:
         load_init(model, cfg.init)
 
@@ -347,7 +359,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
     micro_per_epoch = parallel.batches_per_rank(len(dataset), cfg.batch_size, env)
     weights = LossWeights(cfg.kd_weight, cfg.iva_weight, cfg.tpa_weight, cfg.temperature,
                           cache_temperature=cache_temperature, iva_ratio=cfg.iva_ratio, tpa_weighting=cfg.tpa_weighting,
-                          iva_form=cfg.iva_form, cross_tokenizer=cfg.cross_tokenizer)
+                          iva_form=cfg.iva_form, cross_tokenizer=cfg.cross_tokenizer,
+                          router_aux=adapter.router_aux_coef)  # a MoE student's load-balancing loss, logged
     if not sources and spec.tpa and mixture.tpa_candidates(reader) == "student" and cfg.tpa_weighting != "student":
         # the paper's TPA: the student's sampled alternatives, weighed by the student (the teacher's top-k need not
         # hold them); several caches do the same per batch (mixture.batch_spec)

@@ -338,6 +338,10 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         layer = int(cfg.saliency_layer)
         if not 0 <= layer < adapter.num_layers:
             raise ValueError(f"--saliency-layer {layer} is outside the teacher's {adapter.num_layers} layers")
+        if layer not in adapter.saliency_layers():
+            raise ValueError(f"--saliency-layer {layer} is a sliding-window layer of the {adapter.family} teacher, where "
+                             "the instruction may not see the image: name one of its global layers "
+                             f"{adapter.saliency_layers()}, or auto")
 
     params = {"top_k": cfg.top_k, "tpa_branches": cfg.tpa_branches, "tpa_top_k": cfg.tpa_top_k,
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,

@@ -126,7 +126,7 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
     for layer in layers:  # per pair (pairs of different grids have maps of different lengths), then the mean
         cos = [torch.nn.functional.cosine_similarity(maps[layer][i], maps[layer][j], dim=0) for i, j in pairs]
         curve.append(float(1 - torch.stack(cos).mean()))
-    best = max(layers, key=lambda layer: curve[layer])
+    best = max(adapter.saliency_layers() or layers, key=lambda layer: curve[layer])  # IVA's (Gemma: global layers)
     return {"layer": best, "curve": curve, "pairs": len(pairs), "samples": len(calib) - len(unpaired),
             "random_pairs": fallback,
             "grid_mismatched_pairs_dropped": n_dropped}

@@ -48,7 +48,7 @@ def step_gradients(student: str, cache: str, loss: str, per_micro: int, gc: str 
     spec = get_loss(loss)
     params = reader.params
     layer = student_layer_for(None, params.get("saliency_layer") or 0, params.get("teacher_layers", 1),
-                              adapter.num_layers)
+                              adapter.num_layers, adapter.saliency_layers() if spec.iva else None)
     if trainable is not None or lora is not None:
         from alignti.student_train.trainable import apply_trainable
         apply_trainable(model, adapter, trainable, lora=lora)

@@ -3,14 +3,16 @@
 import pytest
 import torch
 
-from alignti.common.adapters import adapter_for
+from alignti.common.adapters import DEMO_FAMILIES, FAMILIES, adapter_for
 from alignti.common.models import load_vlm
 from tests.helpers import tiny
 
 
-@pytest.mark.parametrize("family, n_image, pos_dims", [("llava", 9, 2), ("qwen2_vl", 9, 3), ("qwen2_5_vl", 9, 3), ("llava_onevision", 21, 2)])
-def test_adapter_spans_positions_and_reload(family, n_image, pos_dims, tmp_path):
+@pytest.mark.parametrize("family", DEMO_FAMILIES)
+def test_adapter_spans_positions_and_reload(family, tmp_path):
     model, proc, adapter, enc = tiny(family, tmp_path, n_images=1, multi_turn_every=2)
+    n_image = FAMILIES[family].kit.image_tokens
+    pos_dims = 3 if hasattr(model.model, "get_rope_index") else 2  # the model's own M-RoPE index: [3, B, S]
     assert model.config.model_type in adapter.model_types
     tok = proc.tokenizer
     for e in enc:

@@ -42,6 +42,9 @@ def test_family_through_the_cli(family, tmp_path):
               "--loss", "alignti", "--max-steps", 2, "--batch-size", 4)
     last = _json(out)["last"]
     assert all(last[k] >= 0 for k in ("sft", "kd", "iva", "tpa"))
+    from transformers import AutoConfig  # a MoE student logs its load-balancing loss beside the distillation terms
+    moe = getattr(AutoConfig.from_pretrained(kit / "student").text_config, "num_experts", None)
+    assert ("router_aux" in last) == bool(moe) and last.get("router_aux", 1.0) > 0
     out = _ok("evaluate", "--model", tmp_path / "run/final", "--data", kit / "data/test.json", "--images",
               kit / "data/images", "--cache", tmp_path / "cache", "--json")
     assert _json(out)["samples"] > 0

@@ -197,3 +197,45 @@ def test_pruned_student_keeps_the_teachers_tensors_bit_for_bit(family, tmp_path)
     unequal = [k for k in s if not torch.equal(s[k], renamed[k])]
     assert not unequal, unequal[:5]
     generate_once(tmp_path / "s")
+
+
+def test_pruned_qwen3_vl_keeps_deepstack_only_where_its_layers_are_kept(tmp_path):
+    """Qwen3-VL's deepstack adds the tower's block-0 features to the image tokens at LM layer 0. A student without
+    that layer drops the feature and its merger, and says so; its logits are the teacher's with deepstack off and
+    layer 0 removed (not the feature added at the kept layer 1, which the pruned model would otherwise do). A tower
+    pruned of the feature's source block is refused by name."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from alignti.student_build.prune import prune_student
+    tok = kit.build_tokenizer("qwen3_vl")
+    proc = kit.build_processor(tok, "qwen3_vl")
+    save_checkpoint(kit.build_model("qwen3_vl", tok, kit.TEACHER, 0), proc, tmp_path / "t")
+    whole = prune_student(str(tmp_path / "t"), "0,1", tmp_path / "all")
+    assert whole["dropped"] == []
+    info = prune_student(str(tmp_path / "t"), "1", tmp_path / "s")
+    assert len(info["dropped"]) == 1 and "vision blocks [0] into LM layers [0] dropped" in info["dropped"][0]
+    student = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").eval()
+    assert student.config.vision_config.deepstack_visual_indexes == []
+    assert len(student.model.visual.deepstack_merger_list) == 0
+    ref = AutoModelForImageTextToText.from_pretrained(tmp_path / "t").eval()
+    ref.model.visual.deepstack_visual_indexes = []  # the tower yields no deepstack features
+    ref.model.language_model.layers = torch.nn.ModuleList([ref.model.language_model.layers[1]])
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}]
+    inputs = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
+                  images=[Image.new("RGB", (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE), (200, 30, 30))], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(student(**inputs).logits, ref(**inputs).logits, rtol=0, atol=1e-6)
+    with pytest.raises(AlignTIError, match=r"drops vision blocks \[0\], which feed deepstack features into LM "
+                                           r"layers \[0\]"):
+        prune_student(str(tmp_path / "t"), "0,1", tmp_path / "v", keep_vision_layers="1")
+
+
+def test_composing_a_family_the_recipe_does_not_cover_is_named(tmp_path):
+    """make-student --vision/--lm for a teacher family outside the composition recipe: refused by name, pointing to
+    --from-teacher, before anything is written."""
+    tok = kit.build_tokenizer("gemma3")
+    save_checkpoint(kit.build_model("gemma3", tok, kit.TEACHER, 0), kit.build_processor(tok, "gemma3"), tmp_path / "t")
+    with pytest.raises(AlignTIError, match=r"teacher at .* is a gemma3: build its student with --from-teacher"):
+        compose_student(str(tmp_path / "v"), str(tmp_path / "l"), str(tmp_path / "t"), tmp_path / "s")
+    assert not (tmp_path / "s").exists()

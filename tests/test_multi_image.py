@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from alignti.common.adapters import FAMILIES
 from alignti.common.cache import CacheReader
 from alignti.common.conversation import encode
 from alignti.common.records import parse_record
@@ -41,7 +42,7 @@ def _two_image_data(kit, path):
     return data
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+@pytest.fixture(scope="module", params=[t for t in FAMILIES if FAMILIES[t].kit and FAMILIES[t].adapter.multi_image])
 def family_kit(request, tmp_path_factory):
     from alignti.demo.kit import make_demo
     out = tmp_path_factory.mktemp(request.param)
@@ -56,7 +57,7 @@ def test_dump_and_train_with_two_images(family_kit, tmp_path):
                             out=str(tmp_path / "c"), irs_samples=4, unit_size=2, progress=False))
     reader = CacheReader(str(tmp_path / "c"))
     assert len(reader) == 4
-    _, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
+    model, proc = load_vlm(str(kit / "teacher"), torch.device("cpu"))
     by_id = {reader[i]["sample_id"]: reader[i] for i in range(len(reader))}
     for item in data:
         x = by_id[item["id"]]
@@ -71,7 +72,7 @@ def test_dump_and_train_with_two_images(family_kit, tmp_path):
         np.testing.assert_array_equal(x["input_ids"], enc.input_ids)
         spans = x["image_spans"]
         assert len(spans) == len(refs) and spans == enc.image_spans
-        image_id = int(proc.tokenizer.convert_tokens_to_ids(proc.image_token))
+        image_id = int(model.config.image_token_id)  # the model's image token (Gemma 3's placeholder is another)
         pos = np.nonzero(x["input_ids"] == image_id)[0]
         assert np.concatenate([np.arange(a, e) for a, e in spans]).tolist() == pos.tolist()
         assert x["n_image_tokens"] == len(pos)

@@ -322,7 +322,7 @@ def test_every_familys_media_tokens_are_refused():
     counts image tokens), through the adapter interface; the encoder's own check catches a literal image token in
     a text-only sample of any family."""
     tok = demo_kit.build_tokenizer("llava_onevision")
-    cfg = demo_kit.build_onevision(tok, demo_kit.STUDENT, 0).config
+    cfg = demo_kit.build_model("llava_onevision", tok, demo_kit.STUDENT, 0).config
     with pytest.raises(DataError, match="llava_onevision family's special token '<video>'"):
         LlavaOnevisionAdapter.check_text(cfg, tok, "v", [("user", "a <video> here"), ("assistant", "ok")])
     qtok = demo_kit.build_tokenizer("qwen2_vl")
@@ -331,7 +331,7 @@ def test_every_familys_media_tokens_are_refused():
     with pytest.raises(DataError, match=r"sample t: its rendered text holds 1 image token"):
         encode(proc, rec, None)
     assert "<|vision_start|>" in Qwen2VLAdapter.media_tokens(
-        demo_kit.build_qwen2vl(qtok, demo_kit.STUDENT, 0).config, qtok)
+        demo_kit.build_model("qwen2_vl", qtok, demo_kit.STUDENT, 0).config, qtok)
 
 
 def test_undecodable_image_is_named_and_skippable(kit, tmp_path):

@@ -150,10 +150,17 @@ def test_kill9_then_same_command_gives_the_same_rows(kit, tmp_path, crash):
 
 
 def _hf_logits(model, ids: torch.Tensor, image_inputs: dict) -> torch.Tensor:
-    """Plain transformers forward of one sequence [1, S] (M-RoPE families get their image-token type ids)."""
+    """Plain transformers forward of one sequence [1, S], with the image-token type ids the family's processor returns
+    beside the ids where its forward reads them (M-RoPE families: ``mm_token_type_ids``; Gemma 3's bidirectional
+    image attention: ``token_type_ids``)."""
+    import inspect
     extra = {}
+    takes = inspect.signature(model.forward).parameters
+    is_image = ids == int(model.config.image_token_id)
     if "image_grid_thw" in image_inputs:
-        extra["mm_token_type_ids"] = (ids == int(model.config.image_token_id)).int()
+        extra["mm_token_type_ids"] = is_image.int()
+    if "token_type_ids" in takes:
+        extra["token_type_ids"] = is_image.long()
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=torch.ones_like(ids), **image_inputs, **extra).logits[0]
 

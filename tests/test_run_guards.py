@@ -264,7 +264,7 @@ def _small_vocab_teacher(kit, out, vocab: int = 48):
         vocab_size=vocab, special_tokens=demo_kit.SPECIAL_TOKENS, initial_alphabet=["\n"], show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>",
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    save_checkpoint(demo_kit.build_llava(fast, demo_kit.TEACHER, 0), demo_kit.build_processor(fast), out)
+    save_checkpoint(demo_kit.build_model("llava", fast, demo_kit.TEACHER, 0), demo_kit.build_processor(fast), out)
     return len(fast)
 
 

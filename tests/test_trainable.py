@@ -15,7 +15,7 @@ from alignti.demo import kit as demo_kit
 from alignti.student_train.trainable import TrainableError, apply_trainable, lora_settings, selected_parameters
 from alignti.student_train.trainer import MEASURED, TrainConfig, train_student
 
-FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = demo_kit.FAMILIES  # every family of the registry with a demo kit
 
 
 def metrics(run):
@@ -48,10 +48,13 @@ def test_groups_are_the_families_modules(family):
     the rest of the vision encoder, the LM everything else; together every parameter, once."""
     model, adapter = tiny_model(family)
     inner = model.model
-    projector = inner.visual.merger if family.startswith("qwen") else inner.multi_modal_projector
-    tower = inner.visual if family.startswith("qwen") else inner.vision_tower
+    # transformers' modules: the projectors, which map vision features into the LM, and the vision encoder they
+    # belong to (Qwen-VL's merger lives inside its `visual` module; Qwen3-VL's deepstack mergers beside it)
+    tower = inner.visual if hasattr(inner, "visual") else inner.vision_tower
+    projectors = ([tower.merger, *getattr(tower, "deepstack_merger_list", [])] if hasattr(tower, "merger")
+                  else [inner.multi_modal_projector])
     ids = {id(p): n for n, p in model.named_parameters()}
-    want = {"projector": {ids[id(p)] for p in projector.parameters()}}
+    want = {"projector": {ids[id(p)] for m in projectors for p in m.parameters()}}
     want["vision"] = {ids[id(p)] for p in tower.parameters()} - want["projector"]
     want["lm"] = set(ids.values()) - want["projector"] - want["vision"]
     assert all(want.values())

@@ -1,0 +1,350 @@
+"""The conformance suite: every family of the registry (common/adapters.py FAMILIES, the rows with a demo kit) against
+the model's own transformers code, on its demo kit saved with save_pretrained and reloaded (tokenizer, processor,
+chat template) — one kit, one dump and one rollout per family per test session.
+
+The references are plain transformers: the checkpoint loaded with ``AutoModelForImageTextToText`` (its default
+attention) and run as ``model(**processor(text=chat_template(messages), images=...))``, the conversation written
+as chat messages here from the LLaVA-format record (not through alignti's conversation code). What each check holds:
+
+* ids: the cached ``input_ids`` are the processor's on the template-rendered conversation (single-turn, multi-turn,
+  multi-image where the family takes several images);
+* top-k: the cached top-k ids, their log-probs, the rest mass and the target's log-prob are the model's own
+  forward's (catches a mask, a position or an image input that alignti builds differently from the model);
+* TPA: each cached next-step distribution is the model's own forward on prefix + candidate, and the candidates are
+  the top-B of the model's distribution at that position (image token excluded);
+* saliency: the cached rows are the softmax attention of the chosen layer, computed by the model with eager
+  attention (``output_attentions``), averaged over heads and instruction queries, over the image tokens;
+* KD step: the gradients of alignti's training step (``--loss kd``: SFT + forward KL on top-k + rest) are plain
+  autograd through the student's own forward on the same samples;
+* rollout: the stored candidates are the top-B of the student's own logits on prompt + generation;
+* make-student --from-teacher builds a student that trains on the cache, and the run folder loads with the plain
+  Auto classes, processor included, and generates.
+
+Tolerances (conftest.py, "Exactness policy"): the dump runs the samples in a padded batch with its own 4-D masks,
+the reference unpadded with the model's: fp32 log-probs move by up to 1e-5, so ids are equal up to near-ties
+(tests/exactness.py) and every value gets 1e-5 on top of its encoding's rounding (float16: 2^-11 relative);
+gradients summed in another order: 1e-5 of the tensor's largest element.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alignti.common.adapters import DEMO_FAMILIES, FAMILIES, adapter_class
+from alignti.common.cache import CacheReader
+from tests.exactness import EPS32, assert_topk_ids_of
+
+FP16_REL = 2.0 ** -11  # float16 keeps 11 significant bits: half an ulp of relative rounding
+FP32_MOVE = 1e-5       # fp32 log-probs of a padded batch with alignti's masks vs the model's own unpadded forward
+
+
+@dataclass
+class Kit:
+    family: str
+    root: Path
+    data: list[dict]
+    cache: CacheReader
+
+    @property
+    def images(self) -> Path:
+        return self.root / "kit/data/images"
+
+
+def _conversations(kit: Path, multi_image: bool) -> list[dict]:
+    """Single-turn, multi-turn and (families that take several images) multi-image samples from the kit's data."""
+    items = json.loads((kit / "data/train.json").read_text())
+    single = [it for it in items if len(it["conversations"]) == 2]
+    multi = dict(single[1], id="multi-turn", conversations=single[1]["conversations"] + [
+        {"from": "human", "value": "Is that certain?"}, {"from": "gpt", "value": "yes"}])
+    out = [single[0], multi]
+    if multi_image:
+        a, b = single[2], single[3]
+        out.append({"id": "two-images", "image": [a["image"], b["image"]], "conversations": [
+            a["conversations"][0], a["conversations"][1],
+            {"from": "human", "value": "<image>\n" + b["conversations"][0]["value"].replace("<image>\n", "")},
+            b["conversations"][1]]})
+    return out
+
+
+@pytest.fixture(scope="session", params=DEMO_FAMILIES)
+def fkit(request, tmp_path_factory) -> Kit:
+    """The family's demo kit (untrained: only the arithmetic matters), its conformance samples and their dump
+    (float16 log-probs in rank order at k = 16, 3 TPA branches with their top 8, saliency at the IRS layer)."""
+    from alignti.demo.kit import make_demo
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    family = request.param
+    root = tmp_path_factory.mktemp(f"conformance_{family}")
+    make_demo(root / "kit", n_train=6, n_val=1, n_test=1, train_teacher=False, family=family)
+    data = _conversations(root / "kit", FAMILIES[family].adapter.multi_image)
+    (root / "data.json").write_text(json.dumps(data))
+    dump_teacher(DumpConfig(teacher=str(root / "kit/teacher"), data=str(root / "data.json"),
+                            images=str(root / "kit/data/images"), out=str(root / "cache"), top_k=16, tpa_top_k=8,
+                            tpa_branches=3, logprob_encoding="float16", irs_samples=len(data), batch_size=8,
+                            progress=False))
+    return Kit(family, root, data, CacheReader(str(root / "cache")))
+
+
+# --- the references: plain transformers ------------------------------------------------------------------------
+def messages_of(item: dict) -> list[dict]:
+    """The LLaVA-format conversation as chat messages: human -> user, gpt -> assistant, each ``<image>`` (and the line
+    break after it) an image part in its place."""
+    msgs = []
+    for c in item["conversations"]:
+        parts = []
+        for j, piece in enumerate(c["value"].split("<image>")):
+            if j:
+                parts.append({"type": "image"})
+                piece = piece[1:] if piece.startswith("\n") else piece
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        msgs.append({"role": "user" if c["from"] == "human" else "assistant", "content": parts})
+    return msgs
+
+
+def own_inputs(proc, item: dict, images: Path) -> dict:
+    """``processor(text=chat_template(messages), images=...)`` for one sample, as a user of transformers calls it."""
+    refs = item["image"] if isinstance(item["image"], list) else [item["image"]]
+    pics = [Image.open(images / r).convert("RGB") for r in refs]
+    text = proc.apply_chat_template(messages_of(item), tokenize=False)
+    return dict(proc(text=[text], images=[pics], return_tensors="pt"))
+
+
+def _auto(folder, **kw):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+    try:
+        proc = AutoProcessor.from_pretrained(folder)
+    except ImportError:  # the video half of some processors needs torchvision; alignti reads the image half
+        from alignti.common.models import load_processor
+        proc = load_processor(str(folder))
+    return model, proc
+
+
+@pytest.fixture(scope="session")
+def teacher_of():
+    loaded = {}
+
+    def get(k: Kit):
+        if k.family not in loaded:
+            loaded[k.family] = _auto(k.root / "kit/teacher")
+        return loaded[k.family]
+    return get
+
+
+def _row(k: Kit, sample_id: str) -> dict:
+    return next(k.cache[i] for i in range(len(k.cache)) if k.cache[i]["sample_id"] == sample_id)
+
+
+def _logprobs(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(**inputs).logits[0].float(), -1)
+
+
+def _seq_keys(inputs: dict) -> list[str]:
+    """The processor outputs laid out along the sequence ([1, S]: ids, mask, token type ids)."""
+    s = inputs["input_ids"].shape
+    return [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape[:2] == s]
+
+
+# --- the checks ------------------------------------------------------------------------------------------------
+def test_ids_are_the_processors_on_the_rendered_conversation(fkit, teacher_of):
+    _, proc = teacher_of(fkit)
+    assert len(fkit.cache) == len(fkit.data)
+    for item in fkit.data:
+        x = _row(fkit, item["id"])
+        want = own_inputs(proc, item, fkit.images)["input_ids"][0].numpy()
+        assert np.array_equal(x["input_ids"], want), item["id"]
+        # the loss sits on each assistant turn's tokens: as many runs of response tokens as assistant turns
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], x["response_mask"].astype(int), [0]])) == 1)
+        assert len(runs) == sum(c["from"] == "gpt" for c in item["conversations"]), item["id"]
+
+
+def _check_topk(x: dict, lp: torch.Tensor, name: str) -> None:
+    """One sample's cached top-k rows against the log-probs ``lp`` [T, V] of the reference at its response tokens."""
+    ids = torch.as_tensor(x["topk_ids"]).long()
+    assert ids.shape[0] == lp.shape[0]
+    assert_topk_ids_of(ids, lp, FP32_MOVE, f"{name} topk_ids")
+    np.testing.assert_allclose(x["topk_logprobs"].astype(np.float64), lp.gather(-1, ids).double().numpy(),
+                               rtol=FP16_REL, atol=FP32_MOVE, err_msg=name)
+    rest = lp.scatter(-1, ids, float("-inf")).logsumexp(-1).numpy()
+    np.testing.assert_allclose(x["tail_logmass"], rest, rtol=0, atol=FP32_MOVE, err_msg=name)
+
+
+def test_topk_and_rest_mass_are_the_models_own_forward(fkit, teacher_of):
+    model, proc = teacher_of(fkit)
+    assert model.config._attn_implementation == model.config.text_config._attn_implementation  # the default
+    for item in fkit.data:
+        x = _row(fkit, item["id"])
+        inputs = own_inputs(proc, item, fkit.images)
+        lp = _logprobs(model, inputs)
+        pos = np.flatnonzero(x["response_mask"])
+        _check_topk(x, lp[pos - 1], item["id"])
+        tgt = torch.as_tensor(x["input_ids"][pos]).long()
+        np.testing.assert_allclose(x["target_logprob"], lp[pos - 1].gather(-1, tgt[:, None])[:, 0].numpy(),
+                                   rtol=0, atol=FP32_MOVE)
+
+
+def test_tpa_distributions_are_the_model_on_prefix_plus_candidate(fkit, teacher_of):
+    model, proc = teacher_of(fkit)
+    image_token = int(model.config.image_token_id)
+    checked = 0
+    for item in fkit.data[:2]:
+        x = _row(fkit, item["id"])
+        inputs = own_inputs(proc, item, fkit.images)
+        lp_main = _logprobs(model, inputs)
+        pos = np.flatnonzero(x["response_mask"])
+        keys = _seq_keys(inputs)
+        tpa_pos = x["tpa_pos"]
+        for r, t in enumerate(tpa_pos[::3]):  # every third TPA row: the branch forwards are the suite's cost
+            r *= 3
+            p = int(pos[t])  # the response token t sits at p; its candidates replace it after prefix [0, p)
+            main = lp_main[p - 1].clone()
+            main[image_token] = float("-inf")
+            assert_topk_ids_of(x["tpa_cand_ids"][r][None], main[None], FP32_MOVE, "tpa_cand_ids")
+            for b, cand in enumerate(x["tpa_cand_ids"][r].tolist()):
+                branch = {k: v for k, v in inputs.items() if k not in keys}
+                for k in keys:
+                    v = inputs[k][:, :p]
+                    last = torch.tensor([[cand if k == "input_ids" else (1 if k == "attention_mask" else 0)]],
+                                        dtype=v.dtype)
+                    branch[k] = torch.cat([v, last], 1)
+                q = _logprobs(model, branch)[-1][None]
+                ids = torch.as_tensor(x["tpa_ids"][r, b])[None].long()
+                assert_topk_ids_of(ids, q, FP32_MOVE, f"{item['id']} tpa row {r} branch {b}")
+                np.testing.assert_allclose(x["tpa_logprobs"][r, b].astype(np.float64),
+                                           q.gather(-1, ids)[0].double().numpy(), rtol=FP16_REL, atol=FP32_MOVE)
+                rest = q.scatter(-1, ids, float("-inf")).logsumexp(-1)[0]
+                np.testing.assert_allclose(x["tpa_tail"][r, b], float(rest), rtol=0, atol=FP32_MOVE)
+                checked += 1
+    assert checked >= 6
+
+
+def test_saliency_is_the_eager_attention_of_the_chosen_layer(fkit):
+    model, proc = _auto(fkit.root / "kit/teacher", attn_implementation="eager")
+    layer = int(fkit.cache.params["saliency_layer"])
+    for item in fkit.data:
+        x = _row(fkit, item["id"])
+        inputs = own_inputs(proc, item, fkit.images)
+        with torch.no_grad():
+            att = model(**inputs, output_attentions=True).attentions[layer][0]
+        cols = np.flatnonzero(inputs["input_ids"][0].numpy() == int(model.config.image_token_id))  # the model's
+        assert np.array_equal(cols, np.concatenate([np.arange(s, e) for s, e in x["image_spans"]]))  # the cache's
+        rows = []
+        for qs, qe in x["instr_spans"]:
+            a = att[:, qs:qe][:, :, cols].mean(0).mean(0).double()
+            rows.append((a / a.sum()).numpy())
+        np.testing.assert_allclose(x["saliency"].astype(np.float64), np.stack(rows), rtol=FP16_REL, atol=FP32_MOVE,
+                                   err_msg=item["id"])
+
+
+def test_kd_step_gradients_are_plain_autograd(fkit):
+    """alignti's step (loss kd, memory-flat head, its own masks and positions) against autograd of SFT + forward
+    KL(teacher top-k + rest || student on the same buckets) through the student's own forward; a MoE student adds
+    its load-balancing loss as the model's own training loss does (the library's ``load_balancing_loss_func`` over
+    the step's tokens, times the config's ``router_aux_loss_coef``)."""
+    import sys
+    from tests.grad_probe import step_gradients
+    student = fkit.root / "kit/student"
+    got = step_gradients(str(student), str(fkit.root / "cache"), "kd", per_micro=8)
+    model, proc = _auto(student)
+    model.train()
+    moe = getattr(model.config.text_config, "num_experts", None)
+    n_tokens = sum(int(_row(fkit, it["id"])["response_mask"].sum()) for it in fkit.data)
+    total, routers = 0.0, []
+    for item in fkit.data:
+        x = _row(fkit, item["id"])
+        out = model(**own_inputs(proc, item, fkit.images), **({"output_router_logits": True} if moe else {}))
+        routers.append(out.router_logits if moe else None)
+        pos = np.flatnonzero(x["response_mask"])
+        ls = torch.log_softmax(out.logits[0].float(), -1)[pos - 1]
+        ids = torch.as_tensor(x["topk_ids"]).long()
+        sft = -ls.gather(-1, torch.as_tensor(x["input_ids"][pos]).long()[:, None]).sum()
+        lt = torch.log_softmax(torch.cat([torch.as_tensor(x["topk_logprobs"]).float(),
+                                          torch.as_tensor(x["tail_logmass"]).float()[:, None]], -1), -1)
+        lsb = torch.cat([ls.gather(-1, ids), ls.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)], -1)
+        total = total + ((lt.exp() * (lt - lsb)).sum() + sft) / n_tokens
+    if moe:  # one micro-batch: the load-balancing loss over all its tokens
+        balance = sys.modules[type(model).__module__].load_balancing_loss_func
+        layers = tuple(torch.cat(per_layer) for per_layer in zip(*routers))
+        cfg = model.config.text_config
+        total = total + cfg.router_aux_loss_coef * balance(layers, cfg.num_experts, cfg.num_experts_per_tok)
+    total.backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) <= set(want) and len(got) > 0
+    for n, g in got.items():
+        scale = float(want[n].abs().max())
+        torch.testing.assert_close(g, want[n], rtol=0, atol=1e-5 * scale + EPS32, msg=n)
+    assert any(float(g.abs().max()) > 0 for g in got.values())
+
+
+def test_rollout_candidates_are_the_top_b_of_the_generations_logits(fkit, tmp_path):
+    from tests.test_rollout import _check_candidates, _rollout
+    _rollout(fkit.root / "kit", fkit.root / "data.json", tmp_path / "r", temperature=1.3, top_b=4, max_new_tokens=4)
+    assert _check_candidates(fkit.root / "kit", tmp_path / "r", fkit.images) >= 4
+
+
+def test_pruned_student_trains_and_its_run_loads_with_the_auto_classes(fkit, tmp_path):
+    from alignti.student_build.prune import prune_student
+    from alignti.student_train.trainer import TrainConfig, train_student
+    from tests.helpers import generate_once
+    from transformers import AutoConfig
+    types = getattr(AutoConfig.from_pretrained(fkit.root / "kit/teacher").text_config, "layer_types", None) or []
+    keep = next((i for i, t in enumerate(types) if t != "sliding_attention"), 0)  # IVA needs a global layer
+    info = prune_student(str(fkit.root / "kit/teacher"), str(keep), tmp_path / "student")
+    assert info["student_params"] < info.get("teacher_params", float("inf"))
+    run = train_student(TrainConfig(student=str(tmp_path / "student"), cache=str(fkit.root / "cache"),
+                                    out=str(tmp_path / "run"), loss="alignti", max_steps=2, batch_size=4,
+                                    progress=False))
+    generate_once(run["final"])
+
+
+# --- the registry ----------------------------------------------------------------------------------------------
+def test_every_model_type_of_the_registry_has_its_adapter_and_transformers_class():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    for model_type, fam in FAMILIES.items():
+        assert adapter_class(model_type) is fam.adapter and model_type in fam.adapter.model_types
+        assert model_type in CONFIG_MAPPING and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        if fam.kit is not None:
+            assert fam.kit.chat_template and fam.kit.image_tokens > 0
+
+
+
+def test_the_readme_table_is_the_registry():
+    from alignti.common.adapters import families_table
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("<!-- families-table")
+    block = text[text.index("\n", start) + 1:text.index("<!-- /families-table -->")].strip()
+    assert block == families_table(), "README's families table differs from the registry: paste families_table()"
+
+
+def test_sliding_layers_are_refused_for_saliency():
+    """IVA's saliency comes from a layer whose attention reaches every earlier token: a Gemma 3 sliding-window layer
+    is refused by name, a student without a global layer too, and the proportional choice lands on a global one."""
+    from alignti.student_train.trainer import student_layer_for
+    assert student_layer_for(None, 1, 2, 4, allowed=[1, 3]) == 1
+    assert student_layer_for(None, 0, 2, 2, allowed=[1]) == 1
+    with pytest.raises(ValueError, match="sliding-window layer of the student"):
+        student_layer_for(0, 1, 2, 2, allowed=[1])
+    with pytest.raises(ValueError, match="no global-attention layer"):
+        student_layer_for(None, 1, 2, 1, allowed=[])
+
+
+def test_dump_refuses_a_sliding_saliency_layer(tmp_path):
+    from alignti.demo.kit import make_demo
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    if "gemma3" not in DEMO_FAMILIES:
+        pytest.skip("no sliding-window family in the registry")
+    make_demo(tmp_path / "kit", n_train=2, n_val=1, n_test=1, train_teacher=False, family="gemma3")
+    with pytest.raises(ValueError, match=r"--saliency-layer 0 is a sliding-window layer of the gemma3 teacher.*\[1\]"):
+        dump_teacher(DumpConfig(teacher=str(tmp_path / "kit/teacher"), data=str(tmp_path / "kit/data/train.json"),
+                                images=str(tmp_path / "kit/data/images"), out=str(tmp_path / "c"), saliency_layer="0",
+                                progress=False))
+    assert not (tmp_path / "c" / "manifest.json").exists()
