@@ -26,7 +26,7 @@ encoding's serializer and compressors, chunks of up to 4,096 rows) and measured 
 KL(P || Q) over the full vocabulary, P the teacher's full distribution, Q what the cache stores: the decoded
 top-k renormalised with the exact rest mass (``common.losses.fold_teacher``, as the loss reads it), the rest mass
 spread evenly over the other V - k tokens. The loss itself never sees inside the rest bucket (it folds the student
-too), so the part of this KL due to truncation is the chain-rule gap of common/losses.py; the encoding adds the
+too), so the part of this KL due to truncation is the chain-rule gap of common/losses/divergences.py; the encoding adds the
 rest. ``fold err`` is KL(exact fold || decoded fold), the encoding's own error.
 
 Run: nice -n 5 python bench/real_lm.py [--sets image,text,prose] [--reuse] (--reuse: the teacher's log-probs saved in

@@ -49,7 +49,7 @@ log = logging.getLogger("alignti.train")
 TPA_KEYS = ("tpa_pos", "tpa_cand_ids", "tpa_ids", "tpa_logprobs", "tpa_tail")
 # cross-tokenizer KD terms the train-student command does not offer, and why: measured on shipped tokenizers
 # (bench/cross_tokenizer_real.py: the llava-1.5-7b-hf tokenizer's teacher, a Qwen2-BPE student, against the same run
-# at --kd-weight 0; bench/README.md). The loss functions stay (common/losses.py) for the benches that measure them.
+# at --kd-weight 0; bench/README.md). The loss functions stay (common/losses/cross.py) for the benches that measure them.
 NOT_OFFERED = {
     "uld": "ULD compares the two distributions' probabilities sorted by rank, with no token identity, so it raises "
            "whatever token the student already ranks first: on shipped tokenizers (LLaVA-1.5's Llama-2 teacher, a "

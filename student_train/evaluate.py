@@ -42,7 +42,7 @@ def cache_kl(model, processor, cache: str, ids: set[str] | None = None, batch_si
 
     This is the *folded* (k+1)-way KL: both distributions collapsed onto the teacher's top-k ids plus one rest
     bucket. By the chain rule it is a lower bound on the full-vocabulary KL, short by P_T(rest) * KL(P_T(.|rest) ||
-    P_S(.|rest)) per token (common/losses.py), so it says little where the teacher's rest mass is large. With
+    P_S(.|rest)) per token (common/losses/divergences.py), so it says little where the teacher's rest mass is large. With
     ``stats`` (a dict), also fills ``stats["rest_mass"]``: the mean over the same tokens of the teacher's rest
     mass exp(tail_logmass), the share of the distribution the bound cannot see."""
     reader = CacheReader(cache)

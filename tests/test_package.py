@@ -30,7 +30,7 @@ def test_wheel_installs_one_top_level_package(tmp_path):
     names = zipfile.ZipFile(whl).namelist()
     import alignti
     assert {n.split("/")[0] for n in names} == {"alignti", f"alignti-{alignti.__version__}.dist-info"}
-    for module in ["alignti/__init__.py", "alignti/__main__.py", "alignti/cli.py", "alignti/common/losses.py",
+    for module in ["alignti/__init__.py", "alignti/__main__.py", "alignti/cli.py", "alignti/common/losses/__init__.py", "alignti/common/losses/head.py",
                    "alignti/teacher_dump/dump.py", "alignti/student_train/trainer.py", "alignti/demo/quickstart.py",
                    "alignti/student_build/compose.py", "alignti/common/saving.py"]:
         assert module in names, module
