@@ -78,7 +78,8 @@ def cut(qkit, tmp_path_factory):
     handler.emit = lambda rec: records.append(rec.getMessage())
     log = logging.getLogger("alignti.rollout")
     log.addHandler(handler)
-    level, log.level = log.level, logging.INFO
+    level = log.level
+    log.setLevel(logging.INFO)  # setLevel, not .level =: it clears the logger's cached isEnabledFor answers
     try:
         m = _rollout(qkit, student, tmp / "r")
     finally:
