@@ -216,7 +216,7 @@ def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor
     the one-forward tree layout, without recomputing the main sequence). ``branch_pos``: per sample the
     response positions that get branches (default: all). Returns [N, B, H]."""
     if not adapter.tpa_tree_mask:
-        return direct_branch_hidden(adapter, main.embeds, main.position_ids, cands,
+        return replay_branch_hidden(adapter, main.embeds, main.position_ids, cands,
                                     branch_pos if branch_pos is not None else batch["resp_pos"])
     model = adapter.model
     dtype = next(model.parameters()).dtype
@@ -230,6 +230,47 @@ def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor
         out = adapter.forward(br.ids, {}, additive(allowed, dtype), pos, cache=main.cache, use_cache=True)
     h = out.last_hidden_state
     return h[br.valid].view(-1, br.n_branch, h.shape[-1])
+
+
+@torch.no_grad()
+def replay_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Tensor, cands: list[torch.Tensor],
+                         branch_pos: list[torch.Tensor]) -> torch.Tensor:
+    """Teacher side of TPA without masks (no gradient): ``direct_branch_hidden``'s result, from the model's own cache
+    instead of one forward per (position, candidate). Per sample, the prefix runs through the language model in
+    segments that end at each selected position t (the decoder's own cache carries the attention KV, the Gated
+    DeltaNet recurrent and conv states, LFM2's conv states from one segment to the next); at t the cache is copied,
+    repeated to the n_branch candidates (``Cache.reorder_cache``) and the candidates run as one-token continuations on
+    the copy, so no branch token enters the sequence's state. Cost: one forward of each prefix up to its last selected
+    position (in segments) plus n_branch one-token steps per position. Same arguments and result as
+    ``direct_branch_hidden``; ``branch_pos[b]`` ascending (``tpa_layout``'s order)."""
+    import copy
+
+    from transformers import DynamicCache
+    lm = adapter.language_model
+    n_branch = cands[0].shape[-1]
+    emb_layer = adapter.model.get_input_embeddings()
+    mrope = position_ids.dim() == 3
+    rep = torch.zeros(n_branch, dtype=torch.long, device=embeds.device)
+    out = []
+    for b, (c, p) in enumerate(zip(cands, branch_pos)):
+        ts = p.tolist()
+        if ts != sorted(ts):
+            raise ValueError("replay_branch_hidden needs each sample's branch positions in ascending order")
+        cache, prev = DynamicCache(config=lm.config), 0
+        for j, t in enumerate(ts):
+            if t > prev:
+                seg = position_ids[:, b:b + 1, prev:t] if mrope else position_ids[b:b + 1, prev:t]
+                lm(inputs_embeds=embeds[b:b + 1, prev:t], position_ids=seg, cache=cache, use_cache=True)
+                prev = t
+            fork = copy.deepcopy(cache)
+            fork.reorder_cache(rep)
+            at = (position_ids[:, b:b + 1, t:t + 1].expand(-1, n_branch, -1) if mrope else
+                  position_ids[b:b + 1, t:t + 1].expand(n_branch, -1))
+            x = emb_layer(c[j].long().to(embeds.device)).to(embeds.dtype)[:, None]
+            out.append(lm(inputs_embeds=x, position_ids=at, cache=fork, use_cache=True).last_hidden_state[:, 0])
+    if not out:
+        return embeds.new_zeros(0, n_branch, embeds.shape[-1])
+    return torch.stack(out)
 
 
 def lm_head(adapter) -> torch.nn.Module:
