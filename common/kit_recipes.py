@@ -231,7 +231,8 @@ QWEN3_VL_MOE_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOK
 
 # ---- Qwen3.5 (Qwen3-VL's tower without deepstack, a hybrid decoder: Gated DeltaNet and full attention) ----------
 def _qwen3_5_config(tokenizer, text: dict, image_size: int, patch: int = PATCH, moe: bool = False):
-    """Layer 0 Gated DeltaNet (``linear_attention``), layer 1 ``full_attention`` (3:1 at real size): both kinds are
+    """Layer 0 Gated DeltaNet (``linear_attention``), layer 1 ``full_attention`` (3:1 from 4 layers, as the released
+    checkpoints interleave them): both kinds are
     exercised, and one full-attention layer is left for IVA's saliency. ``moe``: every MLP a sparse MoE block
     (4 experts, 2 per token) with a shared expert."""
     from transformers import Qwen3_5Config, Qwen3_5MoeConfig
@@ -246,7 +247,8 @@ def _qwen3_5_config(tokenizer, text: dict, image_size: int, patch: int = PATCH, 
               bos_token_id=None, eos_token_id=eos, head_dim=head_dim, tie_word_embeddings=False,
               linear_conv_kernel_dim=4, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
               linear_num_key_heads=text["num_key_value_heads"], linear_num_value_heads=text["num_attention_heads"],
-              layer_types=["full_attention" if (i + 1) % 2 == 0 else "linear_attention" for i in range(n)],
+              layer_types=["full_attention" if (i + 1) % (4 if n >= 4 else 2) == 0 else "linear_attention"
+                           for i in range(n)],
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
                                "mrope_section": _mrope_section(text), "partial_rotary_factor": 1.0},
               **text)
