@@ -39,15 +39,16 @@ def big_teacher(kit: Path, out: Path, hidden: int, layers: int, patch: int, fami
     """The demo teacher's family and processor with a larger language model (realistic forward cost)."""
     if (out / "config.json").exists():
         return out
-    from transformers import AutoProcessor
+    from alignti.common.models import load_processor
+    from alignti.common.saving import save_processor
     from alignti.demo.kit import build_model
-    proc = AutoProcessor.from_pretrained(kit / "teacher")
+    proc = load_processor(str(kit / "teacher"))  # image-only: the video half of some needs torchvision
     model = build_model(family, proc.tokenizer, dict(hidden_size=hidden, intermediate_size=4 * hidden,
                                                        num_hidden_layers=layers, num_attention_heads=8,
                                                        num_key_value_heads=8), 0,
                         patch if family == "llava" else None)
     model.save_pretrained(out)
-    proc.save_pretrained(out)
+    save_processor(proc, out)
     return out
 
 
@@ -111,6 +112,8 @@ def main():
     plain()
     sync(device)
     t_plain = time.perf_counter() - t0
+    allowed = adapter_class(model.config.model_type)(model).saliency_layers() or [a.layers // 2]
+    sal_layer = str(min(allowed, key=lambda x: (abs(x - a.layers // 2), x)))  # a global layer (Gemma 3)
     del model
 
     writer_s = [0.0]
@@ -126,8 +129,8 @@ def main():
     dump_module._write_unit = timed_write
     rows, ratios, walls = [], {}, {}
     configs = [("top-k only", dict(tpa_branches=0, saliency_layer="none")),
-               ("top-k + saliency", dict(tpa_branches=0, saliency_layer=str(a.layers // 2))),
-               ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=str(a.layers // 2)))]
+               ("top-k + saliency", dict(tpa_branches=0, saliency_layer=sal_layer)),
+               ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=sal_layer))]
     k_used = None
     for name, kw in configs:
         for enc in encodings:
