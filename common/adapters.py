@@ -14,8 +14,12 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import (GEMMA3_KIT, LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_VL_KIT,
-                          QWEN3_VL_MOE_KIT, KitRecipe)
+from .kit_recipes import (GEMMA3_KIT, LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT,
+                          QWEN3_5_MOE_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, KitRecipe)
+
+
+# the ``layer_types`` of softmax-attention layers (the rest: linear attention, convolutions, state-space layers)
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 class ModelAdapter:
@@ -92,18 +96,38 @@ class ModelAdapter:
     def num_layers(self) -> int:
         return len(self.decoder_layers())
 
-    def saliency_layers(self) -> list[int]:
-        """The decoder layers IVA's saliency may come from (select-layer's choice, an explicit --saliency-layer):
-        those whose attention reaches every earlier token. All layers, except a sliding-window layer, whose window
-        may leave the image out of an instruction's sight (Gemma 3's ``layer_types``); empty when every layer is one."""
+    def layer_types(self) -> list[str]:
+        """Each decoder layer's kind, from the text config's ``layer_types`` (``full_attention``, Gemma 3's
+        ``sliding_attention``, Qwen3.5's Gated DeltaNet ``linear_attention``, LFM2's short-convolution ``conv``);
+        ``full_attention`` for every layer where the config lists none."""
         types = getattr(self.text_config, "layer_types", None)
         n = self.num_layers
-        if not isinstance(types, list) or len(types) != n:
-            return list(range(n))
-        return [i for i, t in enumerate(types) if t != "sliding_attention"]
+        if not isinstance(types, (list, tuple)) or len(types) != n:
+            return ["full_attention"] * n
+        return list(types)
 
-    def attention_modules(self) -> list[nn.Module]:
-        return [layer.self_attn for layer in self.decoder_layers()]
+    @property
+    def tpa_tree_mask(self) -> bool:
+        """How TPA's next-step distributions after each candidate are computed, chosen here from the layer types:
+        True when every decoder layer is softmax attention (full or sliding), which takes the tree-shaped 4-D mask
+        (branch tokens appended to the sequence, each seeing only its prefix: common/attention.py). False for hybrid
+        decoders (Qwen3.5's Gated DeltaNet, LFM2's short convolutions): a recurrent or convolutional layer takes no
+        mask, so a branch token in the sequence would flow into every later token's state; their branches run as
+        one-token continuations of their own prefix instead (common/batch.py ``direct_branch_hidden``)."""
+        return all(t in ATTENTION_LAYER_TYPES for t in self.layer_types())
+
+    def saliency_layers(self) -> list[int]:
+        """The decoder layers IVA's saliency may come from (select-layer's choice, an explicit --saliency-layer):
+        softmax-attention layers that see every earlier token (``layer_types`` ``full_attention``). Not a
+        sliding-window layer, whose window may leave the image out of an instruction's sight (Gemma 3), nor a
+        linear-attention or convolution layer, which has no attention probabilities (Qwen3.5, LFM2); empty when no
+        layer is left."""
+        return [i for i, t in enumerate(self.layer_types()) if t == "full_attention"]
+
+    def attention_modules(self) -> list[nn.Module | None]:
+        """Each decoder layer's softmax-attention module, None for a layer that has none (a linear-attention or
+        convolution layer of a hybrid decoder), indexed by layer."""
+        return [getattr(layer, "self_attn", None) for layer in self.decoder_layers()]
 
     @property
     def image_token_id(self) -> int:
@@ -316,6 +340,30 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
         return load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok, rows_valid.long())
 
 
+class Qwen3_5Adapter(Qwen2VLAdapter):
+    """Qwen3.5: Qwen3-VL's processor and M-RoPE index (no deepstack), a hybrid decoder of Gated DeltaNet layers
+    (``linear_attention``: a recurrent state and a short causal convolution, no mask) and a minority of softmax
+    ``full_attention`` layers (``text_config.layer_types``). Hence, from ``layer_types`` (ModelAdapter): TPA without
+    the tree mask (``tpa_tree_mask`` False) and IVA's saliency from the full-attention layers only."""
+    family = "qwen3_5"
+
+
+class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+    """Qwen3.5-MoE: Qwen3.5 with sparse mixture-of-experts MLPs; in training the load-balancing loss of the family's
+    own ``load_balancing_loss_func`` (as Qwen3VLMoeAdapter's)."""
+    family = "qwen3_5_moe"
+    forward = Qwen3VLMoeAdapter.forward
+    router_aux_coef = Qwen3VLMoeAdapter.router_aux_coef
+
+    def router_aux_loss(self, out, rows_valid):
+        logits = getattr(out, "router_logits", None)
+        if not logits:
+            return None
+        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import load_balancing_loss_func
+        cfg = self.text_config
+        return load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok, rows_valid.long())
+
+
 class Gemma3Adapter(ModelAdapter):
     """Gemma 3: SigLIP tower, average-pooled projector, a decoder of sliding-window and global layers
     (``text_config.layer_types``) whose image tokens attend to each other bidirectionally within an image.
@@ -408,6 +456,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3_vl", Qwen3VLAdapter, QWEN3_VL_KIT, "qwen3_vl"),
     Family("qwen3_vl_moe", Qwen3VLMoeAdapter, QWEN3_VL_MOE_KIT, "qwen3_vl"),
     Family("gemma3", Gemma3Adapter, GEMMA3_KIT, "gemma3"),
+    Family("qwen3_5", Qwen3_5Adapter, QWEN3_5_KIT),
+    Family("qwen3_5_moe", Qwen3_5MoeAdapter, QWEN3_5_MOE_KIT),
 )}
 # the model types with a demo kit (make-demo --family), in the registry's order
 DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)

@@ -229,6 +229,47 @@ QWEN3_VL_MOE_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOK
                              config=_qwen3_vl_moe_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9)
 
 
+# ---- Qwen3.5 (Qwen3-VL's tower without deepstack, a hybrid decoder: Gated DeltaNet and full attention) ----------
+def _qwen3_5_config(tokenizer, text: dict, image_size: int, patch: int = PATCH, moe: bool = False):
+    """Layer 0 Gated DeltaNet (``linear_attention``), layer 1 ``full_attention`` (3:1 from 4 layers, as the released
+    checkpoints interleave them): both kinds are
+    exercised, and one full-attention layer is left for IVA's saliency. ``moe``: every MLP a sparse MoE block
+    (4 experts, 2 per token) with a shared expert."""
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    n = text["num_hidden_layers"]
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=text["hidden_size"],
+                  patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=(image_size // QWEN_PATCH) ** 2)
+    lm = dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+              bos_token_id=None, eos_token_id=eos, head_dim=head_dim, tie_word_embeddings=False,
+              linear_conv_kernel_dim=4, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+              linear_num_key_heads=text["num_key_value_heads"], linear_num_value_heads=text["num_attention_heads"],
+              layer_types=["full_attention" if (i + 1) % (4 if n >= 4 else 2) == 0 else "linear_attention"
+                           for i in range(n)],
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                               "mrope_section": _mrope_section(text), "partial_rotary_factor": 1.0},
+              **text)
+    if moe:
+        lm.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=max(text["intermediate_size"] // 4, 8),
+                  shared_expert_intermediate_size=max(text["intermediate_size"] // 4, 8))
+        lm.pop("intermediate_size")
+    return (Qwen3_5MoeConfig if moe else Qwen3_5Config)(text_config=lm, vision_config=vision,
+                                                          tie_word_embeddings=False, **_qwen_ids(tokenizer))
+
+
+def _qwen3_5_moe_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    return _qwen3_5_config(tokenizer, text, image_size, patch, moe=True)
+
+
+QWEN3_5_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
+                        config=_qwen3_5_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9)
+QWEN3_5_MOE_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
+                            config=_qwen3_5_moe_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9)
+
+
 # ---- Gemma 3 (SigLIP tower, avg-pooled projector, Gemma 3 LM: sliding-window and global layers, bidirectional
 # attention among each image's tokens) -------------------------------------------------------------------------
 GEMMA_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",

@@ -70,7 +70,13 @@ def prune_model(model, keep: list[int], keep_vision: list[int] | None = None) ->
     (``ModelAdapter.prune_layers``: Qwen3-VL's deepstack). Returns the family's notes on what else was dropped."""
     from alignti.common.adapters import adapter_class
     notes = _prune_stacks(model, keep, keep_vision)
-    return notes + adapter_class(model.config.model_type).prune_layers(model, keep, keep_vision)
+    cls = adapter_class(model.config.model_type)
+    notes += cls.prune_layers(model, keep, keep_vision)
+    if not cls(model).saliency_layers():
+        types = sorted(set(cls(model).layer_types()))
+        notes.append(f"no full-attention layer is left for IVA's saliency (the kept layers {keep} are {', '.join(types)} "
+                     "layers): train this student with --loss kd or kd+tpa, or keep a full-attention layer")
+    return notes
 
 
 def _prune_stacks(model, keep: list[int], keep_vision: list[int] | None) -> list[str]:

@@ -144,13 +144,14 @@ def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_
     layers; None: any). ValueError for a layer outside the student or not allowed, or no allowed layer at all."""
     if allowed is not None and not allowed:
         raise ValueError("the student has no global-attention layer for IVA's saliency (every kept layer is a "
-                         "sliding-window one): keep one (make-student --keep-layers), or train without IVA (--loss kd "
+                         "sliding-window, linear-attention or convolution one): keep one (make-student --keep-layers), or train without IVA (--loss kd "
                          "or kd+tpa)")
     if cfg_layer is not None:
         if not 0 <= cfg_layer < student_layers:
             raise ValueError(f"--student-layer {cfg_layer} is outside the student's {student_layers} layers")
         if allowed is not None and cfg_layer not in allowed:
-            raise ValueError(f"--student-layer {cfg_layer} is a sliding-window layer of the student: name one of its "
+            raise ValueError(f"--student-layer {cfg_layer} is not a global-attention layer of the student (a sliding-window, "
+                             "linear-attention or convolution one): name one of its "
                              f"global layers {allowed}")
         return cfg_layer
     layer = min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))

@@ -339,9 +339,12 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         if not 0 <= layer < adapter.num_layers:
             raise ValueError(f"--saliency-layer {layer} is outside the teacher's {adapter.num_layers} layers")
         if layer not in adapter.saliency_layers():
-            raise ValueError(f"--saliency-layer {layer} is a sliding-window layer of the {adapter.family} teacher, where "
-                             "the instruction may not see the image: name one of its global layers "
-                             f"{adapter.saliency_layers()}, or auto")
+            kind = adapter.layer_types()[layer]
+            why = ("a sliding-window layer of the {f} teacher, where the instruction may not see the image"
+                   if kind == "sliding_attention" else
+                   "a {k} layer of the {f} teacher, which has no attention probabilities to read saliency from")
+            raise ValueError(f"--saliency-layer {layer} is {why.format(f=adapter.family, k=kind)}: name one of its "
+                             f"global layers {adapter.saliency_layers()}, or auto")
 
     params = {"top_k": cfg.top_k, "tpa_branches": cfg.tpa_branches, "tpa_top_k": cfg.tpa_top_k,
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,

@@ -95,7 +95,8 @@ def calibration_subset(records: list[Record], n: int, seed: int = 0) -> list[Rec
 def select_layer(model, processor, records: list[Record], images: str, n_samples: int = 256, batch_size: int = 8,
                  progress: bool = True, query: str = "instruction") -> dict:
     adapter = adapter_for(model)
-    layers = list(range(adapter.num_layers))
+    # the layers with softmax attention (a hybrid decoder's linear-attention / convolution layers have no map)
+    layers = [i for i, m in enumerate(adapter.attention_modules()) if m is not None]
     calib = calibration_subset([r for r in records if r.image], n_samples)
     if len(calib) < 2:
         raise ValueError("select-layer needs at least two samples with images")
@@ -106,7 +107,7 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
     pairs, fallback = make_pairs(calib)
     # a pair's maps compare token by token, so both must cover the same image grid: with dynamic resolution
     # (Qwen2-VL) images of other sizes have other grids; pairs that share an image always match
-    same = [(a, b) for a, b in pairs if len(maps[0][a]) == len(maps[0][b])]
+    same = [(a, b) for a, b in pairs if len(maps[layers[0]][a]) == len(maps[layers[0]][b])]
     if fallback:
         log.warning("no image is asked about with two different instructions: IRS uses random pairs")
     if len(same) < len(pairs):
@@ -122,10 +123,10 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
         raise ValueError("select-layer found no two calibration samples with images of the same grid (image "
                          "size), so no attention maps to compare: ask two questions about one image in the data, "
                          "or pass --saliency-layer N (a layer index) instead of auto")
-    curve = []
+    curve: list[float | None] = [None] * adapter.num_layers  # None: a layer without attention probabilities
     for layer in layers:  # per pair (pairs of different grids have maps of different lengths), then the mean
         cos = [torch.nn.functional.cosine_similarity(maps[layer][i], maps[layer][j], dim=0) for i, j in pairs]
-        curve.append(float(1 - torch.stack(cos).mean()))
+        curve[layer] = float(1 - torch.stack(cos).mean())
     best = max(adapter.saliency_layers() or layers, key=lambda layer: curve[layer])  # IVA's (Gemma: global layers)
     return {"layer": best, "curve": curve, "pairs": len(pairs), "samples": len(calib) - len(unpaired),
             "random_pairs": fallback,
@@ -154,9 +155,12 @@ def select_layer_command(teacher: str, data: str, images: str | None, samples: i
 
 
 def render_curve(irs: dict, width: int = 40) -> str:
-    top = max(irs["curve"]) or 1.0
+    top = max(v for v in irs["curve"] if v is not None) or 1.0
     lines = ["layer  IRS       ", "-----  --------"]
     for layer, v in enumerate(irs["curve"]):
+        if v is None:
+            lines.append(f"{layer:5d}  {'-':>8}  (no attention: linear-attention or convolution layer)")
+            continue
         mark = "  <- l*" if layer == irs["layer"] else ""
         lines.append(f"{layer:5d}  {v:8.5f}  {'#' * max(0, round(width * v / top))}{mark}")
     lines.append(f"l* = {irs['layer']} ({irs['pairs']} pairs over {irs['samples']} samples"
@@ -172,7 +176,7 @@ def save_plot(irs: dict, path: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(range(len(irs["curve"])), irs["curve"], marker="o")
+    ax.plot(range(len(irs["curve"])), [float("nan") if v is None else v for v in irs["curve"]], marker="o")
     ax.axvline(irs["layer"], ls="--", c="gray")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("IRS")

@@ -192,7 +192,11 @@ def test_topk_and_rest_mass_are_the_models_own_forward(fkit, teacher_of):
 
 
 def test_tpa_distributions_are_the_model_on_prefix_plus_candidate(fkit, teacher_of):
-    model, proc = teacher_of(fkit)
+    _check_tpa(fkit, *teacher_of(fkit))
+
+
+def _check_tpa(fkit: Kit, model, proc) -> None:
+    """Each cached TPA row (every third) against the model's own forward on prefix + candidate."""
     image_token = int(model.config.image_token_id)
     checked = 0
     for item in fkit.data[:2]:
@@ -226,14 +230,37 @@ def test_tpa_distributions_are_the_model_on_prefix_plus_candidate(fkit, teacher_
     assert checked >= 6
 
 
+def test_tree_mask_forced_on_a_hybrid_decoder_is_caught(fkit, teacher_of, tmp_path, monkeypatch):
+    """The leak the mask-free path exists for: with the tree-mask path forced on a hybrid decoder (a linear-attention
+    or convolution layer takes no mask), the branch tokens flow into the sequence's recurrent / conv states and the
+    cached branch distributions are no longer the model on prefix + candidate; the TPA check above says so."""
+    from alignti.common.adapters import ModelAdapter
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    model, proc = teacher_of(fkit)
+    if ModelAdapter(model).tpa_tree_mask:
+        pytest.skip("an attention-only decoder: the tree mask is its TPA path")
+    monkeypatch.setattr(ModelAdapter, "tpa_tree_mask", property(lambda self: True))
+    dump_teacher(DumpConfig(teacher=str(fkit.root / "kit/teacher"), data=str(fkit.root / "data.json"),
+                            images=str(fkit.images), out=str(tmp_path / "cache"), top_k=16, tpa_top_k=8,
+                            tpa_branches=3, logprob_encoding="float16", saliency_layer="none", batch_size=8,
+                            progress=False))
+    leaky = Kit(fkit.family, fkit.root, fkit.data, CacheReader(str(tmp_path / "cache")))
+    with pytest.raises(AssertionError):
+        _check_tpa(leaky, model, proc)
+
+
 def test_saliency_is_the_eager_attention_of_the_chosen_layer(fkit):
     model, proc = _auto(fkit.root / "kit/teacher", attn_implementation="eager")
     layer = int(fkit.cache.params["saliency_layer"])
+    # the model returns the attention of its softmax-attention layers only (a hybrid decoder's linear-attention and
+    # convolution layers have none): the chosen layer's place among them
+    at = sum(hasattr(m, "self_attn") for m in model.model.language_model.layers[:layer])
+    assert hasattr(model.model.language_model.layers[layer], "self_attn")
     for item in fkit.data:
         x = _row(fkit, item["id"])
         inputs = own_inputs(proc, item, fkit.images)
         with torch.no_grad():
-            att = model(**inputs, output_attentions=True).attentions[layer][0]
+            att = model(**inputs, output_attentions=True).attentions[at][0]
         cols = np.flatnonzero(inputs["input_ids"][0].numpy() == int(model.config.image_token_id))  # the model's
         assert np.array_equal(cols, np.concatenate([np.arange(s, e) for s, e in x["image_spans"]]))  # the cache's
         rows = []
@@ -242,6 +269,65 @@ def test_saliency_is_the_eager_attention_of_the_chosen_layer(fkit):
             rows.append((a / a.sum()).numpy())
         np.testing.assert_allclose(x["saliency"].astype(np.float64), np.stack(rows), rtol=FP16_REL, atol=FP32_MOVE,
                                    err_msg=item["id"])
+
+
+def test_student_branches_are_the_model_on_prefix_plus_candidate_with_its_gradients(fkit):
+    """The student side of TPA on a hybrid decoder (mask-free: common/batch.py ``direct_branch_hidden``): the final
+    hidden state after each cached candidate equals the student's own forward on prefix + candidate, and a loss on
+    them back-propagates the same gradients as through that forward (vision tower included)."""
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import forward, tpa_layout
+    from alignti.common.models import load_vlm
+    from alignti.student_train.data import CacheDataset, StudentCollator
+    student = fkit.root / "kit/student"
+    model, proc = load_vlm(str(student), torch.device("cpu"), "float32")
+    adapter = adapter_for(model)
+    if adapter.tpa_tree_mask:
+        pytest.skip("an attention-only decoder: its branches take the tree mask (checked through the KD/TPA steps)")
+    data = CacheDataset(fkit.cache, proc)
+    idx = [i for i in range(len(fkit.cache)) if fkit.cache[i]["sample_id"] in ("multi-turn", fkit.data[0]["id"])]
+    items = [data[i] for i in idx]
+    batch = StudentCollator(proc, type(adapter))([dict(x) for x in items])
+    sel = [torch.as_tensor(fkit.cache[i]["tpa_pos"]).long() for i in idx]
+    _, pos = tpa_layout(batch["resp_pos"], sel)
+    cands = [torch.as_tensor(fkit.cache[i]["tpa_cand_ids"]).long() for i in idx]
+    out = forward(adapter, batch, branch_cands=cands, branch_pos=pos)
+    torch.manual_seed(0)
+    probe = torch.randn_like(out.branch_hidden)
+    (out.branch_hidden * probe).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref_model, ref_proc = _auto(student)
+    ref_model.train()
+    total, row = 0.0, 0
+    want_h = []
+    for b, i in enumerate(idx):
+        item = next(it for it in fkit.data if it["id"] == fkit.cache[i]["sample_id"])
+        inputs = own_inputs(ref_proc, item, fkit.images)
+        keys = _seq_keys(inputs)
+        for j, p in enumerate(pos[b].tolist()):
+            for c, cand in enumerate(cands[b][j].tolist()):
+                branch = {k: v for k, v in inputs.items() if k not in keys}
+                for k in keys:
+                    last = torch.tensor([[cand if k == "input_ids" else (1 if k == "attention_mask" else 0)]],
+                                        dtype=inputs[k].dtype)
+                    branch[k] = torch.cat([inputs[k][:, :p], last], 1)
+                h = ref_model.model(**branch).last_hidden_state[0, -1]
+                want_h.append(h.detach())
+                total = total + (h * probe[row // probe.shape[1], row % probe.shape[1]]).sum()
+                row += 1
+    assert row == probe.shape[0] * probe.shape[1] and row >= 6
+    torch.testing.assert_close(out.branch_hidden.detach().reshape(row, -1), torch.stack(want_h), rtol=0, atol=1e-4)
+    total.backward()
+    want = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("model.visual.") for n in got)  # the image features carry the branches' gradient too
+    assert set(got) == set(want)
+    # each (position, candidate) is its own forward in both, summed into the gradients in another order and through
+    # the chunked Gated DeltaNet kernel at other paddings: the decay parameters' gradients (dt_bias, A_log) are sums
+    # over every token with cancellation, 1.2e-5 of their largest element apart in fp32 (measured); 5e-5 here
+    for n in want:
+        scale = float(want[n].abs().max()) or 1.0
+        assert float((got[n] - want[n]).abs().max()) <= 5e-5 * scale, (n, float((got[n] - want[n]).abs().max()), scale)
 
 
 def test_kd_step_gradients_are_plain_autograd(fkit):
@@ -296,7 +382,7 @@ def test_pruned_student_trains_and_its_run_loads_with_the_auto_classes(fkit, tmp
     from tests.helpers import generate_once
     from transformers import AutoConfig
     types = getattr(AutoConfig.from_pretrained(fkit.root / "kit/teacher").text_config, "layer_types", None) or []
-    keep = next((i for i, t in enumerate(types) if t != "sliding_attention"), 0)  # IVA needs a global layer
+    keep = next((i for i, t in enumerate(types) if t == "full_attention"), 0)  # IVA needs a global layer
     info = prune_student(str(fkit.root / "kit/teacher"), str(keep), tmp_path / "student")
     assert info["student_params"] < info.get("teacher_params", float("inf"))
     run = train_student(TrainConfig(student=str(tmp_path / "student"), cache=str(fkit.root / "cache"),
@@ -331,7 +417,7 @@ def test_sliding_layers_are_refused_for_saliency():
     from alignti.student_train.trainer import student_layer_for
     assert student_layer_for(None, 1, 2, 4, allowed=[1, 3]) == 1
     assert student_layer_for(None, 0, 2, 2, allowed=[1]) == 1
-    with pytest.raises(ValueError, match="sliding-window layer of the student"):
+    with pytest.raises(ValueError, match="not a global-attention layer of the student"):
         student_layer_for(0, 1, 2, 2, allowed=[1])
     with pytest.raises(ValueError, match="no global-attention layer"):
         student_layer_for(None, 1, 2, 1, allowed=[])
@@ -348,3 +434,27 @@ def test_dump_refuses_a_sliding_saliency_layer(tmp_path):
                                 images=str(tmp_path / "kit/data/images"), out=str(tmp_path / "c"), saliency_layer="0",
                                 progress=False))
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_dump_refuses_a_saliency_layer_without_attention(fkit):
+    """A hybrid teacher's linear-attention / convolution layer has no attention probabilities: --saliency-layer naming
+    one is refused by name and kind, before the teacher runs; a student pruned to such layers only says so."""
+    from alignti.common.adapters import adapter_for
+    from alignti.common.models import load_vlm
+    from alignti.student_build.prune import prune_model
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    model, _ = load_vlm(str(fkit.root / "kit/teacher"), torch.device("cpu"), "float32")
+    adapter = adapter_for(model)
+    bare = [i for i, t in enumerate(adapter.layer_types()) if t not in ("full_attention", "sliding_attention")]
+    if not bare:
+        pytest.skip("every layer of this decoder is softmax attention")
+    kind = adapter.layer_types()[bare[0]]
+    out = fkit.root / "refused"
+    with pytest.raises(ValueError, match=rf"--saliency-layer {bare[0]} is a {kind} layer of the {fkit.family} teacher"
+                                         rf".*{adapter.saliency_layers()}".replace("[", r"\[").replace("]", r"\]")):
+        dump_teacher(DumpConfig(teacher=str(fkit.root / "kit/teacher"), data=str(fkit.root / "data.json"),
+                                images=str(fkit.images), out=str(out), saliency_layer=str(bare[0]), progress=False))
+    assert not (out / "manifest.json").exists()
+    notes = prune_model(model, [bare[0]])
+    assert any("no full-attention layer is left for IVA" in n for n in notes)
+    assert model.config.text_config.layer_types == [kind]

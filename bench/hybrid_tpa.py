@@ -1,0 +1,120 @@
+"""Mask-free TPA on a hybrid decoder (Qwen3.5: Gated DeltaNet + full attention, 3:1) against a plain forward of the
+same batch, and the student's TPA step against its KD step, measured in one process with the variants interleaved
+(the machine is shared: ratios, not seconds, are the figures).
+
+Teacher: ``teacher_batch`` (the dump's per-batch compute: top-k of every response token, TPA at ``--tpa-positions``
+of them with ``--branches`` candidates each, from the model's own cache: ``batch.replay_branch_hidden``) against
+the model's own forward (``model(input_ids, attention_mask)``, full logits) and against ``teacher_batch`` without
+TPA. Student: forward + backward of the main pass (the KD step's model work: resp_hidden through the LM head, a
+log-softmax sum as the loss) against the same plus the branches at the same positions (``forward`` with
+``branch_cands``: ``batch.direct_branch_hidden``, one differentiable forward per (position, candidate)).
+
+Text-only batches of random ids (the image prefix adds prompt tokens only); ``--vocab`` defaults to Qwen3.5's
+248,320. Run: ``python bench/hybrid_tpa.py [--hidden 256] [--layers 8] [--seq 384] [--resp 96] [--batch 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alignti.common.adapters import adapter_class, adapter_for
+from alignti.common.batch import collate, forward, lm_head, tpa_layout
+from alignti.teacher_dump.compute import select_tpa_positions, teacher_batch
+
+
+def build(hidden: int, layers: int, vocab: int, work: Path):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from alignti.demo.kit import build_model, make_demo
+    kit = work / "kit"
+    if not (kit / "teacher/config.json").exists():
+        make_demo(kit, n_train=2, n_val=1, n_test=1, train_teacher=False, family="qwen3_5")
+    tok = AutoTokenizer.from_pretrained(kit / "teacher")
+    small = build_model("qwen3_5", tok, dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                                             num_attention_heads=8, num_key_value_heads=2), 0)
+    cfg = small.config
+    cfg.text_config.vocab_size = vocab
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(cfg).eval()
+
+
+def batch_of(n: int, seq: int, resp: int, vocab: int):
+    g = torch.Generator().manual_seed(0)
+    samples = [dict(input_ids=torch.randint(10, vocab, (seq,), generator=g).numpy(),
+                    response_mask=torch.cat([torch.zeros(seq - resp), torch.ones(resp)]).bool().numpy(),
+                    instr_spans=[], n_image_tokens=0, image_tok_start=0, image_inputs=None) for _ in range(n)]
+    return collate(samples, 0, adapter_class("qwen3_5"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=248_320)
+    ap.add_argument("--seq", type=int, default=384)
+    ap.add_argument("--resp", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--branches", type=int, default=4)
+    ap.add_argument("--tpa-positions", type=float, default=0.25)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-bench-hybrid"))
+    a = ap.parse_args()
+    model = build(a.hidden, a.layers, a.vocab, Path(a.workdir))
+    adapter = adapter_for(model)
+    assert not adapter.tpa_tree_mask
+    batch = batch_of(a.batch, a.seq, a.resp, a.vocab)
+    params = dict(top_k=64, tpa_branches=a.branches, tpa_top_k=16, tpa_positions=a.tpa_positions, saliency_layer=None)
+    no_tpa = dict(params, tpa_branches=0)
+
+    def plain():
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["valid"].long())
+
+    # the student's branch positions and candidates: the teacher's at the same fraction (random candidates: the
+    # cost does not depend on which)
+    counts = [len(p) for p in batch["resp_pos"]]
+    sel = select_tpa_positions(torch.rand(sum(counts)), counts, a.tpa_positions)
+    _, pos = tpa_layout(batch["resp_pos"], sel)
+    cands = [torch.randint(10, a.vocab, (len(p), a.branches)) for p in pos]
+    head = lm_head(adapter)
+
+    def student(tpa: bool):
+        model.train()
+        out = forward(adapter, batch, branch_cands=cands if tpa else None, branch_pos=pos if tpa else None)
+        loss = torch.log_softmax(head(out.resp_hidden).float(), -1).mean()
+        if tpa:
+            loss = loss + torch.log_softmax(head(out.branch_hidden.flatten(0, 1)).float(), -1).mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    variants = {"plain forward": plain, "teacher_batch, no TPA": lambda: teacher_batch(adapter, batch, no_tpa),
+                f"teacher_batch, TPA at {a.tpa_positions}": lambda: teacher_batch(adapter, batch, params),
+                "student KD step (fwd+bwd)": lambda: student(False),
+                f"student KD+TPA step at {a.tpa_positions}": lambda: student(True)}
+    times = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(a.repeat):
+        for k, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base, kd = med["plain forward"], med["student KD step (fwd+bwd)"]
+    print(f"qwen3_5 hidden {a.hidden}, {a.layers} layers {adapter.layer_types()}, vocab {a.vocab}, batch {a.batch} x "
+          f"{a.seq} tokens ({a.resp} response), {a.branches} branches, threads {torch.get_num_threads()}")
+    print("| variant | median s | x plain forward | x student KD step |")
+    print("|---|---|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.3f} | {v / base:.2f} | {v / kd:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
