@@ -314,11 +314,12 @@ def run_job(work: Path, name: str, spec: dict, python: str | Path, threads: int 
 # section 4: real shapes (bench/scale.py's pair, random weights), time and memory only; meant for a GPU
 
 def scale_child(a) -> dict:
-    """One process, one arm (``a.scale_arm``): "trl": GOLD's off-policy step (student forward + backward, the
-    resident teacher's forward, ``GOLDTrainer.generalized_jsd_loss`` at beta 0 on full logits, plus the SFT term);
-    "alignti": the dump's teacher pass (``teacher_batch``: top-k 64 + rest, no TPA, no saliency) over the same
-    batches, then train-student's kd step (``StudentStep``) from those top-k tensors. Seconds per step (median after
-    one warm-up) and the allocator's peak (CUDA) or peak RSS (CPU) of the whole process, MiB."""
+    """One process, one arm (``a.scale_arm``) on one realistic batch: "dump": the dump's teacher pass
+    (``teacher_batch``: top-k + rest at scale.py's k, no TPA, no saliency); "alignti": train-student's kd step
+    (``StudentStep``) from cache tensors of that shape; "trl": GOLD's off-policy step (student forward + backward,
+    the resident teacher's forward, ``GOLDTrainer.generalized_jsd_loss`` at beta 0 on full logits, plus the SFT
+    term), each with AdamW. Seconds per batch (median after one warm-up) and the process's peak: the allocator's
+    (CUDA) or RSS (CPU), MiB, weights and optimizer state included."""
     import torch
     import torch.nn.functional as F
     import scale as sc
@@ -333,7 +334,6 @@ def scale_child(a) -> dict:
     samples = sc.synthetic_samples(sc.realistic_lengths(a.scale_batch, seed=3), seed=3)
     batch = to_device(collate(samples, 0, LlavaAdapter), device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    teacher = sc.build("teacher", a.layers, a.vision_layers, device).eval()
     res = {"arm": a.scale_arm, "batch": a.scale_batch, "response_tokens": int(len(batch["targets"])),
            "sequence": int(batch["input_ids"].shape[1])}
 
@@ -348,24 +348,20 @@ def scale_child(a) -> dict:
             out.append(time.perf_counter() - t)
         return statistics.median(out)
 
-    pix = {k: v.to(next(teacher.parameters()).dtype) for k, v in batch["image_inputs"].items()}
-    if a.scale_arm == "alignti":
+    if a.scale_arm == "dump":
+        teacher = sc.build("teacher", a.layers, a.vision_layers, device, a.narrow).eval()
         adapter = adapter_for(teacher)
-        params = {"top_k": 64, "tpa_branches": 0, "tpa_top_k": 8, "saliency_layer": None, "tpa_positions": 1.0}
-        tb = dict(batch, image_inputs=pix)
-        with torch.no_grad():
-            res["dump_batch_s"] = timed(lambda: teacher_batch(adapter, tb, params)["topk_ids"].sum().item(), a.repeat)
-            cached = teacher_batch(adapter, tb, params)
-        res["dump_peak_mib"] = _peak_mib(device)
-        del teacher, adapter
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        student = sc.build("student", a.layers, a.vision_layers, device).float().train()
-        sb = dict(batch, topk_ids=cached["topk_ids"], topk_logprobs=cached["topk_logprobs"].float(),
-                  tail_logmass=cached["tail_logmass"].float())
+        params = {"top_k": sc.K, "tpa_branches": 0, "tpa_top_k": sc.K2, "saliency_layer": None, "tpa_positions": 1.0}
+        tb = dict(batch, image_inputs={k: v.to(next(teacher.parameters()).dtype) for k, v in batch["image_inputs"].items()})
+
+        def step():
+            with torch.no_grad():
+                teacher_batch(adapter, tb, params)["topk_ids"].sum().item()
+    elif a.scale_arm == "alignti":
+        student = sc.build("student", a.layers, a.vision_layers, device, a.narrow).float().train()
+        sb = sc.student_batch(samples, 1.0, device)  # the cache's top-k tensors (random values, the dump's shapes)
         step_mod = StudentStep(student, adapter_for(student), get_loss("kd"), 0, LossWeights())
-        norm = StepNorm(tokens=float(len(batch["targets"])))
+        norm = StepNorm(tokens=float(len(sb["targets"])))
         opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
         def step():
@@ -376,7 +372,9 @@ def scale_child(a) -> dict:
             opt.zero_grad(set_to_none=False)
     else:
         from trl.experimental.gold import GOLDTrainer
-        student = sc.build("student", a.layers, a.vision_layers, device).float().train()
+        teacher = sc.build("teacher", a.layers, a.vision_layers, device, a.narrow).eval()
+        pix = {k: v.to(next(teacher.parameters()).dtype) for k, v in batch["image_inputs"].items()}
+        student = sc.build("student", a.layers, a.vision_layers, device, a.narrow).float().train()
         opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
         labels = torch.full_like(batch["input_ids"], -100)
         for b, pos in enumerate(batch["resp_pos"]):
@@ -410,23 +408,23 @@ def _peak_mib(device) -> float:
 def scale_main(a) -> None:
     """Section 4: both arms, each in its own process of the TRL env, and their ratios."""
     out = {}
-    for arm in ("alignti", "trl"):
+    for arm in ("dump", "alignti", "trl"):
         cmd = [a.trl_python, str(Path(__file__).resolve()), "--scale-arm", arm, "--device", a.device,
-               "--scale-batch", str(a.scale_batch), "--repeat", str(a.repeat)]
+               "--scale-batch", str(a.scale_batch), "--repeat", str(a.repeat), "--narrow", str(a.narrow)]
         cmd += ["--layers", str(a.layers)] if a.layers else []
         cmd += ["--vision-layers", str(a.vision_layers)] if a.vision_layers else []
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"scale arm {arm} failed:\n{r.stderr[-3000:]}")
         out[arm] = json.loads(r.stdout.strip().splitlines()[-1])
-    al, tr = out["alignti"], out["trl"]
+    du, al, tr = out["dump"], out["alignti"], out["trl"]
     print(f"\nreal shapes ({a.device}, batch {a.scale_batch}, {al['response_tokens']} response tokens, sequence "
           f"{al['sequence']}; layers {a.layers or 'full'}, vision layers {a.vision_layers or 'full'})")
-    print(table([["alignti dump (teacher pass, k 64)", f"{al['dump_batch_s']:.3f}", f"{al['dump_peak_mib']:,.0f}"],
+    print(table([["alignti dump (teacher pass, top-k)", f"{du['step_s']:.3f}", f"{du['peak_mib']:,.0f}"],
                  ["alignti train step (kd, cache)", f"{al['step_s']:.3f}", f"{al['peak_mib']:,.0f}"],
                  ["TRL GOLD step (lmbda 0, teacher resident)", f"{tr['step_s']:.3f}", f"{tr['peak_mib']:,.0f}"]],
                 ["job", "s per batch", "peak MiB"]))
-    n = crossover(al["dump_batch_s"], al["step_s"], tr["step_s"])
+    n = crossover(du["step_s"], al["step_s"], tr["step_s"])
     print(f"RATIO scale: TRL / alignti step time {tr['step_s'] / al['step_s']:.2f}, peak memory "
           f"{tr['peak_mib'] / al['peak_mib']:.2f}; one epoch per student: crossover N = {n if n else 'never'}")
     if a.json:
@@ -450,13 +448,17 @@ def main() -> None:
     ap.add_argument("--trl-sft", type=int, default=1, help="1: the TRL arm adds alignti's SFT term (same objective); "
                     "0: TRL's GOLD loss as shipped (KD alone)")
     ap.add_argument("--trl-python", default=str(TRL_PYTHON), help="the TRL env's python")
+    ap.add_argument("--no-score", action="store_true", help="time and memory only (e.g. a kit whose teacher was "
+                    "not trained: --quickstart DIR of `make_demo(..., train_teacher=False)`)")
     ap.add_argument("--workers", type=int, default=2, help="jobs side by side, one torch thread each")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--scale", action="store_true", help="section 4: real shapes, time and memory (a GPU run)")
-    ap.add_argument("--scale-arm", choices=("alignti", "trl"), help=argparse.SUPPRESS)
+    ap.add_argument("--scale-arm", choices=("dump", "alignti", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--scale-batch", type=int, default=8)
     ap.add_argument("--layers", type=int, help="--scale: decoder layers of both models (default: full depth)")
     ap.add_argument("--vision-layers", type=int, help="--scale: vision layers (default: full depth)")
+    ap.add_argument("--narrow", type=int, default=1, help="--scale: hidden and MLP widths divided by this (a CPU "
+                    "check of the mechanics; 1 on a GPU)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", help="--scale: write the figures here")
     a = ap.parse_args()
@@ -500,6 +502,8 @@ def compare(a) -> None:
     def scored(name: str, kind: str, seed: int, python, **extra) -> dict:
         spec = dict(common, kind=kind, seed=seed, student=students[seed], **extra)
         res = run_job(work, name, spec, python)
+        if a.no_score:
+            return res
         res["score"] = run_job(work, f"{name}-score", dict(score_spec, kind="score",
                                                           model=str(work / "jobs" / name / "final")), main_py)
         return res
@@ -532,18 +536,22 @@ def compare(a) -> None:
 
 
 def _arm_row(label: str, rs: list[dict], extra_forwards: int = 0) -> list:
-    acc = [r["score"]["test_accuracy"] for r in rs]
-    lf = [r["score"]["long_form"] for r in rs]
-    return [label, len(rs), f"{100 * statistics.mean(acc):.1f} ± {100 * statistics.pstdev(acc):.1f}",
-            f"{100 * statistics.mean(x['exact'] for x in lf):.1f}",
-            f"{100 * statistics.mean(x['fields'] for x in lf):.1f}",
+    if all("score" in r for r in rs):
+        acc = [r["score"]["test_accuracy"] for r in rs]
+        lf = [r["score"]["long_form"] for r in rs]
+        scores = [f"{100 * statistics.mean(acc):.1f} ± {100 * statistics.pstdev(acc):.1f}",
+                  f"{100 * statistics.mean(x['exact'] for x in lf):.1f}",
+                  f"{100 * statistics.mean(x['fields'] for x in lf):.1f}"]
+    else:
+        scores = ["-", "-", "-"]
+    return [label, len(rs), *scores,
             f"{statistics.mean(r['process_seconds'] for r in rs):.0f}",
-            f"{statistics.mean(r['train_seconds'] for r in rs):.0f}",
+            f"{statistics.mean(r['job_seconds'] for r in rs):.0f}",
             f"{max(r['peak_rss_mib'] for r in rs):.0f}",
             f"{statistics.mean(r['teacher_forward_rows'] for r in rs) + extra_forwards:,.0f}"]
 
 
-HEADER = ["arm", "seeds", "test acc.", "long exact", "long F1", "job s", "train s", "peak RSS MiB",
+HEADER = ["arm", "seeds", "test acc.", "long exact", "long F1", "process s", "job s", "peak RSS MiB",
           "teacher rows / student"]
 
 
@@ -552,16 +560,23 @@ def _compare(results: dict, key: str, a_rs: list[dict], b_rs: list[dict]) -> dic
     n = min(len(a_rs), len(b_rs))
     a_rs, b_rs = a_rs[:n], b_rs[:n]
     c = {"seeds": n,
-         "test_accuracy": paired([r["score"]["test_accuracy"] for r in a_rs], [r["score"]["test_accuracy"] for r in b_rs]),
-         "long_exact": paired([r["score"]["long_form"]["exact"] for r in a_rs],
-                              [r["score"]["long_form"]["exact"] for r in b_rs]),
-         "long_fields": paired([r["score"]["long_form"]["fields"] for r in a_rs],
-                               [r["score"]["long_form"]["fields"] for r in b_rs]),
          "time_ratio": statistics.mean(r["process_seconds"] for r in b_rs) /
                        statistics.mean(r["process_seconds"] for r in a_rs),
          "rss_ratio": max(r["peak_rss_mib"] for r in b_rs) / max(r["peak_rss_mib"] for r in a_rs)}
+    if all("score" in r for r in a_rs + b_rs):
+        for key, get in (("test_accuracy", lambda r: r["score"]["test_accuracy"]),
+                         ("long_exact", lambda r: r["score"]["long_form"]["exact"]),
+                         ("long_fields", lambda r: r["score"]["long_form"]["fields"])):
+            c[key] = paired([get(r) for r in a_rs], [get(r) for r in b_rs])
     results["comparisons"][key] = c
     return c
+
+
+def _score_text(c: dict) -> str:
+    if "test_accuracy" not in c:
+        return f" ({c['seeds']} seeds, not scored)"
+    return (f"; alignti - TRL test accuracy {interval(c['test_accuracy'])}, long-form exact "
+            f"{interval(c['long_exact'])}, long-form F1 {interval(c['long_fields'])} ({c['seeds']} seeds)")
 
 
 def report(results: dict, runs: dict, dump: dict, p: dict) -> None:
@@ -578,13 +593,13 @@ def report(results: dict, runs: dict, dump: dict, p: dict) -> None:
                              dump["teacher_forward_rows"]))
         rows.append(_arm_row(f"TRL GOLD lmbda {LMBDA}", runs[on]))
     print(table(rows, HEADER))
-    print("(job s: each training process's wall time, imports and loading included; alignti rounds' teacher rows "
-          "add the shared reference dump's)")
+    print("(process s: each training process's wall time, imports included; job s: from the job's start in that "
+          "process (loading, data, training, saving); peak RSS of that process; alignti rounds' teacher rows add the "
+          "shared reference dump's)")
     if "alignti-kd" in runs:
         c = _compare(results, "offpolicy", runs["alignti-kd"], runs["trl-l0"])
-        print(f"RATIO offpolicy: TRL / alignti job time {c['time_ratio']:.2f}, peak RSS {c['rss_ratio']:.2f}; "
-              f"alignti - TRL test accuracy {interval(c['test_accuracy'])}, long-form exact "
-              f"{interval(c['long_exact'])}, long-form F1 {interval(c['long_fields'])} ({c['seeds']} seeds)")
+        print(f"RATIO offpolicy: TRL / alignti job time {c['time_ratio']:.2f}, peak RSS {c['rss_ratio']:.2f}"
+              + _score_text(c))
     if "alignti-rounds" in runs:
         c = _compare(results, "onpolicy", runs["alignti-rounds"], runs[on])
         fw_a = statistics.mean(r["teacher_forward_rows"] for r in runs["alignti-rounds"])
@@ -593,9 +608,7 @@ def report(results: dict, runs: dict, dump: dict, p: dict) -> None:
                              "trl_per_student": fw_t}
         print(f"RATIO onpolicy: TRL / alignti job time {c['time_ratio']:.2f}, peak RSS {c['rss_ratio']:.2f}, "
               f"teacher rows {fw_t / (fw_a + dump['teacher_forward_rows']):.2f} ({fw_t:,.0f} vs {fw_a:,.0f} + "
-              f"{dump['teacher_forward_rows']:,} shared); alignti - TRL test accuracy {interval(c['test_accuracy'])}, "
-              f"long-form exact {interval(c['long_exact'])}, long-form F1 {interval(c['long_fields'])} "
-              f"({c['seeds']} seeds)")
+              f"{dump['teacher_forward_rows']:,} shared)" + _score_text(c))
     if "alignti-kd" in runs:
         a_s = [r["process_seconds"] for r in runs["alignti-kd"]]
         t_s = [r["process_seconds"] for r in runs["trl-l0"]]
