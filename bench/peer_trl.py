@@ -78,6 +78,7 @@ MAX_NEW_TOKENS = 48    # on-policy generations, both tools (demo.shapes.LONG_FOR
 # the cache the kd loss needs: top-k + rest (the dump's default k, 64 of the demo's 320 tokens); no TPA, no saliency
 DUMP = dict(tpa_branches=0, saliency_layer="none")
 TRL_PYTHON = ROOT / ".venv-trl" / "bin" / "python"
+POLL_S = 10.0          # how often a job started by an earlier invocation is checked for its result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,21 +287,45 @@ def job_main(job_dir: Path) -> None:
     (job_dir / "result.json").write_text(json.dumps(res, indent=1))
 
 
+def _alive(pid_file: Path) -> bool:
+    """Whether the job process whose id ``pid_file`` holds still runs (a job an earlier invocation started)."""
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    try:  # a recycled id: only a peer_trl job process counts
+        return "peer_trl.py\0--job" in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return True
+
+
 def run_job(work: Path, name: str, spec: dict, python: str | Path, threads: int = 1) -> dict:
-    """Run one job in its own process (``python bench/peer_trl.py --job``) unless WORK/jobs/NAME/result.json exists;
+    """Run one job in its own process (``python bench/peer_trl.py --job``) unless WORK/jobs/NAME/result.json exists
+    (a job still running from an earlier invocation, WORK/jobs/NAME/pid, is waited for, not started twice);
     adds ``process_seconds`` (the process's wall time, imports and loading included). Raises RuntimeError naming
     the job and its log when the process fails."""
     d = work / "jobs" / name
+    running = _alive(d / "pid")
+    while running and not (d / "result.json").is_file():  # started by an earlier invocation and still running
+        time.sleep(POLL_S)
+        running = _alive(d / "pid")
     if (d / "result.json").is_file():
-        return json.loads((d / "result.json").read_text())
+        res = json.loads((d / "result.json").read_text())
+        if "process_seconds" not in res and (d / "pid").is_file():  # finished after the invocation that started it
+            res["process_seconds"] = (d / "result.json").stat().st_mtime - (d / "pid").stat().st_mtime
+            (d / "result.json").write_text(json.dumps(res, indent=1))
+        return res
     d.mkdir(parents=True, exist_ok=True)
     spec = dict(spec, out=spec.get("out", str(d)))
     (d / "spec.json").write_text(json.dumps(spec, indent=1))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     t = time.perf_counter()
     with open(d / "log.txt", "w") as fh:
-        code = subprocess.call([str(python), str(Path(__file__).resolve()), "--job", str(d)], stdout=fh,
-                               stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--job", str(d)], stdout=fh,
+                                stderr=subprocess.STDOUT, env=env)
+        (d / "pid").write_text(str(proc.pid))
+        code = proc.wait()
     if code != 0 or not (d / "result.json").is_file():
         raise RuntimeError(f"job {name} failed (exit {code}); its log: {d / 'log.txt'}")
     res = json.loads((d / "result.json").read_text())

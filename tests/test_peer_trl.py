@@ -54,3 +54,28 @@ def test_interval_text():
     p = {"mean": 0.012, "low": -0.003, "high": 0.027}
     assert peer_trl.interval(p) == "+1.2 [-0.3, +2.7]"
     assert peer_trl.interval({"mean": 0.5, "low": None, "high": None}) == "+50.0 -"
+
+
+def test_a_job_still_running_from_an_earlier_invocation_is_waited_for(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import time
+    monkeypatch.setattr(peer_trl, "POLL_S", 0.05)
+    assert not peer_trl._alive(tmp_path / "missing")
+    (tmp_path / "pid").write_text(str(os.getpid()))  # alive, but not a peer_trl job (a recycled id)
+    assert not peer_trl._alive(tmp_path / "pid")
+    d = tmp_path / "jobs" / "j"
+    d.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(1.5); "
+                              "open(sys.argv[1], 'w').write('{\"job_seconds\": 1.0}')", str(d / "result.json"),
+                              "peer_trl.py", "--job"])
+    (d / "pid").write_text(str(child.pid))
+    while not Path(f"/proc/{child.pid}/cmdline").read_text():  # until the child has exec'd
+        time.sleep(0.01)
+    t = time.time()
+    os.utime(d / "pid", (t - 5, t - 5))  # the job started 5 s before this invocation
+    assert peer_trl._alive(d / "pid")
+    res = peer_trl.run_job(tmp_path, "j", {"kind": "score"}, python="/nonexistent/python")  # never started again
+    child.wait()
+    assert res["job_seconds"] == 1.0
+    assert 5.0 <= res["process_seconds"] < 30  # from the pid file's time to the result's
