@@ -19,10 +19,17 @@ F1; greedy; paired 95% intervals over seeds, ``demo.quickstart.paired_interval``
    probability 0.5), at the same student step budget; plus the teacher forwards each made (sequences through the
    teacher: the dumps' rows against TRL's per-step batches).
 3. **many students**: one teacher serving N = 1, 3, 5 students: alignti's one dump + N trainings against N TRL runs,
-   totals from the measured jobs of section 1 (the first N seeds), and the crossover N printed.
-4. ``--scale`` (a GPU run; time and memory only): bench/scale.py's pair at real shapes (Qwen2-0.5B-shaped student,
-   Qwen2-7B-shaped teacher, CLIP-L 576 image tokens, random weights): one alignti dump + train steps against TRL
-   steps with the teacher resident, per step time and peak allocator memory.
+   totals from the measured jobs of section 1 (the first N seeds; an N beyond them at the jobs' mean, marked), and
+   the crossover N printed.
+4. ``--scale`` (meant for a GPU; time and memory only): bench/scale.py's pair at real shapes (Qwen2-0.5B-shaped
+   student, Qwen2-7B-shaped teacher, vocabulary 151,936, CLIP-L 576 image tokens, random weights) on one batch of
+   scale.py's realistic mix, each arm in its own process: the dump's teacher pass, train-student's kd step from
+   cache tensors, and GOLD's step with the teacher resident (its ``generalized_jsd_loss`` at beta 0 on full logits +
+   SFT); seconds per batch, peak memory, and the crossover N when each student trains one epoch.
+   ``--layers 1 --vision-layers 1 --narrow 8 --scale-batch 1 --device cpu`` checks the mechanics on a CPU.
+
+GOLD 1.16 samples on-policy answers from the whole vocabulary, image placeholder included, and a sampled placeholder
+fails the next forward; the TRL arm suppresses it (as TRL's DistillationTrainer and alignti's rollout do).
 
 Every training job runs in its own process (its wall time with imports and model loading, and its peak RSS from
 ``getrusage``), one torch thread each and ``--workers`` jobs side by side; alignti jobs in this env, TRL jobs in the
@@ -377,7 +384,8 @@ def scale_child(a) -> dict:
         teacher = sc.build("teacher", a.layers, a.vision_layers, device, a.narrow).eval()
         adapter = adapter_for(teacher)
         params = {"top_k": sc.K, "tpa_branches": 0, "tpa_top_k": sc.K2, "saliency_layer": None, "tpa_positions": 1.0}
-        tb = dict(batch, image_inputs={k: v.to(next(teacher.parameters()).dtype) for k, v in batch["image_inputs"].items()})
+        dtype = next(teacher.parameters()).dtype
+        tb = dict(batch, image_inputs={k: v.to(dtype) for k, v in batch["image_inputs"].items()})
 
         def step():
             with torch.no_grad():
