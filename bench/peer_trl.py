@@ -278,8 +278,49 @@ def job_score(spec: dict) -> dict:
     return {"test_accuracy": test(model, proc), "long_form": long}
 
 
+def job_fidelity(spec: dict) -> dict:
+    """How close a trained student is to the teacher, teacher-forced on ``limit`` evenly spaced cached training
+    samples, per response token: the full-vocabulary KL(teacher || student) (what TRL's beta=0 minimises), the folded
+    (k+1)-way KL on the cache's top-k + rest (what alignti's kd minimises: a lower bound of the full one, short by
+    P_T(rest) KL(P_T(.|rest) || P_S(.|rest)), common/losses.py), the teacher's mean rest mass, and the student's
+    cross-entropy on the reference tokens. Means over tokens; both models see the same batches."""
+    import torch
+    from alignti.common.adapters import adapter_for
+    from alignti.common.batch import forward, lm_logits
+    from alignti.common.cache import CacheReader
+    from alignti.common.losses import fold_student, fold_teacher, kl
+    from alignti.common.models import load_vlm, resolve_device
+    from alignti.student_train.data import CacheDataset, StudentCollator, batch_to_device
+
+    device = resolve_device(spec["device"])
+    student, proc = load_vlm(spec["model"], device)
+    teacher, _ = load_vlm(spec["teacher"], device)
+    sa, ta = adapter_for(student), adapter_for(teacher)
+    reader = CacheReader(spec["cache"])
+    ds = CacheDataset(reader, proc)
+    coll = StudentCollator(proc, type(sa))
+    total = len(reader.samples)
+    idx = list(range(0, total, max(1, total // (spec.get("limit") or total))))[:spec.get("limit") or total]
+    sums = {"full_kl": 0.0, "folded_kl": 0.0, "rest_mass": 0.0, "ce": 0.0}
+    n = 0
+    with torch.no_grad():
+        for i in range(0, len(idx), 16):
+            batch = batch_to_device(coll([ds[j] for j in idx[i:i + 16]]), device)
+            zs = lm_logits(sa, forward(sa, batch).resp_hidden).float()
+            zt = lm_logits(ta, forward(ta, batch).resp_hidden).float()
+            ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+            sums["full_kl"] += float((lt.exp() * (lt - ls)).sum())
+            sums["folded_kl"] += float(kl(fold_teacher(batch["topk_logprobs"], batch["tail_logmass"]),
+                                          fold_student(zs, batch["topk_ids"])).sum())
+            sums["rest_mass"] += float(batch["tail_logmass"].float().exp().sum())
+            sums["ce"] += float(-ls.gather(-1, batch["targets"][:, None]).sum())
+            n += len(zs)
+    return {**{k: v / n for k, v in sums.items()}, "tokens": n}
+
+
 JOBS = {"trl": job_trl, "dump": job_dump, "alignti_kd": job_alignti_kd, "alignti_rounds": job_alignti_rounds,
-        "score": job_score}
+        "score": job_score, "fidelity": job_fidelity}
+FIDELITY_SAMPLES = 256  # cached training samples the fidelity job reads (evenly spaced: short and long-form)
 
 
 def job_main(job_dir: Path) -> None:
@@ -535,6 +576,10 @@ def compare(a) -> None:
     def scored(name: str, kind: str, seed: int, python, **extra) -> dict:
         spec = dict(common, kind=kind, seed=seed, student=students[seed], **extra)
         res = run_job(work, name, spec, python)
+        dump_f.result()  # the fidelity job reads the cache
+        res["fidelity"] = run_job(work, f"{name}-fidelity", dict(
+            kind="fidelity", model=str(work / "jobs" / name / "final"), teacher=common["teacher"], cache=cache,
+            device=a.device, limit=FIDELITY_SAMPLES), main_py)
         if a.no_score:
             return res
         res["score"] = run_job(work, f"{name}-score", dict(score_spec, kind="score",
@@ -577,14 +622,17 @@ def _arm_row(label: str, rs: list[dict], extra_forwards: int = 0) -> list:
                   f"{100 * statistics.mean(x['fields'] for x in lf):.1f}"]
     else:
         scores = ["-", "-", "-"]
-    return [label, len(rs), *scores,
+    fid = [f"{statistics.mean(r['fidelity'][k] for r in rs):.3f}" if all("fidelity" in r for r in rs) else "-"
+           for k in ("full_kl", "folded_kl")]
+    return [label, len(rs), *scores, *fid,
             f"{statistics.mean(r['process_seconds'] for r in rs):.0f}",
             f"{statistics.mean(r['job_seconds'] for r in rs):.0f}",
             f"{max(r['peak_rss_mib'] for r in rs):.0f}",
             f"{statistics.mean(r['teacher_forward_rows'] for r in rs) + extra_forwards:,.0f}"]
 
 
-HEADER = ["arm", "seeds", "test acc.", "long exact", "long F1", "process s", "job s", "peak RSS MiB",
+HEADER = ["arm", "seeds", "test acc.", "long exact", "long F1", "full KL", "folded KL", "process s", "job s",
+          "peak RSS MiB",
           "teacher rows / student"]
 
 
@@ -628,7 +676,8 @@ def report(results: dict, runs: dict, dump: dict, p: dict) -> None:
     print(table(rows, HEADER))
     print("(process s: each training process's wall time, imports included; job s: from the job's start in that "
           "process (loading, data, training, saving); peak RSS of that process; alignti rounds' teacher rows add the "
-          "shared reference dump's)")
+          "shared reference dump's; full / folded KL: KL(teacher || student) per response token on the whole "
+          "vocabulary / on the cache's top-k + rest, teacher-forced on 256 training samples)")
     if "alignti-kd" in runs:
         c = _compare(results, "offpolicy", runs["alignti-kd"], runs["trl-l0"])
         print(f"RATIO offpolicy: TRL / alignti job time {c['time_ratio']:.2f}, peak RSS {c['rss_ratio']:.2f}"
