@@ -122,28 +122,11 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                  header="alignti quickstart, as run: `alignti quickstart --config THIS_FILE` runs it again")
     t_start = time.perf_counter()
     kit_dir = work / "kit"
-    if not (kit_dir / "teacher" / "config.json").exists():
-        info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
-                             seed=p.get("teacher_seed", 0),
-                             teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"], device=cfg.device,
-                             long_form=p.get("long_form") or None,  # no split, no long-form batches either
-                             long_form_rate=(p.get("long_form_rate") or 0.0) if p.get("long_form") else 0.0,
-                             long_form_target=p.get("long_form_target"),
-                             long_form_grounding=p.get("long_form_grounding", "items"),
-                             long_form_after=p.get("long_form_after", False),
-                             teacher_eval_every=p.get("teacher_eval_every", 250),
-                             teacher_lr_schedule=p.get("teacher_lr_schedule", "linear"))
-        (work / "kit.json").write_text(json.dumps(info, indent=2))
+    ensure_kit(work, p, cfg.device)
     t_kit = time.perf_counter()
     info = json.loads((work / "kit.json").read_text())
     data, images = kit_dir / "data", str(kit_dir / "data" / "images")
-    long_form = bool(p.get("long_form")) and (data / "test_long.json").is_file()
-    train_data = data / "train.json"
-    if long_form and (data / "train_long.json").is_file():  # the students train on train + train_long
-        train_data = data / "train_all.json"
-        if not train_data.is_file():
-            train_data.write_text(json.dumps(json.loads((data / "train.json").read_text())
-                                             + json.loads((data / "train_long.json").read_text()), indent=1))
+    train_data, long_form = student_train_data(kit_dir, p)
     dump_teacher(DumpConfig(teacher=str(kit_dir / "teacher"), data=str(train_data), images=images,
                             out=str(work / "cache"), device=cfg.device, progress=cfg.progress,
                             saliency_query="answer",  # where the demo teacher looks (docs/method.md)
@@ -221,6 +204,40 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     (work / "results.md").write_text(md + "\n")
     plot_curves(runs, cfg.methods, work / "curves.png")
     return results
+
+
+def ensure_kit(work: Path, p: dict, device: str = "auto") -> dict:
+    """WORK/kit (make-demo with preset settings ``p``: data, tokenizer, trained teacher, student) and WORK/kit.json,
+    made once: a kit already there is reused as it is. Returns kit.json's record (the teacher's steps, seconds,
+    validation history, parameter counts)."""
+    kit_dir = work / "kit"
+    if not (kit_dir / "teacher" / "config.json").exists():
+        info = kit.make_demo(kit_dir, n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"],
+                             seed=p.get("teacher_seed", 0),
+                             teacher_steps=p["teacher_steps"], teacher_target=p["teacher_target"], device=device,
+                             long_form=p.get("long_form") or None,  # no split, no long-form batches either
+                             long_form_rate=(p.get("long_form_rate") or 0.0) if p.get("long_form") else 0.0,
+                             long_form_target=p.get("long_form_target"),
+                             long_form_grounding=p.get("long_form_grounding", "items"),
+                             long_form_after=p.get("long_form_after", False),
+                             teacher_eval_every=p.get("teacher_eval_every", 250),
+                             teacher_lr_schedule=p.get("teacher_lr_schedule", "linear"))
+        (work / "kit.json").write_text(json.dumps(info, indent=2))
+    return json.loads((work / "kit.json").read_text())
+
+
+def student_train_data(kit_dir: Path, p: dict) -> tuple[Path, bool]:
+    """The students' training records and whether the kit has the long-form splits: with them, data/train_all.json
+    (train + train_long, written once), else data/train.json."""
+    data = kit_dir / "data"
+    long_form = bool(p.get("long_form")) and (data / "test_long.json").is_file()
+    train_data = data / "train.json"
+    if long_form and (data / "train_long.json").is_file():  # the students train on train + train_long
+        train_data = data / "train_all.json"
+        if not train_data.is_file():
+            train_data.write_text(json.dumps(json.loads((data / "train.json").read_text())
+                                             + json.loads((data / "train_long.json").read_text()), indent=1))
+    return train_data, long_form
 
 
 def _worker_init(level: int) -> None:
