@@ -331,13 +331,17 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     def router_aux_coef(self) -> float:
         return float(self.text_config.router_aux_loss_coef)
 
+    # the family's modeling module, whose load_balancing_loss_func the student's router loss is
+    balancing_module = "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe"
+
     def router_aux_loss(self, out, rows_valid):
         logits = getattr(out, "router_logits", None)
         if not logits:
             return None
-        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+        import importlib
+        balancing = importlib.import_module(self.balancing_module).load_balancing_loss_func
         cfg = self.text_config
-        return load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok, rows_valid.long())
+        return balancing(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok, rows_valid.long())
 
 
 class Qwen3_5Adapter(Qwen2VLAdapter):
@@ -354,14 +358,8 @@ class Qwen3_5MoeAdapter(Qwen3_5Adapter):
     family = "qwen3_5_moe"
     forward = Qwen3VLMoeAdapter.forward
     router_aux_coef = Qwen3VLMoeAdapter.router_aux_coef
-
-    def router_aux_loss(self, out, rows_valid):
-        logits = getattr(out, "router_logits", None)
-        if not logits:
-            return None
-        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import load_balancing_loss_func
-        cfg = self.text_config
-        return load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok, rows_valid.long())
+    router_aux_loss = Qwen3VLMoeAdapter.router_aux_loss
+    balancing_module = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe"
 
 
 class Gemma3Adapter(ModelAdapter):

@@ -165,11 +165,10 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def on_first_replica(env: DistEnv, fn):
-    """Run ``fn`` on every rank of replica 0 (a tensor-parallel model needs all of its ranks in each forward) and
-    hand rank 0's result (or its error) to every rank; without tensor parallelism this is ``on_main``."""
+def _run_where(env: DistEnv, runs: bool, fn):
+    """Run ``fn`` where ``runs`` is true and hand rank 0's result (or its error) to every rank."""
     res = None
-    if env.replica == 0:
+    if runs:
         try:
             res = ("ok", fn())
         except Exception as e:  # every rank raises it, none waits forever
@@ -178,17 +177,14 @@ def on_first_replica(env: DistEnv, fn):
     if res[0] == "error":
         raise res[1]
     return res[1]
+
+
+def on_first_replica(env: DistEnv, fn):
+    """Run ``fn`` on every rank of replica 0 (a tensor-parallel model needs all of its ranks in each forward) and
+    hand rank 0's result (or its error) to every rank; without tensor parallelism this is ``on_main``."""
+    return _run_where(env, env.replica == 0, fn)
 
 
 def on_main(env: DistEnv, fn):
     """Run ``fn`` on rank 0 and hand its result (or its error) to every rank."""
-    res = None
-    if env.is_main:
-        try:
-            res = ("ok", fn())
-        except Exception as e:  # every rank raises it, none waits forever
-            res = ("error", e)
-    res = broadcast(env, res)
-    if res[0] == "error":
-        raise res[1]
-    return res[1]
+    return _run_where(env, env.is_main, fn)
