@@ -162,6 +162,8 @@ def check_loaded_weights(model, path: str, role: str, fresh: list[str] = ()) -> 
 def load_config(path: str):
     """The checkpoint's model config alone (no weights): its model_type and special-token ids."""
     from transformers import AutoConfig
+    if not Path(path).is_dir():
+        check_local_path(path)
     return AutoConfig.from_pretrained(path)
 
 
@@ -185,12 +187,34 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
+def check_local_path(path: str) -> None:
+    """Refuse, before transformers spends minutes retrying the hub, a model path that is meant as a local folder
+    but is not one: an absolute, ``./``, ``../`` or ``~`` path, one with more than one separator, a path to a file,
+    or one whose first part is a folder here (``demo/teachr`` beside ``demo/``). A hub id (``org/name``, no such
+    local folder) passes. Raises AlignTIError naming the path and the nearest folders that are there."""
+    p = Path(path).expanduser()
+    first = Path(path).parts[0] if Path(path).parts else ""
+    local = (str(path).startswith(("/", "./", "../", "~")) or str(path).count("/") > 1 or p.exists()
+             or (len(Path(path).parts) > 1 and Path(first).is_dir()) or len(Path(path).parts) == 1)
+    if not local:
+        return
+    if p.is_file():
+        raise AlignTIError(f"{path} is a file, not a model folder: give the folder holding config.json and the "
+                           "weights (a save_pretrained folder)")
+    parent = p.parent if str(p.parent) else Path(".")
+    near = sorted(c.name for c in parent.iterdir() if c.is_dir())[:8] if parent.is_dir() else []
+    raise AlignTIError(f"no model folder at {path}" + (f" ({parent} holds {', '.join(near)})" if near else
+                                                       f" ({parent} does not exist either)")
+                       + ": check the path (a hub id is written org/name)")
+
+
 def check_processor_files(path: str) -> None:
     """A local model folder must hold its processor's files (tokenizer and image processor), not only weights;
     else the loader falls through to the hub with a network error about huggingface.co. Raises AlignTIError
     naming the folder, the missing files and how to add them. Hub ids (not a local folder) pass."""
     folder = Path(path)
     if not folder.is_dir():
+        check_local_path(path)
         return
     missing = [group for group in (TOKENIZER_FILES, IMAGE_PROCESSOR_FILES)
                if not any((folder / name).is_file() for name in group)]

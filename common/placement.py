@@ -92,7 +92,7 @@ class TeacherPlan:
         split = f"{human_bytes(self.tensor_parallel)} split over --tp-size {self.tp_size}"
         if self.experts:
             split += f", {human_bytes(self.experts)} of experts over --ep-size {self.ep_size}"
-        return (f"the teacher ({self.model_type}, {self.dtype}) has {human_bytes(self.total)} of weights; each rank "
+        return (f"the model ({self.model_type}, {self.dtype}) has {human_bytes(self.total)} of weights; each rank "
                 f"holds {human_bytes(self.per_rank)} ({split}, the rest on every rank)")
 
 

@@ -418,6 +418,31 @@ def test_model_folder_without_processor_files_is_named(kit, cache, tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
+def test_a_mistyped_model_folder_is_named_before_any_hub_call(kit, cache, tmp_path, monkeypatch):
+    """A model path meant as a local folder that is not there (a typo beside the real folder, an absolute path, a
+    file) is refused at once by name, with the folders that are there: transformers would otherwise take it for a hub
+    id and retry huggingface.co for minutes before a traceback. A hub id (org/name, no such local folder) still
+    goes to transformers."""
+    from alignti.common.models import check_local_path
+    monkeypatch.chdir(kit)
+    typo = "teachr"
+    for args in (["dump-teacher", "--teacher", typo, "--data", "data/train.json", "--images", "data/images",
+                  "--out", str(tmp_path / "c")],
+                 ["train-student", "--student", "studnt", "--cache", str(cache), "--out", str(tmp_path / "r"),
+                  "--max-steps", "1"],
+                 ["evaluate", "--model", str(kit / "studnt"), "--data", "data/test.json", "--images", "data/images"],
+                 ["rollout", "--student", "./studnt", "--data", "data/train.json", "--images", "data/images",
+                  "--out", str(tmp_path / "ro")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args[0], res.output[-1000:])
+        assert _has(res, "no model folder at", "student", "teacher") and "huggingface.co" not in res.output, \
+            (args[0], res.output[-1000:])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+    with pytest.raises(AlignTIError, match="is a file, not a model folder"):
+        check_local_path("teacher/config.json")
+    check_local_path("some-org/some-model")  # a hub id: left to transformers
+
+
 def test_packed_settings_without_the_packed_encoding_are_named(caplog):
     """--packed-kl / --packed-compressor with another encoding do nothing: said, not silently dropped."""
     from alignti.teacher_dump.dump import DumpConfig, check_dump_config
