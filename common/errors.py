@@ -13,6 +13,12 @@ class AlignTIError(Exception):
     """Base class; the CLI prints these without a traceback and exits non-zero."""
 
 
+class ModelPathError(AlignTIError, FileNotFoundError):
+    """A model path meant as a local folder that is not there (common.models.check_local_path). Also an OSError, so
+    the early, tolerant config reads (dump-teacher's and rollout's checks before loading) pass it on to the loader,
+    which names it."""
+
+
 class DataError(AlignTIError):
     """A sample (or a line of the data file) cannot be used."""
 

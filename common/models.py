@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AlignTIError
+from .errors import AlignTIError, ModelPathError
 
 log = logging.getLogger("alignti.models")
 
@@ -191,7 +191,8 @@ def check_local_path(path: str) -> None:
     """Refuse, before transformers spends minutes retrying the hub, a model path that is meant as a local folder
     but is not one: an absolute, ``./``, ``../`` or ``~`` path, one with more than one separator, a path to a file,
     or one whose first part is a folder here (``demo/teachr`` beside ``demo/``). A hub id (``org/name``, no such
-    local folder) passes. Raises AlignTIError naming the path and the nearest folders that are there."""
+    local folder) passes. Raises ModelPathError (an AlignTIError and a FileNotFoundError) naming the path and the
+    nearest folders that are there."""
     p = Path(path).expanduser()
     first = Path(path).parts[0] if Path(path).parts else ""
     local = (str(path).startswith(("/", "./", "../", "~")) or str(path).count("/") > 1 or p.exists()
@@ -199,11 +200,11 @@ def check_local_path(path: str) -> None:
     if not local:
         return
     if p.is_file():
-        raise AlignTIError(f"{path} is a file, not a model folder: give the folder holding config.json and the "
+        raise ModelPathError(f"{path} is a file, not a model folder: give the folder holding config.json and the "
                            "weights (a save_pretrained folder)")
     parent = p.parent if str(p.parent) else Path(".")
     near = sorted(c.name for c in parent.iterdir() if c.is_dir())[:8] if parent.is_dir() else []
-    raise AlignTIError(f"no model folder at {path}" + (f" ({parent} holds {', '.join(near)})" if near else
+    raise ModelPathError(f"no model folder at {path}" + (f" ({parent} holds {', '.join(near)})" if near else
                                                        f" ({parent} does not exist either)")
                        + ": check the path (a hub id is written org/name)")
 
