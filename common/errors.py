@@ -1,5 +1,7 @@
 """Errors that carry a message meant for the user: what went wrong, on which sample, and the fix."""
 
+import re
+
 
 def human_bytes(n: float) -> str:
     """A byte count for a person: KiB, MiB or GiB (binary units, one decimal)."""
@@ -42,6 +44,12 @@ class DataSourceError(DataError):
         AlignTIError.__init__(self, f"{location}: {problem} ({fix})")
 
 
+# a sample's own "or pass --skip-bad" (the default fix's whole sentence included), dropped where a list of samples
+# gives it once for all of them
+_SKIP_HINT = re.compile(r"(,? or |^|\()?pass --skip-bad( to record it as skipped)?|fix the sample or pass --skip-bad to "
+                        r"record it as skipped")
+
+
 class BadSamples(DataError):
     """Several samples refused at once, before any work (a pre-flight check). The message lists the first three
     samples' own messages (each already names its sample) and the count; ``sample`` is the first one's id."""
@@ -50,8 +58,11 @@ class BadSamples(DataError):
         """bad: [(sample id, its message "sample ID: problem (fix)")]; before: what did not start ("dumping")."""
         self.sample, self.fix, self._init = bad[0][0], fix, (bad, before, fix)
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        listed = [m for _, m in bad[:3]]
+        if "--skip-bad" in fix:  # said once, in the fix of the whole, not again in each sample's
+            listed = [_SKIP_HINT.sub("", m).replace(" ()", "") for m in listed]
         self.problem = (f"{len(bad)} bad sample(s) found before {before}, nothing was written: "
-                        + "; ".join(m for _, m in bad[:3]) + more)
+                        + "; ".join(listed) + more)
         AlignTIError.__init__(self, f"{self.problem} ({fix})")
 
     def __reduce__(self):

@@ -197,11 +197,14 @@ def check_cache_temperature(readers: list, urls: list[str], temperature: float, 
              f"{temperature:g} can be anywhere from {widest[0]:.3f} to {widest[1]:.3f} (the most the cache's "
              f"top-{reader.params.get('top_k')} and rest mass allow over a vocabulary of {vocab}); tempering the "
              f"rest bucket as one lump gives {widest[2]:.3f}.")
-    text = (f"--temperature {temperature:g}, but the cache at {url} holds the teacher at temperature {cached:g} (its "
-            f"top-k log-probs and one rest bucket): the tempered teacher is not in it.{where}")
+    default = " (dump-teacher's default)" if cached == 1.0 else ""
+    text = (f"--temperature {temperature:g}, but the cache at {url} holds the teacher at temperature {cached:g}"
+            f"{default} (its top-k log-probs and one rest bucket): the tempered teacher is not in it.{where}")
     if not approximate:
+        at_cached = (f"train at --temperature {cached:g}" if cached != 1.0 else
+                     "train at --temperature 1 (train-student's default: leave --temperature out)")
         raise ValueError(f"{text} Re-dump the cache at that temperature (dump-teacher --temperature {temperature:g}), "
-                         f"train at --temperature {cached:g}, or pass --approximate-temperature to temper the cached "
+                         f"{at_cached}, or pass --approximate-temperature to temper the cached "
                          f"distribution with its rest bucket as one lump")
     log.warning("%s --approximate-temperature: the cached distribution is tempered by %g with its rest bucket as one "
                 "lump", text, temperature / cached)

@@ -261,8 +261,9 @@ def test_evaluate_refuses_the_samples_the_dump_refuses(qkit, tmp_path):
     data.write_text(json.dumps(items))
     model, proc = str(qkit / "student"), str(qkit / "data/images")
     with pytest.raises(BadSamples, match=r"2 bad sample\(s\) found before evaluating.*sample img_in_answer: .*<image>"
-                                         r".*sample empty_answer: assistant turn 1 has an empty answer.*--skip-bad"):
+                                         r".*sample empty_answer: assistant turn 1 has an empty answer.*--skip-bad") as e:
         evaluate(model, str(data), proc)
+    assert str(e.value).count("--skip-bad") == 1  # said once for the list, not again in each sample's message
     with pytest.raises(BadSamples, match="2 bad sample.*before dumping.*img_in_answer.*empty_answer"):  # the same
         dump_teacher(DumpConfig(teacher=str(qkit / "teacher"), data=str(data), images=proc, out=str(tmp_path / "c"),
                                 progress=False))
