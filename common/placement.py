@@ -131,10 +131,13 @@ def rank_memory(device: torch.device) -> int:
     return ram // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str) -> None:
+def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str, device_map: bool = False) -> None:
     """Refuse (ResourceError naming the sizes and what to change) a plan whose per-rank weights exceed
     WEIGHT_SHARE of ``memory`` bytes (``source`` says where that figure comes from), a --tp-size on a family
-    without a tensor-parallel plan, or one that does not divide the attention heads."""
+    without a tensor-parallel plan, or one that does not divide the attention heads. The changes offered are the
+    ones that would fit: a --tp-size (at this dtype, or with --dtype bfloat16 where only both together fit), the
+    experts split, --dtype bfloat16 alone where half the bytes fit, and --device-map auto unless ``device_map``
+    (already placed so: then a larger --max-memory or disk offload)."""
     n_heads, n_kv = plan.heads
     if plan.tp_size > 1 and not plan.has_tp_plan:
         raise ResourceError(f"{teacher}: transformers has no tensor-parallel plan for {plan.model_type}, so "
@@ -155,19 +158,31 @@ def check_fits(plan: TeacherPlan, memory: int, source: str, teacher: str) -> Non
                  100 * (1 - WEIGHT_SHARE))
         return
     replicated = plan.total - plan.tensor_parallel - plan.experts
+    halve = 2 if plan.dtype == "float32" else 1  # --dtype bfloat16 halves a float32 teacher's (floating) weights
+
+    def tp_fix(scale: int) -> str | None:
+        for t in (2, 4, 8, 16, 32, 64):
+            held = (replicated + plan.tensor_parallel // t + plan.experts // plan.ep_size) // scale
+            if t > plan.tp_size and (not n_heads or (not n_heads % t and not n_kv % t)) and plan.has_tp_plan and \
+                    held <= budget:
+                return f"--tp-size {t} (about {human_bytes(held)} per rank)"
+        return None
+
     fix = []
-    for t in (2, 4, 8, 16, 32, 64):
-        if t > plan.tp_size and (not n_heads or (not n_heads % t and not n_kv % t)) and plan.has_tp_plan and \
-                replicated + plan.tensor_parallel // t + plan.experts // plan.ep_size <= budget:
-            held = replicated + plan.tensor_parallel // t + plan.experts // plan.ep_size
-            fix.append(f"--tp-size {t} (about {human_bytes(held)} per rank)")
-            break
+    if by_tp := tp_fix(1):
+        fix.append(by_tp)
     if plan.experts and plan.ep_size == 1:
         fix.append(f"--ep-size {max(2, plan.tp_size)} with --tp-size {max(2, plan.tp_size)} (the experts split over a "
                    f"replica's ranks), where transformers can load the family so")
-    if plan.dtype == "float32":
-        fix.append("--dtype bfloat16 (half the bytes)")
-    fix.append("--device-map auto with --max-memory (one process over several GPUs, the rest offloaded to CPU)")
+    if halve > 1 and plan.per_rank // halve <= budget:
+        fix.append(f"--dtype bfloat16 (half the bytes: about {human_bytes(plan.per_rank // halve)} per rank)")
+    elif halve > 1 and not by_tp and (both := tp_fix(halve)):
+        fix.append(f"--dtype bfloat16 with {both}")
+    if device_map:
+        fix.append("a larger --max-memory, or one with disk (e.g. --max-memory 0=70GiB,cpu=200GiB,disk=1TiB: "
+                   "accelerate offloads the rest to disk)")
+    else:
+        fix.append("--device-map auto with --max-memory (one process over several GPUs, the rest offloaded to CPU)")
     raise ResourceError(f"{teacher} does not fit: {plan.describe()}, more than {int(WEIGHT_SHARE * 100)}% of the "
                         f"{human_bytes(memory)} a rank has ({source}), which leaves the rest for activations; "
                         f"nothing was loaded. Use " + "; or ".join(fix))
@@ -214,5 +229,5 @@ def check_placement(config, teacher: str, device: torch.device, dtype: str, env,
     else:
         memory = rank_memory(device)
         source = f"{device.type} memory" + (" shared by this node's ranks" if device.type == "cpu" else "")
-    check_fits(plan, memory, source, teacher)
+    check_fits(plan, memory, source, teacher, device_map=bool(device_map))
     return plan

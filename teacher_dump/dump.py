@@ -251,7 +251,9 @@ def warn_if_blind(adapter, processor, records: list, images: str | None, device,
         return False
     log.warning("the teacher %s gives the same outputs with each sample's image as with a blank image (samples %s: "
                 "log-probs within %.1g nats): it does not see the images. Check that its vision tower and projector "
-                "loaded (the load report above), and that it is the vision-language checkpoint you meant",
+                "loaded (the load report above), and that it is the vision-language checkpoint you meant. An untrained "
+                "teacher (make-demo --no-train-teacher's: random weights, which barely read the image) gives this "
+                "too: expected there",
                 teacher, ", ".join(s for s, _ in seen), max(d for _, d in seen))
     return True
 

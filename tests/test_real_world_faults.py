@@ -299,18 +299,25 @@ def test_irs_calibration_never_holds_a_lone_sample_and_names_the_unpaired(qwen_k
     assert any("2 of 4 calibration samples are in no compared pair" in m and "s2, s3" in m for m in caplog.messages)
 
 
-@pytest.mark.parametrize("turn, token", [(0, "<|image_pad|>"), (1, "<|vision_start|>"), (0, "<|video_pad|>"),
-                                         (1, "<|vision_end|>")])
-def test_qwen_literal_special_tokens_are_named_before_teacher_time(qwen_kit, tmp_path, turn, token, monkeypatch):
+MEDIA = r"holds the qwen2_vl family's special token"
+LITERAL = r"holds the tokenizer's special token"
+
+
+@pytest.mark.parametrize("turn, token, said", [(0, "<|image_pad|>", MEDIA), (1, "<|vision_start|>", MEDIA),
+                                               (0, "<|video_pad|>", MEDIA), (1, "<|vision_end|>", MEDIA),
+                                               (1, "<|im_end|>", LITERAL), (0, "<|im_start|>", LITERAL)])
+def test_special_tokens_typed_in_a_message_are_named_before_teacher_time(qwen_kit, tmp_path, turn, token, said,
+                                                                         monkeypatch):
     """Row 7 (<|image_pad|> in a question, <|vision_start|> in an answer) and siblings (<|video_pad|>,
-    <|vision_end|>): named with the turn and the token before the teacher loads; --skip-bad skips."""
+    <|vision_end|>), and the text tokenizer's own special tokens (an end of turn in an answer, a role marker in a
+    question): named with the turn and the token before the teacher loads; --skip-bad skips the sample."""
     recs = _qwen_data(qwen_kit, tmp_path / "d.json",
                       lambda rs: rs[4]["conversations"][turn].update(value=rs[4]["conversations"][turn]["value"] +
-                                                                      f" {token}"))
+                                                                      f" {token} more"))
     real_load = dump_mod.load_model
     monkeypatch.setattr(dump_mod, "load_model", lambda *a, **k: pytest.fail("teacher loaded"))
-    with pytest.raises(DataError, match=rf"sample {recs[4]['id']}: .*turn {turn} holds the qwen2_vl family's "
-                       rf"special token '{token}'".replace("|", r"\|")):
+    with pytest.raises(DataError, match=rf"sample {recs[4]['id']}: .*turn {turn} {said} "
+                       rf"'{token}'".replace("|", r"\|")):
         dump_teacher(_qcfg(qwen_kit, tmp_path / "d.json", tmp_path / "c"))
     monkeypatch.setattr(dump_mod, "load_model", real_load)
     m = dump_teacher(_qcfg(qwen_kit, tmp_path / "d.json", tmp_path / "c", skip_bad=True))
@@ -472,20 +479,3 @@ def test_several_bad_samples_are_listed_once_each(kit, tmp_path):
                               images=str(kit / "data/images"), out=str(tmp_path / "r"), progress=False))
     assert str(e.value).startswith("2 bad sample(s) found before generating")
     assert [str(e.value).count(f"sample {recs[i]['id']}:") for i in (1, 4)] == [1, 1]
-
-
-@pytest.mark.parametrize("turn,token", [(1, "<|im_end|>"), (0, "<|im_start|>")])
-def test_literal_end_of_turn_is_skipped_by_name_before_teacher_time(qwen_kit, tmp_path, turn, token, monkeypatch):
-    """The text tokenizer's own special tokens typed in a message (an end of turn in an answer, a role marker in a
-    question): named with the turn and the token before the teacher loads; --skip-bad skips the sample."""
-    recs = _qwen_data(qwen_kit, tmp_path / "d.json",
-                      lambda rs: rs[2]["conversations"][turn].update(value=rs[2]["conversations"][turn]["value"] +
-                                                                     f" {token} more"))
-    real_load = dump_mod.load_model
-    monkeypatch.setattr(dump_mod, "load_model", lambda *a, **k: pytest.fail("teacher loaded"))
-    with pytest.raises(DataError, match=rf"sample {recs[2]['id']}: \w+ turn {turn} holds the tokenizer's special "
-                       rf"token '{token}' typed as text".replace("|", r"\|")):
-        dump_teacher(_qcfg(qwen_kit, tmp_path / "d.json", tmp_path / "c"))
-    monkeypatch.setattr(dump_mod, "load_model", real_load)
-    m = dump_teacher(_qcfg(qwen_kit, tmp_path / "d.json", tmp_path / "c", skip_bad=True))
-    assert m["counts"]["ok"] == 5 and m["counts"]["skipped"] == 1

@@ -152,8 +152,23 @@ def test_plan_check_sizes_and_refusal(kit, tmp_path):
         check_placement(config, "T", torch.device("cpu"), "float32", DistEnv(), tp_size=1, max_memory="1MiB")
     msg = str(e.value)
     assert human_bytes(total) in msg and "the 1.0 MiB a rank has (--max-memory)" in msg
-    assert "--tp-size 2" not in msg or human_bytes(total - sharded + sharded // 2) in msg
-    assert "--dtype bfloat16" in msg and "--device-map auto" in msg
+    # neither --tp-size 2 (1.4 MiB per rank) nor bfloat16 (1.2 MiB) fits 0.85 MiB alone: both together do
+    assert f"--dtype bfloat16 with --tp-size 2 (about {human_bytes((total - sharded + sharded // 2) // 2)} per rank)" \
+        in msg
+    assert "--device-map auto" in msg
+    # --dtype bfloat16 is offered alone only where half the bytes fit (it was offered whatever the sizes)
+    assert ("--dtype bfloat16 (half the bytes" in msg) == (total // 2 <= int(2 ** 20 * 0.85))
+    halves_fit = int(total / 2 / 0.85) + 1
+    with pytest.raises(ResourceError, match=r"--dtype bfloat16 \(half the bytes: about"):
+        check_placement(config, "T", torch.device("cpu"), "float32", DistEnv(), max_memory=str(halves_fit))
+    with pytest.raises(ResourceError) as e:
+        check_placement(config, "T", torch.device("cpu"), "float32", DistEnv(), max_memory="64KiB")
+    assert "--dtype bfloat16 (half" not in str(e.value)
+    # already --device-map auto: not offered it again, but a larger --max-memory or disk offload
+    with pytest.raises(ResourceError) as e:
+        check_placement(config, "T", torch.device("cpu"), "float32", DistEnv(), device_map="auto",
+                        max_memory="cpu=64KiB")
+    assert "--device-map auto with" not in str(e.value) and "a larger --max-memory, or one with disk" in str(e.value)
     # a memory the halves fit names --tp-size 2
     budget = int((total - sharded + sharded // 2) / 0.85) + 1
     assert total > budget * 0.85
