@@ -424,8 +424,7 @@ def evaluate(ctx: typer.Context, model: str = typer.Option(..., help="The model 
              max_new_tokens: int = typer.Option(8, help="Longest answer generated (tokens); the demo's "
                                                 "long-form split needs 48."),
              lmms_eval: Optional[str] = typer.Option(None, "--lmms-eval", help="Score with lmms-eval instead: "
-                                                     "comma-separated task names (lmms-eval runs in its own env: README, "
-                                                     "'Evaluation with lmms-eval'; "
+                                                     "comma-separated task names (lmms-eval runs in its own env: docs/how-to/lmms-eval.md; "
                                                      "scores go to RUN/eval/, metrics.jsonl, the trackers)."),
              include_path: Optional[Path] = typer.Option(None, help="With --lmms-eval: a folder of local tasks "
                                                          "(alignti export-task)."),
