@@ -113,7 +113,7 @@ def _run_step(kind: str, what, cwd: Path, kit: Path, where: str) -> None:
         shutil.copytree(kit, cwd / argv[1])  # the session's kit stands in for a reader's demo kit
         return
     from alignti.cli import app
-    r = CliRunner().invoke(app, argv)
+    r = CliRunner().invoke(app, argv, prog_name="alignti")
     if r.exit_code != 0:
         import traceback
         tb = "".join(traceback.format_exception(*r.exc_info)) if r.exc_info and r.exc_info[1] is not None \
