@@ -412,7 +412,7 @@ def push_cache(cache: Path = typer.Argument(..., help="A finished local cache.")
 
 @app.command("evaluate")
 def evaluate(ctx: typer.Context, model: str = typer.Option(..., help="The model folder to score (a run's final/, "
-                                                                  "a teacher, any checkpoint of the four families)."),
+                                                                  "a teacher, any checkpoint of a supported family)."),
              data: Optional[str] = typer.Option(None, help="Samples to answer: JSON/JSONL, parquet or a datasets "
                                                 "folder (or --lmms-eval)."),
              images: Optional[str] = typer.Option(None, help="The folder image paths are relative to."),
