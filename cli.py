@@ -123,7 +123,7 @@ def make_demo(ctx: typer.Context,
               n_val: int = typer.Option(40), n_test: int = typer.Option(60),
               seed: int = typer.Option(0),
               family: str = typer.Option("llava", help="Model family of the tiny checkpoints: a model type "
-                                         "of the family registry with a demo kit (see the README's families table).")):
+                                         "of the family registry with a demo kit (the families table: README, docs/index.md).")):
     """Write a self-contained demo kit: tiny teacher/student of the family, tokenizer, shapes VQA data."""
     _check_options(ctx)
     from alignti.demo.kit import make_demo as run
