@@ -123,7 +123,7 @@ def make_demo(ctx: typer.Context,
               n_val: int = typer.Option(40), n_test: int = typer.Option(60),
               seed: int = typer.Option(0),
               family: str = typer.Option("llava", help="Model family of the tiny checkpoints: a model type "
-                                         "of the family registry with a demo kit (see the README's families table).")):
+                                         "of the family registry with a demo kit (the families table: README, docs/index.md).")):
     """Write a self-contained demo kit: tiny teacher/student of the family, tokenizer, shapes VQA data."""
     _check_options(ctx)
     from alignti.demo.kit import make_demo as run
@@ -412,7 +412,7 @@ def push_cache(cache: Path = typer.Argument(..., help="A finished local cache.")
 
 @app.command("evaluate")
 def evaluate(ctx: typer.Context, model: str = typer.Option(..., help="The model folder to score (a run's final/, "
-                                                                  "a teacher, any checkpoint of the four families)."),
+                                                                  "a teacher, any checkpoint of a supported family)."),
              data: Optional[str] = typer.Option(None, help="Samples to answer: JSON/JSONL, parquet or a datasets "
                                                 "folder (or --lmms-eval)."),
              images: Optional[str] = typer.Option(None, help="The folder image paths are relative to."),
@@ -424,8 +424,7 @@ def evaluate(ctx: typer.Context, model: str = typer.Option(..., help="The model 
              max_new_tokens: int = typer.Option(8, help="Longest answer generated (tokens); the demo's "
                                                 "long-form split needs 48."),
              lmms_eval: Optional[str] = typer.Option(None, "--lmms-eval", help="Score with lmms-eval instead: "
-                                                     "comma-separated task names (lmms-eval runs in its own env: README, "
-                                                     "'Evaluation with lmms-eval'; "
+                                                     "comma-separated task names (lmms-eval runs in its own env: docs/how-to/lmms-eval.md; "
                                                      "scores go to RUN/eval/, metrics.jsonl, the trackers)."),
              include_path: Optional[Path] = typer.Option(None, help="With --lmms-eval: a folder of local tasks "
                                                          "(alignti export-task)."),

@@ -1,6 +1,6 @@
 """lmms-eval vs `alignti evaluate` on the same questions: accuracy of each, answers that agree, seconds of each.
 
-Run in the eval env (README, "Evaluation with lmms-eval"), on a trained student and a split, e.g. the quickstart's:
+Run in the eval env (docs/how-to/lmms-eval.md), on a trained student and a split, e.g. the quickstart's:
 
     .venv-eval/bin/python bench/lmms_eval_agreement.py --model quickstart/runs/alignti-seed0/final \
         --data quickstart/kit/data/test.json --images quickstart/kit/data/images [--limit 200]

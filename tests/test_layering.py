@@ -1,6 +1,6 @@
 """The house is one-way: alignti's own imports form no circle, and nothing imports a layer above its own.
 
-Layers, bottom to top (README, "Layout"): ``common/`` (formats, sources, losses, adapters) < the stages
+Layers, bottom to top (docs/reference/layout.md): ``common/`` (formats, sources, losses, adapters) < the stages
 (``teacher_dump/``, ``student_train/``, and the stage folders planned for rollouts and student construction) <
 the top (``cli.py``, ``__main__.py``, ``demo/``, ``workflows/``). Stages do not import each other: what two stages
 share lives in ``common/``; what chains stages (rounds, the quickstart) lives on top.
@@ -126,9 +126,9 @@ def test_no_import_circles():
 
 
 def test_every_folder_has_a_layer():
-    """A new top-level folder or module gets its place in LAYERS (and the README's Layout) before it lands."""
+    """A new top-level folder or module gets its place in LAYERS (and docs/reference/layout.md) before it lands."""
     unknown = sorted({_area(m) for m in package_modules()} - set(LAYERS))
-    assert not unknown, f"{unknown}: add each to LAYERS in tests/test_layering.py and to the README's Layout section"
+    assert not unknown, f"{unknown}: add each to LAYERS in tests/test_layering.py and to docs/reference/layout.md"
 
 
 def against_the_order(mods: dict[str, Path], root: Path = ROOT) -> list[str]:
