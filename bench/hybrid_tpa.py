@@ -86,6 +86,7 @@ def main():
     ap.add_argument("--tpa-positions", type=float, default=0.25)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--before", default=None, help="git revision whose mask-free paths to time beside (e.g. main)")
+    ap.add_argument("--split", action="store_true", help="then time the TPA variants' parts (language model calls)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alignti-bench-hybrid"))
     a = ap.parse_args()
     import os
@@ -161,6 +162,52 @@ def main():
     print("|---|---|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:.3f} | {v / base:.2f} | {v / kd:.2f} |")
+    if a.split:
+        split(adapter, teacher_batch_tpa=lambda: teacher_batch(adapter, batch, params), student=student,
+              repeat=a.repeat)
+
+
+def split(adapter, teacher_batch_tpa, student, repeat: int) -> None:
+    """Where the TPA variants' time goes (after the table, one more timed run each): the language model's calls by
+    kind (the main pass: one call over the whole sequence; the prefix replay's segments; the candidates'
+    continuations), the snapshot bookkeeping, and for the student the head's forward and the backward."""
+    from alignti.common import batch as batch_mod
+    from alignti.common import branch_states as bs
+    acc: dict[str, float] = {}
+
+    def timed(name, fn):
+        def run(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+        return run
+
+    lm = adapter.language_model
+    lm_forward = lm.forward
+
+    def lm_call(*args, **kw):
+        kind = ("main pass" if kw.get("cache") is None else
+                "continuation" if kw.get("attention_mask") is not None else "replay segments")
+        return timed(f"lm {kind}", lm_forward)(*args, **kw)
+
+    saved = (bs.snapshot_branch_hidden, bs.stack_snapshots, bs.stack_prefix_kv, bs.fork_cache)
+    lm.forward = lm_call
+    bs.stack_snapshots, bs.stack_prefix_kv, bs.fork_cache = (timed("snapshot bookkeeping", f) for f in saved[1:])
+    batch_mod.snapshot_branch_hidden = timed("snapshot_branch_hidden (all)", saved[0])
+    try:
+        for name, fn in (("teacher_batch, TPA", teacher_batch_tpa), ("student KD+TPA step", lambda: student(True))):
+            acc.clear()
+            t = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            total = (time.perf_counter() - t) / repeat
+            print(f"{name}: {total:.3f} s per call; " + ", ".join(f"{k} {v / repeat:.3f}" for k, v in sorted(acc.items())))
+    finally:
+        lm.forward = lm_forward
+        bs.stack_snapshots, bs.stack_prefix_kv, bs.fork_cache = saved[1:]
+        batch_mod.snapshot_branch_hidden = saved[0]
 
 
 if __name__ == "__main__":
