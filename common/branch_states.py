@@ -225,12 +225,14 @@ def fork_cache(states: list, kv: list, snap: torch.Tensor, sample: torch.Tensor)
     layers = []
     for st, pair in zip(states, kv):
         if st is not None:
-            conv, rec = ({k: None if v is None else v.index_select(0, snap) for k, v in d.items()} for d in st)
+            conv, rec = ({k: None if v is None else v.index_select(0, snap.to(v.device)) for k, v in d.items()}
+                         for d in st)  # each layer's own device (a teacher split over GPUs)
             f = SnapshotLinearLayer(number_of_states=len(conv))
             f.set_states(conv, rec, {k: None if v is None else v.shape[-1] for k, v in conv.items()})
         else:
             f = DynamicLayer()
-            f.update(pair[0].index_select(0, sample), pair[1].index_select(0, sample))
+            at = sample.to(pair[0].device)
+            f.update(pair[0].index_select(0, at), pair[1].index_select(0, at))
         layers.append(f)
     fork.layers = layers
     return fork
