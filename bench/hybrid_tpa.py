@@ -169,8 +169,7 @@ def main():
 
 def split(adapter, teacher_batch_tpa, student, repeat: int) -> None:
     """Where the TPA variants' time goes (after the table, one more timed run each): the language model's calls by
-    kind (the main pass: one call over the whole sequence; the prefix replay's segments; the candidates'
-    continuations), the snapshot bookkeeping, and for the student the head's forward and the backward."""
+    kind (the main pass: the prompt and the rest; the prefix replay's segments; the candidates' continuations), the snapshot bookkeeping, and for the student the head's forward and the backward."""
     from alignti.common import batch as batch_mod
     from alignti.common import branch_states as bs
     acc: dict[str, float] = {}
@@ -188,8 +187,9 @@ def split(adapter, teacher_batch_tpa, student, repeat: int) -> None:
     lm_forward = lm.forward
 
     def lm_call(*args, **kw):
-        kind = ("main pass" if kw.get("cache") is None else
-                "continuation" if kw.get("attention_mask") is not None else "replay segments")
+        kind = ("replay segments" if kw.get("cache") is not None and kw.get("attention_mask") is None else
+                "continuation" if kw.get("cache") is not None and kw["inputs_embeds"].shape[1] == 1 else
+                "main pass")  # the main pass: one call, or two (the prompt and the rest) with a cache
         return timed(f"lm {kind}", lm_forward)(*args, **kw)
 
     saved = (bs.snapshot_branch_hidden, bs.stack_snapshots, bs.stack_prefix_kv, bs.fork_cache)

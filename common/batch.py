@@ -7,13 +7,14 @@ and saliency capture, and returns the final hidden states at the positions that 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .attention import (Branches, CaptureSpec, additive, branch_position_ids, causal_allowed, make_branches,
                         tree_allowed, use_alignti_attention)
-from .branch_states import snapshot_branch_hidden
+from .branch_states import main_pass_in_two, prompt_split_at, snapshot_branch_hidden
 
 
 def collate(samples: list[dict], pad_id: int, adapter_cls) -> dict:
@@ -106,6 +107,7 @@ class ForwardOut:
     hidden: torch.Tensor | None = None        # [B, S, H] every final hidden state (``keep_hidden``)
     router_aux: torch.Tensor | None = None    # MoE decoders in training: the load-balancing loss (adapter)
     embeds: torch.Tensor | None = None        # [B, S, H] the language model's input embeddings (mask-free TPA)
+    prefix: tuple | None = None               # mask-free TPA: the main pass's states after its first segment
 
 
 def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Tensor] | None = None,
@@ -137,8 +139,13 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     seen: dict = {}
     hook = adapter.language_model.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.update(embeds=kwargs.get("inputs_embeds")), with_kwargs=True) if direct else None
+    # hybrid decoders: the main pass in two segments, the prompt and the rest, so the branches' replay starts after
+    # the prompt (branch_states.prompt_split_at says where, and where not)
+    split_at = prompt_split_at(adapter, spec, branch_pos if branch_pos is not None else batch["resp_pos"],
+                               s) if direct else None
     try:
-        with use_alignti_attention(adapter, spec):
+        with use_alignti_attention(adapter, spec), (main_pass_in_two(adapter, split_at) if split_at is not None
+                                                    else contextlib.nullcontext({})) as split:
             out = adapter.forward(ids, batch["image_inputs"], additive(allowed, dtype), pos,
                                   use_cache=use_cache and not direct)
     finally:
@@ -151,12 +158,13 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
         branch_hidden = h[:, s:][br.valid].view(-1, br.n_branch, h.shape[-1])
     elif direct and branch_cands is not None:
         branch_hidden = snapshot_branch_hidden(adapter, seen["embeds"], pos, branch_cands,
-                                               branch_pos if branch_pos is not None else batch["resp_pos"])
+                                               branch_pos if branch_pos is not None else batch["resp_pos"],
+                                               prefix=split.get("prefix"))
     rows = valid if br is None else torch.cat([valid, br.valid], 1)
     return ForwardOut(resp_hidden, branch_hidden, spec.results if spec else {}, spec,
                       getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos,
                       h[:, :s] if keep_hidden else None, adapter.router_aux_loss(out, rows),
-                      seen.get("embeds"))
+                      seen.get("embeds"), split.get("prefix"))
 
 
 def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor],
@@ -166,7 +174,7 @@ def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor
     response positions that get branches (default: all). Returns [N, B, H]."""
     if not adapter.tpa_tree_mask:
         return snapshot_branch_hidden(adapter, main.embeds, main.position_ids, cands,
-                                      branch_pos if branch_pos is not None else batch["resp_pos"])
+                                      branch_pos if branch_pos is not None else batch["resp_pos"], prefix=main.prefix)
     model = adapter.model
     dtype = next(model.parameters()).dtype
     valid = batch["valid"]

@@ -119,7 +119,7 @@ def _at(position_ids: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.T
 
 
 def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Tensor, cands: list[torch.Tensor],
-                           branch_pos: list[torch.Tensor], max_rows: int = 512) -> torch.Tensor:
+                           branch_pos: list[torch.Tensor], max_rows: int = 512, prefix=None) -> torch.Tensor:
     """The final hidden state after each candidate, each the model on the real prefix followed by the candidate,
     from the model's own states at the TPA positions (module docstring); differentiable where ``embeds`` is.
 
@@ -127,7 +127,8 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
     model merges them); ``position_ids`` [B, S] or [3, B, S] (M-RoPE); ``cands[b]`` [n_b, n_branch] candidate ids for
     the sequence positions ``branch_pos[b]`` [n_b] (positions >= 1, each the position of the token the candidates
     replace: candidate c at t is the model on ``prefix[:t] + c`` at position id ``position_ids[..., t]``, the tree
-    mask's definition for attention decoders). ValueError for a position 0.
+    mask's definition for attention decoders). ValueError for a position 0. ``prefix``: the main pass's states after
+    its first segment (``main_pass_in_two``), where every sample's replay starts instead of at 0.
 
     Cost: one pass of each sample's prefix up to its last TPA position, in segments ending at its TPA positions (per
     sample: in a batch, a segment that ends where only one sample needs a state would pad every other sample's rows
@@ -147,10 +148,13 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
     snaps, caches = [], {}
     with without_checkpointing(adapter.decoder_layers()):
         for b in sorted({b for b, _ in pairs}):
-            cache, prev = adapter.branch_state_cache(), 0
+            cache, prev = start_cache(adapter, prefix, b)
             for t in sorted({t for s, t in pairs if s == b}):
-                lm(inputs_embeds=embeds[b:b + 1, prev:t], position_ids=position_ids[..., b:b + 1, prev:t],
-                   cache=cache, use_cache=True)
+                if t < prev:
+                    raise ValueError(f"TPA position {t} is inside the main pass's first segment (0-{prev})")
+                if t > prev:
+                        lm(inputs_embeds=embeds[b:b + 1, prev:t], position_ids=position_ids[..., b:b + 1, prev:t],
+                       cache=cache, use_cache=True)
                 snap_of[b, t] = len(snaps)
                 snaps.append([(dict(layer.conv_states), dict(layer.recurrent_states))
                               if isinstance(layer, SnapshotLinearLayer) else None for layer in cache.layers])
@@ -178,6 +182,84 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
                        use_cache=True).last_hidden_state[:, 0]
             out.append(h)
     return torch.cat(out).view(-1, n_branch, embeds.shape[-1])
+
+
+def start_cache(adapter, prefix, b: int) -> tuple[DynamicCache, int]:
+    """Sample b's replay cache and where its replay starts: empty at 0, or the main pass's states after its first
+    segment (``prefix`` = (at, per layer: (conv, recurrent, kernel sizes) or (keys, values)), batch rows) at ``at``."""
+    cache = adapter.branch_state_cache()
+    if prefix is None:
+        return cache, 0
+    at, states = prefix
+    for layer, st in zip(cache.layers, states):
+        if isinstance(layer, SnapshotLinearLayer):
+            conv, rec = ({k: None if v is None else v[b:b + 1] for k, v in d.items()} for d in st[:2])
+            layer.set_states(conv, rec, st[2])
+            layer.cumulative_length_linear = at
+        else:
+            layer.update(st[0][b:b + 1], st[1][b:b + 1])
+    return cache, at
+
+
+def prompt_split_at(adapter, spec, starts: list[torch.Tensor], length: int) -> int | None:
+    """Where a hybrid decoder's main pass may end its first segment so that the TPA replay reuses it: the earliest
+    position a branch of any sample can sit at (``starts[b]``: sample b's TPA or response positions), which leaves
+    the prompt (image tokens included) out of the replay. None where the pass must stay whole: no position in
+    1..length-1, a saliency query at or after it (``spec``: the capture runs in the first segment only), or in
+    training a MoE decoder's router logits or activation checkpointing (which drops a cache in training)."""
+    firsts = [int(p.min()) for p in starts if len(p)]
+    if not firsts or not 1 <= min(firsts) < length:
+        return None
+    at = min(firsts)
+    if spec is not None and bool(spec.q_valid.any()) and int(spec.q_idx[spec.q_valid].max()) >= at:
+        return None
+    if adapter.model.training and (adapter.router_aux_coef > 0 or any(
+            getattr(m, "gradient_checkpointing", False) for m in adapter.decoder_layers())):
+        return None
+    return at
+
+
+@contextlib.contextmanager
+def main_pass_in_two(adapter, at: int):
+    """Within: the language model's forward runs as two segments, [0, at) and [at, S), with ``branch_state_cache``
+    (the same computation as one pass: the attention mask sliced to each segment's queries and keys, the linear /
+    conv states carried by the cache; the saliency capture in the first segment only, where ``prompt_split_at`` put
+    its queries), and returns the concatenated hidden states. Yields a dict that then holds ``prefix``: (at, each
+    layer's states after the first segment), what ``snapshot_branch_hidden`` starts its replay from."""
+    lm = adapter.language_model
+    own = lm.__dict__.get("forward")
+    original = lm.forward
+    got: dict = {}
+
+    def two(*args, **kw):
+        x, pos, mask = kw.get("inputs_embeds"), kw.get("position_ids"), kw.get("attention_mask")
+        if args or x is None or pos is None or not 1 <= at < x.shape[1]:
+            return original(*args, **kw)
+        cache = adapter.branch_state_cache()
+
+        def part(a: int, b: int):
+            k = dict(kw, inputs_embeds=x[:, a:b], position_ids=pos[..., a:b], cache=cache, use_cache=True)
+            if mask is not None:
+                k["attention_mask"] = ({n: m[:, :, a:b, :b] for n, m in mask.items()} if isinstance(mask, dict)
+                                       else mask[:, :, a:b, :b])
+            return original(**k)
+
+        first = part(0, at)
+        got["prefix"] = (at, [(dict(x.conv_states), dict(x.recurrent_states), dict(x.conv_kernel_size))
+                              if isinstance(x, SnapshotLinearLayer) else (x.keys, x.values) for x in cache.layers])
+        with use_alignti_attention(adapter, None):
+            second = part(at, x.shape[1])
+        first.last_hidden_state = torch.cat([first.last_hidden_state, second.last_hidden_state], 1)
+        return first
+
+    lm.forward = two
+    try:
+        yield got
+    finally:
+        if own is None:
+            del lm.forward
+        else:
+            lm.forward = own
 
 
 def stack_snapshots(snaps: list) -> list:

@@ -127,3 +127,37 @@ def test_student_gradients_through_snapshots_are_plain_autograd_with_checkpointi
     for n in want:  # the same sums in another order: fp32 rounding of the largest element
         scale = float(want[n].abs().max()) or 1.0
         assert float((got[n] - want[n]).abs().max()) <= 1e-5 * scale, n
+
+
+@pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
+def test_main_pass_in_two_segments_is_the_one_pass_and_the_replay_skips_the_prompt(build, monkeypatch):
+    """``forward`` on a hybrid decoder runs its main pass as the prompt and the rest (``main_pass_in_two``): the
+    response hidden states and the branches equal those of one pass with the replay from position 0, and the
+    replay no longer runs the prompt through the decoder."""
+    import alignti.common.batch as batch_mod
+    from alignti.common.adapters import FAMILIES
+    from alignti.common.batch import collate, forward
+    model, _, ids, _, _, branch_pos, cands = _case(build)
+    cls = FAMILIES[model.config.model_type].adapter if model.config.model_type in FAMILIES else ModelAdapter
+    adapter = cls(model)
+    resp = [torch.arange(12, len(x)) for x in ids]  # responses from 12 on; the TPA positions among them
+    branch_pos = [p[p >= 12] for p in branch_pos]
+    cands = [c[:len(p)] for c, p in zip(cands, branch_pos)]
+    samples = [dict(input_ids=x.numpy(), response_mask=(torch.arange(len(x)) >= 12).numpy(), instr_spans=[],
+                    n_image_tokens=0, image_tok_start=0, image_inputs=None) for x in ids]
+    batch = collate(samples, 0, cls)
+    assert [p.tolist() for p in batch["resp_pos"]] == [p.tolist() for p in resp]
+    seen = []
+    hook = adapter.decoder_layers()[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:2]))
+    with torch.no_grad():
+        two = forward(adapter, batch, branch_cands=cands, branch_pos=branch_pos)
+        tokens_two = sum(b * n for b, n in seen)
+        seen.clear()
+        monkeypatch.setattr(batch_mod, "prompt_split_at", lambda *args, **kw: None)
+        one = forward(adapter, batch, branch_cands=cands, branch_pos=branch_pos)
+        tokens_one = sum(b * n for b, n in seen)
+    hook.remove()
+    assert two.prefix is not None and two.prefix[0] == min(int(p.min()) for p in branch_pos) and one.prefix is None
+    torch.testing.assert_close(two.resp_hidden, one.resp_hidden, rtol=0, atol=ATOL)
+    torch.testing.assert_close(two.branch_hidden, one.branch_hidden, rtol=0, atol=ATOL)
+    assert tokens_one - tokens_two == two.prefix[0] * len(ids)  # each sample's prompt, once less
