@@ -113,8 +113,18 @@ class ModelAdapter:
         (branch tokens appended to the sequence, each seeing only its prefix: common/attention.py). False for hybrid
         decoders (Qwen3.5's Gated DeltaNet, LFM2's short convolutions): a recurrent or convolutional layer takes no
         mask, so a branch token in the sequence would flow into every later token's state; their branches run as
-        one-token continuations of their own prefix instead (common/batch.py ``direct_branch_hidden``)."""
+        one-token continuations from the model's own states at their positions instead (common/branch_states.py
+        ``snapshot_branch_hidden``, with ``branch_state_cache``)."""
         return all(t in ATTENTION_LAYER_TYPES for t in self.layer_types())
+
+    def branch_state_cache(self):
+        """The cache TPA without masks runs the language model with (``tpa_tree_mask`` False): transformers'
+        ``DynamicCache`` laid out by the text config's ``layer_types`` (attention KV; the conv / recurrent states of
+        linear-attention and convolution layers), those states updated out of place so that each one read after a
+        segment of the prefix stays valid (common/branch_states.py ``snapshot_cache``). A family whose language model
+        keeps its state in another cache class overrides this."""
+        from .branch_states import snapshot_cache
+        return snapshot_cache(self.language_model.config)
 
     def saliency_layers(self) -> list[int]:
         """The decoder layers IVA's saliency may come from (select-layer's choice, an explicit --saliency-layer):

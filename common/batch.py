@@ -7,12 +7,14 @@ and saliency capture, and returns the final hidden states at the positions that 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .attention import (Branches, CaptureSpec, additive, branch_position_ids, causal_allowed, make_branches,
                         tree_allowed, use_alignti_attention)
+from .branch_states import main_pass_in_two, prompt_split_at, snapshot_branch_hidden
 
 
 def collate(samples: list[dict], pad_id: int, adapter_cls) -> dict:
@@ -105,6 +107,7 @@ class ForwardOut:
     hidden: torch.Tensor | None = None        # [B, S, H] every final hidden state (``keep_hidden``)
     router_aux: torch.Tensor | None = None    # MoE decoders in training: the load-balancing loss (adapter)
     embeds: torch.Tensor | None = None        # [B, S, H] the language model's input embeddings (mask-free TPA)
+    prefix: tuple | None = None               # mask-free TPA: the main pass's states after its first segment
 
 
 def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Tensor] | None = None,
@@ -121,7 +124,8 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     s = ids.shape[1]
     br: Branches | None = None
     # hybrid decoders (adapter.tpa_tree_mask False): no branch token enters the sequence; the branches run from the
-    # language model's input embeddings of this pass (direct_branch_hidden)
+    # language model's input embeddings of this pass and the model's own states at their positions
+    # (branch_states.snapshot_branch_hidden)
     direct = not adapter.tpa_tree_mask and (branch_cands is not None or use_cache)
     if branch_cands is not None and not direct:
         br = make_branches(branch_cands, branch_pos if branch_pos is not None else batch["resp_pos"],
@@ -135,8 +139,13 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     seen: dict = {}
     hook = adapter.language_model.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.update(embeds=kwargs.get("inputs_embeds")), with_kwargs=True) if direct else None
+    # hybrid decoders: the main pass in two segments, the prompt and the rest, so the branches' replay starts after
+    # the prompt (branch_states.prompt_split_at says where, and where not)
+    split_at = prompt_split_at(adapter, spec, branch_pos if branch_pos is not None else batch["resp_pos"],
+                               s) if direct else None
     try:
-        with use_alignti_attention(adapter, spec):
+        with use_alignti_attention(adapter, spec), (main_pass_in_two(adapter, split_at) if split_at is not None
+                                                    else contextlib.nullcontext({})) as split:
             out = adapter.forward(ids, batch["image_inputs"], additive(allowed, dtype), pos,
                                   use_cache=use_cache and not direct)
     finally:
@@ -148,66 +157,14 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     if br is not None:
         branch_hidden = h[:, s:][br.valid].view(-1, br.n_branch, h.shape[-1])
     elif direct and branch_cands is not None:
-        branch_hidden = direct_branch_hidden(adapter, seen["embeds"], pos, branch_cands,
-                                             branch_pos if branch_pos is not None else batch["resp_pos"])
+        branch_hidden = snapshot_branch_hidden(adapter, seen["embeds"], pos, branch_cands,
+                                               branch_pos if branch_pos is not None else batch["resp_pos"],
+                                               prefix=split.get("prefix"))
     rows = valid if br is None else torch.cat([valid, br.valid], 1)
     return ForwardOut(resp_hidden, branch_hidden, spec.results if spec else {}, spec,
                       getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos,
                       h[:, :s] if keep_hidden else None, adapter.router_aux_loss(out, rows),
-                      seen.get("embeds"))
-
-
-def direct_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Tensor, cands: list[torch.Tensor],
-                         branch_pos: list[torch.Tensor], max_tokens: int = 1 << 15) -> torch.Tensor:
-    """TPA without masks (hybrid decoders): the final hidden state after each candidate, each computed as the model's
-    own forward on the real prefix followed by the candidate, never with a branch token in the sequence's state.
-
-    ``embeds`` [B, S, H]: the language model's input embeddings of the main pass (image features merged, as the model
-    merges them; differentiable where the main pass is); ``position_ids`` [B, S] or [3, B, S] (M-RoPE); ``cands[b]``
-    [n_b, n_branch] candidate ids for the sequence positions ``branch_pos[b]`` [n_b] (the positions of the tokens
-    the candidates replace: candidate c at position t is the model on ``prefix[:t] + c`` at position id
-    ``position_ids[..., t]``, exactly the tree mask's definition for attention decoders). Every (position, candidate)
-    is one row, right-padded (causal layers: padding after a row's last real token changes nothing before it, so no
-    mask), run through the language model in chunks of at most ``max_tokens`` padded tokens. Returns [N, n_branch, H]
-    in sample then position order (N = sum n_b), as the tree path's ``branch_hidden``."""
-    n_branch = cands[0].shape[-1]
-    emb_layer = adapter.model.get_input_embeddings()
-    mrope = position_ids.dim() == 3
-    rows = []  # (b, t, candidate id)
-    for b, (c, p) in enumerate(zip(cands, branch_pos)):
-        for j, t in enumerate(p.tolist()):
-            rows += [(b, t, c[j, i]) for i in range(n_branch)]
-    if not rows:
-        return embeds.new_zeros(0, n_branch, embeds.shape[-1])
-    order = sorted(range(len(rows)), key=lambda r: rows[r][1])  # similar lengths share a chunk
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    at = 0
-    while at < len(order):
-        n = 1
-        while at + n < len(order) and (n + 1) * (rows[order[at + n]][1] + 1) <= max_tokens:
-            n += 1
-        chunk = order[at:at + n]
-        length = rows[chunk[-1]][1] + 1
-        pos = position_ids.new_zeros((3, len(chunk), length) if mrope else (len(chunk), length))
-        cand_ids = torch.stack([rows[r][2] for r in chunk]).long().to(embeds.device)
-        cand_emb = emb_layer(cand_ids).to(embeds.dtype)
-        pieces, last = [], []
-        for i, r in enumerate(chunk):
-            b, t, _ = rows[r]
-            x_i = torch.cat([embeds[b, :t], cand_emb[i:i + 1], embeds.new_zeros(length - t - 1, embeds.shape[-1])])
-            pieces.append(x_i)
-            if mrope:
-                pos[:, i, :t + 1] = position_ids[:, b, :t + 1]
-            else:
-                pos[i, :t + 1] = position_ids[b, :t + 1]
-            last.append(t)
-        x = torch.stack(pieces)
-        h = adapter.language_model(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
-        h = h[torch.arange(len(chunk), device=h.device), torch.tensor(last, device=h.device)]
-        for i, r in enumerate(chunk):
-            out[r] = h[i]
-        at += n
-    return torch.stack(out).view(-1, n_branch, embeds.shape[-1])
+                      seen.get("embeds"), split.get("prefix"))
 
 
 def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor],
@@ -216,8 +173,8 @@ def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor
     the one-forward tree layout, without recomputing the main sequence). ``branch_pos``: per sample the
     response positions that get branches (default: all). Returns [N, B, H]."""
     if not adapter.tpa_tree_mask:
-        return replay_branch_hidden(adapter, main.embeds, main.position_ids, cands,
-                                    branch_pos if branch_pos is not None else batch["resp_pos"])
+        return snapshot_branch_hidden(adapter, main.embeds, main.position_ids, cands,
+                                      branch_pos if branch_pos is not None else batch["resp_pos"], prefix=main.prefix)
     model = adapter.model
     dtype = next(model.parameters()).dtype
     valid = batch["valid"]
@@ -230,47 +187,6 @@ def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor
         out = adapter.forward(br.ids, {}, additive(allowed, dtype), pos, cache=main.cache, use_cache=True)
     h = out.last_hidden_state
     return h[br.valid].view(-1, br.n_branch, h.shape[-1])
-
-
-@torch.no_grad()
-def replay_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Tensor, cands: list[torch.Tensor],
-                         branch_pos: list[torch.Tensor]) -> torch.Tensor:
-    """Teacher side of TPA without masks (no gradient): ``direct_branch_hidden``'s result, from the model's own cache
-    instead of one forward per (position, candidate). Per sample, the prefix runs through the language model in
-    segments that end at each selected position t (the decoder's own cache carries the attention KV, the Gated
-    DeltaNet recurrent and conv states, LFM2's conv states from one segment to the next); at t the cache is copied,
-    repeated to the n_branch candidates (``Cache.reorder_cache``) and the candidates run as one-token continuations on
-    the copy, so no branch token enters the sequence's state. Cost: one forward of each prefix up to its last selected
-    position (in segments) plus n_branch one-token steps per position. Same arguments and result as
-    ``direct_branch_hidden``; ``branch_pos[b]`` ascending (``tpa_layout``'s order)."""
-    import copy
-
-    from transformers import DynamicCache
-    lm = adapter.language_model
-    n_branch = cands[0].shape[-1]
-    emb_layer = adapter.model.get_input_embeddings()
-    mrope = position_ids.dim() == 3
-    rep = torch.zeros(n_branch, dtype=torch.long, device=embeds.device)
-    out = []
-    for b, (c, p) in enumerate(zip(cands, branch_pos)):
-        ts = p.tolist()
-        if ts != sorted(ts):
-            raise ValueError("replay_branch_hidden needs each sample's branch positions in ascending order")
-        cache, prev = DynamicCache(config=lm.config), 0
-        for j, t in enumerate(ts):
-            if t > prev:
-                seg = position_ids[:, b:b + 1, prev:t] if mrope else position_ids[b:b + 1, prev:t]
-                lm(inputs_embeds=embeds[b:b + 1, prev:t], position_ids=seg, cache=cache, use_cache=True)
-                prev = t
-            fork = copy.deepcopy(cache)
-            fork.reorder_cache(rep)
-            at = (position_ids[:, b:b + 1, t:t + 1].expand(-1, n_branch, -1) if mrope else
-                  position_ids[b:b + 1, t:t + 1].expand(n_branch, -1))
-            x = emb_layer(c[j].long().to(embeds.device)).to(embeds.dtype)[:, None]
-            out.append(lm(inputs_embeds=x, position_ids=at, cache=fork, use_cache=True).last_hidden_state[:, 0])
-    if not out:
-        return embeds.new_zeros(0, n_branch, embeds.shape[-1])
-    return torch.stack(out)
 
 
 def lm_head(adapter) -> torch.nn.Module:

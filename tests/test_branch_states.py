@@ -1,0 +1,163 @@
+"""TPA without masks from the model's own states (common/branch_states.py) on tiny hybrid decoders built from configs:
+LFM2-VL's short convolutions + attention and Qwen3.5's Gated DeltaNet + attention, text only (the conformance suite
+checks the kit models with images through the dump and the student step).
+
+The reference is the language model itself run on prefix + candidate, one forward per (position, candidate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignti.common.adapters import ModelAdapter
+from alignti.common.branch_states import snapshot_branch_hidden
+
+
+def _lfm2_vl():
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
+    cfg = Lfm2VlConfig(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=300, conv_L_cache=3,
+                                        layer_types=["conv", "full_attention", "conv", "conv"]),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2))
+    return Lfm2VlForConditionalGeneration(cfg)
+
+
+def _qwen3_5():
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    cfg = Qwen3_5Config(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
+                                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                         linear_value_head_dim=16,
+                                         layer_types=["linear_attention", "full_attention", "linear_attention"]),
+                        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                           out_hidden_size=64))
+    return Qwen3_5ForConditionalGeneration(cfg)
+
+
+# the kernels' rounding (module docstring of branch_states): LFM2's conv layers compute the same sums over the same
+# inputs in either layout; Qwen3.5's Gated DeltaNet runs the prefix through the chunked kernel from other chunk starts
+# and the candidate through the recurrent kernel, both fp32 (measured: 9.5e-7 and 7.2e-7 on hidden states up to 3.8);
+# 1e-5 absolute bounds both with margin and is far below any wrong state (a missing or leaked token moves the hidden
+# states by O(1e-1))
+ATOL = 1e-5
+
+
+def _case(build, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build().float()
+    adapter = ModelAdapter(model)
+    assert not adapter.tpa_tree_mask
+    g = torch.Generator().manual_seed(seed)
+    lengths = [23, 17]
+    ids = [torch.randint(5, 300, (n,), generator=g) for n in lengths]
+    emb = model.get_input_embeddings()
+    s = max(lengths)
+    embeds = torch.zeros(len(ids), s, 64)
+    for b, x in enumerate(ids):
+        embeds[b, :len(x)] = emb(x).detach()
+    pos = torch.arange(s).expand(len(ids), -1).clone()
+    if model.config.model_type == "qwen3_5":
+        pos = pos[None].expand(3, -1, -1).clone()
+    branch_pos = [torch.tensor([3, 4, 11, 22]), torch.tensor([1, 9, 16])]  # adjacent, first and last positions
+    cands = [torch.randint(5, 300, (len(p), 3), generator=g) for p in branch_pos]
+    return model, adapter, ids, embeds, pos, branch_pos, cands
+
+
+def _direct(model, ids, branch_pos, cands):
+    """The language model on prefix + candidate, one forward each: [N, n_branch, H]."""
+    lm = model.model.language_model
+    rows = []
+    for x, p, c in zip(ids, branch_pos, cands):
+        for j, t in enumerate(p.tolist()):
+            for cand in c[j].tolist():
+                seq = torch.cat([x[:t], torch.tensor([cand])])[None]
+                rows.append(lm(input_ids=seq).last_hidden_state[0, -1])
+    return torch.stack(rows).view(-1, cands[0].shape[-1], rows[0].shape[-1])
+
+
+@pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
+def test_branches_from_snapshots_are_the_model_on_prefix_plus_candidate(build):
+    model, adapter, ids, embeds, pos, branch_pos, cands = _case(build)
+    with torch.no_grad():
+        got = snapshot_branch_hidden(adapter, embeds, pos, cands, branch_pos, max_rows=8)  # several continuations
+        want = _direct(model, ids, branch_pos, cands)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
+def test_each_prefix_token_runs_through_the_decoder_once(build):
+    """The cost the mask-free path exists to cut: the decoder sees each sample's prefix once (up to its last TPA
+    position) plus one token per (position, candidate), not a prefix per (position, candidate)."""
+    model, adapter, ids, embeds, pos, branch_pos, cands = _case(build)
+    seen = []
+    hook = adapter.decoder_layers()[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:2]))
+    try:
+        with torch.no_grad():
+            snapshot_branch_hidden(adapter, embeds, pos, cands, branch_pos)
+    finally:
+        hook.remove()
+    tokens = sum(b * n for b, n in seen)
+    rows = sum(c.shape[0] * c.shape[1] for c in cands)
+    assert tokens == sum(int(p.max()) for p in branch_pos) + rows
+    assert len(seen) == sum(len(p) for p in branch_pos) + 1  # a segment per position, one batched continuation
+
+
+def test_student_gradients_through_snapshots_are_plain_autograd_with_checkpointing():
+    """In training the snapshots stay in the autograd graph, with the decoder's gradient checkpointing on (which drops
+    a cache in training: the replay turns it off): the gradients of a loss on the branch states equal plain autograd
+    through the language model on prefix + candidate."""
+    model, adapter, ids, embeds, pos, branch_pos, cands = _case(_lfm2_vl, seed=1)
+    model.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    emb = model.get_input_embeddings()
+    s = embeds.shape[1]
+    x = torch.stack([torch.cat([emb(t), torch.zeros(s - len(t), 64)]) for t in ids])  # in the graph this time
+    got_h = snapshot_branch_hidden(adapter, x, pos, cands, branch_pos)
+    probe = torch.randn(got_h.shape, generator=torch.Generator().manual_seed(2))
+    (got_h * probe).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_disable()
+    want_h = _direct(model, ids, branch_pos, cands)
+    (want_h * probe).sum().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(got_h.detach(), want_h.detach(), rtol=0, atol=ATOL)
+    assert set(got) == set(want) and any("embed_tokens" in n for n in got)
+    for n in want:  # the same sums in another order: fp32 rounding of the largest element
+        scale = float(want[n].abs().max()) or 1.0
+        assert float((got[n] - want[n]).abs().max()) <= 1e-5 * scale, n
+
+
+@pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
+def test_main_pass_in_two_segments_is_the_one_pass_and_the_replay_skips_the_prompt(build, monkeypatch):
+    """``forward`` on a hybrid decoder runs its main pass as the prompt and the rest (``main_pass_in_two``): the
+    response hidden states and the branches equal those of one pass with the replay from position 0, and the
+    replay no longer runs the prompt through the decoder."""
+    import alignti.common.batch as batch_mod
+    from alignti.common.adapters import FAMILIES
+    from alignti.common.batch import collate, forward
+    model, _, ids, _, _, branch_pos, cands = _case(build)
+    cls = FAMILIES[model.config.model_type].adapter if model.config.model_type in FAMILIES else ModelAdapter
+    adapter = cls(model)
+    resp = [torch.arange(12, len(x)) for x in ids]  # responses from 12 on; the TPA positions among them
+    branch_pos = [p[p >= 12] for p in branch_pos]
+    cands = [c[:len(p)] for c, p in zip(cands, branch_pos)]
+    samples = [dict(input_ids=x.numpy(), response_mask=(torch.arange(len(x)) >= 12).numpy(), instr_spans=[],
+                    n_image_tokens=0, image_tok_start=0, image_inputs=None) for x in ids]
+    batch = collate(samples, 0, cls)
+    assert [p.tolist() for p in batch["resp_pos"]] == [p.tolist() for p in resp]
+    seen = []
+    hook = adapter.decoder_layers()[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:2]))
+    with torch.no_grad():
+        two = forward(adapter, batch, branch_cands=cands, branch_pos=branch_pos)
+        tokens_two = sum(b * n for b, n in seen)
+        seen.clear()
+        monkeypatch.setattr(batch_mod, "prompt_split_at", lambda *args, **kw: None)
+        one = forward(adapter, batch, branch_cands=cands, branch_pos=branch_pos)
+        tokens_one = sum(b * n for b, n in seen)
+    hook.remove()
+    assert two.prefix is not None and two.prefix[0] == min(int(p.min()) for p in branch_pos) and one.prefix is None
+    torch.testing.assert_close(two.resp_hidden, one.resp_hidden, rtol=0, atol=ATOL)
+    torch.testing.assert_close(two.branch_hidden, one.branch_hidden, rtol=0, atol=ATOL)
+    assert tokens_one - tokens_two == two.prefix[0] * len(ids)  # each sample's prompt, once less
