@@ -458,10 +458,10 @@ class LlavaOnevision1_5Adapter(Qwen2VLAdapter):
     a Qwen3 LM. Its processor is Qwen2-VL's layout (``image_grid_thw``, ``<|image_pad|>`` tokens between
     ``<|vision_start|>`` / ``<|vision_end|>``, the same ``smart_resize`` limits), but the LM's positions are 1-D
     (``LlavaOnevision15Model.forward``: ``arange`` over the sequence; ``generate`` takes the default positions), not
-    Qwen2-VL's M-RoPE: the base position ids and generation inputs."""
+    Qwen2-VL's M-RoPE: the base position ids. (``generate`` ignores the ``mm_token_type_ids`` Qwen2-VL's
+    ``generation_inputs`` adds.)"""
     family = "llava_onevision1_5"
     position_ids = ModelAdapter.position_ids
-    generation_inputs = ModelAdapter.generation_inputs
 
 
 @dataclass(frozen=True)
