@@ -89,3 +89,24 @@ def test_mistral3_images_of_different_sizes_in_one_batch(tmp_path):
     for b, enc in enumerate(encs):
         n = len(enc.input_ids)
         torch.testing.assert_close(lp[b, :n], own[b], rtol=0, atol=1e-5)
+
+
+def test_pixtral_processor_without_torchvision_is_the_librarys_own_class():
+    """Mistral 3's processor in an environment without torchvision: transformers' own PixtralProcessor code (its
+    module file, unmodified), whose one torchvision-only import (``get_resize_output_image_size``) is the PIL image
+    processor's function of that name; the torchvision module's entry is not left behind in ``sys.modules``."""
+    import inspect
+    import sys
+
+    import transformers
+    from alignti.common.models import PIL_STAND_INS, _torchvision_available, processor_class
+    cls = processor_class("PixtralProcessor")
+    module, torchvision_module, pil_module = PIL_STAND_INS["PixtralProcessor"]
+    if _torchvision_available():
+        assert cls is transformers.PixtralProcessor
+        return
+    assert cls.__module__ == module and inspect.getsourcefile(cls).endswith("pixtral/processing_pixtral.py")
+    assert sys.modules[module].get_resize_output_image_size is sys.modules[pil_module].get_resize_output_image_size
+    assert torchvision_module not in sys.modules
+    with pytest.raises(ImportError, match="(?i)torchvision"):
+        transformers.PixtralProcessor()
