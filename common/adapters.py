@@ -428,8 +428,8 @@ class Mistral3Adapter(ModelAdapter):
 
     The processor lays out each image as rows of ``[IMG]`` tokens, each row closed by ``[IMG_BREAK]`` and the last by
     ``[IMG_END]`` (``PixtralProcessor.replace_image_token``); the model puts an image feature on the ``[IMG]`` tokens
-    only (``get_placeholder_mask``), the two markers keep their text embeddings. An image's span (common/conversation.py)
-    runs over its rows, breaks included; its image tokens (saliency, IVA) are the ``[IMG]`` ones
+    only (``get_placeholder_mask``), the two markers keep their text embeddings. An image's span
+    (common/conversation.py) runs over its rows, breaks included; its image tokens (saliency, IVA) are the ``[IMG]`` ones
     (common/batch.py ``span_image_positions``), and its grid (rows, cols) is read from the rows."""
     family = "mistral3"
     multi_image = True
