@@ -422,7 +422,7 @@ class Gemma3Adapter(ModelAdapter):
 
 
 class Mistral3Adapter(ModelAdapter):
-    """Mistral 3 (Mistral-Small-3.1 / 3.2, Ministral 3): a Pixtral tower at native resolution (each image keeps its
+    """Mistral 3 (Mistral-Small-3.1 / 3.2): a Pixtral tower at native resolution (each image keeps its
     aspect ratio, resized only to fit the processor's ``longest_edge``, so images differ in size), a projector that
     merges ``spatial_merge_size``^2 patches into one image token, a Mistral LM with 1-D positions.
 
