@@ -14,8 +14,8 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import (GEMMA3_KIT, LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT,
-                          QWEN3_5_MOE_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, KitRecipe)
+from .kit_recipes import (GEMMA3_KIT, LLAVA_KIT, MISTRAL3_KIT, ONEVISION1_5_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT,
+                          QWEN2_VL_KIT, QWEN3_5_KIT, QWEN3_5_MOE_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, KitRecipe)
 
 
 # the ``layer_types`` of softmax-attention layers (the rest: linear attention, convolutions, state-space layers)
@@ -431,6 +431,49 @@ class Gemma3Adapter(ModelAdapter):
                                 position_ids=position_ids, cache=cache, use_cache=use_cache, **image_inputs)
 
 
+class Mistral3Adapter(ModelAdapter):
+    """Mistral 3 (Mistral-Small-3.1 / 3.2): a Pixtral tower at native resolution (each image keeps its
+    aspect ratio, resized only to fit the processor's ``longest_edge``, so images differ in size), a projector that
+    merges ``spatial_merge_size``^2 patches into one image token, a Mistral LM with 1-D positions.
+
+    The processor lays out each image as rows of ``[IMG]`` tokens, each row closed by ``[IMG_BREAK]`` and the last by
+    ``[IMG_END]`` (``PixtralProcessor.replace_image_token``); the model puts an image feature on the ``[IMG]`` tokens
+    only (``get_placeholder_mask``), the two markers keep their text embeddings. An image's span
+    (common/conversation.py) runs over its rows, breaks included; its image tokens (saliency, IVA) are the ``[IMG]`` ones
+    (common/batch.py ``span_image_positions``), and its grid (rows, cols) is read from the rows."""
+    family = "mistral3"
+    multi_image = True
+
+    @staticmethod
+    def collate_image_inputs(items):
+        """``pixel_values`` [n_images, 3, H, W] of samples whose images differ in size: zero-padded at the bottom and
+        right to the batch's largest H and W, as the image processor pads the images of one call
+        (``_pad_for_batching``); the tower reads each image's own ``image_sizes`` and crops the padding away."""
+        items = [it for it in items if it]
+        if not items:
+            return {}
+        out = {}
+        for k in items[0]:
+            tensors = [it[k] for it in items]
+            if k == "pixel_values":
+                h = max(t.shape[-2] for t in tensors)
+                w = max(t.shape[-1] for t in tensors)
+                tensors = [torch.nn.functional.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2])) for t in tensors]
+            out[k] = torch.cat(tensors, dim=0)
+        return out
+
+
+class LlavaOnevision1_5Adapter(Qwen2VLAdapter):
+    """LLaVA-OneVision-1.5: a RICE-ViT tower (2-D RoPE, a class token per image, a patch merger into the LM's width),
+    a Qwen3 LM. Its processor is Qwen2-VL's layout (``image_grid_thw``, ``<|image_pad|>`` tokens between
+    ``<|vision_start|>`` / ``<|vision_end|>``, the same ``smart_resize`` limits), but the LM's positions are 1-D
+    (``LlavaOnevision15Model.forward``: ``arange`` over the sequence; ``generate`` takes the default positions), not
+    Qwen2-VL's M-RoPE: the base position ids. (``generate`` ignores the ``mm_token_type_ids`` Qwen2-VL's
+    ``generation_inputs`` adds.)"""
+    family = "llava_onevision1_5"
+    position_ids = ModelAdapter.position_ids
+
+
 @dataclass(frozen=True)
 class Family:
     """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
@@ -454,7 +497,9 @@ class Family:
 # The one list of the families alignti runs: every family test parametrises over it (tests/test_conformance.py),
 # make-demo --family takes the rows with a kit, the README's table is held equal to it (tests/test_conformance.py).
 # lmms-eval: llava_hf loads transformers-format LLaVA, LLaVA-NeXT and OneVision folders (its `llava_onevision` class
-# loads the LLaVA-NeXT repository's own layout through that repository's `llava` package, not these folders).
+# loads the LLaVA-NeXT repository's own layout through that repository's `llava` package, not these folders; its
+# `llava_onevision1_5` class loads the lmms-lab remote-code layout with AutoModelForCausalLM, not transformers'
+# LlavaOnevision15ForConditionalGeneration folders); lmms-eval has no class for Mistral 3.
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llava", LlavaAdapter, LLAVA_KIT, "llava_hf"),
     Family("llava_next", LlavaOnevisionAdapter, None, "llava_hf"),
@@ -466,6 +511,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gemma3", Gemma3Adapter, GEMMA3_KIT, "gemma3"),
     Family("qwen3_5", Qwen3_5Adapter, QWEN3_5_KIT),
     Family("qwen3_5_moe", Qwen3_5MoeAdapter, QWEN3_5_MOE_KIT),
+    Family("mistral3", Mistral3Adapter, MISTRAL3_KIT),
+    Family("llava_onevision1_5", LlavaOnevision1_5Adapter, ONEVISION1_5_KIT),
 )}
 # the model types with a demo kit (make-demo --family), in the registry's order
 DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .attention import (Branches, CaptureSpec, additive, branch_position_ids, causal_allowed, make_branches,
@@ -43,8 +44,22 @@ def collate(samples: list[dict], pad_id: int, adapter_cls) -> dict:
 
 def image_token_positions(batch: dict, b: int) -> torch.Tensor:
     """Sequence positions of sample b's image tokens, images in order (the axis saliency and ivak_pos index)."""
-    spans = batch["image_spans"][b]
-    return torch.cat([torch.arange(a, e) for a, e in spans]) if spans else torch.zeros(0, dtype=torch.long)
+    return span_image_positions(batch["input_ids"][b], batch["image_spans"][b])
+
+
+def span_image_positions(input_ids, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """The image tokens of a sample's image ``spans`` ([start, end) each, images in order) in its ``input_ids`` [S]:
+    each span's positions that hold its first token, the family's image token. Every position of the span for most
+    families; Mistral 3's span runs over the image's rows, and the row ends between them (``[IMG_BREAK]``) are text
+    tokens the model puts no image feature on."""
+    if not spans:
+        return torch.zeros(0, dtype=torch.long)
+    ids = torch.as_tensor(np.asarray(input_ids) if not torch.is_tensor(input_ids) else input_ids)
+    out = []
+    for a, e in spans:
+        pos = torch.arange(a, e)
+        out.append(pos[ids[a:e].cpu() == ids[a].cpu()])
+    return torch.cat(out)
 
 
 def image_spans_of(x: dict) -> list[tuple[int, int]]:

@@ -363,7 +363,7 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
         if len(img_pos) == 0:
             raise DataError(rec.sample_id, "no image tokens after processing",
                             "check that the chat template renders {'type': 'image'}")
-        spans = image_spans(img_pos, len(rec.images), rec.sample_id)
+        spans = image_spans(img_pos, len(rec.images), rec.sample_id, row_ends=_row_end_positions(processor, input_ids))
     instr_spans, resp_spans = [], []
     last_user = None
     for i, (role, _) in enumerate(turns):
@@ -399,7 +399,7 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     return Encoded(rec.index, rec.sample_id, image_column(rec.image), image_sha, input_ids, resp_mask, image_inputs,
                    int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans, spans,
                    char_start, turn_texts, list(range(len(resp_spans))), conversation_json(rec),
-                   image_grids(processor, image_inputs, spans))
+                   image_grids(processor, image_inputs, spans, input_ids))
 
 
 def conversation_json(rec: Record) -> str:
@@ -416,19 +416,39 @@ def record_from_conversation(index: int, sample_id: str, image, conversation: st
                   image_at={int(k): list(v) for k, v in c["image_at"].items()} or None)
 
 
-def image_grids(processor, image_inputs: dict, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def image_grids(processor, image_inputs: dict, spans: list[tuple[int, int]],
+                input_ids: np.ndarray | None = None) -> list[tuple[int, int]]:
     """Each image's image-token grid (rows, cols) as the processor gives it: Qwen2-VL's ``image_grid_thw`` over
-    the merge size (t = 1 for an image); a square count of tokens (LLaVA-1.5: 576 = 24 x 24) as its square; else
-    (0, 0): no grid known (LLaVA-OneVision's any-res tiles with row-end tokens), which IVA across grids refuses."""
+    the merge size (t = 1 for an image); an image laid out in rows closed by row-end tokens (Mistral 3's
+    ``[IMG_BREAK]``: ``input_ids`` given) as its rows of image tokens, where they are equal; a square count of tokens
+    (LLaVA-1.5: 576 = 24 x 24) as its square; else (0, 0): no grid known (LLaVA-OneVision's any-res tiles with
+    row-end tokens), which IVA across grids refuses."""
     thw = image_inputs.get("image_grid_thw")
     if thw is not None:
         merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 2) or 1)
         return [(int(h) // merge, int(w) // merge) for _, h, w in thw.tolist()]
     out = []
     for a, b in spans:
+        if input_ids is not None:
+            rows = _runs(np.flatnonzero(np.asarray(input_ids[a:b]) == input_ids[a]))
+            if len(rows) > 1 and len({len(r) for r in rows}) == 1:
+                out.append((len(rows), len(rows[0])))
+                continue
         side = int(round((b - a) ** 0.5))
         out.append((side, side) if side * side == b - a else (0, 0))
     return out
+
+
+def _runs(pos: np.ndarray) -> list[np.ndarray]:
+    """Consecutive runs of the sorted positions ``pos``."""
+    return np.split(pos, np.nonzero(np.diff(pos) != 1)[0] + 1) if len(pos) else []
+
+
+def _row_end_positions(processor, input_ids: np.ndarray) -> np.ndarray:
+    """Positions of the processor's row-end token inside its images (Mistral 3's ``[IMG_BREAK]``, the processor's
+    ``image_break_token_id``); empty for processors without one."""
+    row_end = getattr(processor, "image_break_token_id", None)
+    return np.flatnonzero(input_ids == row_end) if row_end is not None else np.zeros(0, np.int64)
 
 
 def _instruction_run(sel: np.ndarray) -> tuple[int, int] | None:
@@ -442,11 +462,24 @@ def _instruction_run(sel: np.ndarray) -> tuple[int, int] | None:
     return int(runs[best][0]), int(runs[best][-1]) + 1
 
 
-def image_spans(img_pos: np.ndarray, n_images: int, sample_id: str) -> list[tuple[int, int]]:
+def image_spans(img_pos: np.ndarray, n_images: int, sample_id: str,
+                row_ends: np.ndarray | None = None) -> list[tuple[int, int]]:
     """Each image's [start, end) among the image-token positions: one contiguous run per image, or (adjacent
-    placeholders, as LLaVA-OneVision's template renders "<image><image>") equal runs split apart."""
+    placeholders, as LLaVA-OneVision's template renders "<image><image>") equal runs split apart. ``row_ends``:
+    positions of a row-end token that the processor puts between the rows of one image (Mistral 3's
+    ``[IMG_BREAK]``): two runs with one such token between them are rows of the same image, whose span holds the
+    row ends between its rows (its image tokens: ``common.batch.span_image_positions``)."""
     breaks = np.nonzero(np.diff(img_pos) != 1)[0] + 1
     runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(img_pos, breaks)]
+    if row_ends is not None and len(row_ends):
+        ends = set(int(p) for p in row_ends)
+        joined = [runs[0]]
+        for a, b in runs[1:]:
+            if a == joined[-1][1] + 1 and joined[-1][1] in ends:
+                joined[-1] = (joined[-1][0], b)
+            else:
+                joined.append((a, b))
+        runs = joined
     if len(runs) == n_images:
         return runs
     if n_images > 1 and len(img_pos) % n_images == 0:

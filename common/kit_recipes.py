@@ -320,3 +320,89 @@ def _gemma3_processor(tokenizer, image_size: int, patch: int = PATCH):
 
 GEMMA3_KIT = KitRecipe(special_tokens=GEMMA_SPECIAL_TOKENS, tokens=GEMMA_TOKENS, chat_template=GEMMA_CHAT_TEMPLATE,
                        config=_gemma3_config, processor=_gemma3_processor, image_tokens=9)
+
+
+# ---- Mistral 3 (Pixtral tower at native resolution, patch merger, Mistral LM) ----------------------------------
+MISTRAL_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]",
+                          "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+# Mistral-Small-3.1's template, its structure without the default system prompt: <s>, [SYSTEM_PROMPT]..
+# [/SYSTEM_PROMPT], [INST]..[/INST] around a user turn, an image as [IMG] (the processor expands it into rows of [IMG]
+# closed by [IMG_BREAK], the last by [IMG_END]), an answer closed by </s>
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' }}{% elif m['role'] == 'user' %}{{ '[INST]' }}{% endif %}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '[IMG]' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if m['role'] == 'system' %}{{ '[/SYSTEM_PROMPT]' }}{% elif m['role'] == 'user' %}{{ '[/INST]' }}"
+    "{% else %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+MISTRAL_TOKENS = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+MISTRAL_MERGE = 2  # Mistral3Config.spatial_merge_size: 2x2 Pixtral patches per image token
+
+
+def _mistral3_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    """A 2-layer Pixtral tower on 8-px patches whose 2-D RoPE table covers ``image_size`` (the processor's longest
+    edge), merged 2x2 (``spatial_merge_size``): a 48-px scene is a 3x3 grid of image tokens, each row closed by
+    [IMG_BREAK] (the last by [IMG_END]); a non-square image keeps its aspect ratio (native resolution)."""
+    from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
+
+    cid = tokenizer.convert_tokens_to_ids
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    vc = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             head_dim=16, image_size=image_size, patch_size=QWEN_PATCH)
+    tc = MistralConfig(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=cid("</s>"), head_dim=head_dim,
+                       sliding_window=None, tie_word_embeddings=False, **text)
+    return Mistral3Config(vision_config=vc, text_config=tc, image_token_index=cid("[IMG]"),
+                          spatial_merge_size=MISTRAL_MERGE, vision_feature_layer=-1, tie_word_embeddings=False)
+
+
+def _mistral3_processor(tokenizer, image_size: int, patch: int = PATCH):
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from .models import processor_class
+    ip = PixtralImageProcessorPil(size={"longest_edge": image_size},
+                                  patch_size={"height": QWEN_PATCH, "width": QWEN_PATCH})
+    return processor_class("PixtralProcessor")(image_processor=ip, tokenizer=tokenizer, patch_size=QWEN_PATCH,
+                                               spatial_merge_size=MISTRAL_MERGE, chat_template=MISTRAL_CHAT_TEMPLATE,
+                                               image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                                               image_end_token="[IMG_END]")
+
+
+MISTRAL3_KIT = KitRecipe(special_tokens=MISTRAL_SPECIAL_TOKENS, tokens=MISTRAL_TOKENS,
+                         chat_template=MISTRAL_CHAT_TEMPLATE, config=_mistral3_config, processor=_mistral3_processor,
+                         image_tokens=9)
+
+
+# ---- LLaVA-OneVision-1.5 (RICE-ViT tower with a class token and 2-D RoPE, patch merger, Qwen3 LM, 1-D positions) --
+def _onevision1_5_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    """A 2-block RICE-ViT on 8-px patches merged 2x2 (a 48-px scene: 3x3 image tokens), its merger into the Qwen3 LM's
+    width; Qwen2-VL's processor layout (``<|vision_start|><|image_pad|>..<|vision_end|>``) with one-frame patches
+    (``temporal_patch_size`` 1: the tower's patch embedding is a 2-D convolution)."""
+    from transformers.models.llava_onevision1_5.configuration_llava_onevision1_5 import LlavaOnevision15Config
+
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=text["hidden_size"],
+                  patch_size=QWEN_PATCH, spatial_merge_size=2)
+    lm = dict(model_type="qwen3", vocab_size=len(tokenizer), max_position_embeddings=512,
+              pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=eos, head_dim=head_dim,
+              tie_word_embeddings=False, **text)
+    return LlavaOnevision15Config(text_config=lm, vision_config=vision, tie_word_embeddings=False,
+                                  **_qwen_ids(tokenizer))
+
+
+def _onevision1_5_processor(tokenizer, image_size: int, patch: int = PATCH):
+    from transformers.models.exaone4_5.processing_exaone4_5 import Exaone4_5_Processor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .models import image_only_processor_class
+    n = image_size ** 2
+    ip = Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=QWEN_PATCH, merge_size=2,
+                                  temporal_patch_size=1)
+    return image_only_processor_class(Exaone4_5_Processor)(image_processor=ip, tokenizer=tokenizer,
+                                                           chat_template=QWEN_CHAT_TEMPLATE)
+
+
+ONEVISION1_5_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
+                             config=_onevision1_5_config, processor=_onevision1_5_processor, image_tokens=9)

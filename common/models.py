@@ -384,30 +384,104 @@ def image_only_processor_class(base):
     return cls
 
 
+# processors that transformers marks as needing torchvision only because their module imports a helper from the
+# family's torchvision image processor, whose PIL image processor holds the same function (same code): the processor
+# class -> (its module, the torchvision image-processing module it imports, the PIL module standing in for it)
+PIL_STAND_INS = {
+    "PixtralProcessor": ("transformers.models.pixtral.processing_pixtral",
+                         "transformers.models.pixtral.image_processing_pixtral",
+                         "transformers.models.pixtral.image_processing_pil_pixtral"),
+}
+
+
+def _torchvision_available() -> bool:
+    from transformers.utils import is_torchvision_available
+    return bool(is_torchvision_available())
+
+
+def processor_class(name: str):
+    """transformers' processor class ``name`` (e.g. ``PixtralProcessor``, Mistral 3's).
+
+    Without torchvision (alignti's main environment: image-text distillation runs the PIL image processors),
+    transformers offers only a stand-in that raises for ``PixtralProcessor``: its module imports
+    ``get_resize_output_image_size`` from the torchvision image processor, which it uses to count image tokens
+    (``_get_num_multimodal_tokens``). Here the library's own module is loaded with that import served by the PIL image
+    processor's module, whose function of that name is the same code (``PIL_STAND_INS``); the class is transformers'
+    unmodified. With torchvision installed, or for any other name, ``getattr(transformers, name)``."""
+    import importlib
+    import sys
+
+    import transformers
+    if name not in PIL_STAND_INS or _torchvision_available():
+        return getattr(transformers, name)
+    module, torchvision_module, pil_module = PIL_STAND_INS[name]
+    loaded = sys.modules.get(module)
+    if loaded is None or not isinstance(getattr(loaded, name, None), type):
+        saved = sys.modules.get(torchvision_module)
+        sys.modules[torchvision_module] = importlib.import_module(pil_module)
+        try:
+            loaded = importlib.import_module(module)
+        finally:
+            if saved is None:
+                sys.modules.pop(torchvision_module, None)
+            else:
+                sys.modules[torchvision_module] = saved
+    return getattr(loaded, name)
+
+
 def load_processor(path: str):
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    """The checkpoint's processor (``AutoProcessor``); where transformers needs torchvision for a part alignti does
+    not use, the family's processor without its video processor (``image_only_processor_class``) or the library's own
+    processor class loaded without torchvision (``processor_class``)."""
+    from transformers import AutoProcessor
 
     check_processor_files(path)
     try:
         proc = AutoProcessor.from_pretrained(path)
-    except (AttributeError, ImportError, ValueError, OSError) as e:
-        cls = PROCESSOR_MAPPING.get(type(AutoConfig.from_pretrained(path)), None)
-        if cls is None or "video" not in str(e).lower() and "VIDEO" not in str(e):
-            raise
-        tok = AutoTokenizer.from_pretrained(path)
-        proc = image_only_processor_class(cls)(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tok,
-                                                chat_template=getattr(tok, "chat_template", None),
-                                                **_saved_processor_settings(path, cls))
-        if proc.chat_template is None:
-            import json
-            from pathlib import Path
-            tmpl = Path(path) / "chat_template.jinja"
-            if tmpl.exists():
-                proc.chat_template = tmpl.read_text()
-            elif (Path(path) / "chat_template.json").exists():
-                proc.chat_template = json.loads((Path(path) / "chat_template.json").read_text())["chat_template"]
+    except ImportError as e:
+        name = _saved_processor_class(path)
+        proc = (processor_class(name).from_pretrained(path) if name in PIL_STAND_INS
+                else _image_only_processor(path, e))
+    except (AttributeError, ValueError, OSError) as e:
+        proc = _image_only_processor(path, e)
     check_processor(proc, path)
+    return proc
+
+
+def _saved_processor_class(path: str) -> str | None:
+    """The ``processor_class`` named in the folder's processor_config.json (None where it names none)."""
+    import json
+    try:
+        if Path(path).is_dir():
+            cfg = Path(path) / "processor_config.json"
+        else:
+            from transformers.utils import cached_file
+            cfg = Path(cached_file(path, "processor_config.json"))
+        return json.loads(cfg.read_text()).get("processor_class")
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _image_only_processor(path: str, e: Exception):
+    """The family's processor without its video processor, where AutoProcessor failed on the video part (``e``,
+    raised again for any other failure)."""
+    import json
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    cls = PROCESSOR_MAPPING.get(type(AutoConfig.from_pretrained(path)), None)
+    if cls is None or "video" not in str(e).lower():
+        raise e
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = image_only_processor_class(cls)(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tok,
+                                            chat_template=getattr(tok, "chat_template", None),
+                                            **_saved_processor_settings(path, cls))
+    if proc.chat_template is None:
+        tmpl = Path(path) / "chat_template.jinja"
+        if tmpl.exists():
+            proc.chat_template = tmpl.read_text()
+        elif (Path(path) / "chat_template.json").exists():
+            proc.chat_template = json.loads((Path(path) / "chat_template.json").read_text())["chat_template"]
     return proc
 
 

@@ -22,6 +22,7 @@ VIDEO_PROCESSORS = {
     "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
     "Qwen3VLProcessor": "Qwen3VLVideoProcessor",
     "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
+    "Exaone4_5_Processor": "Qwen2VLVideoProcessor",  # LLaVA-OneVision-1.5's (transformers' video_processing_auto)
 }
 # the image processor's settings a video processor shares (same names, same meaning: sizes in pixels, the
 # vision tower's patch geometry, normalisation)

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from alignti.common.adapters import DEMO_FAMILIES, FAMILIES, adapter_class
+from alignti.common.batch import span_image_positions
 from alignti.common.cache import CacheReader
 from tests.exactness import EPS32, assert_topk_ids_of
 
@@ -262,7 +263,12 @@ def test_saliency_is_the_eager_attention_of_the_chosen_layer(fkit):
         with torch.no_grad():
             att = model(**inputs, output_attentions=True).attentions[at][0]
         cols = np.flatnonzero(inputs["input_ids"][0].numpy() == int(model.config.image_token_id))  # the model's
-        assert np.array_equal(cols, np.concatenate([np.arange(s, e) for s, e in x["image_spans"]]))  # the cache's
+        # the cache's: its image spans, one per image, each from an image token to one past an image token; their
+        # image tokens (Mistral 3: without the row ends between an image's rows) are the saliency's columns
+        spans = x["image_spans"]
+        assert len(spans) == (len(item["image"]) if isinstance(item["image"], list) else 1)
+        assert all(x["input_ids"][s] == x["input_ids"][e - 1] == model.config.image_token_id for s, e in spans)
+        assert np.array_equal(cols, span_image_positions(x["input_ids"], spans).numpy())
         rows = []
         for qs, qe in x["instr_spans"]:
             a = att[:, qs:qe][:, :, cols].mean(0).mean(0).double()

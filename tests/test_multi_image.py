@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from alignti.common.adapters import FAMILIES
+from alignti.common.batch import span_image_positions
 from alignti.common.cache import CacheReader
 from alignti.common.conversation import encode
 from alignti.common.records import parse_record
@@ -74,7 +75,9 @@ def test_dump_and_train_with_two_images(family_kit, tmp_path):
         assert len(spans) == len(refs) and spans == enc.image_spans
         image_id = int(model.config.image_token_id)  # the model's image token (Gemma 3's placeholder is another)
         pos = np.nonzero(x["input_ids"] == image_id)[0]
-        assert np.concatenate([np.arange(a, e) for a, e in spans]).tolist() == pos.tolist()
+        # each span from an image token to one past one; its image tokens (Mistral 3: not the row ends between rows)
+        assert all(x["input_ids"][a] == x["input_ids"][e - 1] == image_id for a, e in spans)
+        assert span_image_positions(x["input_ids"], spans).tolist() == pos.tolist()
         assert x["n_image_tokens"] == len(pos)
         # saliency: one distribution per turn over every image's tokens; an image shown before the turn's
         # instruction gets attention, one shown in a later turn none (causal)
@@ -84,9 +87,10 @@ def test_dump_and_train_with_two_images(family_kit, tmp_path):
         for t, (q0, _) in enumerate(x["instr_spans"]):
             at = 0
             for a, e in spans:
-                piece = sal[t, at:at + e - a]
+                n = len(span_image_positions(x["input_ids"], [(a, e)]))
+                piece = sal[t, at:at + n]
                 assert (piece > 0).all() if a < q0 else (piece == 0).all(), (item["id"], t, a, q0)
-                at += e - a
+                at += n
     if family == "llava_onevision":  # several images: base resolution each (+1 newline token), no anyres tiles
         two, one = by_id["two-a"]["image_spans"], by_id["one"]["image_spans"]
         assert two[0][1] - two[0][0] == two[1][1] - two[1][0] < one[0][1] - one[0][0]
