@@ -14,8 +14,8 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import (GEMMA3_KIT, LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT,
-                          QWEN3_5_MOE_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, KitRecipe)
+from .kit_recipes import (GEMMA3_KIT, LFM2_VL_KIT, LLAVA_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT,
+                          QWEN3_5_KIT, QWEN3_5_MOE_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, KitRecipe)
 
 
 # the ``layer_types`` of softmax-attention layers (the rest: linear attention, convolutions, state-space layers)
@@ -421,16 +421,60 @@ class Gemma3Adapter(ModelAdapter):
                                 position_ids=position_ids, cache=cache, use_cache=use_cache, **image_inputs)
 
 
+class Lfm2VlAdapter(ModelAdapter):
+    """LFM2-VL: a SigLIP2 NaFlex tower (each image at its own aspect ratio, as a padded sequence of patches with
+    ``spatial_shapes`` and ``pixel_attention_mask``), a pixel-unshuffle projector (2x2 patches per image token), and
+    the LFM2 hybrid decoder: gated short convolutions (``conv`` layers: a causal depthwise convolution over the last
+    ``conv_L_cache`` tokens, no mask, a conv state in the cache) interleaved with ``full_attention`` layers
+    (``text_config.layer_types``). Hence, from ``layer_types`` (ModelAdapter): TPA without the tree mask
+    (``tpa_tree_mask`` False; the teacher's branches replay the prefix through the model's own cache, conv states
+    included: common/batch.py ``replay_branch_hidden``) and IVA's saliency from the attention layers only.
+
+    1-D positions; the processor expands each ``<image>`` into ``<|image_start|>`` + image tokens +
+    ``<|image_end|>``. An image larger than one tile is split into a grid of tiles plus a thumbnail, each tile's
+    tokens after a ``<|img_row_R_col_C|>`` marker: alignti reads one run of image tokens per image, so such an image
+    is refused by name (``check_image_size``)."""
+    family = "lfm2_vl"
+    multi_image = True  # several images per sample: one <image> each, their features in order (the model's own)
+
+    @classmethod
+    def check_image_size(cls, image_processor, sample_id, what, width, height):
+        """The family's image processor splits an image into tiles when it holds more than ``max_image_tokens`` x
+        ``max_pixels_tolerance`` tokens' worth of pixels (its own ``_get_split_layout``); a tiled image's tokens
+        are several runs in the text, which alignti's per-image spans do not cover: a DataError naming the sample,
+        the size and the fix."""
+        split = getattr(image_processor, "_get_split_layout", None)
+        if split is None or not getattr(image_processor, "do_image_splitting", False):
+            return
+        keys = ("downsample_factor", "min_tiles", "max_tiles", "min_image_tokens", "max_image_tokens",
+                "encoder_patch_size", "tile_size", "max_pixels_tolerance")
+        tiled, rows, cols, *_ = split(height, width, **{k: getattr(image_processor, k) for k in keys})
+        if tiled:
+            raise DataError(sample_id, f"image {what} is {width}x{height} pixels, which the {cls.family} image "
+                            f"processor splits into {rows}x{cols} tiles and a thumbnail (alignti takes one tile per "
+                            "image)", "downscale it (at most max_image_tokens x max_pixels_tolerance image tokens' "
+                            "worth of pixels), set do_image_splitting false in the checkpoint's "
+                            "preprocessor_config.json, or pass --skip-bad")
+
+
 @dataclass(frozen=True)
 class Family:
     """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
     where it has a kit), the adapter that runs it, its demo-kit recipe (common/kit_recipes.py; None: no demo kit),
     and lmms-eval's model class for its transformers-format folders (``evaluate --lmms-eval``; None: lmms-eval has
-    none). Its ``--trainable`` groups are the adapter's ``projector_prefixes`` / ``vision_prefixes``."""
+    none). Its ``--trainable`` groups are the adapter's ``projector_prefixes`` / ``vision_prefixes``. ``requires``:
+    the Python modules the family's processor needs beyond alignti's own dependencies (LFM2-VL's image processor
+    has a torchvision backend only); ``missing_requirements`` names those not installed."""
     model_type: str
     adapter: type[ModelAdapter]
     kit: KitRecipe | None = None
     lmms_eval_model: str | None = None
+    requires: tuple[str, ...] = ()
+
+    def missing_requirements(self) -> list[str]:
+        """The modules of ``requires`` that do not import here (found by ``importlib.util.find_spec``)."""
+        import importlib.util
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
     @property
     def projector_prefixes(self) -> tuple[str, ...]:
@@ -456,6 +500,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gemma3", Gemma3Adapter, GEMMA3_KIT, "gemma3"),
     Family("qwen3_5", Qwen3_5Adapter, QWEN3_5_KIT),
     Family("qwen3_5_moe", Qwen3_5MoeAdapter, QWEN3_5_MOE_KIT),
+    Family("lfm2_vl", Lfm2VlAdapter, LFM2_VL_KIT, "lfm2_5_vl", requires=("torchvision",)),
 )}
 # the model types with a demo kit (make-demo --family), in the registry's order
 DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)

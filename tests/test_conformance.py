@@ -320,14 +320,20 @@ def test_student_branches_are_the_model_on_prefix_plus_candidate_with_its_gradie
     torch.testing.assert_close(out.branch_hidden.detach().reshape(row, -1), torch.stack(want_h), rtol=0, atol=1e-4)
     total.backward()
     want = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
-    assert any(n.startswith("model.visual.") for n in got)  # the image features carry the branches' gradient too
+    tower = adapter.vision_prefixes + adapter.projector_prefixes
+    assert any(n.startswith(tower) for n in got)  # the image features carry the branches' gradient too
     assert set(got) == set(want)
     # each (position, candidate) is its own forward in both, summed into the gradients in another order and through
     # the chunked Gated DeltaNet kernel at other paddings: the decay parameters' gradients (dt_bias, A_log) are sums
-    # over every token with cancellation, 1.2e-5 of their largest element apart in fp32 (measured); 5e-5 here
+    # over every token with cancellation, 1.2e-5 of their largest element apart in fp32 (measured); 5e-5 here. Plus
+    # eps32 of the largest gradient of all for gradients that are zero in exact arithmetic (a softmax attention's key
+    # bias: adding it shifts each query's scores by one constant, which the softmax cancels; LFM2-VL's SigLIP2 tower
+    # has separate k_proj biases: 6.5e-8 apart, measured, under eps32 of a largest gradient above 0.5)
+    top = max(float(g.abs().max()) for g in want.values())
     for n in want:
         scale = float(want[n].abs().max()) or 1.0
-        assert float((got[n] - want[n]).abs().max()) <= 5e-5 * scale, (n, float((got[n] - want[n]).abs().max()), scale)
+        bound = 5e-5 * scale + EPS32 * top
+        assert float((got[n] - want[n]).abs().max()) <= bound, (n, float((got[n] - want[n]).abs().max()), scale)
 
 
 def test_kd_step_gradients_are_plain_autograd(fkit):
@@ -458,3 +464,24 @@ def test_dump_refuses_a_saliency_layer_without_attention(fkit):
     notes = prune_model(model, [bare[0]])
     assert any("no full-attention layer is left for IVA" in n for n in notes)
     assert model.config.text_config.layer_types == [kind]
+
+
+def test_lfm2_vl_tiled_image_is_refused_by_name():
+    """LFM2-VL's image processor splits a large image into a grid of tiles (each tile's tokens after a row/column
+    marker), which alignti's one run of image tokens per image does not cover: the dump's pre-flight refuses such an
+    image by sample and size. The reference is the image processor itself (its own rows x cols on the image)."""
+    pytest.importorskip("torchvision")
+    from transformers import Lfm2VlImageProcessor
+
+    from alignti.common.adapters import Lfm2VlAdapter
+    from alignti.common.errors import DataError
+    ip = Lfm2VlImageProcessor()  # the released settings: 512-px tiles, 16-px patches, at most 256 image tokens
+    for w, h in ((512, 512), (700, 300), (1024, 1024), (1600, 400)):
+        own = ip(images=[Image.new("RGB", (w, h))], return_row_col_info=True)
+        tiled = own["image_rows"][0] * own["image_cols"][0] > 1
+        if not tiled:
+            Lfm2VlAdapter.check_image_size(ip, "s1", "'a.png'", w, h)
+            continue
+        with pytest.raises(DataError, match=rf"s1.*{w}x{h} pixels.*{own['image_rows'][0]}x{own['image_cols'][0]} tiles"):
+            Lfm2VlAdapter.check_image_size(ip, "s1", "'a.png'", w, h)
+    Lfm2VlAdapter.check_image_size(Lfm2VlImageProcessor(do_image_splitting=False), "s1", "'a.png'", 1024, 1024)
