@@ -351,6 +351,26 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     the tree mask (``tpa_tree_mask`` False) and IVA's saliency from the full-attention layers only."""
     family = "qwen3_5"
 
+    @classmethod
+    def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
+        """After make-student --from-teacher (``layer_types`` already pruned in step with the layers): a released
+        config's ``full_attention_interval`` (every N-th layer full attention, the rest linear attention; the config
+        derives ``layer_types`` from it when it has none) is set to the interval the kept pattern follows, or
+        removed with a note when it follows none (``layer_types`` then says which layer is which)."""
+        text = model.config.text_config
+        interval = getattr(text, "full_attention_interval", None)
+        if interval is None:
+            return []
+        types = list(text.layer_types)
+        fits = [k for k in range(1, len(types) + 1)
+                if types == ["linear_attention" if (i + 1) % k else "full_attention" for i in range(len(types))]]
+        if fits:
+            text.full_attention_interval = fits[0]
+            return []
+        del text.full_attention_interval
+        return [f"full_attention_interval {interval} removed: the kept layers' pattern {types} is not every N-th layer "
+                "full attention (layer_types holds it)"]
+
 
 class Qwen3_5MoeAdapter(Qwen3_5Adapter):
     """Qwen3.5-MoE: Qwen3.5 with sparse mixture-of-experts MLPs; in training the load-balancing loss of the family's
@@ -436,6 +456,16 @@ class Lfm2VlAdapter(ModelAdapter):
     is refused by name (``check_image_size``)."""
     family = "lfm2_vl"
     multi_image = True  # several images per sample: one <image> each, their features in order (the model's own)
+
+    @classmethod
+    def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
+        """After make-student --from-teacher (``layer_types`` already pruned in step with the layers): the LFM2
+        config's ``full_attn_idxs`` (the attention layers' indices, from which it derives ``layer_types`` when it has
+        none) renumbered to the kept layers."""
+        text = model.config.text_config
+        if getattr(text, "full_attn_idxs", None) is not None:
+            text.full_attn_idxs = [i for i, t in enumerate(text.layer_types) if t == "full_attention"]
+        return []
 
     @classmethod
     def check_image_size(cls, image_processor, sample_id, what, width, height):
