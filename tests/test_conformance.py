@@ -485,3 +485,55 @@ def test_lfm2_vl_tiled_image_is_refused_by_name():
         with pytest.raises(DataError, match=rf"s1.*{w}x{h} pixels.*{own['image_rows'][0]}x{own['image_cols'][0]} tiles"):
             Lfm2VlAdapter.check_image_size(ip, "s1", "'a.png'", w, h)
     Lfm2VlAdapter.check_image_size(Lfm2VlImageProcessor(do_image_splitting=False), "s1", "'a.png'", 1024, 1024)
+
+
+def test_lfm2_vl_shipped_template_and_processor_settings(tmp_path):
+    """LFM2-VL's shipped files (tests/data/tokenizers/lfm2-vl-450m: LiquidAI/LFM2-VL-450M's chat template, processor
+    settings and special tokens; no public copy of its tokenizer.json was found, so the kit's byte-level BPE stands in
+    for the ordinary vocabulary): the kit's chat template is the shipped one verbatim and names the shipped special
+    tokens; with the shipped processor settings (16-px patches, 2x2 unshuffle, 64-256 image tokens, 512-px tiles) at
+    real image sizes, alignti's ids are the processor's own on the template-rendered conversation, single-turn,
+    multi-turn and two images of other sizes."""
+    pytest.importorskip("torchvision")
+    from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
+
+    from alignti.common.conversation import encode
+    from alignti.common.kit_recipes import LFM2_VL_CHAT_TEMPLATE
+    from alignti.common.sources import load_image, load_records
+    from alignti.demo.kit import build_tokenizer
+    ship = Path(__file__).parent / "data/tokenizers/lfm2-vl-450m"
+    template = (ship / "chat_template.jinja").read_text()
+    assert LFM2_VL_CHAT_TEMPLATE == template
+    tok = build_tokenizer("lfm2_vl")
+    specials = json.loads((ship / "special_tokens_map.json").read_text())
+    for key in ("bos_token", "eos_token", "pad_token"):
+        assert getattr(tok, key) == specials[key]["content"]
+    for key in ("image_token", "image_start_token", "image_end_token", "image_thumbnail"):
+        assert specials[key] in tok.get_vocab()
+    settings = json.loads((ship / "processor_config.json").read_text())
+    pre = json.loads((ship / "preprocessor_config.json").read_text())
+    keys = ("do_image_splitting", "downsample_factor", "encoder_patch_size", "max_image_tokens", "min_image_tokens",
+            "max_pixels_tolerance", "max_tiles", "min_tiles", "tile_size", "use_thumbnail")
+    ip = Lfm2VlImageProcessor(**{k: settings[k] for k in keys}, image_mean=pre["image_mean"],
+                              image_std=pre["image_std"], resample=pre["resample"])
+    proc = Lfm2VlProcessor(image_processor=ip, tokenizer=tok, chat_template=template)
+    (tmp_path / "img").mkdir()
+    for name, size in (("a.png", (512, 384)), ("b.png", (300, 200)), ("c.png", (640, 480))):
+        Image.effect_noise(size, 40).convert("RGB").save(tmp_path / "img" / name)
+    q = lambda text: {"from": "human", "value": text}  # noqa: E731
+    a = lambda text: {"from": "gpt", "value": text}  # noqa: E731
+    items = [{"id": "single", "image": "a.png", "conversations": [q("<image>\nWhat is in the picture?"), a("A cat.")]},
+             {"id": "multi-turn", "image": "c.png", "conversations": [
+                 q("<image>\nWhat colour is it?"), a("red"), q("Is that certain?"), a("yes")]},
+             {"id": "two-images", "image": ["a.png", "b.png"], "conversations": [
+                 q("<image>\nHow many squares?"), a("2"), q("<image>\nAnd here?"), a("3")]}]
+    (tmp_path / "d.json").write_text(json.dumps(items))
+    counts = set()
+    for rec, item in zip(load_records(tmp_path / "d.json"), items):
+        enc = encode(proc, rec, *load_image(rec, tmp_path / "img"))
+        want = own_inputs(proc, item, tmp_path / "img")["input_ids"][0].numpy()
+        assert np.array_equal(enc.input_ids, want), item["id"]
+        assert len(enc.image_spans) == len(rec.images)
+        assert sum(e - s for s, e in enc.image_spans) == int((want == tok.convert_tokens_to_ids("<image>")).sum())
+        counts.update(e - s for s, e in enc.image_spans)
+    assert counts <= set(range(64, 257)) and len(counts) >= 2  # the shipped bounds, real sizes: several token counts
