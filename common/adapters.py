@@ -458,6 +458,12 @@ class Lfm2VlAdapter(ModelAdapter):
     multi_image = True  # several images per sample: one <image> each, their features in order (the model's own)
 
     @classmethod
+    def lmms_eval_args(cls, image_processor):
+        """lmms-eval's ``lfm2_5_vl`` class loads the model in bfloat16 unless told (its ``dtype`` argument): ``auto``
+        loads the checkpoint's own dtype, as alignti's evaluate does."""
+        return {"dtype": "auto"}
+
+    @classmethod
     def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
         """After make-student --from-teacher (``layer_types`` already pruned in step with the layers): the LFM2
         config's ``full_attn_idxs`` (the attention layers' indices, from which it derives ``layer_types`` when it has

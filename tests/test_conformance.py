@@ -482,7 +482,8 @@ def test_lfm2_vl_tiled_image_is_refused_by_name():
         if not tiled:
             Lfm2VlAdapter.check_image_size(ip, "s1", "'a.png'", w, h)
             continue
-        with pytest.raises(DataError, match=rf"s1.*{w}x{h} pixels.*{own['image_rows'][0]}x{own['image_cols'][0]} tiles"):
+        grid = f"{own['image_rows'][0]}x{own['image_cols'][0]}"
+        with pytest.raises(DataError, match=rf"s1.*{w}x{h} pixels.*{grid} tiles"):
             Lfm2VlAdapter.check_image_size(ip, "s1", "'a.png'", w, h)
     Lfm2VlAdapter.check_image_size(Lfm2VlImageProcessor(do_image_splitting=False), "s1", "'a.png'", 1024, 1024)
 
