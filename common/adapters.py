@@ -14,8 +14,9 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import (GEMMA3_KIT, LLAVA_KIT, MISTRAL3_KIT, ONEVISION1_5_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT,
-                          QWEN2_VL_KIT, QWEN3_5_KIT, QWEN3_5_MOE_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, KitRecipe)
+from .kit_recipes import (GEMMA3_KIT, LFM2_VL_KIT, LLAVA_KIT, MISTRAL3_KIT, ONEVISION1_5_KIT, ONEVISION_KIT,
+                          QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT, QWEN3_5_MOE_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT,
+                          KitRecipe)
 
 
 # the ``layer_types`` of softmax-attention layers (the rest: linear attention, convolutions, state-space layers)
@@ -361,6 +362,26 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     the tree mask (``tpa_tree_mask`` False) and IVA's saliency from the full-attention layers only."""
     family = "qwen3_5"
 
+    @classmethod
+    def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
+        """After make-student --from-teacher (``layer_types`` already pruned in step with the layers): a released
+        config's ``full_attention_interval`` (every N-th layer full attention, the rest linear attention; the config
+        derives ``layer_types`` from it when it has none) is set to the interval the kept pattern follows, or
+        removed with a note when it follows none (``layer_types`` then says which layer is which)."""
+        text = model.config.text_config
+        interval = getattr(text, "full_attention_interval", None)
+        if interval is None:
+            return []
+        types = list(text.layer_types)
+        fits = [k for k in range(1, len(types) + 1)
+                if types == ["linear_attention" if (i + 1) % k else "full_attention" for i in range(len(types))]]
+        if fits:
+            text.full_attention_interval = fits[0]
+            return []
+        del text.full_attention_interval
+        return [f"full_attention_interval {interval} removed: the kept layers' pattern {types} is not every N-th layer "
+                "full attention (layer_types holds it)"]
+
 
 class Qwen3_5MoeAdapter(Qwen3_5Adapter):
     """Qwen3.5-MoE: Qwen3.5 with sparse mixture-of-experts MLPs; in training the load-balancing loss of the family's
@@ -474,16 +495,76 @@ class LlavaOnevision1_5Adapter(Qwen2VLAdapter):
     position_ids = ModelAdapter.position_ids
 
 
+class Lfm2VlAdapter(ModelAdapter):
+    """LFM2-VL: a SigLIP2 NaFlex tower (each image at its own aspect ratio, as a padded sequence of patches with
+    ``spatial_shapes`` and ``pixel_attention_mask``), a pixel-unshuffle projector (2x2 patches per image token), and
+    the LFM2 hybrid decoder: gated short convolutions (``conv`` layers: a causal depthwise convolution over the last
+    ``conv_L_cache`` tokens, no mask, a conv state in the cache) interleaved with ``full_attention`` layers
+    (``text_config.layer_types``). Hence, from ``layer_types`` (ModelAdapter): TPA without the tree mask
+    (``tpa_tree_mask`` False; the branches run from the model's own cache at the TPA positions, conv states
+    included: common/branch_states.py) and IVA's saliency from the attention layers only.
+
+    1-D positions; the processor expands each ``<image>`` into ``<|image_start|>`` + image tokens +
+    ``<|image_end|>``. An image larger than one tile is split into a grid of tiles plus a thumbnail, each tile's
+    tokens after a ``<|img_row_R_col_C|>`` marker: alignti reads one run of image tokens per image, so such an image
+    is refused by name (``check_image_size``)."""
+    family = "lfm2_vl"
+    multi_image = True  # several images per sample: one <image> each, their features in order (the model's own)
+
+    @classmethod
+    def lmms_eval_args(cls, image_processor):
+        """lmms-eval's ``lfm2_5_vl`` class loads the model in bfloat16 unless told (its ``dtype`` argument): ``auto``
+        loads the checkpoint's own dtype, as alignti's evaluate does."""
+        return {"dtype": "auto"}
+
+    @classmethod
+    def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
+        """After make-student --from-teacher (``layer_types`` already pruned in step with the layers): the LFM2
+        config's ``full_attn_idxs`` (the attention layers' indices, from which it derives ``layer_types`` when it has
+        none) renumbered to the kept layers."""
+        text = model.config.text_config
+        if getattr(text, "full_attn_idxs", None) is not None:
+            text.full_attn_idxs = [i for i, t in enumerate(text.layer_types) if t == "full_attention"]
+        return []
+
+    @classmethod
+    def check_image_size(cls, image_processor, sample_id, what, width, height):
+        """The family's image processor splits an image into tiles when it holds more than ``max_image_tokens`` x
+        ``max_pixels_tolerance`` tokens' worth of pixels (its own ``_get_split_layout``); a tiled image's tokens
+        are several runs in the text, which alignti's per-image spans do not cover: a DataError naming the sample,
+        the size and the fix."""
+        split = getattr(image_processor, "_get_split_layout", None)
+        if split is None or not getattr(image_processor, "do_image_splitting", False):
+            return
+        keys = ("downsample_factor", "min_tiles", "max_tiles", "min_image_tokens", "max_image_tokens",
+                "encoder_patch_size", "tile_size", "max_pixels_tolerance")
+        tiled, rows, cols, *_ = split(height, width, **{k: getattr(image_processor, k) for k in keys})
+        if tiled:
+            raise DataError(sample_id, f"image {what} is {width}x{height} pixels, which the {cls.family} image "
+                            f"processor splits into {rows}x{cols} tiles and a thumbnail (alignti takes one tile per "
+                            "image)", "downscale it (at most max_image_tokens x max_pixels_tolerance image tokens' "
+                            "worth of pixels), set do_image_splitting false in the checkpoint's "
+                            "preprocessor_config.json, or pass --skip-bad")
+
+
 @dataclass(frozen=True)
 class Family:
     """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
     where it has a kit), the adapter that runs it, its demo-kit recipe (common/kit_recipes.py; None: no demo kit),
     and lmms-eval's model class for its transformers-format folders (``evaluate --lmms-eval``; None: lmms-eval has
-    none). Its ``--trainable`` groups are the adapter's ``projector_prefixes`` / ``vision_prefixes``."""
+    none). Its ``--trainable`` groups are the adapter's ``projector_prefixes`` / ``vision_prefixes``. ``requires``:
+    the Python modules the family's processor needs beyond alignti's own dependencies (LFM2-VL's image processor
+    has a torchvision backend only); ``missing_requirements`` names those not installed."""
     model_type: str
     adapter: type[ModelAdapter]
     kit: KitRecipe | None = None
     lmms_eval_model: str | None = None
+    requires: tuple[str, ...] = ()
+
+    def missing_requirements(self) -> list[str]:
+        """The modules of ``requires`` that do not import here (found by ``importlib.util.find_spec``)."""
+        import importlib.util
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
     @property
     def projector_prefixes(self) -> tuple[str, ...]:
@@ -513,6 +594,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3_5_moe", Qwen3_5MoeAdapter, QWEN3_5_MOE_KIT),
     Family("mistral3", Mistral3Adapter, MISTRAL3_KIT),
     Family("llava_onevision1_5", LlavaOnevision1_5Adapter, ONEVISION1_5_KIT),
+    Family("lfm2_vl", Lfm2VlAdapter, LFM2_VL_KIT, "lfm2_5_vl", requires=("torchvision",)),
 )}
 # the model types with a demo kit (make-demo --family), in the registry's order
 DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)

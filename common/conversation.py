@@ -247,19 +247,39 @@ def _expand_offsets(ids: list[int], text_ids: list[int], offsets: list, image_to
     return out
 
 
+def _processor_replacements(processor, full: str, image, add_special: bool):
+    """(expanded texts, replacement spans) as the processor's own ``get_text_with_replacements`` returns them while
+    the processor runs on ``full`` and ``image`` with its own settings (Gemma 3's plain call, LFM2-VL's image special
+    tokens and row/column settings): the method is observed on the instance for that one call. (None, None) for a
+    processor that does not expand placeholders through it."""
+    seen: dict = {}
+    own = getattr(processor, "get_text_with_replacements", None)
+    if own is None:
+        return None, None
+
+    def observe(text, *args, **kwargs):
+        texts, spans = own(text, *args, **kwargs)
+        seen.update(texts=list(texts), spans=spans)
+        return texts, spans
+    processor.get_text_with_replacements = observe
+    try:
+        processor(text=[full], images=[image], add_special_tokens=add_special)
+    except Exception:  # noqa: BLE001 - the caller names the sample (DataError) when no replacement is known
+        return None, None
+    finally:
+        del processor.get_text_with_replacements
+    return seen.get("texts"), seen.get("spans")
+
+
 def _replaced_offsets(processor, full: str, image, ids: list[int], add_special: bool, sample_id: str):
     """Offsets in ``full`` for the processor's ids where its image expansion is more than repeated image tokens
     (Gemma 3: each placeholder becomes "\\n\\n<start_of_image>" + image tokens + "<end_of_image>\\n\\n", whose
-    line breaks the tokenizer merges with the text around them). The processor's own replacement strings
-    (``_process_images`` / ``get_text_with_replacements``, transformers' placeholder expansion) give the expanded
+    line breaks the tokenizer merges with the text around them; LFM2-VL: "<|image_start|>" + image tokens +
+    "<|image_end|>"). The processor's own replacement strings (``get_text_with_replacements``, transformers'
+    placeholder expansion, observed while the processor runs: ``_processor_replacements``) give the expanded
     text; the tokenizer's offsets on it are mapped back to ``full``, a character inside a replacement to the
     placeholder it replaced. DataError when the tokenizer's ids of that text are not the processor's."""
-    images = image if isinstance(image, list) else [image]
-    try:
-        _, reps = processor._process_images(images)
-        texts, spans = processor.get_text_with_replacements([full], images_replacements=reps)
-    except (AttributeError, NotImplementedError, TypeError, StopIteration):
-        texts, spans = None, None
+    texts, spans = _processor_replacements(processor, full, image, add_special)
     if texts is not None:
         pieces, at = [], 0  # expanded character -> character of ``full``
         for r in spans[0]:

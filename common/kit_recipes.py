@@ -406,3 +406,60 @@ def _onevision1_5_processor(tokenizer, image_size: int, patch: int = PATCH):
 
 ONEVISION1_5_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
                              config=_onevision1_5_config, processor=_onevision1_5_processor, image_tokens=9)
+
+
+# ---- LFM2-VL (SigLIP2 NaFlex tower at native aspect ratio, pixel-unshuffle projector, LFM2 hybrid decoder: short
+# convolutions and full attention) --------------------------------------------------------------------------------
+LFM2_VL_SPECIAL_TOKENS = ("<|pad|>", "<|startoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "<image>",
+                          "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>")
+# LFM2-VL's shipped chat template, verbatim (LiquidAI/LFM2-VL-450M chat_template.jinja; tests/data/tokenizers/
+# lfm2-vl-450m): ChatML after the bos token; an image part is "<image>", which the processor expands to
+# "<|image_start|>" + image tokens + "<|image_end|>"
+LFM2_VL_CHAT_TEMPLATE = (
+    "{{bos_token}}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+LFM2_VL_TOKENS = dict(pad_token="<|pad|>", bos_token="<|startoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
+                      extra_special_tokens={"image_token": "<image>"})
+LFM2_VL_PATCH = 8  # the tower's patch side in pixels; 2x2 patches are unshuffled into one image token (16 px)
+
+
+def _lfm2_vl_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    """Layer 0 a short convolution (``conv``, kernel 3 as the released checkpoints), layer 1 ``full_attention``
+    (LFM2 interleaves them about 10:6): both kinds are exercised and one attention layer is left for IVA's saliency.
+    A 48-px scene is a 6x6 grid of 8-px patches, unshuffled 2x2 into 3x3 = 9 image tokens; the tower's position
+    table is that 6x6 grid (``num_patches`` 36, resized to each image's grid by the tower itself). The LM head is
+    untied (the released checkpoints tie it): an untrained tied head scores each input token highest, so the untrained
+    student would only ever repeat the line break before its answer (no answer text for rollouts)."""
+    from transformers import Lfm2VlConfig
+
+    cid = tokenizer.convert_tokens_to_ids
+    n = text["num_hidden_layers"]
+    vision = dict(model_type="siglip2_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, patch_size=LFM2_VL_PATCH, num_patches=(image_size // LFM2_VL_PATCH) ** 2,
+                  vision_use_head=False)
+    lm = dict(model_type="lfm2", vocab_size=len(tokenizer), max_position_embeddings=512,
+              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=cid("<|im_end|>"),
+              layer_types=["full_attention" if (i + 1) % 2 == 0 else "conv" for i in range(n)], conv_L_cache=3,
+              block_auto_adjust_ff_dim=False, tie_word_embeddings=False, **text)
+    return Lfm2VlConfig(text_config=lm, vision_config=vision, image_token_id=cid("<image>"), downsample_factor=2,
+                        projector_hidden_size=2 * text["hidden_size"], tie_word_embeddings=False)
+
+
+def _lfm2_vl_processor(tokenizer, image_size: int, patch: int = PATCH):
+    """Lfm2VlProcessor with the family's image processor (torchvision: it has no PIL backend): no tiling (every
+    scene is one tile), 8-px patches, between 4 and 16 image tokens per image (a 48-px scene: 9)."""
+    from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
+
+    ip = Lfm2VlImageProcessor(encoder_patch_size=LFM2_VL_PATCH, downsample_factor=2, do_image_splitting=False,
+                              min_image_tokens=4, max_image_tokens=16, tile_size=image_size, use_thumbnail=False,
+                              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Lfm2VlProcessor(image_processor=ip, tokenizer=tokenizer, chat_template=LFM2_VL_CHAT_TEMPLATE)
+
+
+LFM2_VL_KIT = KitRecipe(special_tokens=LFM2_VL_SPECIAL_TOKENS, tokens=LFM2_VL_TOKENS,
+                        chat_template=LFM2_VL_CHAT_TEMPLATE, config=_lfm2_vl_config, processor=_lfm2_vl_processor,
+                        image_tokens=9)

@@ -34,10 +34,18 @@ STUDENT = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_a
 
 
 def recipe(family: str) -> KitRecipe:
-    """The demo-kit recipe of ``family`` (a model type of the registry with a kit); ValueError naming the choices."""
+    """The demo-kit recipe of ``family`` (a model type of the registry with a kit); ValueError naming the choices,
+    AlignTIError naming the package to install when the family's processor needs one that is missing (LFM2-VL's
+    image processor: torchvision)."""
     fam = REGISTRY.get(family)
     if fam is None or fam.kit is None:
         raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
+    missing = fam.missing_requirements()
+    if missing:
+        from alignti.common.errors import AlignTIError
+        raise AlignTIError(f"the {family} family's processor needs {', '.join(missing)}, which is not installed "
+                           f"(transformers' {family} image processor has no PIL backend): pip install "
+                           f"{' '.join(missing)}")
     return fam.kit
 
 
@@ -129,6 +137,7 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
     loss reads long-form answers; ``long_form_after``: long-form batches only once the short questions reach the
     target; ``teacher_lr_schedule``: teacher_sft.train_sft's ``lr_schedule``). The result holds the teacher's "teacher_steps_run", "teacher_seconds" and
     "teacher_history" (validation per evaluation, every ``teacher_eval_every`` steps)."""
+    recipe(family)  # an unknown family, or one whose processor needs a missing package: refused before any file
     out = Path(out)
     data_dir = out / "data"
     paths = shapes.write_dataset(data_dir, n_train, n_val, n_test, questions_per_image, n_long=long_form)

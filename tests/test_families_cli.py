@@ -65,3 +65,15 @@ def test_processor_missing_a_setting_is_named(tmp_path):
     text = " ".join(res.output.split())  # the log handler wraps long lines
     assert "lacks num_image_tokens" in text and "processor_config.json" in text
     assert "Traceback" not in text and not (tmp_path / "c").exists()
+
+
+def test_make_demo_names_the_package_a_family_needs(tmp_path, monkeypatch):
+    """make-demo --family lfm2_vl where torchvision does not import (LFM2-VL's image processor has no PIL backend):
+    refused in one line naming the fix, before any file is written."""
+    import importlib.util
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else find(name, *a))
+    res = runner.invoke(app, ["make-demo", str(tmp_path / "kit"), "--family", "lfm2_vl", "--no-train-teacher"])
+    assert res.exit_code != 0
+    assert "needs torchvision" in " ".join(res.output.split()) and "pip install torchvision" in res.output
+    assert not (tmp_path / "kit").exists()

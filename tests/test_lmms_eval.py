@@ -189,6 +189,9 @@ def test_each_family_has_lmms_eval_s_own_class():
     size = {"size": {"shortest_edge": 2304, "longest_edge": 2304}}
     assert adapter_class("qwen2_vl").lmms_eval_args(size) == {"min_pixels": 2304, "max_pixels": 2304}
     assert adapter_class("llava").lmms_eval_args(size) == {}
+    # LFM2-VL: lmms-eval's lfm2_5_vl class, told to load the checkpoint's own dtype (its default is bfloat16)
+    assert adapter_class("lfm2_vl").lmms_eval_model("lfm2_vl") == "lfm2_5_vl"
+    assert adapter_class("lfm2_vl").lmms_eval_args({}) == {"dtype": "auto"}
 
 
 @needs_lmms

@@ -239,3 +239,75 @@ def test_composing_a_family_the_recipe_does_not_cover_is_named(tmp_path):
     with pytest.raises(AlignTIError, match=r"teacher at .* is a gemma3: build its student with --from-teacher"):
         compose_student(str(tmp_path / "v"), str(tmp_path / "l"), str(tmp_path / "t"), tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "lfm2_vl"])
+def test_pruned_hybrid_student_keeps_a_valid_layer_pattern(family, tmp_path, caplog):
+    """make-student --from-teacher on a hybrid decoder (Qwen3.5: Gated DeltaNet and full attention; LFM2-VL: short
+    convolutions and full attention): the config's layer_types is pruned in step with the layers, and what the
+    config derives it from (Qwen3.5's full_attention_interval, LFM2's full_attn_idxs) agrees with it. The saved
+    student reloads with the Auto classes, each layer of the kind its layer_types names; its logits are the
+    teacher's with the layers removed, and decoding on the cache the config builds (conv / recurrent states, KV)
+    gives the full forward's logits. A kept set without a full-attention layer says so (a warning, and 'dropped')."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from alignti.student_build.prune import prune_student
+    tok = kit.build_tokenizer(family)
+    proc = kit.build_processor(tok, family)
+    teacher = kit.build_model(family, tok, dict(kit.TEACHER, num_hidden_layers=4), 0)
+    text = teacher.config.text_config
+    types = list(text.layer_types)
+    if family == "qwen3_5":  # as the released configs carry them beside layer_types
+        text.full_attention_interval = 4
+    else:
+        text.full_attn_idxs = [i for i, t in enumerate(types) if t == "full_attention"]
+    assert "full_attention" in types and len(set(types)) == 2
+    save_checkpoint(teacher, proc, tmp_path / "t")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}]
+    inputs = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
+                  images=[Image.new("RGB", (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE), (200, 30, 30))], return_tensors="pt")
+
+    def derived_agrees(cfg):
+        kept = list(cfg.layer_types)
+        if family == "lfm2_vl":
+            return cfg.full_attn_idxs == [i for i, t in enumerate(kept) if t == "full_attention"]
+        k = getattr(cfg, "full_attention_interval", None)
+        return k is None or kept == ["linear_attention" if (i + 1) % k else "full_attention" for i in range(len(kept))]
+
+    keep = [1, 2, 3]
+    info = prune_student(str(tmp_path / "t"), "1-3", tmp_path / "s")
+    assert info["dropped"] == []
+    student = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").eval()
+    cfg = student.config.text_config
+    assert cfg.layer_types == [types[i] for i in keep] and derived_agrees(cfg)
+    assert [hasattr(m, "self_attn") for m in student.model.language_model.layers] == [
+        types[i] == "full_attention" for i in keep]
+    ref = AutoModelForImageTextToText.from_pretrained(tmp_path / "t").eval()
+    ref.model.language_model.layers = torch.nn.ModuleList([ref.model.language_model.layers[i] for i in keep])
+    ref.config.text_config.layer_types = [types[i] for i in keep]
+    ref.config.text_config.num_hidden_layers = len(keep)
+    with torch.no_grad():
+        full = student(**inputs, use_cache=False).logits
+        torch.testing.assert_close(full, ref(**inputs, use_cache=False).logits, rtol=0, atol=1e-6)
+        # generation on the cache the pruned config builds (conv / recurrent states, KV): each step's logits are
+        # the full forward's on the prompt and the tokens before it
+        gen = student.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+        n = inputs["input_ids"].shape[1]
+        for j, step in enumerate(gen.logits):
+            ids = gen.sequences[:, :n + j]
+            again = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+            if "mm_token_type_ids" in inputs:
+                again["mm_token_type_ids"] = torch.cat(
+                    [inputs["mm_token_type_ids"], inputs["mm_token_type_ids"].new_zeros(1, j)], 1)
+            want = student(**again, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(step, want, rtol=0, atol=1e-5)
+
+    lone = [i for i, t in enumerate(types) if t != "full_attention"][:2]
+    with caplog.at_level("WARNING", logger="alignti.student_build"):
+        info = prune_student(str(tmp_path / "t"), ",".join(map(str, lone)), tmp_path / "s2")
+    assert any("no full-attention layer is left for IVA" in d for d in info["dropped"])
+    assert any("no full-attention layer is left for IVA" in r.getMessage() for r in caplog.records)
+    cfg = AutoModelForImageTextToText.from_pretrained(tmp_path / "s2").config.text_config
+    assert cfg.layer_types == [types[i] for i in lone] and derived_agrees(cfg)
