@@ -21,6 +21,7 @@ VIDEO_PROCESSORS = {
     "Qwen2VLProcessor": "Qwen2VLVideoProcessor",
     "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
     "Qwen3VLProcessor": "Qwen3VLVideoProcessor",
+    "InternVLProcessor": "InternVLVideoProcessor",
     "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
 }
 # the image processor's settings a video processor shares (same names, same meaning: sizes in pixels, the
