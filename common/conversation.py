@@ -259,7 +259,10 @@ def _replaced_offsets(processor, full: str, image, ids: list[int], add_special: 
     placeholder it replaced. DataError when the tokenizer's ids of that text are not the processor's."""
     images = image if isinstance(image, list) else [image]
     try:
-        _, reps = processor._process_images(images)
+        # the processor's call defaults merged in, as its __call__ does (InternVL's processor turns crop_to_patches
+        # on whatever its image processor's saved setting)
+        kw = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"]
+        _, reps = processor._process_images(images, **kw)
         texts, spans = processor.get_text_with_replacements([full], images_replacements=reps)
     except (AttributeError, NotImplementedError, TypeError, StopIteration):
         texts, spans = None, None
