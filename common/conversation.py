@@ -433,12 +433,13 @@ def image_layouts(processor, image_inputs: dict, spans: list[tuple[int, int]],
     ip = getattr(processor, "image_processor", None)
     per_tile = getattr(processor, "image_seq_length", None)
     if images is not None and per_tile and getattr(ip, "max_patches", None) and hasattr(ip, "min_patches"):
-        from .tiles import tiled_layout
+        from .tiles import ImageLayout, tiled_layout
         pics = images if isinstance(images, (list, tuple)) else [images]
-        layouts = [tiled_layout(ip, im.height, im.width, b - a, int(per_tile)) for im, (a, b) in zip(pics, spans)]
-        if len(layouts) == len(spans) and all(lay is not None for lay in layouts) and any(lay.tiled for lay in layouts):
-            return ([(0, 0) if lay.tiled else lay.grid for lay in layouts],
-                    [v for lay in layouts for v in lay.flat()])
+        # an image whose token count is not the processor's tiling of it (called with other settings): no grid
+        layouts = [tiled_layout(ip, im.height, im.width, b - a, int(per_tile)) or ImageLayout((0, 0))
+                   for im, (a, b) in zip(pics, spans)]
+        grids = [(0, 0) if lay.tiled else lay.grid for lay in layouts]
+        return grids, ([v for lay in layouts for v in lay.flat()] if any(lay.tiled for lay in layouts) else [])
     return image_grids(processor, image_inputs, spans), []
 
 

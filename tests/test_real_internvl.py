@@ -63,3 +63,17 @@ def test_ids_are_the_processors_and_spans_decode_exactly(proc, sample):
     assert [b - a for a, b in enc.image_spans] == [lay.n_tokens for lay in want]
     assert whole["pixel_values"].shape[0] == sum(lay.n_tiles for lay in want)
     assert layouts_of(enc.image_grids, enc.image_tiles) == want
+
+
+def test_the_student_batch_has_the_processors_tiles(proc):
+    """The student's pixels (``StudentCollator``'s one image-processor call per batch) are the processor's: the
+    shipped image processor has crop_to_patches off and InternVLProcessor turns it on at call time, so a direct call
+    gave one tile per image where the cache's ids hold several."""
+    import torch
+    from alignti.student_train.data import batch_image_inputs
+    rng = np.random.default_rng(1)
+    a, b = (Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 900), (448, 448)))
+    ref = proc(text=["<IMG_CONTEXT>\n<IMG_CONTEXT>\n"], images=[[a, b]], return_tensors="pt")["pixel_values"]
+    for per_sample in ([[a, b]], [[a], [b]]):
+        got = batch_image_inputs(proc, per_sample)["pixel_values"]
+        assert got.shape[0] == ref.shape[0] == 5 and torch.equal(got, ref)
