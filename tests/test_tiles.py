@@ -66,11 +66,11 @@ def test_layout_is_the_processors_tiling(proc, size, tiles):
 def test_tokens_within_a_tile_are_row_major():
     """The model's pixel shuffle (downsample_ratio 0.5) makes token (i, j) of a tile from patches rows 2i..2i+1,
     cols 2j..2j+1, tokens in row-major order: the order ``ImageLayout.views`` reads."""
-    tok = kit.build_tokenizer("internvl")
-    model = kit.build_model("internvl", tok, kit.STUDENT, 0)
+    from transformers.models.internvl.modeling_internvl import InternVLModel
     rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
     feats = torch.stack([rows, cols], -1)[None]  # [1, 6, 6, 2]: each patch carries its (row, col)
-    out = model.model.pixel_shuffle(feats, scale_factor=0.5).reshape(1, 9, 4, 2)[0]  # [token, 4 patches, (r, c)]
+    # the model's own method (it reads no weights), as get_image_features calls it on a tile's [1, 6, 6, C] grid
+    out = InternVLModel.pixel_shuffle(None, feats, scale_factor=0.5).reshape(1, 9, 4, 2)[0]  # [token, 4, (r, c)]
     for t in range(9):
         i, j = divmod(t, 3)
         assert set(map(tuple, out[t].long().tolist())) == {(2 * i + a, 2 * j + b) for a in (0, 1) for b in (0, 1)}
