@@ -14,9 +14,9 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import (GEMMA3_KIT, LFM2_VL_KIT, LLAVA_KIT, MISTRAL3_KIT, ONEVISION1_5_KIT, ONEVISION_KIT,
-                          QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT, QWEN3_5_MOE_KIT, QWEN3_VL_KIT, QWEN3_VL_MOE_KIT,
-                          KitRecipe)
+from .kit_recipes import (GEMMA3_KIT, INTERNVL_KIT, LFM2_VL_KIT, LLAVA_KIT, MISTRAL3_KIT, ONEVISION1_5_KIT,
+                          ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT, QWEN3_5_MOE_KIT, QWEN3_VL_KIT,
+                          QWEN3_VL_MOE_KIT, KitRecipe)
 
 
 # the ``layer_types`` of softmax-attention layers (the rest: linear attention, convolutions, state-space layers)
@@ -547,6 +547,20 @@ class Lfm2VlAdapter(ModelAdapter):
                             "preprocessor_config.json, or pass --skip-bad")
 
 
+class InternVLAdapter(ModelAdapter):
+    """InternVL (2.5, 3, 3.5 in transformers' -hf layout): InternViT tower, pixel-shuffle projector, a Qwen2 / Qwen3
+    (or Llama) LM with 1-D positions and a causal mask, so the base adapter's forward.
+
+    Dynamic tiling: the image processor (GotOcr2's ``crop_to_patches``) cuts each image into a cols x rows mosaic of
+    tiles on the canvas whose aspect is nearest the image's (``get_optimal_tiled_canvas``), plus a thumbnail of the
+    whole image when there are several; ``pixel_values`` is [all tiles of the batch, 3, tile, tile], the tiles of
+    image after image, and each tile is ``image_seq_length`` image tokens (its patch grid pixel-shuffled at
+    ``downsample_ratio``), so image inputs concatenate along the tile axis (the base ``collate_image_inputs``)."""
+    family = "internvl"
+    multi_image = True
+    media_token_keys = ("image_token_id",)
+
+
 @dataclass(frozen=True)
 class Family:
     """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
@@ -595,6 +609,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("mistral3", Mistral3Adapter, MISTRAL3_KIT),
     Family("llava_onevision1_5", LlavaOnevision1_5Adapter, ONEVISION1_5_KIT),
     Family("lfm2_vl", Lfm2VlAdapter, LFM2_VL_KIT, "lfm2_5_vl", requires=("torchvision",)),
+    Family("internvl", InternVLAdapter, INTERNVL_KIT, "internvl_hf"),
 )}
 # the model types with a demo kit (make-demo --family), in the registry's order
 DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)

@@ -150,7 +150,7 @@ class PartWriter:
                               resp_start=self.offsets["resp"], resp_len=0, image_tok_start=0, n_image_tokens=0,
                               instr_spans=[], resp_spans=[], image_spans=[], sal_start=self.offsets["sal"], n_turns=0,
                               tpa_start=self.offsets["tpa"], tpa_len=0, ivak_start=self.offsets["ivak"], ivak_len=0,
-                              resp_turns=[], image_grids=[]))
+                              resp_turns=[], image_grids=[], image_tiles=[]))
 
     def add(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """meta: the sample's row fields (ids, spans); arrays: its slice of every array."""
@@ -337,7 +337,8 @@ class CacheReader:
                 st, n = t.column("image_tok_start").to_pylist(), t.column("n_image_tokens").to_pylist()
                 t = t.append_column("image_spans", pa.array([[a, a + b] if b else [] for a, b in zip(st, n)],
                                                             pa.list_(pa.int32())))
-            for col in ("conversation", "resp_turns", "image_grids"):  # v2-v6: no cross-tokenizer fields
+            for col in ("conversation", "resp_turns", "image_grids", "image_tiles"):  # v2-v6: no cross-tokenizer
+                # fields; image_tiles: caches without tiled images
                 if col not in t.column_names:
                     t = t.append_column(col, pa.nulls(t.num_rows, SAMPLE_SCHEMA.field(col).type))
             tables.append(t.append_column("part", pa.array([j] * t.num_rows, pa.int32())))
@@ -412,6 +413,8 @@ class CacheReader:
             out["resp_turns"] = list(row["resp_turns"] or [])
             g = list(row["image_grids"] or [])
             out["image_grids"] = list(zip(g[0::2], g[1::2]))
+        if row.get("image_tiles"):  # tiled images: their layouts (common/tiles.py layouts_of)
+            out["image_tiles"] = list(row["image_tiles"])
             if row.get("finish"):  # a rollout row: "length" = its loss turn was cut (no end-of-turn markup)
                 out["finish"] = row["finish"]
         if "tpa_cand_ids" in a:

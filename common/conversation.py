@@ -48,6 +48,9 @@ class Encoded:
     resp_turns: list[int] = field(default_factory=list)
     conversation: str = ""
     image_grids: list[tuple[int, int]] = field(default_factory=list)
+    # tiled images (InternVL): per image (tile rows, tile cols, thumbnail, rows, cols) flat, common/tiles.py
+    # ImageLayout.flat; empty when no image of the sample is tiled
+    image_tiles: list[int] = field(default_factory=list)
 
     @property
     def n_resp(self) -> int:
@@ -419,7 +422,7 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     return Encoded(rec.index, rec.sample_id, image_column(rec.image), image_sha, input_ids, resp_mask, image_inputs,
                    int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans, spans,
                    char_start, turn_texts, list(range(len(resp_spans))), conversation_json(rec),
-                   image_grids(processor, image_inputs, spans, input_ids))
+                   *image_layouts(processor, image_inputs, spans, image, input_ids))
 
 
 def conversation_json(rec: Record) -> str:
@@ -434,6 +437,27 @@ def record_from_conversation(index: int, sample_id: str, image, conversation: st
     c = json.loads(conversation)
     return Record(index, sample_id, image, [(r, t) for r, t in c["turns"]],
                   image_at={int(k): list(v) for k, v in c["image_at"].items()} or None)
+
+
+def image_layouts(processor, image_inputs: dict, spans: list[tuple[int, int]], images,
+                  input_ids: np.ndarray | None = None) -> tuple[list[tuple[int, int]], list[int]]:
+    """Each image's image-token grid and, where the processor tiles images, its tiles: (``image_grids``,
+    ``image_tiles``). A processor that cuts images into tiles plus a thumbnail (InternVL's ``crop_to_patches``:
+    ``image_seq_length`` tokens per tile) gives each image's ``common.tiles.ImageLayout`` from the image processor's
+    own canvas choice, checked against the image's token count; ``image_grids`` then says (0, 0) for a tiled image
+    (no one grid: a reader that knows no tiles refuses it) and ``image_tiles`` holds every image's layout (flat,
+    5 values each). Otherwise ``image_grids`` (below) and no tiles."""
+    ip = getattr(processor, "image_processor", None)
+    per_tile = getattr(processor, "image_seq_length", None)
+    if images is not None and per_tile and getattr(ip, "max_patches", None) and hasattr(ip, "min_patches"):
+        from .tiles import ImageLayout, tiled_layout
+        pics = images if isinstance(images, (list, tuple)) else [images]
+        # an image whose token count is not the processor's tiling of it (called with other settings): no grid
+        layouts = [tiled_layout(ip, im.height, im.width, b - a, int(per_tile)) or ImageLayout((0, 0))
+                   for im, (a, b) in zip(pics, spans)]
+        grids = [(0, 0) if lay.tiled else lay.grid for lay in layouts]
+        return grids, ([v for lay in layouts for v in lay.flat()] if any(lay.tiled for lay in layouts) else [])
+    return image_grids(processor, image_inputs, spans, input_ids), []
 
 
 def image_grids(processor, image_inputs: dict, spans: list[tuple[int, int]],

@@ -463,3 +463,59 @@ def _lfm2_vl_processor(tokenizer, image_size: int, patch: int = PATCH):
 LFM2_VL_KIT = KitRecipe(special_tokens=LFM2_VL_SPECIAL_TOKENS, tokens=LFM2_VL_TOKENS,
                         chat_template=LFM2_VL_CHAT_TEMPLATE, config=_lfm2_vl_config, processor=_lfm2_vl_processor,
                         image_tokens=9)
+
+
+# ---- InternVL (InternViT tower, pixel-shuffle projector, Qwen2 LM; dynamic tiling: tiles plus a thumbnail) -------
+INTERNVL_SPECIAL_TOKENS = ("<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<img>", "</img>", "<IMG_CONTEXT>",
+                           "<video>")
+# the shipped InternVL3 -hf template (transformers' convert_internvl_weights_to_hf.py): an image is <IMG_CONTEXT>\n,
+# which the processor expands into <img> + image_seq_length <IMG_CONTEXT> per tile + </img>
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}"
+    "{{ '<video>\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+INTERNVL_TOKENS = dict(pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>",
+                       extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+INTERNVL_TILE = 24        # tile side in pixels (InternVL3: 448); a 48-px scene is 2 x 2 tiles plus the thumbnail
+INTERNVL_PATCH = 4        # vision patch (InternVL3: 14): a 6 x 6 patch grid per tile,
+INTERNVL_TILE_TOKENS = 9  # pixel-shuffled (downsample_ratio 0.5) to 3 x 3 image tokens per tile (InternVL3: 256)
+
+
+def _internvl_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    """A 2-layer InternViT on 24-px tiles in 4-px patches (6 x 6 patches, the CLS token dropped: select strategy
+    ``default``), the pixel-shuffle projector at ``downsample_ratio`` 0.5 (2 x 2 neighbouring patches into one token:
+    9 tokens per tile), a Qwen2 LM (InternVL3's; InternVL3.5's Qwen3 LMs differ only in the decoder)."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    cid = tokenizer.convert_tokens_to_ids
+    vc = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=INTERNVL_TILE, patch_size=INTERNVL_PATCH, use_mean_pooling=True)
+    tc = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=False,
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=cid("<|im_end|>"), **text)
+    return InternVLConfig(vision_config=vc, text_config=tc, image_token_id=cid("<IMG_CONTEXT>"),
+                          image_seq_length=INTERNVL_TILE_TOKENS, downsample_ratio=0.5, projector_hidden_act="gelu",
+                          vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
+def _internvl_processor(tokenizer, image_size: int, patch: int = PATCH):
+    """Dynamic tiling as shipped (``crop_to_patches``, the thumbnail added when there are several tiles), 1 to 4
+    tiles per image (InternVL3: 1 to 12)."""
+    from transformers import InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from .models import image_only_processor_class
+    ip = GotOcr2ImageProcessorPil(size={"height": INTERNVL_TILE, "width": INTERNVL_TILE}, crop_to_patches=True,
+                                  min_patches=1, max_patches=4, image_mean=[0.485, 0.456, 0.406],
+                                  image_std=[0.229, 0.224, 0.225])
+    return image_only_processor_class(InternVLProcessor)(
+        image_processor=ip, tokenizer=tokenizer, chat_template=INTERNVL_CHAT_TEMPLATE,
+        image_seq_length=INTERNVL_TILE_TOKENS)
+
+
+INTERNVL_KIT = KitRecipe(special_tokens=INTERNVL_SPECIAL_TOKENS, tokens=INTERNVL_TOKENS,
+                         chat_template=INTERNVL_CHAT_TEMPLATE, config=_internvl_config, processor=_internvl_processor,
+                         image_tokens=5 * INTERNVL_TILE_TOKENS)

@@ -21,6 +21,7 @@ VIDEO_PROCESSORS = {
     "Qwen2VLProcessor": "Qwen2VLVideoProcessor",
     "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
     "Qwen3VLProcessor": "Qwen3VLVideoProcessor",
+    "InternVLProcessor": "InternVLVideoProcessor",
     "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
     "Exaone4_5_Processor": "Qwen2VLVideoProcessor",  # LLaVA-OneVision-1.5's (transformers' video_processing_auto)
 }

@@ -55,13 +55,15 @@ def parse_layers(spec: str, n: int, what: str = "decoder layers") -> list[int]:
 
 def _vision_stack(model) -> tuple[nn.Module, str, str, nn.ModuleList]:
     """(the module holding the vision layers, its attribute name, the vision config key of their count, the
-    layers): LLaVA / OneVision ``vision_tower.vision_model.encoder.layers``; Qwen2-VL ``visual.blocks``."""
+    layers): LLaVA / OneVision ``vision_tower.vision_model.encoder.layers``; Qwen2-VL ``visual.blocks``; InternVL's
+    InternViT ``vision_tower.encoder.layer``."""
     inner = model.model
     if hasattr(inner, "visual"):
         return inner.visual, "blocks", "depth", inner.visual.blocks
     tower = inner.vision_tower
     encoder = getattr(getattr(tower, "vision_model", tower), "encoder")
-    return encoder, "layers", "num_hidden_layers", encoder.layers
+    name = "layers" if hasattr(encoder, "layers") else "layer"
+    return encoder, name, "num_hidden_layers", getattr(encoder, name)
 
 
 def prune_model(model, keep: list[int], keep_vision: list[int] | None = None) -> list[str]:

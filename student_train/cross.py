@@ -18,7 +18,7 @@ rows, N_s student rows, N_t teacher rows):
   into the first (``token_align.merge_duplicates``);
 * ``xt_chunk_s`` [N_s], ``xt_chunk_t`` [N_t]: batch-global chunk indices, ``xt_n_chunks`` int, ``xt_overlap``
   float: the share of the teacher's (non-special) vocabulary with an identical student token (GOLD's weights);
-* for IVA, ``teacher_sal`` resampled to the student's image-token grid (``common.losses.resample_saliency``);
+* for IVA, ``teacher_sal`` resampled to the student's image tokens, image by image (``common.tiles.resample_layout``);
 * for TPA, the TPA rows whose position is a one-token chunk on both sides and whose candidates all map (their
   next-step top-k ids mapped; ids without a student token folded into the rest mass).
 """
@@ -36,7 +36,7 @@ from alignti.common.conversation import (encode, end_of_turn_ids, record_from_co
                                          with_saliency_query)
 from alignti.common.errors import CacheError, DataError
 from alignti.common.fingerprint import chat_template_of, tokenizer_info
-from alignti.common.losses import resample_saliency
+from alignti.common.tiles import layouts_of, resample_layout
 from alignti.common.onpolicy import restrict_to_loss_turns, without_end_markup
 from alignti.common.records import image_refs
 from alignti.common.schema import ALIGN_SCHEMA_VERSION, has_align_fields
@@ -182,23 +182,25 @@ class CrossTokenizer:
 
     def resample(self, x: dict, enc) -> np.ndarray:
         """The teacher's saliency [n_turns, teacher image tokens] on the student's image tokens [n_turns, student
-        image tokens]: per image bilinear from the teacher's grid to the student's (``resample_saliency``), each
-        image keeping the share of the turn's mass the teacher gave it."""
-        t_grids, s_grids = x.get("image_grids") or [], enc.image_grids
+        image tokens]: per image from the teacher's layout to the student's (``common.tiles.resample_layout``: a
+        grid bilinear onto a grid, InternVL's tiles per view, the mosaic of tiles and the thumbnail), each image
+        keeping the share of the turn's mass the teacher gave it."""
+        t_lay = layouts_of(x.get("image_grids") or [], x.get("image_tiles"))
+        s_lay = layouts_of(enc.image_grids, enc.image_tiles)
         t_sizes = [len(span_image_positions(x["input_ids"], [sp])) for sp in x["image_spans"]]
-        if len(t_grids) != len(s_grids) or any(0 in g for g in list(t_grids) + list(s_grids)):
+        if len(t_lay) != len(s_lay) or not all(g.known for g in t_lay + s_lay):
             raise DataError(x["sample_id"], f"IVA across image-token grids needs each image's grid (teacher "
-                            f"{list(t_grids)}, student {list(s_grids)}; (0, 0): not a grid, e.g. LLaVA-OneVision's "
-                            "any-res tiles)", "train without IVA (--loss kd or kd+tpa), or pick families with a "
-                            "grid (LLaVA, Qwen2-VL)")
+                            f"{list(x.get('image_grids') or [])}, student {list(enc.image_grids)}; (0, 0): not a "
+                            "grid, e.g. LLaVA-OneVision's any-res tiles)", "train without IVA (--loss kd or kd+tpa), "
+                            "or pick families with a grid (LLaVA, Qwen2-VL, InternVL)")
         sal = torch.from_numpy(np.asarray(x["saliency"], np.float32))
         rows = []
         for row in sal:
             pieces, at = [], 0
-            for n, tg, sg in zip(t_sizes, t_grids, s_grids):
+            for n, tl, sl in zip(t_sizes, t_lay, s_lay):
                 piece = row[at:at + n]
                 at += n
-                pieces.append(resample_saliency(piece, tg, sg) * piece.clamp_min(0).sum())
+                pieces.append(resample_layout(piece, tl, sl) * piece.clamp_min(0).sum())
             rows.append(torch.cat(pieces))
         return torch.stack(rows).numpy() if rows else np.zeros((0, enc.n_image_tokens), np.float32)
 

@@ -143,6 +143,23 @@ def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def batch_image_inputs(processor, per_sample: list[list]) -> dict:
+    """The image inputs of a batch whose samples hold the images ``per_sample`` (a list of PIL images per sample;
+    empty: none), from one image-processor call in sample order (the same tensors as per-sample calls), with the
+    processor's own call defaults for images (``_merge_kwargs``, as its ``__call__`` passes them: InternVL's
+    processor turns ``crop_to_patches`` on whatever its saved image processor says, so a direct call would give one
+    tile where the cache's ids hold several). Several images in a sample: grouped per sample, the multi-image mode
+    the teacher's processor call had."""
+    try:
+        kw = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"]
+    except (AttributeError, TypeError):
+        kw = {}
+    kw = {**kw, "return_tensors": "pt"}
+    if any(len(p) > 1 for p in per_sample):
+        return dict(processor.image_processor(images=[p for p in per_sample if p], **kw))
+    return dict(processor.image_processor(images=[p[0] for p in per_sample if p], **kw))
+
+
 class StudentCollator:
     """Pads a batch, runs the student's image processor once over its images, and stacks the
     teacher's tensors in response-token order."""
@@ -156,12 +173,8 @@ class StudentCollator:
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples, self.pad_id, self.adapter_cls)
         per_sample = [x.get("pil_images") or [] for x in samples]
-        if any(len(p) > 1 for p in per_sample):  # grouped per sample: the multi-image mode the teacher's call had
-            batch["image_inputs"] = dict(self.processor.image_processor(images=[p for p in per_sample if p],
-                                                                        return_tensors="pt"))
-        elif any(per_sample):  # one processor call for the batch, in sample order (same tensors as per-sample calls)
-            batch["image_inputs"] = dict(self.processor.image_processor(images=[p[0] for p in per_sample if p],
-                                                                        return_tensors="pt"))
+        if any(per_sample):
+            batch["image_inputs"] = batch_image_inputs(self.processor, per_sample)
         batch["sample_ids"] = [x["sample_id"] for x in samples]
         for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "tpa_cand_ids", "tpa_ids",
                      "tpa_logprobs", "tpa_tail"):

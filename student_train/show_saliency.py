@@ -14,6 +14,7 @@ from alignti.common.batch import forward, span_image_positions
 from alignti.common.cache import CacheReader
 from alignti.common.errors import AlignTIError
 from alignti.common.models import load_vlm, resolve_device
+from alignti.common.tiles import layouts_of
 
 from .data import CacheDataset, StudentCollator
 
@@ -76,6 +77,8 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
     if student:
         s, layer = student_saliency(student, reader, i, student_layer)
         rows.append((f"student (layer {layer})", s[turn]))
+    # tiled images (InternVL): each image's map per view, the tiles put back in place and the thumbnail
+    layouts = layouts_of(x.get("image_grids") or [], x["image_tiles"]) if x.get("image_tiles") else None
     panels = []  # per image, the teacher's map (and the student's below it): saliency covers the images in order
     for name, sal in rows:
         at = 0
@@ -84,13 +87,20 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
             piece = sal[at:at + n]
             at += n
             label = name if len(imgs) == 1 else f"{name}, image {k + 1}"
-            panels.append((label, overlay(img, grid_of(piece, img.width / img.height))))
+            if layouts is not None and layouts[k].tiled:
+                views = layouts[k].views(torch.from_numpy(np.asarray(piece, np.float32)))
+                panels.append((f"{label}, {layouts[k].tiles[0]}x{layouts[k].tiles[1]} tiles",
+                               overlay(img, views[0].numpy())))
+                panels.extend((f"{label}, thumbnail", overlay(img, v.numpy())) for v in views[1:])
+            else:
+                panels.append((label, overlay(img, grid_of(piece, img.width / img.height))))
     s0, e0 = x["instr_spans"][turn]
     if reader.params.get("saliency_query") == "answer":  # the query is one position: title with the whole prompt turn
         s0 = x["resp_spans"][turn - 1][1] if turn else x["image_tok_start"] + x["n_image_tokens"]
     title = reader_title(reader, x["input_ids"][s0:e0], skip_special=True).strip()
     w, h = 240, 240
-    n_cols = len(imgs) if len(imgs) > 1 else len(panels)
+    per_row = len(panels) // len(rows)  # panels of one map: one per image, or per view of a tiled image
+    n_cols = per_row if per_row > 1 else len(panels)
     n_rows = len(panels) // n_cols
     canvas = Image.new("RGB", (w * n_cols + 10 * (n_cols - 1), (h + 24) * n_rows + 20), "white")
     d = ImageDraw.Draw(canvas)

@@ -537,7 +537,7 @@ def _write_unit(part: PartWriter, jobs, skipped: list[tuple], lock, onp=None) ->
                     image_spans=[v for sp in enc.image_spans for v in sp],
                     resp_spans=[v for sp in enc.resp_spans for v in sp], n_turns=len(enc.resp_spans),
                     conversation=enc.conversation, resp_turns=list(enc.resp_turns),
-                    image_grids=[v for g in enc.image_grids for v in g])
+                    image_grids=[v for g in enc.image_grids for v in g], image_tiles=list(enc.image_tiles))
         if onp is not None:
             meta.update(onp.provenance(enc.index), tpa_student_rows=int(arrays.get("tpa_student", np.zeros(0)).sum()))
         part.add(meta, arrays)

@@ -28,10 +28,12 @@ log = logging.getLogger("alignti.irs")
 
 @torch.no_grad()
 def attention_maps(model, processor, records: list[Record], images: str, layers, batch_size: int = 8,
-                   progress: bool = True, query: str = "instruction") -> tuple[list, dict[int, list[torch.Tensor]]]:
+                   progress: bool = True,
+                   query: str = "instruction") -> tuple[list, dict[int, list[torch.Tensor]], list]:
     """alpha of the first assistant turn for every record and every layer in ``layers``: (the indices of the
-    records that encode, their maps per layer, each a [n_image_tokens] tensor in that order). A record that does
-    not encode (a DataError) is left out with a warning."""
+    records that encode, their maps per layer, each a [n_image_tokens] tensor in that order, and each one's image
+    geometry: its token count, image grids and tiles, equal for two maps that compare token by token). A record
+    that does not encode (a DataError) is left out with a warning."""
     adapter = adapter_for(model)
     device = next(model.parameters()).device
     pad = processor.tokenizer.pad_token_id or 0
@@ -55,7 +57,8 @@ def attention_maps(model, processor, records: list[Record], images: str, layers,
                 for g, row in enumerate(out.saliency[layer].float().cpu()):
                     maps[layer].append(row[:chunk[g]["n_image_tokens"]])
             bar.advance(len(chunk))
-    return keep, maps
+    geometry = [(e.n_image_tokens, tuple(e.image_grids), tuple(e.image_tiles)) for e in encoded]
+    return keep, maps, geometry
 
 
 def make_pairs(records: list[Record], max_pairs_per_image: int = 6, seed: int = 0) -> tuple[list[tuple[int, int]], bool]:
@@ -100,14 +103,15 @@ def select_layer(model, processor, records: list[Record], images: str, n_samples
     calib = calibration_subset([r for r in records if r.image], n_samples)
     if len(calib) < 2:
         raise ValueError("select-layer needs at least two samples with images")
-    keep, maps = attention_maps(model, processor, calib, images, layers, batch_size, progress, query)
+    keep, maps, geometry = attention_maps(model, processor, calib, images, layers, batch_size, progress, query)
     calib = [calib[i] for i in keep]
     if len(calib) < 2:
         raise ValueError("select-layer needs at least two samples whose images encode")
     pairs, fallback = make_pairs(calib)
     # a pair's maps compare token by token, so both must cover the same image grid: with dynamic resolution
-    # (Qwen2-VL) images of other sizes have other grids; pairs that share an image always match
-    same = [(a, b) for a, b in pairs if len(maps[layers[0]][a]) == len(maps[layers[0]][b])]
+    # (Qwen2-VL) images of other sizes have other grids, with InternVL's tiling other mosaics of tiles (1 x 3 and
+    # 3 x 1 tiles: as many tokens, other places); pairs that share an image always match
+    same = [(a, b) for a, b in pairs if geometry[a] == geometry[b]]
     if fallback:
         log.warning("no image is asked about with two different instructions: IRS uses random pairs")
     if len(same) < len(pairs):

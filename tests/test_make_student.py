@@ -164,7 +164,7 @@ def test_layer_specs(tmp_path):
             parse_layers(bad, 4)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "internvl"])  # internvl: InternViT's encoder.layer
 def test_pruned_student_keeps_the_teachers_tensors_bit_for_bit(family, tmp_path):
     from transformers import AutoModelForImageTextToText
     tok = kit.build_tokenizer(family)
@@ -180,7 +180,8 @@ def test_pruned_student_keeps_the_teachers_tensors_bit_for_bit(family, tmp_path)
     t, s = teacher.state_dict(), student.state_dict()
     prefix = "model.language_model.layers."
     vision = next(p for p in ("model.visual.blocks.", "model.vision_tower.encoder.layers.",
-                              "model.vision_tower.vision_model.encoder.layers.") if any(k.startswith(p) for k in t))
+                              "model.vision_tower.vision_model.encoder.layers.", "model.vision_tower.encoder.layer.")
+                  if any(k.startswith(p) for k in t))
     renamed = {}
     for k in t:
         if k.startswith(prefix):

@@ -73,6 +73,7 @@ def test_dump_and_train_with_two_images(family_kit, tmp_path):
         np.testing.assert_array_equal(x["input_ids"], enc.input_ids)
         spans = x["image_spans"]
         assert len(spans) == len(refs) and spans == enc.image_spans
+        assert x.get("image_tiles", []) == enc.image_tiles  # tiled images (InternVL): their layouts, through the cache
         image_id = int(model.config.image_token_id)  # the model's image token (Gemma 3's placeholder is another)
         pos = np.nonzero(x["input_ids"] == image_id)[0]
         # each span from an image token to one past one; its image tokens (Mistral 3: not the row ends between rows)
@@ -102,8 +103,14 @@ def test_dump_and_train_with_two_images(family_kit, tmp_path):
     assert res["last"]["iva"] > 0 and res["last"]["step"] == 2
     shown = show_saliency(str(tmp_path / "c"), "two-a", tmp_path / "s.png", student=str(tmp_path / "run/final"))
     teacher = "teacher (layer %d)" % reader.params["saliency_layer"]
-    assert shown["panels"][:2] == [f"{teacher}, image 1", f"{teacher}, image 2"]
-    assert len(shown["panels"]) == 4 and shown["panels"][3].startswith("student") and shown["panels"][3].endswith("image 2")
+    if by_id["two-a"].get("image_tiles"):  # tiled images (InternVL): each image's tiles in place, then its thumbnail
+        views = [f"image {k}, 2x2 tiles" for k in (1, 2)]
+        views = [views[0], "image 1, thumbnail", views[1], "image 2, thumbnail"]
+    else:
+        views = ["image 1", "image 2"]
+    assert shown["panels"][:len(views)] == [f"{teacher}, {v}" for v in views]
+    assert len(shown["panels"]) == 2 * len(views) and shown["panels"][-1].startswith("student")
+    assert shown["panels"][-1].endswith(views[-1])
     assert Image.open(tmp_path / "s.png").size[0] > 480
 
 
