@@ -41,8 +41,18 @@ def collate(samples: list[dict], pad_id: int, adapter_cls) -> dict:
 
 def image_token_positions(batch: dict, b: int) -> torch.Tensor:
     """Sequence positions of sample b's image tokens, images in order (the axis saliency and ivak_pos index)."""
-    spans = batch["image_spans"][b]
-    return torch.cat([torch.arange(a, e) for a, e in spans]) if spans else torch.zeros(0, dtype=torch.long)
+    return span_image_positions(batch["input_ids"][b], batch["image_spans"][b])
+
+
+def span_image_positions(input_ids, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """The image-token positions of the image ``spans`` ([start, end) each) of one sample's ``input_ids`` [S]: in
+    each span, the positions holding its first token's id, the image token (every position of the span, but for an
+    image split into sub-images with markup tokens between them: Idefics3 / SmolVLM, common/conversation.py
+    ``image_spans``)."""
+    if not spans:
+        return torch.zeros(0, dtype=torch.long)
+    ids = torch.as_tensor(input_ids).cpu()
+    return torch.cat([a + torch.nonzero(ids[a:e] == ids[a]).flatten() for a, e in spans]).long()
 
 
 def image_spans_of(x: dict) -> list[tuple[int, int]]:

@@ -256,9 +256,12 @@ def _replaced_offsets(processor, full: str, image, ids: list[int], add_special: 
     placeholder it replaced. DataError when the tokenizer's ids of that text are not the processor's."""
     images = image if isinstance(image, list) else [image]
     try:
-        _, reps = processor._process_images(images)
+        # the image settings the processor's own __call__ passes (Idefics3 / SmolVLM: return_row_col_info, the
+        # sub-image grid its replacement strings are written from)
+        kwargs = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"]
+        _, reps = processor._process_images(images, **kwargs)
         texts, spans = processor.get_text_with_replacements([full], images_replacements=reps)
-    except (AttributeError, NotImplementedError, TypeError, StopIteration):
+    except (AttributeError, NotImplementedError, TypeError, StopIteration, KeyError):
         texts, spans = None, None
     if texts is not None:
         pieces, at = [], 0  # expanded character -> character of ``full``
@@ -363,7 +366,7 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
         if len(img_pos) == 0:
             raise DataError(rec.sample_id, "no image tokens after processing",
                             "check that the chat template renders {'type': 'image'}")
-        spans = image_spans(img_pos, len(rec.images), rec.sample_id)
+        spans = image_spans(img_pos, len(rec.images), rec.sample_id, [offsets[p][0] for p in img_pos])
     instr_spans, resp_spans = [], []
     last_user = None
     for i, (role, _) in enumerate(turns):
@@ -399,7 +402,8 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     return Encoded(rec.index, rec.sample_id, image_column(rec.image), image_sha, input_ids, resp_mask, image_inputs,
                    int(img_pos[0]) if len(img_pos) else 0, len(img_pos), instr_spans, resp_spans, spans,
                    char_start, turn_texts, list(range(len(resp_spans))), conversation_json(rec),
-                   image_grids(processor, image_inputs, spans))
+                   image_grids(processor, image_inputs, spans, [int(((img_pos >= a) & (img_pos < e)).sum())
+                                                                for a, e in spans]))
 
 
 def conversation_json(rec: Record) -> str:
@@ -416,18 +420,21 @@ def record_from_conversation(index: int, sample_id: str, image, conversation: st
                   image_at={int(k): list(v) for k, v in c["image_at"].items()} or None)
 
 
-def image_grids(processor, image_inputs: dict, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Each image's image-token grid (rows, cols) as the processor gives it: Qwen2-VL's ``image_grid_thw`` over
-    the merge size (t = 1 for an image); a square count of tokens (LLaVA-1.5: 576 = 24 x 24) as its square; else
-    (0, 0): no grid known (LLaVA-OneVision's any-res tiles with row-end tokens), which IVA across grids refuses."""
+def image_grids(processor, image_inputs: dict, spans: list[tuple[int, int]], counts: list[int]
+                ) -> list[tuple[int, int]]:
+    """Each image's image-token grid (rows, cols) as the processor gives it (``counts``: each span's number of image
+    tokens): Qwen2-VL's ``image_grid_thw`` over the merge size (t = 1 for an image); a square count of tokens
+    (LLaVA-1.5: 576 = 24 x 24) in one run as its square; else (0, 0): no one grid (LLaVA-OneVision's any-res tiles
+    with row-end tokens; an image split into sub-images with markup between them, Idefics3 / SmolVLM), which IVA
+    across grids refuses."""
     thw = image_inputs.get("image_grid_thw")
     if thw is not None:
         merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 2) or 1)
         return [(int(h) // merge, int(w) // merge) for _, h, w in thw.tolist()]
     out = []
-    for a, b in spans:
-        side = int(round((b - a) ** 0.5))
-        out.append((side, side) if side * side == b - a else (0, 0))
+    for (a, b), n in zip(spans, counts):
+        side = int(round(n ** 0.5))
+        out.append((side, side) if side * side == n == b - a else (0, 0))
     return out
 
 
@@ -442,13 +449,21 @@ def _instruction_run(sel: np.ndarray) -> tuple[int, int] | None:
     return int(runs[best][0]), int(runs[best][-1]) + 1
 
 
-def image_spans(img_pos: np.ndarray, n_images: int, sample_id: str) -> list[tuple[int, int]]:
+def image_spans(img_pos: np.ndarray, n_images: int, sample_id: str, owners: list[int] | None = None
+                ) -> list[tuple[int, int]]:
     """Each image's [start, end) among the image-token positions: one contiguous run per image, or (adjacent
-    placeholders, as LLaVA-OneVision's template renders "<image><image>") equal runs split apart."""
+    placeholders, as LLaVA-OneVision's template renders "<image><image>") equal runs split apart, or (an image
+    split into sub-images framed by markup tokens, Idefics3 / SmolVLM) the runs grouped by ``owners``, each image
+    token's offset in the rendered text, which is its image placeholder's: then a span runs from the image's first
+    image token to its last and holds the markup between its sub-images, and its image tokens are the positions in
+    it that hold the image token (common/batch.py ``image_token_positions``)."""
     breaks = np.nonzero(np.diff(img_pos) != 1)[0] + 1
     runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(img_pos, breaks)]
     if len(runs) == n_images:
         return runs
+    if owners is not None and len(set(owners)) == n_images and list(owners) == sorted(owners):
+        groups = np.split(img_pos, np.nonzero(np.diff(np.asarray(owners)) != 0)[0] + 1)
+        return [(int(g[0]), int(g[-1]) + 1) for g in groups]
     if n_images > 1 and len(img_pos) % n_images == 0:
         per = len(img_pos) // n_images
         pieces = [img_pos[i * per:(i + 1) * per] for i in range(n_images)]

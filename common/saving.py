@@ -22,11 +22,12 @@ VIDEO_PROCESSORS = {
     "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
     "Qwen3VLProcessor": "Qwen3VLVideoProcessor",
     "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
+    "SmolVLMProcessor": "SmolVLMVideoProcessor",
 }
 # the image processor's settings a video processor shares (same names, same meaning: sizes in pixels, the
 # vision tower's patch geometry, normalisation)
 SHARED_SETTINGS = ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                   "image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size")
+                   "image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size", "max_image_size")
 PROCESSOR_CONFIG = "processor_config.json"
 
 

@@ -30,6 +30,7 @@ import logging
 import numpy as np
 import torch
 
+from alignti.common.batch import span_image_positions
 from alignti.common.cache import CacheReader, read_teacher_specials, read_teacher_tokens
 from alignti.common.conversation import (encode, end_of_turn_ids, record_from_conversation, rendered_text,
                                          with_saliency_query)
@@ -184,7 +185,7 @@ class CrossTokenizer:
         image tokens]: per image bilinear from the teacher's grid to the student's (``resample_saliency``), each
         image keeping the share of the turn's mass the teacher gave it."""
         t_grids, s_grids = x.get("image_grids") or [], enc.image_grids
-        t_sizes = [b - a for a, b in x["image_spans"]]
+        t_sizes = [len(span_image_positions(x["input_ids"], [sp])) for sp in x["image_spans"]]
         if len(t_grids) != len(s_grids) or any(0 in g for g in list(t_grids) + list(s_grids)):
             raise DataError(x["sample_id"], f"IVA across image-token grids needs each image's grid (teacher "
                             f"{list(t_grids)}, student {list(s_grids)}; (0, 0): not a grid, e.g. LLaVA-OneVision's "

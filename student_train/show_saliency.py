@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from alignti.common.adapters import adapter_for
-from alignti.common.batch import forward
+from alignti.common.batch import forward, span_image_positions
 from alignti.common.cache import CacheReader
 from alignti.common.errors import AlignTIError
 from alignti.common.models import load_vlm, resolve_device
@@ -80,8 +80,9 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
     for name, sal in rows:
         at = 0
         for k, (img, (a, e)) in enumerate(zip(imgs, spans)):
-            piece = sal[at:at + (e - a)]
-            at += e - a
+            n = len(span_image_positions(x["input_ids"], [(a, e)]))  # the span's image tokens (not its markup)
+            piece = sal[at:at + n]
+            at += n
             label = name if len(imgs) == 1 else f"{name}, image {k + 1}"
             panels.append((label, overlay(img, grid_of(piece, img.width / img.height))))
     s0, e0 = x["instr_spans"][turn]

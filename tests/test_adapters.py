@@ -1,9 +1,11 @@
 """Each family adapter: image tokens, instruction spans, position ids, reload with from_pretrained."""
 
+import numpy as np
 import pytest
 import torch
 
 from alignti.common.adapters import DEMO_FAMILIES, FAMILIES, adapter_for
+from alignti.common.batch import span_image_positions
 from alignti.common.models import load_vlm
 from tests.helpers import tiny
 
@@ -16,9 +18,10 @@ def test_adapter_spans_positions_and_reload(family, tmp_path):
     assert model.config.model_type in adapter.model_types
     tok = proc.tokenizer
     for e in enc:
-        img = e.input_ids[e.image_tok_start:e.image_tok_start + e.n_image_tokens]
-        assert e.n_image_tokens == n_image and (img == adapter.image_token_id).all()
-        assert (e.input_ids == adapter.image_token_id).sum() == n_image
+        # the image's span holds its image tokens (Idefics3 / SmolVLM: with the sub-images' markup between them)
+        img = span_image_positions(e.input_ids, e.image_spans).numpy()
+        assert e.n_image_tokens == n_image == len(img) and img[0] == e.image_tok_start
+        assert (img == np.flatnonzero(e.input_ids == adapter.image_token_id)).all()
         first_q = tok.decode(e.input_ids[slice(*e.instr_spans[0])].tolist())
         assert first_q.rstrip("?.").split()[0] in ("What", "How", "Is", "Where", "Describe")
         answer = tok.decode(e.input_ids[slice(*e.resp_spans[-1])].tolist(), skip_special_tokens=True)

@@ -237,7 +237,7 @@ def test_tree_mask_forced_on_a_hybrid_decoder_is_caught(fkit, teacher_of, tmp_pa
     from alignti.common.adapters import ModelAdapter
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     model, proc = teacher_of(fkit)
-    if ModelAdapter(model).tpa_tree_mask:
+    if adapter_class(model.config.model_type)(model).tpa_tree_mask:
         pytest.skip("an attention-only decoder: the tree mask is its TPA path")
     monkeypatch.setattr(ModelAdapter, "tpa_tree_mask", property(lambda self: True))
     dump_teacher(DumpConfig(teacher=str(fkit.root / "kit/teacher"), data=str(fkit.root / "data.json"),
@@ -254,15 +254,21 @@ def test_saliency_is_the_eager_attention_of_the_chosen_layer(fkit):
     layer = int(fkit.cache.params["saliency_layer"])
     # the model returns the attention of its softmax-attention layers only (a hybrid decoder's linear-attention and
     # convolution layers have none): the chosen layer's place among them
-    at = sum(hasattr(m, "self_attn") for m in model.model.language_model.layers[:layer])
-    assert hasattr(model.model.language_model.layers[layer], "self_attn")
+    lm = getattr(model.model, "language_model", None) or model.model.text_model  # Idefics3 / SmolVLM: text_model
+    at = sum(hasattr(m, "self_attn") for m in lm.layers[:layer])
+    assert hasattr(lm.layers[layer], "self_attn")
     for item in fkit.data:
         x = _row(fkit, item["id"])
         inputs = own_inputs(proc, item, fkit.images)
         with torch.no_grad():
             att = model(**inputs, output_attentions=True).attentions[at][0]
-        cols = np.flatnonzero(inputs["input_ids"][0].numpy() == int(model.config.image_token_id))  # the model's
-        assert np.array_equal(cols, np.concatenate([np.arange(s, e) for s, e in x["image_spans"]]))  # the cache's
+        ids = inputs["input_ids"][0].numpy()
+        cols = np.flatnonzero(ids == int(model.config.image_token_id))  # the model's
+        # the cache's: one span per image, each image's tokens inside it (Idefics3 / SmolVLM: with the sub-images'
+        # markup between them)
+        assert len(x["image_spans"]) == len(item["image"] if isinstance(item["image"], list) else [item["image"]])
+        assert np.array_equal(cols, np.concatenate([[p for p in range(s, e) if ids[p] == ids[cols[0]]]
+                                                    for s, e in x["image_spans"]]))
         rows = []
         for qs, qe in x["instr_spans"]:
             a = att[:, qs:qe][:, :, cols].mean(0).mean(0).double()
