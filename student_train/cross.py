@@ -188,9 +188,9 @@ class CrossTokenizer:
         t_sizes = [len(span_image_positions(x["input_ids"], [sp])) for sp in x["image_spans"]]
         if len(t_grids) != len(s_grids) or any(0 in g for g in list(t_grids) + list(s_grids)):
             raise DataError(x["sample_id"], f"IVA across image-token grids needs each image's grid (teacher "
-                            f"{list(t_grids)}, student {list(s_grids)}; (0, 0): not a grid, e.g. LLaVA-OneVision's "
-                            "any-res tiles)", "train without IVA (--loss kd or kd+tpa), or pick families with a "
-                            "grid (LLaVA, Qwen2-VL)")
+                            f"{list(t_grids)}, student {list(s_grids)}; (0, 0): not one grid, e.g. LLaVA-OneVision's "
+                            "any-res tiles, Idefics3 / SmolVLM's sub-images plus a global image)",
+                            "train without IVA (--loss kd or kd+tpa), or pick families with a grid (LLaVA, Qwen2-VL)")
         sal = torch.from_numpy(np.asarray(x["saliency"], np.float32))
         rows = []
         for row in sal:
