@@ -42,3 +42,26 @@ def test_a_split_image_has_no_one_grid():
     proc.image_processor.size = {"longest_edge": 24}
     small = _wide(proc, 24, 24)
     assert small.n_image_tokens == 4 and small.image_grids == [(2, 2)]
+
+
+def test_ids_at_the_shipped_image_settings():
+    """SmolVLM-256M's shipped image settings (preprocessor_config.json: longest edge 2048, 512-px sub-images;
+    image_seq_len 64: (512 / 16)^2 / 4^2, as public reimplementations read them from its files; its tokenizer.json has
+    no public copy to test against, so the vocabulary here is the kit's) on a 1536 x 1024 photo: 3 x 4 sub-images plus the global
+    image, 13 x 64 = 832 image tokens with row breaks between the rows. alignti's ids are the processor's own on the
+    template-rendered text, the one span holds all 832, and the question and answer spans are the message texts."""
+    from alignti.demo.kit import build_processor, build_tokenizer
+    tok = build_tokenizer("smolvlm")
+    proc = build_processor(tok, "smolvlm")
+    proc.image_processor.size = {"longest_edge": 2048}
+    proc.image_processor.max_image_size = {"longest_edge": 512}
+    proc.image_seq_len = 64
+    enc = _wide(proc, 1536, 1024)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    text = proc.apply_chat_template(msgs, tokenize=False)
+    want = proc(text=[text], images=[[Image.new("RGB", (1536, 1024), (200, 20, 20))]])["input_ids"][0]
+    assert enc.input_ids.tolist() == list(want)
+    assert enc.n_image_tokens == 13 * 64 and len(enc.image_spans) == 1
+    assert tok.decode(enc.input_ids[slice(*enc.instr_spans[0])].tolist()) == "What colour is it?"
+    assert tok.decode(enc.input_ids[slice(*enc.resp_spans[0])].tolist(), skip_special_tokens=True).strip() == "red"
