@@ -14,9 +14,9 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import (GEMMA3_KIT, INTERNVL_KIT, LFM2_VL_KIT, LLAVA_KIT, MISTRAL3_KIT, ONEVISION1_5_KIT,
-                          ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT, QWEN3_5_MOE_KIT, QWEN3_VL_KIT,
-                          QWEN3_VL_MOE_KIT, KitRecipe)
+from .kit_recipes import (GEMMA3_KIT, IDEFICS3_KIT, INTERNVL_KIT, LFM2_VL_KIT, LLAVA_KIT, MISTRAL3_KIT,
+                          ONEVISION1_5_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT, QWEN3_5_MOE_KIT,
+                          QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, SMOLVLM_KIT, KitRecipe)
 
 
 # the ``layer_types`` of softmax-attention layers (the rest: linear attention, convolutions, state-space layers)
@@ -561,6 +561,50 @@ class InternVLAdapter(ModelAdapter):
     media_token_keys = ("image_token_id",)
 
 
+class Idefics3Adapter(ModelAdapter):
+    """Idefics3 and SmolVLM (transformers' smolvlm is modular on idefics3; one adapter, the difference is
+    configuration): a SigLIP-style tower run on each sub-image, a pixel-shuffle connector, a Llama decoder with 1-D
+    positions. The processor splits an image into a grid of sub-images plus a downscaled global image and frames each
+    in the text with markup tokens (``<fake_token_around_image><row_r_col_c>`` + image tokens per sub-image, a line
+    break after each row, ``<fake_token_around_image><global-img>`` + image tokens + ``<fake_token_around_image>``),
+    so one image's image tokens are several runs with markup between them (common/conversation.py groups them by the
+    placeholder they replaced; IVA's saliency covers the image tokens only, common/batch.py
+    ``image_token_positions``). Inputs: ``pixel_values`` [1, n_sub_images, 3, H, W] and ``pixel_attention_mask``
+    [1, n_sub_images, H, W] per sample; the model drops all-zero sub-images, which is how a batch pads them."""
+    family = "idefics3"
+    multi_image = True
+    projector_prefixes = ("model.connector.",)
+    vision_prefixes = ("model.vision_model.",)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.text_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_model
+
+    @staticmethod
+    def collate_image_inputs(items):
+        """``pixel_values`` [B, max sub-images, 3, H, W] and ``pixel_attention_mask`` [B, max sub-images, H, W]: each
+        sample's sub-image axis (and sides, were they to differ) padded with zeros, the padding the family's own
+        image processor gives a batch (``do_pad``; the model skips all-zero sub-images)."""
+        items = [it for it in items if it]
+        if not items:
+            return {}
+        out = {}
+        for k in items[0]:
+            tensors = [it[k] for it in items]
+            shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+            padded = []
+            for t in tensors:
+                z = t.new_zeros(t.shape[0], *shape)
+                z[(slice(None),) + tuple(slice(0, n) for n in t.shape[1:])] = t
+                padded.append(z)
+            out[k] = torch.cat(padded, dim=0)
+        return out
+
+
 @dataclass(frozen=True)
 class Family:
     """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
@@ -610,6 +654,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llava_onevision1_5", LlavaOnevision1_5Adapter, ONEVISION1_5_KIT),
     Family("lfm2_vl", Lfm2VlAdapter, LFM2_VL_KIT, "lfm2_5_vl", requires=("torchvision",)),
     Family("internvl", InternVLAdapter, INTERNVL_KIT, "internvl_hf"),
+    Family("idefics3", Idefics3Adapter, IDEFICS3_KIT),
+    Family("smolvlm", Idefics3Adapter, SMOLVLM_KIT),
 )}
 # the model types with a demo kit (make-demo --family), in the registry's order
 DEMO_FAMILIES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.kit is not None)

@@ -48,18 +48,15 @@ def image_token_positions(batch: dict, b: int) -> torch.Tensor:
 
 
 def span_image_positions(input_ids, spans: list[tuple[int, int]]) -> torch.Tensor:
-    """The image tokens of a sample's image ``spans`` ([start, end) each, images in order) in its ``input_ids`` [S]:
-    each span's positions that hold its first token, the family's image token. Every position of the span for most
-    families; Mistral 3's span runs over the image's rows, and the row ends between them (``[IMG_BREAK]``) are text
-    tokens the model puts no image feature on."""
+    """The image-token positions of the image ``spans`` ([start, end) each, images in order) of one sample's
+    ``input_ids`` [S]: in each span, the positions holding its first token's id, the family's image token. Every
+    position of the span for most families; not the markup between an image's parts: Mistral 3's row ends
+    (``[IMG_BREAK]``, text tokens the model puts no image feature on) and Idefics3 / SmolVLM's sub-image tags
+    (common/conversation.py ``image_spans``)."""
     if not spans:
         return torch.zeros(0, dtype=torch.long)
-    ids = torch.as_tensor(np.asarray(input_ids) if not torch.is_tensor(input_ids) else input_ids)
-    out = []
-    for a, e in spans:
-        pos = torch.arange(a, e)
-        out.append(pos[ids[a:e].cpu() == ids[a].cpu()])
-    return torch.cat(out)
+    ids = torch.as_tensor(input_ids).cpu()
+    return torch.cat([a + torch.nonzero(ids[a:e] == ids[a]).flatten() for a, e in spans]).long()
 
 
 def image_spans_of(x: dict) -> list[tuple[int, int]]:

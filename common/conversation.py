@@ -386,7 +386,8 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
         if len(img_pos) == 0:
             raise DataError(rec.sample_id, "no image tokens after processing",
                             "check that the chat template renders {'type': 'image'}")
-        spans = image_spans(img_pos, len(rec.images), rec.sample_id, row_ends=_row_end_positions(processor, input_ids))
+        spans = image_spans(img_pos, len(rec.images), rec.sample_id, row_ends=_row_end_positions(processor, input_ids),
+                            owners=[offsets[p][0] for p in img_pos])
     instr_spans, resp_spans = [], []
     last_user = None
     for i, (role, _) in enumerate(turns):
@@ -463,20 +464,25 @@ def image_layouts(processor, image_inputs: dict, spans: list[tuple[int, int]], i
 def image_grids(processor, image_inputs: dict, spans: list[tuple[int, int]],
                 input_ids: np.ndarray | None = None) -> list[tuple[int, int]]:
     """Each image's image-token grid (rows, cols) as the processor gives it: Qwen2-VL's ``image_grid_thw`` over
-    the merge size (t = 1 for an image); an image laid out in rows closed by row-end tokens (Mistral 3's
-    ``[IMG_BREAK]``: ``input_ids`` given) as its rows of image tokens, where they are equal; a square count of tokens
-    (LLaVA-1.5: 576 = 24 x 24) as its square; else (0, 0): no grid known (LLaVA-OneVision's any-res tiles with
-    row-end tokens), which IVA across grids refuses."""
+    the merge size (t = 1 for an image); an image laid out in equal rows closed by the processor's row-end token
+    (Mistral 3's ``[IMG_BREAK]``; ``input_ids`` given) as its rows of image tokens; a square count of tokens in one
+    run (LLaVA-1.5: 576 = 24 x 24) as its square; else (0, 0): no one grid (LLaVA-OneVision's any-res tiles with
+    row-end tokens; an image split into sub-images with markup between them, Idefics3 / SmolVLM), which IVA across
+    grids refuses."""
     thw = image_inputs.get("image_grid_thw")
     if thw is not None:
         merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 2) or 1)
         return [(int(h) // merge, int(w) // merge) for _, h, w in thw.tolist()]
     out = []
+    row_end = getattr(processor, "image_break_token_id", None)
     for a, b in spans:
         if input_ids is not None:
-            rows = _runs(np.flatnonzero(np.asarray(input_ids[a:b]) == input_ids[a]))
-            if len(rows) > 1 and len({len(r) for r in rows}) == 1:
-                out.append((len(rows), len(rows[0])))
+            seg = np.asarray(input_ids[a:b])
+            rows = _runs(np.flatnonzero(seg == seg[0]))
+            if len(rows) > 1:  # rows closed by the row-end token, or sub-images with markup between them
+                is_rows = row_end is not None and len({len(r) for r in rows}) == 1 and all(
+                    seg[r[-1] + 1] == row_end for r in rows[:-1])
+                out.append((len(rows), len(rows[0])) if is_rows else (0, 0))
                 continue
         side = int(round((b - a) ** 0.5))
         out.append((side, side) if side * side == b - a else (0, 0))
@@ -506,13 +512,16 @@ def _instruction_run(sel: np.ndarray) -> tuple[int, int] | None:
     return int(runs[best][0]), int(runs[best][-1]) + 1
 
 
-def image_spans(img_pos: np.ndarray, n_images: int, sample_id: str,
-                row_ends: np.ndarray | None = None) -> list[tuple[int, int]]:
+def image_spans(img_pos: np.ndarray, n_images: int, sample_id: str, row_ends: np.ndarray | None = None,
+                owners: list[int] | None = None) -> list[tuple[int, int]]:
     """Each image's [start, end) among the image-token positions: one contiguous run per image, or (adjacent
     placeholders, as LLaVA-OneVision's template renders "<image><image>") equal runs split apart. ``row_ends``:
     positions of a row-end token that the processor puts between the rows of one image (Mistral 3's
-    ``[IMG_BREAK]``): two runs with one such token between them are rows of the same image, whose span holds the
-    row ends between its rows (its image tokens: ``common.batch.span_image_positions``)."""
+    ``[IMG_BREAK]``): two runs with one such token between them are rows of the same image. ``owners``: each image
+    token's offset in the rendered text, which is its image placeholder's: runs with one owner are the parts of one
+    image (an image split into sub-images framed by markup tokens, Idefics3 / SmolVLM). Either way a span runs from
+    the image's first image token to its last, and its image tokens are the positions in it that hold the image
+    token (``common.batch.span_image_positions``)."""
     breaks = np.nonzero(np.diff(img_pos) != 1)[0] + 1
     runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(img_pos, breaks)]
     if row_ends is not None and len(row_ends):
@@ -526,6 +535,9 @@ def image_spans(img_pos: np.ndarray, n_images: int, sample_id: str,
         runs = joined
     if len(runs) == n_images:
         return runs
+    if owners is not None and len(set(owners)) == n_images and list(owners) == sorted(owners):
+        groups = np.split(img_pos, np.nonzero(np.diff(np.asarray(owners)) != 0)[0] + 1)
+        return [(int(g[0]), int(g[-1]) + 1) for g in groups]
     if n_images > 1 and len(img_pos) % n_images == 0:
         per = len(img_pos) // n_images
         pieces = [img_pos[i * per:(i + 1) * per] for i in range(n_images)]

@@ -519,3 +519,83 @@ def _internvl_processor(tokenizer, image_size: int, patch: int = PATCH):
 INTERNVL_KIT = KitRecipe(special_tokens=INTERNVL_SPECIAL_TOKENS, tokens=INTERNVL_TOKENS,
                          chat_template=INTERNVL_CHAT_TEMPLATE, config=_internvl_config, processor=_internvl_processor,
                          image_tokens=5 * INTERNVL_TILE_TOKENS)
+
+
+# ---- Idefics3 / SmolVLM (SigLIP-style tower at a fixed sub-image size, pixel-shuffle connector, Llama LM; each
+# image split into a grid of sub-images plus a global image, framed by row/column markup in the text) -------------
+# the shipped tokenizers' image markup: <fake_token_around_image> before each sub-image (and after the global one),
+# <row_r_col_c> naming a sub-image, <global-img> the downscaled whole image; row/column tags up to 6 x 6 as shipped
+SMOLVLM_IMAGE_TOKENS = ("<fake_token_around_image>", "<image>", "<global-img>") + tuple(
+    f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
+SMOLVLM_SPECIAL_TOKENS = ("<pad>", "<|im_start|>", "<end_of_utterance>", "<unk>") + SMOLVLM_IMAGE_TOKENS
+# SmolVLM's shipped template (HuggingFaceTB/SmolVLM-*-Instruct, chat_template.json): "User:" / "Assistant:" turns
+# after one <|im_start|>, ':' alone before a turn that opens with an image, each turn closed by <end_of_utterance>
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == "
+    "'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SMOLVLM_TOKENS = dict(pad_token="<pad>", bos_token="<|im_start|>", eos_token="<end_of_utterance>", unk_token="<unk>",
+                      extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                                            "global_image_token": "<global-img>",
+                                            "end_of_utterance_token": "<end_of_utterance>"})
+SMOLVLM_SUB_IMAGE = 24  # pixels: a 48-px scene is split into 2 x 2 sub-images of 24 px plus the global image
+SMOLVLM_PATCH = 6  # 4 x 4 patches per sub-image, pixel-shuffled by 2 to 2 x 2 = 4 image tokens
+SMOLVLM_SCALE = 2
+
+
+def _smolvlm_config(tokenizer, text: dict, image_size: int, patch: int = PATCH, idefics3: bool = False):
+    """A SigLIP-style tower at the sub-image size (24 px, 6-px patches), the pixel-shuffle connector (scale factor 2:
+    4 image tokens per sub-image), a Llama LM; ``idefics3``: the same as an Idefics3Config."""
+    from transformers import Idefics3Config, SmolVLMConfig
+
+    cid = tokenizer.convert_tokens_to_ids
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=SMOLVLM_SUB_IMAGE, patch_size=SMOLVLM_PATCH)
+    tc = dict(model_type="llama", vocab_size=len(tokenizer), max_position_embeddings=512,
+              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=cid("<end_of_utterance>"), tie_word_embeddings=False, **text)
+    return (Idefics3Config if idefics3 else SmolVLMConfig)(
+        text_config=tc, vision_config=vision, scale_factor=SMOLVLM_SCALE, image_token_id=cid("<image>"),
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+
+
+def _idefics3_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    return _smolvlm_config(tokenizer, text, image_size, patch, idefics3=True)
+
+
+def _smolvlm_image_processor(image_size: int, idefics3: bool = False):
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    return (Idefics3ImageProcessorPil if idefics3 else SmolVLMImageProcessorPil)(
+        size={"longest_edge": image_size}, max_image_size={"longest_edge": SMOLVLM_SUB_IMAGE}, do_image_splitting=True)
+
+
+def _smolvlm_processor(tokenizer, image_size: int, patch: int = PATCH):
+    """SmolVLM's processor without its video processor (which needs torchvision; common/saving.py writes its
+    settings), image_seq_len = (24 / 6)^2 / 2^2 = 4 tokens per sub-image."""
+    from transformers import SmolVLMProcessor
+
+    from .models import image_only_processor_class
+    return image_only_processor_class(SmolVLMProcessor)(
+        image_processor=_smolvlm_image_processor(image_size), tokenizer=tokenizer, chat_template=SMOLVLM_CHAT_TEMPLATE,
+        image_seq_len=(SMOLVLM_SUB_IMAGE // SMOLVLM_PATCH) ** 2 // SMOLVLM_SCALE ** 2)
+
+
+def _idefics3_processor(tokenizer, image_size: int, patch: int = PATCH):
+    from transformers import Idefics3Processor
+
+    return Idefics3Processor(image_processor=_smolvlm_image_processor(image_size, idefics3=True), tokenizer=tokenizer,
+                             chat_template=SMOLVLM_CHAT_TEMPLATE,
+                             image_seq_len=(SMOLVLM_SUB_IMAGE // SMOLVLM_PATCH) ** 2 // SMOLVLM_SCALE ** 2)
+
+
+# image tokens per 48-px scene: 2 x 2 sub-images and the global image, 4 tokens each
+SMOLVLM_KIT = KitRecipe(special_tokens=SMOLVLM_SPECIAL_TOKENS, tokens=SMOLVLM_TOKENS,
+                        chat_template=SMOLVLM_CHAT_TEMPLATE, config=_smolvlm_config, processor=_smolvlm_processor,
+                        image_tokens=20)
+IDEFICS3_KIT = KitRecipe(special_tokens=SMOLVLM_SPECIAL_TOKENS, tokens=SMOLVLM_TOKENS,
+                         chat_template=SMOLVLM_CHAT_TEMPLATE, config=_idefics3_config, processor=_idefics3_processor,
+                         image_tokens=20)

@@ -367,17 +367,27 @@ def image_only_processor_class(base):
     cls = globals().get(qualname)
     if cls is None:
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            if needs_video:  # SmolVLM's takes it positionally; ProcessorMixin drops it past get_attributes' two
+                kwargs["video_processor"] = None
             base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
                           **kwargs)
+
+        def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+            """ProcessorMixin's rendering: a family's own override adds video settings only (SmolVLM's frame count
+            and rate, read from its video processor), which an image-only processor has none of."""
+            from transformers.processing_utils import ProcessorMixin
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
         # save_pretrained writes the settings named in __init__'s signature (num_image_tokens, patch_size...):
         # show it the family's own, without the video processor
         import inspect
         sig = inspect.signature(base.__init__)
+        needs_video = sig.parameters.get("video_processor", None) is not None and \
+            sig.parameters["video_processor"].default is inspect.Parameter.empty
         __init__.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items()
                                                          if n != "video_processor"])
 
-        cls = type(base.__name__, (base,), {"__init__": __init__,
+        cls = type(base.__name__, (base,), {"__init__": __init__, "apply_chat_template": apply_chat_template,
                                             "get_attributes": classmethod(lambda c: ["image_processor", "tokenizer"]),
                                             "__module__": __name__, "__qualname__": qualname})
         globals()[qualname] = cls

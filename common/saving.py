@@ -24,11 +24,12 @@ VIDEO_PROCESSORS = {
     "InternVLProcessor": "InternVLVideoProcessor",
     "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
     "Exaone4_5_Processor": "Qwen2VLVideoProcessor",  # LLaVA-OneVision-1.5's (transformers' video_processing_auto)
+    "SmolVLMProcessor": "SmolVLMVideoProcessor",
 }
 # the image processor's settings a video processor shares (same names, same meaning: sizes in pixels, the
 # vision tower's patch geometry, normalisation)
 SHARED_SETTINGS = ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                   "image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size")
+                   "image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size", "max_image_size")
 PROCESSOR_CONFIG = "processor_config.json"
 
 

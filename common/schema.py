@@ -111,7 +111,9 @@ SAMPLE_SCHEMA = pa.schema([
     ("n_turns", pa.int32()),
     ("tpa_start", pa.int64()),        # v4: offset into the TPA arrays of this part
     ("tpa_len", pa.int32()),          # v4: TPA rows of this sample (<= resp_len)
-    ("image_spans", pa.list_(pa.int32())),  # v5: [start, end) pairs, one per image (saliency covers them in order)
+    # v5: [start, end) pairs, one per image (saliency covers their image tokens in order; Idefics3 / SmolVLM: the span
+    # also holds the sub-images' markup tokens, common/batch.py span_image_positions)
+    ("image_spans", pa.list_(pa.int32())),
     ("ivak_start", pa.int64()),       # v5: offset into the ivak arrays of this part (--iva-token-kl)
     ("ivak_len", pa.int32()),         # v5: n_turns * r rows
     # v6, rows of an `alignti rollout` dataset (null for any other data): provenance and loss turns

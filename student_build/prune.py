@@ -56,11 +56,12 @@ def parse_layers(spec: str, n: int, what: str = "decoder layers") -> list[int]:
 def _vision_stack(model) -> tuple[nn.Module, str, str, nn.ModuleList]:
     """(the module holding the vision layers, its attribute name, the vision config key of their count, the
     layers): LLaVA / OneVision ``vision_tower.vision_model.encoder.layers``; Qwen2-VL ``visual.blocks``; InternVL's
-    InternViT ``vision_tower.encoder.layer``."""
+    InternViT ``vision_tower.encoder.layer``; Idefics3 / SmolVLM ``vision_model.encoder.layers``."""
+    from alignti.common.adapters import adapter_for
     inner = model.model
     if hasattr(inner, "visual"):
         return inner.visual, "blocks", "depth", inner.visual.blocks
-    tower = inner.vision_tower
+    tower = adapter_for(model).vision_tower  # Idefics3 / SmolVLM: vision_model, its encoder.layers
     encoder = getattr(getattr(tower, "vision_model", tower), "encoder")
     name = "layers" if hasattr(encoder, "layers") else "layer"
     return encoder, name, "num_hidden_layers", getattr(encoder, name)
@@ -82,7 +83,8 @@ def prune_model(model, keep: list[int], keep_vision: list[int] | None = None) ->
 
 
 def _prune_stacks(model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
-    lm = model.model.language_model
+    from alignti.common.adapters import adapter_for
+    lm = adapter_for(model).language_model
     lm.layers = nn.ModuleList([lm.layers[i] for i in keep])
     for new, layer in enumerate(lm.layers):
         for m in layer.modules():

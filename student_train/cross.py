@@ -191,8 +191,9 @@ class CrossTokenizer:
         if len(t_lay) != len(s_lay) or not all(g.known for g in t_lay + s_lay):
             raise DataError(x["sample_id"], f"IVA across image-token grids needs each image's grid (teacher "
                             f"{list(x.get('image_grids') or [])}, student {list(enc.image_grids)}; (0, 0): not a "
-                            "grid, e.g. LLaVA-OneVision's any-res tiles)", "train without IVA (--loss kd or kd+tpa), "
-                            "or pick families with a grid (LLaVA, Qwen2-VL, InternVL)")
+                            "one grid, e.g. LLaVA-OneVision's any-res tiles, Idefics3 / SmolVLM's sub-images plus a "
+                            "global image)", "train without IVA (--loss kd or kd+tpa), or pick families with a grid "
+                            "(LLaVA, Qwen2-VL, InternVL)")
         sal = torch.from_numpy(np.asarray(x["saliency"], np.float32))
         rows = []
         for row in sal:

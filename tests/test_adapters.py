@@ -1,5 +1,6 @@
 """Each family adapter: image tokens, instruction spans, position ids, reload with from_pretrained."""
 
+import numpy as np
 import pytest
 import torch
 

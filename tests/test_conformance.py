@@ -238,7 +238,7 @@ def test_tree_mask_forced_on_a_hybrid_decoder_is_caught(fkit, teacher_of, tmp_pa
     from alignti.common.adapters import ModelAdapter
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     model, proc = teacher_of(fkit)
-    if ModelAdapter(model).tpa_tree_mask:
+    if adapter_class(model.config.model_type)(model).tpa_tree_mask:
         pytest.skip("an attention-only decoder: the tree mask is its TPA path")
     monkeypatch.setattr(ModelAdapter, "tpa_tree_mask", property(lambda self: True))
     dump_teacher(DumpConfig(teacher=str(fkit.root / "kit/teacher"), data=str(fkit.root / "data.json"),
@@ -255,8 +255,9 @@ def test_saliency_is_the_eager_attention_of_the_chosen_layer(fkit):
     layer = int(fkit.cache.params["saliency_layer"])
     # the model returns the attention of its softmax-attention layers only (a hybrid decoder's linear-attention and
     # convolution layers have none): the chosen layer's place among them
-    at = sum(hasattr(m, "self_attn") for m in model.model.language_model.layers[:layer])
-    assert hasattr(model.model.language_model.layers[layer], "self_attn")
+    lm = getattr(model.model, "language_model", None) or model.model.text_model  # Idefics3 / SmolVLM: text_model
+    at = sum(hasattr(m, "self_attn") for m in lm.layers[:layer])
+    assert hasattr(lm.layers[layer], "self_attn")
     for item in fkit.data:
         x = _row(fkit, item["id"])
         inputs = own_inputs(proc, item, fkit.images)

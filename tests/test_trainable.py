@@ -50,9 +50,10 @@ def test_groups_are_the_families_modules(family):
     inner = model.model
     # transformers' modules: the projectors, which map vision features into the LM, and the vision encoder they
     # belong to (Qwen-VL's merger lives inside its `visual` module; Qwen3-VL's deepstack mergers beside it)
-    tower = inner.visual if hasattr(inner, "visual") else inner.vision_tower
+    # Idefics3 / SmolVLM: vision_model, and the pixel-shuffle connector beside it
+    tower = inner.visual if hasattr(inner, "visual") else getattr(inner, "vision_tower", None) or inner.vision_model
     projectors = ([tower.merger, *getattr(tower, "deepstack_merger_list", [])] if hasattr(tower, "merger")
-                  else [inner.multi_modal_projector])
+                  else [getattr(inner, "multi_modal_projector", None) or inner.connector])
     ids = {id(p): n for n, p in model.named_parameters()}
     want = {"projector": {ids[id(p)] for m in projectors for p in m.parameters()}}
     want["vision"] = {ids[id(p)] for p in tower.parameters()} - want["projector"]
