@@ -274,6 +274,12 @@ def replay_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Tens
 
 
 def lm_head(adapter) -> torch.nn.Module:
+    """The model's LM head as alignti applies it: ``model.lm_head``, wrapped in a SoftcappedHead where the family
+    caps its final logits (``ModelAdapter.softcap``: Gemma 4)."""
+    cap = adapter.softcap
+    if cap:
+        from .losses.head import SoftcappedHead
+        return SoftcappedHead(adapter.model.lm_head, cap)
     return adapter.model.lm_head
 
 

@@ -14,6 +14,29 @@ from .cross import _sorted_desc, alm_distance, chunk_logprobs, gold_weights, xt_
 from .registry import check_cross_tokenizer, LossSpec
 from .weights import LossWeights
 
+class SoftcappedHead(torch.nn.Module):
+    """An LM head with final logit soft-capping, ``cap * tanh(W h / cap)`` (Gemma 2 and Gemma 4's
+    ``final_logit_softcapping``, as their ``ForConditionalGeneration.forward`` applies it after ``lm_head``). Holds the
+    model's own ``nn.Linear`` (``weight`` / ``bias`` are its own tensors); the memory-flat loss head reads ``softcap``
+    and applies the cap chunk by chunk (``_ChunkedHead``), every other caller calls it: [..., H] -> [..., V]."""
+
+    def __init__(self, linear: torch.nn.Linear, softcap: float):
+        super().__init__()
+        self.linear = linear
+        self.softcap = float(softcap)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(hidden) / self.softcap) * self.softcap
+
+
 # --- the memory-flat loss head ---------------------------------------------------------------
 # The student's LM head and every per-token term in one pass over row chunks: [rows, V] logits exist for
 # one chunk at a time, and each chunk's gradients (w.r.t. its hidden states and the head's weight) are
@@ -434,6 +457,7 @@ class _ChunkedHead(torch.autograd.Function):
         stats: dict[str, torch.Tensor] = {}
         grads_h = []
         rows = plan["chunk_rows"]
+        cap = plan.get("softcap")
         bounds = plan.get("bounds") or [None] * len(hiddens)
         for fn, h, wh, bd in zip(plan["fns"], hiddens, want_h, bounds):
             gh = torch.empty_like(h) if wh else None
@@ -442,8 +466,16 @@ class _ChunkedHead(torch.autograd.Function):
                 hc = h[lo:hi]
                 z_raw = torch.nn.functional.linear(hc, weight, bias)
                 mm_dtype = z_raw.dtype
-                loss, st, g = fn(z_raw.float(), lo, hi, need)
-                del z_raw
+                if cap:  # z = cap tanh(z_raw / cap); dz/dz_raw = 1 - tanh^2 (one more [C, V] fp32 buffer: tanh)
+                    t = z_raw.float().div_(cap).tanh_()  # in place on an fp32 z_raw, no longer needed
+                    del z_raw
+                    loss, st, g = fn(t * cap, lo, hi, need)
+                    if need:
+                        g.mul_(t.mul_(t).neg_().add_(1.0))
+                    del t
+                else:
+                    loss, st, g = fn(z_raw.float(), lo, hi, need)
+                    del z_raw
                 if need:
                     g = g.to(mm_dtype)
                     if wh:
@@ -477,8 +509,8 @@ class _ChunkedHead(torch.autograd.Function):
 
 def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, norm: StepNorm | None = None,
               chunk_bytes: int | None = None) -> dict:
-    """Every term of ``spec`` from the student's hidden states, through the LM head ``head`` (an nn.Linear),
-    chunked. ``out`` holds ``resp_hidden`` [N, H] (and ``branch_hidden`` [M, B, H] for TPA) plus the batch's
+    """Every term of ``spec`` from the student's hidden states, through the LM head ``head`` (an nn.Linear, or a
+    SoftcappedHead: its cap applied per chunk), chunked. ``out`` holds ``resp_hidden`` [N, H] (and ``branch_hidden`` [M, B, H] for TPA) plus the batch's
     teacher tensors (see student_train.trainer). With ``w.cross_tokenizer`` ("uld", "gold", "alm") the KD term
     is that cross-tokenizer term on the batch's ``xt_*`` tensors (``_xt_main_fn``; the contract above
     CROSS_TOKENIZER); ValueError for a divergence other than forward KL or an unknown name. Returns {"loss": the
@@ -497,7 +529,8 @@ def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, 
     if spec.iva and w.iva_form == "token-kl" and out.get("ivak_hidden") is not None and out["ivak_hidden"].numel():
         fns.append(_ivak_fn(out, w, norm))
         hiddens.append(out["ivak_hidden"])
-    plan = {"fns": fns, "chunk_rows": rows, "bounds": bounds + [None] * (len(fns) - 1)}
+    plan = {"fns": fns, "chunk_rows": rows, "bounds": bounds + [None] * (len(fns) - 1),
+            "softcap": getattr(head, "softcap", None)}
     loss = _ChunkedHead.apply(head.weight, head.bias, plan, *hiddens)
     sums = dict(plan["stats"])
     if spec.iva and w.iva_form != "token-kl" and out.get("student_sal") is not None:
