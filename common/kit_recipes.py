@@ -343,18 +343,22 @@ GEMMA4_SOFTCAP = 2.0  # the released checkpoints' 30, scaled to the tiny models'
 
 
 def _gemma4_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
-    """Three layers (at least): 0 sliding-window (8 tokens), 1 and 2 global (wider heads, their own rope, keys as
+    """Four layers (at least): 0 sliding-window (8 tokens), the rest global (wider heads, their own rope, keys as
     values: ``attention_k_eq_v``), as the large Gemma 4 checkpoints; per-layer input embeddings
-    (``hidden_size_per_layer_input``) and layer 2 reusing layer 1's keys and values (``num_kv_shared_layers`` 1), as the
-    small ones; image tokens bidirectional within an image (``use_bidirectional_attention`` "vision"); the final logits
-    soft-capped. Vision: 8-px patches of a 48-px scene (6x6) pooled 2x2 into 9 soft tokens. A one-layer audio tower."""
+    (``hidden_size_per_layer_input``) and the last layer reusing the keys and values of the one before
+    (``num_kv_shared_layers`` 1), as the small ones. Two unshared global layers, not one: the first's outputs at the
+    image tokens must reach the answer through an unshared layer's keys, or a mask that made the global layers
+    bidirectional too would leave every logit unchanged (the sliding window is shorter than the image-to-answer
+    distance, and a shared layer reads its producer's keys, made before that producer's attention). Image tokens
+    bidirectional within an image (``use_bidirectional_attention`` "vision"); the final logits soft-capped. Vision:
+    8-px patches of a 48-px scene (6x6) pooled 2x2 into 9 soft tokens. A one-layer audio tower."""
     from transformers import Gemma4Config
 
     cid = tokenizer.convert_tokens_to_ids
     head_dim = text["hidden_size"] // text["num_attention_heads"]
-    n = max(3, text["num_hidden_layers"])  # a shared layer needs a producer of each type before it
+    n = max(4, text["num_hidden_layers"])  # see the docstring: a global layer's output must reach an unshared layer
     text = dict(text, num_hidden_layers=n)
-    layer_types = ["sliding_attention" if i % 2 == 0 and i < n - 1 else "full_attention" for i in range(n)]
+    layer_types = ["sliding_attention"] + ["full_attention"] * (n - 1)
     tc = dict(vocab_size=len(tokenizer), vocab_size_per_layer_input=len(tokenizer), max_position_embeddings=512,
               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=cid("<turn|>"),
               head_dim=head_dim, global_head_dim=2 * head_dim, num_global_key_value_heads=1, attention_k_eq_v=True,
