@@ -459,6 +459,13 @@ class Gemma4Adapter(Gemma3Adapter):
             raise NotImplementedError(f"a {self.family} checkpoint with use_bidirectional_attention={mode!r} (every "
                                       "token sees every other: an encoder, not a generative model alignti distils)")
 
+    @classmethod
+    def lmms_eval_args(cls, image_processor):
+        """lmms-eval's gemma4 class asks the processor for its own soft-token budget per image (``max_soft_tokens``,
+        280 by default): pass the checkpoint's."""
+        budget = image_processor.get("max_soft_tokens")
+        return {"max_soft_tokens": int(budget)} if budget else {}
+
     @property
     def softcap(self) -> float | None:
         cap = getattr(self.text_config, "final_logit_softcapping", None)
@@ -570,7 +577,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3_vl", Qwen3VLAdapter, QWEN3_VL_KIT, "qwen3_vl"),
     Family("qwen3_vl_moe", Qwen3VLMoeAdapter, QWEN3_VL_MOE_KIT, "qwen3_vl"),
     Family("gemma3", Gemma3Adapter, GEMMA3_KIT, "gemma3"),
-    Family("gemma4", Gemma4Adapter, GEMMA4_KIT),
+    Family("gemma4", Gemma4Adapter, GEMMA4_KIT, "gemma4"),
     Family("qwen3_5", Qwen3_5Adapter, QWEN3_5_KIT),
     Family("qwen3_5_moe", Qwen3_5MoeAdapter, QWEN3_5_MOE_KIT),
 )}
