@@ -85,6 +85,20 @@ def chunk_rows(vocab: int, chunk_bytes: int | None = None, device: torch.device 
     return max(8, int(chunk_bytes // (4 * vocab)))
 
 
+# rows at a time for the per-row reductions inside a chunk (log-sum-exp, the TPA coverage diagnostic): their
+# temporaries are [ROW_BLOCK, V] instead of a second [C, V] beside the chunk's logits (at V = 262,144 and 128-row
+# chunks: 16 MiB instead of 128 MiB; bench/README.md, loss head at Gemma's vocabulary)
+ROW_BLOCK = 16
+
+
+def row_logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """``z.logsumexp(-1)`` of z [C, V], ROW_BLOCK rows at a time (the same values: each row's reduction is the
+    library's own, on the same row)."""
+    if z.shape[0] <= ROW_BLOCK:
+        return z.logsumexp(-1)
+    return torch.cat([z[i:i + ROW_BLOCK].logsumexp(-1) for i in range(0, z.shape[0], ROW_BLOCK)])
+
+
 def fold_rows(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """``fold_student`` from fp32 logits z [C, V] (already divided by tau) and their log-sum-exp [C]: the
     rest bucket is log(1 - sum of the top-k probabilities), exact in fp32 while that sum is <= 1/2; rows
@@ -125,7 +139,7 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, shared: 
         tgt = t["targets"][lo:hi, None].long()
         g = None
         z.sub_(z.amax(-1, keepdim=True))  # every term is shift-invariant; log-probs keep fp32 precision
-        lse = z.logsumexp(-1)
+        lse = row_logsumexp(z)
         ce = lse - z.gather(-1, tgt).squeeze(-1)
         stats = {"sft": ce.sum()}
         if coverage is not None:
@@ -137,7 +151,7 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, shared: 
             with torch.enable_grad():
                 zz = z.detach().requires_grad_(need and div != "fkl")
                 zt = zz if tau == 1.0 else zz / tau
-                ls = fold_rows(zt, ids, lse if tau == 1.0 and div == "fkl" else zt.logsumexp(-1))
+                ls = fold_rows(zt, ids, lse if tau == 1.0 and div == "fkl" else row_logsumexp(zt))
                 d = DIVERGENCES[div](lt, ls).sum()
                 if need and div != "fkl":
                     (g,) = torch.autograd.grad(c_kd * d, zz)
@@ -193,7 +207,7 @@ def _gold_rows_(zt: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor, c_matched
     has = valid.any(-1, keepdim=True)
     first = ids.gather(-1, valid.float().argmax(-1, keepdim=True))
     ids_fix = torch.where(valid, ids, first).long().clamp_min(0)  # invalid slots repeat a valid id of their row
-    lse = zt.logsumexp(-1)
+    lse = row_logsumexp(zt)
     top = (zt.gather(-1, ids_fix) - lse[:, None]).masked_fill(~valid, NEG_INF)
     s = top.exp().sum(-1)
     rest = torch.log1p(-s.clamp(max=0.5))
@@ -256,7 +270,7 @@ def _xt_main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, share
     def fn(z, lo, hi, need):
         tgt = t["targets"][lo:hi, None].long()
         z.sub_(z.amax(-1, keepdim=True))
-        lse = z.logsumexp(-1)
+        lse = row_logsumexp(z)
         ce = lse - z.gather(-1, tgt).squeeze(-1)
         stats = {"sft": ce.sum()}
         if coverage is not None:
@@ -356,11 +370,15 @@ def tpa_coverage_fn(t: dict, shared: dict):
             zero = z.new_zeros(())
             return {"tpa_mass": zero, "tpa_topb": zero}
         with torch.no_grad():
-            zr = z.index_select(0, local)
-            lp = zr.gather(-1, c) - lse.index_select(0, local)[:, None]
+            lp = z.index_select(0, local).gather(-1, c) if len(local) <= ROW_BLOCK else torch.cat(
+                [z.index_select(0, local[i:i + ROW_BLOCK]).gather(-1, c[i:i + ROW_BLOCK])
+                 for i in range(0, len(local), ROW_BLOCK)])
+            lp = lp - lse.index_select(0, local)[:, None]
             cand_logp[inside] = lp.float()
             mass = lp.exp().sum(-1)
-            top = zr.topk(c.shape[-1], dim=-1).indices
+            # the student's own top-B per row, ROW_BLOCK rows at a time (no copy of the chunk's TPA rows)
+            top = torch.cat([z.index_select(0, local[i:i + ROW_BLOCK]).topk(c.shape[-1], dim=-1).indices
+                             for i in range(0, len(local), ROW_BLOCK)])
             hits = (top[:, :, None] == c[:, None, :]).any(-1).float().mean(-1)
         return {"tpa_mass": mass.sum(), "tpa_topb": hits.sum()}
     return fn
@@ -378,7 +396,7 @@ def _weighted_fkl_rows(ids, lt_all, weights_of, c: float, tau: float, name: str)
             weights = weights_of().to(z.dtype)
         zt = z.sub_(z.amax(-1, keepdim=True))
         zt = zt if tau == 1.0 else zt.div_(tau)
-        lse = zt.logsumexp(-1)
+        lse = row_logsumexp(zt)
         ls = fold_rows(zt, ids[lo:hi], lse)
         d = (kl(lt_all[lo:hi], ls) * weights[lo:hi]).sum()
         g = None
