@@ -389,7 +389,7 @@ def test_pruned_student_trains_and_its_run_loads_with_the_auto_classes(fkit, tmp
     assert info["student_params"] < info.get("teacher_params", float("inf"))
     frozen = FAMILIES[fkit.family].adapter.frozen_prefixes
     teacher = dict(_auto(fkit.root / "kit/teacher")[0].named_parameters()) if frozen else {}
-    modules = teacher_modules(fkit)
+    modules = teacher_modules(fkit) if frozen else []
     for prefix in frozen:  # its top module's forward, run, fails the training (where no other module has its class)
         module = next(m for n, m in modules if n + "." == prefix)
         if any(type(m) is type(module) for n, m in modules if not (n + ".").startswith(frozen)):
