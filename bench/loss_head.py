@@ -3,6 +3,8 @@ terms uld, gold and alm too: SFT + the term on a synthetic aligned batch), the
 chunked path (common.losses.head_loss) against the unchunked reference (lm_head -> total_loss).
 
     python bench/loss_head.py [--hidden 896 --vocab 151936 --tokens 1024 --branches 4 --device cpu]
+    python bench/loss_head.py --vocab 262144,248320 --losses sft,kd,alignti --paths chunked --quick
+        (Gemma's and Qwen3.5's vocabularies: one table per vocabulary)
 
 Each (loss, path) runs in its own subprocess. Memory: on CPU the peak RSS above the process's baseline
 after the weights and inputs are loaded; on CUDA the allocator's peak above the same point. Time: median
@@ -64,7 +66,7 @@ def child(args) -> dict:
     from alignti.common.losses import LossWeights, get_loss, head_loss, total_loss
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    n, h, v, b, k, k2 = args.tokens, args.hidden, args.vocab, args.branches, 32, 8
+    n, h, v, b, k, k2 = args.tokens, args.hidden, int(args.vocab), args.branches, 32, 8
     spec = get_loss("kd" if args.loss in CROSS else args.loss)
     head = torch.nn.Linear(h, v, bias=False).to(dev)
     t = {"targets": torch.randint(0, v, (n,), device=dev),
@@ -123,7 +125,7 @@ def child(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=896)
-    ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--vocab", default="151936", help="vocabulary size, or several comma-separated (a table each)")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--branches", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -140,10 +142,19 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     rows = []
+    for vocab in [int(x) for x in str(args.vocab).split(",")]:
+        rows += vocab_rows(args, vocab)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def vocab_rows(args, vocab: int) -> list[dict]:
+    """Every (loss, path) of ``args`` at one vocabulary, each in its own subprocess; prints them and their table."""
+    rows = []
     for loss in args.losses.split(","):
         for path in args.paths.split(","):
-            cmd = [sys.executable, __file__, "--loss", loss, "--path", path] + [
-                f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("hidden", "vocab", "tokens", "branches", "temperature", "device", "chunk_mib")]
+            cmd = [sys.executable, __file__, "--loss", loss, "--path", path, f"--vocab={vocab}"] + [
+                f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("hidden", "tokens", "branches", "temperature", "device", "chunk_mib")]
             if args.quick:
                 cmd.append("--quick")
             res = subprocess.run(cmd, capture_output=True, text=True)
@@ -151,10 +162,11 @@ def main() -> None:
                 rows.append({"loss": loss, "path": path, "error": res.stderr.strip().splitlines()[-1]})
             else:
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            rows[-1]["vocab"] = vocab
             print(json.dumps(rows[-1]), flush=True)
     by = {(r["loss"], r["path"]): r for r in rows}
     sft = by.get(("sft", "chunked"), {}).get("peak_mib")
-    print(f"\nloss head at H={args.hidden} V={args.vocab} N={args.tokens} B={args.branches} on {args.device}"
+    print(f"\nloss head at H={args.hidden} V={vocab} N={args.tokens} B={args.branches} on {args.device}"
           f" (peak above loaded weights, MiB; time ratio chunked / unchunked)")
     print(f"{'loss':8s} {'unchunked MiB':>14s} {'chunked MiB':>12s} {'x chunked sft':>14s} {'time ratio':>11s}")
     for loss in args.losses.split(","):
@@ -163,8 +175,7 @@ def main() -> None:
         xs = c["peak_mib"] / sft if sft and "peak_mib" in c else float("nan")
         print(f"{loss:8s} {u.get('peak_mib', float('nan')):14.0f} {c.get('peak_mib', float('nan')):12.0f} "
               f"{xs:14.2f} {ratio:11.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
-from .kit_recipes import (GEMMA3_KIT, IDEFICS3_KIT, INTERNVL_KIT, LFM2_VL_KIT, LLAVA_KIT, MISTRAL3_KIT,
+from .kit_recipes import (GEMMA3_KIT, GEMMA4_KIT, IDEFICS3_KIT, INTERNVL_KIT, LFM2_VL_KIT, LLAVA_KIT, MISTRAL3_KIT,
                           ONEVISION1_5_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT, QWEN3_5_MOE_KIT,
                           QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, SMOLVLM_KIT, KitRecipe)
 
@@ -81,12 +81,18 @@ class ModelAdapter:
     # projector inside the vision module (Qwen2-VL's merger) is the projector's
     projector_prefixes: tuple[str, ...] = ("model.multi_modal_projector.",)
     vision_prefixes: tuple[str, ...] = ("model.vision_tower.",)
+    # parameters no distillation run trains, whatever --trainable says (group "frozen"): towers of modalities alignti
+    # does not feed (Gemma 4's audio tower and its projection), kept as they are in every saved student
+    frozen_prefixes: tuple[str, ...] = ()
 
     def parameter_group(self, name: str) -> str:
         """"projector", "vision" or "lm": the group of the parameter ``name`` (a ``model.named_parameters()`` name).
         Everything outside the projector and the vision encoder is the language model (embeddings, decoder layers,
         final norm, LM head, LLaVA-OneVision's ``image_newline``): LLaVA-NeXT's ``mm_tunable_parts`` rule, where
-        ``mm_language_model`` is every parameter not in the vision tower or the projector."""
+        ``mm_language_model`` is every parameter not in the vision tower or the projector. "frozen" for the
+        ``frozen_prefixes`` (Gemma 4's audio tower), which never train."""
+        if self.frozen_prefixes and name.startswith(self.frozen_prefixes):
+            return "frozen"
         if name.startswith(self.projector_prefixes):
             return "projector"
         if name.startswith(self.vision_prefixes):
@@ -147,6 +153,10 @@ class ModelAdapter:
     @property
     def vocab_size(self) -> int:
         return int(self.text_config.vocab_size)
+
+    # the cap of the model's final logit soft-capping (cap * tanh(logits / cap) after the LM head), None for none:
+    # common/batch.py ``lm_head`` applies it (Gemma 4)
+    softcap: float | None = None
 
     # --- data checks (classmethods: the pre-flight runs them with the config and processor, before the model) -
     @classmethod
@@ -605,6 +615,119 @@ class Idefics3Adapter(ModelAdapter):
         return out
 
 
+class Gemma4Adapter(Gemma3Adapter):
+    """Gemma 4: its own ViT (2-D patch positions, ``image_position_ids``; patches average-pooled into soft tokens,
+    ``embed_vision`` the projector), a decoder of sliding-window and global layers with per-layer input embeddings
+    (read from ``input_ids``, image tokens as padding: the model's own ``get_per_layer_inputs``, run inside its
+    forward from the ids alignti passes), KV-shared layers (the last ``num_kv_shared_layers`` reuse the keys and values
+    of the last earlier layer of their type: within one forward, so a branch pass on a cache reads them from that
+    pass's own producer layer, which holds the cached keys too), and final logit soft-capping (the loss head's
+    ``softcap``, common/batch.py ``lm_head``). An audio tower (``audio_tower``, ``embed_audio``) that alignti neither
+    runs nor trains (``frozen_prefixes``) and keeps in every saved student.
+
+    Masks (``create_masks_for_vision_model``): with ``use_bidirectional_attention`` "vision" the image tokens
+    (``mm_token_type_ids``) see each other within an image in the **sliding** layers only, AND(q - kv <
+    sliding_window, OR(causal, same image block)), and the global layers stay causal (unlike Gemma 3); without it
+    (the small checkpoints) every layer is causal, the sliding ones windowed."""
+    family = "gemma4"
+    media_token_keys = ("image_token_id", "boi_token_id", "eoi_token_id", "video_token_id", "audio_token_id",
+                        "boa_token_id", "eoa_token_index")
+    projector_prefixes = ("model.embed_vision.",)
+    vision_prefixes = ("model.vision_tower.",)
+    frozen_prefixes = ("model.audio_tower.", "model.embed_audio.")
+
+    def __init__(self, model: nn.Module):
+        ModelAdapter.__init__(self, model)
+        mode = getattr(self.text_config, "use_bidirectional_attention", None)
+        if mode not in (None, "vision"):
+            raise NotImplementedError(f"a {self.family} checkpoint with use_bidirectional_attention={mode!r} (every "
+                                      "token sees every other: an encoder, not a generative model alignti distils)")
+
+    @classmethod
+    def lmms_eval_args(cls, image_processor):
+        """lmms-eval's gemma4 class asks the processor for its own soft-token budget per image (``max_soft_tokens``,
+        280 by default): pass the checkpoint's."""
+        budget = image_processor.get("max_soft_tokens")
+        return {"max_soft_tokens": int(budget)} if budget else {}
+
+    @property
+    def softcap(self) -> float | None:
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    @classmethod
+    def generation_inputs(cls, input_ids, image_inputs, image_token_id):
+        """The image tokens' ``mm_token_type_ids`` [B, S] (1: image), as the processor returns them: ``generate``
+        builds the image tokens' bidirectional sliding mask from them."""
+        if image_token_id is None:
+            return image_inputs
+        return {**image_inputs, "mm_token_type_ids": (input_ids == image_token_id).long()}
+
+    def layer_masks(self, input_ids, mask4d, position_ids):
+        """{"full_attention", "sliding_attention"} additive masks [B, 1, Q, K] from alignti's ``mask4d`` (see
+        Gemma3Adapter.layer_masks for the key layout of a branch pass): the global layers take ``mask4d`` as it is;
+        the sliding layers open each image's block both ways (``use_bidirectional_attention`` "vision", the model's
+        own ``get_block_sequence_ids_for_mask``), then close what lies ``sliding_window`` positions or more back."""
+        from transformers.models.gemma4.modeling_gemma4 import get_block_sequence_ids_for_mask
+        bsz, q = input_ids.shape
+        kv = mask4d.shape[-1]
+        local = mask4d
+        if q == kv:
+            if getattr(self.text_config, "use_bidirectional_attention", None) == "vision":
+                blocks = get_block_sequence_ids_for_mask((input_ids == self.image_token_id).long(), input_ids.device)
+                same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+                local = mask4d.masked_fill(same[:, None], 0.0)
+            kpos = position_ids
+        else:
+            kpos = torch.cat([torch.arange(kv - q, device=position_ids.device).expand(bsz, -1), position_ids], 1)
+        outside = position_ids[:, :, None] - kpos[:, None, :] >= int(self.text_config.sliding_window)
+        sliding = local.masked_fill(outside[:, None], torch.finfo(local.dtype).min)
+        return {"full_attention": mask4d, "sliding_attention": sliding}
+
+    @classmethod
+    def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
+        """Per-layer inputs and KV sharing after make-student --from-teacher kept the decoder layers ``keep``: the
+        packed per-layer embedding table and projection (``embed_tokens_per_layer`` [V, L x d],
+        ``per_layer_model_projection`` [L x d, H]) keep the kept layers' d-wide slices, in order; the kept KV-shared
+        layers (the teacher's last ``num_kv_shared_layers``, which have no key/value projections) stay shared,
+        which needs each one's producer (the teacher's last earlier layer of its type that is not shared) kept: an
+        AlignTIError names the layer to keep otherwise."""
+        from .errors import AlignTIError
+        text = model.config.text_config  # already pruned: the kept layers' types
+        lm = model.model.language_model
+        attn = [layer.self_attn for layer in lm.layers]  # still flagged as in the teacher
+        reuse = [a.is_kv_shared_layer for a in attn]
+        for j, a in enumerate(attn):
+            if a.is_kv_shared_layer and not any(b.store_full_length_kv and b.layer_type == a.layer_type for b in attn):
+                raise AlignTIError(f"--keep-layers keeps the teacher's layer {keep[j]}, which reuses the keys and values "
+                                   f"of the teacher's last unshared {a.layer_type} layer (KV sharing: it has no key/value "
+                                   "projections of its own), but drops that layer: keep it too, or drop the KV-shared "
+                                   "layers")
+        shared = sum(reuse)
+        text.num_kv_shared_layers = shared
+        notes: list[str] = []
+        d = int(getattr(text, "hidden_size_per_layer_input", 0) or 0)
+        if d:
+            cols = torch.cat([torch.arange(i * d, (i + 1) * d) for i in keep])
+            table = lm.embed_tokens_per_layer
+            new = type(table)(table.num_embeddings, len(keep) * d, table.padding_idx, embed_scale=table.scalar_embed_scale)
+            new.weight = nn.Parameter(table.weight.data[:, cols].clone(), requires_grad=table.weight.requires_grad)
+            new.to(table.weight.device)
+            lm.embed_tokens_per_layer = new
+            proj = lm.per_layer_model_projection
+            lin = nn.Linear(proj.in_features, len(keep) * d, bias=False, device=proj.weight.device,
+                            dtype=proj.weight.dtype)
+            lin.weight = nn.Parameter(proj.weight.data[cols].clone(), requires_grad=proj.weight.requires_grad)
+            lm.per_layer_model_projection = lin
+        lm.first_kv_shared_layer_idx = len(keep) - shared
+        lm.unique_layer_types = set(text.layer_types)
+        modes = text.kv_sharing_modes
+        for layer, mode in zip(lm.layers, modes):
+            layer.self_attn.is_kv_shared_layer = mode == "reuse"
+            layer.self_attn.store_full_length_kv = mode == "store"
+        return notes
+
+
 @dataclass(frozen=True)
 class Family:
     """One row of the family registry: a model type (a config's ``model_type``, also ``make-demo --family``'s name
@@ -648,6 +771,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3_vl", Qwen3VLAdapter, QWEN3_VL_KIT, "qwen3_vl"),
     Family("qwen3_vl_moe", Qwen3VLMoeAdapter, QWEN3_VL_MOE_KIT, "qwen3_vl"),
     Family("gemma3", Gemma3Adapter, GEMMA3_KIT, "gemma3"),
+    Family("gemma4", Gemma4Adapter, GEMMA4_KIT, "gemma4"),
     Family("qwen3_5", Qwen3_5Adapter, QWEN3_5_KIT),
     Family("qwen3_5_moe", Qwen3_5MoeAdapter, QWEN3_5_MOE_KIT),
     Family("mistral3", Mistral3Adapter, MISTRAL3_KIT),

@@ -202,6 +202,12 @@ def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor
 
 
 def lm_head(adapter) -> torch.nn.Module:
+    """The model's LM head as alignti applies it: ``model.lm_head``, wrapped in a SoftcappedHead where the family
+    caps its final logits (``ModelAdapter.softcap``: Gemma 4)."""
+    cap = adapter.softcap
+    if cap:
+        from .losses.head import SoftcappedHead
+        return SoftcappedHead(adapter.model.lm_head, cap)
     return adapter.model.lm_head
 
 

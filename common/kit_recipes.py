@@ -599,3 +599,74 @@ SMOLVLM_KIT = KitRecipe(special_tokens=SMOLVLM_SPECIAL_TOKENS, tokens=SMOLVLM_TO
 IDEFICS3_KIT = KitRecipe(special_tokens=SMOLVLM_SPECIAL_TOKENS, tokens=SMOLVLM_TOKENS,
                          chat_template=SMOLVLM_CHAT_TEMPLATE, config=_idefics3_config, processor=_idefics3_processor,
                          image_tokens=20)
+
+
+# ---- Gemma 4 (its own ViT with 2-D positions and patch pooling, a Gemma 4 LM: sliding-window and global layers,
+# per-layer input embeddings, KV-shared layers, final logit soft-capping; an audio tower the distillation leaves
+# alone) ------------------------------------------------------------------------------------------------------------
+# the shipped tokenizer's markup (google/gemma-4-*-it): turns <|turn>role ... <turn|>, an image as <|image|>, which
+# the processor expands to <|image> + soft tokens + <image|>; the audio and video tokens the processor asks for
+GEMMA4_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
+                         "<|audio>", "<audio|>", "<|audio|>", "<|video|>")
+GEMMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<|image|>' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<turn|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
+)
+GEMMA4_TOKENS = dict(pad_token="<pad>", bos_token="<bos>", eos_token="<turn|>", unk_token="<unk>",
+                     extra_special_tokens={"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                                           "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"})
+GEMMA4_SOFTCAP = 2.0  # the released checkpoints' 30, scaled to the tiny models' logits so that the cap is exercised
+
+
+def _gemma4_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
+    """Four layers (at least): 0 sliding-window (8 tokens), the rest global (wider heads, their own rope, keys as
+    values: ``attention_k_eq_v``), as the large Gemma 4 checkpoints; per-layer input embeddings
+    (``hidden_size_per_layer_input``) and the last layer reusing the keys and values of the one before
+    (``num_kv_shared_layers`` 1), as the small ones. Two unshared global layers, not one: the first's outputs at the
+    image tokens must reach the answer through an unshared layer's keys, or a mask that made the global layers
+    bidirectional too would leave every logit unchanged (the sliding window is shorter than the image-to-answer
+    distance, and a shared layer reads its producer's keys, made before that producer's attention). Image tokens
+    bidirectional within an image (``use_bidirectional_attention`` "vision"); the final logits soft-capped. Vision:
+    8-px patches of a 48-px scene (6x6) pooled 2x2 into 9 soft tokens. A one-layer audio tower."""
+    from transformers import Gemma4Config
+
+    cid = tokenizer.convert_tokens_to_ids
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    n = max(4, text["num_hidden_layers"])  # see the docstring: a global layer's output must reach an unshared layer
+    text = dict(text, num_hidden_layers=n)
+    layer_types = ["sliding_attention"] + ["full_attention"] * (n - 1)
+    tc = dict(vocab_size=len(tokenizer), vocab_size_per_layer_input=len(tokenizer), max_position_embeddings=512,
+              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=cid("<turn|>"),
+              head_dim=head_dim, global_head_dim=2 * head_dim, num_global_key_value_heads=1, attention_k_eq_v=True,
+              sliding_window=GEMMA_SLIDING_WINDOW, layer_types=layer_types, hidden_size_per_layer_input=8,
+              num_kv_shared_layers=1, use_bidirectional_attention="vision",
+              final_logit_softcapping=GEMMA4_SOFTCAP, tie_word_embeddings=True, **text)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+              head_dim=8, patch_size=QWEN_PATCH, pooling_kernel_size=2, position_embedding_size=image_size // QWEN_PATCH)
+    ac = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+              output_proj_dims=32, conv_kernel_size=3)
+    return Gemma4Config(text_config=tc, vision_config=vc, audio_config=ac, boi_token_id=cid("<|image>"),
+                        eoi_token_id=cid("<image|>"), image_token_id=cid("<|image|>"), video_token_id=cid("<|video|>"),
+                        boa_token_id=cid("<|audio>"), eoa_token_index=cid("<audio|>"), audio_token_id=cid("<|audio|>"),
+                        tie_word_embeddings=True)
+
+
+def _gemma4_processor(tokenizer, image_size: int, patch: int = PATCH):
+    """The 48-px scenes as they are (``do_resize`` off: the shipped resize fills a budget of at least 70 soft tokens),
+    8-px patches pooled 2x2: 9 soft tokens; the audio feature extractor at its defaults (kept, not used)."""
+    from transformers import Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from .models import image_only_processor_class
+    ip = Gemma4ImageProcessorPil(do_resize=False, patch_size=QWEN_PATCH, pooling_kernel_size=2, max_soft_tokens=70)
+    return image_only_processor_class(Gemma4Processor)(
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=ip, tokenizer=tokenizer,
+        chat_template=GEMMA4_CHAT_TEMPLATE, image_seq_length=9)
+
+
+GEMMA4_KIT = KitRecipe(special_tokens=GEMMA4_SPECIAL_TOKENS, tokens=GEMMA4_TOKENS, chat_template=GEMMA4_CHAT_TEMPLATE,
+                       config=_gemma4_config, processor=_gemma4_processor, image_tokens=9)

@@ -359,16 +359,21 @@ class _LayerCasts:
 
 def image_only_processor_class(base):
     """A family's processor without its video processor. Qwen2-VL's processor insists on a video
-    processor, which needs torchvision; image-text distillation never uses it.
+    processor, which needs torchvision; image-text distillation never uses it. Its other parts stay (Gemma 4's
+    audio feature extractor: the saved processor keeps the audio half, which a distillation run leaves alone).
 
     The class keeps the family's name (so save_pretrained records the family's processor class) and is
     registered in this module under a unique qualified name, so DataLoader workers can pickle it."""
     qualname = f"ImageOnly_{base.__name__}"
     cls = globals().get(qualname)
     if cls is None:
+        import inspect
+        sig = inspect.signature(base.__init__)
+        takes_video = "video_processor" in sig.parameters
+
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            if needs_video:  # SmolVLM's takes it positionally; ProcessorMixin drops it past get_attributes' two
-                kwargs["video_processor"] = None
+            if takes_video:
+                kwargs.setdefault("video_processor", None)
             base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
                           **kwargs)
 
@@ -380,16 +385,21 @@ def image_only_processor_class(base):
 
         # save_pretrained writes the settings named in __init__'s signature (num_image_tokens, patch_size...):
         # show it the family's own, without the video processor
-        import inspect
-        sig = inspect.signature(base.__init__)
-        needs_video = sig.parameters.get("video_processor", None) is not None and \
-            sig.parameters["video_processor"].default is inspect.Parameter.empty
         __init__.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items()
                                                          if n != "video_processor"])
+        parts = [a for a in base.get_attributes() if a != "video_processor"]
+        # between the family's processor and ProcessorMixin: drops the video_processor=None that a family's own
+        # __init__ hands on by keyword (Gemma 4; Qwen-VL's hand it on by position, past the attributes)
+        from transformers.processing_utils import ProcessorMixin
 
-        cls = type(base.__name__, (base,), {"__init__": __init__, "apply_chat_template": apply_chat_template,
-                                            "get_attributes": classmethod(lambda c: ["image_processor", "tokenizer"]),
-                                            "__module__": __name__, "__qualname__": qualname})
+        def _no_video_init(self, *args, video_processor=None, **kwargs):
+            ProcessorMixin.__init__(self, *args, **kwargs)
+        drop_video = type(f"NoVideo_{base.__name__}", (ProcessorMixin,), {"__init__": _no_video_init,
+                                                                         "__module__": __name__})
+        cls = type(base.__name__, (base, drop_video), {"__init__": __init__,
+                                                       "apply_chat_template": apply_chat_template,
+                                                       "get_attributes": classmethod(lambda c: list(parts)),
+                                                       "__module__": __name__, "__qualname__": qualname})
         globals()[qualname] = cls
     return cls
 
@@ -483,9 +493,14 @@ def _image_only_processor(path: str, e: Exception):
     if cls is None or "video" not in str(e).lower():
         raise e
     tok = AutoTokenizer.from_pretrained(path)
-    proc = image_only_processor_class(cls)(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tok,
-                                            chat_template=getattr(tok, "chat_template", None),
-                                            **_saved_processor_settings(path, cls))
+    image_only = image_only_processor_class(cls)
+    extra = {}
+    if "feature_extractor" in image_only.get_attributes():  # Gemma 4's audio half, kept as saved
+        from transformers import AutoFeatureExtractor
+        extra["feature_extractor"] = AutoFeatureExtractor.from_pretrained(path)
+    proc = image_only(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tok,
+                      chat_template=getattr(tok, "chat_template", None), **extra,
+                      **_saved_processor_settings(path, cls))
     if proc.chat_template is None:
         tmpl = Path(path) / "chat_template.jinja"
         if tmpl.exists():
@@ -530,7 +545,7 @@ def _saved_processor_settings(path: str, cls) -> dict:
     except (OSError, ValueError, TypeError):
         return {}
     params = inspect.signature(cls.__init__).parameters
-    skip = ("self", "image_processor", "tokenizer", "video_processor", "chat_template")
+    skip = ("self", "image_processor", "tokenizer", "video_processor", "chat_template", "feature_extractor")
     return {k: v for k, v in saved.items() if k in params and k not in skip}
 
 

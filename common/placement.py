@@ -117,10 +117,19 @@ def plan_teacher(config, dtype: torch.dtype, tp_size: int = 1, ep_size: int = 1)
             sharded += size
     per_rank = total - sharded - experts + sharded // tp_size + experts // ep_size
     text = getattr(config, "text_config", None) or config
-    heads = (int(getattr(text, "num_attention_heads", 0) or 0),
-             int(getattr(text, "num_key_value_heads", 0) or getattr(text, "num_attention_heads", 0) or 0))
+    heads = (int(getattr(text, "num_attention_heads", 0) or 0), _kv_heads(text))
     return TeacherPlan(config.model_type, str(dtype).replace("torch.", ""), tp_size, ep_size, total, sharded,
                        experts, per_rank, bool(tp_plan), heads)
+
+
+def _kv_heads(text) -> int:
+    """The key/value heads a tensor-parallel size must divide: the config's ``num_key_value_heads`` (else its
+    attention heads); for a config with per-layer values (transformers' heterogeneous configs: Gemma 4's global layers
+    have their own ``num_global_key_value_heads``) their greatest common divisor, which every layer's divides."""
+    if getattr(text, "is_heterogeneous", False):
+        import math
+        return math.gcd(*(int(c.num_key_value_heads or c.num_attention_heads) for c in text.per_layer_config))
+    return int(getattr(text, "num_key_value_heads", 0) or getattr(text, "num_attention_heads", 0) or 0)
 
 
 def rank_memory(device: torch.device) -> int:

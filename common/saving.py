@@ -4,7 +4,7 @@
 Every folder alignti writes (demo kits, ``train-student``'s ``RUN/final``, ``make-student``) goes through
 ``save_checkpoint``. The one gap it closes: alignti works with image-only processors (the family's video processor
 needs torchvision, which image-text distillation never uses), and a family whose processor has a video processor
-(Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) saved that way lacks the ``video_processor`` entry ``AutoProcessor`` looks
+(Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, Gemma 4) saved that way lacks the ``video_processor`` entry ``AutoProcessor`` looks
 for ("Can't load video processor ... video_preprocessor_config.json"). ``save_processor`` adds it.
 """
 
@@ -25,11 +25,13 @@ VIDEO_PROCESSORS = {
     "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
     "Exaone4_5_Processor": "Qwen2VLVideoProcessor",  # LLaVA-OneVision-1.5's (transformers' video_processing_auto)
     "SmolVLMProcessor": "SmolVLMVideoProcessor",
+    "Gemma4Processor": "Gemma4VideoProcessor",
 }
 # the image processor's settings a video processor shares (same names, same meaning: sizes in pixels, the
 # vision tower's patch geometry, normalisation)
 SHARED_SETTINGS = ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                   "image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size", "max_image_size")
+                   "image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size", "max_image_size",
+                   "pooling_kernel_size")
 PROCESSOR_CONFIG = "processor_config.json"
 
 

@@ -94,6 +94,13 @@ def _prune_stacks(model, keep: list[int], keep_vision: list[int] | None) -> list
     text.num_hidden_layers = len(keep)
     if isinstance(getattr(text, "layer_types", None), list):
         text.layer_types = [text.layer_types[i] for i in keep]
+    spec = text.__dict__.get("_heterogeneity_spec")  # per-layer overrides (Gemma 4's global layers' head_dim)
+    if spec is not None:
+        old = dict(spec.per_layer_overrides)
+        text.per_layer_config = None
+        renumbered = {new: old[i] for new, i in enumerate(keep) if i in old}
+        if renumbered:
+            text.per_layer_config = renumbered
     if keep_vision is None:
         return []
     holder, attr, key, layers = _vision_stack(model)

@@ -9,6 +9,8 @@ and stays out of the optimizer (so it has no AdamW state either). SPEC is
   ``multi_modal_projector``, Qwen2-VL's ``visual.merger``; the LM is everything outside the vision encoder and
   the projector, LLaVA-NeXT's ``mm_tunable_parts`` rule). LLaVA's stage 1 (feature alignment) is ``projector``;
 - ``none`` (with LoRA only: the adapters alone train);
+- never, whatever SPEC says: the family's ``frozen`` group (``ModelAdapter.frozen_prefixes``: Gemma 4's audio tower
+  and its projection), a modality distillation does not feed; it stays as loaded and is saved with the student;
 - otherwise a regular expression, searched (``re.search``) in every parameter name as transformers 5 names it in
   memory (``model.named_parameters()``: ``model.language_model.layers.3.mlp.up_proj.weight``; LLaVA's
   ``model.safetensors`` keeps older key names, ``language_model.model.layers...``, mapped on load).
@@ -116,6 +118,15 @@ def selected_parameters(model: nn.Module, adapter, spec: str | None, freeze_visi
             raise TrainableError(
                 f"--trainable '{spec}' is neither a group ({', '.join(('all',) + GROUPS)}) nor a regular expression "
                 f"matching any of the student's {len(names)} parameter names (e.g. {names[len(names) // 2]}){hint}")
+    frozen = [n for n in chosen if adapter.parameter_group(n) == "frozen"]
+    if frozen:  # towers of modalities alignti does not feed (Gemma 4's audio): never trained, saved as they are
+        chosen = [n for n in chosen if adapter.parameter_group(n) != "frozen"]
+        if not chosen and not lora:
+            raise TrainableError(f"--trainable '{spec}' selects only {frozen[0]} and the like, parameters of "
+                                 f"{', '.join(adapter.frozen_prefixes)}, a modality distillation does not feed: they "
+                                 "never train; choose projector, lm, vision or a regex of those")
+        log.info("%d parameters of %s stay frozen (a modality distillation does not use)", len(frozen),
+                 ", ".join(sorted({p for p in adapter.frozen_prefixes if any(n.startswith(p) for n in frozen)})))
     if freeze_vision:
         chosen = [n for n in chosen if adapter.parameter_group(n) != "vision"]
         if not chosen and not lora:

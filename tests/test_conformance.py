@@ -395,7 +395,9 @@ def test_rollout_candidates_are_the_top_b_of_the_generations_logits(fkit, tmp_pa
     assert _check_candidates(fkit.root / "kit", tmp_path / "r", fkit.images) >= 4
 
 
-def test_pruned_student_trains_and_its_run_loads_with_the_auto_classes(fkit, tmp_path):
+def test_pruned_student_trains_and_its_run_loads_with_the_auto_classes(fkit, tmp_path, monkeypatch):
+    """... and a tower of a modality distillation does not feed (the adapter's ``frozen_prefixes``: Gemma 4's audio)
+    is neither run nor trained: it comes back from the saved run bit for bit the teacher's."""
     from alignti.student_build.prune import prune_student
     from alignti.student_train.trainer import TrainConfig, train_student
     from tests.helpers import generate_once
@@ -404,10 +406,35 @@ def test_pruned_student_trains_and_its_run_loads_with_the_auto_classes(fkit, tmp
     keep = next((i for i, t in enumerate(types) if t == "full_attention"), 0)  # IVA needs a global layer
     info = prune_student(str(fkit.root / "kit/teacher"), str(keep), tmp_path / "student")
     assert info["student_params"] < info.get("teacher_params", float("inf"))
+    frozen = FAMILIES[fkit.family].adapter.frozen_prefixes
+    teacher = dict(_auto(fkit.root / "kit/teacher")[0].named_parameters()) if frozen else {}
+    modules = teacher_modules(fkit) if frozen else []
+    for prefix in frozen:  # its top module's forward, run, fails the training (where no other module has its class)
+        module = next(m for n, m in modules if n + "." == prefix)
+        if any(type(m) is type(module) for n, m in modules if not (n + ".").startswith(frozen)):
+            continue  # (Gemma 4's embed_audio is the class of embed_vision too; it runs only on the tower's output)
+
+        def never(*args, _prefix=prefix, **kwargs):
+            raise AssertionError(f"{_prefix} ran")
+        monkeypatch.setattr(type(module), "forward", never)
     run = train_student(TrainConfig(student=str(tmp_path / "student"), cache=str(fkit.root / "cache"),
                                     out=str(tmp_path / "run"), loss="alignti", max_steps=2, batch_size=4,
                                     progress=False))
+    monkeypatch.undo()
     generate_once(run["final"])
+    if frozen:
+        saved = dict(_auto(run["final"])[0].named_parameters())
+        names = [n for n in teacher if n.startswith(frozen)]
+        assert names and all(torch.equal(saved[n], teacher[n]) for n in names)
+
+
+def teacher_modules(fkit: Kit):
+    """The teacher's named modules (built on the meta device: their classes only)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    with init_empty_weights():
+        return list(AutoModelForImageTextToText.from_config(
+            AutoConfig.from_pretrained(fkit.root / "kit/teacher")).named_modules())
 
 
 # --- the registry ----------------------------------------------------------------------------------------------

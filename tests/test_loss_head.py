@@ -70,7 +70,16 @@ def test_a_cache_at_a_temperature_matches_unchunked(loss, tau, cached):
     assert torch.allclose(fold_teacher(lp, tail, 2.0, 2.0), torch.cat([lp, tail[:, None]], -1).log_softmax(-1))
 
 
-def _check_against_unchunked(loss, tau, peaked, weighting, cached=1.0):
+@pytest.mark.parametrize("loss", ["sft", "kd", "rkl", "alignti"])
+def test_a_softcapped_head_matches_unchunked(loss):
+    """Final logit soft-capping (Gemma 4: cap * tanh(z / cap) after the LM head), applied chunk by chunk with its
+    1 - tanh^2 derivative: values and gradients equal the unchunked reference through the capped logits (a cap of
+    3 on logits of std ~1: the tanh bends them)."""
+    _check_against_unchunked(loss, 1.0, False, "teacher", softcap=3.0)
+
+
+def _check_against_unchunked(loss, tau, peaked, weighting, cached=1.0, softcap=None):
+    from alignti.common.losses.head import SoftcappedHead
     spec = get_loss(loss)
     w = LossWeights(kd=0.7, iva=0.9, tpa=1.3, temperature=tau, iva_ratio=0.3, tpa_weighting=weighting,
                     cache_temperature=cached)
@@ -81,12 +90,14 @@ def _check_against_unchunked(loss, tau, peaked, weighting, cached=1.0):
         hd = copy.deepcopy(head).to(dtype)
         x = [v.detach().to(dtype).requires_grad_() for v in (hid, bh, ssal)] + [hd.weight]
         tt = {k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()}
-        r = total_loss(spec, w, dict(tt, logits=hd(x[0]), branch_logits=hd(x[1]), student_sal=x[2]))
+        apply = (lambda z: torch.tanh(hd(z) / softcap) * softcap) if softcap else hd  # the model's own formula
+        r = total_loss(spec, w, dict(tt, logits=apply(x[0]), branch_logits=apply(x[1]), student_sal=x[2]))
         return r, torch.autograd.grad(r["loss"], x, allow_unused=True)
 
     refs = [reference(torch.float64)] + ([] if peaked else [reference(torch.float32)])
 
-    got = head_loss(spec, w, head, dict(t, resp_hidden=hid, branch_hidden=bh, student_sal=ssal),
+    got = head_loss(spec, w, SoftcappedHead(head, softcap) if softcap else head,
+                    dict(t, resp_hidden=hid, branch_hidden=bh, student_sal=ssal),
                     chunk_bytes=4 * V * 7)  # 7 rows a chunk: several chunks, one ragged
     got_grads = torch.autograd.grad(got["loss"], leaves, allow_unused=True)
     for ref, ref_grads in refs:
@@ -235,3 +246,49 @@ def test_iva_token_kl_matches_unchunked_and_an_explicit_loop(tau):
     assert ref["iva"].item() == pytest.approx(loop / groups * tau ** 2, rel=1e-9)
     assert iva_token_kl_loss(logits, ids, tt["ivak_logprobs"], tt["ivak_tail"], tt["ivak_weight"], groups, tau).item() \
         == pytest.approx(ref["iva"].item(), rel=1e-12)
+
+
+def test_a_chunk_holds_one_logits_buffer():
+    """The head's working memory is its weight gradient plus one row chunk of fp32 logits: no second [rows, V]
+    buffer beside the chunk's logits, only row blocks of ROW_BLOCK rows. Every op the head runs is seen at torch's
+    dispatcher (TorchDispatchMode): besides the matmul that makes a chunk's logits, no op may return a new tensor of
+    more than ROW_BLOCK rows of V. A log-sum-exp over the whole chunk (the library's materialises exp(z - max)) and a
+    copy of the chunk's TPA rows for the coverage diagnostic each made one: 2.1 chunks of peak RSS above the weight
+    gradient at V = 262,144 (1.2 without), which put the loss head at Gemma's vocabulary over its 1,200 MiB goal
+    (bench/README.md). ``alignti``: the main rows with TPA's coverage diagnostic, and the branch rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from alignti.common.losses.head import ROW_BLOCK
+    v, h, n, b, k, rows = 4_096, 8, 64, 2, 8, 64
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(h, v, bias=False)
+    t = {"targets": torch.randint(0, v, (n,), generator=g), "topk_ids": torch.randint(0, v, (n, k), generator=g)}
+    lp = torch.log_softmax(torch.randn(n, k + 1, generator=g), -1)
+    t["topk_logprobs"], t["tail_logmass"] = lp[:, :k], lp[:, k]
+    t["tpa_cand_ids"], t["tpa_ids"] = t["topk_ids"][:, :b], torch.randint(0, v, (n, b, k), generator=g)
+    lp2 = torch.log_softmax(torch.randn(n, b, k + 1, generator=g), -1)
+    t["tpa_logprobs"], t["tpa_tail"] = lp2[..., :k], lp2[..., k]
+    hid = torch.randn(n, h, generator=g, requires_grad=True)
+    bh = torch.randn(n, b, h, generator=g, requires_grad=True)
+    made = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            x = args[0] if args else None
+            if func is torch.ops.aten.logsumexp.default and x.shape[-1] == v and x.numel() > ROW_BLOCK * v:
+                made.append((str(func), tuple(x.shape)))  # its kernel makes exp(x - max) of its whole input
+            out = func(*args, **(kwargs or {}))
+            ins = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(a, torch.Tensor)}
+            for o in torch.utils._pytree.tree_leaves(out):
+                new = isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in ins
+                if new and o.dim() == 2 and o.shape[-1] == v and o.shape[0] > ROW_BLOCK and func not in (
+                        torch.ops.aten.mm.default, torch.ops.aten.addmm.default):  # a chunk's logits
+                    made.append((str(func), tuple(o.shape)))
+            return out
+
+    with Watch():
+        out = head_loss(get_loss("alignti"), LossWeights(), head, dict(t, resp_hidden=hid, branch_hidden=bh),
+                        chunk_bytes=4 * v * rows)
+        out["loss"].backward()
+    assert not made, made[:4]

@@ -232,6 +232,41 @@ def test_pruned_qwen3_vl_keeps_deepstack_only_where_its_layers_are_kept(tmp_path
         prune_student(str(tmp_path / "t"), "0,1", tmp_path / "v", keep_vision_layers="1")
 
 
+def test_pruned_gemma4_keeps_its_per_layer_inputs_and_kv_sharing(tmp_path):
+    """Gemma 4 packs every layer's per-layer input embedding into one table (``embed_tokens_per_layer`` [V, L x d])
+    and one projection, gives its global layers their own head size (the config's per-layer overrides, by layer
+    index), and lets its last layers reuse an earlier layer's keys and values (no key/value projections of their
+    own). A student of the kit teacher's layers 1-3 (global; 3 reuses 2's keys and values) has the kept layers'
+    slices, overrides and sharing: its logits are the teacher's with its sliding layer 0 skipped. Keeping the shared
+    layer 3 without its producer 2 is refused by name."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from alignti.student_build.prune import prune_student
+    tok = kit.build_tokenizer("gemma4")
+    proc = kit.build_processor(tok, "gemma4")
+    save_checkpoint(kit.build_model("gemma4", tok, kit.STUDENT, 0), proc, tmp_path / "t")
+    prune_student(str(tmp_path / "t"), "1-3", tmp_path / "s")
+    student = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").eval()
+    assert student.config.text_config.layer_types == ["full_attention"] * 3
+    assert [layer.self_attn.is_kv_shared_layer for layer in student.model.language_model.layers] == [False, False, True]
+    assert student.model.audio_tower is not None  # kept, as the teacher's
+
+    class Skipped(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states
+    ref = AutoModelForImageTextToText.from_pretrained(tmp_path / "t").eval()
+    ref.model.language_model.layers[0] = Skipped()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}]
+    inputs = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
+                  images=[Image.new("RGB", (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE), (200, 30, 30))], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(student(**inputs).logits, ref(**inputs).logits, rtol=0, atol=1e-6)
+    with pytest.raises(AlignTIError, match=r"keeps the teacher's layer 3, which reuses the keys and values of the "
+                                           r"teacher's last unshared full_attention layer"):
+        prune_student(str(tmp_path / "t"), "0,1,3", tmp_path / "v")
+
+
 def test_composing_a_family_the_recipe_does_not_cover_is_named(tmp_path):
     """make-student --vision/--lm for a teacher family outside the composition recipe: refused by name, pointing to
     --from-teacher, before anything is written."""

@@ -151,13 +151,13 @@ def test_kill9_then_same_command_gives_the_same_rows(kit, tmp_path, crash):
 
 def _hf_logits(model, ids: torch.Tensor, image_inputs: dict) -> torch.Tensor:
     """Plain transformers forward of one sequence [1, S], with the image-token type ids the family's processor returns
-    beside the ids where its forward reads them (M-RoPE families: ``mm_token_type_ids``; Gemma 3's bidirectional
-    image attention: ``token_type_ids``)."""
+    beside the ids where its forward reads them (M-RoPE families and Gemma 4's bidirectional image attention:
+    ``mm_token_type_ids``; Gemma 3's: ``token_type_ids``)."""
     import inspect
     extra = {}
     takes = inspect.signature(model.forward).parameters
     is_image = ids == int(model.config.image_token_id)
-    if "image_grid_thw" in image_inputs:
+    if "image_grid_thw" in image_inputs or "mm_token_type_ids" in takes:  # Gemma 4: its bidirectional image blocks
         extra["mm_token_type_ids"] = is_image.int()
     if "token_type_ids" in takes:
         extra["token_type_ids"] = is_image.long()

@@ -53,16 +53,25 @@ def test_groups_are_the_families_modules(family):
     # Idefics3 / SmolVLM: vision_model, and the pixel-shuffle connector beside it
     tower = inner.visual if hasattr(inner, "visual") else getattr(inner, "vision_tower", None) or inner.vision_model
     projectors = ([tower.merger, *getattr(tower, "deepstack_merger_list", [])] if hasattr(tower, "merger")
+                  else [inner.embed_vision] if hasattr(inner, "embed_vision")
                   else [getattr(inner, "multi_modal_projector", None) or inner.connector])
+    # Gemma 4's audio tower and its projection into the LM: a modality distillation never feeds, never trained
+    audio = [m for m in (getattr(inner, "audio_tower", None), getattr(inner, "embed_audio", None)) if m is not None]
     ids = {id(p): n for n, p in model.named_parameters()}
     want = {"projector": {ids[id(p)] for m in projectors for p in m.parameters()}}
     want["vision"] = {ids[id(p)] for p in tower.parameters()} - want["projector"]
-    want["lm"] = set(ids.values()) - want["projector"] - want["vision"]
+    frozen = {ids[id(p)] for m in audio for p in m.parameters()}
+    want["lm"] = set(ids.values()) - want["projector"] - want["vision"] - frozen
     assert all(want.values())
     for group, names in want.items():
         assert set(selected_parameters(model, adapter, group)) == names, group
     assert set(selected_parameters(model, adapter, "projector,lm")) == want["projector"] | want["lm"]
     assert set(selected_parameters(model, adapter, "all", freeze_vision=True)) == want["projector"] | want["lm"]
+    assert set(selected_parameters(model, adapter, "all")) == set(ids.values()) - frozen
+    assert {adapter.parameter_group(n) for n in frozen} <= {"frozen"}
+    if frozen:  # a selection of the frozen tower alone is refused by name
+        with pytest.raises(TrainableError, match="audio_tower.*never train"):
+            selected_parameters(model, adapter, r"audio_tower\.")
 
 
 def _train(kit, cache, out, stop_after=None, **kw):

@@ -14,6 +14,29 @@ from .cross import _sorted_desc, alm_distance, chunk_logprobs, gold_weights, xt_
 from .registry import check_cross_tokenizer, LossSpec
 from .weights import LossWeights
 
+class SoftcappedHead(torch.nn.Module):
+    """An LM head with final logit soft-capping, ``cap * tanh(W h / cap)`` (Gemma 2 and Gemma 4's
+    ``final_logit_softcapping``, as their ``ForConditionalGeneration.forward`` applies it after ``lm_head``). Holds the
+    model's own ``nn.Linear`` (``weight`` / ``bias`` are its own tensors); the memory-flat loss head reads ``softcap``
+    and applies the cap chunk by chunk (``_ChunkedHead``), every other caller calls it: [..., H] -> [..., V]."""
+
+    def __init__(self, linear: torch.nn.Linear, softcap: float):
+        super().__init__()
+        self.linear = linear
+        self.softcap = float(softcap)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(hidden) / self.softcap) * self.softcap
+
+
 # --- the memory-flat loss head ---------------------------------------------------------------
 # The student's LM head and every per-token term in one pass over row chunks: [rows, V] logits exist for
 # one chunk at a time, and each chunk's gradients (w.r.t. its hidden states and the head's weight) are
@@ -62,6 +85,20 @@ def chunk_rows(vocab: int, chunk_bytes: int | None = None, device: torch.device 
     return max(8, int(chunk_bytes // (4 * vocab)))
 
 
+# rows at a time for the per-row reductions inside a chunk (log-sum-exp, the TPA coverage diagnostic): their
+# temporaries are [ROW_BLOCK, V] instead of a second [C, V] beside the chunk's logits (at V = 262,144 and 128-row
+# chunks: 16 MiB instead of 128 MiB; bench/README.md, loss head at Gemma's vocabulary)
+ROW_BLOCK = 16
+
+
+def row_logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """``z.logsumexp(-1)`` of z [C, V], ROW_BLOCK rows at a time (the same values: each row's reduction is the
+    library's own, on the same row)."""
+    if z.shape[0] <= ROW_BLOCK:
+        return z.logsumexp(-1)
+    return torch.cat([z[i:i + ROW_BLOCK].logsumexp(-1) for i in range(0, z.shape[0], ROW_BLOCK)])
+
+
 def fold_rows(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """``fold_student`` from fp32 logits z [C, V] (already divided by tau) and their log-sum-exp [C]: the
     rest bucket is log(1 - sum of the top-k probabilities), exact in fp32 while that sum is <= 1/2; rows
@@ -102,7 +139,7 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, shared: 
         tgt = t["targets"][lo:hi, None].long()
         g = None
         z.sub_(z.amax(-1, keepdim=True))  # every term is shift-invariant; log-probs keep fp32 precision
-        lse = z.logsumexp(-1)
+        lse = row_logsumexp(z)
         ce = lse - z.gather(-1, tgt).squeeze(-1)
         stats = {"sft": ce.sum()}
         if coverage is not None:
@@ -114,7 +151,7 @@ def _main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, shared: 
             with torch.enable_grad():
                 zz = z.detach().requires_grad_(need and div != "fkl")
                 zt = zz if tau == 1.0 else zz / tau
-                ls = fold_rows(zt, ids, lse if tau == 1.0 and div == "fkl" else zt.logsumexp(-1))
+                ls = fold_rows(zt, ids, lse if tau == 1.0 and div == "fkl" else row_logsumexp(zt))
                 d = DIVERGENCES[div](lt, ls).sum()
                 if need and div != "fkl":
                     (g,) = torch.autograd.grad(c_kd * d, zz)
@@ -170,7 +207,7 @@ def _gold_rows_(zt: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor, c_matched
     has = valid.any(-1, keepdim=True)
     first = ids.gather(-1, valid.float().argmax(-1, keepdim=True))
     ids_fix = torch.where(valid, ids, first).long().clamp_min(0)  # invalid slots repeat a valid id of their row
-    lse = zt.logsumexp(-1)
+    lse = row_logsumexp(zt)
     top = (zt.gather(-1, ids_fix) - lse[:, None]).masked_fill(~valid, NEG_INF)
     s = top.exp().sum(-1)
     rest = torch.log1p(-s.clamp(max=0.5))
@@ -233,7 +270,7 @@ def _xt_main_fn(t: dict, spec: "LossSpec", w: LossWeights, norm: StepNorm, share
     def fn(z, lo, hi, need):
         tgt = t["targets"][lo:hi, None].long()
         z.sub_(z.amax(-1, keepdim=True))
-        lse = z.logsumexp(-1)
+        lse = row_logsumexp(z)
         ce = lse - z.gather(-1, tgt).squeeze(-1)
         stats = {"sft": ce.sum()}
         if coverage is not None:
@@ -333,11 +370,15 @@ def tpa_coverage_fn(t: dict, shared: dict):
             zero = z.new_zeros(())
             return {"tpa_mass": zero, "tpa_topb": zero}
         with torch.no_grad():
-            zr = z.index_select(0, local)
-            lp = zr.gather(-1, c) - lse.index_select(0, local)[:, None]
+            lp = z.index_select(0, local).gather(-1, c) if len(local) <= ROW_BLOCK else torch.cat(
+                [z.index_select(0, local[i:i + ROW_BLOCK]).gather(-1, c[i:i + ROW_BLOCK])
+                 for i in range(0, len(local), ROW_BLOCK)])
+            lp = lp - lse.index_select(0, local)[:, None]
             cand_logp[inside] = lp.float()
             mass = lp.exp().sum(-1)
-            top = zr.topk(c.shape[-1], dim=-1).indices
+            # the student's own top-B per row, ROW_BLOCK rows at a time (no copy of the chunk's TPA rows)
+            top = torch.cat([z.index_select(0, local[i:i + ROW_BLOCK]).topk(c.shape[-1], dim=-1).indices
+                             for i in range(0, len(local), ROW_BLOCK)])
             hits = (top[:, :, None] == c[:, None, :]).any(-1).float().mean(-1)
         return {"tpa_mass": mass.sum(), "tpa_topb": hits.sum()}
     return fn
@@ -355,7 +396,7 @@ def _weighted_fkl_rows(ids, lt_all, weights_of, c: float, tau: float, name: str)
             weights = weights_of().to(z.dtype)
         zt = z.sub_(z.amax(-1, keepdim=True))
         zt = zt if tau == 1.0 else zt.div_(tau)
-        lse = zt.logsumexp(-1)
+        lse = row_logsumexp(zt)
         ls = fold_rows(zt, ids[lo:hi], lse)
         d = (kl(lt_all[lo:hi], ls) * weights[lo:hi]).sum()
         g = None
@@ -434,6 +475,7 @@ class _ChunkedHead(torch.autograd.Function):
         stats: dict[str, torch.Tensor] = {}
         grads_h = []
         rows = plan["chunk_rows"]
+        cap = plan.get("softcap")
         bounds = plan.get("bounds") or [None] * len(hiddens)
         for fn, h, wh, bd in zip(plan["fns"], hiddens, want_h, bounds):
             gh = torch.empty_like(h) if wh else None
@@ -442,8 +484,16 @@ class _ChunkedHead(torch.autograd.Function):
                 hc = h[lo:hi]
                 z_raw = torch.nn.functional.linear(hc, weight, bias)
                 mm_dtype = z_raw.dtype
-                loss, st, g = fn(z_raw.float(), lo, hi, need)
-                del z_raw
+                if cap:  # z = cap tanh(z_raw / cap); dz/dz_raw = 1 - tanh^2 (one more [C, V] fp32 buffer: tanh)
+                    t = z_raw.float().div_(cap).tanh_()  # in place on an fp32 z_raw, no longer needed
+                    del z_raw
+                    loss, st, g = fn(t * cap, lo, hi, need)
+                    if need:
+                        g.mul_(t.mul_(t).neg_().add_(1.0))
+                    del t
+                else:
+                    loss, st, g = fn(z_raw.float(), lo, hi, need)
+                    del z_raw
                 if need:
                     g = g.to(mm_dtype)
                     if wh:
@@ -477,8 +527,8 @@ class _ChunkedHead(torch.autograd.Function):
 
 def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, norm: StepNorm | None = None,
               chunk_bytes: int | None = None) -> dict:
-    """Every term of ``spec`` from the student's hidden states, through the LM head ``head`` (an nn.Linear),
-    chunked. ``out`` holds ``resp_hidden`` [N, H] (and ``branch_hidden`` [M, B, H] for TPA) plus the batch's
+    """Every term of ``spec`` from the student's hidden states, through the LM head ``head`` (an nn.Linear, or a
+    SoftcappedHead: its cap applied per chunk), chunked. ``out`` holds ``resp_hidden`` [N, H] (and ``branch_hidden`` [M, B, H] for TPA) plus the batch's
     teacher tensors (see student_train.trainer). With ``w.cross_tokenizer`` ("uld", "gold", "alm") the KD term
     is that cross-tokenizer term on the batch's ``xt_*`` tensors (``_xt_main_fn``; the contract above
     CROSS_TOKENIZER); ValueError for a divergence other than forward KL or an unknown name. Returns {"loss": the
@@ -497,7 +547,8 @@ def head_loss(spec: LossSpec, w: LossWeights, head: torch.nn.Module, out: dict, 
     if spec.iva and w.iva_form == "token-kl" and out.get("ivak_hidden") is not None and out["ivak_hidden"].numel():
         fns.append(_ivak_fn(out, w, norm))
         hiddens.append(out["ivak_hidden"])
-    plan = {"fns": fns, "chunk_rows": rows, "bounds": bounds + [None] * (len(fns) - 1)}
+    plan = {"fns": fns, "chunk_rows": rows, "bounds": bounds + [None] * (len(fns) - 1),
+            "softcap": getattr(head, "softcap", None)}
     loss = _ChunkedHead.apply(head.weight, head.bias, plan, *hiddens)
     sums = dict(plan["stats"])
     if spec.iva and w.iva_form != "token-kl" and out.get("student_sal") is not None:
