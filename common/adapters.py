@@ -84,6 +84,13 @@ class ModelAdapter:
         lmms-eval prepares images as the checkpoint's own processor does."""
         return {}
 
+    @classmethod
+    def lmms_eval_folder(cls, folder, scratch):
+        """The path lmms-eval's class is given (its ``pretrained``) for the checkpoint folder ``folder`` (a Path);
+        ``scratch``: a folder that lives as long as the evaluation, for a link where one is needed. The folder
+        itself for the base families."""
+        return folder
+
     # --- structure -------------------------------------------------------------------------
     @property
     def text_config(self):
@@ -377,6 +384,21 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     def forward(self, input_ids, image_inputs, mask4d, position_ids, cache=None, use_cache=False):
         return self.model.model(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids, cache=cache,
                                 use_cache=use_cache, output_router_logits=self.model.training, **image_inputs)
+
+    @classmethod
+    def lmms_eval_folder(cls, folder, scratch):
+        """lmms-eval's qwen3_vl class (0.7.3, ``Qwen3_VL.__init__``) takes the MoE model class only when its
+        ``pretrained`` path names the active parameters (``re.search(r"A\\d+B", pretrained)``, as in
+        Qwen3-VL-30B-A3B-Instruct); any other path of a MoE checkpoint it loads as a dense Qwen3-VL whose MLPs
+        transformers initialises at random, and scores that. A folder whose path does not name them is given
+        through a link in ``scratch`` whose name ends in ``-A0B``."""
+        import re
+        from pathlib import Path
+        if re.search(r"A\d+B", str(folder)):
+            return folder
+        link = Path(scratch) / f"{Path(folder).name}-moe-A0B"
+        link.symlink_to(Path(folder).resolve(), target_is_directory=True)
+        return link
 
     @property
     def router_aux_coef(self) -> float:
