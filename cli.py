@@ -518,11 +518,13 @@ def make_student(ctx: typer.Context,
                  out: Path = typer.Option(..., help="Folder for the student (save_pretrained: model, processor, "
                                           "chat template, generation config)."),
                  vision: Optional[str] = typer.Option(None, help="Composed: the vision tower (a vision model, CLIP/SigLIP, "
-                                                      "or a VLM's tower; Qwen2-VL: a Qwen2-VL checkpoint's visual "
-                                                      "tower, its merger made fresh)."),
-                 lm: Optional[str] = typer.Option(None, help="Composed: the language model (of the teacher's "
-                                                  "tokenizer; LLaVA families: or of its own, which the student "
-                                                  "keeps and trains with --cross-tokenizer)."),
+                                                      "or a VLM's tower; Qwen-VL families: a checkpoint of the "
+                                                      "family's kind, its visual tower taken, the merger (and "
+                                                      "Qwen3-VL's deepstack mergers) made fresh)."),
+                 lm: Optional[str] = typer.Option(None, help="Composed: the language model, of the family's "
+                                                  "decoder kind (Qwen3-VL: Qwen3; Gemma 3: a Gemma 3 text model) and "
+                                                  "the teacher's tokenizer (LLaVA families: or of its own, which "
+                                                  "the student keeps and trains with --cross-tokenizer)."),
                  like: Optional[str] = typer.Option(None, help="Composed: the teacher whose family, processor and "
                                                     "caches the student fits."),
                  from_teacher: Optional[str] = typer.Option(None, help="Pruned: the teacher to take layers from."),

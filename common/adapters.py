@@ -19,6 +19,38 @@ from .kit_recipes import (GEMMA3_KIT, GEMMA4_KIT, IDEFICS3_KIT, INTERNVL_KIT, LF
                           QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, SMOLVLM_KIT, KitRecipe)
 
 
+@dataclass(frozen=True)
+class Composition:
+    """How ``make-student --vision V --lm L --like TEACHER`` (student_build/compose.py) composes a student of a family:
+    the teacher's model class and multimodal settings, a pretrained vision tower, a pretrained causal LM and fresh
+    projector modules.
+
+    ``tower``: the attribute of the VLM's inner model holding the vision tower (``vision_tower``; ``visual``, whose
+    merger is inside it). ``fresh``: the module paths under the inner model built fresh (transformers' own
+    initialisation under the seed), the projectors sized to the LM; those inside the tower are not taken from V.
+    ``tower_from``: the model types whose VLM checkpoints V may be (the tower taken whole, less ``fresh``); None: V
+    may also be a vision model (CLIP, SigLIP) or a dual encoder (its vision half). ``lm_types``: the causal-LM model
+    types whose weights load into the family's decoder (the first is the one a test builds); None: any causal LM,
+    whose config becomes the student's text config. ``lm_note``: what that decoder is, for the refusal.
+    ``teacher_text``: the student's text config is the teacher's with the LM's architecture fields (M-RoPE settings
+    and the multimodal rope kept); else the LM's own config. ``merged_grid``: the image-token count is fixed by the
+    processor's patch, merge and temporal sizes (Qwen-VL towers), checked against the tower's config; else by the
+    tower's image and patch size, checked against the teacher's tower. ``other_tokenizer``: an LM of another
+    tokenizer gives a student that keeps it (student_build/compose.py ``student_processor``), trained with
+    --cross-tokenizer gold; else it is refused."""
+    tower: str
+    fresh: tuple[str, ...]
+    tower_from: tuple[str, ...] | None = None
+    lm_types: tuple[str, ...] | None = None
+    lm_note: str = ""
+    teacher_text: bool = False
+    merged_grid: bool = False
+    other_tokenizer: bool = False
+
+
+LLAVA_COMPOSITION = Composition(tower="vision_tower", fresh=("multi_modal_projector",), other_tokenizer=True)
+
+
 # the ``layer_types`` of softmax-attention layers (the rest: linear attention, convolutions, state-space layers)
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -30,6 +62,9 @@ class ModelAdapter:
     # the model config's ids of the family's image/video special tokens: typed literally in a message, each would
     # be read as (part of) an image by the processor and the model, so such text is refused (media_tokens)
     media_token_keys: tuple[str, ...] = ("image_token_id",)
+
+    # make-student --vision/--lm: how the family's student is composed; None: not offered (--from-teacher is)
+    composition: Composition | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -49,6 +84,13 @@ class ModelAdapter:
         """Extra ``model_args`` for lmms-eval's class, from the checkpoint's saved image processor settings, so that
         lmms-eval prepares images as the checkpoint's own processor does."""
         return {}
+
+    @classmethod
+    def lmms_eval_folder(cls, folder, scratch):
+        """The path lmms-eval's class is given (its ``pretrained``) for the checkpoint folder ``folder`` (a Path);
+        ``scratch``: a folder that lives as long as the evaluation, for a link where one is needed. The folder
+        itself for the base families."""
+        return folder
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -228,10 +270,12 @@ class ModelAdapter:
 
 class LlavaAdapter(ModelAdapter):
     family = "llava"
+    composition = LLAVA_COMPOSITION
 
 
 class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
+    composition = LLAVA_COMPOSITION
     multi_image = True  # several images of a sample: base resolution each (batch_num_images), as the model trains
     media_token_keys = ("image_token_id", "video_token_id")
 
@@ -265,6 +309,9 @@ class Qwen2VLAdapter(ModelAdapter):
     media_token_keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     projector_prefixes = ("model.visual.merger.",)  # the patch merger, LLaVA's projector in Qwen2-VL's terms
     vision_prefixes = ("model.visual.",)
+    composition = Composition(tower="visual", fresh=("visual.merger",), tower_from=("qwen2_vl", "qwen2_5_vl"),
+                              lm_types=("qwen2",), lm_note="Qwen2's architecture (q/k/v with bias, M-RoPE): pick a "
+                              "Qwen2 (Qwen2.5) checkpoint", teacher_text=True, merged_grid=True)
 
     @classmethod
     def check_image_size(cls, image_processor, sample_id, what, width, height):
@@ -305,6 +352,13 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     vision features into the LM) for ``--trainable``."""
     family = "qwen3_vl"
     projector_prefixes = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+    # a student: a Qwen3-VL (or Qwen3-VL-MoE) checkpoint's tower (patch embedding, position table, blocks) and a
+    # Qwen3 LM; the merger and the deepstack mergers map into the LM's width, so both start fresh (prune_layers drops
+    # the deepstack features of LM layers the LM does not have)
+    composition = Composition(tower="visual", fresh=("visual.merger", "visual.deepstack_merger_list"),
+                              tower_from=("qwen3_vl", "qwen3_vl_moe"), lm_types=("qwen3",),
+                              lm_note="Qwen3's architecture (q/k norms, no q/k/v bias): pick a Qwen3 checkpoint",
+                              teacher_text=True, merged_grid=True)
 
     @classmethod
     def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
@@ -343,10 +397,29 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     (``load_balancing_loss_func`` of the family's modeling file, Fedus et al. 2021 eqs. 4-6) over the batch's real
     tokens, weighed by the config's ``router_aux_loss_coef`` as the model's own training loss does."""
     family = "qwen3_vl_moe"
+    composition = Composition(tower="visual", fresh=("visual.merger", "visual.deepstack_merger_list"),
+                              tower_from=("qwen3_vl", "qwen3_vl_moe"), lm_types=("qwen3_moe",),
+                              lm_note="Qwen3-MoE's architecture (sparse MoE MLPs): pick a Qwen3-MoE checkpoint, or "
+                              "compose a dense student under a Qwen3-VL --like", teacher_text=True, merged_grid=True)
 
     def forward(self, input_ids, image_inputs, mask4d, position_ids, cache=None, use_cache=False):
         return self.model.model(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids, cache=cache,
                                 use_cache=use_cache, output_router_logits=self.model.training, **image_inputs)
+
+    @classmethod
+    def lmms_eval_folder(cls, folder, scratch):
+        """lmms-eval's qwen3_vl class (0.7.3, ``Qwen3_VL.__init__``) takes the MoE model class only when its
+        ``pretrained`` path names the active parameters (``re.search(r"A\\d+B", pretrained)``, as in
+        Qwen3-VL-30B-A3B-Instruct); any other path of a MoE checkpoint it loads as a dense Qwen3-VL whose MLPs
+        transformers initialises at random, and scores that. A folder whose path does not name them is given
+        through a link in ``scratch`` whose name ends in ``-A0B``."""
+        import re
+        from pathlib import Path
+        if re.search(r"A\d+B", str(folder)):
+            return folder
+        link = Path(scratch) / f"{Path(folder).name}-moe-A0B"
+        link.symlink_to(Path(folder).resolve(), target_is_directory=True)
+        return link
 
     @property
     def router_aux_coef(self) -> float:
@@ -371,6 +444,7 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     ``full_attention`` layers (``text_config.layer_types``). Hence, from ``layer_types`` (ModelAdapter): TPA without
     the tree mask (``tpa_tree_mask`` False) and IVA's saliency from the full-attention layers only."""
     family = "qwen3_5"
+    composition = None  # make-student --vision/--lm not offered for the hybrid decoder: --from-teacher is
 
     @classmethod
     def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:
@@ -417,6 +491,11 @@ class Gemma3Adapter(ModelAdapter):
     would drop those the branch pass's mask indexes)."""
     family = "gemma3"
     multi_image = True
+    # a student: a SigLIP tower (a vision model, a SigLIP dual encoder's vision half or a Gemma 3 checkpoint's) and a
+    # Gemma 3 text LM (Gemma3ForCausalLM, the 1B's kind); the pooled projector starts fresh
+    composition = Composition(tower="vision_tower", fresh=("multi_modal_projector",), lm_types=("gemma3_text",),
+                              lm_note="Gemma 3's text decoder (sliding-window and global layers): pick a Gemma 3 text "
+                              "checkpoint (Gemma3ForCausalLM)")
     media_token_keys = ("image_token_id", "boi_token_id", "eoi_token_id")
 
     def __init__(self, model: nn.Module):

@@ -47,7 +47,9 @@ class KitRecipe:
     ``processor(tokenizer, image_size, patch)`` the processor. ``image_tokens``: image tokens per scene image
     (48 px). ``resizable``: the recipe takes another ``image_size`` / ``patch`` (LLaVA's CLIP tower).
     ``position_embedding_std``: the vision tower's patch position embeddings drawn at this std (LLaVA: 1.0, so each
-    image token says which grid cell it is; with the default 0.02 the tiny teacher stays at the answer prior)."""
+    image token says which grid cell it is; with the default 0.02 the tiny teacher stays at the answer prior).
+    ``text_tokens``: added as ordinary (not special) tokens after those, as a shipped tokenizer lists them among its
+    added tokens with ``"special": false`` (Qwen3's ``<think>``)."""
     special_tokens: tuple[str, ...]
     tokens: dict
     chat_template: str
@@ -55,6 +57,7 @@ class KitRecipe:
     processor: Callable
     image_tokens: int
     added_tokens: tuple[str, ...] = ()
+    text_tokens: tuple[str, ...] = ()
     resizable: bool = False
     position_embedding_std: float | None = None
     extra: dict = field(default_factory=dict)
@@ -205,8 +208,13 @@ def _qwen3_vl_config(tokenizer, text: dict, image_size: int, patch: int = PATCH)
         vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tokenizer))
 
 
+# Qwen3's tokenizer is Qwen2.5's with 4 more added tokens, ids 151665-151668 after Qwen2.5's last (151664),
+# "special": false (Qwen/Qwen3-VL-*-Instruct tokenizer_config.json, added_tokens_decoder): the Qwen3-VL kits' tokenizer
+# is the Qwen2.5-VL kit's plus these, so a Qwen2.5-VL teacher and a Qwen3-VL student differ as the released ones do
+QWEN3_TEXT_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 QWEN3_VL_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
-                         config=_qwen3_vl_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9)
+                         config=_qwen3_vl_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9,
+                         text_tokens=QWEN3_TEXT_TOKENS)
 
 
 # ---- Qwen3-VL-MoE (Qwen3-VL with a mixture-of-experts decoder) --------------------------------------------------
@@ -226,7 +234,8 @@ def _qwen3_vl_moe_config(tokenizer, text: dict, image_size: int, patch: int = PA
 
 
 QWEN3_VL_MOE_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOKENS, chat_template=QWEN_CHAT_TEMPLATE,
-                             config=_qwen3_vl_moe_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9)
+                             config=_qwen3_vl_moe_config, processor=_qwen_processor("Qwen3VLProcessor"), image_tokens=9,
+                             text_tokens=QWEN3_TEXT_TOKENS)
 
 
 # ---- Qwen3.5 (Qwen3-VL's tower without deepstack, a hybrid decoder: Gated DeltaNet and full attention) ----------

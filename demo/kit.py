@@ -64,6 +64,8 @@ def build_tokenizer(family: str = "llava", vocab_size: int = 320):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kit.tokens)
     if kit.added_tokens:
         fast.add_special_tokens({"additional_special_tokens": list(kit.added_tokens)})
+    if kit.text_tokens:
+        fast.add_tokens(list(kit.text_tokens))
     return fast
 
 

@@ -1,28 +1,32 @@
 """``make-student --vision V --lm L --like TEACHER``: a student of the teacher's family from a pretrained vision
-tower, a pretrained language model and a fresh projector, LLaVA's recipe.
+tower, a pretrained language model and fresh projectors, LLaVA's recipe.
 
-The student is the teacher's model class (LLaVA, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, as transformers defines
-them) with the teacher's multimodal settings (image token id, feature layer and strategy, grid pinpoints), the
-tower's vision config and the LM's text config. It takes the teacher's processor (tokenizer with its image token,
-image processor, chat template) and generation config, so the teacher's caches fit it: the same token ids and the
-same number of image tokens per image. What cannot fit is refused before anything is written, naming what differs:
-a tower whose patch grid gives another image-token count.
+How a family's student is composed is its adapter's ``composition`` (common/adapters.py ``Composition``): which
+module is the tower, which modules start fresh, which checkpoints the tower and the LM may come from. The student is
+the teacher's model class (LLaVA, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Gemma 3, as
+transformers defines them) with the teacher's multimodal settings (image token id, feature layer and strategy, grid
+pinpoints, tokens per image), the tower's vision config and the LM's text config. It takes the teacher's processor
+(tokenizer with its image token, image processor, chat template) and generation config, so the teacher's caches fit
+it: the same token ids and the same number of image tokens per image. What cannot fit is refused before anything is
+written, naming what differs: a tower whose patch grid gives another image-token count, an LM of another kind.
 
-An LM of **another tokenizer** (LLaVA, LLaVA-OneVision teachers) gives a student that keeps it: the LM's tokenizer
-with the family's image token added, the LM's chat template when it renders images (else, for a ChatML LM, the
-ChatML layout LLaVA-OneVision uses: ``<|im_start|>user\n<image>\nQ<|im_end|>\n``), the LM's generation config with
-the template's end of turn among its stop ids; the teacher's image processor. Such a student cannot read the
-teacher's caches' token ids: it trains from them with ``train-student --cross-tokenizer gold``, which
-the log and the returned ``train_with`` say.
+An LM of **another tokenizer** (families whose composition has ``other_tokenizer``: LLaVA, LLaVA-OneVision) gives
+a student that keeps it: the LM's tokenizer with the family's image token added, the LM's chat template when it
+renders images (else, for a ChatML LM, the ChatML layout LLaVA-OneVision uses: ``<|im_start|>user\n<image>\nQ<|im_end|>\n``),
+the LM's generation config with the template's end of turn among its stop ids; the teacher's image processor. Such
+a student cannot read the teacher's caches' token ids: it trains from them with ``train-student --cross-tokenizer
+gold``, which the log and the returned ``train_with`` say.
 
-``--vision`` is, for LLaVA and LLaVA-OneVision: a vision model checkpoint (``CLIPVisionModel``,
-``SiglipVisionModel``), a dual encoder (CLIP, SigLIP: its vision half) or a VLM (its ``vision_tower``). For
-Qwen2-VL / Qwen2.5-VL, whose vision tower and merger are one module of the model: a Qwen2-VL (or Qwen2.5-VL)
-checkpoint whose visual tower (patch embedding and blocks) is taken; the merger, Qwen2-VL's projector, is always
-fresh, sized to the LM.
+``--vision`` is, for LLaVA, LLaVA-OneVision and Gemma 3: a vision model checkpoint (``CLIPVisionModel``,
+``SiglipVisionModel``), a dual encoder (CLIP, SigLIP: its vision half) or a VLM (its ``vision_tower``). For the
+Qwen-VL families, whose vision tower and merger are one module of the model: a checkpoint of the family's kind
+(``Composition.tower_from``) whose visual tower (patch embedding, blocks) is taken; the merger (and Qwen3-VL's
+deepstack mergers), the projectors in Qwen-VL's terms, are always fresh, sized to the LM. A Qwen3-VL LM with fewer
+layers than the tower's deepstack features drops the features past its last layer (the adapter's ``prune_layers``,
+logged).
 
-The projector (LLaVA: ``multi_modal_projector``; Qwen2-VL: ``visual.merger``) gets transformers' own
-initialisation of that module (the model built from its config under ``seed``), as LLaVA's stage-1 starts.
+The fresh modules get transformers' own initialisation (the model built from its config under ``seed``), as LLaVA's
+stage-1 starts.
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ from alignti.common.errors import AlignTIError
 
 log = logging.getLogger("alignti.student_build")
 
-QWEN = ("qwen2_vl", "qwen2_5_vl")
-COMPOSED = ("llava", "llava_onevision", "qwen2_vl")  # the adapter families whose students this recipe composes
-# text-config fields that describe the language model's architecture (copied from the LM into Qwen2-VL's text config)
-QWEN_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "rms_norm_eps", "max_position_embeddings", "hidden_act", "tie_word_embeddings", "attention_dropout",
-                  "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "initializer_range")
+# text-config fields that describe the language model's architecture (copied from the LM into the teacher's text
+# config where the composition keeps it: Qwen-VL's, whose M-RoPE settings stay); MoE fields for Qwen3-VL-MoE
+TEXT_ARCH_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "attention_bias", "rms_norm_eps", "max_position_embeddings", "hidden_act",
+                  "tie_word_embeddings", "attention_dropout", "use_sliding_window", "sliding_window",
+                  "max_window_layers", "layer_types", "initializer_range", "num_experts", "num_experts_per_tok",
+                  "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
+                  "router_aux_loss_coef")
 
 
 # the ChatML layout of LLaVA-OneVision's template, for an LM whose own ChatML template renders no image
@@ -135,18 +141,20 @@ def student_processor(teacher_processor, tokenizer, lm: str):
     return proc
 
 
-def _vision_model(vision: str, family: str):
-    """The pretrained vision module named by ``--vision`` (see the module doc)."""
+def _vision_model(vision: str, comp):
+    """The pretrained vision module named by ``--vision`` (see the module doc) and its vision config; ``comp``: the
+    family's ``Composition``."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     cfg = AutoConfig.from_pretrained(vision)
-    if family in QWEN:
-        if cfg.model_type not in QWEN:
-            raise AlignTIError(f"--vision {vision} is a {cfg.model_type} checkpoint; a Qwen2-VL student takes its vision "
-                               "tower from a Qwen2-VL or Qwen2.5-VL checkpoint (its `visual` module; the merger is "
-                               "built fresh for the LM)")
-        return AutoModelForImageTextToText.from_pretrained(vision, dtype=torch.float32).model.visual, cfg.vision_config
+    if comp.tower_from is not None:
+        if cfg.model_type not in comp.tower_from:
+            raise AlignTIError(f"--vision {vision} is a {cfg.model_type} checkpoint; this student takes its vision tower "
+                               f"from a {' or '.join(comp.tower_from)} checkpoint (its `{comp.tower}` module; "
+                               f"{', '.join(comp.fresh)} built fresh for the LM)")
+        model = AutoModelForImageTextToText.from_pretrained(vision, dtype=torch.float32)
+        return getattr(model.model, comp.tower), cfg.vision_config
     sub = getattr(cfg, "vision_config", None)
     if sub is None:  # a vision model checkpoint
         return MODEL_MAPPING[type(cfg)].from_pretrained(vision, dtype=torch.float32), cfg
@@ -159,10 +167,10 @@ def _grid(cfg) -> tuple[int, int]:
     return int(cfg.image_size), int(cfg.patch_size)
 
 
-def check_vision(vision: str, vcfg, teacher_cfg, family: str, image_processor) -> None:
-    """The tower must turn an image into as many image tokens as the teacher's does (the caches' spans). Raises
-    AlignTIError naming both geometries."""
-    if family in QWEN:
+def check_vision(vision: str, vcfg, teacher_cfg, comp, image_processor) -> None:
+    """The tower must turn an image into as many image tokens as the teacher's does (the caches' spans); ``comp``:
+    the family's ``Composition``. Raises AlignTIError naming both geometries."""
+    if comp.merged_grid:
         mine = {"patch_size": vcfg.patch_size, "merge_size": vcfg.spatial_merge_size,
                 "temporal_patch_size": vcfg.temporal_patch_size}
         theirs = {k: getattr(image_processor, k, None) for k in mine}
@@ -196,24 +204,27 @@ def _mrope_section(head_dim: int, teacher: list[int] | None) -> list[int]:
     return [half - 2 * third, third, third]
 
 
-def _student_config(teacher_cfg, vcfg, lm_cfg, family: str, own=None):
-    """The teacher's config class and multimodal settings with the tower's vision config and the LM's text config.
-    ``own``: the student's own processor (an LM of another tokenizer): its vocabulary size, image / video token ids
-    and the LM's special ids instead of the teacher's."""
+def _student_config(teacher_cfg, vcfg, lm_cfg, comp, own=None):
+    """The teacher's config class and multimodal settings with the tower's vision config and the LM's text config
+    (``comp``: the family's ``Composition``). ``own``: the student's own processor (an LM of another tokenizer): its
+    vocabulary size, image / video token ids and the LM's special ids instead of the teacher's."""
     d = teacher_cfg.to_dict()
     t_text = teacher_cfg.text_config
-    if family in QWEN:
+    if comp.teacher_text:
         text = t_text.to_dict()
         lm = lm_cfg.to_dict()
-        text.update({k: lm[k] for k in QWEN_TEXT_KEYS if k in lm and k in text})
-        head_dim = int(lm_cfg.hidden_size) // int(lm_cfg.num_attention_heads)
+        text.update({k: lm[k] for k in TEXT_ARCH_KEYS if k in lm and k in text})
+        # the LM's head width: its config's head_dim, else hidden / heads (Qwen3-MoE's configs name none)
+        head_dim = int(getattr(lm_cfg, "head_dim", None) or int(lm_cfg.hidden_size) // int(lm_cfg.num_attention_heads))
+        if "head_dim" in text:
+            text["head_dim"] = head_dim
         rope = dict(text.get("rope_parameters") or {})
         lm_rope = lm.get("rope_parameters") or {}
         rope["rope_theta"] = lm_rope.get("rope_theta", rope.get("rope_theta"))
         rope["mrope_section"] = _mrope_section(head_dim, rope.get("mrope_section"))
         text["rope_parameters"] = rope
-        vision = vcfg.to_dict()
-        vision["hidden_size" if family == "qwen2_vl" else "out_hidden_size"] = int(lm_cfg.hidden_size)
+        vision = vcfg.to_dict()  # the merger's output width: out_hidden_size (Qwen2.5-VL, Qwen3-VL), else hidden_size
+        vision["out_hidden_size" if "out_hidden_size" in vision else "hidden_size"] = int(lm_cfg.hidden_size)
     else:
         text = lm_cfg.to_dict()
         vision = vcfg.to_dict()
@@ -239,61 +250,64 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
     Returns {"out", "family", "student_params", "vision_params", "lm_params", "projector_params"}.
     With an LM of another tokenizer (LLaVA families) the student keeps it (``student_processor``) and the returned
     dict adds "tokenizer", "vocab", "teacher_vocab" and "train_with" ("--cross-tokenizer gold").
-    Raises AlignTIError when the tower's image grid does not fit the teacher's, or an LM of another tokenizer cannot
-    be given an image-rendering chat template (or is for a Qwen2-VL teacher)."""
+    Raises AlignTIError when the family composes no student (its adapter has no ``composition``), the LM is not of
+    the family's decoder kind, the tower's image grid does not fit the teacher's, or an LM of another tokenizer
+    cannot be given an image-rendering chat template (or is for a family that keeps the teacher's tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
-    from alignti.common.adapters import adapter_class
+    from alignti.common.adapters import ADAPTERS, adapter_class
     from alignti.common.models import FRESH_MARKER, load_processor
     from alignti.common.saving import save_checkpoint
 
     teacher_cfg = AutoConfig.from_pretrained(like)
-    family = adapter_class(teacher_cfg.model_type).family
-    if family not in COMPOSED:
-        raise AlignTIError(f"make-student --vision/--lm composes students of the {', '.join(COMPOSED)} families; the "
-                           f"teacher at {like} is a {teacher_cfg.model_type}: build its student with --from-teacher "
+    adapter = adapter_class(teacher_cfg.model_type)
+    family, comp = adapter.family, adapter.composition
+    if comp is None:
+        composed = ", ".join(t for c in ADAPTERS if c.composition is not None for t in c.model_types)
+        raise AlignTIError(f"make-student --vision/--lm composes students of {composed} teachers; the teacher at "
+                           f"{like} is a {teacher_cfg.model_type}: build its student with --from-teacher "
                            "--keep-layers (a pruned teacher) instead")
     processor = load_processor(like)
     lm_cfg = AutoConfig.from_pretrained(lm)
     lm_cfg = getattr(lm_cfg, "text_config", None) or lm_cfg
-    if family in QWEN and lm_cfg.model_type != "qwen2":
-        raise AlignTIError(f"the language model at {lm} is a {lm_cfg.model_type}; a {family} student's language model is "
-                           "Qwen2's architecture (q/k/v with bias, M-RoPE): pick a Qwen2 (Qwen2.5) checkpoint")
+    if comp.lm_types is not None and lm_cfg.model_type not in comp.lm_types:
+        raise AlignTIError(f"the language model at {lm} is a {lm_cfg.model_type}; a {teacher_cfg.model_type} "
+                           f"student's language model is {comp.lm_note}")
     own_proc = None
     try:
         check_tokenizer(lm, lm_cfg, processor.tokenizer, int(teacher_cfg.text_config.vocab_size))
     except AlignTIError as e:
         lm_tok = _tokenizer_or_none(lm)
-        if lm_tok is None or family in QWEN:  # Qwen2-VL's template and vision tokens are its tokenizer's own
-            raise AlignTIError(f"{e}; across tokenizers make-student builds LLaVA and LLaVA-OneVision students "
-                               "(the LM's tokenizer saved beside it)") from None
+        if lm_tok is None or not comp.other_tokenizer:  # e.g. Qwen-VL: its template and vision tokens are its own
+            across = ", ".join(t for c in ADAPTERS if c.composition and c.composition.other_tokenizer
+                               for t in c.model_types)
+            raise AlignTIError(f"{e}; across tokenizers make-student builds {across} students (the LM's tokenizer "
+                               "saved beside it)") from None
         own_proc = student_processor(processor, lm_tok, lm)
-    tower, vcfg = _vision_model(vision, family)
-    check_vision(vision, vcfg, teacher_cfg, family, processor.image_processor)
+    tower, vcfg = _vision_model(vision, comp)
+    check_vision(vision, vcfg, teacher_cfg, comp, processor.image_processor)
     language = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32)
     vocab = int(teacher_cfg.text_config.vocab_size) if own_proc is None else max(len(own_proc.tokenizer),
                                                                             int(lm_cfg.vocab_size))
     language.resize_token_embeddings(vocab)
 
     torch.manual_seed(seed)
-    student = AutoModelForImageTextToText.from_config(_student_config(teacher_cfg, vcfg, lm_cfg, family, own_proc),
+    student = AutoModelForImageTextToText.from_config(_student_config(teacher_cfg, vcfg, lm_cfg, comp, own_proc),
                                                       dtype=torch.float32)
+    vision_module = getattr(student.model, comp.tower)
+    fresh = [student.model.get_submodule(f) for f in comp.fresh]
+    inside = [f[len(comp.tower) + 1:] + "." for f in comp.fresh if f.startswith(comp.tower + ".")]  # in the tower
     with torch.no_grad():
         student.model.language_model.load_state_dict(language.model.state_dict())
         student.lm_head.weight.copy_(language.get_output_embeddings().weight)
-        if family in QWEN:
-            tower_sd = tower.state_dict()
-            kept = {k: v for k, v in tower_sd.items() if not k.startswith("merger.")}
-            missing, unexpected = student.model.visual.load_state_dict(kept, strict=False)
-            if unexpected or any(not k.startswith("merger.") for k in missing):
-                raise AlignTIError(f"the visual tower of {vision} does not fit a {family} tower of its own config "
-                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-            projector = student.model.visual.merger
-            vision_module = student.model.visual
-        else:
-            student.model.vision_tower.load_state_dict(tower.state_dict())
-            projector = student.model.multi_modal_projector
-            vision_module = student.model.vision_tower
+        kept = {k: v for k, v in tower.state_dict().items() if not k.startswith(tuple(inside))}
+        missing, unexpected = vision_module.load_state_dict(kept, strict=False)
+        if unexpected or any(not k.startswith(tuple(inside)) for k in missing):
+            raise AlignTIError(f"the vision tower of {vision} does not fit a {teacher_cfg.model_type} tower of its own "
+                               f"config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    notes = adapter.prune_layers(student, list(range(int(lm_cfg.num_hidden_layers))), None)
+    for note in notes:  # e.g. Qwen3-VL: deepstack features into LM layers the LM does not have
+        log.warning("make-student: %s", note)
     try:
         generation = GenerationConfig.from_pretrained(like if own_proc is None else lm)
     except OSError:
@@ -308,14 +322,17 @@ def compose_student(vision: str, lm: str, like: str, out: str | Path, seed: int 
         if own_proc.tokenizer.pad_token_id is not None:
             generation.pad_token_id = own_proc.tokenizer.pad_token_id
     save_checkpoint(student, processor if own_proc is None else own_proc, out, generation_config=generation)
-    # the projector starts untrained by design: train-student names it and refuses settings that would freeze it
-    name = next(n for n, m in student.named_modules() if m is projector)
-    (Path(out) / FRESH_MARKER).write_text(json.dumps({"fresh": [name], "made_by": "alignti make-student"}, indent=2))
+    # the projectors start untrained by design: train-student names them and refuses settings that would freeze them
+    names = ["model." + f for f in comp.fresh]
+    (Path(out) / FRESH_MARKER).write_text(json.dumps({"fresh": names, "made_by": "alignti make-student"}, indent=2))
     count = (lambda m: sum(p.numel() for p in m.parameters()))
+    n_fresh = sum(count(m) for m in student.model.get_submodule(comp.tower).modules() if any(m is f for f in fresh))
     info = {"out": str(out), "family": family, "student_params": count(student),
-            "vision_params": count(vision_module) - (count(projector) if family in QWEN else 0),
+            "vision_params": count(vision_module) - n_fresh,
             "lm_params": count(student.model.language_model) + count(student.lm_head),
-            "projector_params": count(projector)}
+            "projector_params": sum(count(m) for m in fresh)}
+    if notes:
+        info["notes"] = notes
     if own_proc is not None:
         info.update(tokenizer="the LM's own", vocab=len(own_proc.tokenizer),
                     teacher_vocab=len(processor.tokenizer),

@@ -114,11 +114,17 @@ def evaluate_lmms(model_path: str | Path, tasks: str | list[str], include_path: 
         where = f" or under --include-path {include_path}" if include_path else " (a local task needs --include-path)"
         raise AlignTIError(f"--lmms-eval: no lmms-eval task {', '.join(unknown)} in lmms-eval{where}; "
                            "`alignti export-task` makes one from a LLaVA-style split")
-    args = {"pretrained": Path(model_path).resolve(), "device_map": device, **extra}
+    import tempfile
+
+    from transformers import AutoConfig
+    adapter = adapter_class(AutoConfig.from_pretrained(str(model_path)).model_type)
     t0 = time.perf_counter()
-    out = evaluator.simple_evaluate(model=model_name, model_args=",".join(f"{k}={v}" for k, v in args.items()),
-                                    tasks=names, batch_size=batch_size, device=device, limit=limit,
-                                    task_manager=manager, log_samples=True)
+    with tempfile.TemporaryDirectory(prefix="alignti-lmms-") as scratch:  # the family's link, where it needs one
+        args = {"pretrained": adapter.lmms_eval_folder(Path(model_path).resolve(), Path(scratch)),
+                "device_map": device, **extra}
+        out = evaluator.simple_evaluate(model=model_name, model_args=",".join(f"{k}={v}" for k, v in args.items()),
+                                        tasks=names, batch_size=batch_size, device=device, limit=limit,
+                                        task_manager=manager, log_samples=True)
     seconds = time.perf_counter() - t0
     scores = {task: {k.split(",")[0]: v for k, v in res.items()
                      if isinstance(v, (int, float)) and "_stderr" not in k and k != "alias"}

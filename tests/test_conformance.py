@@ -437,6 +437,58 @@ def teacher_modules(fkit: Kit):
             AutoConfig.from_pretrained(fkit.root / "kit/teacher")).named_modules())
 
 
+def _family_lm(fkit, out: Path, lm_type: str) -> Path:
+    """A causal LM of ``lm_type`` (the family's decoder kind) at the kit student's text dimensions, with the kit's
+    tokenizer, saved: the --lm of a composed student."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from alignti.common.models import load_processor
+    text = AutoConfig.from_pretrained(fkit.root / "kit/student").text_config.to_dict()
+    rope = {k: v for k, v in (text.get("rope_parameters") or {}).items() if not k.startswith("mrope")}
+    keys = set(AutoConfig.for_model(lm_type).to_dict()) - {"model_type", "architectures", "transformers_version"}
+    cfg = AutoConfig.for_model(lm_type, **{k: v for k, v in dict(text, rope_parameters=rope).items() if k in keys})
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    load_processor(str(fkit.root / "kit/teacher")).tokenizer.save_pretrained(out)
+    return out
+
+
+def test_composed_student_trains_and_its_folder_loads_with_the_auto_classes(fkit, tmp_path):
+    """make-student --vision (the kit teacher's tower) --lm (a causal LM of the family's decoder kind, narrower than
+    the teacher's) --like (the kit teacher): the student holds the LM's weights and the tower's bit for bit, the
+    family's projectors start fresh (named in the marker), it trains a step on the teacher's cache and its run folder
+    loads with the Auto classes, processor included, and generates. Families whose adapter composes no student are
+    skipped, saying so."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignti.common.models import FRESH_MARKER
+    from alignti.student_build.compose import compose_student
+    from alignti.student_train.trainer import TrainConfig, train_student
+    from tests.helpers import generate_once
+    comp = FAMILIES[fkit.family].adapter.composition
+    if comp is None:
+        pytest.skip(f"{fkit.family}: its adapter composes no student (make-student --vision/--lm refuses it; "
+                    "--from-teacher builds one)")
+    teacher = fkit.root / "kit/teacher"
+    lm_type = comp.lm_types[0] if comp.lm_types else AutoConfig.from_pretrained(teacher).text_config.model_type
+    lm = _family_lm(fkit, tmp_path / "lm", lm_type)
+    out = tmp_path / "student"
+    info = compose_student(str(teacher), str(lm), str(teacher), out)
+    student, _ = _auto(out)
+    st = student.state_dict()
+    for k, v in AutoModelForCausalLM.from_pretrained(lm).state_dict().items():
+        want = "model.language_model." + k[len("model."):] if k.startswith("model.") else k
+        assert torch.equal(st[want], v), k
+    tower = "model." + comp.tower + "."
+    fresh = tuple("model." + f + "." for f in comp.fresh)
+    src = {k: v for k, v in _auto(teacher)[0].state_dict().items() if k.startswith(tower) and not k.startswith(fresh)}
+    assert src and all(torch.equal(st[k], v) for k, v in src.items())
+    assert json.loads((out / FRESH_MARKER).read_text())["fresh"] == ["model." + f for f in comp.fresh]
+    assert info["projector_params"] == sum(v.numel() for k, v in st.items() if k.startswith(fresh))
+    run = train_student(TrainConfig(student=str(out), cache=str(fkit.root / "cache"), out=str(tmp_path / "run"),
+                                    loss="alignti", max_steps=1, batch_size=4, progress=False))
+    generate_once(run["final"])
+
+
 # --- the registry ----------------------------------------------------------------------------------------------
 def test_every_model_type_of_the_registry_has_its_adapter_and_transformers_class():
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -11,6 +11,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from alignti.cli import app
@@ -183,9 +184,10 @@ def test_each_family_has_lmms_eval_s_own_class():
     """The family choice sits behind the adapters: llava_hf loads transformers-format LLaVA and LLaVA-OneVision
     folders, qwen2_vl / qwen2_5_vl theirs, with the processor's pixel bounds (lmms-eval's own: 3136 / 602112)."""
     from alignti.common.adapters import adapter_class
-    got = {t: adapter_class(t).lmms_eval_model(t) for t in ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl")}
+    got = {t: adapter_class(t).lmms_eval_model(t) for t in ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
+                                                             "qwen3_vl", "gemma3")}
     assert got == {"llava": "llava_hf", "llava_onevision": "llava_hf", "qwen2_vl": "qwen2_vl",
-                   "qwen2_5_vl": "qwen2_5_vl"}
+                   "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "gemma3": "gemma3"}
     size = {"size": {"shortest_edge": 2304, "longest_edge": 2304}}
     assert adapter_class("qwen2_vl").lmms_eval_args(size) == {"min_pixels": 2304, "max_pixels": 2304}
     assert adapter_class("llava").lmms_eval_args(size) == {}
@@ -211,3 +213,58 @@ def test_qwen2_vl_runs_through_lmms_eval_s_qwen2_vl_class(tmp_path):
     assert saved["lmms_eval_model"] == "qwen2_vl" and saved["samples"]["q"] == 2
     assert saved["lmms_eval_model_args"]["min_pixels"] == saved["lmms_eval_model_args"]["max_pixels"] == "2304"
     assert set(saved["results"]["q"]) == {"exact_match", "alignti_exact_match"}
+
+
+@needs_lmms
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+def test_qwen3_vl_and_gemma3_run_through_lmms_eval_s_own_classes(family, tmp_path):
+    """lmms-eval 0.7.3's own qwen3_vl and gemma3 classes load the demo's Qwen3-VL and Gemma 3 students (bfloat16, as
+    those classes load every checkpoint) and answer every question; the scores land in the model's eval folder.
+    Answers are not compared with alignti's: both classes always send a system turn ("You are a helpful
+    assistant."), and qwen3_vl resizes images on Qwen3-VL's released 16-px patch grid (``process_vision_info(...,
+    image_patch_size=16)``, then the processor with ``do_resize=False``), so the demo's 48-px scenes in 8-px patches
+    reach it as 32 x 32 (4 image tokens, not 9)."""
+    from alignti.demo.kit import make_demo
+    make_demo(tmp_path, n_train=1, n_val=1, n_test=1, train_teacher=False, family=family)
+    res = runner.invoke(app, ["export-task", "--data", str(tmp_path / "data/test.json"), "--images",
+                              str(tmp_path / "data/images"), "--out", str(tmp_path / "task"), "--name", "q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "student"), "--lmms-eval", "q", "--include-path",
+                              str(tmp_path / "task"), "--device", "cpu", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "student/eval/lmms_eval-q.json").read_text())
+    assert saved["lmms_eval_model"] == family and saved["samples"]["q"] == 2
+    assert len(saved["answers"]["q"]) == 2
+    assert set(saved["results"]["q"]) == {"exact_match", "alignti_exact_match"}
+
+
+@needs_lmms
+def test_a_qwen3_vl_moe_student_reaches_lmms_eval_as_moe(tmp_path):
+    """lmms-eval's qwen3_vl class picks the MoE model class from the path alone (A<n>B in it): the demo's Qwen3-VL-MoE
+    student's bare folder it loads as a dense Qwen3-VL (its MLP weights missing, initialised at random), the path
+    alignti gives it (the adapter's ``lmms_eval_folder``: a link ending in -A0B) as Qwen3-VL-MoE holding the folder's
+    weights; evaluate --lmms-eval then runs."""
+    from transformers import AutoModelForImageTextToText
+
+    from alignti.common.adapters import adapter_class
+    from alignti.demo.kit import make_demo
+    from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
+    make_demo(tmp_path, n_train=1, n_val=1, n_test=1, train_teacher=False, family="qwen3_vl_moe")
+    student = (tmp_path / "student").resolve()
+    bare = Qwen3_VL(pretrained=str(student), device="cpu", device_map="cpu")
+    assert type(bare.model).__name__ == "Qwen3VLForConditionalGeneration"  # the silent failure alignti avoids
+    (tmp_path / "scratch").mkdir()
+    path = adapter_class("qwen3_vl_moe").lmms_eval_folder(student, tmp_path / "scratch")
+    loaded = Qwen3_VL(pretrained=str(path), device="cpu", device_map="cpu").model
+    assert type(loaded).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    want = AutoModelForImageTextToText.from_pretrained(student, dtype=loaded.dtype).state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    res = runner.invoke(app, ["export-task", "--data", str(tmp_path / "data/test.json"), "--images",
+                              str(tmp_path / "data/images"), "--out", str(tmp_path / "task"), "--name", "q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", "--model", str(student), "--lmms-eval", "q", "--include-path",
+                              str(tmp_path / "task"), "--device", "cpu", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((student / "eval/lmms_eval-q.json").read_text())
+    assert saved["lmms_eval_model"] == "qwen3_vl" and saved["lmms_eval_model_args"]["pretrained"].endswith("-A0B")

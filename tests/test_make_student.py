@@ -268,12 +268,27 @@ def test_pruned_gemma4_keeps_its_per_layer_inputs_and_kv_sharing(tmp_path):
 
 
 def test_composing_a_family_the_recipe_does_not_cover_is_named(tmp_path):
-    """make-student --vision/--lm for a teacher family outside the composition recipe: refused by name, pointing to
-    --from-teacher, before anything is written."""
-    tok = kit.build_tokenizer("gemma3")
-    save_checkpoint(kit.build_model("gemma3", tok, kit.TEACHER, 0), kit.build_processor(tok, "gemma3"), tmp_path / "t")
-    with pytest.raises(AlignTIError, match=r"teacher at .* is a gemma3: build its student with --from-teacher"):
+    """make-student --vision/--lm for a teacher family whose adapter composes no student (Qwen3.5's hybrid decoder):
+    refused by name, pointing to --from-teacher; for a Qwen3-VL teacher an LM of another decoder kind (Qwen2) and a
+    tower from another kind of checkpoint (Qwen2-VL) are refused naming what fits; nothing is written."""
+    tok = kit.build_tokenizer("qwen3_5")
+    save_checkpoint(kit.build_model("qwen3_5", tok, kit.TEACHER, 0), kit.build_processor(tok, "qwen3_5"), tmp_path / "t")
+    with pytest.raises(AlignTIError, match=r"composes students of .*qwen3_vl.*gemma3 teachers; the teacher at .* is a "
+                                           r"qwen3_5: build its student with --from-teacher"):
         compose_student(str(tmp_path / "v"), str(tmp_path / "l"), str(tmp_path / "t"), tmp_path / "s")
+    teacher, vision, lm = _parts(tmp_path / "q2", "qwen2_vl")  # a Qwen2-VL tower and a Qwen2 LM
+    tok = kit.build_tokenizer("qwen3_vl")
+    save_checkpoint(kit.build_model("qwen3_vl", tok, kit.TEACHER, 0), kit.build_processor(tok, "qwen3_vl"),
+                    tmp_path / "t3")
+    with pytest.raises(AlignTIError, match=r"is a qwen2; a qwen3_vl student's language model is Qwen3's architecture"):
+        compose_student(str(vision), str(lm), str(tmp_path / "t3"), tmp_path / "s")
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), max_position_embeddings=512, **LM)).save_pretrained(
+        tmp_path / "lm3")
+    tok.save_pretrained(tmp_path / "lm3")
+    with pytest.raises(AlignTIError, match=r"--vision .* is a qwen2_vl checkpoint; this student takes its vision tower "
+                                           r"from a qwen3_vl or qwen3_vl_moe checkpoint"):
+        compose_student(str(vision), str(tmp_path / "lm3"), str(tmp_path / "t3"), tmp_path / "s")
     assert not (tmp_path / "s").exists()
 
 
