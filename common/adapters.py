@@ -582,6 +582,7 @@ class LlavaOnevision1_5Adapter(Qwen2VLAdapter):
     ``generation_inputs`` adds.)"""
     family = "llava_onevision1_5"
     position_ids = ModelAdapter.position_ids
+    composition = None  # Qwen2-VL's recipe would build a Qwen2-VL model, not this family's: --from-teacher instead
 
 
 class Lfm2VlAdapter(ModelAdapter):
@@ -709,6 +710,7 @@ class Gemma4Adapter(Gemma3Adapter):
     sliding_window, OR(causal, same image block)), and the global layers stay causal (unlike Gemma 3); without it
     (the small checkpoints) every layer is causal, the sliding ones windowed."""
     family = "gemma4"
+    composition = None  # Gemma 3's recipe would build a Gemma 3 model, not this family's: --from-teacher instead
     media_token_keys = ("image_token_id", "boi_token_id", "eoi_token_id", "video_token_id", "audio_token_id",
                         "boa_token_id", "eoa_token_index")
     projector_prefixes = ("model.embed_vision.",)
