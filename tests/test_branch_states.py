@@ -76,11 +76,15 @@ def _direct(model, ids, branch_pos, cands):
     return torch.stack(rows).view(-1, cands[0].shape[-1], rows[0].shape[-1])
 
 
+@pytest.mark.parametrize("window", [64, 5], ids=["one-window", "windows"])
 @pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
-def test_branches_from_snapshots_are_the_model_on_prefix_plus_candidate(build):
+def test_branches_from_snapshots_are_the_model_on_prefix_plus_candidate(build, window):
+    """Without a gradient the states come from one call per window of the prefix: at ``window`` 5 the positions sit
+    at a window's start, inside it, at its end, and a window holds none (sample 0's 15-20)."""
     model, adapter, ids, embeds, pos, branch_pos, cands = _case(build)
     with torch.no_grad():
-        got = snapshot_branch_hidden(adapter, embeds, pos, cands, branch_pos, max_rows=8)  # several continuations
+        got = snapshot_branch_hidden(adapter, embeds, pos, cands, branch_pos, max_rows=8,  # several continuations
+                                     window=window)
         want = _direct(model, ids, branch_pos, cands)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
 
@@ -88,7 +92,8 @@ def test_branches_from_snapshots_are_the_model_on_prefix_plus_candidate(build):
 @pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
 def test_each_prefix_token_runs_through_the_decoder_once(build):
     """The cost the mask-free path exists to cut: the decoder sees each sample's prefix once (up to its last TPA
-    position) plus one token per (position, candidate), not a prefix per (position, candidate)."""
+    position) plus one token per (position, candidate), not a prefix per (position, candidate); the teacher (no
+    gradient) reads the states at its positions from one call per window of the prefix, not one per position."""
     model, adapter, ids, embeds, pos, branch_pos, cands = _case(build)
     seen = []
     hook = adapter.decoder_layers()[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:2]))
@@ -100,7 +105,8 @@ def test_each_prefix_token_runs_through_the_decoder_once(build):
     tokens = sum(b * n for b, n in seen)
     rows = sum(c.shape[0] * c.shape[1] for c in cands)
     assert tokens == sum(int(p.max()) for p in branch_pos) + rows
-    assert len(seen) == sum(len(p) for p in branch_pos) + 1  # a segment per position, one batched continuation
+    # without a gradient: a call per 64-token window of each prefix (not per position), one batched continuation
+    assert len(seen) == sum(-(-int(p.max()) // 64) for p in branch_pos) + 1 < sum(len(p) for p in branch_pos) + 1
 
 
 def test_student_gradients_through_snapshots_are_plain_autograd_with_checkpointing():
