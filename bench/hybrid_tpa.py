@@ -127,7 +127,13 @@ def main():
                 f"student KD+TPA step at {a.tpa_positions}": lambda: student(True)}
     if a.before:
         from alignti.teacher_dump import compute
+        from alignti.common import branch_states as bs
+        old_bs = module_at(a.before, "common/branch_states.py")
+        old_bs.SnapshotLinearLayer = bs.SnapshotLinearLayer  # the adapter builds today's cache: one class for both
         old = module_at(a.before)
+        for name in ("snapshot_branch_hidden", "main_pass_in_two", "prompt_split_at"):  # the revision's, not today's
+            if hasattr(old_bs, name) and hasattr(old, name):
+                setattr(old, name, getattr(old_bs, name))
         old_compute = module_at(a.before, "teacher_dump/compute.py")
 
         def teacher_before():  # today's teacher_batch with the revision's branch pass and top-k fold

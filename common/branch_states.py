@@ -11,6 +11,8 @@ convolution layer; a ``DynamicLayer`` holding an attention layer's keys and valu
    batch together), with a cache whose linear / conv layers update **out of place** (``SnapshotLinearLayer``): the
    state after each segment is a reference kept for later, never overwritten, so it costs no copy and, in training,
    stays in the autograd graph (the student's TPA gradient reaches the prefix through it as through plain autograd);
+   without a gradient (the teacher) the prefix runs in windows instead, the states at the positions read from each
+   window's call (``window_snapshots``: the conv inputs the cache saw, the model's own per-token recurrent states);
 2. the candidates of all positions are one batch of one-token continuations (``fork``): row r starts from the
    linear / conv states of its sample at its position (stacked along the batch) and from its sample's keys and
    values of the whole replayed prefix, masked to the keys before its position (plus its own).
