@@ -167,3 +167,26 @@ def test_main_pass_in_two_segments_is_the_one_pass_and_the_replay_skips_the_prom
     torch.testing.assert_close(two.resp_hidden, one.resp_hidden, rtol=0, atol=ATOL)
     torch.testing.assert_close(two.branch_hidden, one.branch_hidden, rtol=0, atol=ATOL)
     assert tokens_one - tokens_two == two.prefix[0] * len(ids)  # each sample's prompt, once less
+
+
+def test_teacher_entropy_is_the_brute_force_entropy_and_the_old_expression_bit_for_bit():
+    """The entropy that picks the TPA positions (``topk_fold_hidden(..., entropy=True)``, computed in place over one
+    [rows, V] temporary) is the fp32 expression -(exp(lp) * lp).nan_to_num(0).sum(-1) bit for bit (the same ops in
+    the same order) and the float64 brute force to fp32 rounding (V * eps32 of the largest term's size), across the
+    head's row chunks (chunk 3 of 7 rows), with a row whose logits underflow to p = 0 (0 * log 0 counted as 0)."""
+    from alignti.teacher_dump.compute import topk_fold_hidden
+    g = torch.Generator().manual_seed(0)
+    V = 5000
+    head = torch.nn.Linear(16, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, 16, generator=g))
+    h = torch.randn(7, 16, generator=g)
+    h[3] *= 60.0  # a near-one-hot row: most of its exp(lp) underflow to 0
+    with torch.no_grad():
+        *_, ent = topk_fold_hidden(h, head, 8, entropy=True, chunk=3)
+        lp = torch.cat([torch.log_softmax(head(h[i:i + 3]).float(), -1) for i in range(0, 7, 3)])  # the same chunks
+        old = -(lp.exp() * lp).nan_to_num(0.0).sum(-1)
+        lp64 = torch.log_softmax(head(h).double(), -1)
+        brute = -(lp64.exp() * lp64).sum(-1)
+    assert torch.equal(ent, old)
+    torch.testing.assert_close(ent.double(), brute, rtol=0, atol=V * torch.finfo(torch.float32).eps * 20)
