@@ -73,9 +73,11 @@ class SnapshotLinearLayer(LinearAttentionLayer):
 
     def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs) -> torch.Tensor:
         last = recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[-1]
-        if self.recording is not None:  # the model's per-token states of its last recurrent_states_to_keep tokens
-            self.recording.setdefault("recurrent", {})[state_idx] = (
-                list(recurrent_states) if not isinstance(recurrent_states, torch.Tensor) else [recurrent_states])
+        if self.recording is not None:  # the model's per-token states of its last recurrent_states_to_keep tokens:
+            per_token = [recurrent_states] if isinstance(recurrent_states, torch.Tensor) else recurrent_states
+            self.recording.setdefault("count", {})[state_idx] = len(per_token)
+            self.recording.setdefault("recurrent", {})[state_idx] = {  # only those asked for are kept
+                i: per_token[i] for i in self.recording["want"] if i < len(per_token)}
         self.recurrent_states[state_idx] = last
         self.is_recurrent_states_initialized[state_idx] = self.has_previous_state[state_idx] = True
         return last
@@ -212,7 +214,8 @@ def window_snapshots(adapter, cache: DynamicCache, embeds: torch.Tensor, positio
     is the model's own recurrent state after token t - 1, which transformers' forward returns per token for the last
     ``recurrent_states_to_keep`` tokens of a call (the recurrent kernel there, the chunked kernel before: the state
     is the same recurrence, rounded differently); an attention layer keeps its keys and values in ``cache`` as
-    before. Memory: at most ``window`` per-token states of one layer at a time, besides the kept snapshots.
+    before. Memory: the model's forward holds at most ``window`` per-token states of one layer at a time; of them
+    only those at the positions are kept (``SnapshotLinearLayer.update_recurrent_state``).
     Appends to ``snaps`` / ``snap_of[key_of[t]]`` as ``snapshot_branch_hidden`` does. Returns False, having run
     nothing, where the decoder has no linear / conv layer or no position lies past ``prev``. RuntimeError where the
     model returns fewer per-token recurrent states than asked (a forward that ignores ``recurrent_states_to_keep``)."""
@@ -232,7 +235,7 @@ def window_snapshots(adapter, cache: DynamicCache, embeds: torch.Tensor, positio
         here = [t for t in todo if t <= e]  # none: a window short of the next position, run for its states only
         keep = e - here[0] + 1 if here else 0
         for x in linear:
-            x.recording, x.recurrent_states_to_keep = {}, keep
+            x.recording, x.recurrent_states_to_keep = {"want": [t - 1 - (e - keep) for t in here]}, keep
         try:
             lm(inputs_embeds=embeds[:, s:e], position_ids=position_ids[..., s:e], cache=cache, use_cache=True)
             recs = [x.recording for x in linear]
@@ -254,11 +257,10 @@ def window_snapshots(adapter, cache: DynamicCache, embeds: torch.Tensor, positio
                     if v is None:
                         recurrent[k] = None
                         continue
-                    per_token = rec["recurrent"][k]
-                    if len(per_token) != keep:
-                        raise RuntimeError(f"TPA without masks: the language model returned {len(per_token)} "
+                    if rec["count"][k] != keep:
+                        raise RuntimeError(f"TPA without masks: the language model returned {rec['count'][k]} "
                                            f"recurrent states for {keep} asked (recurrent_states_to_keep)")
-                    recurrent[k] = per_token[t - 1 - (e - keep)]
+                    recurrent[k] = rec["recurrent"][k][t - 1 - (e - keep)]
                 row.append((conv, recurrent))
             snap_of[key_of[t]] = len(snaps)
             snaps.append(row)

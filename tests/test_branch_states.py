@@ -190,3 +190,13 @@ def test_teacher_entropy_is_the_brute_force_entropy_and_the_old_expression_bit_f
         brute = -(lp64.exp() * lp64).sum(-1)
     assert torch.equal(ent, old)
     torch.testing.assert_close(ent.double(), brute, rtol=0, atol=V * torch.finfo(torch.float32).eps * 20)
+
+
+def test_a_forward_that_ignores_recurrent_states_to_keep_is_refused_not_misread(monkeypatch):
+    """Where the model's forward does not return the per-token recurrent states the teacher's windows ask for, the
+    replay stops with an error naming ``recurrent_states_to_keep`` rather than reading a wrong state."""
+    from transformers.cache_utils import DynamicCache
+    model, adapter, ids, embeds, pos, branch_pos, cands = _case(_qwen3_5)
+    monkeypatch.setattr(DynamicCache, "get_recurrent_states_to_keep", lambda self, layer_idx=None: 0)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="recurrent_states_to_keep"):
+        snapshot_branch_hidden(adapter, embeds, pos, cands, branch_pos)
