@@ -217,12 +217,15 @@ def window_snapshots(adapter, cache: DynamicCache, embeds: torch.Tensor, positio
     before. Memory: the model's forward holds at most ``window`` per-token states of one layer at a time; of them
     only those at the positions are kept (``SnapshotLinearLayer.update_recurrent_state``).
     Appends to ``snaps`` / ``snap_of[key_of[t]]`` as ``snapshot_branch_hidden`` does. Returns False, having run
-    nothing, where the decoder has no linear / conv layer or no position lies past ``prev``. RuntimeError where the
+    nothing, where the decoder has no linear / conv layer or no position lies past ``prev``. ValueError for a
+    position before ``prev`` (inside the main pass's first segment, as the per-position path). RuntimeError where the
     model returns fewer per-token recurrent states than asked (a forward that ignores ``recurrent_states_to_keep``)."""
     lm = adapter.language_model
     linear = [x for x in cache.layers if isinstance(x, SnapshotLinearLayer)]
     if not linear or stops[-1] <= prev:
         return False
+    if stops[0] < prev:
+        raise ValueError(f"TPA position {stops[0]} is inside the main pass's first segment (0-{prev})")
     todo = list(stops)
     while todo and todo[0] == prev:  # the state before any new token: the cache as it stands
         t = todo.pop(0)

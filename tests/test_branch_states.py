@@ -200,3 +200,13 @@ def test_a_forward_that_ignores_recurrent_states_to_keep_is_refused_not_misread(
     monkeypatch.setattr(DynamicCache, "get_recurrent_states_to_keep", lambda self, layer_idx=None: 0)
     with torch.no_grad(), pytest.raises(RuntimeError, match="recurrent_states_to_keep"):
         snapshot_branch_hidden(adapter, embeds, pos, cands, branch_pos)
+
+
+def test_a_window_position_inside_the_first_segment_is_refused_by_name():
+    """The teacher's windows refuse a TPA position before where the replay starts (inside the main pass's first
+    segment) as the per-position path does, naming the position, before running anything."""
+    from alignti.common.branch_states import window_snapshots
+    model, adapter, ids, embeds, pos, branch_pos, cands = _case(_qwen3_5)
+    with torch.no_grad(), pytest.raises(ValueError, match="TPA position 3 is inside the main pass's first segment"):
+        window_snapshots(adapter, adapter.branch_state_cache(), embeds[:1], pos[..., :1, :], 5, [3, 8], 64, [],
+                         {3: (0, 3), 8: (0, 8)}, {})
