@@ -52,15 +52,16 @@ def build(hidden: int, layers: int, vocab: int, work: Path):
     return AutoModelForImageTextToText.from_config(cfg).eval()
 
 
-def module_at(rev: str):
-    """``alignti.common.batch`` as it was at git revision ``rev`` (its relative imports resolve to today's package)."""
+def module_at(rev: str, path: str = "common/batch.py"):
+    """The module at ``path`` as it was at git revision ``rev`` (its relative imports resolve to today's package)."""
     root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", f"{rev}:common/batch.py"], cwd=root, check=True, capture_output=True,
+    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True,
                          text=True).stdout
-    name = "alignti.common._batch_before"
+    package = "alignti." + path.rsplit("/", 1)[0].replace("/", ".")
+    name = f"{package}._{Path(path).stem}_before"
     spec = importlib.util.spec_from_loader(name, loader=None)
     mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "alignti.common"
+    mod.__package__ = package
     sys.modules[name] = mod
     exec(compile(src, f"{rev}:common/batch.py", "exec"), mod.__dict__)
     return mod
@@ -126,15 +127,22 @@ def main():
                 f"student KD+TPA step at {a.tpa_positions}": lambda: student(True)}
     if a.before:
         from alignti.teacher_dump import compute
+        from alignti.common import branch_states as bs
+        old_bs = module_at(a.before, "common/branch_states.py")
+        old_bs.SnapshotLinearLayer = bs.SnapshotLinearLayer  # the adapter builds today's cache: one class for both
         old = module_at(a.before)
+        for name in ("snapshot_branch_hidden", "main_pass_in_two", "prompt_split_at"):  # the revision's, not today's
+            if hasattr(old_bs, name) and hasattr(old, name):
+                setattr(old, name, getattr(old_bs, name))
+        old_compute = module_at(a.before, "teacher_dump/compute.py")
 
-        def teacher_before():
-            now = compute.branch_pass
-            compute.branch_pass = old.branch_pass
+        def teacher_before():  # today's teacher_batch with the revision's branch pass and top-k fold
+            now = compute.branch_pass, compute.topk_fold_hidden
+            compute.branch_pass, compute.topk_fold_hidden = old.branch_pass, old_compute.topk_fold_hidden
             try:
                 teacher_batch(adapter, batch, params)
             finally:
-                compute.branch_pass = now
+                compute.branch_pass, compute.topk_fold_hidden = now
 
         variants[f"teacher_batch, TPA at {a.tpa_positions}, {a.before}"] = teacher_before
         variants[f"student KD+TPA step at {a.tpa_positions}, {a.before}"] = lambda: student(True, old.forward)

@@ -11,6 +11,8 @@ convolution layer; a ``DynamicLayer`` holding an attention layer's keys and valu
    batch together), with a cache whose linear / conv layers update **out of place** (``SnapshotLinearLayer``): the
    state after each segment is a reference kept for later, never overwritten, so it costs no copy and, in training,
    stays in the autograd graph (the student's TPA gradient reaches the prefix through it as through plain autograd);
+   without a gradient (the teacher) the prefix runs in windows instead, the states at the positions read from each
+   window's call (``window_snapshots``: the conv inputs the cache saw, the model's own per-token recurrent states);
 2. the candidates of all positions are one batch of one-token continuations (``fork``): row r starts from the
    linear / conv states of its sample at its position (stacked along the batch) and from its sample's keys and
    values of the whole replayed prefix, masked to the keys before its position (plus its own).
@@ -44,6 +46,7 @@ class SnapshotLinearLayer(LinearAttentionLayer):
         self.record_past = True
         self.recurrent_states_to_keep = 0  # the model's forward computes no intermediate recurrent states
         self.cumulative_length_linear = 0
+        self.recording = None  # a dict while ``window_snapshots`` records a call's conv inputs and per-token states
 
     def lazy_initialization(self, conv_states=None, recurrent_states=None, state_idx: int = 0,
                             conv_kernel_size: int | None = None) -> None:
@@ -60,6 +63,8 @@ class SnapshotLinearLayer(LinearAttentionLayer):
         if prev is None:
             prev = conv_states.new_zeros(*conv_states.shape[:-1], k)
         full = torch.cat([prev, conv_states], -1)
+        if self.recording is not None:
+            self.recording.setdefault("conv", {})[state_idx] = full
         self.conv_states[state_idx] = full[..., -k:]
         self.is_conv_states_initialized[state_idx] = self.has_previous_state[state_idx] = True
         if state_idx == 0:
@@ -68,6 +73,11 @@ class SnapshotLinearLayer(LinearAttentionLayer):
 
     def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs) -> torch.Tensor:
         last = recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[-1]
+        if self.recording is not None:  # the model's per-token states of its last recurrent_states_to_keep tokens:
+            per_token = [recurrent_states] if isinstance(recurrent_states, torch.Tensor) else recurrent_states
+            self.recording.setdefault("count", {})[state_idx] = len(per_token)
+            self.recording.setdefault("recurrent", {})[state_idx] = {  # only those asked for are kept
+                i: per_token[i] for i in self.recording["want"] if i < len(per_token)}
         self.recurrent_states[state_idx] = last
         self.is_recurrent_states_initialized[state_idx] = self.has_previous_state[state_idx] = True
         return last
@@ -119,7 +129,8 @@ def _at(position_ids: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.T
 
 
 def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Tensor, cands: list[torch.Tensor],
-                           branch_pos: list[torch.Tensor], max_rows: int = 512, prefix=None) -> torch.Tensor:
+                           branch_pos: list[torch.Tensor], max_rows: int = 512, prefix=None,
+                           window: int = 64) -> torch.Tensor:
     """The final hidden state after each candidate, each the model on the real prefix followed by the candidate,
     from the model's own states at the TPA positions (module docstring); differentiable where ``embeds`` is.
 
@@ -133,7 +144,10 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
     Cost: one pass of each sample's prefix up to its last TPA position, in segments ending at its TPA positions (per
     sample: in a batch, a segment that ends where only one sample needs a state would pad every other sample's rows
     to the Gated DeltaNet kernel's 64-token chunk too), plus one one-token forward of all candidates in batches of at
-    most ``max_rows`` rows (each row holds its sample's replayed keys and values of every attention layer). Returns
+    most ``max_rows`` rows (each row holds its sample's replayed keys and values of every attention layer). Without
+    a gradient (the teacher) each sample's prefix runs in windows of at most ``window`` tokens instead, the states at
+    its positions read from the model's own per-token states (``window_snapshots``): one call per window, not per
+    position. Returns
     [N, n_branch, H] in sample then position order (N = sum n_b), as the tree path's ``branch_hidden``."""
     lm = adapter.language_model
     n_branch = cands[0].shape[-1]
@@ -146,10 +160,16 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
     dtype = next(adapter.model.parameters()).dtype
     snap_of: dict[tuple[int, int], int] = {}  # (sample, stop) -> index into the snapshots
     snaps, caches = [], {}
+    no_grad = not (torch.is_grad_enabled() and embeds.requires_grad)
     with without_checkpointing(adapter.decoder_layers()):
         for b in sorted({b for b, _ in pairs}):
             cache, prev = start_cache(adapter, prefix, b)
-            for t in sorted({t for s, t in pairs if s == b}):
+            stops = sorted({t for s, t in pairs if s == b})
+            if no_grad and window_snapshots(adapter, cache, embeds[b:b + 1], position_ids[..., b:b + 1, :], prev, stops,
+                                            window, snaps, {t: (b, t) for t in stops}, snap_of):
+                caches[b] = cache
+                continue
+            for t in stops:
                 if t < prev:
                     raise ValueError(f"TPA position {t} is inside the main pass's first segment (0-{prev})")
                 if t > prev:
@@ -182,6 +202,74 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
                        use_cache=True).last_hidden_state[:, 0]
             out.append(h)
     return torch.cat(out).view(-1, n_branch, embeds.shape[-1])
+
+
+def window_snapshots(adapter, cache: DynamicCache, embeds: torch.Tensor, position_ids: torch.Tensor, prev: int,
+                     stops: list[int], window: int, snaps: list, key_of: dict, snap_of: dict) -> bool:
+    """One sample's states at the positions ``stops`` (sorted, >= ``prev``), from calls over windows of at most
+    ``window`` tokens of its prefix [prev, stops[-1]) rather than a call per position (no gradient: the teacher).
+
+    The state at t is read from the call over the window that holds token t - 1: a convolution layer's state is its
+    last K inputs before t, sliced from the inputs the cache saw (``update_conv_state``); a linear-attention layer's
+    is the model's own recurrent state after token t - 1, which transformers' forward returns per token for the last
+    ``recurrent_states_to_keep`` tokens of a call (the recurrent kernel there, the chunked kernel before: the state
+    is the same recurrence, rounded differently); an attention layer keeps its keys and values in ``cache`` as
+    before. Memory: the model's forward holds at most ``window`` per-token states of one layer at a time; of them
+    only those at the positions are kept (``SnapshotLinearLayer.update_recurrent_state``).
+    Appends to ``snaps`` / ``snap_of[key_of[t]]`` as ``snapshot_branch_hidden`` does. Returns False, having run
+    nothing, where the decoder has no linear / conv layer or no position lies past ``prev``. ValueError for a
+    position before ``prev`` (inside the main pass's first segment, as the per-position path). RuntimeError where the
+    model returns fewer per-token recurrent states than asked (a forward that ignores ``recurrent_states_to_keep``)."""
+    lm = adapter.language_model
+    linear = [x for x in cache.layers if isinstance(x, SnapshotLinearLayer)]
+    if not linear or stops[-1] <= prev:
+        return False
+    if stops[0] < prev:
+        raise ValueError(f"TPA position {stops[0]} is inside the main pass's first segment (0-{prev})")
+    todo = list(stops)
+    while todo and todo[0] == prev:  # the state before any new token: the cache as it stands
+        t = todo.pop(0)
+        snap_of[key_of[t]] = len(snaps)
+        snaps.append([(dict(x.conv_states), dict(x.recurrent_states)) if isinstance(x, SnapshotLinearLayer) else None
+                      for x in cache.layers])
+    s = prev
+    while todo:
+        e = min(s + window, todo[-1])
+        here = [t for t in todo if t <= e]  # none: a window short of the next position, run for its states only
+        keep = e - here[0] + 1 if here else 0
+        for x in linear:
+            x.recording, x.recurrent_states_to_keep = {"want": [t - 1 - (e - keep) for t in here]}, keep
+        try:
+            lm(inputs_embeds=embeds[:, s:e], position_ids=position_ids[..., s:e], cache=cache, use_cache=True)
+            recs = [x.recording for x in linear]
+        finally:
+            for x in linear:
+                x.recording, x.recurrent_states_to_keep = None, 0
+        for t in here:
+            row = []
+            it = iter(recs)
+            for x in cache.layers:
+                if not isinstance(x, SnapshotLinearLayer):
+                    row.append(None)
+                    continue
+                rec = next(it)
+                conv = {k: None if v is None else rec.get("conv", {})[k][..., t - s:t - s + v.shape[-1]]
+                        for k, v in x.conv_states.items()}
+                recurrent = {}
+                for k, v in x.recurrent_states.items():
+                    if v is None:
+                        recurrent[k] = None
+                        continue
+                    if rec["count"][k] != keep:
+                        raise RuntimeError(f"TPA without masks: the language model returned {rec['count'][k]} "
+                                           f"recurrent states for {keep} asked (recurrent_states_to_keep)")
+                    recurrent[k] = rec["recurrent"][k][t - 1 - (e - keep)]
+                row.append((conv, recurrent))
+            snap_of[key_of[t]] = len(snaps)
+            snaps.append(row)
+        todo = todo[len(here):]
+        s = e
+    return True
 
 
 def start_cache(adapter, prefix, b: int) -> tuple[DynamicCache, int]:

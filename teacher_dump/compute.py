@@ -42,8 +42,10 @@ def topk_fold_hidden(hidden: torch.Tensor, head: torch.nn.Module, k: int,
                                                                                                    sorted=True)
         ids.append(j)
         lps.append(v)
-        if entropy:
-            ents.append(-(lp.exp() * lp).nan_to_num(0.0).sum(-1))
+        if entropy:  # -sum p log p with one [rows, V] temporary, updated in place (the same ops, bit for bit)
+            plp = lp.exp().mul_(lp).nan_to_num_(0.0)
+            ents.append(-plp.sum(-1))
+            del plp
         tails.append(lp.scatter_(-1, j, NEG_INF).logsumexp(-1))
         del lp
     cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731

@@ -76,11 +76,15 @@ def _direct(model, ids, branch_pos, cands):
     return torch.stack(rows).view(-1, cands[0].shape[-1], rows[0].shape[-1])
 
 
+@pytest.mark.parametrize("window", [64, 5], ids=["one-window", "windows"])
 @pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
-def test_branches_from_snapshots_are_the_model_on_prefix_plus_candidate(build):
+def test_branches_from_snapshots_are_the_model_on_prefix_plus_candidate(build, window):
+    """Without a gradient the states come from one call per window of the prefix: at ``window`` 5 the positions sit
+    at a window's start, inside it, at its end, and a window holds none (sample 0's 15-20)."""
     model, adapter, ids, embeds, pos, branch_pos, cands = _case(build)
     with torch.no_grad():
-        got = snapshot_branch_hidden(adapter, embeds, pos, cands, branch_pos, max_rows=8)  # several continuations
+        got = snapshot_branch_hidden(adapter, embeds, pos, cands, branch_pos, max_rows=8,  # several continuations
+                                     window=window)
         want = _direct(model, ids, branch_pos, cands)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
 
@@ -88,7 +92,8 @@ def test_branches_from_snapshots_are_the_model_on_prefix_plus_candidate(build):
 @pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
 def test_each_prefix_token_runs_through_the_decoder_once(build):
     """The cost the mask-free path exists to cut: the decoder sees each sample's prefix once (up to its last TPA
-    position) plus one token per (position, candidate), not a prefix per (position, candidate)."""
+    position) plus one token per (position, candidate), not a prefix per (position, candidate); the teacher (no
+    gradient) reads the states at its positions from one call per window of the prefix, not one per position."""
     model, adapter, ids, embeds, pos, branch_pos, cands = _case(build)
     seen = []
     hook = adapter.decoder_layers()[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:2]))
@@ -100,7 +105,8 @@ def test_each_prefix_token_runs_through_the_decoder_once(build):
     tokens = sum(b * n for b, n in seen)
     rows = sum(c.shape[0] * c.shape[1] for c in cands)
     assert tokens == sum(int(p.max()) for p in branch_pos) + rows
-    assert len(seen) == sum(len(p) for p in branch_pos) + 1  # a segment per position, one batched continuation
+    # without a gradient: a call per 64-token window of each prefix (not per position), one batched continuation
+    assert len(seen) == sum(-(-int(p.max()) // 64) for p in branch_pos) + 1 < sum(len(p) for p in branch_pos) + 1
 
 
 def test_student_gradients_through_snapshots_are_plain_autograd_with_checkpointing():
@@ -161,3 +167,46 @@ def test_main_pass_in_two_segments_is_the_one_pass_and_the_replay_skips_the_prom
     torch.testing.assert_close(two.resp_hidden, one.resp_hidden, rtol=0, atol=ATOL)
     torch.testing.assert_close(two.branch_hidden, one.branch_hidden, rtol=0, atol=ATOL)
     assert tokens_one - tokens_two == two.prefix[0] * len(ids)  # each sample's prompt, once less
+
+
+def test_teacher_entropy_is_the_brute_force_entropy_and_the_old_expression_bit_for_bit():
+    """The entropy that picks the TPA positions (``topk_fold_hidden(..., entropy=True)``, computed in place over one
+    [rows, V] temporary) is the fp32 expression -(exp(lp) * lp).nan_to_num(0).sum(-1) bit for bit (the same ops in
+    the same order) and the float64 brute force to fp32 rounding (V * eps32 of the largest term's size), across the
+    head's row chunks (chunk 3 of 7 rows), with a row whose logits underflow to p = 0 (0 * log 0 counted as 0)."""
+    from alignti.teacher_dump.compute import topk_fold_hidden
+    g = torch.Generator().manual_seed(0)
+    V = 5000
+    head = torch.nn.Linear(16, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, 16, generator=g))
+    h = torch.randn(7, 16, generator=g)
+    h[3] *= 60.0  # a near-one-hot row: most of its exp(lp) underflow to 0
+    with torch.no_grad():
+        *_, ent = topk_fold_hidden(h, head, 8, entropy=True, chunk=3)
+        lp = torch.cat([torch.log_softmax(head(h[i:i + 3]).float(), -1) for i in range(0, 7, 3)])  # the same chunks
+        old = -(lp.exp() * lp).nan_to_num(0.0).sum(-1)
+        lp64 = torch.log_softmax(head(h).double(), -1)
+        brute = -(lp64.exp() * lp64).sum(-1)
+    assert torch.equal(ent, old)
+    torch.testing.assert_close(ent.double(), brute, rtol=0, atol=V * torch.finfo(torch.float32).eps * 20)
+
+
+def test_a_forward_that_ignores_recurrent_states_to_keep_is_refused_not_misread(monkeypatch):
+    """Where the model's forward does not return the per-token recurrent states the teacher's windows ask for, the
+    replay stops with an error naming ``recurrent_states_to_keep`` rather than reading a wrong state."""
+    from transformers.cache_utils import DynamicCache
+    model, adapter, ids, embeds, pos, branch_pos, cands = _case(_qwen3_5)
+    monkeypatch.setattr(DynamicCache, "get_recurrent_states_to_keep", lambda self, layer_idx=None: 0)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="recurrent_states_to_keep"):
+        snapshot_branch_hidden(adapter, embeds, pos, cands, branch_pos)
+
+
+def test_a_window_position_inside_the_first_segment_is_refused_by_name():
+    """The teacher's windows refuse a TPA position before where the replay starts (inside the main pass's first
+    segment) as the per-position path does, naming the position, before running anything."""
+    from alignti.common.branch_states import window_snapshots
+    model, adapter, ids, embeds, pos, branch_pos, cands = _case(_qwen3_5)
+    with torch.no_grad(), pytest.raises(ValueError, match="TPA position 3 is inside the main pass's first segment"):
+        window_snapshots(adapter, adapter.branch_state_cache(), embeds[:1], pos[..., :1, :], 5, [3, 8], 64, [],
+                         {3: (0, 3), 8: (0, 8)}, {})
