@@ -156,8 +156,12 @@ def batch_image_inputs(processor, per_sample: list[list]) -> dict:
         kw = {}
     kw = {**kw, "return_tensors": "pt"}
     if any(len(p) > 1 for p in per_sample):
-        return dict(processor.image_processor(images=[p for p in per_sample if p], **kw))
-    return dict(processor.image_processor(images=[p[0] for p in per_sample if p], **kw))
+        out = processor.image_processor(images=[p for p in per_sample if p], **kw)
+    else:
+        out = processor.image_processor(images=[p[0] for p in per_sample if p], **kw)
+    # the model's inputs only: the tensors (not the layout the call defaults may ask for beside them, SmolVLM's
+    # return_row_col_info rows / cols lists, which only the text expansion reads)
+    return {k: v for k, v in dict(out).items() if torch.is_tensor(v)}
 
 
 class StudentCollator:

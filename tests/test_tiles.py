@@ -111,7 +111,9 @@ def test_the_cross_tokenizer_student_reads_the_teachers_saliency_per_tile():
     tiled = ImageLayout((3, 3), (1, 3), True)  # 36 tokens: not the 6 x 6 grid its count suggests
     sal = torch.rand(2, 36 + 4, generator=torch.Generator().manual_seed(1))
     sal = sal / sal.sum(1, keepdim=True)
-    x = {"sample_id": "s", "saliency": sal.numpy(), "image_spans": [(5, 41), (50, 54)],
+    ids = np.full(60, 7)
+    ids[5:41] = ids[50:54] = 9  # the image token: every token of both spans
+    x = {"sample_id": "s", "saliency": sal.numpy(), "image_spans": [(5, 41), (50, 54)], "input_ids": ids,
          "image_grids": [(0, 0), (2, 2)], "image_tiles": tiled.flat() + ImageLayout((2, 2)).flat()}
     enc = SimpleNamespace(image_grids=[(4, 8), (2, 2)], image_tiles=[], n_image_tokens=36)
     got = torch.from_numpy(CrossTokenizer.resample(None, x, enc))
