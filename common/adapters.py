@@ -55,6 +55,30 @@ LLAVA_COMPOSITION = Composition(tower="vision_tower", fresh=("multi_modal_projec
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
+def cat_zero_padded(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The image inputs of several samples (``items``: one dict per sample, empty for a sample without images)
+    concatenated along dim 0, each tensor first zero-padded at the end of every other dim to the batch's largest
+    size there (LLaVA-OneVision's patch axis, Mistral 3's image sides, Idefics3 / SmolVLM's sub-image axis); equal
+    shapes are concatenated as they are."""
+    items = [it for it in items if it]
+    if not items:
+        return {}
+    out = {}
+    for k in items[0]:
+        tensors = [it[k] for it in items]
+        shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+        padded = []
+        for t in tensors:
+            if list(t.shape[1:]) == shape:
+                padded.append(t)
+                continue
+            z = t.new_zeros(t.shape[0], *shape)
+            z[(slice(None),) + tuple(slice(0, n) for n in t.shape[1:])] = t
+            padded.append(z)
+        out[k] = torch.cat(padded, dim=0)
+    return out
+
+
 class ModelAdapter:
     family = "base"
     model_types: tuple[str, ...] = ()  # filled from FAMILIES (the registry at the end of this module)
@@ -279,19 +303,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
     multi_image = True  # several images of a sample: base resolution each (batch_num_images), as the model trains
     media_token_keys = ("image_token_id", "video_token_id")
 
-    @staticmethod
-    def collate_image_inputs(items):
-        items = [it for it in items if it]
-        if not items:
-            return {}
-        out = {}
-        for k in items[0]:
-            tensors = [it[k] for it in items]
-            if k == "pixel_values":  # [1, n_patches, 3, H, W]; pad the patch axis to the longest
-                n = max(t.shape[1] for t in tensors)
-                tensors = [torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], 1) for t in tensors]
-            out[k] = torch.cat(tensors, dim=0)
-        return out
+    # [1, n_patches, 3, H, W] per sample: the patch axis padded to the longest
+    collate_image_inputs = staticmethod(cat_zero_padded)
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -513,25 +526,35 @@ class Gemma3Adapter(ModelAdapter):
             return image_inputs
         return {**image_inputs, "token_type_ids": (input_ids == image_token_id).long()}
 
+    global_images_bidirectional = True  # Gemma 3: each image's block opens in the global layers too
+
+    def image_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """[B, Q] the image block each query token belongs to (-1: none), by the model's own
+        ``get_block_sequence_ids_for_mask``; None where the images attend causally."""
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+        return get_block_sequence_ids_for_mask((input_ids == self.image_token_id).long())
+
     def layer_masks(self, input_ids: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor) -> dict:
         """{"full_attention", "sliding_attention"} additive masks [B, 1, Q, K] from alignti's ``mask4d`` for the
         queries ``input_ids`` [B, Q] at ``position_ids`` [B, Q]: the keys are the queries when Q = K, else (a
         branch pass on a cache) the cached sequence's K - Q right-padded tokens at positions 0.. K - Q - 1, then
-        the queries."""
-        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+        the queries. Each image's block opens both ways (``image_blocks``) in the sliding layers, and in the global
+        ones where ``global_images_bidirectional``; the sliding layers then close what lies ``sliding_window``
+        positions or more back."""
         bsz, q = input_ids.shape
         kv = mask4d.shape[-1]
-        full = mask4d
+        opened = mask4d
         if q == kv:  # the queries hold the images: each image's tokens see each other
-            blocks = get_block_sequence_ids_for_mask((input_ids == self.image_token_id).long())
-            same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-            full = mask4d.masked_fill(same[:, None], 0.0)
+            blocks = self.image_blocks(input_ids)
+            if blocks is not None:
+                same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+                opened = mask4d.masked_fill(same[:, None], 0.0)
             kpos = position_ids
         else:
             kpos = torch.cat([torch.arange(kv - q, device=position_ids.device).expand(bsz, -1), position_ids], 1)
         outside = position_ids[:, :, None] - kpos[:, None, :] >= int(self.text_config.sliding_window)
-        sliding = full.masked_fill(outside[:, None], torch.finfo(full.dtype).min)
-        return {"full_attention": full, "sliding_attention": sliding}
+        sliding = opened.masked_fill(outside[:, None], torch.finfo(opened.dtype).min)
+        return {"full_attention": opened if self.global_images_bidirectional else mask4d, "sliding_attention": sliding}
 
     def forward(self, input_ids, image_inputs, mask4d, position_ids, cache=None, use_cache=False):
         if use_cache and cache is None:
@@ -554,23 +577,10 @@ class Mistral3Adapter(ModelAdapter):
     family = "mistral3"
     multi_image = True
 
-    @staticmethod
-    def collate_image_inputs(items):
-        """``pixel_values`` [n_images, 3, H, W] of samples whose images differ in size: zero-padded at the bottom and
-        right to the batch's largest H and W, as the image processor pads the images of one call
-        (``_pad_for_batching``); the tower reads each image's own ``image_sizes`` and crops the padding away."""
-        items = [it for it in items if it]
-        if not items:
-            return {}
-        out = {}
-        for k in items[0]:
-            tensors = [it[k] for it in items]
-            if k == "pixel_values":
-                h = max(t.shape[-2] for t in tensors)
-                w = max(t.shape[-1] for t in tensors)
-                tensors = [torch.nn.functional.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2])) for t in tensors]
-            out[k] = torch.cat(tensors, dim=0)
-        return out
+    # pixel_values [n_images, 3, H, W] of images that differ in size: zero-padded at the bottom and right, as the
+    # image processor pads the images of one call (``_pad_for_batching``); the tower reads each image's own
+    # ``image_sizes`` and crops the padding away
+    collate_image_inputs = staticmethod(cat_zero_padded)
 
 
 class LlavaOnevision1_5Adapter(Qwen2VLAdapter):
@@ -674,25 +684,10 @@ class Idefics3Adapter(ModelAdapter):
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_model
 
-    @staticmethod
-    def collate_image_inputs(items):
-        """``pixel_values`` [B, max sub-images, 3, H, W] and ``pixel_attention_mask`` [B, max sub-images, H, W]: each
-        sample's sub-image axis (and sides, were they to differ) padded with zeros, the padding the family's own
-        image processor gives a batch (``do_pad``; the model skips all-zero sub-images)."""
-        items = [it for it in items if it]
-        if not items:
-            return {}
-        out = {}
-        for k in items[0]:
-            tensors = [it[k] for it in items]
-            shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-            padded = []
-            for t in tensors:
-                z = t.new_zeros(t.shape[0], *shape)
-                z[(slice(None),) + tuple(slice(0, n) for n in t.shape[1:])] = t
-                padded.append(z)
-            out[k] = torch.cat(padded, dim=0)
-        return out
+    # pixel_values [B, max sub-images, 3, H, W] and pixel_attention_mask [B, max sub-images, H, W]: the sub-image axis
+    # zero-padded, the padding the family's own image processor gives a batch (``do_pad``; the model skips all-zero
+    # sub-images)
+    collate_image_inputs = staticmethod(cat_zero_padded)
 
 
 class Gemma4Adapter(Gemma3Adapter):
@@ -744,26 +739,15 @@ class Gemma4Adapter(Gemma3Adapter):
             return image_inputs
         return {**image_inputs, "mm_token_type_ids": (input_ids == image_token_id).long()}
 
-    def layer_masks(self, input_ids, mask4d, position_ids):
-        """{"full_attention", "sliding_attention"} additive masks [B, 1, Q, K] from alignti's ``mask4d`` (see
-        Gemma3Adapter.layer_masks for the key layout of a branch pass): the global layers take ``mask4d`` as it is;
-        the sliding layers open each image's block both ways (``use_bidirectional_attention`` "vision", the model's
-        own ``get_block_sequence_ids_for_mask``), then close what lies ``sliding_window`` positions or more back."""
+    global_images_bidirectional = False  # the global layers stay causal (Gemma3Adapter.layer_masks)
+
+    def image_blocks(self, input_ids):
+        """Each image's block (the model's own ``get_block_sequence_ids_for_mask``) where
+        ``use_bidirectional_attention`` is "vision": the sliding layers open it both ways; else None."""
+        if getattr(self.text_config, "use_bidirectional_attention", None) != "vision":
+            return None
         from transformers.models.gemma4.modeling_gemma4 import get_block_sequence_ids_for_mask
-        bsz, q = input_ids.shape
-        kv = mask4d.shape[-1]
-        local = mask4d
-        if q == kv:
-            if getattr(self.text_config, "use_bidirectional_attention", None) == "vision":
-                blocks = get_block_sequence_ids_for_mask((input_ids == self.image_token_id).long(), input_ids.device)
-                same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-                local = mask4d.masked_fill(same[:, None], 0.0)
-            kpos = position_ids
-        else:
-            kpos = torch.cat([torch.arange(kv - q, device=position_ids.device).expand(bsz, -1), position_ids], 1)
-        outside = position_ids[:, :, None] - kpos[:, None, :] >= int(self.text_config.sliding_window)
-        sliding = local.masked_fill(outside[:, None], torch.finfo(local.dtype).min)
-        return {"full_attention": mask4d, "sliding_attention": sliding}
+        return get_block_sequence_ids_for_mask((input_ids == self.image_token_id).long(), input_ids.device)
 
     @classmethod
     def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:

@@ -196,20 +196,26 @@ def test_each_family_has_lmms_eval_s_own_class():
     assert adapter_class("lfm2_vl").lmms_eval_args({}) == {"dtype": "auto"}
 
 
-@needs_lmms
-def test_qwen2_vl_runs_through_lmms_eval_s_qwen2_vl_class(tmp_path):
-    """lmms-eval's qwen2_vl class loads the demo's Qwen2-VL student and answers with the processor's pixel bounds.
-    Its answers are not compared with alignti's: that class always sends a system turn ("You are a helpful
-    assistant.", which real Qwen2-VL templates add by default and the demo's template does not)."""
+def _lmms_run_on_a_demo_student(family: str, tmp_path) -> dict:
+    """A family's untrained demo kit, its test split exported as the lmms-eval task "q", `evaluate --lmms-eval q` on
+    its student (2 samples, CPU): the saved result."""
     from alignti.demo.kit import make_demo
-    make_demo(tmp_path, n_train=1, n_val=1, n_test=1, train_teacher=False, family="qwen2_vl")
+    make_demo(tmp_path, n_train=1, n_val=1, n_test=1, train_teacher=False, family=family)
     res = runner.invoke(app, ["export-task", "--data", str(tmp_path / "data/test.json"), "--images",
                               str(tmp_path / "data/images"), "--out", str(tmp_path / "task"), "--name", "q"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "student"), "--lmms-eval", "q", "--include-path",
                               str(tmp_path / "task"), "--device", "cpu", "--limit", "2"])
     assert res.exit_code == 0, res.output
-    saved = json.loads((tmp_path / "student/eval/lmms_eval-q.json").read_text())
+    return json.loads((tmp_path / "student/eval/lmms_eval-q.json").read_text())
+
+
+@needs_lmms
+def test_qwen2_vl_runs_through_lmms_eval_s_qwen2_vl_class(tmp_path):
+    """lmms-eval's qwen2_vl class loads the demo's Qwen2-VL student and answers with the processor's pixel bounds.
+    Its answers are not compared with alignti's: that class always sends a system turn ("You are a helpful
+    assistant.", which real Qwen2-VL templates add by default and the demo's template does not)."""
+    saved = _lmms_run_on_a_demo_student("qwen2_vl", tmp_path)
     assert saved["lmms_eval_model"] == "qwen2_vl" and saved["samples"]["q"] == 2
     assert saved["lmms_eval_model_args"]["min_pixels"] == saved["lmms_eval_model_args"]["max_pixels"] == "2304"
     assert set(saved["results"]["q"]) == {"exact_match", "alignti_exact_match"}
@@ -224,15 +230,7 @@ def test_qwen3_vl_and_gemma3_run_through_lmms_eval_s_own_classes(family, tmp_pat
     assistant."), and qwen3_vl resizes images on Qwen3-VL's released 16-px patch grid (``process_vision_info(...,
     image_patch_size=16)``, then the processor with ``do_resize=False``), so the demo's 48-px scenes in 8-px patches
     reach it as 32 x 32 (4 image tokens, not 9)."""
-    from alignti.demo.kit import make_demo
-    make_demo(tmp_path, n_train=1, n_val=1, n_test=1, train_teacher=False, family=family)
-    res = runner.invoke(app, ["export-task", "--data", str(tmp_path / "data/test.json"), "--images",
-                              str(tmp_path / "data/images"), "--out", str(tmp_path / "task"), "--name", "q"])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "student"), "--lmms-eval", "q", "--include-path",
-                              str(tmp_path / "task"), "--device", "cpu", "--limit", "2"])
-    assert res.exit_code == 0, res.output
-    saved = json.loads((tmp_path / "student/eval/lmms_eval-q.json").read_text())
+    saved = _lmms_run_on_a_demo_student(family, tmp_path)
     assert saved["lmms_eval_model"] == family and saved["samples"]["q"] == 2
     assert len(saved["answers"]["q"]) == 2
     assert set(saved["results"]["q"]) == {"exact_match", "alignti_exact_match"}
