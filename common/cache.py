@@ -413,10 +413,10 @@ class CacheReader:
             out["resp_turns"] = list(row["resp_turns"] or [])
             g = list(row["image_grids"] or [])
             out["image_grids"] = list(zip(g[0::2], g[1::2]))
-        if row.get("image_tiles"):  # tiled images: their layouts (common/tiles.py layouts_of)
-            out["image_tiles"] = list(row["image_tiles"])
             if row.get("finish"):  # a rollout row: "length" = its loss turn was cut (no end-of-turn markup)
                 out["finish"] = row["finish"]
+        if row.get("image_tiles"):  # tiled images: their layouts (common/tiles.py layouts_of)
+            out["image_tiles"] = list(row["image_tiles"])
         if "tpa_cand_ids" in a:
             ps, pl = (row["tpa_start"], row["tpa_len"]) if self.tpa_layout else (rs, rl)
             for name in TPA_ARRAYS:
