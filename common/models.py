@@ -368,6 +368,8 @@ def image_only_processor_class(base):
     cls = globals().get(qualname)
     if cls is None:
         import inspect
+
+        from transformers.processing_utils import ProcessorMixin
         sig = inspect.signature(base.__init__)
         takes_video = "video_processor" in sig.parameters
 
@@ -380,7 +382,6 @@ def image_only_processor_class(base):
         def apply_chat_template(self, conversation, chat_template=None, **kwargs):
             """ProcessorMixin's rendering: a family's own override adds video settings only (SmolVLM's frame count
             and rate, read from its video processor), which an image-only processor has none of."""
-            from transformers.processing_utils import ProcessorMixin
             return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
         # save_pretrained writes the settings named in __init__'s signature (num_image_tokens, patch_size...):
@@ -389,9 +390,7 @@ def image_only_processor_class(base):
                                                          if n != "video_processor"])
         parts = [a for a in base.get_attributes() if a != "video_processor"]
         # between the family's processor and ProcessorMixin: drops the video_processor=None that a family's own
-        # __init__ hands on by keyword (Gemma 4; Qwen-VL's hand it on by position, past the attributes)
-        from transformers.processing_utils import ProcessorMixin
-
+        # __init__ hands on by keyword (Gemma 4; Qwen-VL's and SmolVLM's hand it on by position, past the attributes)
         def _no_video_init(self, *args, video_processor=None, **kwargs):
             ProcessorMixin.__init__(self, *args, **kwargs)
         drop_video = type(f"NoVideo_{base.__name__}", (ProcessorMixin,), {"__init__": _no_video_init,
