@@ -350,6 +350,11 @@ def train_student(ctx: typer.Context,
                                                             "--fsdp)."),
                   group_by_length: bool = typer.Option(True, help="Batch samples of similar length together "
                                                        "(inside shuffled mega-batches of 50 batches): less padding."),
+                  shuffle_window: int = typer.Option(2048, help="Samples shuffled together each epoch: the cache's "
+                                                     "parts in random order, taken a window of whole parts at a "
+                                                     "time (each part read once; the window's parts held decoded "
+                                                     "per DataLoader worker). A cache this small or smaller is "
+                                                     "shuffled whole; 0: within each part only."),
                   report_to: list[str] = typer.Option(["none"], help="Experiment trackers: none, tensorboard "
                                                       "(RUN/tensorboard), wandb (honours WANDB_MODE=offline); repeat "
                                                       "the flag or comma-separate for several."),

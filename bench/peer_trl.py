@@ -42,7 +42,7 @@ and accelerate pinned so TRL cannot move them; alignti editable for the kit's pr
     python -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 && \\
       .venv-trl/bin/pip install -e . trl==1.16.0 transformers==5.25.0 accelerate==1.16.0
 
-Runs (the default: the quickstart's kit, 800 steps, batch 16, lr 3e-3, 5 off-policy seeds, 3 on-policy seeds)::
+Runs (the default: the quickstart's kit, 800 steps, batch 16, lr 3e-3, 3 off-policy seeds, 2 on-policy seeds)::
 
     nice -n 19 python bench/peer_trl.py --workdir /work/trl-run/default > /work/trl-run/default.log 2>&1 &
     python bench/peer_trl.py --workdir /tmp/peer-smoke --preset smoke      # mechanics only, minutes
@@ -75,7 +75,8 @@ log = logging.getLogger("bench.peer_trl")
 
 # the bench's sizes: ``kit`` is the quickstart preset whose kit (teacher, students, data) both tools train on
 PRESETS = {
-    "default": dict(kit="default", steps=800, seeds=5, onpolicy_seeds=3, test_limit=None, long_limit=None),
+    # 3 + 2 seeds: the whole default run fits 30 minutes on a quiet 2-core CPU (bench/README.md)
+    "default": dict(kit="default", steps=800, seeds=3, onpolicy_seeds=2, test_limit=None, long_limit=None),
     # mechanics only: the quickstart's fast kit (a 150-step teacher), 16 steps, 2 + 1 seeds, 60 / 10 test questions
     "smoke": dict(kit="fast", steps=16, seeds=2, onpolicy_seeds=1, test_limit=60, long_limit=10),
 }

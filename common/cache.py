@@ -388,6 +388,11 @@ class CacheReader:
             self._parts.popitem(last=False)
         return arrays
 
+    def keep_parts(self, n: int) -> None:
+        """Keep up to ``n`` parts' arrays decoded (the LRU's size; at least the constructor's
+        ``max_parts_in_memory``): train-student sets it to its shuffle window's parts."""
+        self._max_parts = max(self._max_parts, int(n))
+
     def part_of(self, i: int) -> int:
         return int(self.samples[i]["part"])
 

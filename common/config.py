@@ -95,6 +95,7 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "batch_size": COUNT, "grad_accum": COUNT, "warmup_steps": COUNT0,
         "weight_decay": Range(0, 1), "max_grad_norm": POSITIVE, "save_every": COUNT, "seed": SEED,
         "workers": OPT_COUNT0, "eval_every": COUNT0, "checkpoint_every": COUNT, "nproc": COUNT,
+        "shuffle_window": COUNT0,  # 0: samples shuffled within their part only
         "lora_r": OPT_COUNT,  # unset: no LoRA
         "lora_alpha": Range(0, lo_open=True, optional=True),  # unset: 2 r
         "lora_dropout": Range(0, 1, hi_open=True),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -88,19 +89,55 @@ class CacheDataset(torch.utils.data.Dataset):
         return decode_image(data, sample_id, f"'{ref}'", self.decode_version)
 
 
-def epoch_order(reader: CacheReader, epoch: int, seed: int) -> list[int]:
-    """Deterministic block shuffle: parts in random order, samples shuffled within each part (reads
-    stay part-local, so an epoch reads every part once)."""
+SHUFFLE_WINDOW = 2048  # samples mixed at once by train-student's epoch order (--shuffle-window)
+
+
+def epoch_order(reader: CacheReader, epoch: int, seed: int, window: int = SHUFFLE_WINDOW) -> list[int]:
+    """One epoch's sample order, deterministic given (seed, epoch): a windowed shuffle (the shuffle buffer of tf.data
+    and WebDataset, over whole parts). The cache's parts in random order are cut into windows of whole parts holding
+    at least ``window`` samples each (the last may hold fewer), and the samples of each window are shuffled
+    together. A cache smaller than the window is shuffled as a whole; a larger one is read a window at a time, each
+    part once per epoch, so the reader keeps a window's parts (``window_parts``) and never reads one twice.
+
+    ``window`` 0: one part per window, samples shuffled within their part only: the order train-student used before
+    shuffle windows (kept, bit for bit, for runs resumed from their checkpoints). Why across parts: a part holds
+    consecutive samples of the data file, so a file ordered by kind (concatenated datasets) otherwise reaches the
+    student in bursts of one kind each epoch; on the quickstart's data (its 150 long-form samples last) that cost the
+    kd student 20-30 points of long-form F1 against TRL's uniform sampler (bench/README.md, "Beside TRL").
+
+    Returns sample indices into ``reader`` (each once). Raises nothing; ``window`` < 0 counts as 0."""
+    return [i for w in epoch_windows(reader, epoch, seed, window) for i in w]
+
+
+def epoch_windows(reader: CacheReader, epoch: int, seed: int, window: int = SHUFFLE_WINDOW) -> list[list[int]]:
+    """``epoch_order`` cut at its windows: each window's sample indices in their shuffled order."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     by_part: dict[int, list[int]] = {}
     for i in range(len(reader)):
         by_part.setdefault(reader.part_of(i), []).append(i)
     keys = sorted(by_part)
-    order = []
+    windows: list[list[int]] = []
+    pool: list[int] = []
     for j in torch.randperm(len(keys), generator=g).tolist():
-        idx = by_part[keys[j]]
-        order += [idx[k] for k in torch.randperm(len(idx), generator=g).tolist()]
-    return order
+        pool += by_part[keys[j]]
+        if len(pool) >= max(window, 1):
+            windows.append([pool[k] for k in torch.randperm(len(pool), generator=g).tolist()])
+            pool = []
+    if pool:
+        windows.append([pool[k] for k in torch.randperm(len(pool), generator=g).tolist()])
+    return windows
+
+
+def window_parts(reader: CacheReader, window: int = SHUFFLE_WINDOW) -> int:
+    """The most parts any shuffle window of ``reader`` can span: the fewest parts whose smallest sizes add up to
+    ``window`` samples (a window closes as soon as it holds ``window``), at most all of them; 1 for ``window`` 0."""
+    sizes = sorted(Counter(reader.part_of(i) for i in range(len(reader))).values())
+    total = 0
+    for n, size in enumerate(sizes, 1):
+        total += size
+        if total >= max(window, 1):
+            return n
+    return max(len(sizes), 1)
 
 
 MEGA_BATCHES = 50  # batches per length-sorted mega-batch (transformers' group_by_length uses 50 too)
@@ -241,12 +278,17 @@ def batch_to_device(batch: dict, device) -> dict:
     return out
 
 
-def epoch_sample_order(reader, epoch: int, seed: int, batch_size: int, group_by_length: bool) -> list[int]:
-    """A cache's sample order for one epoch: block-shuffled by part (``epoch_order``), then with
+def epoch_sample_order(reader, epoch: int, seed: int, batch_size: int, group_by_length: bool,
+                       window: int = SHUFFLE_WINDOW) -> list[int]:
+    """A cache's sample order for one epoch: shuffled a window of parts at a time (``epoch_order``), then with
     ``group_by_length`` length-grouped so each batch of ``batch_size`` holds samples of similar token length (less
-    padding). A function of (seed, epoch) only, so --resume picks up the same order."""
-    order = epoch_order(reader, epoch, seed)
+    padding), within each window (so reads stay in the window's parts: each part read once per epoch by a reader
+    that keeps ``window_parts``; ``window`` 0 groups the whole order, as train-student did before shuffle windows).
+    A function of (seed, epoch) only, so --resume picks up the same order."""
     if not group_by_length:
-        return order
+        return epoch_order(reader, epoch, seed, window)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
-    return length_grouped(order, [r["tok_len"] for r in reader.samples], batch_size, g)
+    lengths = [r["tok_len"] for r in reader.samples]
+    if window <= 0:
+        return length_grouped(epoch_order(reader, epoch, seed, window), lengths, batch_size, g)
+    return [i for w in epoch_windows(reader, epoch, seed, window) for i in length_grouped(w, lengths, batch_size, g)]

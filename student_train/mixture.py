@@ -3,7 +3,7 @@
 Each **micro-batch comes from one cache** (its *source*), drawn by weight: draw g of the run's stream is source
 i with probability w_i (GKD's λ is the weight of the on-policy cache), independently, from a generator seeded by
 (seed, g // BLOCK); the n-th draw of source i takes source i's n-th batch, and each source walks through its own
-block-shuffled (and length-grouped) epochs independently, starting the next when one ends. So the stream is a
+shuffled (windowed, length-grouped) epochs independently, starting the next when one ends. So the stream is a
 function of the seed alone: ``--resume`` restarts it at the checkpoint's draw, bit for bit.
 
 Why one source per micro-batch: the caches may differ in k (top-k size), in TPA layout (branches, top-k2,
@@ -37,7 +37,7 @@ from alignti.common.cache import CacheReader
 from alignti.common.errors import FingerprintMismatch
 from alignti.common.losses import TERM_COUNT, LossWeights, means, step_counts
 
-from .data import batches_of, epoch_sample_order
+from .data import SHUFFLE_WINDOW, batches_of, epoch_sample_order
 
 log = logging.getLogger("alignti.train")
 
@@ -242,9 +242,10 @@ class MixtureSchedule:
     batch size, group_by_length); independent of world size and gradient accumulation."""
 
     def __init__(self, sources: list[Source], weights: list[float], batch_size: int, seed: int,
-                 group_by_length: bool, offsets: list[int]):
+                 group_by_length: bool, offsets: list[int], window: int = SHUFFLE_WINDOW):
         self.sources, self.weights = sources, torch.tensor(weights, dtype=torch.float64)
         self.batch_size, self.seed, self.group, self.offsets = batch_size, seed, group_by_length, offsets
+        self.window = window
         self.per_source = [math.ceil(len(s.reader) / batch_size) for s in sources]  # batches of a source's epoch
         self._src = np.zeros(0, np.int64)   # source of each draw made so far
         self._nth = np.zeros(0, np.int64)   # its index among that source's draws
@@ -283,12 +284,12 @@ class MixtureSchedule:
         return self._src[start:stop].copy()
 
     def _source_batches(self, i: int, epoch: int) -> list[list[int]]:
-        """Source i's batches in its own epoch ``epoch``: block shuffle, then length grouping (as one cache)."""
+        """Source i's batches in its own epoch ``epoch``: windowed shuffle, then length grouping (as one cache)."""
         key = (i, epoch)
         if key not in self._orders:
             reader = self.sources[i].reader
             seed = self.seed + 7_907 * i  # source 0 keeps the run's seed
-            order = epoch_sample_order(reader, epoch, seed, self.batch_size, self.group)
+            order = epoch_sample_order(reader, epoch, seed, self.batch_size, self.group, self.window)
             if len(self._orders) > 64:
                 self._orders.clear()
             self._orders[key] = batches_of(order, self.batch_size)

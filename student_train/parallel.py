@@ -41,7 +41,7 @@ def batches_per_rank(n: int, batch_size: int, env: DistEnv) -> int:
 
 
 def rank_batches(order: list[int], batch_size: int, env: DistEnv) -> list[list[int]]:
-    """This rank's micro-batches of one epoch: a contiguous slice of the (block-shuffled) epoch order, so
+    """This rank's micro-batches of one epoch: a contiguous slice of the (windowed-shuffle) epoch order, so
     each rank reads its own parts. The order is padded by wrapping around (like DistributedSampler) so
     every rank runs the same number of steps."""
     if not env.distributed:

@@ -46,7 +46,8 @@ from .trainable import apply_trainable, lora_settings, merge, save_adapter
 from .tracking import Tracker, parse_report_to
 from .cross import CrossDataset, CrossTokenizer, check_cross_cache
 from .init_from import UnsafeCheckpoint, final_folder, load_init, read_training_state
-from .data import CacheDataset, StudentCollator, batch_to_device, epoch_sample_order, worker_init
+from .data import (SHUFFLE_WINDOW, CacheDataset, StudentCollator, batch_to_device, epoch_sample_order, window_parts,
+                   worker_init)
 from . import mixture
 
 log = logging.getLogger("alignti.train")
@@ -110,6 +111,7 @@ class TrainConfig:
     checkpoint_every: int = 1  # checkpoint every N-th layer of each stack (2: about half the memory saving, less time)
     checkpoint_reentrant: bool = False  # reentrant checkpoints (no autograd graph in the forward; not with FSDP)
     group_by_length: bool = True  # batches of similar length inside shuffled mega-batches (data.length_grouped)
+    shuffle_window: int = SHUFFLE_WINDOW  # samples shuffled together, whole parts at a time (data.epoch_order)
     report_to: list[str] = field(default_factory=lambda: ["none"])  # none, tensorboard, wandb (student_train.tracking)
     skip_nonfinite: bool = False  # a step with a non-finite loss term or gradient norm is skipped (logged), not fatal
     # uld | gold | alm: a student whose tokenizer or processor differs from the teacher's encodes every sample itself
@@ -303,6 +305,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         check_manifest(reader)
         if len(reader) == 0:
             raise CacheError(f"the cache at {url} has no usable samples")
+    for r in readers:  # a shuffle window's parts stay decoded: each part is read once per epoch
+        r.keep_parts(window_parts(r, cfg.shuffle_window))
     reader = readers[0]
     params = reader.params
     sources = [mixture.Source.of(i, url, r) for i, (url, r) in enumerate(zip(caches, readers))] if len(caches) > 1 else []
@@ -377,7 +381,7 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         collator = mixture.MixedCollator(collator, sources)
         shares = cfg.cache_weights or [len(r) / len(dataset) for r in readers]
         schedule = mixture.MixtureSchedule(sources, shares, cfg.batch_size, cfg.seed, cfg.group_by_length,
-                                           dataset.offsets)
+                                           dataset.offsets, cfg.shuffle_window)
         micro_per_epoch = schedule.epoch_draws(env.world_size, cfg.grad_accum) // env.world_size
         mix = mixture.StepStats(sources, spec, weights)
         log.info("%d caches, drawn per micro-batch with shares %s", len(sources), ", ".join(f"{w:.3f}" for w in shares))
@@ -471,7 +475,8 @@ def train_student(cfg: TrainConfig, stop_after: int | None = None, evaluator=Non
         while step < total_steps:
             order = (schedule.rank_batches(epoch, env, cfg.grad_accum) if schedule else
                      parallel.rank_batches(epoch_sample_order(reader, epoch, cfg.seed, cfg.batch_size,
-                                                               cfg.group_by_length), cfg.batch_size, env))
+                                                               cfg.group_by_length, cfg.shuffle_window),
+                                           cfg.batch_size, env))
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=order[position:], collate_fn=collator,
                                                  num_workers=workers,
                                                  multiprocessing_context="spawn" if workers else None,
@@ -696,6 +701,11 @@ def run_identity(cfg: TrainConfig, world_size: int, device: torch.device, manife
     return json.loads(json.dumps(run, default=str))  # as a checkpoint holds it (tuples as lists)
 
 
+# a setting added with a default that changes what an older run did: a checkpoint without it ran as this value
+BEHAVIOUR_BEFORE = {"shuffle_window": 0}
+BEHAVIOUR_BEFORE_WHY = {"shuffle_window": "the checkpoint was written before train-student shuffled samples across "
+                                          "parts"}
+
 _DESCRIBE = {"cache_content": "another cache (different data, teacher or dump settings) than the checkpoint's",
              "student_content": "another student (architecture, tokenizer or processor) than the checkpoint's",
              "device_type": "another kind of device"}
@@ -710,13 +720,16 @@ def _check_resume(saved: dict, now: dict, out: Path) -> None:
     for k, v in now.items():
         if k in saved:
             old = saved[k]
+        elif k in BEHAVIOUR_BEFORE:
+            old = BEHAVIOUR_BEFORE[k]
         elif k in defaults:
             old = defaults[k]
         else:
             continue
         if old != v:
             diff.append(f"{k}: {_DESCRIBE[k]} ({old} then, {v} now)" if k in _DESCRIBE else f"{k}: {old!r} then, "
-                        f"{v!r} now")
+                        f"{v!r} now" + (f" ({BEHAVIOUR_BEFORE_WHY[k]}: resume with --{k.replace('_', '-')} {old})"
+                                        if k in BEHAVIOUR_BEFORE and k not in saved else ""))
     if diff:
         raise CheckpointError(f"--resume: the checkpoint in {out} was made with different settings ("
                               + ", ".join(d.split(":")[0] for d in diff) + "): " + "; ".join(diff)
