@@ -93,7 +93,17 @@ POLL_S = 10.0          # how often a job started by an earlier invocation is che
 # bookkeeping (unit-tested in tests/test_peer_trl.py; no TRL needed)
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size in MiB (``getrusage``; Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size in MiB: Linux's ``VmHWM`` (/proc/self/status, the high-water mark of
+    this program's own address space, new at exec), else ``getrusage`` (Linux KiB, macOS bytes). Not ``getrusage``
+    on Linux: its ``ru_maxrss`` carries the parent's resident size at fork across the exec, so a job started by a
+    parent that has trained the kit's teacher (1.3 GiB) reported that figure for every job."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 

@@ -3,6 +3,7 @@ records as TRL's prompt-completion rows."""
 
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +48,24 @@ def test_peak_rss_is_the_kernels_high_water_mark():
     hi = field("VmHWM")
     assert lo - 8 <= got <= hi + 8
     assert got >= field("VmRSS") - 8  # a peak is never below the present
+
+
+def test_a_job_started_by_a_large_parent_reports_its_own_peak():
+    """The jobs run as child processes of the bench, which may have trained the kit's teacher itself (1.3 GiB):
+    getrusage's ru_maxrss carries the parent's resident size at fork across the exec, so every job reported the
+    parent's figure; VmHWM is the child's own."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc (not Linux)")
+    ballast = bytearray(512 * 1024 * 1024)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # resident, not just reserved
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import peer_trl, resource; "
+            "print(peer_trl.peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(peer_trl.__file__).parent)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    own, inherited = float(out[0]), float(out[1])
+    assert inherited > 512  # the trap: the parent's ballast counted in the child
+    assert own < inherited - 400, (own, inherited)
+    del ballast
 
 
 def test_records_become_trl_prompt_completion_rows(tmp_path):
