@@ -124,3 +124,32 @@ def test_the_cross_tokenizer_student_reads_the_teachers_saliency_per_tile():
                                    atol=1e-6)
     with pytest.raises(DataError, match="needs each image's grid"):
         CrossTokenizer.resample(None, dict(x, image_tiles=None), enc)
+
+
+def test_a_thumbnail_with_its_own_grid():
+    """LFM2-VL's thumbnail keeps the image's aspect, so its token grid is not a tile's: 1 x 2 tiles of 2 x 2 tokens
+    and a 1 x 2-token thumbnail (10 tokens). Its views, the cache's entry (7 values, thumbnail 2; an InternVL entry
+    stays 5) and the resampling per view: the thumbnail onto an untiled grid as the library's bilinear resize with
+    its mass, a uniform map stays uniform, the same layout unchanged; a malformed entry is refused."""
+    lay = ImageLayout((2, 2), (1, 2), True, (1, 2))
+    assert lay.n_tokens == 10 and lay.view_grids() == [(2, 4), (1, 2)]
+    sal = torch.arange(1.0, 11.0)
+    mosaic, thumb = lay.views(sal)
+    torch.testing.assert_close(mosaic, torch.tensor([[1.0, 2, 5, 6], [3, 4, 7, 8]]), rtol=0, atol=0)
+    torch.testing.assert_close(thumb, torch.tensor([[9.0, 10]]), rtol=0, atol=0)
+    torch.testing.assert_close(lay.tokens([mosaic, thumb]), sal, rtol=0, atol=0)
+    flat = lay.flat() + ImageLayout((3, 3), (2, 2), True).flat() + ImageLayout((2, 3)).flat()
+    assert flat[:7] == [1, 2, 2, 2, 2, 1, 2] and len(flat) == 17
+    assert layouts_of([], flat) == [lay, ImageLayout((3, 3), (2, 2), True), ImageLayout((2, 3))]
+    with pytest.raises(ValueError, match="image_tiles"):
+        layouts_of([], flat[:6])
+    sal = sal / sal.sum()
+    torch.testing.assert_close(resample_layout(sal, lay, lay), sal, rtol=0, atol=1e-7)
+    grid = ImageLayout((2, 4))
+    up = F.interpolate(thumb[None, None] / thumb.sum(), size=(2, 4), mode="bilinear", align_corners=False,
+                       antialias=True)[0, 0]
+    ref = mosaic / 55 + up / up.sum() * (19 / 55)
+    torch.testing.assert_close(resample_layout(sal, lay, grid), ref.reshape(-1), rtol=0, atol=1e-6)
+    for a, b in ((lay, grid), (grid, lay), (lay, ImageLayout((3, 3), (2, 2), True))):
+        u = resample_layout(torch.full((a.n_tokens,), 1.0 / a.n_tokens), a, b)
+        torch.testing.assert_close(u, torch.full((b.n_tokens,), 1.0 / b.n_tokens), rtol=0, atol=1e-7)
