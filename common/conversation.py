@@ -48,8 +48,8 @@ class Encoded:
     resp_turns: list[int] = field(default_factory=list)
     conversation: str = ""
     image_grids: list[tuple[int, int]] = field(default_factory=list)
-    # tiled images (InternVL): per image (tile rows, tile cols, thumbnail, rows, cols) flat, common/tiles.py
-    # ImageLayout.flat; empty when no image of the sample is tiled
+    # tiled images (InternVL, LFM2-VL): per image (tile rows, tile cols, thumbnail, rows, cols[, thumbnail rows, cols])
+    # flat, common/tiles.py ImageLayout.flat; empty when no image of the sample is tiled
     image_tiles: list[int] = field(default_factory=list)
 
     @property

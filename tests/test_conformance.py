@@ -571,7 +571,7 @@ def test_lfm2_vl_tilings_in_one_batch_are_the_models_own(fkit, teacher_of, tmp_p
     thumbnail, 3x1 + thumbnail, untiled; 4 to 5 tiles per sample): the dump's ids, top-k and rest mass, TPA
     distributions and saliency (over every tile's and the thumbnail's tokens) and the KD step's gradients are the
     model's own, by the suite's checks above; each image's recorded layout is the processor's own tiling
-    (``return_row_col_info``), its token count the image's."""
+    (``return_row_col_info``), its token count the image's; show-saliency draws each tiled image per view."""
     from alignti.common.tiles import layouts_of
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher
     _, proc = teacher_of(fkit)
@@ -605,6 +605,10 @@ def test_lfm2_vl_tilings_in_one_batch_are_the_models_own(fkit, teacher_of, tmp_p
             assert lay.n_tokens == int((x["input_ids"][s:e] == image_token).sum())
             tilings.add(lay.tiles)
     assert tilings == {(2, 2), (1, 2), (3, 1), (1, 1)}
+    from alignti.student_train.show_saliency import show_saliency  # each tiled image's map per view, as InternVL's
+    shown = show_saliency(str(tmp_path / "cache"), two["id"], tmp_path / "s.png", images=str(fkit.images))
+    assert shown["panels"] == [f"teacher (layer {k.cache.params['saliency_layer']}), image {i}{v}" for i, tiles in
+                               ((1, "3x1"), (2, "2x2")) for v in (f", {tiles} tiles", ", thumbnail")]
     test_ids_are_the_processors_on_the_rendered_conversation(k, teacher_of)
     test_topk_and_rest_mass_are_the_models_own_forward(k, teacher_of)
     _check_tpa(k, *teacher_of(k))
