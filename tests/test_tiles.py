@@ -153,3 +153,24 @@ def test_a_thumbnail_with_its_own_grid():
     for a, b in ((lay, grid), (grid, lay), (lay, ImageLayout((3, 3), (2, 2), True))):
         u = resample_layout(torch.full((a.n_tokens,), 1.0 / a.n_tokens), a, b)
         torch.testing.assert_close(u, torch.full((b.n_tokens,), 1.0 / b.n_tokens), rtol=0, atol=1e-7)
+
+
+def test_the_cross_tokenizer_student_reads_onto_tiles_with_their_own_thumbnail_grid():
+    """A grid teacher (Qwen3-VL's 3 x 3) and a tiled LFM2-VL student image (1 x 2 tiles of 2 x 2 tokens, a 1 x 2-token
+    thumbnail: its ``image_tiles`` as the student's encoding records it): the student's IVA target is the teacher's map
+    resampled onto both views, split by their token counts, keeping the image's mass."""
+    from alignti.student_train.cross import CrossTokenizer
+    student = ImageLayout((2, 2), (1, 2), True, (1, 2))
+    sal = torch.rand(1, 9, generator=torch.Generator().manual_seed(2))
+    sal = sal / sal.sum()
+    ids = np.full(20, 7)
+    ids[4:13] = 9
+    x = {"sample_id": "s", "saliency": sal.numpy(), "image_spans": [(4, 13)], "input_ids": ids,
+         "image_grids": [(3, 3)], "image_tiles": None}
+    enc = SimpleNamespace(image_grids=[(0, 0)], image_tiles=student.flat(), n_image_tokens=10)
+    got = torch.from_numpy(CrossTokenizer.resample(None, x, enc))[0]
+    mosaic, thumb = student.views(got)
+    up = [F.interpolate(sal.reshape(1, 1, 3, 3), size=g, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+          for g in ((2, 4), (1, 2))]
+    torch.testing.assert_close(mosaic, up[0] / up[0].sum() * 0.8, rtol=0, atol=1e-6)  # 8 of the 10 tokens
+    torch.testing.assert_close(thumb, up[1] / up[1].sum() * 0.2, rtol=0, atol=1e-6)
