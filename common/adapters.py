@@ -605,9 +605,16 @@ class Lfm2VlAdapter(ModelAdapter):
     included: common/branch_states.py) and IVA's saliency from the attention layers only.
 
     1-D positions; the processor expands each ``<image>`` into ``<|image_start|>`` + image tokens +
-    ``<|image_end|>``. An image larger than one tile is split into a grid of tiles plus a thumbnail, each tile's
-    tokens after a ``<|img_row_R_col_C|>`` marker: alignti reads one run of image tokens per image, so such an image
-    is refused by name (``check_image_size``)."""
+    ``<|image_end|>``. An image of more than ``max_image_tokens`` x ``max_pixels_tolerance`` tokens' worth of pixels
+    (with ``do_image_splitting``, as the released checkpoints ship) is split into a grid of tiles, each tile's tokens
+    after a ``<|img_row_R_col_C|>`` marker, plus with ``use_thumbnail`` ``<|img_thumbnail|>`` and the thumbnail's
+    tokens: one image's tokens are several runs with markup between them, grouped by the placeholder they replaced
+    (common/conversation.py, as Idefics3's), IVA's saliency over its image tokens only (common/batch.py
+    ``image_token_positions``) and its layout (tiles, each tile's and the thumbnail's token grid) from the
+    processor's ``spatial_shapes`` (common/tiles.py ``split_layouts``). Inputs: ``pixel_values`` [n tiles, max
+    patches, 3 * patch^2], ``pixel_attention_mask`` [n tiles, max patches], ``spatial_shapes`` [n tiles, 2], the
+    tiles of image after image, every tile padded to the processor's one ``max_num_patches``, so a batch concatenates
+    them along the tile axis (the base ``collate_image_inputs``) in the order the model fills the image tokens."""
     family = "lfm2_vl"
     multi_image = True  # several images per sample: one <image> each, their features in order (the model's own)
 
@@ -626,25 +633,6 @@ class Lfm2VlAdapter(ModelAdapter):
         if getattr(text, "full_attn_idxs", None) is not None:
             text.full_attn_idxs = [i for i, t in enumerate(text.layer_types) if t == "full_attention"]
         return []
-
-    @classmethod
-    def check_image_size(cls, image_processor, sample_id, what, width, height):
-        """The family's image processor splits an image into tiles when it holds more than ``max_image_tokens`` x
-        ``max_pixels_tolerance`` tokens' worth of pixels (its own ``_get_split_layout``); a tiled image's tokens
-        are several runs in the text, which alignti's per-image spans do not cover: a DataError naming the sample,
-        the size and the fix."""
-        split = getattr(image_processor, "_get_split_layout", None)
-        if split is None or not getattr(image_processor, "do_image_splitting", False):
-            return
-        keys = ("downsample_factor", "min_tiles", "max_tiles", "min_image_tokens", "max_image_tokens",
-                "encoder_patch_size", "tile_size", "max_pixels_tolerance")
-        tiled, rows, cols, *_ = split(height, width, **{k: getattr(image_processor, k) for k in keys})
-        if tiled:
-            raise DataError(sample_id, f"image {what} is {width}x{height} pixels, which the {cls.family} image "
-                            f"processor splits into {rows}x{cols} tiles and a thumbnail (alignti takes one tile per "
-                            "image)", "downscale it (at most max_image_tokens x max_pixels_tolerance image tokens' "
-                            "worth of pixels), set do_image_splitting false in the checkpoint's "
-                            "preprocessor_config.json, or pass --skip-bad")
 
 
 class InternVLAdapter(ModelAdapter):

@@ -51,8 +51,8 @@ def span_image_positions(input_ids, spans: list[tuple[int, int]]) -> torch.Tenso
     """The image-token positions of the image ``spans`` ([start, end) each, images in order) of one sample's
     ``input_ids`` [S]: in each span, the positions holding its first token's id, the family's image token. Every
     position of the span for most families; not the markup between an image's parts: Mistral 3's row ends
-    (``[IMG_BREAK]``, text tokens the model puts no image feature on) and Idefics3 / SmolVLM's sub-image tags
-    (common/conversation.py ``image_spans``)."""
+    (``[IMG_BREAK]``, text tokens the model puts no image feature on), Idefics3 / SmolVLM's sub-image tags and
+    LFM2-VL's tile markers (common/conversation.py ``image_spans``)."""
     if not spans:
         return torch.zeros(0, dtype=torch.long)
     ids = torch.as_tensor(input_ids).cpu()

@@ -48,8 +48,8 @@ class Encoded:
     resp_turns: list[int] = field(default_factory=list)
     conversation: str = ""
     image_grids: list[tuple[int, int]] = field(default_factory=list)
-    # tiled images (InternVL): per image (tile rows, tile cols, thumbnail, rows, cols) flat, common/tiles.py
-    # ImageLayout.flat; empty when no image of the sample is tiled
+    # tiled images (InternVL, LFM2-VL): per image (tile rows, tile cols, thumbnail, rows, cols[, thumbnail rows, cols])
+    # flat, common/tiles.py ImageLayout.flat; empty when no image of the sample is tiled
     image_tiles: list[int] = field(default_factory=list)
 
     @property
@@ -447,7 +447,10 @@ def image_layouts(processor, image_inputs: dict, spans: list[tuple[int, int]], i
     ``image_seq_length`` tokens per tile) gives each image's ``common.tiles.ImageLayout`` from the image processor's
     own canvas choice, checked against the image's token count; ``image_grids`` then says (0, 0) for a tiled image
     (no one grid: a reader that knows no tiles refuses it) and ``image_tiles`` holds every image's layout (flat,
-    5 values each). Otherwise ``image_grids`` (below) and no tiles."""
+    ``ImageLayout.flat``). LFM2-VL's processor (``spatial_shapes`` per tile, the image processor's own
+    ``_get_split_layout``; each tile's tokens after a ``<|img_row_R_col_C|>`` marker) likewise, its untiled images'
+    grids exact whatever their aspect (``common.tiles.split_layouts``). Otherwise ``image_grids`` (below) and no
+    tiles."""
     ip = getattr(processor, "image_processor", None)
     per_tile = getattr(processor, "image_seq_length", None)
     if images is not None and per_tile and getattr(ip, "max_patches", None) and hasattr(ip, "min_patches"):
@@ -456,9 +459,25 @@ def image_layouts(processor, image_inputs: dict, spans: list[tuple[int, int]], i
         # an image whose token count is not the processor's tiling of it (called with other settings): no grid
         layouts = [tiled_layout(ip, im.height, im.width, b - a, int(per_tile)) or ImageLayout((0, 0))
                    for im, (a, b) in zip(pics, spans)]
-        grids = [(0, 0) if lay.tiled else lay.grid for lay in layouts]
-        return grids, ([v for lay in layouts for v in lay.flat()] if any(lay.tiled for lay in layouts) else [])
+        return _grids_and_tiles(layouts)
+    shapes = image_inputs.get("spatial_shapes")
+    if images is not None and shapes is not None and hasattr(ip, "_get_split_layout") and input_ids is not None:
+        from .tiles import ImageLayout, split_layouts
+        pics = images if isinstance(images, (list, tuple)) else [images]
+        layouts = (split_layouts(ip, [(im.height, im.width) for im in pics], shapes)
+                   or [ImageLayout((0, 0))] * len(pics))
+        # each image's tokens as many as its layout's (the tile markers between them not counted), else no grid
+        counts = [int((np.asarray(input_ids[a:b]) == input_ids[a]).sum()) for a, b in spans]
+        return _grids_and_tiles([lay if lay.known and lay.n_tokens == n else ImageLayout((0, 0))
+                                 for lay, n in zip(layouts, counts)])
     return image_grids(processor, image_inputs, spans, input_ids), []
+
+
+def _grids_and_tiles(layouts) -> tuple[list[tuple[int, int]], list[int]]:
+    """(``image_grids``, ``image_tiles``) of the images' ``common.tiles.ImageLayout``s: a tiled image's grid (0, 0),
+    every image's layout flat in ``image_tiles`` where one is tiled, else none."""
+    grids = [(0, 0) if lay.tiled else lay.grid for lay in layouts]
+    return grids, ([v for lay in layouts for v in lay.flat()] if any(lay.tiled for lay in layouts) else [])
 
 
 def image_grids(processor, image_inputs: dict, spans: list[tuple[int, int]],

@@ -419,8 +419,11 @@ ONEVISION1_5_KIT = KitRecipe(special_tokens=QWEN_SPECIAL_TOKENS, tokens=QWEN_TOK
 
 # ---- LFM2-VL (SigLIP2 NaFlex tower at native aspect ratio, pixel-unshuffle projector, LFM2 hybrid decoder: short
 # convolutions and full attention) --------------------------------------------------------------------------------
+LFM2_VL_TILES = 4  # the kit's most tiles per image (min_tiles 2); the released processors: 2 to 10
+# the shipped tokenizer's tile markers (<|img_row_R_col_C|>, R and C 1..10, special) for the kit's grids
 LFM2_VL_SPECIAL_TOKENS = ("<|pad|>", "<|startoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "<image>",
-                          "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>")
+                          "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>") + tuple(
+    f"<|img_row_{r}_col_{c}|>" for r in range(1, LFM2_VL_TILES + 1) for c in range(1, LFM2_VL_TILES + 1))
 # LFM2-VL's shipped chat template, verbatim (LiquidAI/LFM2-VL-450M chat_template.jinja; tests/data/tokenizers/
 # lfm2-vl-450m): ChatML after the bos token; an image part is "<image>", which the processor expands to
 # "<|image_start|>" + image tokens + "<|image_end|>"
@@ -439,8 +442,9 @@ LFM2_VL_PATCH = 8  # the tower's patch side in pixels; 2x2 patches are unshuffle
 def _lfm2_vl_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
     """Layer 0 a short convolution (``conv``, kernel 3 as the released checkpoints), layer 1 ``full_attention``
     (LFM2 interleaves them about 10:6): both kinds are exercised and one attention layer is left for IVA's saliency.
-    A 48-px scene is a 6x6 grid of 8-px patches, unshuffled 2x2 into 3x3 = 9 image tokens; the tower's position
-    table is that 6x6 grid (``num_patches`` 36, resized to each image's grid by the tower itself). The LM head is
+    A 48-px scene is tiled (``_lfm2_vl_processor``): 2x2 tiles of 32 px plus a 32-px thumbnail, each a 4x4 grid of 8-px
+    patches unshuffled 2x2 into 2x2 = 4 image tokens (20 per scene); the tower's position table is a 6x6 grid
+    (``num_patches`` 36, resized to each tile's grid by the tower itself). The LM head is
     untied (the released checkpoints tie it): an untrained tied head scores each input token highest, so the untrained
     student would only ever repeat the line break before its answer (no answer text for rollouts)."""
     from transformers import Lfm2VlConfig
@@ -459,19 +463,23 @@ def _lfm2_vl_config(tokenizer, text: dict, image_size: int, patch: int = PATCH):
 
 
 def _lfm2_vl_processor(tokenizer, image_size: int, patch: int = PATCH):
-    """Lfm2VlProcessor with the family's image processor (torchvision: it has no PIL backend): no tiling (every
-    scene is one tile), 8-px patches, between 4 and 16 image tokens per image (a 48-px scene: 9)."""
+    """Lfm2VlProcessor with the family's image processor (torchvision: it has no PIL backend), tiling on as the
+    released checkpoints ship it, at a small scale: 8-px patches, 32-px tiles (4 image tokens), at most 4 image
+    tokens' worth of pixels (x ``max_pixels_tolerance`` 2) in one untiled image, 2 to 4 tiles plus a thumbnail. A
+    48-px scene: 2x2 tiles + a 2x2-token thumbnail (20 image tokens); 96x48 px: 1x2 tiles + a 1x2-token thumbnail;
+    32 px and below: one untiled grid."""
     from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
 
-    ip = Lfm2VlImageProcessor(encoder_patch_size=LFM2_VL_PATCH, downsample_factor=2, do_image_splitting=False,
-                              min_image_tokens=4, max_image_tokens=16, tile_size=image_size, use_thumbnail=False,
+    ip = Lfm2VlImageProcessor(encoder_patch_size=LFM2_VL_PATCH, downsample_factor=2, do_image_splitting=True,
+                              min_tiles=2, max_tiles=LFM2_VL_TILES, min_image_tokens=1, max_image_tokens=4,
+                              tile_size=4 * LFM2_VL_PATCH, use_thumbnail=True, max_pixels_tolerance=2.0,
                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     return Lfm2VlProcessor(image_processor=ip, tokenizer=tokenizer, chat_template=LFM2_VL_CHAT_TEMPLATE)
 
 
 LFM2_VL_KIT = KitRecipe(special_tokens=LFM2_VL_SPECIAL_TOKENS, tokens=LFM2_VL_TOKENS,
                         chat_template=LFM2_VL_CHAT_TEMPLATE, config=_lfm2_vl_config, processor=_lfm2_vl_processor,
-                        image_tokens=9)
+                        image_tokens=20)
 
 
 # ---- InternVL (InternViT tower, pixel-shuffle projector, Qwen2 LM; dynamic tiling: tiles plus a thumbnail) -------

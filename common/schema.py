@@ -130,9 +130,11 @@ SAMPLE_SCHEMA = pa.schema([
     # a rollout row's ``finish`` ("eos", "length": cut at --max-new-tokens, so its loss turn has no end-of-turn
     # markup; "teacher-forced"); null for other data and for caches made before it was kept
     ("finish", pa.string()),
-    # tiled images (InternVL's tiles plus a thumbnail): per image (tile rows, tile cols, thumbnail 0/1, rows, cols of
-    # each tile's tokens), flat; empty or null when no image of the sample is tiled (image_grids then says it all;
-    # a tiled image's image_grids entry is (0, 0), so a reader that knows no tiles refuses it instead of misreading)
+    # tiled images (InternVL's, LFM2-VL's tiles plus a thumbnail): per image (tile rows, tile cols, thumbnail 0/1, rows,
+    # cols of each tile's tokens), or (.., 2, rows, cols, thumbnail rows, thumbnail cols) where the thumbnail's grid is
+    # its own (common/tiles.py ImageLayout.flat), flat; empty or null when no image of the sample is tiled
+    # (image_grids then says it all; a tiled image's image_grids entry is (0, 0), so a reader that knows no tiles
+    # refuses it instead of misreading)
     ("image_tiles", pa.list_(pa.int32())),
 ])
 

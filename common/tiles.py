@@ -9,6 +9,13 @@ thumbnail: the whole image resized to one tile. Each tile becomes ``grid`` = (ro
 neighbouring patches). So a tiled image's tokens are two *views* of the whole image: the mosaic (the tiles put back
 in place: a (tile rows * rows) x (tile cols * cols) grid over the image) and the thumbnail (one grid over the image).
 IVA's saliency over such an image is drawn and resampled per view (``views``, ``resample_layout``).
+
+LFM2-VL's image processor (transformers' ``Lfm2VlImageProcessor``) tiles the same way (``_get_split_layout``: an image
+of more than ``max_image_tokens`` x ``max_pixels_tolerance`` tokens' worth of pixels is resized onto ``cols x rows``
+tiles of ``tile_size`` pixels, cut row-major, plus with ``use_thumbnail`` the whole image smart-resized within
+``max_image_tokens``), each tile its patch grid unshuffled ``downsample_factor`` x ``downsample_factor`` into a
+row-major grid of tokens; the thumbnail keeps the image's aspect, so its grid is its own (``thumb_grid``). Its layout is
+read from the processor's ``spatial_shapes`` (``split_layouts``).
 """
 
 from __future__ import annotations
@@ -23,10 +30,17 @@ class ImageLayout:
     """One image's image tokens: ``tiles`` = (rows, cols) of the mosaic (1, 1: an untiled image), each tile a
     ``grid`` = (rows, cols) of tokens, then a thumbnail of one more ``grid`` when ``thumbnail``. Token order: tile
     after tile (row-major), then the thumbnail, each row-major. ``grid`` (0, 0): no grid known (LLaVA-OneVision's
-    any-res tiles with row-end tokens)."""
+    any-res tiles with row-end tokens). ``thumb_grid``: the thumbnail's (rows, cols) where it differs from a tile's
+    (LFM2-VL's thumbnail keeps the image's aspect); None: the tile grid (InternVL)."""
     grid: tuple[int, int]
     tiles: tuple[int, int] = (1, 1)
     thumbnail: bool = False
+    thumb_grid: tuple[int, int] | None = None
+
+    @property
+    def thumb(self) -> tuple[int, int]:
+        """The thumbnail's (rows, cols) of tokens."""
+        return self.thumb_grid or self.grid
 
     @property
     def known(self) -> bool:
@@ -42,22 +56,23 @@ class ImageLayout:
 
     @property
     def n_tokens(self) -> int:
-        return self.n_tiles * self.grid[0] * self.grid[1]
+        r, c = self.thumb
+        return self.tiles[0] * self.tiles[1] * self.grid[0] * self.grid[1] + int(self.thumbnail) * r * c
 
     def view_grids(self) -> list[tuple[int, int]]:
         """The (rows, cols) of each view over the whole image: the mosaic, then the thumbnail if any."""
         (tr, tc), (r, c) = self.tiles, self.grid
-        return [(tr * r, tc * c)] + ([(r, c)] if self.thumbnail else [])
+        return [(tr * r, tc * c)] + ([self.thumb] if self.thumbnail else [])
 
     def views(self, sal: torch.Tensor) -> list[torch.Tensor]:
         """``sal`` [n_tokens] in token order as its views over the whole image: [mosaic [tr * r, tc * c], thumbnail
-        [r, c] if any]. ValueError when ``sal`` does not hold the layout's tokens."""
+        [``thumb``] if any]. ValueError when ``sal`` does not hold the layout's tokens."""
         if sal.numel() != self.n_tokens:
             raise ValueError(f"{sal.numel()} values for an image of {self.n_tokens} tokens ({self})")
         (tr, tc), (r, c) = self.tiles, self.grid
         n = tr * tc * r * c
         mosaic = sal.reshape(-1)[:n].reshape(tr, tc, r, c).permute(0, 2, 1, 3).reshape(tr * r, tc * c)
-        return [mosaic] + ([sal.reshape(-1)[n:].reshape(r, c)] if self.thumbnail else [])
+        return [mosaic] + ([sal.reshape(-1)[n:].reshape(self.thumb)] if self.thumbnail else [])
 
     def tokens(self, views: list[torch.Tensor]) -> torch.Tensor:
         """The inverse of ``views``: the views' values back in token order, [n_tokens]."""
@@ -66,17 +81,30 @@ class ImageLayout:
         return torch.cat([mosaic] + [v.reshape(-1) for v in views[1:]])
 
     def flat(self) -> list[int]:
-        """(tile rows, tile cols, thumbnail, rows, cols): the cache's ``image_tiles`` entry of the image."""
-        return [self.tiles[0], self.tiles[1], int(self.thumbnail), self.grid[0], self.grid[1]]
+        """The cache's ``image_tiles`` entry of the image: (tile rows, tile cols, thumbnail 0/1, rows, cols), or
+        where the thumbnail has a grid of its own (tile rows, tile cols, 2, rows, cols, thumbnail rows, thumbnail
+        cols)."""
+        head = [self.tiles[0], self.tiles[1], int(self.thumbnail), self.grid[0], self.grid[1]]
+        if self.thumbnail and self.thumb != self.grid:
+            return [head[0], head[1], 2, *head[3:], *self.thumb]
+        return head
 
 
 def layouts_of(grids: list, tiles: list | None) -> list[ImageLayout]:
     """Each image's layout from a cache row's (or an encoding's) ``image_grids`` [(rows, cols) per image] and
-    ``image_tiles`` (flat, 5 values per image, ``ImageLayout.flat``; empty or None: no image tiled)."""
+    ``image_tiles`` (flat, ``ImageLayout.flat`` image after image: 5 values, 7 where the thumbnail value is 2;
+    empty or None: no image tiled). ValueError on a malformed ``image_tiles``."""
     if not tiles:
         return [ImageLayout((int(r), int(c))) for r, c in grids]
-    t = [int(v) for v in tiles]
-    return [ImageLayout((t[i + 3], t[i + 4]), (t[i], t[i + 1]), bool(t[i + 2])) for i in range(0, len(t), 5)]
+    t, out, i = [int(v) for v in tiles], [], 0
+    while i < len(t):
+        if i + 5 > len(t) or t[i + 2] not in (0, 1, 2) or (t[i + 2] == 2 and i + 7 > len(t)):
+            raise ValueError(f"image_tiles {t} is not (tile rows, tile cols, thumbnail, rows, cols[, rows, cols]) "
+                             "per image")
+        own = (t[i + 5], t[i + 6]) if t[i + 2] == 2 else None
+        out.append(ImageLayout((t[i + 3], t[i + 4]), (t[i], t[i + 1]), bool(t[i + 2]), own))
+        i += 7 if own else 5
+    return out
 
 
 def tiled_layout(image_processor, height: int, width: int, n_tokens: int, tile_tokens: int) -> ImageLayout | None:
@@ -99,6 +127,35 @@ def tiled_layout(image_processor, height: int, width: int, n_tokens: int, tile_t
     if rows * cols > 1 and n_tiles == rows * cols + 1:
         return ImageLayout((side, side), (rows, cols), True)
     return None
+
+
+def split_layouts(image_processor, sizes: list[tuple[int, int]], spatial_shapes) -> list[ImageLayout] | None:
+    """LFM2-VL: each image's layout from its pixel ``sizes`` [(height, width) per image] by the image processor's
+    own choice (``_get_split_layout`` at its settings: split or not, rows x cols of tiles; a thumbnail with
+    ``use_thumbnail`` when split), each tile's and the thumbnail's token grid read from the processor's
+    ``spatial_shapes`` [n tiles of all images, 2] (patches, over ``downsample_factor``; the images' tiles in order,
+    each image's row-major then its thumbnail). None when the tiles the settings give do not add up to
+    ``spatial_shapes`` (the processor was called with other settings)."""
+    keys = ("downsample_factor", "min_tiles", "max_tiles", "min_image_tokens", "max_image_tokens",
+            "encoder_patch_size", "tile_size", "max_pixels_tolerance")
+    kw = {k: getattr(image_processor, k) for k in keys}
+    if not getattr(image_processor, "do_image_splitting", False):
+        kw["min_tiles"] = kw["max_tiles"] = 1
+    f = int(image_processor.downsample_factor)
+    shapes = [(int(h) // f, int(w) // f) for h, w in spatial_shapes.tolist()]
+    out, at = [], 0
+    for height, width in sizes:
+        tiled, rows, cols, *_ = image_processor._get_split_layout(int(height), int(width), **kw)
+        multi = tiled and rows * cols > 1
+        thumb = multi and bool(image_processor.use_thumbnail)
+        n = rows * cols + int(thumb) if multi else 1
+        grids = shapes[at:at + n]
+        at += n
+        if len(grids) < n or (multi and len(set(grids[:rows * cols])) != 1):
+            return None
+        out.append(ImageLayout(grids[0], (rows, cols), True, grids[-1] if grids[-1] != grids[0] else None)
+                   if thumb else ImageLayout(grids[0], (rows, cols) if multi else (1, 1)))
+    return out if at == len(shapes) else None
 
 
 def resample_layout(sal: torch.Tensor, src: ImageLayout, dst: ImageLayout) -> torch.Tensor:

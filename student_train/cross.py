@@ -183,8 +183,8 @@ class CrossTokenizer:
     def resample(self, x: dict, enc) -> np.ndarray:
         """The teacher's saliency [n_turns, teacher image tokens] on the student's image tokens [n_turns, student
         image tokens]: per image from the teacher's layout to the student's (``common.tiles.resample_layout``: a
-        grid bilinear onto a grid, InternVL's tiles per view, the mosaic of tiles and the thumbnail), each image
-        keeping the share of the turn's mass the teacher gave it."""
+        grid bilinear onto a grid, InternVL's and LFM2-VL's tiles per view, the mosaic of tiles and the thumbnail),
+        each image keeping the share of the turn's mass the teacher gave it."""
         t_lay = layouts_of(x.get("image_grids") or [], x.get("image_tiles"))
         s_lay = layouts_of(enc.image_grids, enc.image_tiles)
         t_sizes = [len(span_image_positions(x["input_ids"], [sp])) for sp in x["image_spans"]]
@@ -193,7 +193,7 @@ class CrossTokenizer:
                             f"{list(x.get('image_grids') or [])}, student {list(enc.image_grids)}; (0, 0): not a "
                             "one grid, e.g. LLaVA-OneVision's any-res tiles, Idefics3 / SmolVLM's sub-images plus a "
                             "global image)", "train without IVA (--loss kd or kd+tpa), or pick families with a grid "
-                            "(LLaVA, Qwen2-VL, InternVL)")
+                            "(LLaVA, Qwen2-VL, InternVL, LFM2-VL)")
         sal = torch.from_numpy(np.asarray(x["saliency"], np.float32))
         rows = []
         for row in sal:

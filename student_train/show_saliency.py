@@ -77,7 +77,7 @@ def show_saliency(cache: str, sample: str, out: str | Path, student: str | None 
     if student:
         s, layer = student_saliency(student, reader, i, student_layer)
         rows.append((f"student (layer {layer})", s[turn]))
-    # tiled images (InternVL): each image's map per view, the tiles put back in place and the thumbnail
+    # tiled images (InternVL, LFM2-VL): each image's map per view, the tiles put back in place and the thumbnail
     layouts = layouts_of(x.get("image_grids") or [], x["image_tiles"]) if x.get("image_tiles") else None
     panels = []  # per image, the teacher's map (and the student's below it): saliency covers the images in order
     for name, sal in rows:

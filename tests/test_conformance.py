@@ -558,41 +558,121 @@ def test_dump_refuses_a_saliency_layer_without_attention(fkit):
     assert model.config.text_config.layer_types == [kind]
 
 
-def test_lfm2_vl_tiled_image_is_refused_by_name():
-    """LFM2-VL's image processor splits a large image into a grid of tiles (each tile's tokens after a row/column
-    marker), which alignti's one run of image tokens per image does not cover: the dump's pre-flight refuses such an
-    image by sample and size. The reference is the image processor itself (its own rows x cols on the image)."""
+# LFM2-VL's kit tiles a 48-px scene (2x2 tiles of 4 tokens + a 2x2-token thumbnail); these sizes give other tilings:
+# 1x2 tiles + a 1x2-token thumbnail (its patches padded in the tower's input), 3x1 tiles + a 3x1-token thumbnail,
+# one untiled 2x2 grid
+LFM2_VL_SIZES = {"wide": ((96, 48), (1, 2), (1, 2)), "tall": ((48, 144), (3, 1), (3, 1)),
+                 "small": ((24, 24), (1, 1), None)}
+
+
+@pytest.mark.parametrize("fkit", ["lfm2_vl"], indirect=True)
+def test_lfm2_vl_tilings_in_one_batch_are_the_models_own(fkit, teacher_of, tmp_path):
+    """LFM2-VL images of several tilings in one padded batch (the kit's scenes resized: 2x2 tiles + thumbnail, 1x2 +
+    thumbnail, 3x1 + thumbnail, untiled; 4 to 5 tiles per sample): the dump's ids, top-k and rest mass, TPA
+    distributions and saliency (over every tile's and the thumbnail's tokens) and the KD step's gradients are the
+    model's own, by the suite's checks above; each image's recorded layout is the processor's own tiling
+    (``return_row_col_info``), its token count the image's; show-saliency draws each tiled image per view."""
+    from alignti.common.tiles import layouts_of
+    from alignti.teacher_dump.dump import DumpConfig, dump_teacher
+    _, proc = teacher_of(fkit)
+    (tmp_path / "kit").symlink_to(fkit.root / "kit")  # the kit's checkpoints and images, this test's data and cache
+    scenes = {}
+    for name, ((w, h), _, _) in LFM2_VL_SIZES.items():
+        src = fkit.data[0]["image"]
+        Image.open(fkit.images / src).convert("RGB").resize((w, h)).save(fkit.images / f"tiling_{name}.png")
+        scenes[name] = f"tiling_{name}.png"
+    single, multi, two = (json.loads(json.dumps(it)) for it in fkit.data)
+    single["image"], multi["image"] = scenes["wide"], scenes["small"]
+    two["image"] = [scenes["tall"], two["image"][1]]
+    data = [single, multi, two]
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    dump_teacher(DumpConfig(teacher=str(tmp_path / "kit/teacher"), data=str(tmp_path / "data.json"),
+                            images=str(fkit.images), out=str(tmp_path / "cache"), top_k=16, tpa_top_k=8,
+                            tpa_branches=3, logprob_encoding="float16", batch_size=8, progress=False,
+                            saliency_layer=str(fkit.cache.params["saliency_layer"])))  # IRS: no two same-size images
+    k = Kit(fkit.family, tmp_path, data, CacheReader(str(tmp_path / "cache")))
+    image_token = proc.tokenizer.convert_tokens_to_ids("<image>")
+    tilings = set()
+    for item in data:
+        x = _row(k, item["id"])
+        refs = item["image"] if isinstance(item["image"], list) else [item["image"]]
+        pics = [Image.open(fkit.images / r).convert("RGB") for r in refs]
+        own = proc.image_processor(pics, return_row_col_info=True)
+        lays = layouts_of(x.get("image_grids") or [], x.get("image_tiles"))
+        for j, (lay, (s, e)) in enumerate(zip(lays, x["image_spans"])):
+            tiles = (own["image_rows"][j], own["image_cols"][j])
+            assert lay.tiles == tiles and lay.thumbnail == (tiles != (1, 1)), (item["id"], j, lay)
+            assert lay.n_tokens == int((x["input_ids"][s:e] == image_token).sum())
+            tilings.add(lay.tiles)
+    assert tilings == {(2, 2), (1, 2), (3, 1), (1, 1)}
+    from alignti.student_train.show_saliency import show_saliency  # each tiled image's map per view, as InternVL's
+    shown = show_saliency(str(tmp_path / "cache"), two["id"], tmp_path / "s.png", images=str(fkit.images))
+    assert shown["panels"] == [f"teacher (layer {k.cache.params['saliency_layer']}), image {i}{v}" for i, tiles in
+                               ((1, "3x1"), (2, "2x2")) for v in (f", {tiles} tiles", ", thumbnail")]
+    test_ids_are_the_processors_on_the_rendered_conversation(k, teacher_of)
+    test_topk_and_rest_mass_are_the_models_own_forward(k, teacher_of)
+    _check_tpa(k, *teacher_of(k))
+    test_saliency_is_the_eager_attention_of_the_chosen_layer(k)
+    test_kd_step_gradients_are_plain_autograd(k)
+
+
+def test_lfm2_vl_layout_places_each_token_on_its_pixels():
+    """The layout alignti records for an LFM2-VL image (common/tiles.py ``split_layouts``) puts each image token
+    where the processor put its pixels: on an image whose red channel grows left to right and green top to bottom,
+    each token's mean pixel (its 2x2 patches of the processor's ``pixel_values``, unshuffled row-major as the model's
+    ``get_image_features``) grows along the columns, resp. rows, of the mosaic view (the tiles put back in place)
+    and of the thumbnail view; the tiles are the processor's own (``return_row_col_info``). The shipped settings
+    without a thumbnail (LFM2-VL-450M) and the kit's with one."""
     pytest.importorskip("torchvision")
     from transformers import Lfm2VlImageProcessor
 
-    from alignti.common.adapters import Lfm2VlAdapter
-    from alignti.common.errors import DataError
-    ip = Lfm2VlImageProcessor()  # the released settings: 512-px tiles, 16-px patches, at most 256 image tokens
-    for w, h in ((512, 512), (700, 300), (1024, 1024), (1600, 400)):
-        own = ip(images=[Image.new("RGB", (w, h))], return_row_col_info=True)
-        tiled = own["image_rows"][0] * own["image_cols"][0] > 1
-        if not tiled:
-            Lfm2VlAdapter.check_image_size(ip, "s1", "'a.png'", w, h)
-            continue
-        grid = f"{own['image_rows'][0]}x{own['image_cols'][0]}"
-        with pytest.raises(DataError, match=rf"s1.*{w}x{h} pixels.*{grid} tiles"):
-            Lfm2VlAdapter.check_image_size(ip, "s1", "'a.png'", w, h)
-    Lfm2VlAdapter.check_image_size(Lfm2VlImageProcessor(do_image_splitting=False), "s1", "'a.png'", 1024, 1024)
+    from alignti.common.tiles import ImageLayout, layouts_of, split_layouts
+    from alignti.demo import kit
+    kit_ip = kit.build_processor(kit.build_tokenizer("lfm2_vl"), "lfm2_vl").image_processor
+    shipped = Lfm2VlImageProcessor(use_thumbnail=False)  # LFM2-VL-450M's processor_config: 512-px tiles, no thumbnail
+    for ip, sizes in ((kit_ip, ((48, 48), (96, 48), (48, 144), (24, 24), (40, 16))),
+                      (shipped, ((1024, 768), (1600, 400), (300, 200)))):
+        for w, h in sizes:
+            yy, xx = np.mgrid[0:h, 0:w]
+            rgb = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), np.zeros_like(xx)], -1).astype(np.uint8)
+            own = ip(Image.fromarray(rgb), return_row_col_info=True, return_tensors="pt")
+            (lay,) = split_layouts(ip, [(h, w)], own["spatial_shapes"])
+            assert lay.tiles == (own["image_rows"][0], own["image_cols"][0]) and lay.known, (w, h, lay)
+            assert lay.thumbnail == (ip.use_thumbnail and lay.tiles != (1, 1))
+            assert layouts_of([(0, 0)], lay.flat()) == [lay]  # the cache's entry reads back
+            p, f = ip.encoder_patch_size, ip.downsample_factor
+            means = []
+            for t, (ph, pw) in enumerate(own["spatial_shapes"].tolist()):
+                n = ph * pw
+                px = own["pixel_values"][t, :n].reshape(ph, pw, p, p, 3).float().mean((2, 3))  # [ph, pw, rgb]
+                tok = px.reshape(ph // f, f, pw // f, f, 3).mean((1, 3))  # each token's 2x2 patches
+                means.append(tok.reshape(-1, 3))
+            means = torch.cat(means)
+            assert means.shape[0] == lay.n_tokens
+
+            def ordered(layout):  # red grows along the columns, green along the rows, in every view
+                return all(bool((v.diff(dim=axis) > 0).all()) for ch, axis in ((0, 1), (1, 0))
+                           for v in layout.views(means[:, ch]) if v.shape[axis] > 1)
+            assert ordered(lay), (w, h, lay)
+            if lay.tiles[0] != lay.tiles[1]:  # the tiles read the other way round: not ordered (the check can fail)
+                assert not ordered(ImageLayout(lay.grid, lay.tiles[::-1], lay.thumbnail, lay.thumb_grid))
 
 
 def test_lfm2_vl_shipped_template_and_processor_settings(tmp_path):
     """LFM2-VL's shipped files (tests/data/tokenizers/lfm2-vl-450m: LiquidAI/LFM2-VL-450M's chat template, processor
     settings and special tokens; no public copy of its tokenizer.json was found, so the kit's byte-level BPE stands in
     for the ordinary vocabulary): the kit's chat template is the shipped one verbatim and names the shipped special
-    tokens; with the shipped processor settings (16-px patches, 2x2 unshuffle, 64-256 image tokens, 512-px tiles) at
-    real image sizes, alignti's ids are the processor's own on the template-rendered conversation, single-turn,
-    multi-turn and two images of other sizes."""
+    tokens; with the shipped processor settings (16-px patches, 2x2 unshuffle, 64-256 image tokens, 512-px tiles, no
+    thumbnail) at real image sizes, alignti's ids are the processor's own on the template-rendered conversation,
+    single-turn, multi-turn, two images of other sizes, and a 1024x768 photo split into 2x3 tiles beside an untiled
+    image; each image's recorded layout holds its image tokens."""
     pytest.importorskip("torchvision")
     from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor
 
     from alignti.common.conversation import encode
     from alignti.common.kit_recipes import LFM2_VL_CHAT_TEMPLATE
     from alignti.common.sources import load_image, load_records
+    from alignti.common.tiles import layouts_of
     from alignti.demo.kit import build_tokenizer
     ship = Path(__file__).parent / "data/tokenizers/lfm2-vl-450m"
     template = (ship / "chat_template.jinja").read_text()
@@ -611,7 +691,7 @@ def test_lfm2_vl_shipped_template_and_processor_settings(tmp_path):
                               image_std=pre["image_std"], resample=pre["resample"])
     proc = Lfm2VlProcessor(image_processor=ip, tokenizer=tok, chat_template=template)
     (tmp_path / "img").mkdir()
-    for name, size in (("a.png", (512, 384)), ("b.png", (300, 200)), ("c.png", (640, 480))):
+    for name, size in (("a.png", (512, 384)), ("b.png", (300, 200)), ("c.png", (640, 480)), ("d.png", (1024, 768))):
         Image.effect_noise(size, 40).convert("RGB").save(tmp_path / "img" / name)
     q = lambda text: {"from": "human", "value": text}  # noqa: E731
     a = lambda text: {"from": "gpt", "value": text}  # noqa: E731
@@ -619,14 +699,20 @@ def test_lfm2_vl_shipped_template_and_processor_settings(tmp_path):
              {"id": "multi-turn", "image": "c.png", "conversations": [
                  q("<image>\nWhat colour is it?"), a("red"), q("Is that certain?"), a("yes")]},
              {"id": "two-images", "image": ["a.png", "b.png"], "conversations": [
-                 q("<image>\nHow many squares?"), a("2"), q("<image>\nAnd here?"), a("3")]}]
+                 q("<image>\nHow many squares?"), a("2"), q("<image>\nAnd here?"), a("3")]},
+             {"id": "tiled", "image": ["d.png", "b.png"], "conversations": [  # 2x3 tiles of 256 tokens, no thumbnail
+                 q("<image>\nWhat is in the picture?"), a("A dog."), q("<image>\nAnd here?"), a("3")]}]
     (tmp_path / "d.json").write_text(json.dumps(items))
     counts = set()
+    image_token = tok.convert_tokens_to_ids("<image>")
     for rec, item in zip(load_records(tmp_path / "d.json"), items):
         enc = encode(proc, rec, *load_image(rec, tmp_path / "img"))
         want = own_inputs(proc, item, tmp_path / "img")["input_ids"][0].numpy()
         assert np.array_equal(enc.input_ids, want), item["id"]
         assert len(enc.image_spans) == len(rec.images)
-        assert sum(e - s for s, e in enc.image_spans) == int((want == tok.convert_tokens_to_ids("<image>")).sum())
-        counts.update(e - s for s, e in enc.image_spans)
-    assert counts <= set(range(64, 257)) and len(counts) >= 2  # the shipped bounds, real sizes: several token counts
+        n = [int((want[s:e] == image_token).sum()) for s, e in enc.image_spans]
+        assert sum(n) == int((want == image_token).sum())
+        assert [lay.n_tokens for lay in layouts_of(enc.image_grids, enc.image_tiles)] == n
+        counts.update(n)
+    assert 6 * 256 in counts  # the tiled image
+    assert len(counts - {6 * 256}) >= 2 and counts - {6 * 256} <= set(range(64, 257))  # untiled: the shipped bounds

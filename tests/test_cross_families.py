@@ -15,11 +15,11 @@ from alignti.student_train.trainer import TrainConfig, train_student
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    from alignti.common.saving import save_checkpoint
+def teacher_cache(tmp_path_factory):
+    """The Qwen3-VL teacher's kit (its LM head made confident) and its cache."""
     from alignti.demo import kit
     from alignti.teacher_dump.dump import DumpConfig, dump_teacher
-    out = tmp_path_factory.mktemp("qwen3vl_smolvlm")
+    out = tmp_path_factory.mktemp("qwen3vl_teacher")
     kit.make_demo(out / "kit", n_train=4, n_val=1, n_test=1, train_teacher=False, family="qwen3_vl")
     # an untrained teacher's next-token distribution is near uniform, as is the student's: a KL of ~0.01 nats, nothing
     # to learn. Its LM head scaled by 20 makes it confident (its argmax unchanged), so GOLD has a distribution to teach
@@ -27,13 +27,20 @@ def pair(tmp_path_factory):
     teacher = AutoModelForImageTextToText.from_pretrained(out / "kit/teacher")
     teacher.lm_head.weight.data.mul_(20.0)
     teacher.save_pretrained(out / "kit/teacher")
-    tok = kit.build_tokenizer("smolvlm", vocab_size=300)  # another vocabulary than the teacher's 320
-    save_checkpoint(kit.build_model("smolvlm", tok, kit.STUDENT, 3), kit.build_processor(tok, "smolvlm"),
-                    out / "student")
     dump_teacher(DumpConfig(teacher=str(out / "kit/teacher"), data=str(out / "kit/data/train.json"),
                             images=str(out / "kit/data/images"), out=str(out / "cache"), limit=6, irs_samples=4,
                             progress=False))
     return out
+
+
+@pytest.fixture(scope="module")
+def pair(teacher_cache):
+    from alignti.common.saving import save_checkpoint
+    from alignti.demo import kit
+    tok = kit.build_tokenizer("smolvlm", vocab_size=300)  # another vocabulary than the teacher's 320
+    save_checkpoint(kit.build_model("smolvlm", tok, kit.STUDENT, 3), kit.build_processor(tok, "smolvlm"),
+                    teacher_cache / "student")
+    return teacher_cache
 
 
 def test_qwen3_vl_teacher_smolvlm_student_gold(pair, tmp_path):
@@ -59,3 +66,23 @@ def test_iva_across_a_split_image_is_refused_by_name(pair, tmp_path):
         train_student(TrainConfig(student=str(pair / "student"), cache=str(pair / "cache"), out=str(tmp_path / "run"),
                                   loss="kd+iva", cross_tokenizer="gold", max_steps=1, progress=False))
     assert not (tmp_path / "run/final").exists()
+
+
+def test_qwen3_vl_teacher_tiled_lfm2_vl_student_with_iva(teacher_cache, tmp_path):
+    """TRL's Qwen3-VL to LFM2.5-VL pairing: a tiled LFM2-VL student (the kit's processor splits each 48-px scene into
+    2 x 2 tiles plus a thumbnail) trains with ``--cross-tokenizer gold --loss alignti``: the teacher's 3 x 3 saliency
+    is resampled onto the student's tiles and thumbnail (common/tiles.py ``resample_layout``), every term finite, and
+    the run folder reloads and generates."""
+    pytest.importorskip("torchvision")
+    from alignti.common.saving import save_checkpoint
+    from alignti.demo import kit
+    from tests.helpers import generate_once
+    tok = kit.build_tokenizer("lfm2_vl", vocab_size=300)
+    save_checkpoint(kit.build_model("lfm2_vl", tok, kit.STUDENT, 3), kit.build_processor(tok, "lfm2_vl"),
+                    tmp_path / "student")
+    res = train_student(TrainConfig(student=str(tmp_path / "student"), cache=str(teacher_cache / "cache"),
+                                    out=str(tmp_path / "run"), loss="alignti", cross_tokenizer="gold", max_steps=2,
+                                    batch_size=4, progress=False))
+    rows = [json.loads(ln) for ln in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert res["steps"] == 2 and all(np.isfinite(r[k]) and r[k] > 0 for r in rows for k in ("gold", "iva"))
+    generate_once(tmp_path / "run/final")

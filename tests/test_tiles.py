@@ -124,3 +124,53 @@ def test_the_cross_tokenizer_student_reads_the_teachers_saliency_per_tile():
                                    atol=1e-6)
     with pytest.raises(DataError, match="needs each image's grid"):
         CrossTokenizer.resample(None, dict(x, image_tiles=None), enc)
+
+
+def test_a_thumbnail_with_its_own_grid():
+    """LFM2-VL's thumbnail keeps the image's aspect, so its token grid is not a tile's: 1 x 2 tiles of 2 x 2 tokens
+    and a 1 x 2-token thumbnail (10 tokens). Its views, the cache's entry (7 values, thumbnail 2; an InternVL entry
+    stays 5) and the resampling per view: the thumbnail onto an untiled grid as the library's bilinear resize with
+    its mass, a uniform map stays uniform, the same layout unchanged; a malformed entry is refused."""
+    lay = ImageLayout((2, 2), (1, 2), True, (1, 2))
+    assert lay.n_tokens == 10 and lay.view_grids() == [(2, 4), (1, 2)]
+    sal = torch.arange(1.0, 11.0)
+    mosaic, thumb = lay.views(sal)
+    torch.testing.assert_close(mosaic, torch.tensor([[1.0, 2, 5, 6], [3, 4, 7, 8]]), rtol=0, atol=0)
+    torch.testing.assert_close(thumb, torch.tensor([[9.0, 10]]), rtol=0, atol=0)
+    torch.testing.assert_close(lay.tokens([mosaic, thumb]), sal, rtol=0, atol=0)
+    flat = lay.flat() + ImageLayout((3, 3), (2, 2), True).flat() + ImageLayout((2, 3)).flat()
+    assert flat[:7] == [1, 2, 2, 2, 2, 1, 2] and len(flat) == 17
+    assert layouts_of([], flat) == [lay, ImageLayout((3, 3), (2, 2), True), ImageLayout((2, 3))]
+    with pytest.raises(ValueError, match="image_tiles"):
+        layouts_of([], flat[:6])
+    sal = sal / sal.sum()
+    torch.testing.assert_close(resample_layout(sal, lay, lay), sal, rtol=0, atol=1e-7)
+    grid = ImageLayout((2, 4))
+    up = F.interpolate(thumb[None, None] / thumb.sum(), size=(2, 4), mode="bilinear", align_corners=False,
+                       antialias=True)[0, 0]
+    ref = mosaic / 55 + up / up.sum() * (19 / 55)
+    torch.testing.assert_close(resample_layout(sal, lay, grid), ref.reshape(-1), rtol=0, atol=1e-6)
+    for a, b in ((lay, grid), (grid, lay), (lay, ImageLayout((3, 3), (2, 2), True))):
+        u = resample_layout(torch.full((a.n_tokens,), 1.0 / a.n_tokens), a, b)
+        torch.testing.assert_close(u, torch.full((b.n_tokens,), 1.0 / b.n_tokens), rtol=0, atol=1e-7)
+
+
+def test_the_cross_tokenizer_student_reads_onto_tiles_with_their_own_thumbnail_grid():
+    """A grid teacher (Qwen3-VL's 3 x 3) and a tiled LFM2-VL student image (1 x 2 tiles of 2 x 2 tokens, a 1 x 2-token
+    thumbnail: its ``image_tiles`` as the student's encoding records it): the student's IVA target is the teacher's map
+    resampled onto both views, split by their token counts, keeping the image's mass."""
+    from alignti.student_train.cross import CrossTokenizer
+    student = ImageLayout((2, 2), (1, 2), True, (1, 2))
+    sal = torch.rand(1, 9, generator=torch.Generator().manual_seed(2))
+    sal = sal / sal.sum()
+    ids = np.full(20, 7)
+    ids[4:13] = 9
+    x = {"sample_id": "s", "saliency": sal.numpy(), "image_spans": [(4, 13)], "input_ids": ids,
+         "image_grids": [(3, 3)], "image_tiles": None}
+    enc = SimpleNamespace(image_grids=[(0, 0)], image_tiles=student.flat(), n_image_tokens=10)
+    got = torch.from_numpy(CrossTokenizer.resample(None, x, enc))[0]
+    mosaic, thumb = student.views(got)
+    up = [F.interpolate(sal.reshape(1, 1, 3, 3), size=g, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+          for g in ((2, 4), (1, 2))]
+    torch.testing.assert_close(mosaic, up[0] / up[0].sum() * 0.8, rtol=0, atol=1e-6)  # 8 of the 10 tokens
+    torch.testing.assert_close(thumb, up[1] / up[1].sum() * 0.2, rtol=0, atol=1e-6)
