@@ -83,6 +83,8 @@ class ModelAdapter:
     family = "base"
     model_types: tuple[str, ...] = ()  # filled from FAMILIES (the registry at the end of this module)
     multi_image = False  # whether the family's processor and model take several images in one sample
+    # whether a tiled image's thumbnail has a token grid of its own (7-value image_tiles entries: cache schema v8)
+    thumb_grid_tiles = False
     # the model config's ids of the family's image/video special tokens: typed literally in a message, each would
     # be read as (part of) an image by the processor and the model, so such text is refused (media_tokens)
     media_token_keys: tuple[str, ...] = ("image_token_id",)
@@ -616,7 +618,8 @@ class Lfm2VlAdapter(ModelAdapter):
     tiles of image after image, every tile padded to the processor's one ``max_num_patches``, so a batch concatenates
     them along the tile axis (the base ``collate_image_inputs``) in the order the model fills the image tokens."""
     family = "lfm2_vl"
-    multi_image = True  # several images per sample: one <image> each, their features in order (the model's own)
+    multi_image = True
+    thumb_grid_tiles = True  # several images per sample: one <image> each, their features in order (the model's own)
 
     @classmethod
     def lmms_eval_args(cls, image_processor):

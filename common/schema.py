@@ -32,9 +32,14 @@ SCHEMA_VERSION = 7  # 1: top-k only; 2: + TPA transition statistics, saliency, s
 #                       conversation as the template received it, which assistant turns are response
 #                       ("resp_turns") and each image's image-token grid ("image_grids"); the teacher's token
 #                       strings in TOKENS_FILE. The teacher's log-prob of its realised token is target_logprob (v1).
+#                    8: (only caches that need it) tiled images whose thumbnail has its own token grid (LFM2-VL:
+#                       params["thumb_grid_tiles"]): their image_tiles entries hold 7 values (common/tiles.py
+#                       ImageLayout.flat), which a v7 reader, knowing 5-value entries only, would misread; every
+#                       other cache is still written as v7, which every reader since v7 reads
+THUMB_GRID_SCHEMA_VERSION = 8
 PACKED_SCHEMA_VERSION = SCHEMA_VERSION  # packed caches are written at the current version (first read by v6)
 ALIGN_SCHEMA_VERSION = 7  # the first version whose caches carry the cross-tokenizer fields
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)  # a v2 cache is a v3 cache with float16 log-probs; v2/v3 have TPA at every position
 
 # Log-prob encodings (params["logprob_encoding"]; absent = float16). "uint8": q = round(-logp * 16) clipped
 # to 0..255, i.e. 1/16-nat steps down to -15.94 nats; decoded as -q/16 (exact in float16). The rest mass
@@ -144,7 +149,10 @@ def is_packed(params: dict) -> bool:
 
 
 def schema_version_for(params: dict) -> int:
-    """The schema version a cache made with these parameters is written as."""
+    """The schema version a cache made with these parameters is written as: the lowest that describes it (v8 only
+    for a teacher whose tiled images' thumbnails have their own grid, so older readers refuse it by version)."""
+    if params.get("thumb_grid_tiles"):
+        return THUMB_GRID_SCHEMA_VERSION
     return PACKED_SCHEMA_VERSION if is_packed(params) else SCHEMA_VERSION
 
 

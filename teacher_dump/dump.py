@@ -353,6 +353,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "logprob_encoding": cfg.logprob_encoding, "saliency_query": cfg.saliency_query,
               "encoding_version": ENCODING_VERSION, "image_decode": DECODE_VERSION, "align_fields": True}
+    if adapter.thumb_grid_tiles:  # 7-value image_tiles entries: written as schema v8, refused by older readers
+        params["thumb_grid_tiles"] = True
     if cfg.logprob_encoding == "packed":
         # the tail step from the KL bound at this k (codecs.tail_step_for); TPA and IVA's top-k share it
         params["packed"] = dict(packed_settings({"top_k": cfg.top_k, "packed": {"tail_kl": cfg.packed_kl}}),

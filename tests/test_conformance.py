@@ -167,6 +167,19 @@ def test_ids_are_the_processors_on_the_rendered_conversation(fkit, teacher_of):
         assert len(runs) == sum(c["from"] == "gpt" for c in item["conversations"]), item["id"]
 
 
+def test_the_cache_schema_version_is_the_lowest_that_describes_it(fkit):
+    """A family whose tiled images' thumbnails may have a grid of their own (7-value image_tiles entries: LFM2-VL)
+    writes its caches as v8, so a v7 reader refuses them by version instead of misreading the entries; every other
+    family's cache stays v7, and only a v8 cache holds a 7-value entry."""
+    from alignti.common.tiles import layouts_of
+    v8 = FAMILIES[fkit.family].adapter.thumb_grid_tiles
+    assert fkit.cache.manifest["schema_version"] == (8 if v8 else 7)
+    assert fkit.cache.params.get("thumb_grid_tiles", False) == v8
+    own_thumb = any(lay.thumb_grid is not None for r in fkit.cache.samples if r.get("image_tiles")
+                    for lay in layouts_of([], r["image_tiles"]))
+    assert v8 or not own_thumb
+
+
 def _check_topk(x: dict, lp: torch.Tensor, name: str) -> None:
     """One sample's cached top-k rows against the log-probs ``lp`` [T, V] of the reference at its response tokens."""
     ids = torch.as_tensor(x["topk_ids"]).long()
