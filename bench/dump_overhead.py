@@ -1,7 +1,7 @@
 """dump-teacher wall time vs the same teacher's plain forward over the same batches.
 
 Plain forward = the HF model's own forward (sdpa, full logits) over pre-encoded batches, the dump's own batches
-(length-sorted, as dump-teacher's ``length_sorted_batches``, when ``--samples`` fits one work unit): no top-k,
+(each ``--unit-size`` work unit's samples length-sorted, as dump-teacher's ``length_sorted_batches``): no top-k,
 no saliency, no writing. dump-teacher is timed from its first batch to its last committed part
 (model load and IRS excluded, encoding of the data included). Goal: <= 1.10x.
 
@@ -249,6 +249,9 @@ def main():
     ap.add_argument("--top-k", type=int, default=None, help="Top-k per response token (default: the dump's, 64).")
     ap.add_argument("--family", default="llava", help="The demo kit's family (a registry model type with a kit).")
     ap.add_argument("--repeats", type=int, default=1, help="Rounds of every arm in turn; each arm's fastest is reported.")
+    ap.add_argument("--unit-size", type=int, default=256,
+                    help="dump-teacher's work unit (samples): below --samples, the next unit's encoding and the last "
+                         "unit's write overlap the teacher's forward as in a long dump (the default is the dump's)")
     ap.add_argument("--real-shapes", action="store_true",
                     help="The family's image geometry at --image-tokens (real_geometry), not the kit's 48-px one.")
     ap.add_argument("--text", choices=("demo", "realistic"), default=None,
@@ -294,9 +297,11 @@ def main():
     resp_tokens = [int(e.response_mask.sum()) for e in enc]
     pad = proc.tokenizer.pad_token_id
     batches = []
-    batched = sorted(enc, key=lambda x: -len(x.input_ids))  # the dump's batches (_teacher_unit: length-sorted)
-    for i in range(0, len(batched), a.batch_size):
-        chunk = batched[i:i + a.batch_size]
+    chunks = []  # the dump's batches: each work unit's samples length-sorted (_teacher_unit), then cut into batches
+    for u in range(0, len(enc), a.unit_size):
+        unit = sorted(enc[u:u + a.unit_size], key=lambda x: -len(x.input_ids))
+        chunks += [unit[i:i + a.batch_size] for i in range(0, len(unit), a.batch_size)]
+    for chunk in chunks:
         s = max(len(e.input_ids) for e in chunk)
         ids = torch.full((len(chunk), s), pad, dtype=torch.long)
         att = torch.zeros(len(chunk), s, dtype=torch.long)
@@ -335,8 +340,7 @@ def main():
         f"compute, TPA at {a.tpa_positions:g} (teacher_batch)": dict(top_k=k_compute, tpa_branches=4, tpa_top_k=8,
                                                                      saliency_layer=int(sal_layer),
                                                                      tpa_positions=a.tpa_positions)}
-    cbatches = [collate([e.__dict__ for e in batched[i:i + a.batch_size]], pad, adapter_class(model.config.model_type))
-                for i in range(0, len(batched), a.batch_size)]
+    cbatches = [collate([e.__dict__ for e in chunk], pad, adapter_class(model.config.model_type)) for chunk in chunks]
 
     def timed_compute(params: dict) -> float:
         ad = adapter_class(model.config.model_type)(model)
@@ -388,7 +392,7 @@ def main():
                 shutil.rmtree(out, ignore_errors=True)
                 writer_s[0] = 0.0
                 m = dump_teacher(DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out),
-                                            limit=a.samples, batch_size=a.batch_size, device=a.device,
+                                            limit=a.samples, batch_size=a.batch_size, device=a.device, unit_size=a.unit_size,
                                             progress=False, top_k=a.top_k, logprob_encoding=enc, **kw))
                 k_used = m["fingerprint"]["params"]["top_k"]
                 t = m["timing"]["loop_s"]
