@@ -260,7 +260,8 @@ def main():
     ap.add_argument("--arms", choices=("kit", "real"), default="kit",
                     help="kit: top-k only, + saliency, + saliency + TPA at every position; real: the dump without "
                          "TPA (top-k, saliency) and with TPA at --tpa-positions.")
-    ap.add_argument("--tpa-positions", type=float, default=0.25, help="TPA's share of response positions (--arms real).")
+    ap.add_argument("--tpa-positions", type=float, default=0.25,
+                    help="TPA's share of response positions (--arms real).")
     a = ap.parse_args()
     encodings = [e.strip() for e in a.logprob_dtype.split(",") if e.strip()]
     device = torch.device(a.device)
@@ -392,7 +393,8 @@ def main():
                 shutil.rmtree(out, ignore_errors=True)
                 writer_s[0] = 0.0
                 m = dump_teacher(DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out),
-                                            limit=a.samples, batch_size=a.batch_size, device=a.device, unit_size=a.unit_size,
+                                            limit=a.samples, batch_size=a.batch_size, device=a.device,
+                                            unit_size=a.unit_size,
                                             progress=False, top_k=a.top_k, logprob_encoding=enc, **kw))
                 k_used = m["fingerprint"]["params"]["top_k"]
                 t = m["timing"]["loop_s"]
