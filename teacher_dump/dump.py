@@ -80,8 +80,7 @@ class DumpConfig:
     tpa_top_k: int | None = None  # None: DEFAULT_TPA_TOP_K, or the teacher's vocabulary if smaller
     saliency_layer: str = "auto"   # "auto" (IRS), a layer index, or "none"
     irs_samples: int = 256
-    unit_size: int = 256  # samples per work unit (one committed part); the next unit is encoded while the teacher
-    # runs this one, so the host holds two units' encoded samples (pixel values included) at a time
+    unit_size: int = 256
     max_length: int | None = None
     dtype: str = "auto"
     logprob_encoding: str = DEFAULT_LOGPROB_ENCODING  # "packed" (common/codecs.py), "float16", or "uint8" (1/16-nat
@@ -435,43 +434,31 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
     cands = ((lambda chunk: student_candidates(onp, chunk, cfg.tpa_branches))
              if params.get("tpa_candidates") == "student" else None)  # TPA after the student's candidates
 
-    def encode_unit(u: int) -> tuple[list, list]:
-        """Unit ``u``'s samples read and encoded (images loaded, tokenized, image processor), and its skips."""
-        s, e = units[u]
-        encoded, skipped = [], []
-        for r in records[s:e]:
-            if isinstance(r, Skipped):
-                skipped.append((r.index, r.sample_id, r.error, ""))
-                continue
-            try:
-                img, sha = load_image(r, cfg.images) if r.image else (None, "")
-                enc = encode(processor, r, img, sha, max_length=max_length)
-                if onp is not None:  # only the row's loss turns are response; the others are context
-                    enc = restrict_to_loss_turns(enc, onp.loss_turns(r.index))
-                    # a generated answer: the student's own tokens, where the texts allow it
-                    onp.with_student_tokens(enc, processor.tokenizer, adapter.image_token_id, max_length)
-                encoded.append(with_saliency_query(enc, cfg.saliency_query))
-            except DataError as err:
-                if not cfg.skip_bad:
-                    raise DataError(err.sample, err.problem, err.fix + resume) from None
-                skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
-        return encoded, skipped
-
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignti-writer")
-    # the next unit is encoded on this thread while the teacher runs the current one (the encoding is off the
-    # forward loop's critical path but for the first unit); its errors surface when its turn comes, after every
-    # unit before it was handed to the writer, as they did when each unit was encoded in turn
-    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignti-encoder")
     pending: list[Future] = []
     lock = threading.Lock()
     try:
         with progress_bar("dump-teacher", total=n_todo, unit="samples", enabled=cfg.progress and env.is_main) as bar:
-            ahead = encoder.submit(encode_unit, todo[0]) if todo else None
-            for i, u in enumerate(todo):
+            for u in todo:
                 s, e = units[u]
-                encoded, skipped = ahead.result()
-                ahead = encoder.submit(encode_unit, todo[i + 1]) if i + 1 < len(todo) else None
                 part = PartWriter(out, u, params)
+                encoded, skipped = [], []
+                for r in records[s:e]:
+                    if isinstance(r, Skipped):
+                        skipped.append((r.index, r.sample_id, r.error, ""))
+                        continue
+                    try:
+                        img, sha = load_image(r, cfg.images) if r.image else (None, "")
+                        enc = encode(processor, r, img, sha, max_length=max_length)
+                        if onp is not None:  # only the row's loss turns are response; the others are context
+                            enc = restrict_to_loss_turns(enc, onp.loss_turns(r.index))
+                            # a generated answer: the student's own tokens, where the texts allow it
+                            onp.with_student_tokens(enc, processor.tokenizer, adapter.image_token_id, max_length)
+                        encoded.append(with_saliency_query(enc, cfg.saliency_query))
+                    except DataError as err:
+                        if not cfg.skip_bad:
+                            raise DataError(err.sample, err.problem, err.fix + resume) from None
+                        skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
                 run = (lambda samples, advance=lambda n: None: _teacher_unit(
                     adapter, samples, cfg.batch_size, cfg.length_sorted_batches, pad_id, device, params, advance,
                     cands))
@@ -504,7 +491,6 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
         for f in pending:
             f.result()
     finally:
-        encoder.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
     t_ranks = time.perf_counter()
     dist.barrier(env)  # every rank's units are committed

@@ -245,41 +245,6 @@ def test_interrupted_dump_resumes_identically(kit, cache, tmp_path, monkeypatch)
             assert np.array_equal(arr, b.part_arrays(j)[name]), name
 
 
-def test_next_unit_is_encoded_while_the_teacher_runs(kit, cache, tmp_path, monkeypatch):
-    """The dump encodes unit u + 1 (images, tokenizer, image processor) while the teacher runs unit u, so the encoding
-    is off the forward loop's critical path (bench/README.md, the dump against the model's own forward at real
-    shapes); the cache is the same bytes as a dump that encoded each unit in turn (the ``cache`` fixture: the same
-    batches and arithmetic)."""
-    import threading
-
-    import alignti.teacher_dump.dump as dump_mod
-    real_encode, real_unit = dump_mod.encode, dump_mod._teacher_unit
-    second_unit_started = threading.Event()
-    overlapped = []
-
-    def encode(processor, rec, *a, **kw):
-        if rec.index >= 25:  # unit 1 (unit_size 25)
-            second_unit_started.set()
-        return real_encode(processor, rec, *a, **kw)
-
-    def teacher_unit(adapter, encoded, *a, **kw):
-        if encoded[0].index < 25:  # unit 0's teacher: unit 1 is being encoded meanwhile (10 s: the old code never)
-            overlapped.append(second_unit_started.wait(timeout=10))
-        return real_unit(adapter, encoded, *a, **kw)
-
-    monkeypatch.setattr(dump_mod, "encode", encode)
-    monkeypatch.setattr(dump_mod, "_teacher_unit", teacher_unit)
-    dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
-                            images=str(kit / "data/images"), out=str(tmp_path / "c"), limit=60, unit_size=25,
-                            irs_samples=32, progress=False))
-    assert overlapped == [True]
-    a, b = CacheReader(cache), CacheReader(tmp_path / "c")
-    assert [s["sample_id"] for s in a.samples] == [s["sample_id"] for s in b.samples]
-    for j in range(len(a.part_names)):
-        for name, arr in a.part_arrays(j).items():
-            assert np.array_equal(arr, b.part_arrays(j)[name]), name
-
-
 def test_dump_refuses_other_parameters(kit, cache, tmp_path):
     c = _copy(cache, tmp_path)
     cfg = DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"), images=str(kit / "data/images"),
