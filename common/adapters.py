@@ -618,8 +618,8 @@ class Lfm2VlAdapter(ModelAdapter):
     tiles of image after image, every tile padded to the processor's one ``max_num_patches``, so a batch concatenates
     them along the tile axis (the base ``collate_image_inputs``) in the order the model fills the image tokens."""
     family = "lfm2_vl"
-    multi_image = True
-    thumb_grid_tiles = True  # several images per sample: one <image> each, their features in order (the model's own)
+    multi_image = True  # several images per sample: one <image> each, their features in order (the model's own)
+    thumb_grid_tiles = True  # its thumbnail keeps the image's aspect: a token grid of its own
 
     @classmethod
     def lmms_eval_args(cls, image_processor):

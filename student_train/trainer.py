@@ -713,8 +713,9 @@ _DESCRIBE = {"cache_content": "another cache (different data, teacher or dump se
 
 def _check_resume(saved: dict, now: dict, out: Path) -> None:
     """Refuse a resume whose settings or inputs differ from the checkpoint's, naming each difference. A setting
-    added to alignti since the checkpoint was written counts as its default then; an identity the checkpoint did
-    not record yet (older alignti) is not compared."""
+    added to alignti since the checkpoint was written counts as its default then, or, where that default changed what
+    older runs did, as ``BEHAVIOUR_BEFORE`` says (the message then names the flag that resumes it); an identity the
+    checkpoint did not record yet (older alignti) is not compared."""
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     diff = []
     for k, v in now.items():
@@ -726,10 +727,15 @@ def _check_resume(saved: dict, now: dict, out: Path) -> None:
             old = defaults[k]
         else:
             continue
-        if old != v:
-            diff.append(f"{k}: {_DESCRIBE[k]} ({old} then, {v} now)" if k in _DESCRIBE else f"{k}: {old!r} then, "
-                        f"{v!r} now" + (f" ({BEHAVIOUR_BEFORE_WHY[k]}: resume with --{k.replace('_', '-')} {old})"
-                                        if k in BEHAVIOUR_BEFORE and k not in saved else ""))
+        if old == v:
+            continue
+        if k in _DESCRIBE:
+            diff.append(f"{k}: {_DESCRIBE[k]} ({old} then, {v} now)")
+            continue
+        d = f"{k}: {old!r} then, {v!r} now"
+        if k in BEHAVIOUR_BEFORE and k not in saved:
+            d += f" ({BEHAVIOUR_BEFORE_WHY[k]}: resume with --{k.replace('_', '-')} {old})"
+        diff.append(d)
     if diff:
         raise CheckpointError(f"--resume: the checkpoint in {out} was made with different settings ("
                               + ", ".join(d.split(":")[0] for d in diff) + "): " + "; ".join(diff)
