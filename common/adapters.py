@@ -201,6 +201,13 @@ class ModelAdapter:
         from .branch_states import snapshot_cache
         return snapshot_cache(self.language_model.config)
 
+    def delta_rule_kernels(self) -> list[tuple[object, str]]:
+        """The module-level chunked gated-delta-rule kernels this decoder's linear-attention layers call, as (module,
+        attribute name): what TPA without masks wraps for the duration of a main pass to read the recurrent states at
+        the TPA positions (common/branch_states.py ``states_in_main_pass``). None here; Qwen3.5's Gated DeltaNet
+        names its own."""
+        return []
+
     def saliency_layers(self) -> list[int]:
         """The decoder layers IVA's saliency may come from (select-layer's choice, an explicit --saliency-layer):
         softmax-attention layers that see every earlier token (``layer_types`` ``full_attention``). Not a
@@ -460,6 +467,13 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     the tree mask (``tpa_tree_mask`` False) and IVA's saliency from the full-attention layers only."""
     family = "qwen3_5"
     composition = None  # make-student --vision/--lm not offered for the hybrid decoder: --from-teacher is
+
+    def delta_rule_kernels(self) -> list[tuple[object, str]]:
+        """``torch_chunk_gated_delta_rule`` of the modeling file each Gated DeltaNet layer (``linear_attn``) comes
+        from (Qwen3.5's, Qwen3.5-MoE's own copy): the forward calls it by its module-level name."""
+        import sys
+        mods = {type(layer.linear_attn).__module__ for layer in self.decoder_layers() if hasattr(layer, "linear_attn")}
+        return [(sys.modules[m], "torch_chunk_gated_delta_rule") for m in sorted(mods)]
 
     @classmethod
     def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .attention import (Branches, CaptureSpec, additive, branch_position_ids, causal_allowed, make_branches,
                         tree_allowed, use_alignti_attention)
-from .branch_states import main_pass_in_two, prompt_split_at, snapshot_branch_hidden
+from .branch_states import (fork_branch_hidden, main_pass_in_two, prompt_split_at, records_in_main_pass,
+                            snapshot_branch_hidden, states_in_main_pass)
 
 
 def collate(samples: list[dict], pad_id: int, adapter_cls) -> dict:
@@ -149,17 +149,28 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
         allowed = causal_allowed(valid)
     spec = capture_spec(adapter, capture_layers, batch, ids.device) if capture_layers else None
     seen: dict = {}
+    where = branch_pos if branch_pos is not None else batch["resp_pos"]
+    # hybrid decoders with the TPA positions known before the pass (the student; a forward given candidates): the
+    # states at those positions recorded by the main pass itself, the candidates forked from them
+    # (branch_states.states_in_main_pass); else the main pass in two segments, the prompt and the rest, so that a
+    # later replay (the teacher's branch_pass, or under activation checkpointing) starts after the prompt
+    # (branch_states.prompt_split_at says where, and where not)
+    pairs = [(b, t) for b, p in enumerate(where) for t in p.tolist()] if direct and branch_cands is not None else []
+    record = bool(pairs) and records_in_main_pass(adapter)
     hook = adapter.language_model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.update(embeds=kwargs.get("inputs_embeds")), with_kwargs=True) if direct else None
-    # hybrid decoders: the main pass in two segments, the prompt and the rest, so the branches' replay starts after
-    # the prompt (branch_states.prompt_split_at says where, and where not)
-    split_at = prompt_split_at(adapter, spec, branch_pos if branch_pos is not None else batch["resp_pos"],
-                               s) if direct else None
+        lambda mod, args, kwargs: seen.update(embeds=kwargs.get("inputs_embeds")),
+        with_kwargs=True) if direct and not record else None
+    split_at = prompt_split_at(adapter, spec, where, s) if direct and not record else None
     try:
-        with use_alignti_attention(adapter, spec), (main_pass_in_two(adapter, split_at) if split_at is not None
-                                                    else contextlib.nullcontext({})) as split:
-            out = adapter.forward(ids, batch["image_inputs"], additive(allowed, dtype), pos,
-                                  use_cache=use_cache and not direct)
+        with use_alignti_attention(adapter, spec), (
+                states_in_main_pass(adapter, pairs) if record else main_pass_in_two(adapter, split_at)
+                if split_at is not None else contextlib.nullcontext({})) as split:
+            if record:
+                out = adapter.forward(ids, batch["image_inputs"], additive(allowed, dtype), pos, cache=split.cache,
+                                      use_cache=True)
+            else:
+                out = adapter.forward(ids, batch["image_inputs"], additive(allowed, dtype), pos,
+                                      use_cache=use_cache and not direct)
     finally:
         if hook is not None:
             hook.remove()
@@ -168,15 +179,18 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     branch_hidden = None
     if br is not None:
         branch_hidden = h[:, s:][br.valid].view(-1, br.n_branch, h.shape[-1])
+    elif record:
+        kv, kv_len = split.kv()
+        branch_hidden = fork_branch_hidden(adapter, split.states(), kv, kv_len, pairs, list(range(len(pairs))),
+                                           branch_cands, pos)
     elif direct and branch_cands is not None:
-        branch_hidden = snapshot_branch_hidden(adapter, seen["embeds"], pos, branch_cands,
-                                               branch_pos if branch_pos is not None else batch["resp_pos"],
+        branch_hidden = snapshot_branch_hidden(adapter, seen["embeds"], pos, branch_cands, where,
                                                prefix=split.get("prefix"))
     rows = valid if br is None else torch.cat([valid, br.valid], 1)
     return ForwardOut(resp_hidden, branch_hidden, spec.results if spec else {}, spec,
                       getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos,
                       h[:, :s] if keep_hidden else None, adapter.router_aux_loss(out, rows),
-                      seen.get("embeds"), split.get("prefix"))
+                      seen.get("embeds"), None if record else split.get("prefix"))
 
 
 def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor],

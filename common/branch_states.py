@@ -73,7 +73,14 @@ class SnapshotLinearLayer(LinearAttentionLayer):
 
     def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs) -> torch.Tensor:
         last = recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[-1]
-        if self.recording is not None:  # the model's per-token states of its last recurrent_states_to_keep tokens:
+        if self.recording is not None and "kernel" in self.recording:  # the main pass (``states_in_main_pass``):
+            got = self.recording["kernel"].pop("at", None)  # the states the wrapped kernel just computed
+            if got is None:
+                raise RuntimeError("TPA without masks: a linear-attention layer updated its state without alignti's "
+                                   "chunked kernel (ModelAdapter.delta_rule_kernels names none for it), so its states "
+                                   "at the TPA positions are unknown")
+            self.recording.setdefault("at", {})[state_idx] = got
+        elif self.recording is not None:  # the model's per-token states of its last recurrent_states_to_keep tokens:
             per_token = [recurrent_states] if isinstance(recurrent_states, torch.Tensor) else recurrent_states
             self.recording.setdefault("count", {})[state_idx] = len(per_token)
             self.recording.setdefault("recurrent", {})[state_idx] = {  # only those asked for are kept
@@ -151,13 +158,11 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
     [N, n_branch, H] in sample then position order (N = sum n_b), as the tree path's ``branch_hidden``."""
     lm = adapter.language_model
     n_branch = cands[0].shape[-1]
-    dev = embeds.device
     pairs = [(b, t) for b, p in enumerate(branch_pos) for t in p.tolist()]
     if not pairs:
         return embeds.new_zeros(0, n_branch, embeds.shape[-1])
     if min(t for _, t in pairs) < 1:
         raise ValueError("a TPA position 0 has no prefix to continue from")
-    dtype = next(adapter.model.parameters()).dtype
     snap_of: dict[tuple[int, int], int] = {}  # (sample, stop) -> index into the snapshots
     snaps, caches = [], {}
     no_grad = not (torch.is_grad_enabled() and embeds.requires_grad)
@@ -182,26 +187,124 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
             caches[b] = cache
         states = stack_snapshots(snaps)
         kv, kv_len = stack_prefix_kv(caches, len(branch_pos))
-        emb_layer = adapter.model.get_input_embeddings()
-        cand_all = torch.cat([c.reshape(-1, n_branch) for c in cands]).long().to(dev)
-        per_call = max(1, max_rows // n_branch)
-        keys = torch.arange(kv_len + 1, device=dev)
+        return fork_branch_hidden(adapter, states, kv, kv_len, pairs, [snap_of[p] for p in pairs], cands, position_ids,
+                                  max_rows)
+
+
+def fork_branch_hidden(adapter, states: list, kv: list, kv_len: int, pairs: list[tuple[int, int]], snap: list[int],
+                       cands: list[torch.Tensor], position_ids: torch.Tensor, max_rows: int = 512) -> torch.Tensor:
+    """Every candidate of every TPA position as one batch of one-token continuations (``fork_cache``), at most
+    ``max_rows`` rows per call: pair p = (sample b, position t) continues from the linear / conv states
+    ``states[layer]`` of its snapshot ``snap[p]`` (``stack_snapshots``' layout) and from sample b's keys and values
+    ``kv`` (``stack_prefix_kv``'s layout, ``kv_len`` keys) masked to the keys before t, plus its own. ``cands[b]``
+    [n_b, n_branch] in the order of ``pairs``; ``position_ids`` [B, S] or [3, B, S]. Returns [N, n_branch, H]."""
+    lm = adapter.language_model
+    n_branch = cands[0].shape[-1]
+    dev = position_ids.device
+    dtype = next(adapter.model.parameters()).dtype
+    emb_layer = adapter.model.get_input_embeddings()
+    cand_all = torch.cat([c.reshape(-1, n_branch) for c in cands]).long().to(dev)
+    per_call = max(1, max_rows // n_branch)
+    keys = torch.arange(kv_len + 1, device=dev)
+    out = []
+    for at in range(0, len(pairs), per_call):
+        chunk = pairs[at:at + per_call]
+        b = torch.tensor([p[0] for p in chunk], device=dev).repeat_interleave(n_branch)
+        t = torch.tensor([p[1] for p in chunk], device=dev).repeat_interleave(n_branch)
+        fork = fork_cache(states, kv, torch.tensor(snap[at:at + per_call], device=dev).repeat_interleave(n_branch), b)
+        allowed = (keys[None] < t[:, None]) | (keys[None] == kv_len)  # its prefix, and itself (appended last)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(
+            ~allowed, torch.finfo(dtype).min)[:, None, None]
+        x = emb_layer(cand_all[at:at + len(chunk)].reshape(-1))[:, None]
+        with use_alignti_attention(adapter, None):
+            h = lm(inputs_embeds=x, position_ids=_at(position_ids, b, t), attention_mask=mask, cache=fork,
+                   use_cache=True).last_hidden_state[:, 0]
+        out.append(h)
+    return torch.cat(out).view(-1, n_branch, out[0].shape[-1])
+
+
+def records_in_main_pass(adapter) -> bool:
+    """Whether a hybrid decoder's TPA states can be read from the main pass itself (``states_in_main_pass``): not
+    in training with activation checkpointing (transformers drops a checkpointed layer's cache in training; the
+    per-position replay of ``snapshot_branch_hidden`` runs instead)."""
+    return not (adapter.model.training and any(getattr(m, "gradient_checkpointing", False)
+                                               for m in adapter.decoder_layers()))
+
+
+class MainPassStates:
+    """What ``states_in_main_pass`` yields: ``cache`` to run the main pass with (``use_cache=True``); after the
+    pass, ``states()`` / ``kv()`` in ``fork_branch_hidden``'s layouts, snapshot p being ``pairs[p]``."""
+
+    def __init__(self, adapter, pairs: list[tuple[int, int]]):
+        self.cache = adapter.branch_state_cache()
+        self.pairs = pairs
+        self.kernel: dict = {}
+        self.linear = [x for x in self.cache.layers if isinstance(x, SnapshotLinearLayer)]
+
+    def states(self) -> list:
+        """Per decoder layer: None (attention) or ({state index: [P, C, K] conv states}, {state index: [P, H, dk, dv]
+        recurrent states}): a conv state at (b, t) is the conv's last K inputs before token t (zeros before the
+        sequence, as the conv's own padding), a recurrent state the state after token t - 1."""
+        b = torch.tensor([p[0] for p in self.pairs])
+        t = torch.tensor([p[1] for p in self.pairs])
         out = []
-        for at in range(0, len(pairs), per_call):
-            chunk = pairs[at:at + per_call]
-            b = torch.tensor([p[0] for p in chunk], device=dev).repeat_interleave(n_branch)
-            t = torch.tensor([p[1] for p in chunk], device=dev).repeat_interleave(n_branch)
-            snap = torch.tensor([snap_of[p] for p in chunk], device=dev).repeat_interleave(n_branch)
-            fork = fork_cache(states, kv, snap, b)
-            allowed = (keys[None] < t[:, None]) | (keys[None] == kv_len)  # its prefix, and itself (appended last)
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(
-                ~allowed, torch.finfo(dtype).min)[:, None, None]
-            x = emb_layer(cand_all[at:at + len(chunk)].reshape(-1)).to(embeds.dtype)[:, None]
-            with use_alignti_attention(adapter, None):
-                h = lm(inputs_embeds=x, position_ids=_at(position_ids, b, t), attention_mask=mask, cache=fork,
-                       use_cache=True).last_hidden_state[:, 0]
-            out.append(h)
-    return torch.cat(out).view(-1, n_branch, embeds.shape[-1])
+        for x in self.cache.layers:
+            if not isinstance(x, SnapshotLinearLayer):
+                out.append(None)
+                continue
+            rec = x.recording
+            conv = {}
+            for k, v in x.conv_states.items():
+                if v is None:
+                    conv[k] = None
+                    continue
+                full = rec["conv"][k]  # [B, C, K + S]: K zeros, then the pass's inputs
+                idx = (t[:, None] + torch.arange(v.shape[-1])).to(full.device)  # inputs t - K .. t - 1
+                conv[k] = full[b.to(full.device)[:, None], :, idx].transpose(1, 2)
+            recurrent = {k: None if v is None else rec["at"][k] for k, v in x.recurrent_states.items()}
+            out.append((conv, recurrent))
+        return out
+
+    def kv(self) -> tuple[list, int]:
+        """Per decoder layer: None (linear / conv) or the pass's (keys, values) [B, heads, S, head_dim]; S."""
+        out = [None if isinstance(x, SnapshotLinearLayer) else (x.keys, x.values) for x in self.cache.layers]
+        lens = [x.get_seq_length() for x in self.cache.layers if not isinstance(x, SnapshotLinearLayer)]
+        return out, (lens[0] if lens else 0)
+
+
+@contextlib.contextmanager
+def states_in_main_pass(adapter, pairs: list[tuple[int, int]]):
+    """Within: a main pass run with the yielded ``MainPassStates.cache`` records, at each (sample b, TPA position t)
+    of ``pairs``, every layer's state before token t: a conv layer's from the inputs its cache sees
+    (``update_conv_state``); a Gated DeltaNet layer's from the chunked kernel of the pass itself
+    (common/delta_rule.py, wrapped in place of the module-level kernels ``adapter.delta_rule_kernels()`` names,
+    restored on exit: the model's own output bit for bit, plus the states after tokens t - 1); an attention layer's
+    keys and values stay in the cache. No prefix runs twice: the student's TPA costs its main pass plus one token
+    per candidate. The pass must start at position 0 of every sample (no cache before it). ValueError for a
+    position 0."""
+    if any(t < 1 for _, t in pairs):
+        raise ValueError("a TPA position 0 has no prefix to continue from")
+    from .delta_rule import chunk_gated_delta_rule
+    rec = MainPassStates(adapter, pairs)
+    rows = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+    ends = torch.tensor([p[1] - 1 for p in pairs], dtype=torch.long)
+
+    def kernel(*args, cu_seqlens=None, **kw):
+        if cu_seqlens is not None:
+            raise NotImplementedError("TPA without masks: packed sequences (cu_seqlens) in the main pass")
+        out, final, rec.kernel["at"] = chunk_gated_delta_rule(*args, ends=(rows, ends), **kw)
+        return out, final
+
+    for x in rec.linear:
+        x.recording = {"kernel": rec.kernel}
+    patched = [(mod, name, getattr(mod, name)) for mod, name in adapter.delta_rule_kernels()]
+    for mod, name, _ in patched:
+        setattr(mod, name, kernel)
+    try:
+        yield rec
+    finally:
+        for mod, name, old in patched:
+            setattr(mod, name, old)
 
 
 def window_snapshots(adapter, cache: DynamicCache, embeds: torch.Tensor, position_ids: torch.Tensor, prev: int,

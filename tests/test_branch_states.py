@@ -6,6 +6,8 @@ The reference is the language model itself run on prefix + candidate, one forwar
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -135,38 +137,119 @@ def test_student_gradients_through_snapshots_are_plain_autograd_with_checkpointi
         assert float((got[n] - want[n]).abs().max()) <= 1e-5 * scale, n
 
 
-@pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
-def test_main_pass_in_two_segments_is_the_one_pass_and_the_replay_skips_the_prompt(build, monkeypatch):
-    """``forward`` on a hybrid decoder runs its main pass as the prompt and the rest (``main_pass_in_two``): the
-    response hidden states and the branches equal those of one pass with the replay from position 0, and the
-    replay no longer runs the prompt through the decoder."""
-    import alignti.common.batch as batch_mod
+def _batch(model, ids, branch_pos, cands, start: int = 12):
+    """The adapter of ``model``'s family and a collated batch of ``ids`` whose responses start at ``start``, with the
+    TPA positions and candidates among them."""
     from alignti.common.adapters import FAMILIES
-    from alignti.common.batch import collate, forward
-    model, _, ids, _, _, branch_pos, cands = _case(build)
+    from alignti.common.batch import collate
     cls = FAMILIES[model.config.model_type].adapter if model.config.model_type in FAMILIES else ModelAdapter
-    adapter = cls(model)
-    resp = [torch.arange(12, len(x)) for x in ids]  # responses from 12 on; the TPA positions among them
-    branch_pos = [p[p >= 12] for p in branch_pos]
+    branch_pos = [p[p >= start] for p in branch_pos]
     cands = [c[:len(p)] for c, p in zip(cands, branch_pos)]
-    samples = [dict(input_ids=x.numpy(), response_mask=(torch.arange(len(x)) >= 12).numpy(), instr_spans=[],
+    samples = [dict(input_ids=x.numpy(), response_mask=(torch.arange(len(x)) >= start).numpy(), instr_spans=[],
                     n_image_tokens=0, image_tok_start=0, image_inputs=None) for x in ids]
     batch = collate(samples, 0, cls)
-    assert [p.tolist() for p in batch["resp_pos"]] == [p.tolist() for p in resp]
+    assert [p.tolist() for p in batch["resp_pos"]] == [list(range(start, len(x))) for x in ids]
+    return cls(model), batch, branch_pos, cands
+
+
+@pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
+def test_main_pass_in_two_segments_is_the_one_pass_and_the_replay_skips_the_prompt(build, monkeypatch):
+    """The teacher's ``forward`` (a cache kept for ``branch_pass``) on a hybrid decoder runs its main pass as the prompt
+    and the rest (``main_pass_in_two``): the response hidden states and the branches equal those of one pass with the
+    replay from position 0, and the replay no longer runs the prompt through the decoder."""
+    import alignti.common.batch as batch_mod
+    from alignti.common.batch import branch_pass, forward
+    model, _, ids, _, _, branch_pos, cands = _case(build)
+    adapter, batch, branch_pos, cands = _batch(model, ids, branch_pos, cands)
     seen = []
     hook = adapter.decoder_layers()[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:2]))
     with torch.no_grad():
-        two = forward(adapter, batch, branch_cands=cands, branch_pos=branch_pos)
+        two = forward(adapter, batch, use_cache=True, branch_pos=branch_pos)
+        two_h = branch_pass(adapter, batch, two, cands, branch_pos)
         tokens_two = sum(b * n for b, n in seen)
         seen.clear()
         monkeypatch.setattr(batch_mod, "prompt_split_at", lambda *args, **kw: None)
-        one = forward(adapter, batch, branch_cands=cands, branch_pos=branch_pos)
+        one = forward(adapter, batch, use_cache=True, branch_pos=branch_pos)
+        one_h = branch_pass(adapter, batch, one, cands, branch_pos)
         tokens_one = sum(b * n for b, n in seen)
     hook.remove()
     assert two.prefix is not None and two.prefix[0] == min(int(p.min()) for p in branch_pos) and one.prefix is None
     torch.testing.assert_close(two.resp_hidden, one.resp_hidden, rtol=0, atol=ATOL)
-    torch.testing.assert_close(two.branch_hidden, one.branch_hidden, rtol=0, atol=ATOL)
+    torch.testing.assert_close(two_h, one_h, rtol=0, atol=ATOL)
     assert tokens_one - tokens_two == two.prefix[0] * len(ids)  # each sample's prompt, once less
+
+
+@pytest.mark.parametrize("build", [_lfm2_vl, _qwen3_5], ids=["lfm2_vl", "qwen3_5"])
+def test_student_states_come_from_its_main_pass_with_plain_autograd_gradients(build):
+    """The student's ``forward`` with its TPA candidates (positions known before the pass) reads each layer's state
+    at the TPA positions from the main pass itself (``states_in_main_pass``: Qwen3.5's Gated DeltaNet states from its
+    own chunked kernel, common/delta_rule.py): the decoder sees each sample's sequence once plus one token per
+    (position, candidate), no replay; the branch hidden states equal the language model on prefix + candidate and a
+    loss on them back-propagates the same gradients as plain autograd through those forwards."""
+    from alignti.common.batch import forward
+    model, _, ids, _, _, branch_pos, cands = _case(build, seed=3)
+    adapter, batch, branch_pos, cands = _batch(model, ids, branch_pos, cands, start=2)
+    model.train()
+    seen = []
+    hook = adapter.decoder_layers()[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:2]))
+    got_h = forward(adapter, batch, branch_cands=cands, branch_pos=branch_pos).branch_hidden
+    hook.remove()
+    rows = sum(c.shape[0] * c.shape[1] for c in cands)
+    assert seen == [batch["input_ids"].shape, (rows, 1)]  # the main pass, then every candidate as one batch
+    probe = torch.randn(got_h.shape, generator=torch.Generator().manual_seed(4))
+    (got_h * probe).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    want_h = _direct(model, ids, branch_pos, cands)
+    (want_h * probe).sum().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(got_h.detach(), want_h.detach(), rtol=0, atol=ATOL)
+    assert set(got) == set(want) and any("embed_tokens" in n for n in got)
+    # the same sums in another order and other kernels (the Gated DeltaNet kernels compute in fp32 whatever the
+    # model's dtype: chunked in the main pass, recurrent on prefix + candidate), so the bound is on the scale of the
+    # layer's mixer: the gated decay's parameters (dt_bias, A_log, in_proj_a) sum over every token with cancellation,
+    # their own elements far below it (measured: A_log 6.2e-4 of its own largest element, alike with the replay this
+    # replaces; every parameter <= 6.6e-7 of its mixer's largest)
+    mixer = re.compile(r".*\.(linear_attn|self_attn|conv|feed_forward|mlp)\.")
+    for n in want:
+        m = mixer.match(n)
+        module = m.group(0) if m else n.rsplit(".", 1)[0] + "."
+        scale = max(float(g.abs().max()) for k, g in want.items() if k.startswith(module)) or 1.0
+        assert float((got[n] - want[n]).abs().max()) <= 1e-5 * scale, n
+
+
+def test_chunked_kernel_with_states_is_the_model_kernel_and_the_recurrence():
+    """common/delta_rule.py: the output and final state are transformers' own chunked kernel bit for bit (the same
+    operations in the same order), and the state after each requested token, in any chunk and at a chunk's first
+    and last token, equals the token-by-token recurrence (transformers' recurrent kernel run up to that token) to
+    fp32 rounding; with grouped key heads and an initial state."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as m
+    from alignti.common.delta_rule import chunk_gated_delta_rule
+    g = torch.Generator().manual_seed(0)
+    B, T, Hk, Hv, dk, dv = 2, 150, 2, 4, 8, 8
+    q, k = torch.randn(B, T, Hk, dk, generator=g), torch.randn(B, T, Hk, dk, generator=g)
+    v = torch.randn(B, T, Hv, dv, generator=g)
+    decay = -torch.rand(B, T, Hv, generator=g) * 0.5
+    beta = torch.rand(B, T, Hv, generator=g)
+    s0 = torch.randn(B, Hv, dk, dv, generator=g) * 0.1
+    ends = (torch.tensor([0, 0, 1, 1, 1, 0]), torch.tensor([0, 63, 64, 100, 149, 127]))
+    out, final, at = chunk_gated_delta_rule(q, k, v, decay, beta, initial_state=s0, output_final_state=True,
+                                            use_qk_l2norm_in_kernel=True, ends=ends)
+    ref_out, ref_final = m.torch_chunk_gated_delta_rule.__wrapped__(q, k, v, decay, beta, initial_state=s0,
+                                                                    output_final_state=True,
+                                                                    use_qk_l2norm_in_kernel=True) \
+        if hasattr(m.torch_chunk_gated_delta_rule, "__wrapped__") else m.torch_chunk_gated_delta_rule(
+            q, k, v, decay, beta, initial_state=s0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert torch.equal(out, ref_out) and torch.equal(final, ref_final)
+    for p, (b, e) in enumerate(zip(*ends)):
+        b, e = int(b), int(e)
+        _, want = m.torch_recurrent_gated_delta_rule(q[b:b + 1, :e + 1], k[b:b + 1, :e + 1], v[b:b + 1, :e + 1],
+                                                     decay[b:b + 1, :e + 1], beta[b:b + 1, :e + 1],
+                                                     initial_state=s0[b:b + 1], output_final_state=True,
+                                                     use_qk_l2norm_in_kernel=True)
+        torch.testing.assert_close(at[p], want[0], rtol=0, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="an end token outside"):
+        chunk_gated_delta_rule(q, k, v, decay, beta, ends=(torch.tensor([0]), torch.tensor([T])))
 
 
 def test_teacher_entropy_is_the_brute_force_entropy_and_the_old_expression_bit_for_bit():
