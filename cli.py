@@ -120,8 +120,10 @@ def make_demo(ctx: typer.Context,
                                                       "(its answer-position attention on the named cells); 0: plain SFT."),
               device: str = typer.Option("auto", help="Where the teacher trains: auto, cpu, cuda."),
               n_train: int = typer.Option(300, help="Training images (3 questions each)."),
-              n_val: int = typer.Option(40), n_test: int = typer.Option(60),
-              seed: int = typer.Option(0),
+              n_val: int = typer.Option(40, help="Validation images (3 questions each): the teacher's early stop "
+                                        "and the students' validation accuracy."),
+              n_test: int = typer.Option(60, help="Test images (3 questions each), scored by evaluate."),
+              seed: int = typer.Option(0, help="Seed of the data, the images and the tiny models' weights."),
               family: str = typer.Option("llava", help="Model family of the tiny checkpoints: a model type "
                                          "of the family registry with a demo kit (the families table: README, docs/index.md).")):
     """Write a self-contained demo kit: tiny teacher/student of the family, tokenizer, shapes VQA data."""
@@ -314,7 +316,8 @@ def train_student(ctx: typer.Context,
                   weight_decay: float = typer.Option(0.0, help="AdamW weight decay (matrices only)."),
                   max_grad_norm: float = typer.Option(1.0, help="Clip the gradient's global norm to this."),
                   save_every: int = typer.Option(100, help="Checkpoint every N steps (for --resume)."),
-                  resume: bool = typer.Option(False, help="Continue from the run directory's checkpoint."),
+                  resume: bool = typer.Option(False, help="Continue from the run directory's checkpoint, with the "
+                                              "run's own settings (to train longer: a new run with --init RUN)."),
                   seed: int = typer.Option(0, help="Seed of the data order and the model's randomness."),
                   device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
                   images: Optional[str] = typer.Option(None, help="Images dir, if moved since the dump."),

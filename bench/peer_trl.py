@@ -664,11 +664,15 @@ def _compare(results: dict, key: str, a_rs: list[dict], b_rs: list[dict]) -> dic
     return c
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
 def _score_text(c: dict) -> str:
     if "test_accuracy" not in c:
-        return f" ({c['seeds']} seeds, not scored)"
+        return f" ({_seeds(c['seeds'])}, not scored)"
     return (f"; alignti - TRL test accuracy {interval(c['test_accuracy'])}, long-form exact "
-            f"{interval(c['long_exact'])}, long-form F1 {interval(c['long_fields'])} ({c['seeds']} seeds)")
+            f"{interval(c['long_exact'])}, long-form F1 {interval(c['long_fields'])} ({_seeds(c['seeds'])})")
 
 
 def report(results: dict, runs: dict, dump: dict, p: dict) -> None:
@@ -711,7 +715,7 @@ def report(results: dict, runs: dict, dump: dict, p: dict) -> None:
         print(table([[t["n"], f"{t['alignti']:.0f}", f"{t['trl']:.0f}", f"{t['ratio']:.2f}",
                       "yes" if t["measured"] else "mean"] for t in tot],
                     ["students", "alignti dump + N jobs s", "N TRL jobs s", "TRL / alignti", "measured"]))
-        print(f"RATIO students: TRL / alignti total time " + ", ".join(f"N={t['n']} {t['ratio']:.2f}" for t in tot)
+        print("RATIO students: TRL / alignti total time " + ", ".join(f"N={t['n']} {t['ratio']:.2f}" for t in tot)
               + f"; crossover N = {n_star if n_star is not None else 'never'}")
 
 

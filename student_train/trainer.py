@@ -737,10 +737,14 @@ def _check_resume(saved: dict, now: dict, out: Path) -> None:
             d += f" ({BEHAVIOUR_BEFORE_WHY[k]}: resume with --{k.replace('_', '-')} {old})"
         diff.append(d)
     if diff:
+        longer = ""
+        if any(d.split(":")[0] in ("max_steps", "epochs") for d in diff):
+            longer = (f". To train beyond the run's own --max-steps / --epochs (its learning-rate schedule ends there), "
+                      f"start a new run from its weights: --init {out} --out NEW (a fresh optimizer and schedule)")
         raise CheckpointError(f"--resume: the checkpoint in {out} was made with different settings ("
                               + ", ".join(d.split(":")[0] for d in diff) + "): " + "; ".join(diff)
                               + f". Resume with the run's own settings ({out / 'config.yaml'}: `alignti train-student "
-                              "--config` it with --resume), or start a new run with another --out")
+                              "--config` it with --resume), or start a new run with another --out" + longer)
 
 
 def _damaged(ckpt: Path, out: Path, why: str) -> str:

@@ -339,6 +339,9 @@ def test_resume_refuses_a_changed_setting_or_cache_and_takes_a_moved_one(kit, ca
     _train(kit, cache, run, stop_after=3, **common)
     with pytest.raises(CheckpointError, match=r"different settings \(max_grad_norm\): max_grad_norm: 1.0 then, 0.5 now"):
         _train(kit, cache, run, resume=True, max_grad_norm=0.5, **common)
+    with pytest.raises(CheckpointError, match=r"max_steps: 4 then, 8 now.*To train beyond the run's own --max-steps "
+                                              r"/ --epochs .*start a new run from its weights: --init "):
+        _train(kit, cache, run, resume=True, **dict(common, max_steps=8))
     other = tmp_path / "other"
     dump_teacher(DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"),
                             images=str(kit / "data/images"), out=str(other), limit=30, saliency_layer="1",
