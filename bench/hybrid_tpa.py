@@ -114,10 +114,10 @@ def main():
     def student(tpa: bool, fwd=forward):
         model.train()
         out = fwd(adapter, batch, branch_cands=cands if tpa else None, branch_pos=pos if tpa else None)
-        loss = torch.log_softmax(head(out.resp_hidden).float(), -1).mean()
-        if tpa:
-            loss = loss + torch.log_softmax(head(out.branch_hidden.flatten(0, 1)).float(), -1).mean()
-        loss.backward()
+        rows = torch.cat([out.resp_hidden, out.branch_hidden.flatten(0, 1)]) if tpa else out.resp_hidden
+        # one head call over the response and branch rows, as the trainer's chunked head (common/losses/head.py:
+        # one weight gradient accumulated over every row) rather than two gradients of the 248,320-row head summed
+        torch.log_softmax(head(rows).float(), -1).mean().backward()
         model.zero_grad(set_to_none=True)
         model.eval()
 

@@ -201,12 +201,18 @@ class ModelAdapter:
         from .branch_states import snapshot_cache
         return snapshot_cache(self.language_model.config)
 
-    def delta_rule_kernels(self) -> list[tuple[object, str]]:
-        """The module-level chunked gated-delta-rule kernels this decoder's linear-attention layers call, as (module,
-        attribute name): what TPA without masks wraps for the duration of a main pass to read the recurrent states at
-        the TPA positions (common/branch_states.py ``states_in_main_pass``). None here; Qwen3.5's Gated DeltaNet
-        names its own."""
-        return []
+    def delta_rule_modules(self) -> list:
+        """The modeling modules whose module-level gated-delta-rule kernels (transformers' names:
+        common/delta_rule.py ``CHUNK_KERNEL``, ``RECURRENT_KERNEL``) this decoder's layers call: what TPA without
+        masks replaces for the duration of a call (common/branch_states.py: the states at the TPA positions read from
+        the main pass's chunked kernel; the candidates of one position run from one shared state). Found here from the
+        decoder layers' own modeling files (Qwen3.5's, Qwen3.5-MoE's own copy; none for an LFM2 or attention-only
+        decoder); a family whose kernels go by other names overrides this."""
+        import sys
+        from .delta_rule import CHUNK_KERNEL, RECURRENT_KERNEL
+        names = {type(m).__module__ for layer in self.decoder_layers() for m in layer.modules()}
+        return [sys.modules[n] for n in sorted(names)
+                if hasattr(sys.modules.get(n), CHUNK_KERNEL) and hasattr(sys.modules.get(n), RECURRENT_KERNEL)]
 
     def saliency_layers(self) -> list[int]:
         """The decoder layers IVA's saliency may come from (select-layer's choice, an explicit --saliency-layer):
@@ -467,13 +473,6 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     the tree mask (``tpa_tree_mask`` False) and IVA's saliency from the full-attention layers only."""
     family = "qwen3_5"
     composition = None  # make-student --vision/--lm not offered for the hybrid decoder: --from-teacher is
-
-    def delta_rule_kernels(self) -> list[tuple[object, str]]:
-        """``torch_chunk_gated_delta_rule`` of the modeling file each Gated DeltaNet layer (``linear_attn``) comes
-        from (Qwen3.5's, Qwen3.5-MoE's own copy): the forward calls it by its module-level name."""
-        import sys
-        mods = {type(layer.linear_attn).__module__ for layer in self.decoder_layers() if hasattr(layer, "linear_attn")}
-        return [(sys.modules[m], "torch_chunk_gated_delta_rule") for m in sorted(mods)]
 
     @classmethod
     def prune_layers(cls, model, keep: list[int], keep_vision: list[int] | None) -> list[str]:

@@ -90,7 +90,66 @@ def head_mean(module, per_head: torch.Tensor) -> torch.Tensor:
     return total / (per_head.shape[1] * tdist.get_world_size(group))
 
 
+@dataclass
+class ForkRows:
+    """One-token continuations from shared prefixes (TPA without masks: common/branch_states.py
+    ``fork_branch_hidden``): row r of the batch is one token that attends to its sample ``sample[r]``'s prefix keys
+    and values before position ``t[r]`` and to itself. ``kv[layer_idx]`` = (keys, values) [B, kv_heads, S, head_dim]
+    of the samples' prefixes (the main pass's cache); rows of one sample are consecutive."""
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    sample: torch.Tensor  # [R]
+    t: torch.Tensor       # [R]
+
+
+_FORK: contextvars.ContextVar[ForkRows | None] = contextvars.ContextVar("alignti_fork", default=None)
+
+
+@contextlib.contextmanager
+def fork_rows(rows: ForkRows):
+    """Within: ``alignti_attention`` runs each layer of ``rows.kv`` as ``fork_attention``."""
+    token = _FORK.set(rows)
+    try:
+        yield rows
+    finally:
+        _FORK.reset(token)
+
+
+def fork_attention(module, query, key, value, rows: ForkRows, dropout: float = 0.0, scaling=None) -> torch.Tensor:
+    """softmax(q [K_prefix; k] / sqrt(d)) [V_prefix; v] for each one-token row, the prefix of its own sample masked
+    to the keys before its position, without copying a prefix per row: per sample one product of its rows' queries
+    with its prefix keys (GQA: the query heads of one key head together). The same attention as sdpa over the row's
+    concatenated keys under that mask (fp32 softmax, rounded differently). ``query`` [R, heads, 1, d], ``key`` /
+    ``value`` [R, kv_heads, 1, d] (the rows' own). Returns [R, 1, heads, d], as transformers' attention functions."""
+    keys, values = rows.kv[module.layer_idx]
+    n_rows, heads, _, d = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    rep = heads // kv_heads
+    scale = scaling if scaling is not None else d ** -0.5
+    samples, counts = torch.unique_consecutive(rows.sample, return_counts=True)
+    cols = torch.arange(length, device=query.device)
+    out, lo = [], 0
+    for b, n in zip(samples.tolist(), counts.tolist()):
+        q = query[lo:lo + n, :, 0].reshape(n, kv_heads, rep, d).permute(1, 0, 2, 3)      # [kvh, n, rep, d]
+        k_own = key[lo:lo + n, :, 0].transpose(0, 1)[:, :, None]                          # [kvh, n, 1, d]
+        v_own = value[lo:lo + n, :, 0].transpose(0, 1)[:, :, None]
+        prefix = (q.reshape(kv_heads, n * rep, d) @ keys[b].transpose(-1, -2)).view(kv_heads, n, rep, length)
+        hidden = (cols[None] >= rows.t[lo:lo + n, None].to(cols.device))[None, :, None]  # [1, n, 1, S]
+        scores = torch.cat([prefix.float().masked_fill(hidden, float("-inf")),
+                            (q * k_own).sum(-1, keepdim=True).float()], -1) * scale
+        p = torch.softmax(scores, -1).to(query.dtype)
+        if dropout:
+            p = torch.nn.functional.dropout(p, dropout, training=True)
+        o = (p[..., :length].reshape(kv_heads, n * rep, length) @ values[b]).view(kv_heads, n, rep, d)
+        o = o + p[..., length:] * v_own
+        out.append(o.permute(1, 0, 2, 3).reshape(n, heads, d))
+        lo += n
+    return torch.cat(out)[:, None]
+
+
 def alignti_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    rows = _FORK.get()
+    if rows is not None and getattr(module, "layer_idx", None) in rows.kv:
+        return fork_attention(module, query, key, value, rows, dropout=dropout, scaling=scaling), None
     out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     spec = _ACTIVE.get()
     if spec is not None and id(module) in spec.layers:

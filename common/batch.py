@@ -14,8 +14,8 @@ import torch
 
 from .attention import (Branches, CaptureSpec, additive, branch_position_ids, causal_allowed, make_branches,
                         tree_allowed, use_alignti_attention)
-from .branch_states import (fork_branch_hidden, main_pass_in_two, prompt_split_at, records_in_main_pass,
-                            snapshot_branch_hidden, states_in_main_pass)
+from .branch_states import (fork_branch_hidden, main_pass_in_two, one_embedding_call, prompt_split_at,
+                            records_in_main_pass, snapshot_branch_hidden, states_in_main_pass)
 
 
 def collate(samples: list[dict], pad_id: int, adapter_cls) -> dict:
@@ -166,8 +166,9 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
                 states_in_main_pass(adapter, pairs) if record else main_pass_in_two(adapter, split_at)
                 if split_at is not None else contextlib.nullcontext({})) as split:
             if record:
-                out = adapter.forward(ids, batch["image_inputs"], additive(allowed, dtype), pos, cache=split.cache,
-                                      use_cache=True)
+                with one_embedding_call(adapter, torch.cat([c.reshape(-1) for c in branch_cands])) as looked_up:
+                    out = adapter.forward(ids, batch["image_inputs"], additive(allowed, dtype), pos,
+                                          cache=split.cache, use_cache=True)
             else:
                 out = adapter.forward(ids, batch["image_inputs"], additive(allowed, dtype), pos,
                                       use_cache=use_cache and not direct)
@@ -182,7 +183,7 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     elif record:
         kv, kv_len = split.kv()
         branch_hidden = fork_branch_hidden(adapter, split.states(), kv, kv_len, pairs, list(range(len(pairs))),
-                                           branch_cands, pos)
+                                           branch_cands, pos, cand_embeds=looked_up.get("extra"))
     elif direct and branch_cands is not None:
         branch_hidden = snapshot_branch_hidden(adapter, seen["embeds"], pos, branch_cands, where,
                                                prefix=split.get("prefix"))

@@ -31,7 +31,8 @@ import contextlib
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer
 
-from .attention import use_alignti_attention
+from .attention import ForkRows, fork_rows, use_alignti_attention
+from .delta_rule import CHUNK_KERNEL, RECURRENT_KERNEL, chunk_gated_delta_rule, shared_state_one_token_delta_rule
 
 
 class SnapshotLinearLayer(LinearAttentionLayer):
@@ -77,7 +78,7 @@ class SnapshotLinearLayer(LinearAttentionLayer):
             got = self.recording["kernel"].pop("at", None)  # the states the wrapped kernel just computed
             if got is None:
                 raise RuntimeError("TPA without masks: a linear-attention layer updated its state without alignti's "
-                                   "chunked kernel (ModelAdapter.delta_rule_kernels names none for it), so its states "
+                                   "chunked kernel (ModelAdapter.delta_rule_modules names none for it), so its states "
                                    "at the TPA positions are unknown")
             self.recording.setdefault("at", {})[state_idx] = got
         elif self.recording is not None:  # the model's per-token states of its last recurrent_states_to_keep tokens:
@@ -97,6 +98,23 @@ class SnapshotLinearLayer(LinearAttentionLayer):
             self.is_conv_states_initialized[i] = conv[i] is not None
             self.is_recurrent_states_initialized[i] = recurrent[i] is not None
             self.has_previous_state[i] = conv[i] is not None or recurrent[i] is not None
+
+
+class ForkAttentionLayer(DynamicLayer):
+    """An attention layer's cache in a fork (``fork_cache``): it holds no keys; the rows read their samples' prefix
+    keys and values through ``fork_attention`` (common/attention.py ``ForkRows``), so no prefix is copied per row.
+    ``update`` returns the rows' own keys and values; its length is the prefix's (``length``), as the mask counts."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.length
 
 
 def snapshot_cache(config) -> DynamicCache:
@@ -192,12 +210,14 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
 
 
 def fork_branch_hidden(adapter, states: list, kv: list, kv_len: int, pairs: list[tuple[int, int]], snap: list[int],
-                       cands: list[torch.Tensor], position_ids: torch.Tensor, max_rows: int = 512) -> torch.Tensor:
+                       cands: list[torch.Tensor], position_ids: torch.Tensor, max_rows: int = 512,
+                       cand_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Every candidate of every TPA position as one batch of one-token continuations (``fork_cache``), at most
     ``max_rows`` rows per call: pair p = (sample b, position t) continues from the linear / conv states
     ``states[layer]`` of its snapshot ``snap[p]`` (``stack_snapshots``' layout) and from sample b's keys and values
     ``kv`` (``stack_prefix_kv``'s layout, ``kv_len`` keys) masked to the keys before t, plus its own. ``cands[b]``
-    [n_b, n_branch] in the order of ``pairs``; ``position_ids`` [B, S] or [3, B, S]. Returns [N, n_branch, H]."""
+    [n_b, n_branch] in the order of ``pairs``; ``position_ids`` [B, S] or [3, B, S]; ``cand_embeds`` [N * n_branch,
+    H]: the candidates' input embeddings where already taken (``one_embedding_call``). Returns [N, n_branch, H]."""
     lm = adapter.language_model
     n_branch = cands[0].shape[-1]
     dev = position_ids.device
@@ -211,12 +231,15 @@ def fork_branch_hidden(adapter, states: list, kv: list, kv_len: int, pairs: list
         chunk = pairs[at:at + per_call]
         b = torch.tensor([p[0] for p in chunk], device=dev).repeat_interleave(n_branch)
         t = torch.tensor([p[1] for p in chunk], device=dev).repeat_interleave(n_branch)
-        fork = fork_cache(states, kv, torch.tensor(snap[at:at + per_call], device=dev).repeat_interleave(n_branch), b)
+        fork = fork_cache(states, kv, torch.tensor(snap[at:at + per_call], device=dev), n_branch)
         allowed = (keys[None] < t[:, None]) | (keys[None] == kv_len)  # its prefix, and itself (appended last)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(
             ~allowed, torch.finfo(dtype).min)[:, None, None]
-        x = emb_layer(cand_all[at:at + len(chunk)].reshape(-1))[:, None]
-        with use_alignti_attention(adapter, None):
+        x = (emb_layer(cand_all[at:at + len(chunk)].reshape(-1)) if cand_embeds is None
+             else cand_embeds[at * n_branch:(at + len(chunk)) * n_branch])[:, None]
+        rows = ForkRows({i: pair for i, pair in enumerate(kv) if pair is not None}, b, t)
+        with use_alignti_attention(adapter, None), fork_rows(rows), kernels_replaced(
+                adapter, RECURRENT_KERNEL, shared_state_one_token_delta_rule):
             h = lm(inputs_embeds=x, position_ids=_at(position_ids, b, t), attention_mask=mask, cache=fork,
                    use_cache=True).last_hidden_state[:, 0]
         out.append(h)
@@ -277,14 +300,13 @@ def states_in_main_pass(adapter, pairs: list[tuple[int, int]]):
     """Within: a main pass run with the yielded ``MainPassStates.cache`` records, at each (sample b, TPA position t)
     of ``pairs``, every layer's state before token t: a conv layer's from the inputs its cache sees
     (``update_conv_state``); a Gated DeltaNet layer's from the chunked kernel of the pass itself
-    (common/delta_rule.py, wrapped in place of the module-level kernels ``adapter.delta_rule_kernels()`` names,
-    restored on exit: the model's own output bit for bit, plus the states after tokens t - 1); an attention layer's
+    (common/delta_rule.py, in place of the module-level kernel of ``adapter.delta_rule_modules()``, restored on
+    exit: the model's own output bit for bit, plus the states after tokens t - 1); an attention layer's
     keys and values stay in the cache. No prefix runs twice: the student's TPA costs its main pass plus one token
     per candidate. The pass must start at position 0 of every sample (no cache before it). ValueError for a
     position 0."""
     if any(t < 1 for _, t in pairs):
         raise ValueError("a TPA position 0 has no prefix to continue from")
-    from .delta_rule import chunk_gated_delta_rule
     rec = MainPassStates(adapter, pairs)
     rows = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     ends = torch.tensor([p[1] - 1 for p in pairs], dtype=torch.long)
@@ -297,13 +319,51 @@ def states_in_main_pass(adapter, pairs: list[tuple[int, int]]):
 
     for x in rec.linear:
         x.recording = {"kernel": rec.kernel}
-    patched = [(mod, name, getattr(mod, name)) for mod, name in adapter.delta_rule_kernels()]
-    for mod, name, _ in patched:
+    with kernels_replaced(adapter, CHUNK_KERNEL, kernel):
+        yield rec
+
+
+@contextlib.contextmanager
+def one_embedding_call(adapter, extra: torch.Tensor):
+    """Within: the first call of the model's input-embedding module (the main pass's lookup of its ids) also looks up
+    the ids ``extra`` (TPA's candidates), in the same call: in training one dense gradient of the embedding table
+    (V x H: 1 GiB at Qwen3.5's 248,320 x 1,024 in fp32) instead of one per lookup, summed. Yields a dict whose
+    ``"extra"`` then holds their embeddings [n, H] (absent where the module was not called with ids)."""
+    emb = adapter.model.get_input_embeddings()
+    got: dict = {}
+
+    def pre(mod, args):
+        if "shape" in got or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        ids = args[0]
+        got["shape"] = ids.shape
+        return (torch.cat([ids.reshape(-1), extra.to(ids.device, ids.dtype).reshape(-1)]), *args[1:])
+
+    def post(mod, args, out):
+        if "shape" not in got or "extra" in got:
+            return None
+        n = got["shape"].numel()
+        got["extra"] = out[n:]
+        return out[:n].view(*got["shape"], out.shape[-1])
+
+    hooks = [emb.register_forward_pre_hook(pre), emb.register_forward_hook(post)]
+    try:
+        yield got
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def kernels_replaced(adapter, name: str, kernel):
+    """Within: the module-level kernel ``name`` of each of ``adapter.delta_rule_modules()`` is ``kernel``."""
+    patched = [(mod, getattr(mod, name)) for mod in adapter.delta_rule_modules()]
+    for mod, _ in patched:
         setattr(mod, name, kernel)
     try:
-        yield rec
+        yield
     finally:
-        for mod, name, old in patched:
+        for mod, old in patched:
             setattr(mod, name, old)
 
 
@@ -489,23 +549,24 @@ def stack_prefix_kv(caches: dict, n: int) -> tuple[list, int]:
     return out, kv_len
 
 
-def fork_cache(states: list, kv: list, snap: torch.Tensor, sample: torch.Tensor) -> DynamicCache:
-    """A cache of one row per (snapshot snap[r], sample sample[r]): each linear / conv layer's states of that
-    snapshot (``states``: ``stack_snapshots``), each attention layer's keys and values of that sample's replayed
-    prefix (``kv``: ``stack_prefix_kv``; the caller masks them to the row's own prefix)."""
+def fork_cache(states: list, kv: list, snap: torch.Tensor, n_branch: int) -> DynamicCache:
+    """A cache of ``n_branch`` consecutive rows per snapshot snap[p]: each conv layer's states of that snapshot per
+    row, each Gated DeltaNet layer's recurrent state once per snapshot (the rows of one snapshot read it through
+    ``shared_state_one_token_delta_rule``), each attention layer a ``ForkAttentionLayer`` of the prefix's length
+    (``kv``: ``stack_prefix_kv``'s layout; the rows read their samples' keys and values through ``fork_attention``);
+    ``states``: ``stack_snapshots``."""
     fork = DynamicCache()
     fork.layer_class_to_replicate = None
     layers = []
     for st, pair in zip(states, kv):
         if st is not None:
-            conv, rec = ({k: None if v is None else v.index_select(0, snap.to(v.device)) for k, v in d.items()}
-                         for d in st)  # each layer's own device (a teacher split over GPUs)
+            conv = {k: None if v is None else v.index_select(0, snap.to(v.device).repeat_interleave(n_branch))
+                    for k, v in st[0].items()}  # each layer's own device (a teacher split over GPUs)
+            rec = {k: None if v is None else v.index_select(0, snap.to(v.device)) for k, v in st[1].items()}
             f = SnapshotLinearLayer(number_of_states=len(conv))
             f.set_states(conv, rec, {k: None if v is None else v.shape[-1] for k, v in conv.items()})
         else:
-            f = DynamicLayer()
-            at = sample.to(pair[0].device)
-            f.update(pair[0].index_select(0, at), pair[1].index_select(0, at))
+            f = ForkAttentionLayer(pair[0].shape[-2])
         layers.append(f)
     fork.layers = layers
     return fork

@@ -1,6 +1,8 @@
-"""The gated delta rule (Gated DeltaNet's linear attention: Qwen3.5), chunked, with the recurrent state after any
-chosen tokens as well as the final one: what lets a hybrid student's TPA read the states at its TPA positions from its
-own main pass instead of replaying the prefix (common/branch_states.py ``states_in_main_pass``).
+"""The gated delta rule (Gated DeltaNet's linear attention: Qwen3.5) as TPA without masks needs it
+(common/branch_states.py): chunked, with the recurrent state after any chosen tokens as well as the final one (what
+lets a hybrid student's TPA read the states at its TPA positions from its own main pass instead of replaying the
+prefix: ``states_in_main_pass``), and one token per row from a start state shared by several rows (the candidates of
+one TPA position: ``fork_branch_hidden``).
 
 ``chunk_gated_delta_rule`` is transformers' ``torch_chunk_gated_delta_rule`` (models/qwen3_5/modeling_qwen3_5.py,
 transformers 5.x: the UT transform within chunks of 64 tokens, a sequential scan over chunks), the same operations in
@@ -123,3 +125,54 @@ def chunk_gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.
     core_attn_out = core_attn_out[:, :, :sequence_length]
     core_attn_out = core_attn_out.transpose(1, 2).to(initial_dtype, memory_format=torch.contiguous_format)
     return core_attn_out, last_recurrent_state, at
+
+
+CHUNK_KERNEL = "torch_chunk_gated_delta_rule"          # the module-level names transformers' Qwen3.5 modeling
+RECURRENT_KERNEL = "torch_recurrent_gated_delta_rule"  # files call their kernels by (ModelAdapter.delta_rule_modules)
+
+
+def shared_state_one_token_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
+                                      beta: torch.Tensor, initial_state: torch.Tensor,
+                                      output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
+                                      **kwargs):
+    """One token per row from a start state shared by consecutive rows: TPA's candidates of one position.
+
+    transformers' ``torch_recurrent_gated_delta_rule`` for one token computes S' = S exp(g) + k^T (beta (v - k S
+    exp(g))) and the output q S'; with S' never used again (a fork row runs one token), the output is
+    q S exp(g) + (q . k) beta (v - k S exp(g)): two vector-matrix products with the row's start state, which
+    ``initial_state`` holds once per group of n = R / P consecutive rows, so no state is copied per row nor
+    updated (the same arithmetic as the recurrent kernel, in another order: fp32 rounding apart).
+
+    ``query``/``key`` [R, 1, Hk, dk], ``value`` [R, 1, Hv, dv], ``g``/``beta`` [R, 1, Hv], ``initial_state``
+    [P, Hv, dk, dv] with R a multiple of P. Returns (output [R, 1, Hv, dv] in ``query``'s dtype, ``initial_state``
+    as the "final" state where ``output_final_state``, else None). ValueError for a sequence longer than one token
+    or R not a multiple of P."""
+    rows, length, num_k_heads, k_head_dim = key.shape
+    num_v_heads, v_head_dim = value.shape[-2:]
+    n_states = initial_state.shape[0]
+    if length != 1 or rows % n_states:
+        raise ValueError(f"one token per row, rows in groups sharing a state: got {rows} rows of {length} tokens "
+                         f"for {n_states} states")
+    n = rows // n_states
+    initial_dtype = query.dtype
+    if num_k_heads != num_v_heads:
+        query = query.repeat_interleave(num_v_heads // num_k_heads, dim=2)
+        key = key.repeat_interleave(num_v_heads // num_k_heads, dim=2)
+    query, key, value, beta, g = (x[:, 0].float() for x in (query, key, value, beta, g))
+    if use_qk_l2norm_in_kernel:
+        query = _l2norm(query, dim=-1, eps=1e-6)
+        key = _l2norm(key, dim=-1, eps=1e-6)
+    query = query / (query.shape[-1] ** 0.5)
+
+    def grouped(x):  # [R, Hv, d] -> [P, Hv, n, d]
+        return x.view(n_states, n, num_v_heads, -1).transpose(1, 2)
+
+    q, k, v = grouped(query), grouped(key), grouped(value)
+    decay = grouped(g.exp()[..., None])
+    state = initial_state.float()
+    read = torch.cat([q, k], 2) @ state                         # [P, Hv, 2n, dv]: q S and k S
+    kv_mem = read[:, :, n:] * decay
+    delta = (v - kv_mem) * grouped(beta[..., None])
+    out = read[:, :, :n] * decay + (q * k).sum(-1, keepdim=True) * delta
+    out = out.transpose(1, 2).reshape(rows, 1, num_v_heads, v_head_dim).to(initial_dtype)
+    return out, (initial_state if output_final_state else None)
