@@ -168,3 +168,50 @@ def pixtral_processor(dest: Path, chat_template: str):
     return processor_class("PixtralProcessor")(image_processor=ip, tokenizer=tekken_tokenizer(dest), patch_size=patch,
                                                spatial_merge_size=1, chat_template=chat_template, image_token="[IMG]",
                                                image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+
+
+GEMMA4 = "gemma-4"
+# Gemma 4's markup at the ids its checkpoints use, each an unused slot (or Gemma 3's counterpart) of Gemma 3's
+# vocabulary: <|turn> 105 / <turn|> 106 and the tool and channel tokens as public Gemma 4 test fixtures list them, the
+# image / audio / video ids as Gemma4Config's defaults (tests/data/tokenizers/gemma-4/SOURCE.md)
+GEMMA4_MARKUP = {46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
+                 51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>",
+                 105: "<|turn>", 106: "<turn|>", 255999: "<|image>", 256000: "<|audio>", 258880: "<|image|>",
+                 258881: "<|audio|>", 258882: "<image|>", 258883: "<audio|>", 258884: "<|video|>"}
+
+
+def gemma4_processor(dest: Path, chat_template: str):
+    """Gemma4Processor (image-only) over Gemma 3's shipped tokenizer with Gemma 4's markup named at its ids
+    (``GEMMA4_MARKUP``, the slots renamed in tokenizer.json's vocabulary and added tokens, nothing else changed), the
+    kit's tokenizer settings (bos, eos ``<turn|>``, the image / audio token names), transformers' Gemma 4 image
+    processor at its defaults (16-px patches pooled 3x3, at most 280 soft tokens) and ``chat_template``."""
+    from transformers import AutoTokenizer, Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from alignti.common.kit_recipes import GEMMA4_TOKENS
+    from alignti.common.models import image_only_processor_class
+    out = Path(dest) / GEMMA4
+    if not (out / "tokenizer.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        with lzma.open(DATA / GEMMA3 / "tokenizer.json.xz", "rb") as src:
+            raw = json.load(src)
+        vocab = raw["model"]["vocab"]
+        by_id = {i: t for t, i in vocab.items()}
+        for i, name in GEMMA4_MARKUP.items():
+            old = by_id[i]
+            assert old.startswith("<unused") or old in ("<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                                                        "<end_of_image>"), (i, old)
+            vocab[name] = vocab.pop(old)
+        raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != "<image_soft_token>"]  # Gemma 3's
+        for t in raw["added_tokens"]:
+            if t["id"] in GEMMA4_MARKUP:
+                t["content"], t["special"] = GEMMA4_MARKUP[t["id"]], True
+        (out / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False))
+        cfg = dict(GEMMA4_TOKENS, tokenizer_class="GemmaTokenizer", add_bos_token=True, add_eos_token=False,
+                   model_max_length=131072, padding_side="left", spaces_between_special_tokens=False)
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    return image_only_processor_class(Gemma4Processor)(
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=Gemma4ImageProcessorPil(), tokenizer=tok,
+        chat_template=chat_template)

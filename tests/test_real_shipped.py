@@ -1,8 +1,10 @@
-"""Token-exact against shipped tokenizers of the newer families (tests/data/tokenizers, each folder's SOURCE.md):
-Gemma 3's tokenizer and chat template, Qwen3's tokenizer (Qwen3-VL's, and LLaVA-OneVision-1.5's Qwen3 LM), Mistral's
-Tekken vocabulary (Pixtral's ``tekken_240911.json``). For each, alignti's ids are the family's own processor's on the
-conversation its chat template renders (single-turn, multi-turn, two images), and every span decodes to exactly its
-text."""
+"""Token-exact against shipped tokenizers and chat templates of the newer families (tests/data/tokenizers, each
+folder's SOURCE.md): Gemma 3's tokenizer and chat template, Gemma 4's two public chat templates (over Gemma 3's
+vocabulary with Gemma 4's markup), Qwen3's tokenizer (Qwen3-VL's, and LLaVA-OneVision-1.5's Qwen3 LM), Mistral's
+Tekken vocabulary (Pixtral's ``tekken_240911.json``) with Mistral-Small-3.1's chat template. For each, alignti's ids are
+the family's own processor's on the conversation its chat template renders (single-turn, multi-turn, two images), and
+every span decodes to exactly its text; where the kit's template claims the shipped one's structure, the two render
+the same text."""
 
 import numpy as np
 import pytest
@@ -20,7 +22,8 @@ SAMPLES = {
         {"from": "gpt", "value": "The red circle is left of the blue square."},
         {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "There are three shapes."}]},
     "two-images": {"id": "c", "image": ["x.png", "y.png"], "conversations": [
-        {"from": "human", "value": "<image>\n<image>\nDo the two pictures match?"}, {"from": "gpt", "value": "No, they differ."},
+        {"from": "human", "value": "<image>\n<image>\nDo the two pictures match?"},
+        {"from": "gpt", "value": "No, they differ."},
         {"from": "human", "value": "Which is wider?"}, {"from": "gpt", "value": "The second."}]},
 }
 
@@ -30,11 +33,12 @@ def _pictures(n: int, sizes):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes[:n]]
 
 
-def _check(proc, sample: str, sizes, end: str):
-    """alignti's ids == the processor's on the template-rendered conversation; each response span decodes to the
-    answer plus ``end`` (the end-of-turn markup), each instruction span to the question."""
+def _check(proc, sample, sizes, end: str):
+    """alignti's ids == the processor's on the template-rendered conversation of ``sample`` (a SAMPLES name or a
+    record); each response span decodes to the answer plus ``end`` (the end-of-turn markup), each instruction span
+    to the question."""
     tok = proc.tokenizer
-    rec = parse_record(0, SAMPLES[sample])
+    rec = parse_record(0, SAMPLES[sample] if isinstance(sample, str) else sample)
     pics = _pictures(len(rec.images), sizes)
     enc = encode(proc, rec, pics if len(pics) > 1 else pics[0])
     rendered = proc.apply_chat_template(chat_messages(rec), tokenize=False)
@@ -134,3 +138,86 @@ def test_tekken_ids_are_the_published_ones(tekken):
     assert tok.convert_tokens_to_ids(["[IMG]", "[IMG_BREAK]", "[IMG_END]"]) == [Mistral3Config().image_token_index,
                                                                                  12, 13]
     assert len(tok) == 131072
+
+
+SYSTEM = {"id": "s", "image": "x.png", "conversations": [
+    {"from": "system", "value": "Answer briefly."},
+    {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": "Red"}]}
+
+
+def _renders(template: str, proc, sample: dict) -> str:
+    saved = proc.chat_template
+    proc.chat_template = template
+    try:
+        return proc.apply_chat_template(chat_messages(parse_record(0, sample)), tokenize=False)
+    finally:
+        proc.chat_template = saved
+
+
+def test_kit_gemma3_template_renders_as_the_shipped_one(gemma3):
+    """The kit's Gemma 3 template ("the shipped one's structure") renders conversations without a system turn exactly
+    as the shipped template does."""
+    from alignti.common.kit_recipes import GEMMA_CHAT_TEMPLATE
+    for sample in SAMPLES.values():
+        assert _renders(GEMMA_CHAT_TEMPLATE, gemma3, sample) == _renders(gemma3.chat_template, gemma3, sample)
+
+
+GEMMA4_TEMPLATES = ("chat_template.jinja", "chat_template.json")
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    return rt.gemma4_processor(tmp_path_factory.mktemp("gemma4"), "")
+
+
+def _gemma4_template(name: str) -> str:
+    import json
+    text = (rt.DATA / rt.GEMMA4 / name).read_text()
+    return json.loads(text)["chat_template"] if name.endswith(".json") else text
+
+
+@pytest.mark.parametrize("template", GEMMA4_TEMPLATES)
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_gemma4_ids_are_the_processors_with_the_shipped_templates(gemma4, template, sample):
+    """Gemma 4's two public chat templates (the first release's, which frames an image as "\\n\\n<|image|>\\n\\n", and
+    the later one, "<|image|>" alone; ``| trim`` on user text, thinking stripped from model text) over Gemma 3's
+    vocabulary with Gemma 4's markup, Gemma4Processor at its default image settings (aspect-ratio-preserving, at most
+    280 soft tokens framed by <|image> ... <image|>)."""
+    gemma4.chat_template = _gemma4_template(template)
+    enc, whole = _check(gemma4, sample, [(224, 320), (300, 900)], "<turn|>\n")
+    ids = enc.input_ids
+    for s, e in enc.image_spans:  # <|image> soft tokens <image|>
+        assert ids[s - 1] == 255999 and ids[e] == 258882 and set(ids[s:e].tolist()) == {258880}
+    assert [e - s for s, e in enc.image_spans] == [280, 252][:len(enc.image_spans)]  # 224x320 and 300x900 px
+
+
+def test_kit_gemma4_template_renders_as_the_shipped_one(gemma4):
+    """The kit's Gemma 4 template renders conversations without a system turn exactly as the later shipped template
+    does (the first release adds "\\n\\n" around each image)."""
+    from alignti.common.kit_recipes import GEMMA4_CHAT_TEMPLATE
+    shipped = _gemma4_template("chat_template.jinja")
+    for sample in SAMPLES.values():
+        assert _renders(GEMMA4_CHAT_TEMPLATE, gemma4, sample) == _renders(shipped, gemma4, sample)
+
+
+MISTRAL_SMALL = (rt.DATA / "mistral-small-3.1" / "chat_template.jinja")
+
+
+@pytest.mark.parametrize("sample", list(SAMPLES) + ["system"])
+def test_mistral3_ids_are_the_processors_with_the_shipped_template(tekken, sample):
+    """Mistral-Small-3.1-24B-Instruct-2503's shipped chat template (its default system prompt, dated today, when the
+    data has none; [INST]..[/INST] user turns, answers closed by </s>) with the Tekken tokenizer."""
+    saved = tekken.chat_template
+    tekken.chat_template = MISTRAL_SMALL.read_text()
+    try:
+        enc, _ = _check(tekken, SYSTEM if sample == "system" else sample, [(64, 96), (48, 160)], "</s>")
+        assert enc.input_ids[1] == tekken.tokenizer.convert_tokens_to_ids("[SYSTEM_PROMPT]")
+    finally:
+        tekken.chat_template = saved
+
+
+def test_kit_mistral3_template_renders_as_the_shipped_one(tekken):
+    """The kit's Mistral 3 template ("the shipped one's structure without the default system prompt") renders a
+    conversation with a system turn exactly as Mistral-Small-3.1's shipped template does."""
+    from alignti.common.kit_recipes import MISTRAL_CHAT_TEMPLATE
+    assert _renders(MISTRAL_CHAT_TEMPLATE, tekken, SYSTEM) == _renders(MISTRAL_SMALL.read_text(), tekken, SYSTEM)
