@@ -113,15 +113,15 @@ def qwen3_tokenizer(dest: Path):
     return AutoTokenizer.from_pretrained(str(unpack(QWEN3, dest)))
 
 
-def qwen3_vl_processor(dest: Path, chat_template: str):
-    """Qwen3VLProcessor (image-only) with Qwen3's shipped tokenizer, Qwen3-VL's image-processor settings and
-    ``chat_template``."""
+def qwen3_vl_processor(tokenizer, chat_template: str):
+    """Qwen3VLProcessor (image-only) with ``tokenizer`` (``qwen3_tokenizer``: Qwen3's shipped one), Qwen3-VL's
+    image-processor settings and ``chat_template``."""
     from transformers import Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from alignti.common.models import image_only_processor_class
     return image_only_processor_class(Qwen3VLProcessor)(
-        image_processor=Qwen2VLImageProcessorPil(**QWEN3_VL_IMAGE), tokenizer=qwen3_tokenizer(dest),
+        image_processor=Qwen2VLImageProcessorPil(**QWEN3_VL_IMAGE), tokenizer=tokenizer,
         chat_template=chat_template)
 
 
@@ -215,3 +215,32 @@ def gemma4_processor(dest: Path, chat_template: str):
     return image_only_processor_class(Gemma4Processor)(
         feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=Gemma4ImageProcessorPil(), tokenizer=tok,
         chat_template=chat_template)
+
+
+SMOLVLM = "smolvlm-instruct"
+
+
+def smolvlm_processor(dest: Path, family: str = "idefics3"):
+    """HuggingFaceTB/SmolVLM-256M-Instruct's (and -500M's: the same files) processor from its shipped files
+    (tests/data/tokenizers/smolvlm-instruct/SOURCE.md): SmolLM2's 49,152-id BPE + the image markup tokens, the shipped
+    chat template, images resized to 2048 px on the longest edge and split into 512-px sub-images plus the global
+    image, 64 tokens each. ``family`` "idefics3": Idefics3Processor as the checkpoint names it; "smolvlm":
+    SmolVLMProcessor (SmolVLM2's class, image-only) with the same files."""
+    from transformers import AutoTokenizer, Idefics3Processor, SmolVLMProcessor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    from alignti.common.models import image_only_processor_class
+    tok = AutoTokenizer.from_pretrained(str(unpack(SMOLVLM, dest)))
+    ip = json.loads((DATA / SMOLVLM / "preprocessor_config.json").read_text())
+    keep = ("do_convert_rgb", "do_image_splitting", "do_normalize", "do_pad", "do_rescale", "do_resize", "image_mean",
+            "image_std", "max_image_size", "resample", "rescale_factor", "size")
+    ip = {k: ip[k] for k in keep}
+    settings = json.loads((DATA / SMOLVLM / "processor_config.json").read_text())
+    template = json.loads((DATA / SMOLVLM / "chat_template.json").read_text())["chat_template"]
+    if family == "idefics3":
+        return Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**ip), tokenizer=tok,
+                                 chat_template=template, image_seq_len=settings["image_seq_len"])
+    return image_only_processor_class(SmolVLMProcessor)(
+        image_processor=SmolVLMImageProcessorPil(**ip), tokenizer=tok, chat_template=template,
+        image_seq_len=settings["image_seq_len"])

@@ -33,10 +33,11 @@ def _pictures(n: int, sizes):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes[:n]]
 
 
-def _check(proc, sample, sizes, end: str):
+def _check(proc, sample, sizes, end: str, lead: str = ""):
     """alignti's ids == the processor's on the template-rendered conversation of ``sample`` (a SAMPLES name or a
     record); each response span decodes to the answer plus ``end`` (the end-of-turn markup), each instruction span
-    to the question."""
+    to the question. ``lead``: the space the template puts before a turn's text, which a byte-level BPE merges into
+    the text's first token (SmolVLM's "Assistant: Red": "ĠRed" belongs to the answer)."""
     tok = proc.tokenizer
     rec = parse_record(0, SAMPLES[sample] if isinstance(sample, str) else sample)
     pics = _pictures(len(rec.images), sizes)
@@ -50,8 +51,8 @@ def _check(proc, sample, sizes, end: str):
     answers = [t for r, t in rec.turns if r == "assistant"]
     assert len(enc.resp_spans) == len(answers) and len(enc.image_spans) == len(pics)
     for (rs, re_), (is_, ie), answer, question in zip(enc.resp_spans, enc.instr_spans, answers, users):
-        assert tok.decode(enc.input_ids[rs:re_].tolist()) == answer + end
-        assert tok.decode(enc.input_ids[is_:ie].tolist()) == question
+        assert tok.decode(enc.input_ids[rs:re_].tolist()) == lead + answer + end
+        assert tok.decode(enc.input_ids[is_:ie].tolist()) in {question, lead + question}  # lead: not after an image
     return enc, whole
 
 
@@ -93,19 +94,23 @@ def test_gemma3_markup_ids_are_the_published_ones(gemma3):
     assert {t: tok.convert_tokens_to_ids(t) for t in gemma4} == gemma4
 
 
+@pytest.fixture(scope="module")
+def qwen3_tok(tmp_path_factory):
+    return rt.qwen3_tokenizer(tmp_path_factory.mktemp("qwen3"))
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "llava_onevision1_5"])
 @pytest.mark.parametrize("sample", list(SAMPLES))
-def test_qwen3_ids_are_the_processors(family, sample, tmp_path_factory):
+def test_qwen3_ids_are_the_processors(family, sample, qwen3_tok, tmp_path_factory):
     """Qwen3's shipped tokenizer (Qwen3-VL's byte for byte) under the kit's ChatML template: Qwen3-VL's processor at
     Qwen3-VL's image settings (16-px patches merged 2x2), and LLaVA-OneVision-1.5's (its Qwen3 LM's tokenizer; the
     kit's processor class and image settings: no shipped copy was found)."""
     from alignti.common import kit_recipes
-    d = tmp_path_factory.mktemp(family)
     if family == "qwen3_vl":
-        proc = rt.qwen3_vl_processor(d, kit_recipes.QWEN_CHAT_TEMPLATE)
+        proc = rt.qwen3_vl_processor(qwen3_tok, kit_recipes.QWEN_CHAT_TEMPLATE)
         sizes = [(448, 448), (300, 900)]
     else:
-        proc = kit_recipes.ONEVISION1_5_KIT.processor(rt.qwen3_tokenizer(d), 48)
+        proc = kit_recipes.ONEVISION1_5_KIT.processor(qwen3_tok, 48)
         sizes = [(48, 48), (48, 48)]
     assert proc.chat_template == kit_recipes.QWEN_CHAT_TEMPLATE
     enc, _ = _check(proc, sample, sizes, "<|im_end|>\n")
@@ -221,3 +226,39 @@ def test_kit_mistral3_template_renders_as_the_shipped_one(tekken):
     conversation with a system turn exactly as Mistral-Small-3.1's shipped template does."""
     from alignti.common.kit_recipes import MISTRAL_CHAT_TEMPLATE
     assert _renders(MISTRAL_CHAT_TEMPLATE, tekken, SYSTEM) == _renders(MISTRAL_SMALL.read_text(), tekken, SYSTEM)
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("smolvlm")
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_smolvlm_ids_are_the_processors_with_the_shipped_files(family, sample, smol_dir):
+    """SmolVLM-256M/500M-Instruct's shipped tokenizer, chat template and processor settings (images resized to 2048 px
+    on the longest edge, cut into 512-px sub-images framed by <fake_token_around_image><row_r_col_c>, plus the global
+    image, 64 <image> tokens each), through Idefics3Processor (the checkpoints' class) and SmolVLMProcessor (SmolVLM2's,
+    the same tokenizer): each image's span holds all its sub-images, and the kit's template is the shipped one."""
+    from alignti.common.kit_recipes import SMOLVLM_CHAT_TEMPLATE
+    proc = rt.smolvlm_processor(smol_dir, family)
+    assert proc.chat_template == SMOLVLM_CHAT_TEMPLATE
+    enc, whole = _check(proc, sample, [(256, 384), (300, 900)], "<end_of_utterance>\n", lead=" ")
+    image = proc.tokenizer.convert_tokens_to_ids("<image>")
+    # 256 x 384 -> 1366 x 2048 -> 3 x 4 sub-images + global; 300 x 900 -> 683 x 2048 -> 2 x 4 + global
+    want = [13 * 64, 9 * 64][:len(enc.image_spans)]
+    assert [int((enc.input_ids[s:e] == image).sum()) for s, e in enc.image_spans] == want
+    assert int((enc.input_ids == image).sum()) == sum(want) == int((whole["input_ids"][0] == image).sum())
+    # sub-images with markup between them: no one image-token grid recorded (IVA across grids refuses such images)
+    assert enc.image_grids == [(0, 0)] * len(want) and not enc.image_tiles
+
+
+def test_smolvlm_ids_are_the_published_ones(smol_dir):
+    """SmolLM2's and SmolVLM's published ids: <|im_start|> 1, <|im_end|> 2 (SmolLM2's tokenizer_config), the image
+    markup 49152 (<global-img>), 49153 (<row_1_col_1>), 49189 (<fake_token_around_image>), 49190 (<image>),
+    <end_of_utterance> 49279 (public SmolVLM ports list <fake_token_around_image> 49189 and <global-img> 49152)."""
+    tok = rt.smolvlm_processor(smol_dir, "idefics3").tokenizer
+    names = ["<|im_start|>", "<|im_end|>", "<global-img>", "<row_1_col_1>", "<fake_token_around_image>", "<image>",
+             "<end_of_utterance>"]
+    assert tok.convert_tokens_to_ids(names) == [1, 2, 49152, 49153, 49189, 49190, 49279]
+    assert len(tok) == 49280
