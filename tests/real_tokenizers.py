@@ -128,7 +128,7 @@ def qwen3_vl_processor(tokenizer, chat_template: str):
 TEKKEN = "tekken"
 # mistral-common's special tokens of a Tekken file that lists none (the 2024 files, tekken_240911.json among them):
 # ``Tekkenizer.DEPRECATED_SPECIAL_TOKENS`` of mistral-common 1.13.1 (mistral_common/tokens/tokenizers/tekken.py), ranks
-# 0-19; ranks 20-999 are fillers ``<SPECIAL_{rank}>``. Mistral-Small-3.1's tekken.json lists the same 20 first.
+# 0-19; ranks 20-999 are fillers ``<SPECIAL_{rank}>``.
 TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
