@@ -7,7 +7,9 @@ of them with ``--branches`` candidates each, from the model's own states at thos
 ``branch_states.snapshot_branch_hidden``) against the model's own forward (``model(input_ids, attention_mask)``,
 full logits) and against ``teacher_batch`` without TPA. Student: forward + backward of the main pass (the KD step's
 model work: resp_hidden through the LM head, a log-softmax sum as the loss) against the same plus the branches at
-the same positions (``forward`` with ``branch_cands``, differentiable through the same snapshots).
+the same positions (``forward`` with ``branch_cands``: the states at the positions recorded by the main pass itself,
+``branch_states.states_in_main_pass``, the candidates forked from them), the head run once over the response and
+branch rows as the trainer's chunked head runs it.
 
 ``--before REV``: also the mask-free paths of ``common/batch.py`` at git revision REV (loaded from git, run in the
 same process on the same model and batch): there the teacher replayed each sample's prefix with a deep copy of the
