@@ -244,3 +244,17 @@ def smolvlm_processor(dest: Path, family: str = "idefics3"):
     return image_only_processor_class(SmolVLMProcessor)(
         image_processor=SmolVLMImageProcessorPil(**ip), tokenizer=tok, chat_template=template,
         image_seq_len=settings["image_seq_len"])
+
+
+# the conversations the token-exact tests render with each family's template: single-turn, multi-turn, two images
+SAMPLES = {
+    "single": {"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": "Red"}]},
+    "multi-turn": {"id": "b", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image in detail."},
+        {"from": "gpt", "value": "The red circle is left of the blue square."},
+        {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "There are three shapes."}]},
+    "two-images": {"id": "c", "image": ["x.png", "y.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nDo the two pictures match?"}, {"from": "gpt", "value": "No, they differ."},
+        {"from": "human", "value": "Which is wider?"}, {"from": "gpt", "value": "The second."}]},
+}

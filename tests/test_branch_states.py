@@ -111,6 +111,23 @@ def test_each_prefix_token_runs_through_the_decoder_once(build):
     assert len(seen) == sum(-(-int(p.max()) // 64) for p in branch_pos) + 1 < sum(len(p) for p in branch_pos) + 1
 
 
+def _against_direct(model, got_h, ids, branch_pos, cands, seed: int, before=None) -> tuple[dict, dict]:
+    """The parameters' gradients of one random-probe loss on ``got_h`` and on the direct forwards (``_direct``, after
+    ``before()``), having checked the hidden states equal and the same parameters reached (the embedding among them)."""
+    probe = torch.randn(got_h.shape, generator=torch.Generator().manual_seed(seed))
+    (got_h * probe).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    if before is not None:
+        before()
+    want_h = _direct(model, ids, branch_pos, cands)
+    (want_h * probe).sum().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(got_h.detach(), want_h.detach(), rtol=0, atol=ATOL)
+    assert set(got) == set(want) and any("embed_tokens" in n for n in got)
+    return got, want
+
+
 def test_student_gradients_through_snapshots_are_plain_autograd_with_checkpointing():
     """In training the snapshots stay in the autograd graph, with the decoder's gradient checkpointing on (which drops
     a cache in training: the replay turns it off): the gradients of a loss on the branch states equal plain autograd
@@ -122,16 +139,8 @@ def test_student_gradients_through_snapshots_are_plain_autograd_with_checkpointi
     s = embeds.shape[1]
     x = torch.stack([torch.cat([emb(t), torch.zeros(s - len(t), 64)]) for t in ids])  # in the graph this time
     got_h = snapshot_branch_hidden(adapter, x, pos, cands, branch_pos)
-    probe = torch.randn(got_h.shape, generator=torch.Generator().manual_seed(2))
-    (got_h * probe).sum().backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    model.activation_checkpointing_disable()
-    want_h = _direct(model, ids, branch_pos, cands)
-    (want_h * probe).sum().backward()
-    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    torch.testing.assert_close(got_h.detach(), want_h.detach(), rtol=0, atol=ATOL)
-    assert set(got) == set(want) and any("embed_tokens" in n for n in got)
+    got, want = _against_direct(model, got_h, ids, branch_pos, cands, seed=2,
+                                before=model.activation_checkpointing_disable)
     for n in want:  # the same sums in another order: fp32 rounding of the largest element
         scale = float(want[n].abs().max()) or 1.0
         assert float((got[n] - want[n]).abs().max()) <= 1e-5 * scale, n
@@ -196,15 +205,7 @@ def test_student_states_come_from_its_main_pass_with_plain_autograd_gradients(bu
     hook.remove()
     rows = sum(c.shape[0] * c.shape[1] for c in cands)
     assert seen == [batch["input_ids"].shape, (rows, 1)]  # the main pass, then every candidate as one batch
-    probe = torch.randn(got_h.shape, generator=torch.Generator().manual_seed(4))
-    (got_h * probe).sum().backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    want_h = _direct(model, ids, branch_pos, cands)
-    (want_h * probe).sum().backward()
-    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    torch.testing.assert_close(got_h.detach(), want_h.detach(), rtol=0, atol=ATOL)
-    assert set(got) == set(want) and any("embed_tokens" in n for n in got)
+    got, want = _against_direct(model, got_h, ids, branch_pos, cands, seed=4)
     # the same sums in another order and other kernels (the Gated DeltaNet kernels compute in fp32 whatever the
     # model's dtype: chunked in the main pass, recurrent on prefix + candidate), so the bound is on the scale of the
     # layer's mixer: the gated decay's parameters (dt_bias, A_log, in_proj_a) sum over every token with cancellation,

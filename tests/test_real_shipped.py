@@ -14,18 +14,7 @@ from alignti.common.conversation import chat_messages, encode
 from alignti.common.records import parse_record
 from tests import real_tokenizers as rt
 
-SAMPLES = {
-    "single": {"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": "Red"}]},
-    "multi-turn": {"id": "b", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nDescribe the image in detail."},
-        {"from": "gpt", "value": "The red circle is left of the blue square."},
-        {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "There are three shapes."}]},
-    "two-images": {"id": "c", "image": ["x.png", "y.png"], "conversations": [
-        {"from": "human", "value": "<image>\n<image>\nDo the two pictures match?"},
-        {"from": "gpt", "value": "No, they differ."},
-        {"from": "human", "value": "Which is wider?"}, {"from": "gpt", "value": "The second."}]},
-}
+SAMPLES = rt.SAMPLES
 
 
 def _pictures(n: int, sizes):
