@@ -111,8 +111,9 @@ def chunk_gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.
     if ends is not None:
         rows, tok = ends[0].to(query.device), ends[1].to(query.device)
         ci, j = tok // chunk_size, tok % chunk_size
-        s0 = torch.stack(starts)[ci, rows]                                   # [P, Hv, dk, dv]
-        u = torch.stack(corrected)[ci, rows]                                 # [P, Hv, C, dv]
+        pick = list(zip(ci.tolist(), rows.tolist()))  # not a stack of every chunk's states: P of them
+        s0 = torch.stack([starts[c][r] for c, r in pick])                    # [P, Hv, dk, dv]
+        u = torch.stack([corrected[c][r] for c, r in pick])                  # [P, Hv, C, dv]
         k = raw_key[rows, :, ci]                                             # [P, Hv, C, dk]
         cum = cum_decay[rows, :, ci]                                         # [P, Hv, C]
         cum_j = cum.gather(-1, j[:, None, None].expand(-1, cum.shape[1], 1))  # [P, Hv, 1]
