@@ -816,6 +816,19 @@ class Family:
         import importlib.util
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
+    def requirement_error(self) -> str | None:
+        """What to tell a user whose environment lacks ``requires`` (None: nothing lacks): the packages, and the
+        pip command with torchvision pinned to the release built for the installed torch (a plain ``pip install
+        torchvision`` would replace torch)."""
+        missing = self.missing_requirements()
+        if not missing:
+            return None
+        minor = int(torch.__version__.split(".")[1])
+        pins = [f"'torchvision==0.{minor + 15}.*'" if m == "torchvision" else m for m in missing]
+        return (f"the {self.model_type} family's processor needs {', '.join(missing)}, which is not installed "
+                f"(transformers' {self.model_type} image processor has no PIL backend): pip install {' '.join(pins)} "
+                f"(the release matching torch {torch.__version__.split('+')[0]})")
+
     @property
     def projector_prefixes(self) -> tuple[str, ...]:
         return self.adapter.projector_prefixes
@@ -866,7 +879,8 @@ def families_table() -> str:
     for t, f in FAMILIES.items():
         prefixes = " ".join(f"`{p}`" for p in f.projector_prefixes) + " / " + " ".join(
             f"`{p}`" for p in f.vision_prefixes)
-        rows.append(f"| `{t}` | `{f.adapter.__name__}` | {'yes' if f.kit else '-'} | "
+        demo = ("yes" + (f" (needs {', '.join(f.requires)})" if f.requires else "")) if f.kit else "-"
+        rows.append(f"| `{t}` | `{f.adapter.__name__}` | {demo} | "
                     f"{'several' if f.adapter.multi_image else 'one'} | {f'`{f.lmms_eval_model}`' if f.lmms_eval_model else '-'} "
                     f"| {prefixes} |")
     return "\n".join(rows)

@@ -189,9 +189,17 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
                                                prefix=split.get("prefix"))
     rows = valid if br is None else torch.cat([valid, br.valid], 1)
     return ForwardOut(resp_hidden, branch_hidden, spec.results if spec else {}, spec,
-                      getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos,
+                      _cache_of(out), pos,
                       h[:, :s] if keep_hidden else None, adapter.router_aux_loss(out, rows),
                       seen.get("embeds"), None if record else split.get("prefix"))
+
+
+def _cache_of(out):
+    """The cache a model output returns: ``cache`` (transformers 5), else ``past_key_values`` for a model output
+    class without it (reading the deprecated alias where ``cache`` exists but is None warns)."""
+    if hasattr(out, "cache"):
+        return out.cache
+    return getattr(out, "past_key_values", None)
 
 
 def branch_pass(adapter, batch: dict, main: ForwardOut, cands: list[torch.Tensor],

@@ -27,12 +27,16 @@ kernel (chunks of 64 from each segment's start, not the sequence's) and the cand
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer
 
 from .attention import ForkRows, fork_rows, use_alignti_attention
 from .delta_rule import CHUNK_KERNEL, RECURRENT_KERNEL, chunk_gated_delta_rule, shared_state_one_token_delta_rule
+
+logger = logging.getLogger(__name__)
+_warned: list = []  # the replay's warning, once per process
 
 
 class SnapshotLinearLayer(LinearAttentionLayer):
@@ -135,7 +139,8 @@ def snapshot_cache(config) -> DynamicCache:
 @contextlib.contextmanager
 def without_checkpointing(layers):
     """Gradient checkpointing off for ``layers`` (transformers drops the cache of a checkpointed layer in training:
-    the segments would each start from nothing). The replayed prefix's activations are kept for backward instead."""
+    the segments would each start from nothing; the language model itself is among them, whose forward would set
+    ``use_cache`` off with a warning). The replayed prefix's activations are kept for backward instead."""
     old = [getattr(m, "gradient_checkpointing", False) for m in layers]
     for m in layers:
         if hasattr(m, "gradient_checkpointing"):
@@ -184,7 +189,13 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
     snap_of: dict[tuple[int, int], int] = {}  # (sample, stop) -> index into the snapshots
     snaps, caches = [], {}
     no_grad = not (torch.is_grad_enabled() and embeds.requires_grad)
-    with without_checkpointing(adapter.decoder_layers()):
+    if not no_grad and not _warned:
+        _warned.append(True)
+        logger.warning("TPA on a hybrid decoder with gradient checkpointing: the main pass cannot keep its states at "
+                       "the TPA positions (a checkpointed layer drops its cache in training), so each sample's prefix "
+                       "is replayed, without checkpointing, in one call per TPA position; expect the step several "
+                       "times slower than without --gradient-checkpointing (docs/method.md)")
+    with without_checkpointing([adapter.language_model, *adapter.decoder_layers()]):
         for b in sorted({b for b, _ in pairs}):
             cache, prev = start_cache(adapter, prefix, b)
             stops = sorted({t for s, t in pairs if s == b})

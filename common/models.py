@@ -455,6 +455,7 @@ def load_processor(path: str):
     from transformers import AutoProcessor
 
     check_processor_files(path)
+    check_family_requirements(path)
     try:
         proc = AutoProcessor.from_pretrained(path)
     except ImportError as e:
@@ -465,6 +466,22 @@ def load_processor(path: str):
         proc = _image_only_processor(path, e)
     check_processor(proc, path)
     return proc
+
+
+def check_family_requirements(path: str) -> None:
+    """AlignTIError naming the package and the pip command where the checkpoint's family needs a package that is
+    not installed (LFM2-VL's image processor: torchvision; the family registry's ``requires``), before transformers
+    fails on it with its own message. Nothing for a folder without a readable config.json."""
+    import json
+    from .adapters import FAMILIES
+    try:
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    fam = FAMILIES.get(model_type)
+    why = fam.requirement_error() if fam is not None else None
+    if why:
+        raise AlignTIError(f"{path}: {why}")
 
 
 def _saved_processor_class(path: str) -> str | None:

@@ -40,12 +40,10 @@ def recipe(family: str) -> KitRecipe:
     fam = REGISTRY.get(family)
     if fam is None or fam.kit is None:
         raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
-    missing = fam.missing_requirements()
-    if missing:
+    why = fam.requirement_error()
+    if why:
         from alignti.common.errors import AlignTIError
-        raise AlignTIError(f"the {family} family's processor needs {', '.join(missing)}, which is not installed "
-                           f"(transformers' {family} image processor has no PIL backend): pip install "
-                           f"{' '.join(missing)}")
+        raise AlignTIError(why)
     return fam.kit
 
 

@@ -145,16 +145,18 @@ def student_layer_for(cfg_layer: int | None, teacher_layer: int | None, teacher_
     depth, moved to the nearest of ``allowed`` (the student adapter's ``saliency_layers()``: Gemma 3's global
     layers; None: any). ValueError for a layer outside the student or not allowed, or no allowed layer at all."""
     if allowed is not None and not allowed:
-        raise ValueError("the student has no global-attention layer for IVA's saliency (every kept layer is a "
+        raise ValueError("the student has no full-attention layer for IVA's saliency (every kept layer is a "
                          "sliding-window, linear-attention or convolution one): keep one (make-student --keep-layers), or train without IVA (--loss kd "
                          "or kd+tpa)")
     if cfg_layer is not None:
         if not 0 <= cfg_layer < student_layers:
-            raise ValueError(f"--student-layer {cfg_layer} is outside the student's {student_layers} layers")
+            raise ValueError(f"--student-layer {cfg_layer} is outside the student's {student_layers} layers (0-"
+                             f"{student_layers - 1})" + (f": name one of its full-attention layers {allowed}"
+                                                         if allowed is not None else ""))
         if allowed is not None and cfg_layer not in allowed:
-            raise ValueError(f"--student-layer {cfg_layer} is not a global-attention layer of the student (a sliding-window, "
+            raise ValueError(f"--student-layer {cfg_layer} is not a full-attention layer of the student (a sliding-window, "
                              "linear-attention or convolution one): name one of its "
-                             f"global layers {allowed}")
+                             f"full-attention layers {allowed}")
         return cfg_layer
     layer = min(student_layers - 1, max(0, round(teacher_layer / teacher_layers * student_layers)))
     return layer if allowed is None else min(allowed, key=lambda a: (abs(a - layer), a))

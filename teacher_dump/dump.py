@@ -339,14 +339,16 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     else:
         layer = int(cfg.saliency_layer)
         if not 0 <= layer < adapter.num_layers:
-            raise ValueError(f"--saliency-layer {layer} is outside the teacher's {adapter.num_layers} layers")
+            raise ValueError(f"--saliency-layer {layer} is outside the teacher's {adapter.num_layers} layers (0-"
+                             f"{adapter.num_layers - 1}): name one of its full-attention layers "
+                             f"{adapter.saliency_layers()}, or auto")
         if layer not in adapter.saliency_layers():
             kind = adapter.layer_types()[layer]
             why = ("a sliding-window layer of the {f} teacher, where the instruction may not see the image"
                    if kind == "sliding_attention" else
                    "a {k} layer of the {f} teacher, which has no attention probabilities to read saliency from")
             raise ValueError(f"--saliency-layer {layer} is {why.format(f=adapter.family, k=kind)}: name one of its "
-                             f"global layers {adapter.saliency_layers()}, or auto")
+                             f"full-attention layers {adapter.saliency_layers()}, or auto")
 
     params = {"top_k": cfg.top_k, "tpa_branches": cfg.tpa_branches, "tpa_top_k": cfg.tpa_top_k,
               "saliency_layer": layer, "teacher_layers": adapter.num_layers, "max_length": max_length,

@@ -528,9 +528,9 @@ def test_sliding_layers_are_refused_for_saliency():
     from alignti.student_train.trainer import student_layer_for
     assert student_layer_for(None, 1, 2, 4, allowed=[1, 3]) == 1
     assert student_layer_for(None, 0, 2, 2, allowed=[1]) == 1
-    with pytest.raises(ValueError, match="not a global-attention layer of the student"):
+    with pytest.raises(ValueError, match="not a full-attention layer of the student"):
         student_layer_for(0, 1, 2, 2, allowed=[1])
-    with pytest.raises(ValueError, match="no global-attention layer"):
+    with pytest.raises(ValueError, match="no full-attention layer"):
         student_layer_for(None, 1, 2, 1, allowed=[])
 
 

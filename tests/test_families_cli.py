@@ -75,5 +75,19 @@ def test_make_demo_names_the_package_a_family_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else find(name, *a))
     res = runner.invoke(app, ["make-demo", str(tmp_path / "kit"), "--family", "lfm2_vl", "--no-train-teacher"])
     assert res.exit_code != 0
-    assert "needs torchvision" in " ".join(res.output.split()) and "pip install torchvision" in res.output
+    one = " ".join(res.output.split())
+    minor = int(__import__("torch").__version__.split(".")[1])
+    assert "needs torchvision" in one and f"pip install 'torchvision==0.{minor + 15}.*'" in one  # torch's own
     assert not (tmp_path / "kit").exists()
+    # an LFM2-VL checkpoint given to any other command (dump-teacher, train-student, evaluate load its processor):
+    # the same message, not transformers' "Could not load any image processor class"
+    import json
+    from alignti.common.errors import AlignTIError
+    from alignti.common.models import load_processor
+    ckpt = tmp_path / "lfm2"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "lfm2_vl"}))
+    for name in ("tokenizer_config.json", "preprocessor_config.json"):
+        (ckpt / name).write_text("{}")
+    with pytest.raises(AlignTIError, match=r"lfm2 folder|needs torchvision.*pip install 'torchvision==0\."):
+        load_processor(str(ckpt))
