@@ -336,6 +336,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                 n_samples=cfg.irs_samples, batch_size=cfg.batch_size, progress=cfg.progress and env.is_main,
                 query=cfg.saliency_query))
         layer = irs["layer"]
+        log.info("saliency layer %d (auto: the highest Instruction-Relevance Score of the teacher's %d layers; "
+                 "select-layer prints them all)", layer, adapter.num_layers)
     else:
         layer = int(cfg.saliency_layer)
         if not 0 <= layer < adapter.num_layers:
