@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import pickle
 import shutil
 import threading
 import time
@@ -97,6 +99,7 @@ class DumpConfig:
     ep_size: int = 1  # MoE teachers: ranks the experts are split over (transformers' expert-parallel plan)
     device_map: str | None = None  # "auto": accelerate's placement over this process's GPUs, CPU, disk
     max_memory: str | None = None  # a rank's memory for the plan check / device map ("70GiB", "0=70GiB,cpu=200GiB")
+    encode_workers: int | None = None  # processes encoding the next work units beside the teacher (encode_workers)
     progress: bool = True
 
 
@@ -147,6 +150,93 @@ def _resource_error(e: BaseException, out: Path, device, batch_size: int, units_
         return ResourceError(f"out of memory on {device} running the teacher on batches of {batch_size} samples "
                              f"({type(e).__name__}): lower --batch-size (or --max-length); {resume}")
     return None
+
+
+class UnitEncoder(torch.utils.data.Dataset):
+    """Work unit ``i`` (of ``spans``, [start, end) indices into ``records``) encoded for the teacher: item ``i`` is
+    (encoded samples, skipped samples, error). Each record's image(s) loaded (``sources.load_image``) and encoded
+    (``conversation.encode``: the family's chat template, tokenizer and processor; on-policy rows restricted to their
+    loss turns with the student's tokens swapped in; the saliency query applied), in dataset order. Skipped: (index,
+    sample id, error text, image column) of preflight's and the family check's skips and, with ``skip_bad``, of the
+    samples whose encoding raises DataError; without it, error is the first such DataError and the samples after it
+    are not encoded (the dump raises it, naming the sample). A torch Dataset, so a DataLoader worker process can
+    encode the next unit while the teacher runs the current one (``encoded_units``)."""
+
+    def __init__(self, spans: list, records: list, processor, images: str | None, max_length: int | None,
+                 saliency_query: str, skip_bad: bool, image_token_id: int | None, onp: RolloutColumns | None = None):
+        self.spans, self.records, self.processor, self.images = spans, records, processor, images
+        self.max_length, self.saliency_query, self.skip_bad = max_length, saliency_query, skip_bad
+        self.image_token_id, self.onp = image_token_id, onp
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> tuple[list, list, DataError | None]:
+        s, e = self.spans[i]
+        encoded, skipped = [], []
+        for r in self.records[s:e]:
+            if isinstance(r, Skipped):
+                skipped.append((r.index, r.sample_id, r.error, ""))
+                continue
+            try:
+                img, sha = load_image(r, self.images) if r.image else (None, "")
+                enc = encode(self.processor, r, img, sha, max_length=self.max_length)
+                if self.onp is not None:  # only the row's loss turns are response; the others are context
+                    enc = restrict_to_loss_turns(enc, self.onp.loss_turns(r.index))
+                    # a generated answer: the student's own tokens, where the texts allow it
+                    self.onp.with_student_tokens(enc, self.processor.tokenizer, self.image_token_id, self.max_length)
+                encoded.append(with_saliency_query(enc, self.saliency_query))
+            except DataError as err:
+                if not self.skip_bad:
+                    return encoded, skipped, err
+                skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
+        return encoded, skipped, None
+
+
+def encode_workers(requested: int | None, device) -> int:
+    """--encode-workers: the worker processes that encode the next work units while the teacher runs; None (the
+    default) picks 1 where a core is free of the teacher's work (a GPU teacher, or torch's intra-op threads fewer than
+    this process's cores: ``OMP_NUM_THREADS=1`` on a CPU of two), else 0: the encoding stays in the forward loop,
+    where a worker would take a core from the teacher's threads. 0 also where processes cannot be forked (the
+    worker inherits the processor and the data instead of pickling them)."""
+    if "fork" not in torch.multiprocessing.get_all_start_methods():
+        if requested:
+            log.warning("--encode-workers %d: this platform cannot fork worker processes; encoding in the loop",
+                        requested)
+        return 0
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = 0 if torch.device(device).type != "cpu" else torch.get_num_threads()
+    return 1 if busy < cores else 0
+
+
+def _pickled(item) -> bytes:
+    """A worker's unit as bytes (its tensors copied, not moved to shared memory: a unit holds hundreds of them,
+    and torch's default sharing keeps a file descriptor open for each)."""
+    return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def encoded_units(encoder: UnitEncoder, workers: int):
+    """``encoder``'s units in order (a generator: close it to stop its workers). ``workers`` 0: each encoded when
+    asked for, in this process; N > 0: by N DataLoader worker processes (forked: they inherit the processor and the
+    records), each one unit ahead of the loop (``prefetch_factor`` 1), so the encoding of the next unit runs beside
+    the teacher's forward over the current one without holding this process's GIL. The same items either way (the
+    encoding is deterministic; tensors are passed pickled, bit for bit)."""
+    if workers == 0:
+        for i in range(len(encoder)):
+            yield encoder[i]
+        return
+    loader = torch.utils.data.DataLoader(encoder, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=1, collate_fn=_pickled, multiprocessing_context="fork")
+    it = iter(loader)
+    try:
+        for item in it:
+            yield pickle.loads(item)
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:  # stopped early (an error in the loop): its workers end now, not at collection
+            shutdown()
 
 
 def _teacher_unit(adapter, encoded: list, batch_size: int, length_sorted: bool, pad_id: int, device, params,
@@ -436,6 +526,11 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
     cands = ((lambda chunk: student_candidates(onp, chunk, cfg.tpa_branches))
              if params.get("tpa_candidates") == "student" else None)  # TPA after the student's candidates
 
+    unit_encoder = UnitEncoder([units[u] for u in todo], records, processor, cfg.images, max_length,
+                               cfg.saliency_query, cfg.skip_bad, adapter.image_token_id, onp)
+    workers = encode_workers(cfg.encode_workers, device)
+    # its worker process forks at the first unit, before the writer thread exists; closed in the finally below
+    units_in = encoded_units(unit_encoder, workers)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignti-writer")
     pending: list[Future] = []
     lock = threading.Lock()
@@ -444,23 +539,9 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
             for u in todo:
                 s, e = units[u]
                 part = PartWriter(out, u, params)
-                encoded, skipped = [], []
-                for r in records[s:e]:
-                    if isinstance(r, Skipped):
-                        skipped.append((r.index, r.sample_id, r.error, ""))
-                        continue
-                    try:
-                        img, sha = load_image(r, cfg.images) if r.image else (None, "")
-                        enc = encode(processor, r, img, sha, max_length=max_length)
-                        if onp is not None:  # only the row's loss turns are response; the others are context
-                            enc = restrict_to_loss_turns(enc, onp.loss_turns(r.index))
-                            # a generated answer: the student's own tokens, where the texts allow it
-                            onp.with_student_tokens(enc, processor.tokenizer, adapter.image_token_id, max_length)
-                        encoded.append(with_saliency_query(enc, cfg.saliency_query))
-                    except DataError as err:
-                        if not cfg.skip_bad:
-                            raise DataError(err.sample, err.problem, err.fix + resume) from None
-                        skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
+                encoded, skipped, err = next(units_in)
+                if err is not None:  # the unit's first bad sample (without --skip-bad), named as it always was
+                    raise DataError(err.sample, err.problem, err.fix + resume) from None
                 run = (lambda samples, advance=lambda n: None: _teacher_unit(
                     adapter, samples, cfg.batch_size, cfg.length_sorted_batches, pad_id, device, params, advance,
                     cands))
@@ -493,6 +574,7 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
         for f in pending:
             f.result()
     finally:
+        units_in.close()
         writer.shutdown(wait=True)
     t_ranks = time.perf_counter()
     dist.barrier(env)  # every rank's units are committed
