@@ -531,6 +531,9 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
     workers = encode_workers(cfg.encode_workers, device)
     # its worker process forks at the first unit, before the writer thread exists; closed in the finally below
     units_in = encoded_units(unit_encoder, workers)
+    # where the loop's time goes (manifest["timing"], not written): waiting for the encoding, in the teacher, waiting
+    # for the writer (backpressure; after the last unit)
+    waited = {"encode": 0.0, "teacher": 0.0, "write": 0.0, "last_write": 0.0}
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignti-writer")
     pending: list[Future] = []
     lock = threading.Lock()
@@ -539,14 +542,18 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
             for u in todo:
                 s, e = units[u]
                 part = PartWriter(out, u, params)
+                t0 = time.perf_counter()
                 encoded, skipped, err = next(units_in)
+                waited["encode"] += time.perf_counter() - t0
                 if err is not None:  # the unit's first bad sample (without --skip-bad), named as it always was
                     raise DataError(err.sample, err.problem, err.fix + resume) from None
                 run = (lambda samples, advance=lambda n: None: _teacher_unit(
                     adapter, samples, cfg.batch_size, cfg.length_sorted_batches, pad_id, device, params, advance,
                     cands))
                 try:
+                    t0 = time.perf_counter()
                     jobs = run(encoded, bar.advance)
+                    waited["teacher"] += time.perf_counter() - t0
                 except (torch.OutOfMemoryError, MemoryError):
                     raise
                 except Exception:  # noqa: BLE001 - a sample the model fails on is named; anything else re-raised
@@ -567,12 +574,16 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
                 if not env.is_writer:
                     continue  # the replica's first rank holds the same results and writes them
                 pending.append(writer.submit(_write_unit, part, jobs, skipped, lock, onp))
+                t0 = time.perf_counter()
                 while len(pending) > 2:  # backpressure: at most two units wait for the writer
                     pending.pop(0).result()
+                waited["write"] += time.perf_counter() - t0
                 for f in [f for f in pending if f.done()]:
                     f.result()  # surface writer errors early
+        t0 = time.perf_counter()
         for f in pending:
             f.result()
+        waited["last_write"] = time.perf_counter() - t0
     finally:
         units_in.close()
         writer.shutdown(wait=True)
@@ -593,7 +604,8 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
 
     manifest = dist.on_main(env, finish)
     manifest["timing"] = {"load_s": t_loaded - t_load, "irs_s": t_loop - t_loaded if irs else 0.0,
-                          "loop_s": t_ranks - t_loop, "wait_s": time.perf_counter() - t_ranks}  # not written
+                          "loop_s": t_ranks - t_loop, "wait_s": time.perf_counter() - t_ranks,
+                          "encode_workers": workers, **{f"loop_{k}_s": v for k, v in waited.items()}}  # not written
     c = manifest["counts"]
     log.info("cache written to %s: %d samples (%d skipped), %d response tokens", out, c["samples"], c["skipped"],
              c["response_tokens"])
