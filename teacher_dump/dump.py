@@ -219,18 +219,22 @@ def _pickled(item) -> bytes:
 
 def encoded_units(encoder: UnitEncoder, workers: int):
     """``encoder``'s units in order (a generator: close it to stop its workers). ``workers`` 0: each encoded when
-    asked for, in this process; N > 0: by N DataLoader worker processes (forked: they inherit the processor and the
-    records), each one unit ahead of the loop (``prefetch_factor`` 1), so the encoding of the next unit runs beside
-    the teacher's forward over the current one without holding this process's GIL. The same items either way (the
-    encoding is deterministic; tensors are passed pickled, bit for bit)."""
-    if workers == 0:
+    asked for, in this process. N > 0: the first unit here, the others by N DataLoader worker processes (forked
+    first, so they start on unit 2 while this process encodes unit 1: the workers' start-up stays off the loop's
+    path; forked, they inherit the processor and the records), each one unit ahead of the loop (``prefetch_factor``
+    1), so the encoding of the next unit runs beside the teacher's forward over the current one without holding this
+    process's GIL. The same items either way (the encoding is deterministic; tensors are passed pickled, bit for
+    bit). A single unit is encoded here whatever ``workers``."""
+    if workers == 0 or len(encoder) < 2:
         for i in range(len(encoder)):
             yield encoder[i]
         return
-    loader = torch.utils.data.DataLoader(encoder, batch_size=None, shuffle=False, num_workers=workers,
+    rest = torch.utils.data.Subset(encoder, range(1, len(encoder)))
+    loader = torch.utils.data.DataLoader(rest, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=1, collate_fn=_pickled, multiprocessing_context="fork")
-    it = iter(loader)
+    it = iter(loader)  # the workers fork here and start on the second unit
     try:
+        yield encoder[0]
         for item in it:
             yield pickle.loads(item)
     finally:
@@ -529,7 +533,7 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
     unit_encoder = UnitEncoder([units[u] for u in todo], records, processor, cfg.images, max_length,
                                cfg.saliency_query, cfg.skip_bad, adapter.image_token_id, onp)
     workers = encode_workers(cfg.encode_workers, device)
-    # its worker process forks at the first unit, before the writer thread exists; closed in the finally below
+    # its worker processes fork at the first unit, before the writer thread exists; closed in the finally below
     units_in = encoded_units(unit_encoder, workers)
     # where the loop's time goes (manifest["timing"], not written): waiting for the encoding, in the teacher, waiting
     # for the writer (backpressure; after the last unit)

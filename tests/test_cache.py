@@ -258,8 +258,9 @@ def _kit_dump(kit, out, data=None, **kw) -> DumpConfig:
 
 def test_next_unit_is_encoded_in_a_worker_process_and_the_cache_is_the_same(kit, tmp_path, monkeypatch):
     """--encode-workers 1: a DataLoader worker process encodes unit u + 1 (images, chat template, tokenizer,
-    processor) while the teacher runs unit u, so the encoding leaves the forward loop's critical path without a
-    thread in this process; the cache's parts are the same bytes as with the encoding in the loop (0 workers)."""
+    processor) while the teacher runs unit u (unit 0 is encoded in the dump's process while the worker starts), so
+    the encoding leaves the forward loop's critical path without a thread in this process; the cache's parts are the
+    same bytes as with the encoding in the loop (0 workers)."""
     import time
 
     import alignti.teacher_dump.dump as dump_mod
@@ -285,8 +286,12 @@ def test_next_unit_is_encoded_in_a_worker_process_and_the_cache_is_the_same(kit,
     monkeypatch.setattr(dump_mod, "encode", encode)
     monkeypatch.setattr(dump_mod, "_teacher_unit", teacher_unit)
     dump_teacher(_kit_dump(kit, tmp_path / "w1", encode_workers=1))
-    pids = {int(line.split()[0]) for line in log.read_text().splitlines()}
-    assert pids and os.getpid() not in pids  # encoded in a worker process
+    pids = {False: set(), True: set()}  # index >= 25: units 1 and 2
+    for line in log.read_text().splitlines():
+        pid, index = map(int, line.split())
+        pids[index >= 25].add(pid)
+    # unit 0 encoded here (while the worker starts), units 1 and 2 in a worker process
+    assert pids[False] == {os.getpid()} and len(pids[True]) == 1 and os.getpid() not in pids[True]
     assert overlapped[:1] == [True]  # unit 1 encoded while the teacher ran unit 0
     log.write_text("")
     monkeypatch.setattr(dump_mod, "_teacher_unit", real_unit)  # in the loop, unit 1 would wait for the teacher
