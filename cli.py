@@ -185,9 +185,8 @@ def dump_teacher(ctx: typer.Context,
                  encode_workers: Optional[int] = typer.Option(None, help="Processes that encode the next work "
                                                               "units (images, chat template, tokenizer, processor) "
                                                               "while the teacher runs the current one; 0: encode in "
-                                                              "the teacher's loop.  [default: 1 where a core is free "
-                                                              "of the teacher's threads (a GPU teacher, or fewer torch "
-                                                              "threads than cores), else 0]"),
+                                                              "the teacher's loop.  [default: 1 for a teacher on a "
+                                                              "GPU, 0 on CPU]"),
                  nproc: int = typer.Option(1, help="Teacher processes: re-runs this command under torchrun "
                                                    "(one per GPU); replicas (--tp-size ranks each) split the work "
                                                    "units."),

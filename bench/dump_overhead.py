@@ -261,8 +261,8 @@ def main():
                     help="kit: top-k only, + saliency, + saliency + TPA at every position; real: the dump without "
                          "TPA (top-k, saliency) and with TPA at --tpa-positions.")
     ap.add_argument("--encode-workers", type=int, default=None,
-                    help="dump-teacher --encode-workers (default: the dump's: 1 where a core is free of the "
-                         "teacher's threads, else 0).")
+                    help="dump-teacher --encode-workers (default: the dump's: 1 for a teacher on a GPU, 0 on "
+                         "CPU).")
     ap.add_argument("--tpa-positions", type=float, default=0.25,
                     help="TPA's share of response positions (--arms real).")
     a = ap.parse_args()

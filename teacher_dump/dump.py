@@ -4,7 +4,9 @@ Work is split into fixed work units (recorded in plan.json before anything else 
 unit becomes one committed part. Re-running the same command after an interruption skips the
 committed units and finishes the rest; a different teacher, tokenizer, k or data is refused. The
 teacher's forward, top-k and saliency run on the device; moving results to the host and writing
-the zarr/parquet part happen on a writer thread, off the forward loop.
+the zarr/parquet part happen on a writer thread, off the forward loop; loading and encoding the
+next unit's samples (images, chat template, tokenizer, processor) happen in a worker process
+(``--encode-workers``, ``encoded_units``), off the loop and its GIL.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import pickle
 import shutil
 import threading
@@ -195,10 +196,11 @@ class UnitEncoder(torch.utils.data.Dataset):
 
 def encode_workers(requested: int | None, device) -> int:
     """--encode-workers: the worker processes that encode the next work units while the teacher runs; None (the
-    default) picks 1 where a core is free of the teacher's work (a GPU teacher, or torch's intra-op threads fewer than
-    this process's cores: ``OMP_NUM_THREADS=1`` on a CPU of two), else 0: the encoding stays in the forward loop,
-    where a worker would take a core from the teacher's threads. 0 also where processes cannot be forked (the
-    worker inherits the processor and the data instead of pickling them)."""
+    default) picks 1 for a teacher on a GPU (the encoding is CPU work beside the device's forward) and 0 on the CPU:
+    the encoding stays in the forward loop, where a worker competes with the teacher's forward for the same CPU (on
+    a 2-core box at one torch thread, the teacher's forward ran 5-10% slower beside it, more than the encoding it
+    took off the loop: bench/README.md), as train-student's DataLoader workers default to 0 on CPU. 0 also where
+    processes cannot be forked (the worker inherits the processor and the data instead of pickling them)."""
     if "fork" not in torch.multiprocessing.get_all_start_methods():
         if requested:
             log.warning("--encode-workers %d: this platform cannot fork worker processes; encoding in the loop",
@@ -206,9 +208,7 @@ def encode_workers(requested: int | None, device) -> int:
         return 0
     if requested is not None:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = 0 if torch.device(device).type != "cpu" else torch.get_num_threads()
-    return 1 if busy < cores else 0
+    return 0 if torch.device(device).type == "cpu" else 1
 
 
 def _pickled(item) -> torch.Tensor:
