@@ -198,8 +198,8 @@ def encode_workers(requested: int | None, device) -> int:
     """--encode-workers: the worker processes that encode the next work units while the teacher runs; None (the
     default) picks 1 for a teacher on a GPU (the encoding is CPU work beside the device's forward) and 0 on the CPU:
     the encoding stays in the forward loop, where a worker competes with the teacher's forward for the same CPU (on
-    a 2-core box at one torch thread, the teacher's forward ran 5-10% slower beside it, more than the encoding it
-    took off the loop: bench/README.md), as train-student's DataLoader workers default to 0 on CPU. 0 also where
+    a shared 2-core box at one torch thread the dump was no faster with it: bench/README.md, the dump against its own
+    forward, encode workers), as train-student's DataLoader workers default to 0 on CPU. 0 also where
     processes cannot be forked (the worker inherits the processor and the data instead of pickling them)."""
     if "fork" not in torch.multiprocessing.get_all_start_methods():
         if requested:
