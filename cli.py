@@ -184,6 +184,11 @@ def dump_teacher(ctx: typer.Context,
                                                     "predicting the first answer token)."),
                  length_sorted_batches: bool = typer.Option(True, help="Batch each work unit's samples in length "
                                                             "order (less padding; written in data order)."),
+                 encode_workers: Optional[int] = typer.Option(None, help="Processes that encode the next work "
+                                                              "units (images, chat template, tokenizer, processor) "
+                                                              "while the teacher runs the current one; 0: encode in "
+                                                              "the teacher's loop.  [default: 1 for a teacher on a "
+                                                              "GPU, 0 on CPU]"),
                  nproc: int = typer.Option(1, help="Teacher processes: re-runs this command under torchrun "
                                                    "(one per GPU); replicas (--tp-size ranks each) split the work "
                                                    "units."),

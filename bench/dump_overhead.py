@@ -260,6 +260,9 @@ def main():
     ap.add_argument("--arms", choices=("kit", "real"), default="kit",
                     help="kit: top-k only, + saliency, + saliency + TPA at every position; real: the dump without "
                          "TPA (top-k, saliency) and with TPA at --tpa-positions.")
+    ap.add_argument("--encode-workers", type=int, default=None,
+                    help="dump-teacher --encode-workers (default: the dump's: 1 for a teacher on a GPU, 0 on "
+                         "CPU).")
     ap.add_argument("--tpa-positions", type=float, default=0.25,
                     help="TPA's share of response positions (--arms real).")
     a = ap.parse_args()
@@ -378,7 +381,7 @@ def main():
                    ("top-k + saliency", dict(tpa_branches=0, saliency_layer=sal_layer)),
                    ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=sal_layer))]
     k_used = None
-    t_plain, best, busy = float("inf"), {}, {}
+    t_plain, best, busy, loop_of = float("inf"), {}, {}, {}
     for _ in range(max(1, a.repeats)):  # rounds: every arm once, in turn
         if _:  # the model was freed for the dumps: load it again for this round's plain forward
             model, _proc = load_vlm(str(teacher), device)
@@ -394,12 +397,13 @@ def main():
                 writer_s[0] = 0.0
                 m = dump_teacher(DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out),
                                             limit=a.samples, batch_size=a.batch_size, device=a.device,
-                                            unit_size=a.unit_size,
+                                            unit_size=a.unit_size, encode_workers=a.encode_workers,
                                             progress=False, top_k=a.top_k, logprob_encoding=enc, **kw))
                 k_used = m["fingerprint"]["params"]["top_k"]
                 t = m["timing"]["loop_s"]
                 if t < best.get((name, enc), float("inf")):
                     best[(name, enc)], busy[(name, enc)] = t, writer_s[0]
+                    loop_of[(name, enc)] = m["timing"]
     for name, _kw in configs:
         for enc in encodings:
             t = best[(name, enc)]
@@ -427,6 +431,10 @@ def main():
     for enc in encodings:
         print(f"RATIO dump/plain forward ({enc}): " + ", ".join(f"{name} {ratios[(name, enc)]:.3f}"
                                                                  for name, _ in configs) + " (goal <= 1.10)")
+    for (name, enc), tm in loop_of.items():  # where the fastest round's loop time went (dump-teacher's own timers)
+        print(f"LOOP {name} ({enc}): {tm['loop_s']:.2f} s = teacher {tm['loop_teacher_s']:.2f} + waiting for the "
+              f"encoding {tm['loop_encode_s']:.2f} + for the writer {tm['loop_write_s']:.2f} + after the last unit "
+              f"{tm['loop_last_write_s']:.2f} + the rest; encode workers {tm['encode_workers']}")
     if compute_arms:
         print("RATIO compute/plain forward: " + ", ".join(f"{name} {ratios[(name, '-')]:.3f}" for name in compute_arms))
     if "packed" in encodings and "float16" in encodings:

@@ -250,39 +250,37 @@ def _expand_offsets(ids: list[int], text_ids: list[int], offsets: list, image_to
     return out
 
 
-def _processor_replacements(processor, full: str, image, add_special: bool):
-    """(expanded texts, replacement spans) as the processor's own ``get_text_with_replacements`` returns them while
-    the processor runs on ``full`` and ``image`` with its own settings (Gemma 3's plain call, LFM2-VL's image special
-    tokens and row/column settings): the method is observed on the instance for that one call. (None, None) for a
-    processor that does not expand placeholders through it."""
+def _call_observing_replacements(processor, **kwargs):
+    """``processor(**kwargs)`` and the (expanded texts, replacement spans) its own ``get_text_with_replacements``
+    (transformers' placeholder expansion) returned during that call, observed on the instance for that one call:
+    the expansion the processor used with its own settings (Gemma 3's plain call, LFM2-VL's image special tokens and
+    row/column settings). (output, None, None) for a processor that does not expand placeholders through it.
+    Exceptions of the processor propagate."""
     seen: dict = {}
     own = getattr(processor, "get_text_with_replacements", None)
     if own is None:
-        return None, None
+        return processor(**kwargs), None, None
 
-    def observe(text, *args, **kwargs):
-        texts, spans = own(text, *args, **kwargs)
+    def observe(text, *args, **kw):
+        texts, spans = own(text, *args, **kw)
         seen.update(texts=list(texts), spans=spans)
         return texts, spans
     processor.get_text_with_replacements = observe
     try:
-        processor(text=[full], images=[image], add_special_tokens=add_special)
-    except Exception:  # noqa: BLE001 - the caller names the sample (DataError) when no replacement is known
-        return None, None
+        out = processor(**kwargs)
     finally:
         del processor.get_text_with_replacements
-    return seen.get("texts"), seen.get("spans")
+    return out, seen.get("texts"), seen.get("spans")
 
 
-def _replaced_offsets(processor, full: str, image, ids: list[int], add_special: bool, sample_id: str):
+def _replaced_offsets(processor, full: str, texts, spans, ids: list[int], add_special: bool, sample_id: str):
     """Offsets in ``full`` for the processor's ids where its image expansion is more than repeated image tokens
     (Gemma 3: each placeholder becomes "\\n\\n<start_of_image>" + image tokens + "<end_of_image>\\n\\n", whose
     line breaks the tokenizer merges with the text around them; LFM2-VL: "<|image_start|>" + image tokens +
-    "<|image_end|>"). The processor's own replacement strings (``get_text_with_replacements``, transformers'
-    placeholder expansion, observed while the processor runs: ``_processor_replacements``) give the expanded
+    "<|image_end|>"). ``texts``, ``spans``: the processor's own replacement strings for ``full``, observed during the
+    call that gave ``ids`` (``_call_observing_replacements``; None when it has none), which give the expanded
     text; the tokenizer's offsets on it are mapped back to ``full``, a character inside a replacement to the
     placeholder it replaced. DataError when the tokenizer's ids of that text are not the processor's."""
-    texts, spans = _processor_replacements(processor, full, image, add_special)
     if texts is not None:
         pieces, at = [], 0  # expanded character -> character of ``full``
         for r in spans[0]:
@@ -339,7 +337,10 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
     if image is not None:
         # [image], or for several images of one sample [[...]]: the processor's multi-image mode (LLaVA-OneVision)
         try:
-            out = processor(text=[full], images=[image], return_tensors="pt", add_special_tokens=add_special)
+            # the expansion observed in this same call: an expansion with more than image tokens needs it below
+            # (one processor call per sample: the image processor's work is most of the encoding)
+            out, rep_texts, rep_spans = _call_observing_replacements(
+                processor, text=[full], images=[image], return_tensors="pt", add_special_tokens=add_special)
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - the processor's failure on this sample's text and images
@@ -350,7 +351,7 @@ def encode(processor, rec: Record, image, image_sha: str = "", max_length: int |
         try:
             offsets = _expand_offsets(ids, text_ids, offsets, image_token_id, rec.sample_id)
         except DataError:  # an expansion with more than image tokens in it (Gemma 3)
-            offsets = _replaced_offsets(processor, full, image, ids, add_special, rec.sample_id)
+            offsets = _replaced_offsets(processor, full, rep_texts, rep_spans, ids, add_special, rec.sample_id)
     else:
         ids = text_ids
 

@@ -4,7 +4,9 @@ Work is split into fixed work units (recorded in plan.json before anything else 
 unit becomes one committed part. Re-running the same command after an interruption skips the
 committed units and finishes the rest; a different teacher, tokenizer, k or data is refused. The
 teacher's forward, top-k and saliency run on the device; moving results to the host and writing
-the zarr/parquet part happen on a writer thread, off the forward loop.
+the zarr/parquet part happen on a writer thread, off the forward loop; loading and encoding the
+next unit's samples (images, chat template, tokenizer, processor) happen in a worker process
+(``--encode-workers``, ``encoded_units``), off the loop and its GIL.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import pickle
 import shutil
 import threading
 import time
@@ -97,6 +100,7 @@ class DumpConfig:
     ep_size: int = 1  # MoE teachers: ranks the experts are split over (transformers' expert-parallel plan)
     device_map: str | None = None  # "auto": accelerate's placement over this process's GPUs, CPU, disk
     max_memory: str | None = None  # a rank's memory for the plan check / device map ("70GiB", "0=70GiB,cpu=200GiB")
+    encode_workers: int | None = None  # processes encoding the next work units beside the teacher (encode_workers)
     progress: bool = True
 
 
@@ -147,6 +151,98 @@ def _resource_error(e: BaseException, out: Path, device, batch_size: int, units_
         return ResourceError(f"out of memory on {device} running the teacher on batches of {batch_size} samples "
                              f"({type(e).__name__}): lower --batch-size (or --max-length); {resume}")
     return None
+
+
+class UnitEncoder(torch.utils.data.Dataset):
+    """Work unit ``i`` (of ``spans``, [start, end) indices into ``records``) encoded for the teacher: item ``i`` is
+    (encoded samples, skipped samples, error). Each record's image(s) loaded (``sources.load_image``) and encoded
+    (``conversation.encode``: the family's chat template, tokenizer and processor; on-policy rows restricted to their
+    loss turns with the student's tokens swapped in; the saliency query applied), in dataset order. Skipped: (index,
+    sample id, error text, image column) of preflight's and the family check's skips and, with ``skip_bad``, of the
+    samples whose encoding raises DataError; without it, error is the first such DataError and the samples after it
+    are not encoded (the dump raises it, naming the sample). A torch Dataset, so a DataLoader worker process can
+    encode the next unit while the teacher runs the current one (``encoded_units``)."""
+
+    def __init__(self, spans: list, records: list, processor, images: str | None, max_length: int | None,
+                 saliency_query: str, skip_bad: bool, image_token_id: int | None, onp: RolloutColumns | None = None):
+        self.spans, self.records, self.processor, self.images = spans, records, processor, images
+        self.max_length, self.saliency_query, self.skip_bad = max_length, saliency_query, skip_bad
+        self.image_token_id, self.onp = image_token_id, onp
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> tuple[list, list, DataError | None]:
+        s, e = self.spans[i]
+        encoded, skipped = [], []
+        for r in self.records[s:e]:
+            if isinstance(r, Skipped):
+                skipped.append((r.index, r.sample_id, r.error, ""))
+                continue
+            try:
+                img, sha = load_image(r, self.images) if r.image else (None, "")
+                enc = encode(self.processor, r, img, sha, max_length=self.max_length)
+                if self.onp is not None:  # only the row's loss turns are response; the others are context
+                    enc = restrict_to_loss_turns(enc, self.onp.loss_turns(r.index))
+                    # a generated answer: the student's own tokens, where the texts allow it
+                    self.onp.with_student_tokens(enc, self.processor.tokenizer, self.image_token_id, self.max_length)
+                encoded.append(with_saliency_query(enc, self.saliency_query))
+            except DataError as err:
+                if not self.skip_bad:
+                    return encoded, skipped, err
+                skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
+        return encoded, skipped, None
+
+
+def encode_workers(requested: int | None, device) -> int:
+    """--encode-workers: the worker processes that encode the next work units while the teacher runs; None (the
+    default) picks 1 for a teacher on a GPU (the encoding is CPU work beside the device's forward) and 0 on the CPU:
+    the encoding stays in the forward loop, where a worker competes with the teacher's forward for the same CPU (on
+    a shared 2-core box at one torch thread the dump was no faster with it: bench/README.md, the dump against its own
+    forward, encode workers), as train-student's DataLoader workers default to 0 on CPU. 0 also where
+    processes cannot be forked (the worker inherits the processor and the data instead of pickling them)."""
+    if "fork" not in torch.multiprocessing.get_all_start_methods():
+        if requested:
+            log.warning("--encode-workers %d: this platform cannot fork worker processes; encoding in the loop",
+                        requested)
+        return 0
+    if requested is not None:
+        return requested
+    return 0 if torch.device(device).type == "cpu" else 1
+
+
+def _pickled(item) -> torch.Tensor:
+    """A worker's unit as one uint8 tensor of its pickled bytes (its tensors copied in): the DataLoader passes it to
+    the dump's process in shared memory, one file descriptor a unit. (Passed as bytes, a unit's images go through a
+    pipe 64 KiB at a time, each step waiting for the worker to be scheduled: 0.1-0.2 s a unit of four SmolVLM
+    samples on a loaded CPU; passed as they are, each of a unit's hundreds of tensors holds a file descriptor.)"""
+    return torch.frombuffer(bytearray(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+
+
+def encoded_units(encoder: UnitEncoder, workers: int):
+    """``encoder``'s units in order (a generator: close it to stop its workers). ``workers`` 0: each encoded when
+    asked for, in this process. N > 0: the first unit here, the others by N DataLoader worker processes (forked
+    first, so they start on unit 2 while this process encodes unit 1: the workers' start-up stays off the loop's
+    path; forked, they inherit the processor and the records), each one unit ahead of the loop (``prefetch_factor``
+    1), so the encoding of the next unit runs beside the teacher's forward over the current one without holding this
+    process's GIL. The same items either way (the encoding is deterministic; tensors are passed pickled, bit for
+    bit: ``_pickled``). A single unit is encoded here whatever ``workers``."""
+    if workers == 0 or len(encoder) < 2:
+        for i in range(len(encoder)):
+            yield encoder[i]
+        return
+    rest = torch.utils.data.Subset(encoder, range(1, len(encoder)))
+    loader = torch.utils.data.DataLoader(rest, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=1, collate_fn=_pickled, multiprocessing_context="fork")
+    it = iter(loader)  # the workers fork here and start on the second unit
+    try:
+        yield encoder[0]
+        for item in it:
+            yield pickle.loads(memoryview(item.numpy()))
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:  # stopped early (an error in the loop): its workers end now, not at collection
+            shutdown()
 
 
 def _teacher_unit(adapter, encoded: list, batch_size: int, length_sorted: bool, pad_id: int, device, params,
@@ -440,6 +536,14 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
     cands = ((lambda chunk: student_candidates(onp, chunk, cfg.tpa_branches))
              if params.get("tpa_candidates") == "student" else None)  # TPA after the student's candidates
 
+    unit_encoder = UnitEncoder([units[u] for u in todo], records, processor, cfg.images, max_length,
+                               cfg.saliency_query, cfg.skip_bad, adapter.image_token_id, onp)
+    workers = encode_workers(cfg.encode_workers, device)
+    # its worker processes fork at the first unit, before the writer thread exists; closed in the finally below
+    units_in = encoded_units(unit_encoder, workers)
+    # where the loop's time goes (manifest["timing"], not written): waiting for the encoding, in the teacher, waiting
+    # for the writer (backpressure; after the last unit)
+    waited = {"encode": 0.0, "teacher": 0.0, "write": 0.0, "last_write": 0.0}
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignti-writer")
     pending: list[Future] = []
     lock = threading.Lock()
@@ -448,28 +552,18 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
             for u in todo:
                 s, e = units[u]
                 part = PartWriter(out, u, params)
-                encoded, skipped = [], []
-                for r in records[s:e]:
-                    if isinstance(r, Skipped):
-                        skipped.append((r.index, r.sample_id, r.error, ""))
-                        continue
-                    try:
-                        img, sha = load_image(r, cfg.images) if r.image else (None, "")
-                        enc = encode(processor, r, img, sha, max_length=max_length)
-                        if onp is not None:  # only the row's loss turns are response; the others are context
-                            enc = restrict_to_loss_turns(enc, onp.loss_turns(r.index))
-                            # a generated answer: the student's own tokens, where the texts allow it
-                            onp.with_student_tokens(enc, processor.tokenizer, adapter.image_token_id, max_length)
-                        encoded.append(with_saliency_query(enc, cfg.saliency_query))
-                    except DataError as err:
-                        if not cfg.skip_bad:
-                            raise DataError(err.sample, err.problem, err.fix + resume) from None
-                        skipped.append((r.index, r.sample_id, str(err), image_column(r.image)))
+                t0 = time.perf_counter()
+                encoded, skipped, err = next(units_in)
+                waited["encode"] += time.perf_counter() - t0
+                if err is not None:  # the unit's first bad sample (without --skip-bad), named as it always was
+                    raise DataError(err.sample, err.problem, err.fix + resume) from None
                 run = (lambda samples, advance=lambda n: None: _teacher_unit(
                     adapter, samples, cfg.batch_size, cfg.length_sorted_batches, pad_id, device, params, advance,
                     cands))
                 try:
+                    t0 = time.perf_counter()
                     jobs = run(encoded, bar.advance)
+                    waited["teacher"] += time.perf_counter() - t0
                 except (torch.OutOfMemoryError, MemoryError):
                     raise
                 except Exception:  # noqa: BLE001 - a sample the model fails on is named; anything else re-raised
@@ -490,13 +584,18 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
                 if not env.is_writer:
                     continue  # the replica's first rank holds the same results and writes them
                 pending.append(writer.submit(_write_unit, part, jobs, skipped, lock, onp))
+                t0 = time.perf_counter()
                 while len(pending) > 2:  # backpressure: at most two units wait for the writer
                     pending.pop(0).result()
+                waited["write"] += time.perf_counter() - t0
                 for f in [f for f in pending if f.done()]:
                     f.result()  # surface writer errors early
+        t0 = time.perf_counter()
         for f in pending:
             f.result()
+        waited["last_write"] = time.perf_counter() - t0
     finally:
+        units_in.close()
         writer.shutdown(wait=True)
     t_ranks = time.perf_counter()
     dist.barrier(env)  # every rank's units are committed
@@ -515,7 +614,8 @@ def _dump_units(cfg: DumpConfig, env, out: Path, plan: dict, params: dict, units
 
     manifest = dist.on_main(env, finish)
     manifest["timing"] = {"load_s": t_loaded - t_load, "irs_s": t_loop - t_loaded if irs else 0.0,
-                          "loop_s": t_ranks - t_loop, "wait_s": time.perf_counter() - t_ranks}  # not written
+                          "loop_s": t_ranks - t_loop, "wait_s": time.perf_counter() - t_ranks,
+                          "encode_workers": workers, **{f"loop_{k}_s": v for k, v in waited.items()}}  # not written
     c = manifest["counts"]
     log.info("cache written to %s: %d samples (%d skipped), %d response tokens", out, c["samples"], c["skipped"],
              c["response_tokens"])

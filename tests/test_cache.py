@@ -245,6 +245,89 @@ def test_interrupted_dump_resumes_identically(kit, cache, tmp_path, monkeypatch)
             assert np.array_equal(arr, b.part_arrays(j)[name]), name
 
 
+def _part_bytes(root: Path) -> dict:
+    """Every file of a cache's parts (zarr arrays, sample tables, commit markers) by path, as bytes."""
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted((root / "parts").rglob("*")) if f.is_file()}
+
+
+def _kit_dump(kit, out, data=None, **kw) -> DumpConfig:
+    return DumpConfig(teacher=str(kit / "teacher"), data=str(data or kit / "data/train.json"),
+                      images=str(kit / "data/images"), out=str(out), limit=60, unit_size=25, saliency_layer="1",
+                      max_length=300, progress=False, **kw)
+
+
+def test_next_unit_is_encoded_in_a_worker_process_and_the_cache_is_the_same(kit, tmp_path, monkeypatch):
+    """--encode-workers 1: a DataLoader worker process encodes unit u + 1 (images, chat template, tokenizer,
+    processor) while the teacher runs unit u (unit 0 is encoded in the dump's process while the worker starts), so
+    the encoding leaves the forward loop's critical path without a thread in this process; the cache's parts are the
+    same bytes as with the encoding in the loop (0 workers)."""
+    import time
+
+    import alignti.teacher_dump.dump as dump_mod
+    real_encode, real_unit = dump_mod.encode, dump_mod._teacher_unit
+    log = tmp_path / "encoded.txt"  # the worker is another process: it reports through a file
+
+    def encode(processor, rec, *a, **kw):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {rec.index}\n")
+        return real_encode(processor, rec, *a, **kw)
+
+    overlapped = []
+
+    def teacher_unit(adapter, encoded, *a, **kw):
+        if encoded and encoded[0].index < 25:  # unit 0's teacher: is unit 1 being encoded meanwhile?
+            t_end = time.monotonic() + 10
+            while time.monotonic() < t_end and not any(int(line.split()[1]) >= 25
+                                                        for line in log.read_text().splitlines()):
+                time.sleep(0.02)
+            overlapped.append(any(int(line.split()[1]) >= 25 for line in log.read_text().splitlines()))
+        return real_unit(adapter, encoded, *a, **kw)
+
+    monkeypatch.setattr(dump_mod, "encode", encode)
+    monkeypatch.setattr(dump_mod, "_teacher_unit", teacher_unit)
+    dump_teacher(_kit_dump(kit, tmp_path / "w1", encode_workers=1))
+    pids = {False: set(), True: set()}  # index >= 25: units 1 and 2
+    for line in log.read_text().splitlines():
+        pid, index = map(int, line.split())
+        pids[index >= 25].add(pid)
+    # unit 0 encoded here (while the worker starts), units 1 and 2 in a worker process
+    assert pids[False] == {os.getpid()} and len(pids[True]) == 1 and os.getpid() not in pids[True]
+    assert overlapped[:1] == [True]  # unit 1 encoded while the teacher ran unit 0
+    log.write_text("")
+    monkeypatch.setattr(dump_mod, "_teacher_unit", real_unit)  # in the loop, unit 1 would wait for the teacher
+    dump_teacher(_kit_dump(kit, tmp_path / "w0", encode_workers=0))
+    assert {int(line.split()[0]) for line in log.read_text().splitlines()} == {os.getpid()}
+    a, b = _part_bytes(tmp_path / "w0"), _part_bytes(tmp_path / "w1")
+    assert sorted(a) == sorted(b) and len(a) > 4
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_a_bad_sample_found_by_the_encoding_worker_is_named_as_in_the_loop(kit, tmp_path):
+    """A sample the encoding refuses (longer than --max-length) in unit 1: with the encoding in a worker process the
+    dump stops with the same message naming it as in the loop, unit 0 committed; the same command after the fix
+    finishes the rest, each run resumed with the other setting, and the two caches' parts are the same bytes."""
+    from alignti.common.errors import DataError
+    items = json.loads((kit / "data/train.json").read_text())
+    bad = json.loads(json.dumps(items))
+    bad[30]["conversations"][0]["value"] += " and" * 400
+    data = tmp_path / "data.json"
+    errors = {}
+    for w in (0, 1):
+        data.write_text(json.dumps(bad))
+        with pytest.raises(DataError) as e:
+            dump_teacher(_kit_dump(kit, tmp_path / f"c{w}", data, encode_workers=w))
+        errors[w] = str(e.value)
+        assert set(committed_parts(tmp_path / f"c{w}")) == {0}
+    assert errors[0] == errors[1]
+    assert f"sample {items[30]['id']}:" in errors[1] and "longer than the limit of 300" in errors[1]
+    assert "re-run the same command after fixing to resume" in errors[1]
+    data.write_text(json.dumps(items))
+    for w in (0, 1):
+        dump_teacher(_kit_dump(kit, tmp_path / f"c{w}", data, encode_workers=1 - w))
+    a, b = _part_bytes(tmp_path / "c0"), _part_bytes(tmp_path / "c1")
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+
+
 def test_dump_refuses_other_parameters(kit, cache, tmp_path):
     c = _copy(cache, tmp_path)
     cfg = DumpConfig(teacher=str(kit / "teacher"), data=str(kit / "data/train.json"), images=str(kit / "data/images"),

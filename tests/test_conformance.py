@@ -167,6 +167,31 @@ def test_ids_are_the_processors_on_the_rendered_conversation(fkit, teacher_of):
         assert len(runs) == sum(c["from"] == "gpt" for c in item["conversations"]), item["id"]
 
 
+def test_encoding_runs_the_image_processor_once_per_sample(fkit):
+    """``encode`` gives each sample's images to the family's processor once: a family whose placeholder expands into
+    more than image tokens (Gemma's <start_of_image> markup, SmolVLM's sub-image tags, Mistral 3's row ends,
+    InternVL's <img> ... </img>) takes its text offsets from the expansion observed in that same call, not from a
+    second run of the image processor; the ids and spans are those the dump cached."""
+    from alignti.common.conversation import encode
+    from alignti.common.models import load_processor
+    from alignti.common.sources import load_image, load_records
+    proc = load_processor(str(fkit.root / "kit/teacher"))
+    calls = []
+    own = proc.image_processor.preprocess
+
+    def preprocess(*a, **kw):
+        calls.append(1)
+        return own(*a, **kw)
+    proc.image_processor.preprocess = preprocess
+    for rec in load_records(fkit.root / "data.json"):
+        calls.clear()
+        enc = encode(proc, rec, *load_image(rec, fkit.images))
+        assert len(calls) == 1, (rec.sample_id, len(calls))
+        row = _row(fkit, rec.sample_id)
+        assert np.array_equal(enc.input_ids, row["input_ids"]) and np.array_equal(enc.response_mask,
+                                                                                   row["response_mask"])
+
+
 def test_the_cache_schema_version_is_the_lowest_that_describes_it(fkit):
     """A family whose tiled images' thumbnails may have a grid of their own (7-value image_tiles entries: LFM2-VL)
     writes its caches as v8, so a v7 reader refuses them by version instead of misreading the entries; every other
