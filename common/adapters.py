@@ -14,6 +14,7 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import DataError
+from .models import torchvision_needed
 from .kit_recipes import (GEMMA3_KIT, GEMMA4_KIT, IDEFICS3_KIT, INTERNVL_KIT, LFM2_VL_KIT, LLAVA_KIT, MISTRAL3_KIT,
                           ONEVISION1_5_KIT, ONEVISION_KIT, QWEN2_5_VL_KIT, QWEN2_VL_KIT, QWEN3_5_KIT, QWEN3_5_MOE_KIT,
                           QWEN3_VL_KIT, QWEN3_VL_MOE_KIT, SMOLVLM_KIT, KitRecipe)
@@ -817,17 +818,15 @@ class Family:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
     def requirement_error(self) -> str | None:
-        """What to tell a user whose environment lacks ``requires`` (None: nothing lacks): the packages, and the
-        pip command with torchvision pinned to the release built for the installed torch (a plain ``pip install
-        torchvision`` would replace torch)."""
+        """What to tell a user whose environment lacks ``requires`` (None: nothing lacks): the packages and the pip
+        command (torchvision pinned to the release built for the installed torch: ``models.torchvision_needed``)."""
         missing = self.missing_requirements()
         if not missing:
             return None
-        minor = int(torch.__version__.split(".")[1])
-        pins = [f"'torchvision==0.{minor + 15}.*'" if m == "torchvision" else m for m in missing]
-        return (f"the {self.model_type} family's processor needs {', '.join(missing)}, which is not installed "
-                f"(transformers' {self.model_type} image processor has no PIL backend): pip install {' '.join(pins)} "
-                f"(the release matching torch {torch.__version__.split('+')[0]})")
+        if missing == ["torchvision"]:
+            return torchvision_needed(f"the {self.model_type} family")
+        return f"the {self.model_type} family needs {', '.join(missing)}, which is not installed: pip install " \
+               f"{' '.join(missing)}"
 
     @property
     def projector_prefixes(self) -> tuple[str, ...]:

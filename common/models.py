@@ -455,7 +455,6 @@ def load_processor(path: str):
     from transformers import AutoProcessor
 
     check_processor_files(path)
-    check_family_requirements(path)
     try:
         proc = AutoProcessor.from_pretrained(path)
     except ImportError as e:
@@ -468,20 +467,14 @@ def load_processor(path: str):
     return proc
 
 
-def check_family_requirements(path: str) -> None:
-    """AlignTIError naming the package and the pip command where the checkpoint's family needs a package that is
-    not installed (LFM2-VL's image processor: torchvision; the family registry's ``requires``), before transformers
-    fails on it with its own message. Nothing for a folder without a readable config.json."""
-    import json
-    from .adapters import FAMILIES
-    try:
-        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return
-    fam = FAMILIES.get(model_type)
-    why = fam.requirement_error() if fam is not None else None
-    if why:
-        raise AlignTIError(f"{path}: {why}")
+def torchvision_needed(what: str) -> str:
+    """The message for ``what`` (a family, a checkpoint) whose image processor needs torchvision where it is not
+    installed: the pip command pinning the torchvision release built for the installed torch (torchvision 0.N+15 for
+    torch 2.N; a plain ``pip install torchvision`` would replace torch)."""
+    minor = int(torch.__version__.split(".")[1])
+    return (f"{what}'s image processor needs torchvision, which is not installed (transformers' has no PIL backend "
+            f"for it): pip install 'torchvision==0.{minor + 15}.*' (the release matching torch "
+            f"{torch.__version__.split('+')[0]})")
 
 
 def _saved_processor_class(path: str) -> str | None:
@@ -500,12 +493,16 @@ def _saved_processor_class(path: str) -> str | None:
 
 def _image_only_processor(path: str, e: Exception):
     """The family's processor without its video processor, where AutoProcessor failed on the video part (``e``,
-    raised again for any other failure)."""
+    raised again for any other failure; AlignTIError naming the fix where it failed on a missing torchvision)."""
+    import importlib.util
     import json
 
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
-    cls = PROCESSOR_MAPPING.get(type(AutoConfig.from_pretrained(path)), None)
+    config = AutoConfig.from_pretrained(path)
+    cls = PROCESSOR_MAPPING.get(type(config), None)
+    if "torchvision" in str(e) and importlib.util.find_spec("torchvision") is None:
+        raise AlignTIError(f"{path}: " + torchvision_needed(f"the {config.model_type} checkpoint")) from e
     if cls is None or "video" not in str(e).lower():
         raise e
     tok = AutoTokenizer.from_pretrained(path)

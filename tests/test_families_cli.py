@@ -80,8 +80,9 @@ def test_make_demo_names_the_package_a_family_needs(tmp_path, monkeypatch):
     assert "needs torchvision" in one and f"pip install 'torchvision==0.{minor + 15}.*'" in one  # torch's own
     assert not (tmp_path / "kit").exists()
     # an LFM2-VL checkpoint given to any other command (dump-teacher, train-student, evaluate load its processor):
-    # the same message, not transformers' "Could not load any image processor class"
+    # the same fix named, not transformers' "Could not load any image processor class ... torchvision"
     import json
+    import transformers
     from alignti.common.errors import AlignTIError
     from alignti.common.models import load_processor
     ckpt = tmp_path / "lfm2"
@@ -89,5 +90,11 @@ def test_make_demo_names_the_package_a_family_needs(tmp_path, monkeypatch):
     (ckpt / "config.json").write_text(json.dumps({"model_type": "lfm2_vl"}))
     for name in ("tokenizer_config.json", "preprocessor_config.json"):
         (ckpt / name).write_text("{}")
-    with pytest.raises(AlignTIError, match=r"lfm2 folder|needs torchvision.*pip install 'torchvision==0\."):
+
+    def no_torchvision(*args, **kwargs):  # what transformers raises for LFM2-VL without torchvision
+        raise ValueError("Could not load any image processor class for lfm2. Missing optional dependencies: "
+                         "torchvision. Please install the missing dependencies")
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", no_torchvision)
+    with pytest.raises(AlignTIError, match=r"lfm2_vl checkpoint's image processor needs torchvision.*pip install "
+                                           r"'torchvision==0\."):
         load_processor(str(ckpt))
