@@ -188,7 +188,8 @@ def dump_teacher(ctx: typer.Context,
                                                               "units (images, chat template, tokenizer, processor) "
                                                               "while the teacher runs the current one; 0: encode in "
                                                               "the teacher's loop.  [default: 1 for a teacher on a "
-                                                              "GPU, 0 on CPU]"),
+                                                              "GPU, or on CPU when torch's threads leave a CPU free "
+                                                              "(OMP_NUM_THREADS); else 0]"),
                  nproc: int = typer.Option(1, help="Teacher processes: re-runs this command under torchrun "
                                                    "(one per GPU); replicas (--tp-size ranks each) split the work "
                                                    "units."),

@@ -30,6 +30,8 @@ the realistic mix of bench/scale.py (prompts of 20-200 text tokens; answers of 2
 answers). ``--arms real``: plain forward, the dump without TPA (top-k + rest + saliency + target log-prob) and the
 dump with TPA (B = 4) at ``--tpa-positions`` of the response positions (default 0.25), as bench/scale.py's dump
 section; ``--arms kit`` (the default): top-k only, + saliency, + saliency + TPA at every position.
+``--tpa-positions 0`` leaves the TPA arms out. ``--encode-workers 0,1``: each dump arm once per value, in the same
+rounds (an interleaved A/B of dump-teacher's encoding in its loop against a worker process).
 """
 
 from __future__ import annotations
@@ -260,13 +262,15 @@ def main():
     ap.add_argument("--arms", choices=("kit", "real"), default="kit",
                     help="kit: top-k only, + saliency, + saliency + TPA at every position; real: the dump without "
                          "TPA (top-k, saliency) and with TPA at --tpa-positions.")
-    ap.add_argument("--encode-workers", type=int, default=None,
-                    help="dump-teacher --encode-workers (default: the dump's: 1 for a teacher on a GPU, 0 on "
-                         "CPU).")
+    ap.add_argument("--encode-workers", default=None,
+                    help="dump-teacher --encode-workers; comma-separated values (e.g. 0,1) run each dump arm once per "
+                         "value in the same rounds, an interleaved A/B (default: the dump's own default).")
     ap.add_argument("--tpa-positions", type=float, default=0.25,
-                    help="TPA's share of response positions (--arms real).")
+                    help="TPA's share of response positions (--arms real); 0 leaves the TPA arms out.")
     a = ap.parse_args()
     encodings = [e.strip() for e in a.logprob_dtype.split(",") if e.strip()]
+    worker_counts = ([None] if a.encode_workers is None
+                     else [int(w) for w in str(a.encode_workers).split(",") if w.strip()])
     device = torch.device(a.device)
     work = Path(a.workdir)
     text_mode = a.text or ("realistic" if a.real_shapes else "demo")
@@ -341,9 +345,10 @@ def main():
     compute_arms = {} if a.arms != "real" else {
         "compute, no TPA (teacher_batch)": dict(top_k=k_compute, tpa_branches=0, tpa_top_k=8,
                                                 saliency_layer=int(sal_layer)),
-        f"compute, TPA at {a.tpa_positions:g} (teacher_batch)": dict(top_k=k_compute, tpa_branches=4, tpa_top_k=8,
-                                                                     saliency_layer=int(sal_layer),
-                                                                     tpa_positions=a.tpa_positions)}
+        **({} if not a.tpa_positions else {
+            f"compute, TPA at {a.tpa_positions:g} (teacher_batch)": dict(
+                top_k=k_compute, tpa_branches=4, tpa_top_k=8, saliency_layer=int(sal_layer),
+                tpa_positions=a.tpa_positions)})}
     cbatches = [collate([e.__dict__ for e in chunk], pad, adapter_class(model.config.model_type)) for chunk in chunks]
 
     def timed_compute(params: dict) -> float:
@@ -373,13 +378,17 @@ def main():
     dump_module._write_unit = timed_write
     rows, ratios, walls = [], {}, {}
     if a.arms == "real":
-        configs = [("dump, no TPA (top-k, saliency)", dict(tpa_branches=0, saliency_layer=sal_layer)),
-                   (f"dump, TPA at {a.tpa_positions:g} (B=4, k2=8)",
-                    dict(tpa_branches=4, saliency_layer=sal_layer, tpa_positions=a.tpa_positions))]
+        configs = [("dump, no TPA (top-k, saliency)", dict(tpa_branches=0, saliency_layer=sal_layer))]
+        if a.tpa_positions:
+            configs.append((f"dump, TPA at {a.tpa_positions:g} (B=4, k2=8)",
+                            dict(tpa_branches=4, saliency_layer=sal_layer, tpa_positions=a.tpa_positions)))
     else:
         configs = [("top-k only", dict(tpa_branches=0, saliency_layer="none")),
                    ("top-k + saliency", dict(tpa_branches=0, saliency_layer=sal_layer)),
                    ("top-k + saliency + TPA (B=4, k2=8)", dict(tpa_branches=4, saliency_layer=sal_layer))]
+    if worker_counts != [None]:  # one arm per --encode-workers value, run in the same rounds
+        configs = [(f"{name}, encode workers {w}", dict(kw, encode_workers=w)) for name, kw in configs
+                   for w in worker_counts]
     k_used = None
     t_plain, best, busy, loop_of = float("inf"), {}, {}, {}
     for _ in range(max(1, a.repeats)):  # rounds: every arm once, in turn
@@ -397,7 +406,7 @@ def main():
                 writer_s[0] = 0.0
                 m = dump_teacher(DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out),
                                             limit=a.samples, batch_size=a.batch_size, device=a.device,
-                                            unit_size=a.unit_size, encode_workers=a.encode_workers,
+                                            unit_size=a.unit_size,
                                             progress=False, top_k=a.top_k, logprob_encoding=enc, **kw))
                 k_used = m["fingerprint"]["params"]["top_k"]
                 t = m["timing"]["loop_s"]

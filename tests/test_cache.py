@@ -256,6 +256,21 @@ def _kit_dump(kit, out, data=None, **kw) -> DumpConfig:
                       max_length=300, progress=False, **kw)
 
 
+def test_encode_workers_default_gives_the_worker_a_cpu_of_its_own(monkeypatch):
+    """--encode-workers unset: 1 for a GPU teacher, and on CPU only when torch's threads leave a usable CPU free
+    (a worker beside threads on every CPU takes their time); an explicit value is kept; 0 without fork."""
+    import alignti.teacher_dump.dump as dump_mod
+    assert 1 <= dump_mod.usable_cpus() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(dump_mod, "usable_cpus", lambda: 2)
+    for threads, expected in ((1, 1), (2, 0), (4, 0)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        assert dump_mod.encode_workers(None, "cpu") == expected
+        assert dump_mod.encode_workers(None, "cuda") == 1
+        assert dump_mod.encode_workers(3, "cpu") == 3 and dump_mod.encode_workers(0, "cuda") == 0
+    monkeypatch.setattr(torch.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    assert dump_mod.encode_workers(None, "cuda") == 0 and dump_mod.encode_workers(2, "cpu") == 0
+
+
 def test_next_unit_is_encoded_in_a_worker_process_and_the_cache_is_the_same(kit, tmp_path, monkeypatch):
     """--encode-workers 1: a DataLoader worker process encodes unit u + 1 (images, chat template, tokenizer,
     processor) while the teacher runs unit u (unit 0 is encoded in the dump's process while the worker starts), so
