@@ -30,6 +30,8 @@ the realistic mix of bench/scale.py (prompts of 20-200 text tokens; answers of 2
 answers). ``--arms real``: plain forward, the dump without TPA (top-k + rest + saliency + target log-prob) and the
 dump with TPA (B = 4) at ``--tpa-positions`` of the response positions (default 0.25), as bench/scale.py's dump
 section; ``--arms kit`` (the default): top-k only, + saliency, + saliency + TPA at every position.
+``ROUNDS`` lines: each arm's time over the plain forward of its own round, median and range (where the machine's
+speed drifts between rounds, a paired ratio is steadier than fastest against fastest).
 ``--tpa-positions 0`` leaves the TPA arms out. ``--encode-workers 0,1``: each dump arm once per value, in the same
 rounds (an interleaved A/B of dump-teacher's encoding in its loop against a worker process).
 """
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -391,13 +394,16 @@ def main():
                    for w in worker_counts]
     k_used = None
     t_plain, best, busy, loop_of = float("inf"), {}, {}, {}
+    plain_rounds, per_round = [], {}  # each round's plain forward; each arm's time / its round's plain forward
     for _ in range(max(1, a.repeats)):  # rounds: every arm once, in turn
         if _:  # the model was freed for the dumps: load it again for this round's plain forward
             model, _proc = load_vlm(str(teacher), device)
             plain()
-        t_plain = min(t_plain, timed_plain())
+        plain_rounds.append(timed_plain())
+        t_plain = min(t_plain, plain_rounds[-1])
         for name, params in compute_arms.items():
-            t_compute[name] = min(t_compute[name], timed_compute(params))
+            per_round.setdefault((name, "-"), []).append(timed_compute(params) / plain_rounds[-1])
+            t_compute[name] = min(t_compute[name], per_round[(name, "-")][-1] * plain_rounds[-1])
         del model
         for name, kw in configs:
             for enc in encodings:
@@ -410,6 +416,7 @@ def main():
                                             progress=False, top_k=a.top_k, logprob_encoding=enc, **kw))
                 k_used = m["fingerprint"]["params"]["top_k"]
                 t = m["timing"]["loop_s"]
+                per_round.setdefault((name, enc), []).append(t / plain_rounds[-1])
                 if t < best.get((name, enc), float("inf")):
                     best[(name, enc)], busy[(name, enc)] = t, writer_s[0]
                     loop_of[(name, enc)] = m["timing"]
@@ -444,6 +451,9 @@ def main():
         print(f"LOOP {name} ({enc}): {tm['loop_s']:.2f} s = teacher {tm['loop_teacher_s']:.2f} + waiting for the "
               f"encoding {tm['loop_encode_s']:.2f} + for the writer {tm['loop_write_s']:.2f} + after the last unit "
               f"{tm['loop_last_write_s']:.2f} + the rest; encode workers {tm['encode_workers']}")
+    for (name, enc), rs in per_round.items():  # paired: under a machine whose speed drifts between rounds
+        print(f"ROUNDS {name} ({enc}): x its round's plain forward, median {statistics.median(rs):.3f} (range "
+              f"{min(rs):.3f}-{max(rs):.3f}; " + " ".join(f"{r:.3f}" for r in rs) + ")")
     if compute_arms:
         print("RATIO compute/plain forward: " + ", ".join(f"{name} {ratios[(name, '-')]:.3f}" for name in compute_arms))
     if "packed" in encodings and "float16" in encodings:
