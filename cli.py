@@ -188,8 +188,7 @@ def dump_teacher(ctx: typer.Context,
                                                               "units (images, chat template, tokenizer, processor) "
                                                               "while the teacher runs the current one; 0: encode in "
                                                               "the teacher's loop.  [default: 1 for a teacher on a "
-                                                              "GPU, or on CPU when torch's threads leave a CPU free "
-                                                              "(OMP_NUM_THREADS); else 0]"),
+                                                              "GPU, 0 on CPU]"),
                  nproc: int = typer.Option(1, help="Teacher processes: re-runs this command under torchrun "
                                                    "(one per GPU); replicas (--tp-size ranks each) split the work "
                                                    "units."),

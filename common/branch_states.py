@@ -257,12 +257,17 @@ def fork_branch_hidden(adapter, states: list, kv: list, kv_len: int, pairs: list
     return torch.cat(out).view(-1, n_branch, out[0].shape[-1])
 
 
+def checkpointed_in_training(adapter) -> bool:
+    """Whether the model trains with activation checkpointing on a decoder layer: transformers then drops that
+    layer's cache (``use_cache`` is turned off for a checkpointed layer in training)."""
+    return adapter.model.training and any(getattr(m, "gradient_checkpointing", False)
+                                          for m in adapter.decoder_layers())
+
+
 def records_in_main_pass(adapter) -> bool:
     """Whether a hybrid decoder's TPA states can be read from the main pass itself (``states_in_main_pass``): not
-    in training with activation checkpointing (transformers drops a checkpointed layer's cache in training; the
-    per-position replay of ``snapshot_branch_hidden`` runs instead)."""
-    return not (adapter.model.training and any(getattr(m, "gradient_checkpointing", False)
-                                               for m in adapter.decoder_layers()))
+    when ``checkpointed_in_training`` (the per-position replay of ``snapshot_branch_hidden`` runs instead)."""
+    return not checkpointed_in_training(adapter)
 
 
 class MainPassStates:
@@ -475,8 +480,7 @@ def prompt_split_at(adapter, spec, starts: list[torch.Tensor], length: int) -> i
     at = min(firsts)
     if spec is not None and bool(spec.q_valid.any()) and int(spec.q_idx[spec.q_valid].max()) >= at:
         return None
-    if adapter.model.training and (adapter.router_aux_coef > 0 or any(
-            getattr(m, "gradient_checkpointing", False) for m in adapter.decoder_layers())):
+    if checkpointed_in_training(adapter) or (adapter.model.training and adapter.router_aux_coef > 0):
         return None
     return at
 

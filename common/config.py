@@ -107,7 +107,7 @@ OPTION_RANGES: dict[str, dict[str, Range]] = {
         "batch_size": COUNT, "limit": OPT_COUNT, "tpa_branches": COUNT0, "tpa_top_k": OPT_COUNT,
         "tpa_positions": SHARE, "iva_token_ratio": SHARE, "irs_samples": COUNT, "unit_size": COUNT,
         "max_length": OPT_COUNT, "nproc": COUNT, "tp_size": COUNT, "ep_size": COUNT,
-        "encode_workers": OPT_COUNT0,  # unset: teacher_dump.dump.encode_workers
+        "encode_workers": OPT_COUNT0,  # unset: 1 for a teacher on a GPU, 0 on CPU
         "packed_kl": Range(0, 0.1, lo_open=True),  # nats per token; the truncation KL itself is ~0.1-1 (bench/README)
         "temperature": Range(TEMPERATURE_MIN, 10),  # the tempered teacher cached (train-student --temperature)
     },

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import pickle
 import shutil
 import threading
@@ -195,24 +194,13 @@ class UnitEncoder(torch.utils.data.Dataset):
         return encoded, skipped, None
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask where the platform has one, else ``os.cpu_count()``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def encode_workers(requested: int | None, device) -> int:
     """--encode-workers: the worker processes that encode the next work units while the teacher runs; None (the
-    default) picks 1 where the worker has a CPU of its own: for a teacher on a GPU (the encoding is CPU work beside
-    the device's forward), and on CPU when torch's threads (``torch.get_num_threads()``, e.g. ``OMP_NUM_THREADS``)
-    leave a usable CPU free. Otherwise 0: the encoding stays in the forward loop, where a worker would take CPU time
-    from the teacher's own threads, as train-student's DataLoader workers default to 0 on CPU. (bench/README.md, the
-    dump against its own forward: on a 2-core CPU at one torch thread the worker took the encoding off the loop,
-    1.09x the plain forward against 1.15x without it; with both cores busy, or other jobs on them, it was no faster.)
-    0 also where processes cannot be forked (the worker inherits the processor and the data instead of pickling
-    them)."""
+    default) picks 1 for a teacher on a GPU (the encoding is CPU work beside the device's forward) and 0 on the CPU:
+    the encoding stays in the forward loop, where a worker competes with the teacher's forward for the same CPU (on
+    a shared 2-core box at one torch thread the dump was no faster with it: bench/README.md, the dump against its own
+    forward, encode workers), as train-student's DataLoader workers default to 0 on CPU. 0 also where
+    processes cannot be forked (the worker inherits the processor and the data instead of pickling them)."""
     if "fork" not in torch.multiprocessing.get_all_start_methods():
         if requested:
             log.warning("--encode-workers %d: this platform cannot fork worker processes; encoding in the loop",
@@ -220,9 +208,7 @@ def encode_workers(requested: int | None, device) -> int:
         return 0
     if requested is not None:
         return requested
-    if torch.device(device).type != "cpu":
-        return 1
-    return 1 if torch.get_num_threads() < usable_cpus() else 0
+    return 0 if torch.device(device).type == "cpu" else 1
 
 
 def _pickled(item) -> torch.Tensor:
