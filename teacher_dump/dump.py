@@ -197,10 +197,13 @@ class UnitEncoder(torch.utils.data.Dataset):
 def encode_workers(requested: int | None, device) -> int:
     """--encode-workers: the worker processes that encode the next work units while the teacher runs; None (the
     default) picks 1 for a teacher on a GPU (the encoding is CPU work beside the device's forward) and 0 on the CPU:
-    the encoding stays in the forward loop, where a worker competes with the teacher's forward for the same CPU (on
-    a shared 2-core box at one torch thread the dump was no faster with it: bench/README.md, the dump against its own
-    forward, encode workers), as train-student's DataLoader workers default to 0 on CPU. 0 also where
-    processes cannot be forked (the worker inherits the processor and the data instead of pickling them)."""
+    the encoding stays in the forward loop, where a worker competes with the teacher's forward for the same CPU. On
+    a 2-core CPU the worker did not pay: with both cores shared by other jobs it was no faster, and with one torch
+    thread and the other core free it took the encoding off the loop while the teacher's forward slowed by nearly as
+    much (nine families, paired medians -0.060x to +0.014x the loop's, mean -0.013x, within the runs' noise:
+    bench/README.md, the dump against its own forward). train-student's DataLoader workers default to 0 on CPU
+    likewise. 0 also where processes cannot be
+    forked (the worker inherits the processor and the data instead of pickling them)."""
     if "fork" not in torch.multiprocessing.get_all_start_methods():
         if requested:
             log.warning("--encode-workers %d: this platform cannot fork worker processes; encoding in the loop",
