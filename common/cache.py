@@ -311,6 +311,9 @@ class CacheReader:
             if self.fs.exists(f"{self.root}/{PLAN_FILE}"):
                 raise CacheError(f"{self.url} is an unfinished dump (no {MANIFEST_FILE}): re-run the same "
                                  f"dump-teacher command to finish it") from None
+            if not self.fs.exists(self.root):
+                raise CacheError(f"{self.url} does not exist: give the folder (or URL) that dump-teacher --out "
+                                 "wrote") from None
             raise CacheError(f"{self.url} is not an alignti cache (no {MANIFEST_FILE})") from None
         except json.JSONDecodeError as e:
             raise CacheError(f"{self.url}/{MANIFEST_FILE} is damaged ({e}); run validate-cache") from None

@@ -377,6 +377,11 @@ def preflight(records: list, images: str | Path | None, skip_bad: bool, before: 
     them at once are refused by name (``BadSamples``: "N bad sample(s) found before ``before``, nothing was written:
     sample S: ... (``fix``)"); with it, each comes back as a ``Skipped`` in its place (its reason named), the rest
     unchanged. dump-teacher, rollout and evaluate run it."""
+    if images is not None and not Path(images).is_dir() and any(
+            not is_embedded(ref) for r in records if not isinstance(r, Skipped) for ref in r.images):
+        what = "is a file, not a folder" if Path(images).exists() else "does not exist"
+        raise DataSourceError(images, f"the --images folder {what}",
+                              "pass --images the folder the data's image paths are relative to")
     bad = []
     for r in records:
         if isinstance(r, Skipped):

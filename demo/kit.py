@@ -38,7 +38,10 @@ def recipe(family: str) -> KitRecipe:
     AlignTIError naming the package to install when the family's processor needs one that is missing (LFM2-VL's
     image processor: torchvision)."""
     fam = REGISTRY.get(family)
-    if fam is None or fam.kit is None:
+    if fam is not None and fam.kit is None:
+        raise ValueError(f"family '{family}' has no demo kit (make-demo builds {', '.join(FAMILIES)}); its "
+                         "checkpoints work with every other command")
+    if fam is None:
         raise ValueError(f"unknown demo family '{family}' (choose {', '.join(FAMILIES)})")
     why = fam.requirement_error()
     if why:

@@ -125,8 +125,9 @@ def selected_parameters(model: nn.Module, adapter, spec: str | None, freeze_visi
             raise TrainableError(f"--trainable '{spec}' selects only {frozen[0]} and the like, parameters of "
                                  f"{', '.join(adapter.frozen_prefixes)}, a modality distillation does not feed: they "
                                  "never train; choose projector, lm, vision or a regex of those")
-        log.info("%d parameters of %s stay frozen (a modality distillation does not use)", len(frozen),
-                 ", ".join(sorted({p for p in adapter.frozen_prefixes if any(n.startswith(p) for n in frozen)})))
+        log.info("%d parameters under %s stay frozen: alignti feeds that modality nothing, so they are saved as "
+                 "loaded", len(frozen), ", ".join(sorted({p.rstrip(".") for p in adapter.frozen_prefixes
+                                                          if any(n.startswith(p) for n in frozen)})))
     if freeze_vision:
         chosen = [n for n in chosen if adapter.parameter_group(n) != "vision"]
         if not chosen and not lora:

@@ -162,3 +162,23 @@ def test_data_file_that_is_not_utf8_is_named_with_the_fix(kit, data):
     path.write_bytes(json.dumps(recs[:2]).replace("circle", "c\u00edrcle").encode("latin-1"))
     with pytest.raises(DataError, match=r"latin\.json.*not UTF-8.*iconv"):
         dump_teacher(cfg(kit, path, tmp / "c"))
+
+
+def test_an_images_folder_that_is_not_there_is_named_once_and_nothing_is_written(kit, data):
+    """A wrong --images folder: one error naming the folder, not one per sample, and no --skip-bad advice (skipping
+    would drop every sample); a file given as the folder is said to be a file. A wrong cache path says it does not
+    exist rather than that it is not a cache."""
+    from alignti.common.errors import CacheError, DataSourceError
+    recs, tmp = data
+    for images, says in ((tmp / "imgs", "does not exist"), (write(tmp / "f.txt", []), "is a file, not a folder")):
+        c = cfg(kit, write(tmp / "d.json", recs), tmp / "out")
+        c.images = str(images)
+        with pytest.raises(DataSourceError, match=f"the --images folder {says}") as e:
+            dump_teacher(c)
+        assert str(images) in str(e.value) and "--skip-bad" not in str(e.value) and "sample" not in str(e.value)
+        assert not (tmp / "out").exists()
+    with pytest.raises(CacheError, match="does not exist: give the folder"):
+        CacheReader(tmp / "no-such-cache")
+    (tmp / "empty").mkdir()
+    with pytest.raises(CacheError, match="is not an alignti cache"):
+        CacheReader(tmp / "empty")

@@ -98,3 +98,16 @@ def test_make_demo_names_the_package_a_family_needs(tmp_path, monkeypatch):
     with pytest.raises(AlignTIError, match=r"lfm2_vl checkpoint's image processor needs torchvision.*pip install "
                                            r"'torchvision==0\."):
         load_processor(str(ckpt))
+
+
+def test_make_demo_tells_a_family_without_a_kit_from_an_unknown_one(tmp_path):
+    """make-demo --family F: a registry family without a demo kit is named as such (its checkpoints work with the
+    other commands), not as unknown; a name outside the registry lists the kit families."""
+    from alignti.demo.kit import FAMILIES, REGISTRY
+    no_kit = sorted(f for f, fam in REGISTRY.items() if fam.kit is None)
+    assert no_kit, "every registry family has a kit: pick another case for this test"
+    for family, says in ((no_kit[0], f"family '{no_kit[0]}' has no demo kit"), ("gemma-4", "unknown demo family")):
+        res = runner.invoke(app, ["make-demo", str(tmp_path / "kit"), "--family", family, "--no-train-teacher"])
+        one = " ".join(res.output.split())
+        assert res.exit_code != 0 and says in one and ", ".join(FAMILIES) in one, one
+        assert not (tmp_path / "kit").exists()
