@@ -173,6 +173,10 @@ def make_demo(out: str | Path, n_train: int = 300, n_val: int = 40, n_test: int 
         save_checkpoint(model, processor, out / name)  # loads with the plain Auto classes (tests/test_handoff.py)
     log.info("demo kit in %s: teacher %.2fM params, student %.2fM params", out, result["teacher_params"] / 1e6,
              result["student_params"] / 1e6)
+    if not train_teacher:
+        result["teacher_trained"] = False
+        log.info("the teacher is untrained (--no-train-teacher): every command runs, and a student distilled from "
+                 "it answers at random (accuracy near 0)")
     return result
 
 
