@@ -402,8 +402,9 @@ def main():
         plain_rounds.append(timed_plain())
         t_plain = min(t_plain, plain_rounds[-1])
         for name, params in compute_arms.items():
-            per_round.setdefault((name, "-"), []).append(timed_compute(params) / plain_rounds[-1])
-            t_compute[name] = min(t_compute[name], per_round[(name, "-")][-1] * plain_rounds[-1])
+            t = timed_compute(params)
+            per_round.setdefault((name, "-"), []).append(t / plain_rounds[-1])
+            t_compute[name] = min(t_compute[name], t)
         del model
         for name, kw in configs:
             for enc in encodings:

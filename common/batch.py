@@ -15,7 +15,7 @@ import torch
 from .attention import (Branches, CaptureSpec, additive, branch_position_ids, causal_allowed, make_branches,
                         tree_allowed, use_alignti_attention)
 from .branch_states import (fork_branch_hidden, main_pass_in_two, one_embedding_call, prompt_split_at,
-                            records_in_main_pass, snapshot_branch_hidden, states_in_main_pass)
+                            records_in_main_pass, snapshot_branch_hidden, states_in_main_pass, tpa_pairs)
 
 
 def collate(samples: list[dict], pad_id: int, adapter_cls) -> dict:
@@ -155,7 +155,7 @@ def forward(adapter, batch: dict, capture_layers=(), branch_cands: list[torch.Te
     # (branch_states.states_in_main_pass); else the main pass in two segments, the prompt and the rest, so that a
     # later replay (the teacher's branch_pass, or under activation checkpointing) starts after the prompt
     # (branch_states.prompt_split_at says where, and where not)
-    pairs = [(b, t) for b, p in enumerate(where) for t in p.tolist()] if direct and branch_cands is not None else []
+    pairs = tpa_pairs(where) if direct and branch_cands is not None else []
     record = bool(pairs) and records_in_main_pass(adapter)
     hook = adapter.language_model.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.update(embeds=kwargs.get("inputs_embeds")),

@@ -158,6 +158,12 @@ def _at(position_ids: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.T
     return (position_ids[:, b, t] if position_ids.dim() == 3 else position_ids[b, t])[..., None]
 
 
+def tpa_pairs(branch_pos: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """The (sample b, TPA position t) pairs of ``branch_pos`` (per sample, its positions), in sample then position
+    order: the order of the rows of ``branch_hidden``."""
+    return [(b, t) for b, p in enumerate(branch_pos) for t in p.tolist()]
+
+
 def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Tensor, cands: list[torch.Tensor],
                            branch_pos: list[torch.Tensor], max_rows: int = 512, prefix=None,
                            window: int = 64) -> torch.Tensor:
@@ -181,7 +187,7 @@ def snapshot_branch_hidden(adapter, embeds: torch.Tensor, position_ids: torch.Te
     [N, n_branch, H] in sample then position order (N = sum n_b), as the tree path's ``branch_hidden``."""
     lm = adapter.language_model
     n_branch = cands[0].shape[-1]
-    pairs = [(b, t) for b, p in enumerate(branch_pos) for t in p.tolist()]
+    pairs = tpa_pairs(branch_pos)
     if not pairs:
         return embeds.new_zeros(0, n_branch, embeds.shape[-1])
     if min(t for _, t in pairs) < 1:
@@ -277,6 +283,8 @@ class MainPassStates:
     def __init__(self, adapter, pairs: list[tuple[int, int]]):
         self.cache = adapter.branch_state_cache()
         self.pairs = pairs
+        self.b = torch.tensor([p[0] for p in pairs], dtype=torch.long)  # [P] samples
+        self.t = torch.tensor([p[1] for p in pairs], dtype=torch.long)  # [P] positions
         self.kernel: dict = {}
         self.linear = [x for x in self.cache.layers if isinstance(x, SnapshotLinearLayer)]
 
@@ -284,8 +292,7 @@ class MainPassStates:
         """Per decoder layer: None (attention) or ({state index: [P, C, K] conv states}, {state index: [P, H, dk, dv]
         recurrent states}): a conv state at (b, t) is the conv's last K inputs before token t (zeros before the
         sequence, as the conv's own padding), a recurrent state the state after token t - 1."""
-        b = torch.tensor([p[0] for p in self.pairs])
-        t = torch.tensor([p[1] for p in self.pairs])
+        b, t = self.b, self.t
         out = []
         for x in self.cache.layers:
             if not isinstance(x, SnapshotLinearLayer):
@@ -324,8 +331,7 @@ def states_in_main_pass(adapter, pairs: list[tuple[int, int]]):
     if any(t < 1 for _, t in pairs):
         raise ValueError("a TPA position 0 has no prefix to continue from")
     rec = MainPassStates(adapter, pairs)
-    rows = torch.tensor([p[0] for p in pairs], dtype=torch.long)
-    ends = torch.tensor([p[1] - 1 for p in pairs], dtype=torch.long)
+    rows, ends = rec.b, rec.t - 1
 
     def kernel(*args, cu_seqlens=None, **kw):
         if cu_seqlens is not None:

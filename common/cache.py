@@ -293,6 +293,12 @@ def read_parquet_table(fs, path: str) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(buf)).read(use_threads=False)
 
 
+def _check_exists(fs, root: str, url) -> None:
+    """CacheError where nothing is at ``root`` (the reader's and validate-cache's own wording for a wrong --cache)."""
+    if not fs.exists(root):
+        raise CacheError(f"{url} does not exist: give the folder (or URL) that dump-teacher --out wrote") from None
+
+
 class CacheReader:
     """Reads a finished cache from a local path or any fsspec URL (s3://, file://, memory://).
 
@@ -311,9 +317,7 @@ class CacheReader:
             if self.fs.exists(f"{self.root}/{PLAN_FILE}"):
                 raise CacheError(f"{self.url} is an unfinished dump (no {MANIFEST_FILE}): re-run the same "
                                  f"dump-teacher command to finish it") from None
-            if not self.fs.exists(self.root):
-                raise CacheError(f"{self.url} does not exist: give the folder (or URL) that dump-teacher --out "
-                                 "wrote") from None
+            _check_exists(self.fs, self.root, self.url)
             raise CacheError(f"{self.url} is not an alignti cache (no {MANIFEST_FILE})") from None
         except json.JSONDecodeError as e:
             raise CacheError(f"{self.url}/{MANIFEST_FILE} is damaged ({e}); run validate-cache") from None
@@ -487,8 +491,7 @@ def validate_cache(url: str | Path, storage_options: dict | None = None, damaged
         if fs.exists(f"{root}/{PLAN_FILE}"):  # not damaged: a dump that has not finished (the manifest comes last)
             raise CacheError(f"{url} is an unfinished dump (no {MANIFEST_FILE}): re-run the same dump-teacher "
                              f"command to finish it (nothing to validate or repair before that)") from None
-        if not fs.exists(root):
-            raise CacheError(f"{url} does not exist: give the folder (or URL) that dump-teacher wrote") from None
+        _check_exists(fs, root, url)
         if not fs.exists(f"{root}/{PARTS_DIR}"):  # nothing of a cache here: not a damaged one
             raise CacheError(f"{url} is not an alignti cache (no {MANIFEST_FILE}, no {PARTS_DIR}/): give the "
                              f"folder that dump-teacher --out wrote") from None

@@ -202,8 +202,8 @@ def encode_workers(requested: int | None, device) -> int:
     thread and the other core free it took the encoding off the loop while the teacher's forward slowed by nearly as
     much (nine families, paired medians -0.060x to +0.014x the loop's, mean -0.013x, within the runs' noise:
     bench/README.md, the dump against its own forward). train-student's DataLoader workers default to 0 on CPU
-    likewise. 0 also where processes cannot be
-    forked (the worker inherits the processor and the data instead of pickling them)."""
+    likewise. 0 also where processes cannot be forked (the worker inherits the processor and the data instead of
+    pickling them)."""
     if "fork" not in torch.multiprocessing.get_all_start_methods():
         if requested:
             log.warning("--encode-workers %d: this platform cannot fork worker processes; encoding in the loop",
